@@ -1,0 +1,42 @@
+"""The Click group every command registers on, and the user-error policy."""
+
+from __future__ import annotations
+
+import click
+
+from builder import __version__
+from builder.errors import UserError
+
+PIPELINE_HELP = """\
+builder: Llama-3.1-Nemotron-Ultra-253B (nemotron-nas / DeciLM) from its Hugging Face
+checkpoint to deployable, verified TensorRT-LLM artifacts.
+
+\b
+Pipeline, each stage checking its input's manifest before it spends hours:
+  info      per-layer plan of a checkpoint or preset (kinds, KV heads, widths, sizes)
+  convert   HF checkpoint -> TensorRT-LLM checkpoint (BF16, any TP/PP), streamed
+  check     verify a produced checkpoint against its manifest and the plan
+  quantize  FP8 calibration with ModelOpt -> FP8 TensorRT-LLM + unified HF checkpoints
+  plan      memory / KV-cache / disk plan for a target (8xH100 BF16, 4xH100 FP8, ...)
+  build     trtllm-build (engine releases <= 1.2.x) or PyTorch-backend serve options
+Test models: `synth` writes seeded checkpoints with the real block patterns scaled down,
+`import-smollm2` writes the real SmolLM2-135M as a nemotron-nas checkpoint.
+`demo` runs the whole pipeline on small built-in models.
+"""
+
+
+class BuilderGroup(click.Group):
+    """Turns UserError into one clear line on stderr and exit code 2, no traceback."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except UserError as err:
+            click.secho(f"error: {err}", err=True, fg="red")
+            ctx.exit(2)
+
+
+@click.group(cls=BuilderGroup, help=PIPELINE_HELP)
+@click.version_option(__version__, prog_name="builder")
+def main() -> None:
+    pass

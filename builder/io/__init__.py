@@ -1,0 +1,1 @@
+"""Checkpoint I/O: streaming reads, progressive writes, manifests, atomic output directories."""

@@ -1,0 +1,205 @@
+"""Reading HF checkpoints: index validation, headers, and per-tensor slices.
+
+Nothing here loads a whole model: callers ask for one tensor or one slice at a time and
+safetensors memory-maps the shard. Pickle weights are refused unless explicitly allowed,
+because unpickling can execute code.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from builder.errors import UserError
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+PICKLE_PATTERNS = ("pytorch_model*.bin", "*.pt", "*.pth", "*.ckpt", "model*.bin")
+
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "BF16": torch.bfloat16,
+    "F16": torch.float16,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+class CheckpointError(UserError):
+    """A checkpoint file that is missing, unreadable or inconsistent."""
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    file: Path
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
+def _inside(root: Path, relative: str, index_path: Path) -> Path:
+    path = (root / relative).resolve()
+    if Path(relative).is_absolute() or root.resolve() not in path.parents:
+        raise CheckpointError(
+            f"{index_path}: weight file {relative!r} lies outside the checkpoint directory"
+        )
+    return path
+
+
+def _read_index(root: Path) -> dict[str, Path]:
+    index_path = root / INDEX_NAME
+    try:
+        index = json.loads(index_path.read_text())
+        weight_map = index["weight_map"]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{index_path}: unreadable safetensors index ({err})") from None
+    files = {rel: _inside(root, rel, index_path) for rel in set(weight_map.values())}
+    missing = sorted(rel for rel, path in files.items() if not path.is_file())
+    if missing:
+        raise CheckpointError(f"{index_path}: shard file(s) missing: {', '.join(missing)}")
+    return {name: files[rel] for name, rel in weight_map.items()}
+
+
+def find_pickle_files(root: Path) -> list[Path]:
+    return sorted({p for pattern in PICKLE_PATTERNS for p in root.glob(pattern)})
+
+
+class HFCheckpoint:
+    """Headers and lazy tensor access for an HF checkpoint directory (safetensors)."""
+
+    def __init__(self, directory: str | Path, allow_pickle: bool = False):
+        self.root = Path(directory)
+        if not self.root.is_dir():
+            raise CheckpointError(f"{self.root}: not a directory")
+        self._pickle: dict[str, torch.Tensor] | None = None
+        self.tensors: dict[str, TensorInfo] = {}
+        if (self.root / INDEX_NAME).exists():
+            self._load_headers(_read_index(self.root))
+        elif (self.root / SINGLE_NAME).exists():
+            self._load_headers(None)
+        else:
+            self._open_pickle(allow_pickle)
+
+    # ---- opening --------------------------------------------------------------------------
+    def _load_headers(self, weight_map: dict[str, Path] | None) -> None:
+        files = sorted(set(weight_map.values())) if weight_map else [self.root / SINGLE_NAME]
+        for file in files:
+            for name, shape, dtype in _header(file):
+                if weight_map is not None and weight_map.get(name) != file:
+                    where = weight_map.get(name)
+                    raise CheckpointError(
+                        f"{file}: holds tensor {name!r} which the index "
+                        + (f"places in {where.name}" if where else "does not list")
+                    )
+                self.tensors[name] = TensorInfo(name, file, shape, dtype)
+        if weight_map is not None:
+            absent = sorted(set(weight_map) - set(self.tensors))
+            if absent:
+                raise CheckpointError(
+                    f"{self.root / INDEX_NAME}: lists tensor {absent[0]!r} in "
+                    f"{weight_map[absent[0]].name}, which does not hold it"
+                    + (f" (and {len(absent) - 1} more)" if len(absent) > 1 else "")
+                )
+
+    def _open_pickle(self, allow_pickle: bool) -> None:
+        pickles = find_pickle_files(self.root)
+        if not pickles:
+            raise CheckpointError(
+                f"{self.root}: no weights found (expected {SINGLE_NAME} or {INDEX_NAME})"
+            )
+        if not allow_pickle:
+            raise CheckpointError(
+                f"{pickles[0]}: pickle weights are refused because loading them can run "
+                "arbitrary code; convert them to safetensors, or pass --allow-pickle if you "
+                "trust this file"
+            )
+        self._pickle = {}
+        for file in pickles:
+            try:
+                state = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
+            except Exception as err:  # torch raises many types for corrupt archives
+                raise CheckpointError(f"{file}: unreadable pickle checkpoint ({err})") from None
+            for name, tensor in state.items():
+                self._pickle[name] = tensor
+                self.tensors[name] = TensorInfo(name, file, tuple(tensor.shape), tensor.dtype)
+
+    # ---- access ---------------------------------------------------------------------------
+    def __contains__(self, name: str) -> bool:
+        return name in self.tensors
+
+    def names(self) -> list[str]:
+        return list(self.tensors)
+
+    def info(self, name: str) -> TensorInfo:
+        try:
+            return self.tensors[name]
+        except KeyError:
+            raise CheckpointError(f"{self.root}: tensor {name!r} is missing") from None
+
+    def files(self) -> list[Path]:
+        return sorted({t.file for t in self.tensors.values()})
+
+    def total_bytes(self) -> int:
+        return sum(f.stat().st_size for f in self.files())
+
+    def read(self, name: str, rows: slice | None = None, cols: slice | None = None) -> torch.Tensor:
+        """One tensor, or a row/column slice of it, read from disk without the rest."""
+        info = self.info(name)
+        if self._pickle is not None:
+            tensor = self._pickle[name]
+            return _apply(tensor, rows, cols).clone()
+        with _open(info.file) as handle:
+            view = handle.get_slice(name)
+            if rows is None and cols is None:
+                return view[:]
+            if len(info.shape) == 1:
+                return view[rows or slice(None)]
+            return view[rows or slice(None), cols or slice(None)]
+
+    def iter_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Every tensor, one at a time, grouped by file."""
+        by_file: dict[Path, list[str]] = {}
+        for name, info in self.tensors.items():
+            by_file.setdefault(info.file, []).append(name)
+        for names in by_file.values():
+            for name in names:
+                yield name, self.read(name)
+
+
+def _apply(tensor: torch.Tensor, rows: slice | None, cols: slice | None) -> torch.Tensor:
+    if rows is not None:
+        tensor = tensor[rows]
+    if cols is not None:
+        tensor = tensor[:, cols]
+    return tensor
+
+
+def _open(file: Path) -> Any:
+    try:
+        return safe_open(str(file), framework="pt")
+    except (SafetensorError, OSError) as err:
+        raise CheckpointError(f"{file}: unreadable safetensors file ({err})") from None
+
+
+def _header(file: Path) -> Iterator[tuple[str, tuple[int, ...], torch.dtype]]:
+    with ExitStack() as stack:
+        handle = stack.enter_context(_open(file))
+        for name in handle.keys():
+            view = handle.get_slice(name)
+            code = view.get_dtype()
+            if code not in SAFETENSORS_DTYPES:
+                raise CheckpointError(f"{file}: tensor {name!r} has unsupported dtype {code}")
+            yield name, tuple(view.get_shape()), SAFETENSORS_DTYPES[code]

