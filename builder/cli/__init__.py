@@ -3,7 +3,17 @@
 Each command lives in its own module and registers itself on `main` when imported.
 """
 
-from builder.cli import info, synth  # noqa: F401  (registers commands)
+from builder.cli import (  # noqa: F401  (each import registers its commands)
+    build,
+    check,
+    convert,
+    demo,
+    info,
+    plan,
+    quantize,
+    smollm2,
+    synth,
+)
 from builder.cli.app import main
 
 __all__ = ["main"]

@@ -1,0 +1,1 @@
+"""`builder check` (to be written)."""

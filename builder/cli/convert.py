@@ -1,0 +1,1 @@
+"""`builder convert` (to be written)."""

@@ -1,0 +1,1 @@
+"""`builder demo` (to be written)."""

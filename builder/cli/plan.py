@@ -1,0 +1,1 @@
+"""`builder plan` (to be written)."""

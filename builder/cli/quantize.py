@@ -1,0 +1,1 @@
+"""`builder quantize` (to be written)."""

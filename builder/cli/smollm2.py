@@ -1,0 +1,1 @@
+"""`builder smollm2` (to be written)."""

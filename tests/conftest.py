@@ -1,0 +1,55 @@
+"""Shared test checkpoints, written once per test session by builder itself."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+# 24 Ultra layers (divisible by pp 1, 2, 3, 4, 6) covering GQA+MLP, empty blocks, FFN-only
+# blocks, the FFN-fusion widths (125, 134, 143, 149) and the widest-to-narrowest MLPs.
+ULTRA_LAYERS = "0-1,9-10,42-44,96-97,99,125,134,143,149-152,153-161"
+
+
+@pytest.fixture(scope="session")
+def mixed_ckpt(tmp_path_factory):
+    """Every block kind, KV heads 1/2/4/8, hidden 256, 16 heads, bf16."""
+    from builder.synth import SynthSpec, write_synthetic
+
+    return write_synthetic(tmp_path_factory.mktemp("ckpt") / "mixed", SynthSpec(preset="mixed"))
+
+
+@pytest.fixture(scope="session")
+def mixed_ckpt_fp32(tmp_path_factory):
+    from builder.synth import SynthSpec, write_synthetic
+
+    spec = SynthSpec(preset="mixed", dtype="float32")
+    return write_synthetic(tmp_path_factory.mktemp("ckpt") / "mixed32", spec)
+
+
+@pytest.fixture(scope="session")
+def ultra_ckpt(tmp_path_factory):
+    """A 24-layer slice of the Ultra pattern at hidden 128, bf16."""
+    from builder.synth import SynthSpec, write_synthetic
+
+    spec = SynthSpec(preset="ultra-253b", hidden=128, layers=ULTRA_LAYERS)
+    return write_synthetic(tmp_path_factory.mktemp("ckpt") / "ultra", spec)
+
+
+@pytest.fixture(scope="session")
+def smollm2_ckpt(tmp_path_factory):
+    """The real SmolLM2-135M-Instruct weights as a nemotron-nas checkpoint (fp32)."""
+    from builder.smollm2 import import_smollm2
+
+    return import_smollm2(tmp_path_factory.mktemp("ckpt") / "smollm2")
+
+
+@pytest.fixture(scope="session")
+def smollm2_nas_ckpt(tmp_path_factory):
+    """SmolLM2 with some blocks turned into no-op and linear ones (structure tests)."""
+    from builder.smollm2 import import_smollm2
+
+    return import_smollm2(tmp_path_factory.mktemp("ckpt") / "smollm2-nas", nas_variant=True)
