@@ -8,6 +8,7 @@ from builder.cli import (  # noqa: F401  (each import registers its commands)
     check,
     convert,
     demo,
+    generate,
     info,
     plan,
     quantize,

@@ -1,1 +1,30 @@
-"""`builder demo` (to be written)."""
+"""`builder demo`: the embedded default run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from builder.cli.app import main
+
+
+@main.command()
+@click.option(
+    "--workdir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("runs/demo"),
+    show_default=True,
+    help="Where the demo writes its checkpoints and artifacts (replaced on each run).",
+)
+def demo(workdir: Path) -> None:
+    """Run the whole pipeline on small built-in models (about a minute on 2 cores).
+
+    Synthesizes a small checkpoint with Ultra's 162-block pattern, imports the real
+    SmolLM2-135M as a nemotron-nas checkpoint, prints their plans, runs the reference
+    model with reasoning off, then converts, quantizes, plans the real Ultra targets and
+    dry-runs the engine build. Nothing is downloaded.
+    """
+    from builder.demo import run_demo
+
+    run_demo(workdir)
