@@ -154,9 +154,9 @@ def parallelism_problems(plan: ModelPlan, tp: int, pp: int = 1) -> list[str]:
                     f"{name}: {kv} KV heads cannot be split over tp {tp} "
                     "(tp must divide the KV heads, or be a multiple of them)"
                 )
-        if AttentionKind.LINEAR in (layer.attention,) or layer.ffn is FfnKind.LINEAR:
-            if plan.hidden_size % tp:
-                problems.append(f"{name}: linear replacement width {plan.hidden_size} not divisible by tp {tp}")
+        linear = layer.attention is AttentionKind.LINEAR or layer.ffn is FfnKind.LINEAR
+        if linear and plan.hidden_size % tp:
+            problems.append(f"{name}: linear replacement width {plan.hidden_size} not divisible by tp {tp}")
         if layer.ffn is FfnKind.MLP and layer.ffn_width % tp:
             problems.append(f"{name}: FFN width {layer.ffn_width} is not divisible by tp {tp}")
     return problems
@@ -243,3 +243,26 @@ def rank_tensors(plan: ModelPlan, tp: int, pp: int, rank: int) -> list[RankTenso
 
 def rank_numel(plan: ModelPlan, tp: int, pp: int, rank: int) -> int:
     return sum(t.numel for t in rank_tensors(plan, tp, pp, rank))
+
+
+# ---- FP8 (per-tensor) companions ---------------------------------------------------------------
+# A quantized linear `<lin>.weight` carries two float32 [1] scales; a quantized KV cache adds one
+# per attention layer. Names as TensorRT-LLM's loader expects them (trtllm-checkpoint.md §5).
+WEIGHTS_SCALE = "weights_scaling_factor"
+ACTIVATION_SCALE = "activation_scaling_factor"
+KV_CACHE_SCALE = "kv_cache_scaling_factor"
+
+
+def linear_module(weight_name: str) -> str:
+    """`transformer.layers.3.ffn.fc.weight` -> `transformer.layers.3.ffn.fc` (what exclude_modules matches)."""
+    return weight_name.removesuffix(".weight")
+
+
+def scale_names(weight_name: str) -> tuple[str, str]:
+    """(weights_scaling_factor, activation_scaling_factor) names of a linear weight."""
+    module = linear_module(weight_name)
+    return f"{module}.{WEIGHTS_SCALE}", f"{module}.{ACTIVATION_SCALE}"
+
+
+def kv_cache_scale_name(local_index: int) -> str:
+    return f"transformer.layers.{local_index}.attention.{KV_CACHE_SCALE}"

@@ -18,6 +18,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from builder.errors import UserError
+from builder.io.safetensors_stream import read_header
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -85,6 +86,7 @@ class HFCheckpoint:
         if not self.root.is_dir():
             raise CheckpointError(f"{self.root}: not a directory")
         self._pickle: dict[str, torch.Tensor] | None = None
+        self._data_starts: dict[Path, tuple[int, dict[str, Any]]] = {}
         self.tensors: dict[str, TensorInfo] = {}
         if (self.root / INDEX_NAME).exists():
             self._load_headers(_read_index(self.root))
@@ -130,7 +132,7 @@ class HFCheckpoint:
         for file in pickles:
             try:
                 state = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
-            except Exception as err:  # torch raises many types for corrupt archives
+            except Exception as err:  # noqa: BLE001 (torch raises many types for corrupt archives)
                 raise CheckpointError(f"{file}: unreadable pickle checkpoint ({err})") from None
             for name, tensor in state.items():
                 self._pickle[name] = tensor
@@ -162,12 +164,27 @@ class HFCheckpoint:
             tensor = self._pickle[name]
             return _apply(tensor, rows, cols).clone()
         with _open(info.file) as handle:
+            if (rows is None and cols is None) or not info.shape:
+                return handle.get_tensor(name)
             view = handle.get_slice(name)
-            if rows is None and cols is None:
-                return view[:]
             if len(info.shape) == 1:
                 return view[rows or slice(None)]
             return view[rows or slice(None), cols or slice(None)]
+
+    def data_location(self, name: str) -> tuple[Path, int, int] | None:
+        """(file, absolute byte offset, byte length) of a tensor's data, for raw reads.
+
+        None for pickle checkpoints. Lets a caller copy or map byte ranges directly
+        (os.preadv, copy_file_range, mmap) instead of materialising tensors.
+        """
+        info = self.info(name)
+        if self._pickle is not None:
+            return None
+        if info.file not in self._data_starts:
+            self._data_starts[info.file] = read_header(info.file)
+        start, header = self._data_starts[info.file]
+        begin, end = header[name]["data_offsets"]
+        return info.file, start + begin, end - begin
 
     def iter_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         """Every tensor, one at a time, grouped by file."""
@@ -197,7 +214,7 @@ def _open(file: Path) -> Any:
 def _header(file: Path) -> Iterator[tuple[str, tuple[int, ...], torch.dtype]]:
     with ExitStack() as stack:
         handle = stack.enter_context(_open(file))
-        for name in handle.keys():
+        for name in handle.keys():  # noqa: SIM118 (a safe_open handle, not a dict)
             view = handle.get_slice(name)
             code = view.get_dtype()
             if code not in SAFETENSORS_DTYPES:

@@ -32,6 +32,15 @@ def file_entry(path: Path, sha256: str | None = None) -> dict[str, Any]:
     return {"size": path.stat().st_size, "sha256": sha256 or sha256_file(path)}
 
 
+def provenance(kind: str) -> dict[str, Any]:
+    """The fields every manifest starts with: kind, producing tool and version, time."""
+    return {
+        "kind": kind,
+        "tool": {"name": "builder", "version": __version__, "python": platform.python_version()},
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
 def build_manifest(directory: Path, kind: str, **fields: Any) -> dict[str, Any]:
     """Manifest of every file under `directory` (except the manifest itself)."""
     files = {
@@ -39,13 +48,7 @@ def build_manifest(directory: Path, kind: str, **fields: Any) -> dict[str, Any]:
         for p in sorted(directory.rglob("*"))
         if p.is_file() and p.name != MANIFEST
     }
-    return {
-        "kind": kind,
-        "tool": {"name": "builder", "version": __version__, "python": platform.python_version()},
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        **fields,
-        "files": files,
-    }
+    return {**provenance(kind), **fields, "files": files}
 
 
 def write_manifest(directory: Path, manifest: dict[str, Any]) -> Path:

@@ -17,7 +17,7 @@ from builder.arch import (
 from builder.errors import ConfigError
 
 ULTRA_ATTENTION_LAYERS = (
-    list(range(0, 9)) + list(range(13, 18)) + [24, 25, 26, 32, 33, 34, 35, 39, 40, 41, 43]
+    list(range(9)) + list(range(13, 18)) + [24, 25, 26, 32, 33, 34, 35, 39, 40, 41, 43]
     + [50, 51, 52, 53, 59, 60, 61, 62, 68, 69, 70, 71, 77, 78, 79, 80, 86, 87, 88, 89]
     + [92, 93, 94, 95, 98, 107, 113, 114, 116, 151, 152] + list(range(154, 162))
 )

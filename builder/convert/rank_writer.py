@@ -1,0 +1,101 @@
+"""Writing one `rank{R}.safetensors`: header from the plan, then each tensor streamed in order."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from builder.arch.plan import ModelPlan
+from builder.convert.layout import RankTransform, rank_layout
+from builder.convert.sources import DEFAULT_BLOCK_BYTES, SourceReader, read_plan
+from builder.io.checkpoint import HFCheckpoint
+from builder.io.safetensors_stream import SafetensorsStreamWriter, SafetensorsWriteError
+
+Progress = Callable[[int], None]  # called with the number of bytes just written
+
+
+def rank_file_name(rank: int) -> str:
+    return f"rank{rank}.safetensors"
+
+
+def rank_metadata(rank: int, tp: int, pp: int) -> dict[str, str]:
+    """The `__metadata__` of a rank file (part of the header, so part of its exact size)."""
+    return {"format": "pt", "producer": "builder", "rank": str(rank), "tp": str(tp), "pp": str(pp)}
+
+
+@dataclass(frozen=True)
+class RankResult:
+    rank: int
+    file: str
+    size: int
+    sha256: str
+    tensors: int
+    seconds: float
+
+
+def write_rank_file(
+    ckpt: HFCheckpoint,
+    plan: ModelPlan,
+    tp: int,
+    pp: int,
+    rank: int,
+    dtype: torch.dtype,
+    path: Path,
+    *,
+    transform: RankTransform | None = None,
+    progress: Progress | None = None,
+    block_bytes: int = DEFAULT_BLOCK_BYTES,
+    check_finite: bool = True,
+) -> RankResult:
+    """Write rank `rank` of the tp x pp layout to `path` (deleted again if anything fails).
+
+    Without a transform each tensor is streamed in row blocks of at most `block_bytes`;
+    with one, each rank tensor it changes is assembled whole (bounded by the largest rank
+    slice), given to `transform.apply`, and its outputs are written; tensors it passes
+    through unchanged are streamed.
+    """
+    started = time.perf_counter()
+    layout = rank_layout(plan, tp, pp, rank, dtype, transform)
+    metadata = rank_metadata(rank, tp, pp)
+    report = progress or (lambda n: None)
+    with (
+        SourceReader(ckpt, dtype, block_bytes, check_finite) as reader,
+        SafetensorsStreamWriter(path, layout.flat_specs, metadata) as writer,
+    ):
+        for item, specs in zip(layout.items, layout.specs, strict=True):
+            rp = read_plan(plan, item, tp, rank % tp)
+            if transform is None or _passes_through(transform, item):
+                writer.start(item.name)
+                for block in reader.blocks(rp):
+                    writer.append(block)
+                    report(block.nbytes if isinstance(block, torch.Tensor) else len(block))
+                writer.finish()
+                continue
+            outputs = transform.apply(item, reader.assemble(rp))
+            _check_outputs(item.name, outputs, specs, path)
+            for name, tensor in outputs:
+                writer.write(name, tensor)
+                report(tensor.nbytes)
+    result = writer.result
+    return RankResult(rank, path.name, result.size, result.sha256, result.tensors, time.perf_counter() - started)
+
+
+def _passes_through(transform: RankTransform, item) -> bool:
+    check = getattr(transform, "passthrough", None)
+    return bool(check and check(item))
+
+
+def _check_outputs(source: str, outputs, specs, path: Path) -> None:
+    got = [name for name, _ in outputs]
+    want = [spec.name for spec in specs]
+    if got != want:
+        raise SafetensorsWriteError(
+            f"{path}: the transform returned {got} for {source!r}, but declared {want}"
+        )
+
+
+

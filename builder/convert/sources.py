@@ -1,0 +1,336 @@
+"""What each rank tensor reads from the HF checkpoint, and reading it in bounded blocks.
+
+A rank tensor is the concatenation along dim 0 of a few *pieces* (a row range and maybe a
+column range of one HF tensor) plus zero rows (vocabulary padding). `read_plan` derives the
+pieces from the same index helpers as the pure split rules; `SourceReader.blocks` streams
+them as row blocks of at most `block_bytes`, so no step holds a whole tensor. Same-dtype row
+ranges that need no change are handed to the writer as FileSpans, copied in the kernel
+(copy_file_range, as `cp` does) and hashed from a short-lived mmap; column ranges are one
+strided copy out of an mmap of just those rows into a reused buffer; dtype changes convert
+the block. Offsets come from `HFCheckpoint.data_location` (the
+safetensors header). Pickle checkpoints, which have no offsets, go through
+`HFCheckpoint.read(rows=..., cols=...)`; the result is the same bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import mmap
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Self
+
+import numpy as np
+import torch
+
+from builder.arch.plan import ModelPlan
+from builder.arch.tensors import RankTensor, Split, hf_tensor_shapes
+from builder.convert.split import chunk, head_rows, kv_heads_of_rank, vocab_rows
+from builder.errors import UserError
+from builder.io.checkpoint import INDEX_NAME, CheckpointError, HFCheckpoint
+from builder.io.safetensors_stream import FileSpan, as_bytes
+
+DEFAULT_BLOCK_BYTES = 64 << 20
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+class NonFiniteWeight(UserError):
+    """A weight holding NaN or Inf."""
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Rows `rows` (and columns `cols`, or all) of HF tensor `source`."""
+
+    source: str
+    rows: slice | None  # None: a 1-D tensor, read whole
+    cols: slice | None = None
+
+
+@dataclass(frozen=True)
+class ReadPlan:
+    item: RankTensor
+    pieces: tuple[Piece, ...]
+    pad_rows: int = 0
+
+
+def read_plan(plan: ModelPlan, item: RankTensor, tp: int, tp_rank: int) -> ReadPlan:
+    """The pieces of HF tensors that make up `item` on TP rank `tp_rank`, in order."""
+    rule, layer = item.rule, item.layer
+    names = rule.source_names(layer.index if layer else None)
+    if len(item.shape) == 1:
+        return ReadPlan(item, (Piece(names[0], None),))
+    if rule.split is Split.REPLICATED:
+        return ReadPlan(item, (Piece(names[0], slice(0, item.shape[0])),))
+    if rule.split is Split.COLUMN:
+        rows = chunk(item.shape[0] * tp, tp, tp_rank, f"{names[0]} rows")
+        return ReadPlan(item, (Piece(names[0], rows),))
+    if rule.split is Split.ROW:
+        cols = chunk(item.shape[1] * tp, tp, tp_rank, f"{names[0]} columns")
+        return ReadPlan(item, (Piece(names[0], slice(0, item.shape[0]), cols),))
+    if rule.split is Split.VOCAB:
+        rows, pad = vocab_rows(plan.vocab_size, tp, tp_rank)
+        pieces = (Piece(names[0], rows),) if rows.stop > rows.start else ()
+        return ReadPlan(item, pieces, pad)
+    if rule.split is Split.QKV:
+        hd = plan.head_dim
+        q_rows = head_rows(chunk(plan.num_attention_heads, tp, tp_rank, "attention heads"), hd)
+        kv_rows = head_rows(kv_heads_of_rank(layer.kv_heads, tp, tp_rank), hd)
+        q, k, v = names
+        return ReadPlan(item, (Piece(q, q_rows), Piece(k, kv_rows), Piece(v, kv_rows)))
+    raise AssertionError(rule.split)
+
+
+# ---- validation -------------------------------------------------------------------------------
+def source_problems(ckpt: HFCheckpoint, plan: ModelPlan) -> list[str]:
+    """Every disagreement between the checkpoint's tensors and what the plan needs."""
+    expected = hf_tensor_shapes(plan)
+    want_dtype = getattr(torch, plan.torch_dtype, None)
+    problems = []
+    for name, shape in expected.items():
+        if name not in ckpt:
+            problems.append(f"tensor {name!r} {_owner(name)} is missing from the checkpoint")
+            continue
+        info = ckpt.info(name)
+        if info.shape != shape:
+            problems.append(
+                f"tensor {name!r} in {info.file.name} has shape {list(info.shape)} but the config "
+                f"implies {list(shape)}"
+            )
+        if info.dtype not in FLOAT_DTYPES:
+            problems.append(f"tensor {name!r} in {info.file.name} has non-float dtype {info.dtype}")
+        elif want_dtype is not None and info.dtype != want_dtype:
+            problems.append(
+                f"tensor {name!r} in {info.file.name} is {info.dtype} but config.json says "
+                f"torch_dtype {plan.torch_dtype}"
+            )
+    for name in ckpt.names():
+        if name not in expected:
+            problems.append(f"tensor {name!r} in {ckpt.info(name).file.name} is not used by the plan {_owner(name)}")
+    return problems
+
+
+def _owner(name: str) -> str:
+    parts = name.split(".")
+    if len(parts) > 2 and parts[1] == "layers" and parts[2].isdigit():
+        return f"(layer {parts[2]})"
+    return "(model-level)"
+
+
+def check_source(ckpt: HFCheckpoint, plan: ModelPlan) -> None:
+    problems = source_problems(ckpt, plan)
+    if problems:
+        more = f"\n  ... and {len(problems) - 5} more" if len(problems) > 5 else ""
+        raise CheckpointError(f"{ckpt.root}: " + "\n  ".join(problems[:5]) + more)
+
+
+def source_fingerprint(ckpt: HFCheckpoint) -> str:
+    """sha256 over config.json, the index, and each shard's name, size and safetensors header.
+
+    Cheap (no weight bytes are read) and stable under copying (no mtimes); it changes when
+    any tensor's name, dtype, shape or offset changes or a shard is rewritten with a different
+    size, but not when weight bytes are edited in place (use `builder check` for content).
+    """
+    digest = hashlib.sha256()
+    for meta in ("config.json", INDEX_NAME):
+        path = ckpt.root / meta
+        if path.is_file():
+            digest.update(meta.encode() + b"\0" + path.read_bytes())
+    for file in ckpt.files():
+        digest.update(f"{file.name}\0{file.stat().st_size}\0".encode())
+        digest.update(_raw_header(file))
+    return digest.hexdigest()
+
+
+def _raw_header(file: Path) -> bytes:
+    with open(file, "rb") as handle:
+        head = handle.read(8)
+        if len(head) < 8:
+            return head
+        return head + handle.read(min(int.from_bytes(head, "little"), 100 << 20))
+
+
+# ---- reading ------------------------------------------------------------------------------------
+class SourceReader:
+    """Streams the pieces of rank tensors from one HF checkpoint in bounded row blocks.
+
+    Every block is checked for NaN/Inf (an error names the HF tensor and the position).
+    A FileSpan block maps the source only until the next block is requested.
+    """
+
+    def __init__(
+        self,
+        ckpt: HFCheckpoint,
+        out_dtype: torch.dtype,
+        block_bytes: int = DEFAULT_BLOCK_BYTES,
+        check_finite: bool = True,
+    ):
+        self.ckpt = ckpt
+        self.out_dtype = out_dtype
+        self.block_bytes = block_bytes
+        self.check_finite = check_finite
+        self._buffer: bytearray | None = None
+        self._gather: np.ndarray | None = None
+        self._fds: dict[Path, int] = {}
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ---- public -------------------------------------------------------------------------------
+    def blocks(self, rp: ReadPlan) -> Iterator[FileSpan | torch.Tensor]:
+        """The bytes of `rp.item` in order: tensors of `out_dtype`, or FileSpans of source bytes
+        that need no change (valid until the next block is requested)."""
+        for piece in rp.pieces:
+            yield from self._piece_blocks(piece)
+        if rp.pad_rows:
+            width = rp.item.shape[1]
+            rows = max(1, self.block_bytes // (width * _size(self.out_dtype)))
+            for start in range(0, rp.pad_rows, rows):
+                yield torch.zeros((min(rows, rp.pad_rows - start), width), dtype=self.out_dtype)
+
+    def assemble(self, rp: ReadPlan) -> torch.Tensor:
+        """The whole rank tensor (for transforms that need it, e.g. FP8 quantization)."""
+        out = torch.empty(rp.item.shape, dtype=self.out_dtype)
+        flat = out.view(-1).view(torch.uint8)
+        offset = 0
+        for block in self.blocks(rp):
+            raw = block.view if isinstance(block, FileSpan) else as_bytes(block)
+            flat[offset : offset + len(raw)] = torch.frombuffer(raw, dtype=torch.uint8)
+            offset += len(raw)
+        return out
+
+    # ---- pieces -----------------------------------------------------------------------------
+    def _piece_blocks(self, piece: Piece) -> Iterator[FileSpan | torch.Tensor]:
+        info = self.ckpt.info(piece.source)
+        location = self.ckpt.data_location(piece.source)  # None for a (trusted) pickle file
+        if piece.rows is None:
+            if location is None:
+                tensor = self.ckpt.read(piece.source)
+            else:
+                tensor = torch.frombuffer(bytearray(self._read(piece.source, location, 0, location[2])), dtype=info.dtype)
+            self._check(piece.source, tensor.view(info.shape), 0)
+            yield tensor.view(info.shape).to(self.out_dtype)
+            return
+        width = (piece.cols.stop - piece.cols.start) if piece.cols else info.shape[1]
+        step = max(1, self.block_bytes // (width * max(_size(info.dtype), _size(self.out_dtype))))
+        first_col = piece.cols.start if piece.cols else 0
+        for start in range(piece.rows.start, piece.rows.stop, step):
+            stop = min(start + step, piece.rows.stop)
+            if location is None:
+                block = self.ckpt.read(piece.source, rows=slice(start, stop), cols=piece.cols)
+            elif piece.cols is None and info.dtype == self.out_dtype:
+                # the common case: the bytes go out as they are, copied in the kernel
+                yield from self._span(piece.source, location, info, start, stop)
+                continue
+            elif piece.cols is None:
+                raw = self._rows(piece.source, location, info, start, stop)
+                block = torch.frombuffer(raw, dtype=info.dtype).view(stop - start, -1)
+            else:
+                block = self._columns(location, info, start, stop, piece.cols)
+            self._check(piece.source, block, start, first_col)
+            yield block.to(self.out_dtype)
+
+    def _read(self, name: str, location: tuple[Path, int, int], begin: int, size: int) -> memoryview:
+        """`size` bytes at `begin` of a tensor's data, into the reused buffer (os.preadv)."""
+        file, offset, _ = location
+        if self._buffer is None or len(self._buffer) < size:
+            # grown on demand (not block_bytes up front): zero-filling 64 MiB per rank file
+            # would dominate small conversions
+            self._buffer = bytearray(-(-size // (1 << 20)) * (1 << 20))
+        view = memoryview(self._buffer)[:size]
+        fd, done = self._fd(file), 0
+        while done < size:
+            n = os.preadv(fd, [view[done:]], offset + begin + done)
+            if n == 0:
+                raise CheckpointError(f"{file}: truncated while reading tensor {name!r}")
+            done += n
+        return view
+
+    def _span(self, name: str, location: tuple[Path, int, int], info, start: int, stop: int) -> Iterator[FileSpan]:
+        """Rows start..stop as a FileSpan over a short-lived private mapping (checked first)."""
+        file, offset, _ = location
+        row_bytes = info.shape[1] * _size(info.dtype)
+        begin = offset + start * row_bytes
+        size = (stop - start) * row_bytes
+        aligned = begin - begin % mmap.ALLOCATIONGRANULARITY
+        fd = self._fd(file)
+        # ACCESS_COPY: private and nominally writable (torch.frombuffer wants that); never written
+        mm = mmap.mmap(fd, size + begin - aligned, offset=aligned, access=mmap.ACCESS_COPY)
+        view = memoryview(mm)[begin - aligned : begin - aligned + size]
+        try:
+            if self.check_finite:
+                block = torch.frombuffer(view, dtype=info.dtype).view(stop - start, -1)
+                self._check(name, block, start)
+                del block
+            yield FileSpan(fd, begin, view)
+        finally:
+            view.release()
+            try:
+                mm.close()
+            except BufferError:  # a consumer kept a view; the mapping goes when it does
+                pass
+
+    def _rows(self, name: str, location: tuple[Path, int, int], info, start: int, stop: int) -> memoryview:
+        row_bytes = info.shape[1] * _size(info.dtype)
+        return self._read(name, location, start * row_bytes, (stop - start) * row_bytes)
+
+    def _columns(self, location: tuple[Path, int, int], info, start: int, stop: int, cols: slice) -> torch.Tensor:
+        """Rows start..stop, columns `cols` of a 2-D tensor: a strided copy out of a short-lived
+        mmap of just those rows (unmapped at once, so the source never counts in our RSS)."""
+        file, offset, _ = location
+        elt = _size(info.dtype)
+        row_bytes = info.shape[1] * elt
+        begin = offset + start * row_bytes
+        aligned = begin - begin % mmap.ALLOCATIONGRANULARITY
+        length = (stop - start) * row_bytes
+        with mmap.mmap(self._fd(file), length + begin - aligned, offset=aligned, access=mmap.ACCESS_READ) as mm:
+            rows = np.frombuffer(mm, dtype=np.uint8, count=length, offset=begin - aligned)
+            width = (cols.stop - cols.start) * elt
+            picked = self._gather_buffer((stop - start) * width).reshape(stop - start, width)
+            np.copyto(picked, rows.reshape(stop - start, row_bytes)[:, cols.start * elt : cols.start * elt + width])
+            del rows  # no view may outlive the mapping
+        return torch.from_numpy(picked).view(info.dtype).view(stop - start, cols.stop - cols.start)
+
+    def _gather_buffer(self, size: int) -> np.ndarray:
+        """A reused output buffer for column gathers (fresh pages per block cost more than the copy)."""
+        if self._gather is None or self._gather.size < size:
+            self._gather = np.empty(-(-size // (1 << 20)) * (1 << 20), dtype=np.uint8)
+        return self._gather[:size]
+
+    def _fd(self, file: Path) -> int:
+        if file not in self._fds:
+            self._fds[file] = os.open(file, os.O_RDONLY)
+            os.posix_fadvise(self._fds[file], 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        return self._fds[file]
+
+    def _check(self, name: str, block: torch.Tensor, first_row: int, first_col: int = 0) -> None:
+        if not self.check_finite or block.dtype not in FLOAT_DTYPES or block.numel() == 0:
+            return
+        low, high = torch.aminmax(block)  # propagates NaN and shows +-Inf; ~10x faster than isfinite
+        if torch.isfinite(low) and torch.isfinite(high):
+            return
+        flat = block.reshape(-1)
+        bad = int(torch.nonzero(~torch.isfinite(flat))[0])
+        if block.dim() == 1:
+            where = f"element {bad}"
+        else:
+            width = block.shape[1]
+            where = f"row {first_row + bad // width}, column {first_col + bad % width}"
+        info = self.ckpt.info(name)
+        raise NonFiniteWeight(f"{info.file}: tensor {name!r} holds {flat[bad].item()} at {where}")
+
+
+def _size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+

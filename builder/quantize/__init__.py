@@ -1,0 +1,60 @@
+"""FP8 quantization with NVIDIA ModelOpt: block-by-block calibration, two exports, accuracy.
+
+Public API (other stages and the demo call these; ModelOpt is imported lazily):
+- `quantize_checkpoint(src, out, tp=1, pp=1, kv_cache=True, calib="builtin", calib_size=512,
+  calib_seq_len=512, formats="both", device="cpu", resume=False, ...)` -> QuantizeSummary
+  (paths, timings, peak memory, per-layer amax table; `.to_json()`)
+- `evaluate_accuracy(src, quantized_dir, windows=8, seq_len=256, thresholds="smollm2")`
+  -> AccuracyReport (mean KL(BF16 || FP8), top-1 agreement, perplexity ratio per FP8
+  variant); `format_table(report)` renders it as Markdown
+- `build_calibration_set(dataset, tokenizer, size, seq_len, seed)` -> CalibrationSet
+- `AmaxTable`, `calibrate_blockwise`, `calibrate_model`, `write_unified_hf`,
+  `write_trtllm_fp8`, `Fp8Transform` for finer control
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+_EXPORTS = {
+    "quantize_checkpoint": "builder.quantize.pipeline",
+    "QuantizeSummary": "builder.quantize.pipeline",
+    "evaluate_accuracy": "builder.quantize.accuracy",
+    "format_table": "builder.quantize.accuracy",
+    "AccuracyReport": "builder.quantize.accuracy",
+    "build_calibration_set": "builder.quantize.calib",
+    "CalibrationSet": "builder.quantize.calib",
+    "AmaxTable": "builder.quantize.amax",
+    "calibrate_blockwise": "builder.quantize.blockwise",
+    "calibrate_model": "builder.quantize.blockwise",
+    "CalibOptions": "builder.quantize.blockwise",
+    "write_unified_hf": "builder.quantize.export_hf",
+    "write_trtllm_fp8": "builder.quantize.export_trtllm",
+    "Fp8Transform": "builder.quantize.export_trtllm",
+}
+
+__all__ = [
+    "AccuracyReport",
+    "AmaxTable",
+    "CalibOptions",
+    "CalibrationSet",
+    "Fp8Transform",
+    "QuantizeSummary",
+    "build_calibration_set",
+    "calibrate_blockwise",
+    "calibrate_model",
+    "evaluate_accuracy",
+    "format_table",
+    "quantize_checkpoint",
+    "write_trtllm_fp8",
+    "write_unified_hf",
+]
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy: `builder --help` and the calibration-data helpers must not import ModelOpt.
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'builder.quantize' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

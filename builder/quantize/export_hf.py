@@ -1,0 +1,229 @@
+"""Unified HF FP8 checkpoint (ModelOpt's `export_hf_checkpoint` format), written by streaming.
+
+`export_hf_checkpoint` needs the whole calibrated model in memory. This writer produces the
+same files from the source checkpoint plus the amax table, one row block at a time:
+  - every decoder linear: `weight` float8_e4m3fn = E4M3(W / weight_scale) (division in the
+    model dtype, as ModelOpt does), `weight_scale` = w_amax / 448 and `input_scale` =
+    x_amax / 448 (0-dim fp32; linears that read the same input share the max input scale);
+  - real attention layers: `self_attn.k_proj.k_scale`, `self_attn.v_proj.v_scale` = amax / 448;
+  - embedding, norms and lm_head in the model dtype;
+  - `hf_quant_config.json` and `config.json` with `quantization_config` (converted by
+    ModelOpt's own `convert_hf_quant_config_format`), `block_configs` unchanged.
+tests/quantize prove the tensors and quantization configs equal `export_hf_checkpoint`'s.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from builder.arch.plan import AttentionKind, ModelPlan
+from builder.arch.tensors import hf_tensor_shapes
+from builder.io.checkpoint import INDEX_NAME, HFCheckpoint
+from builder.io.safetensors_stream import SafetensorsStreamWriter, TensorSpec, WrittenFile
+from builder.quantize.amax import AmaxTable
+from builder.quantize.fp8 import FP8, quantize_hf, scale_from_amax
+
+EXCLUDED = ["lm_head", "model.embed_tokens"]
+SHARED_INPUTS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+COPIED_FILES = (
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+)
+DEFAULT_SHARD_BYTES = 5 * (1 << 30)
+CHUNK_BYTES = 64 * (1 << 20)
+
+
+@dataclass(frozen=True)
+class OutTensor:
+    """One tensor of the export and how to produce it in row blocks."""
+
+    spec: TensorSpec
+    blocks: Callable[[], Iterator[torch.Tensor]]
+
+
+def modelopt_version() -> str:
+    from importlib.metadata import version
+
+    return version("nvidia-modelopt")
+
+
+def hf_quant_config(kv_cache: bool) -> dict[str, Any]:
+    return {
+        "producer": {"name": "modelopt", "version": modelopt_version()},
+        "quantization": {
+            "quant_algo": "FP8",
+            "kv_cache_quant_algo": "FP8" if kv_cache else None,
+            "exclude_modules": list(EXCLUDED),
+        },
+    }
+
+
+def quantization_config(kv_cache: bool) -> dict[str, Any]:
+    """config.json's `quantization_config`, as ModelOpt converts hf_quant_config.json."""
+    from builder.quantize.recipe import quiet
+
+    with quiet():
+        from modelopt.torch.export.convert_hf_config import convert_hf_quant_config_format
+
+        return convert_hf_quant_config_format(hf_quant_config(kv_cache))
+
+
+def shared_input_amax(table: AmaxTable, module: str) -> float:
+    """Input amax of `module`, maxed over the linears that read the same tensor."""
+    parent, leaf = module.rsplit(".", 1)
+    for group in SHARED_INPUTS:
+        if leaf in group:
+            return max(table.input(f"{parent}.{m}") for m in group)
+    return table.input(module)
+
+
+def _row_blocks(
+    ckpt: HFCheckpoint, name: str, convert: Callable[[torch.Tensor], torch.Tensor]
+) -> Iterator[torch.Tensor]:
+    """`convert`ed row blocks of a checkpoint tensor, each at most about CHUNK_BYTES."""
+    info = ckpt.info(name)
+    if len(info.shape) < 2:
+        yield convert(ckpt.read(name))
+        return
+    row_bytes = info.shape[1] * max(info.dtype.itemsize, 2)
+    step = max(1, CHUNK_BYTES // row_bytes)
+    for start in range(0, info.shape[0], step):
+        yield convert(ckpt.read(name, rows=slice(start, min(start + step, info.shape[0]))))
+
+
+def _scalar(value: torch.Tensor) -> Callable[[], Iterator[torch.Tensor]]:
+    return lambda: iter([value])
+
+
+def plan_tensors(
+    plan: ModelPlan, ckpt: HFCheckpoint, table: AmaxTable, dtype: torch.dtype
+) -> list[OutTensor]:
+    """Every tensor of the export, in model order, with its producer."""
+    linears = _linear_modules(plan)
+    out: list[OutTensor] = []
+    for name, shape in hf_tensor_shapes(plan).items():
+        module = name.removesuffix(".weight")
+        if module not in linears:
+            out.append(OutTensor(TensorSpec(name, shape, dtype), _cast_blocks(ckpt, name, dtype)))
+            continue
+        w_scale = scale_from_amax(table.weight(module))
+        out.append(OutTensor(TensorSpec(name, shape, FP8), _fp8_blocks(ckpt, name, dtype, w_scale)))
+        out.append(OutTensor(TensorSpec(f"{module}.weight_scale", (), torch.float32), _scalar(w_scale)))
+        x_scale = scale_from_amax(shared_input_amax(table, module))
+        out.append(OutTensor(TensorSpec(f"{module}.input_scale", (), torch.float32), _scalar(x_scale)))
+        leaf = module.rsplit(".", 1)[1]
+        if table.kv_cache and leaf in ("k_proj", "v_proj"):
+            k_amax, v_amax = table.kv(_layer_index(module))
+            amax = k_amax if leaf == "k_proj" else v_amax
+            kv_name = f"{module}.{leaf[0]}_scale"
+            out.append(OutTensor(TensorSpec(kv_name, (), torch.float32), _scalar(scale_from_amax(amax))))
+    return out
+
+
+def _cast_blocks(ckpt: HFCheckpoint, name: str, dtype: torch.dtype) -> Callable[[], Iterator[torch.Tensor]]:
+    return lambda: _row_blocks(ckpt, name, lambda t: t.to(dtype))
+
+
+def _fp8_blocks(
+    ckpt: HFCheckpoint, name: str, dtype: torch.dtype, scale: torch.Tensor
+) -> Callable[[], Iterator[torch.Tensor]]:
+    return lambda: _row_blocks(ckpt, name, lambda t: quantize_hf(t.to(dtype), scale))
+
+
+def _layer_index(module: str) -> int:
+    return int(module.split(".")[2])
+
+
+def _linear_modules(plan: ModelPlan) -> set[str]:
+    from builder.quantize.amax import layer_linears
+
+    return {lin for layer in plan.layers for lin in layer_linears(plan, layer)}
+
+
+def shard_tensors(tensors: list[OutTensor], shard_bytes: int) -> list[list[OutTensor]]:
+    """Greedy consecutive shards of at most `shard_bytes` (a bigger tensor gets its own)."""
+    shards: list[list[OutTensor]] = [[]]
+    size = 0
+    for tensor in tensors:
+        if shards[-1] and size + tensor.spec.nbytes > shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(tensor)
+        size += tensor.spec.nbytes
+    return shards
+
+
+def shard_names(count: int) -> list[str]:
+    if count == 1:
+        return ["model.safetensors"]
+    return [f"model-{k:05d}-of-{count:05d}.safetensors" for k in range(1, count + 1)]
+
+
+def export_config(source_config: dict[str, Any], kv_cache: bool, dtype: torch.dtype) -> dict[str, Any]:
+    """The source config.json plus `quantization_config`, with ModelOpt's deployment fixes."""
+    from builder.quantize.recipe import quiet
+
+    config = copy.deepcopy(dict(source_config))
+    config["architectures"] = config.get("architectures") or ["DeciLMForCausalLM"]
+    config["torch_dtype"] = str(dtype).removeprefix("torch.")
+    with quiet():
+        from modelopt.torch.export.plugins import sanitize_hf_config_for_deployment
+
+        sanitize_hf_config_for_deployment(config, None)  # e.g. rope_theta inside llama3 rope_scaling
+    config["quantization_config"] = quantization_config(kv_cache)
+    return config
+
+
+def write_unified_hf(
+    out: Path,
+    plan: ModelPlan,
+    ckpt: HFCheckpoint,
+    table: AmaxTable,
+    dtype: torch.dtype = torch.bfloat16,
+    shard_bytes: int = DEFAULT_SHARD_BYTES,
+    progress: Callable[[str], None] | None = None,
+) -> list[WrittenFile]:
+    """Write the unified HF FP8 checkpoint into the (staging) directory `out`.
+
+    Returns the weight files written, with their sha256 computed while writing.
+    """
+    table.validate(plan)
+    tensors = plan_tensors(plan, ckpt, table, dtype)
+    shards = shard_tensors(tensors, shard_bytes)
+    names = shard_names(len(shards))
+    written: list[WrittenFile] = []
+    weight_map: dict[str, str] = {}
+    for file_name, shard in zip(names, shards, strict=True):
+        with SafetensorsStreamWriter(out / file_name, [t.spec for t in shard], {"format": "pt"}) as writer:
+            for tensor in shard:
+                writer.write_blocks(tensor.spec.name, tensor.blocks())
+                weight_map[tensor.spec.name] = file_name
+                if progress:
+                    progress(tensor.spec.name)
+        written.append(writer.result)
+    if len(names) > 1:
+        total = sum(t.spec.nbytes for t in tensors)
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (out / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+    (out / "hf_quant_config.json").write_text(json.dumps(hf_quant_config(table.kv_cache), indent=4) + "\n")
+    config = export_config(dict(plan.hf_config), table.kv_cache, dtype)
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    for name in COPIED_FILES:
+        if (ckpt.root / name).is_file():
+            shutil.copy2(ckpt.root / name, out / name)
+    return written
+
+
+def kv_layers(plan: ModelPlan) -> list[int]:
+    return [layer.index for layer in plan.layers if layer.attention is AttentionKind.ATTENTION]

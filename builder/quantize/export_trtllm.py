@@ -1,0 +1,138 @@
+"""FP8 TensorRT-LLM checkpoint: convert's streaming rank writer plus an FP8 rank transform.
+
+Convert splits each BF16 tensor for its TP rank; `Fp8Transform.apply` then turns a linear's
+rank slice into float8_e4m3fn plus fp32 [1] `weights_scaling_factor` / `activation_scaling_factor`
+with ModelOpt's TensorRT-LLM export rules (modelopt-fp8.md §6b):
+  - scale = amax / 448, from the amax table (never recomputed);
+  - qkv: one weight scale, the max over q, k and v, all three quantized to it; fc (gate_proj)
+    and gate (up_proj) share the max of their two scales the same way; the activation scale
+    of a fused group is the max of its members';
+  - weights are divided by the [1]-shaped scale, which is done in fp32, as ModelOpt does;
+  - `kv_cache_scaling_factor` = max(k_amax / 448, v_amax / 448, 1.0) on each attention layer;
+  - lm_head, the embedding and norms stay in the checkpoint dtype; `exclude_modules: [lm_head]`.
+Splitting before quantizing is exact (quantization is elementwise with a global scale), so
+every rank stores the same scale values. tests/quantize compare this with ModelOpt's own
+`export_tensorrt_llm_checkpoint(decoder_type="llama")` on a Llama-shaped checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from builder.arch.plan import AttentionKind, FfnKind, ModelPlan
+from builder.arch.tensors import RankTensor, Split, kv_cache_scale_name, scale_names
+from builder.convert import ConvertSummary, Fp8Layout, convert_checkpoint
+from builder.convert.progress import ProgressSink
+from builder.quantize.amax import AmaxTable
+from builder.quantize.fp8 import E4M3_MAX, kv_cache_scale, quantize_trtllm, trtllm_scale
+
+FUSED_FFN = ("gate_proj", "up_proj")
+
+
+def trtllm_quantization(kv_cache: bool) -> dict[str, Any]:
+    return {
+        "quant_algo": "FP8",
+        "kv_cache_quant_algo": "FP8" if kv_cache else None,
+        "exclude_modules": ["lm_head"],
+    }
+
+
+def table_digest(table: AmaxTable) -> str:
+    return hashlib.sha256(json.dumps(table.to_json(), sort_keys=True).encode()).hexdigest()
+
+
+class Fp8Transform(Fp8Layout):
+    """Convert's FP8 spec layout plus the values: quantized weights and their scales."""
+
+    def __init__(self, table: AmaxTable):
+        super().__init__(trtllm_quantization(table.kv_cache))
+        self.values: Mapping[str, float] = dict(table.values)
+        self.kv_cache = table.kv_cache
+        # Part of convert's layout key: a rank written with other scales is never "resumed".
+        self.fingerprint = f"fp8-per-tensor:{table_digest(table)}"
+
+    def _table(self) -> AmaxTable:
+        return AmaxTable(dict(self.values), kv_cache=self.kv_cache)
+
+    def group(self, item: RankTensor) -> list[str]:
+        """HF modules whose scales this rank tensor shares (q/k/v; gate/up; else itself)."""
+        modules = [s.removesuffix(".weight") for s in item.rule.source_names(item.layer.index)]
+        parent, leaf = modules[0].rsplit(".", 1)
+        if leaf in FUSED_FFN:
+            return [f"{parent}.{m}" for m in FUSED_FFN]
+        return modules
+
+    def scales(self, item: RankTensor) -> tuple[torch.Tensor, torch.Tensor]:
+        table = self._table()
+        modules = self.group(item)
+        w_amax = max(table.weight(m) for m in modules)
+        x_amax = max(table.input(m) for m in modules)
+        return trtllm_scale(w_amax), trtllm_scale(x_amax)
+
+    def apply(self, item: RankTensor, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+        if not self.quantized(item):
+            out = [(item.name, tensor)]
+        else:
+            w_scale, x_scale = self.scales(item)
+            w_name, x_name = scale_names(item.name)
+            out = [(item.name, quantize_trtllm(tensor, w_scale)), (w_name, w_scale), (x_name, x_scale)]
+        if self.kv_cache_fp8 and item.rule.split is Split.QKV:
+            k_amax, v_amax = self._table().kv(item.layer.index)
+            local = int(item.name.split(".")[2])
+            out.append((kv_cache_scale_name(local), kv_cache_scale(k_amax, v_amax)))
+        return out
+
+
+def trtllm_effective_table(table: AmaxTable, plan: ModelPlan) -> AmaxTable:
+    """The amax each quantizer effectively has in the TensorRT-LLM checkpoint.
+
+    q/k/v and gate/up carry their group's max (weights and inputs), and both KV quantizers
+    carry 448 x kv_cache_scaling_factor. Loading this into ModelOpt's fake-quant model gives
+    the exact quantization grid the FP8 TensorRT-LLM checkpoint uses.
+    """
+    values = dict(table.values)
+    for layer in plan.layers:
+        prefix = f"model.layers.{layer.index}."
+        groups = []
+        if layer.attention is AttentionKind.ATTENTION:
+            groups.append([f"{prefix}self_attn.{p}_proj" for p in "qkv"])
+        if layer.ffn is FfnKind.MLP:
+            groups.append([f"{prefix}mlp.{m}" for m in FUSED_FFN])
+        for group in groups:
+            for kind in ("weight_quantizer", "input_quantizer"):
+                shared = max(values[f"{m}.{kind}"] for m in group)
+                values.update({f"{m}.{kind}": shared for m in group})
+        if table.kv_cache and layer.attention is AttentionKind.ATTENTION:
+            kv = float(kv_cache_scale(*table.kv(layer.index))) * E4M3_MAX
+            values[f"{prefix}self_attn.k_bmm_quantizer"] = values[f"{prefix}self_attn.v_bmm_quantizer"] = kv
+    return AmaxTable(values, kv_cache=table.kv_cache)
+
+
+def write_trtllm_fp8(
+    src: Path,
+    out: Path,
+    table: AmaxTable,
+    tp: int = 1,
+    pp: int = 1,
+    dtype: str = "bfloat16",
+    workers: int = 1,
+    progress: ProgressSink | None = None,
+) -> ConvertSummary:
+    """Write the FP8 TensorRT-LLM checkpoint of `src` into `out` (convert's atomic protocol)."""
+    return convert_checkpoint(
+        src,
+        out,
+        tp,
+        pp,
+        dtype,
+        workers=workers,
+        transform=Fp8Transform(table),
+        quantization=trtllm_quantization(table.kv_cache),
+        progress=progress,
+    )

@@ -1,0 +1,68 @@
+"""FP8 E4M3 per-tensor math: scales from amax, weight quantization as each exporter does it.
+
+ModelOpt's two exporters round differently, and our writers reproduce each bit for bit:
+the unified HF export divides by a 0-dim fp32 scale, which keeps a bf16 weight in bf16
+for the division; the TensorRT-LLM export divides by a [1]-shaped scale, which promotes
+to fp32. (0-dim tensors do not take part in type promotion; 1-dim ones do.)
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+E4M3_MAX = 448.0
+FP8 = torch.float8_e4m3fn
+KV_SCALE_FLOOR = 1.0  # TensorRT-LLM export only: max(amax / 448, 1.0)
+
+
+def scale_from_amax(amax: float) -> torch.Tensor:
+    """amax / 448 in fp32 (ModelOpt's `amax.float() / maxbound`), as a 0-dim tensor."""
+    return torch.tensor(amax, dtype=torch.float32) / E4M3_MAX
+
+
+def trtllm_scale(amax: float) -> torch.Tensor:
+    """A TensorRT-LLM scaling factor: fp32, shape [1]."""
+    return scale_from_amax(amax).reshape(1)
+
+
+def kv_cache_scale(k_amax: float, v_amax: float) -> torch.Tensor:
+    """TensorRT-LLM `kv_cache_scaling_factor`: max over k and v of max(amax / 448, 1.0)."""
+    scales = torch.stack([scale_from_amax(k_amax), scale_from_amax(v_amax)])
+    return torch.clamp(scales, min=KV_SCALE_FLOOR).max().reshape(1)
+
+
+def quantize_hf(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """E4M3 weight as `export_hf_checkpoint` writes it (division in the weight's dtype)."""
+    return (weight / scale.reshape(())).to(FP8)
+
+
+def quantize_trtllm(weight: torch.Tensor, scale: torch.Tensor, chunk_bytes: int = 16 << 20) -> torch.Tensor:
+    """E4M3 weight as ModelOpt's TensorRT-LLM export writes it (division in fp32).
+
+    Row chunks bound the fp32 temporary (elementwise, so the result is the same bits).
+    """
+    scale = scale.reshape(1)
+    if weight.dim() < 2:
+        return (weight / scale).to(FP8)
+    out = torch.empty(weight.shape, dtype=FP8, device=weight.device)
+    step = max(1, chunk_bytes // (4 * weight[0].numel()))
+    for start in range(0, weight.shape[0], step):
+        out[start : start + step] = (weight[start : start + step] / scale).to(FP8)
+    return out
+
+
+def dequantize(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return (weight.to(torch.float32) * scale.to(torch.float32)).to(dtype)
+
+
+def check_amax(amax: float | None, where: str) -> str | None:
+    """Why `amax` cannot make a scale (None, not finite, not positive), or None if it can."""
+    if amax is None:
+        return f"{where}: enabled quantizer has no amax (it never saw data)"
+    if not math.isfinite(amax):
+        return f"{where}: amax is {amax} (NaN or infinite activations?)"
+    if amax <= 0:
+        return f"{where}: amax is {amax} (all-zero data?)"
+    return None

@@ -1,0 +1,363 @@
+"""`quantize_checkpoint`: calibrate once (block by block), export FP8 as TensorRT-LLM and/or HF.
+
+Output (all of it appears at once: written in `.OUT.partial/`, renamed when complete):
+
+  OUT/manifest.json     calibration data hash, ModelOpt version, per-layer amax table,
+                        timings, peak memory, and the sha256 of every file below
+  OUT/amax.json         the amax table (exact values; both exports are functions of it)
+  OUT/trtllm/           FP8 TensorRT-LLM checkpoint (config.json, rank{R}.safetensors,
+                        manifest.json from convert plus the calibration fields)
+  OUT/hf/               unified HF FP8 checkpoint (hf_quant_config.json, config.json with
+                        quantization_config, model*.safetensors, tokenizer, manifest.json)
+
+Calibration state for --resume lives in `.OUT.calib/` beside OUT until the run succeeds.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from builder.arch.plan import LayerPlan, ModelPlan, load_plan
+from builder.arch.tensors import check_parallelism
+from builder.errors import UserError
+from builder.io.atomic import atomic_dir
+from builder.io.checkpoint import HFCheckpoint
+from builder.io.manifest import MANIFEST, file_entry, provenance, read_manifest, write_manifest
+from builder.quantize.amax import AmaxTable
+from builder.quantize.blockwise import (
+    CalibOptions,
+    CalibResult,
+    ModelParts,
+    calibrate_blockwise,
+    dist_info,
+)
+from builder.quantize.calib import CalibrationSet, build_calibration_set, load_tokenizer
+from builder.quantize.export_hf import modelopt_version, write_unified_hf
+
+FORMATS = ("trtllm", "hf")
+KIND = "fp8-quantization"
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+class AlreadyQuantized(UserError):
+    """A source checkpoint that already holds quantized weights."""
+
+
+@dataclass
+class QuantizeSummary:
+    out: Path
+    formats: list[str]
+    source: Path
+    model_bytes: int
+    calibration: dict[str, Any]
+    seconds: dict[str, float]
+    peak_rss_bytes: int
+    peak_gpu_bytes: int | None
+    amax: dict[str, dict[str, float]]
+    blocks: dict[str, int]
+    paths: dict[str, str] = field(default_factory=dict)
+    rank: int = 0  # under torchrun: this process's rank (only rank 0 writes outputs)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "out": str(self.out),
+            "source": str(self.source),
+            "formats": self.formats,
+            "paths": self.paths,
+            "model_bytes": self.model_bytes,
+            "calibration": self.calibration,
+            "seconds": self.seconds,
+            "peak_rss_bytes": self.peak_rss_bytes,
+            "peak_gpu_bytes": self.peak_gpu_bytes,
+            "blocks": self.blocks,
+            "amax": self.amax,
+        }
+
+
+# ---- input checks ----------------------------------------------------------------------------------
+def refuse_quantized(ckpt: HFCheckpoint, config: dict[str, Any]) -> None:
+    """Calibrating FP8 weights again would quantize twice; refuse with the evidence."""
+    root = ckpt.root
+    if (root / "hf_quant_config.json").exists():
+        raise AlreadyQuantized(f"{root}: already quantized (hf_quant_config.json is present)")
+    if config.get("quantization_config"):
+        method = config["quantization_config"].get("quant_method", "?")
+        raise AlreadyQuantized(f"{root / 'config.json'}: already quantized (quantization_config, {method})")
+    for info in ckpt.tensors.values():
+        if info.dtype in (torch.float8_e4m3fn, torch.int8, torch.uint8) or info.name.endswith(
+            ("weight_scale", "input_scale", "scaling_factor")
+        ):
+            raise AlreadyQuantized(
+                f"{info.file}: already quantized (tensor {info.name!r} is {info.dtype})"
+            )
+
+
+def parse_formats(formats: str | Sequence[str]) -> list[str]:
+    if isinstance(formats, str):
+        formats = FORMATS if formats == "both" else [formats]
+    bad = [f for f in formats if f not in FORMATS]
+    if bad or not formats:
+        raise UserError(f"unknown export format(s) {bad}; choose trtllm, hf or both")
+    return list(formats)
+
+
+def state_dir_for(out: Path) -> Path:
+    return out.with_name(f".{out.name}.calib")
+
+
+# ---- memory -----------------------------------------------------------------------------------------
+def peak_rss_bytes() -> int:
+    """Peak resident memory of this process so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def peak_gpu_bytes(device: str) -> int | None:
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return int(torch.cuda.max_memory_allocated())
+    return None
+
+
+# ---- distributed --------------------------------------------------------------------------------------
+def init_distributed(device: str) -> str:
+    """Join the torchrun group if launched by it; returns this rank's device."""
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return device
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if device.startswith("cuda"):
+        device = f"cuda:{local}"
+        torch.cuda.set_device(local)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return device
+
+
+# ---- the reference model's pieces --------------------------------------------------------------------
+def reference_parts(src: Path) -> ModelParts:
+    from builder.model import DeciLMConfig, DeciLMForCausalLM
+
+    config = DeciLMConfig.from_pretrained(str(src))
+    config._attn_implementation = "sdpa"
+    return ModelParts(DeciLMForCausalLM, config)
+
+
+# ---- the run ------------------------------------------------------------------------------------------
+def quantize_checkpoint(
+    src: str | Path,
+    out: str | Path,
+    *,
+    tp: int = 1,
+    pp: int = 1,
+    kv_cache: bool = True,
+    calib: str = "builtin",
+    calib_size: int = 512,
+    calib_seq_len: int = 512,
+    formats: str | Sequence[str] = "both",
+    device: str = "cpu",
+    dtype: str = "bfloat16",
+    batch_size: int = 4,
+    seed: int = 0,
+    resume: bool = False,
+    save_every: int = 0,
+    overwrite: bool = False,
+    workers: int = 1,
+    progress: Callable[[str], None] | None = None,
+    block_progress: Callable[[int, int, LayerPlan | None], None] | None = None,
+) -> QuantizeSummary:
+    """Calibrate `src` with ModelOpt (FP8 weights/activations, optional FP8 KV) and export.
+
+    Returns paths, timings, peak memory and the per-layer amax table. Under torchrun every
+    rank calibrates its share of the data; rank 0 writes the outputs.
+    """
+    started = time.perf_counter()
+    src, out = Path(src), Path(out)
+    say = progress or (lambda message: None)
+    formats = parse_formats(formats)
+    if dtype not in DTYPES:
+        raise UserError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: CUDA is not available on this machine")
+    device = init_distributed(device)
+    rank, world = dist_info()
+    ckpt, plan, _config = open_source(src)
+    check_parallelism(plan, tp, pp)
+    if out.exists() and not overwrite:
+        raise UserError(f"{out}: already exists (pass --overwrite to replace it)")
+
+    say(f"calibration data: {calib}, {calib_size} x {calib_seq_len} tokens")
+    data = build_calibration_set(calib, load_tokenizer(src), calib_size, calib_seq_len, seed)
+    opts = CalibOptions(
+        kv_cache=kv_cache,
+        device=device,
+        dtype=DTYPES[dtype],
+        batch_size=batch_size,
+        state_dir=state_dir_for(out),
+        resume=resume,
+        save_every=save_every,
+    )
+    fingerprint = calibration_fingerprint(ckpt, data, opts)
+    say(f"calibrating {plan.num_layers - len(plan.empty_layers)} blocks ({len(plan.empty_layers)} empty, skipped)")
+    result = calibrate_blockwise(ckpt, plan, reference_parts(src), data.windows, opts, fingerprint, block_progress)
+    seconds = {"calibration": round(result.seconds, 3)}
+    paths: dict[str, str] = {}
+    # Only rank 0 exports; the others are done (no barrier: an export can outlast any
+    # collective timeout).
+    if rank == 0:
+        paths = export_all(src, out, plan, ckpt, result, data, formats, tp, pp, dtype, workers, overwrite, seconds, say)
+        shutil.rmtree(opts.state_dir, ignore_errors=True)
+    seconds["total"] = round(time.perf_counter() - started, 3)
+    summary = QuantizeSummary(
+        out=out,
+        formats=formats,
+        source=src,
+        model_bytes=ckpt.total_bytes(),
+        calibration=data.describe() | {"world_size": world, "device": device, "dtype": dtype},
+        seconds=seconds,
+        peak_rss_bytes=peak_rss_bytes(),
+        peak_gpu_bytes=peak_gpu_bytes(device),
+        amax=result.table.per_layer(),
+        blocks=result.summary() | {"layers": plan.num_layers},
+        paths=paths,
+        rank=rank,
+    )
+    if rank == 0:
+        finish_manifest(out, summary)
+    return summary
+
+
+def open_source(src: Path) -> tuple[HFCheckpoint, ModelPlan, dict[str, Any]]:
+    from builder.arch.plan import read_config
+    from builder.convert.sources import check_source
+
+    ckpt = HFCheckpoint(src)
+    config = read_config(src)
+    refuse_quantized(ckpt, config)
+    plan = load_plan(src)
+    check_source(ckpt, plan)
+    return ckpt, plan, config
+
+
+def calibration_fingerprint(ckpt: HFCheckpoint, data: CalibrationSet, opts: CalibOptions) -> dict[str, Any]:
+    """What must match for saved calibration state to be reused."""
+    from builder.convert.sources import source_fingerprint
+
+    return {
+        "source": source_fingerprint(ckpt),
+        "calibration_sha256": data.sha256,
+        "kv_cache": opts.kv_cache,
+        "dtype": str(opts.dtype),
+        "batch_size": opts.batch_size,
+        "modelopt": modelopt_version(),
+    }
+
+
+def export_all(
+    src: Path,
+    out: Path,
+    plan: ModelPlan,
+    ckpt: HFCheckpoint,
+    result: CalibResult,
+    data: CalibrationSet,
+    formats: list[str],
+    tp: int,
+    pp: int,
+    dtype: str,
+    workers: int,
+    overwrite: bool,
+    seconds: dict[str, float],
+    say: Callable[[str], None],
+) -> dict[str, str]:
+    """Write both exports into one staging directory; OUT appears only when all are done."""
+    table = result.table
+    fields = calibration_fields(table, data)
+    paths = {}
+    with atomic_dir(out, overwrite) as stage:
+        table.save(stage / "amax.json")
+        if "trtllm" in formats:
+            from builder.quantize.export_trtllm import write_trtllm_fp8
+
+            say(f"writing FP8 TensorRT-LLM checkpoint (tp={tp}, pp={pp})")
+            t0 = time.perf_counter()
+            write_trtllm_fp8(src, stage / "trtllm", table, tp, pp, dtype, workers)
+            add_to_manifest(stage / "trtllm", fields)
+            seconds["export_trtllm"] = round(time.perf_counter() - t0, 3)
+            paths["trtllm"] = str(out / "trtllm")
+        if "hf" in formats:
+            say("writing unified HF FP8 checkpoint")
+            t0 = time.perf_counter()
+            hf_dir = stage / "hf"
+            hf_dir.mkdir()
+            written = write_unified_hf(hf_dir, plan, ckpt, table, DTYPES[dtype])
+            write_hf_manifest(hf_dir, src, written, fields)
+            seconds["export_hf"] = round(time.perf_counter() - t0, 3)
+            paths["hf"] = str(out / "hf")
+        write_manifest(stage, {**provenance(KIND), **fields, "files": files_of(stage)})
+    return paths
+
+
+def calibration_fields(table: AmaxTable, data: CalibrationSet) -> dict[str, Any]:
+    return {
+        "quantization": {
+            "algorithm": "FP8 per-tensor (E4M3), max calibration",
+            "kv_cache": "FP8" if table.kv_cache else None,
+            "producer": {"name": "nvidia-modelopt", "version": modelopt_version()},
+        },
+        "calibration": data.describe(),
+        "amax": table.per_layer(),
+    }
+
+
+def add_to_manifest(directory: Path, fields: dict[str, Any]) -> None:
+    manifest = read_manifest(directory)
+    manifest.update(fields)
+    write_manifest(directory, manifest)
+
+
+def write_hf_manifest(directory: Path, src: Path, written: list, fields: dict[str, Any]) -> None:
+    hashed = {w.path.name: w.sha256 for w in written}
+    files = {
+        p.name: file_entry(p, sha256=hashed.get(p.name))
+        for p in sorted(directory.iterdir())
+        if p.is_file() and p.name != MANIFEST
+    }
+    manifest = {**provenance("hf-fp8-checkpoint"), "source": {"path": str(src)}, **fields, "files": files}
+    write_manifest(directory, manifest)
+
+
+def files_of(directory: Path) -> dict[str, Any]:
+    """Top-level files hashed; each export's files are taken from its own manifest."""
+    files: dict[str, Any] = {}
+    for path in sorted(directory.rglob("*")):
+        if not path.is_file() or path.name == MANIFEST and path.parent == directory:
+            continue
+        rel = str(path.relative_to(directory))
+        sub = path.parent.name if path.parent != directory else None
+        if sub and path.name != MANIFEST:
+            files[rel] = read_manifest(path.parent)["files"][path.name]
+        else:
+            files[rel] = file_entry(path)
+    return files
+
+
+def finish_manifest(out: Path, summary: QuantizeSummary) -> None:
+    """Add the run's timings and memory to OUT/manifest.json (written after the rename)."""
+    manifest = read_manifest(out)
+    manifest["run"] = {
+        "seconds": summary.seconds,
+        "peak_rss_bytes": summary.peak_rss_bytes,
+        "peak_gpu_bytes": summary.peak_gpu_bytes,
+        "model_bytes": summary.model_bytes,
+        "blocks": summary.blocks,
+        "calibration": summary.calibration,
+    }
+    write_manifest(out, manifest)

@@ -1,0 +1,20 @@
+"""Reference execution of TensorRT-LLM checkpoints in PyTorch (for machines without TensorRT-LLM).
+
+- `TrtllmCheckpointExecutor(dir, dtype)`: runs a checkpoint rank by rank, TP partials summed
+  as the all-reduce would, pipeline stages in order; FP8 weights and KV cache emulated.
+- `compare_with_reference(trtllm_dir, hf_dir, prompt=..., dtype=...)` -> Comparison
+  (max/relative logit error against builder.model's native reference model).
+"""
+
+from builder.runtime.compare import Comparison, compare_logits, compare_with_reference
+from builder.runtime.executor import LinearCall, TrtllmCheckpointExecutor, fp8_linear, rope_inv_freq
+
+__all__ = [
+    "Comparison",
+    "LinearCall",
+    "TrtllmCheckpointExecutor",
+    "compare_logits",
+    "compare_with_reference",
+    "fp8_linear",
+    "rope_inv_freq",
+]

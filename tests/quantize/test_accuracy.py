@@ -1,0 +1,53 @@
+"""FP8 accuracy of the real SmolLM2-135M against thresholds kept in calib/thresholds.toml."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from builder.quantize.accuracy import (
+    AccuracyReport,
+    AccuracyRow,
+    evaluate_accuracy,
+    format_table,
+    load_thresholds,
+    threshold_failures,
+    threshold_setup,
+)
+from builder.quantize.pipeline import quantize_checkpoint
+
+SECTION = "smollm2-ci"
+
+
+@pytest.mark.slow
+def test_smollm2_fp8_accuracy_within_thresholds(tmp_path, smollm2_ckpt, capsys):
+    setup = threshold_setup(SECTION)
+    out = tmp_path / "smollm2-fp8"
+    summary = quantize_checkpoint(
+        smollm2_ckpt, out, calib_size=setup["calib_size"], calib_seq_len=setup["calib_seq_len"],
+        dtype=setup["dtype"], formats="trtllm",
+    )
+    report = evaluate_accuracy(
+        smollm2_ckpt, out, windows=setup["windows"], seq_len=setup["seq_len"],
+        dtype=getattr(torch, setup["dtype"]), thresholds=SECTION,
+    )
+    with capsys.disabled():
+        print(f"\n{format_table(report)}\ncalibration {summary.seconds['calibration']:.1f} s, "
+              f"peak RSS {summary.peak_rss_bytes / 2**20:,.0f} MiB")
+    assert [row.variant for row in report.rows] == ["trtllm", "fake-quant"]
+    assert report.passed, report.failures
+    for row in report.rows:
+        assert 0 < row.kl and row.top1 < 1  # FP8 changed something: the comparison is live
+    assert 5 < report.reference_perplexity < 40  # a trained model, not noise (vocab 49152)
+
+
+def test_threshold_checks_name_the_metric():
+    report = AccuracyReport("m", "q", 1, 8, 8, "bfloat16", 10.0, rows=[AccuracyRow("trtllm", 0.2, 0.5, 12.0, 1.2)])
+    failures = threshold_failures(report, {"kl_max": 0.1, "top1_min": 0.9, "ppl_ratio_max": 1.1})
+    assert failures == [
+        "trtllm: mean KL 0.2000 breaks kl_max = 0.1",
+        "trtllm: top-1 agreement 0.5000 breaks top1_min = 0.9",
+        "trtllm: perplexity ratio 1.2000 breaks ppl_ratio_max = 1.1",
+    ]
+    assert set(load_thresholds("smollm2")) == {"kl_max", "top1_min", "ppl_ratio_max"}
+    assert "BF16 || FP8" in format_table(report)
