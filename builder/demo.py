@@ -79,11 +79,82 @@ def step_reference_generation(ctx: DemoContext) -> None:
     ctx.console.print(f"[bold]reasoning off[/] > {DEMO_PROMPT}\n  {answer.strip()}")
 
 
+def step_convert(ctx: DemoContext) -> None:
+    from builder.convert import convert_checkpoint
+    from builder.runtime import compare_with_reference
+
+    src, out = ctx.results["ultra_synth"], ctx.path("ultra-trtllm-tp2")
+    summary = convert_checkpoint(src, out, tp=2, overwrite=True, progress=False)
+    check = compare_with_reference(out, src, prompt=DEMO_PROMPT)
+    ctx.results["convert"] = {"summary": summary.to_json(), "executor": check.to_json()}
+    ctx.console.print(
+        f"TensorRT-LLM checkpoint {out} (tp=2, {len(summary.ranks)} rank files); executor vs "
+        f"reference model, fp32: relative error {check.relative_error:.2e}, "
+        f"top-1 agreement {check.argmax_agreement:.0%}"
+    )
+    if check.relative_error > 1e-5:
+        raise RuntimeError(f"executor disagrees with the reference model: {check.relative_error:.2e}")
+
+
+def step_quantize(ctx: DemoContext) -> None:
+    from builder.quantize import quantize_checkpoint
+
+    # fp32 calibration of small models is several times faster than bf16 on CPUs without
+    # native bf16 matmuls; the exported tensors are BF16/FP8 either way.
+    for key, tp, size in (("ultra_synth", 4, 16), ("smollm2", 1, 16)):
+        out = ctx.path(f"{key}-fp8")
+        summary = quantize_checkpoint(
+            ctx.results[key], out, tp=tp, calib_size=size, calib_seq_len=128,
+            dtype="float32", overwrite=True,
+        )
+        ctx.results[f"{key}_fp8"] = out
+        ctx.console.print(f"FP8 {key}: {out}/trtllm (tp={tp}) and {out}/hf; "
+                          f"{summary.seconds['total']:.1f} s")
+
+
+def step_accuracy(ctx: DemoContext) -> None:
+    import torch
+
+    from builder.quantize import evaluate_accuracy, format_table
+
+    report = evaluate_accuracy(
+        ctx.results["smollm2"], ctx.results["smollm2_fp8"], windows=4, seq_len=128,
+        dtype=torch.float32, thresholds="smollm2-ci",
+    )
+    ctx.results["accuracy"] = report.to_json()
+    ctx.console.print(format_table(report))
+
+
+def step_plan_targets(ctx: DemoContext) -> None:
+    from builder.build import mission_plans, render_plan
+
+    plans = mission_plans("ultra-253b")
+    ctx.results["plans"] = [plan.to_dict() for plan in plans]
+    for plan in plans:
+        ctx.console.print(render_plan(plan))
+
+
+def step_dry_run_build(ctx: DemoContext) -> None:
+    from builder.build import dry_run_build, load_profile
+
+    ckpt = ctx.results["ultra_synth_fp8"] / "trtllm"
+    result = dry_run_build(ckpt, load_profile("h100x4-fp8"), ctx.path("engine-h100x4-fp8"))
+    ctx.results["build"] = result.report
+    ctx.console.print(f"dry-run build of {ckpt} for h100x4-fp8 -> {result.out}")
+    ctx.console.print("  " + result.report["command_line"])
+    ctx.console.print("  no engine was built: trtllm-build needs TensorRT-LLM <= 1.2.x on a GPU host")
+
+
 STEPS: list[tuple[str, Step]] = [
     ("synthesize a small Ultra-pattern checkpoint", step_synthesize),
     ("import the real SmolLM2-135M", step_import_smollm2),
     ("per-layer plans", step_show_plans),
     ("reference model, reasoning off", step_reference_generation),
+    ("convert to TensorRT-LLM tp=2 and check with the executor", step_convert),
+    ("FP8 calibration with ModelOpt, both exports", step_quantize),
+    ("FP8 accuracy on real SmolLM2 weights", step_accuracy),
+    ("plan the real Ultra for the three mission targets", step_plan_targets),
+    ("dry-run engine build of the FP8 demo artifact", step_dry_run_build),
 ]
 
 

@@ -1,6 +1,6 @@
 """Synthetic nemotron-nas checkpoints: a preset's block pattern at a reduced size.
 
-The block kinds, KV-head counts (up to 16 heads) and ffn_mult values of the preset are
+The block kinds, KV-head counts (up to --heads, 16 by default) and ffn_mult values of the preset are
 kept; only hidden size, head count, vocabulary and the layer selection shrink. Weights are
 seeded per tensor name, so a layer's weights do not depend on which other layers are kept.
 """
@@ -39,6 +39,7 @@ class SynthSpec:
     target_bytes: int | None = None
     dtype: str = "bfloat16"
     vocab: int = DEFAULT_VOCAB
+    heads: int = HEADS
 
 
 # ---- config ---------------------------------------------------------------------------------
@@ -56,12 +57,14 @@ def parse_layer_spec(spec: str, num_layers: int) -> list[int]:
     return sorted(indices)
 
 
-def _scale_block(block: dict[str, Any], heads_from: int) -> dict[str, Any]:
+def _scale_block(block: dict[str, Any], heads_from: int, heads: int) -> dict[str, Any]:
     block = copy.deepcopy(block)
     att = block["attention"]
     if not att.get("no_op") and not att.get("replace_with_linear"):
-        kv = min(heads_from // att["n_heads_in_group"], HEADS)
-        att["n_heads_in_group"] = HEADS // kv
+        kv = min(heads_from // att["n_heads_in_group"], heads)
+        if heads % kv:
+            raise UserError(f"--heads {heads}: not a multiple of the preset's {kv} KV heads")
+        att["n_heads_in_group"] = heads // kv
     return block
 
 
@@ -72,15 +75,15 @@ def synth_config(spec: SynthSpec, hidden: int | None = None) -> dict[str, Any]:
     if spec.layers:
         blocks = [blocks[i] for i in parse_layer_spec(spec.layers, len(blocks))]
     hidden = hidden or spec.hidden or (config["hidden_size"] if spec.preset == "mixed" else DEFAULT_HIDDEN)
-    if hidden % (2 * HEADS):
-        raise UserError(f"--hidden {hidden}: must be a multiple of {2 * HEADS}")
+    if hidden % (2 * spec.heads):
+        raise UserError(f"--hidden {hidden}: must be a multiple of 2 x {spec.heads} heads")
     heads_from = config["num_attention_heads"]
     config.update(
         hidden_size=hidden,
-        num_attention_heads=HEADS,
+        num_attention_heads=spec.heads,
         num_hidden_layers=len(blocks),
         vocab_size=spec.vocab,
-        block_configs=[_scale_block(b, heads_from) for b in blocks],
+        block_configs=[_scale_block(b, heads_from, spec.heads) for b in blocks],
         torch_dtype=spec.dtype,
         bos_token_id=0,
         eos_token_id=[1, 4],

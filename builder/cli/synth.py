@@ -24,16 +24,17 @@ def parse_size(text: str) -> int:
 @click.argument("out", type=click.Path(file_okay=False))
 @click.option("--preset", type=click.Choice(sorted(PRESETS)), default="ultra-253b", show_default=True)
 @click.option("--hidden", type=int, help="Hidden size (multiple of 32; default 256, or the preset's for mixed).")
+@click.option("--heads", type=int, default=16, show_default=True, help="Attention heads (KV heads follow the preset, capped at this).")
 @click.option("--layers", help="Keep only these preset layers, e.g. '0-12,120-135'.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--target-size", help="Grow the hidden size until the checkpoint reaches this size, e.g. 4GB.")
 @click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default="bfloat16", show_default=True)
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
-def synth(out, preset, hidden, layers, seed, target_size, dtype, overwrite) -> None:
+def synth(out, preset, hidden, heads, layers, seed, target_size, dtype, overwrite) -> None:
     """Write a synthetic HF nemotron-nas checkpoint to OUT.
 
     Keeps the preset's block-kind pattern, KV-head counts and ffn_mult values at a reduced
-    hidden size (16 heads), with seeded random weights, a byte-level tokenizer with the
+    hidden size (16 heads unless --heads), with seeded random weights, a byte-level tokenizer with the
     Nemotron chat template, sharded safetensors and an index. Small by default (seconds);
     --target-size makes multi-GB checkpoints for benchmarks.
     """
@@ -44,6 +45,7 @@ def synth(out, preset, hidden, layers, seed, target_size, dtype, overwrite) -> N
     spec = SynthSpec(
         preset=preset,
         hidden=hidden,
+        heads=heads,
         layers=layers,
         seed=seed,
         target_bytes=parse_size(target_size) if target_size else None,

@@ -12,7 +12,9 @@ Linears go through one method, `linear`, so quantized checkpoints run too: a
 float8_e4m3fn weight is executed as TensorRT-LLM's per-tensor FP8 GEMM, emulated (activation
 divided by `activation_scaling_factor`, rounded to e4m3, multiplied in fp32 with the e4m3
 weight, scaled by weights_scaling_factor x activation_scaling_factor). With an FP8 KV cache,
-k and v are rounded through e4m3 with `kv_cache_scaling_factor`. `linear_hook` replaces the
+k and v are rounded through e4m3 with `kv_cache_scaling_factor`. On a GPU with FP8 tensor
+cores, `fp8_gemm="tensor-cores"` runs the same GEMM through `torch._scaled_mm` instead, which
+is how the emulation is checked against hardware (scripts/gpu_session.py). `linear_hook` replaces the
 linear computation entirely (e.g. to try another quantization scheme).
 """
 
@@ -67,12 +69,16 @@ class TrtllmCheckpointExecutor:
         dtype: torch.dtype = torch.float32,
         device: str | torch.device = "cpu",
         linear_hook: LinearHook | None = None,
+        fp8_gemm: str = "emulate",
     ):
         self.directory = Path(directory)
         self.config, self.plan = read_trtllm_config(self.directory)
         self.tp, self.pp = mapping_of(self.config)
         self.dtype, self.device = dtype, torch.device(device)
         self.linear_hook = linear_hook
+        if fp8_gemm not in FP8_GEMMS:
+            raise UserError(f"fp8_gemm {fp8_gemm!r}: expected one of {', '.join(FP8_GEMMS)}")
+        self.fp8_gemm = FP8_GEMMS[fp8_gemm]
         quant = self.config.get("quantization") or {}
         self.kv_cache_fp8 = quant.get("kv_cache_quant_algo") == "FP8"
         self._stack = ExitStack()
@@ -113,7 +119,7 @@ class TrtllmCheckpointExecutor:
         if weight.dtype == torch.float8_e4m3fn:
             w_scale = self.tensor(rank, f"{name}.{WEIGHTS_SCALE}").float()
             a_scale = self.tensor(rank, f"{name}.{ACTIVATION_SCALE}").float()
-            return fp8_linear(x, weight, w_scale, a_scale).to(self.dtype)
+            return self.fp8_gemm(x, weight, w_scale, a_scale).to(self.dtype)
         return F.linear(x, weight.to(self.dtype))
 
     def norm(self, rank: int, name: str, x: torch.Tensor) -> torch.Tensor:
@@ -246,3 +252,26 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, w_scale: torch.Tensor, a_s
     """Per-tensor FP8 GEMM emulated: e4m3(x / a_scale) @ e4m3(W).T * (w_scale * a_scale), float32."""
     xq = (x.float() / a_scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float()
     return F.linear(xq, weight.float()) * (w_scale * a_scale)
+
+
+def fp8_linear_tensor_cores(
+    x: torch.Tensor, weight: torch.Tensor, w_scale: torch.Tensor, a_scale: torch.Tensor
+) -> torch.Tensor:
+    """The same per-tensor FP8 GEMM on FP8 tensor cores (`torch._scaled_mm`, fp32 output).
+
+    cuBLASLt wants a column-major second operand (W.T of a row-major W is) and rows in
+    multiples of 16, so the activation rows are zero-padded and the padding dropped.
+    """
+    rows = x.reshape(-1, x.shape[-1])
+    xq = (rows.float() / a_scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    pad = -xq.shape[0] % 16
+    if pad:
+        xq = torch.cat([xq, xq.new_zeros(pad, xq.shape[1])])
+    out = torch._scaled_mm(
+        xq, weight.t(), scale_a=a_scale.reshape(()).float(), scale_b=w_scale.reshape(()).float(),
+        out_dtype=torch.float32,
+    )
+    return out[: rows.shape[0]].reshape(*x.shape[:-1], weight.shape[0])
+
+
+FP8_GEMMS = {"emulate": fp8_linear, "tensor-cores": fp8_linear_tensor_cores}
