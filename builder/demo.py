@@ -54,14 +54,14 @@ def step_show_plans(ctx: DemoContext) -> None:
 
     table = Table(title="Plans")
     for col in ("model", "layers", "attention", "empty", "kv heads", "ffn widths", "params"):
-        table.add_column(col)
+        table.add_column(col, no_wrap=True)
     for key in ("ultra_synth", "smollm2"):
         t = totals(load_plan(ctx.results[key]))
         c = t["counts"]
         widths = t["ffn_widths"]
         table.add_row(
             key, str(c["layers"]), str(c["attention"]), str(c["empty"]),
-            ",".join(map(str, t["kv_heads"])), f"{min(widths)}..{max(widths)}", f"{t['params']:,}",
+            ",".join(map(str, t["kv_heads"])), f"{min(widths)}..{max(widths)}", f"{t['params'] / 1e6:,.1f} M",
         )
     ctx.console.print(table)
 
@@ -159,6 +159,9 @@ STEPS: list[tuple[str, Step]] = [
 
 
 def run_demo(workdir: Path, console: Console | None = None) -> dict[str, Any]:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # the demo prints its own step headers and timings
     console = console or Console()
     workdir.mkdir(parents=True, exist_ok=True)
     ctx = DemoContext(workdir=workdir, console=console)

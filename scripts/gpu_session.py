@@ -69,10 +69,11 @@ def step_fp8(args) -> dict:
             "tensor_cores_vs_emulated_rel": relative_error(cores, emulated),
             "tensor_cores_vs_cpu_emulated_rel": relative_error(cores.cpu(), cpu) if cpu is not None else None,
             "fp8_vs_bf16_rel": relative_error(cores, bf16),
-            "bf16_ms": cuda_time_ms(lambda: torch.nn.functional.linear(x, w)),
+            "bf16_ms": cuda_time_ms(lambda x=x, w=w: torch.nn.functional.linear(x, w)),
             "fp8_tensor_cores_ms": cuda_time_ms(
-                lambda: torch._scaled_mm(x.to(torch.float8_e4m3fn), wq.t(), scale_a=a_scale.reshape(()),
-                                         scale_b=w_scale.reshape(()), out_dtype=torch.bfloat16)
+                lambda x=x, wq=wq, a=a_scale, s=w_scale: torch._scaled_mm(
+                    x.to(torch.float8_e4m3fn), wq.t(), scale_a=a.reshape(()), scale_b=s.reshape(()),
+                    out_dtype=torch.bfloat16)
             ) if m % 16 == 0 else None,
         }
         rows.append(row)

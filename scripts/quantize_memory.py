@@ -1,3 +1,4 @@
+#!/usr/bin/env python
 """Peak memory of `builder quantize` against checkpoint size, measured in a fresh process.
 
 Writes a synthetic nemotron-nas checkpoint of --size (Ultra's block pattern, layers 0-40,

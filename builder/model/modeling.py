@@ -65,6 +65,21 @@ _CACHE_FIELD = (
 )
 
 
+
+def causal_mask(
+    config: DeciLMConfig,
+    inputs_embeds: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    cache: Cache | None,
+    position_ids: torch.Tensor,
+):
+    """transformers' causal mask for this config (None where the attention kernel needs none).
+
+    Positional on purpose: the 4th parameter is `past_key_values` in some transformers 5.x
+    releases and `cache` in others (5.17 on the GPU hosts, 5.24 here).
+    """
+    return create_causal_mask(config, inputs_embeds, attention_mask, cache, position_ids)
+
 class DeciLMRMSNorm(nn.Module):
     """RMSNorm computed in fp32, then scaled by the weight in the input dtype (as Llama does)."""
 
@@ -381,8 +396,7 @@ class DeciLMModel(DeciLMPreTrainedModel):
                 seen, seen + inputs_embeds.shape[1], device=inputs_embeds.device
             )
             position_ids = position_ids.unsqueeze(0)
-        # Positional: the 4th parameter is `past_key_values` or `cache` depending on the version.
-        mask = create_causal_mask(self.config, inputs_embeds, attention_mask, cache, position_ids)
+        mask = causal_mask(self.config, inputs_embeds, attention_mask, cache, position_ids)
         hidden = inputs_embeds
         position_embeddings = self.rotary_emb(hidden, position_ids)
         states = [hidden] if output_hidden_states else None

@@ -111,12 +111,9 @@ class ModelParts:
 
     def causal_mask(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> Any:
         """The mask the whole model would build for unpadded windows (None under sdpa)."""
-        from transformers.masking_utils import create_causal_mask
+        from builder.model.modeling import causal_mask
 
-        return create_causal_mask(
-            config=self.config, inputs_embeds=hidden, attention_mask=None, cache=None,
-            position_ids=position_ids,
-        )
+        return causal_mask(self.config, hidden, None, None, position_ids)
 
 
 def load_block(
