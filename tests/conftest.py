@@ -53,3 +53,15 @@ def smollm2_nas_ckpt(tmp_path_factory):
     from builder.smollm2 import import_smollm2
 
     return import_smollm2(tmp_path_factory.mktemp("ckpt") / "smollm2-nas", nas_variant=True)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Small-matrix tests: with two threads, a busy 2-core machine spends most of each tiny
+    matmul in OpenMP barriers (measured 10x slower)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

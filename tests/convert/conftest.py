@@ -6,16 +6,11 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 
 
 @pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Small tensors: a second OpenMP thread only adds barrier waits on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _small_matrices(one_torch_thread):
+    """Every test here works on small tensors (see one_torch_thread)."""
 
 
 @pytest.fixture
