@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from builder.arch.plan import ModelPlan
-from builder.arch.tensors import parallelism_problems, rank_tensors
+from builder.arch.tensors import rank_tensors
 
 
 def layer_rows(plan: ModelPlan) -> list[dict[str, Any]]:
@@ -65,7 +65,3 @@ def rank_summary(plan: ModelPlan, tp: int, pp: int, dtype_bytes: int = 2) -> dic
         "kv_cache_bytes_per_token_per_rank_bf16": plan.kv_bytes_per_token("bfloat16", tp),
         "ranks": ranks,
     }
-
-
-def layout_problems(plan: ModelPlan, tp: int, pp: int) -> list[str]:
-    return parallelism_problems(plan, tp, pp)

@@ -241,10 +241,6 @@ def rank_tensors(plan: ModelPlan, tp: int, pp: int, rank: int) -> list[RankTenso
     return out
 
 
-def rank_numel(plan: ModelPlan, tp: int, pp: int, rank: int) -> int:
-    return sum(t.numel for t in rank_tensors(plan, tp, pp, rank))
-
-
 # ---- FP8 (per-tensor) companions ---------------------------------------------------------------
 # A quantized linear `<lin>.weight` carries two float32 [1] scales; a quantized KV cache adds one
 # per attention layer. Names as TensorRT-LLM's loader expects them (trtllm-checkpoint.md §5).

@@ -186,15 +186,6 @@ class HFCheckpoint:
         begin, end = header[name]["data_offsets"]
         return info.file, start + begin, end - begin
 
-    def iter_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """Every tensor, one at a time, grouped by file."""
-        by_file: dict[Path, list[str]] = {}
-        for name, info in self.tensors.items():
-            by_file.setdefault(info.file, []).append(name)
-        for names in by_file.values():
-            for name in names:
-                yield name, self.read(name)
-
 
 def _apply(tensor: torch.Tensor, rows: slice | None, cols: slice | None) -> torch.Tensor:
     if rows is not None:
