@@ -11,3 +11,12 @@ class ConfigError(UserError):
 
 class ParallelismError(UserError):
     """A tp/pp layout that the model's layers cannot be split into."""
+
+
+def os_error_message(err: OSError) -> str:
+    """One line for an operating-system error, naming the path(s) it concerns."""
+    reason = err.strerror or str(err) or type(err).__name__
+    paths = [str(p) for p in (err.filename, err.filename2) if p is not None]
+    if paths:
+        return f"{' -> '.join(paths)}: {reason}"
+    return f"{reason} ({type(err).__name__})"

@@ -15,6 +15,16 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from builder.arch.schema import (
+    AnyValue,
+    ArrayOf,
+    Boolean,
+    Integer,
+    Number,
+    Object,
+    String,
+    validate,
+)
 from builder.errors import ConfigError
 
 ACCEPTED_MODEL_TYPES = ("nemotron-nas", "deci")
@@ -29,6 +39,68 @@ _UNSUPPORTED_ATTENTION_KEYS = {
     "use_prefill_window_in_sink_attention": False,
 }
 _UNSUPPORTED_FFN_KEYS = {"sparsify": None}
+
+# The fields of config.json that builder reads, with their types and ranges. Other top-level
+# keys (HF bookkeeping such as auto_map, bos_token_id) are left alone; a `block_configs` entry
+# is closed: an unknown key there may be a new block kind whose math builder lacks.
+_ATTENTION_SCHEMA = Object(
+    {
+        "no_op": Boolean(),
+        "replace_with_linear": Boolean(),
+        "n_heads_in_group": Integer(minimum=1, nullable=True),
+        "sparsify": AnyValue(),
+        "num_sink_tokens": Integer(minimum=0, nullable=True),
+        "unshifted_sink": Boolean(nullable=True),
+        "use_prefill_window_in_sink_attention": Boolean(nullable=True),
+        "window_length": Integer(minimum=1, nullable=True),
+    },
+    closed=True,
+)
+_FFN_SCHEMA = Object(
+    {
+        "no_op": Boolean(),
+        "replace_with_linear": Boolean(),
+        "ffn_mult": Number(minimum=0, exclusive=True, nullable=True),
+        "sparsify": AnyValue(),
+    },
+    closed=True,
+)
+_ROPE_SCALING_SCHEMA = Object(
+    {
+        "rope_type": String(),
+        "type": String(),
+        "factor": Number(minimum=0, exclusive=True),
+        "low_freq_factor": Number(minimum=0, exclusive=True),
+        "high_freq_factor": Number(minimum=0, exclusive=True),
+        "original_max_position_embeddings": Integer(minimum=1),
+    },
+    nullable=True,
+)
+CONFIG_SCHEMA = Object(
+    {
+        "model_type": String(),
+        "architectures": ArrayOf(String()),
+        "hidden_size": Integer(minimum=1),
+        "num_attention_heads": Integer(minimum=1),
+        "num_hidden_layers": Integer(minimum=1),
+        "vocab_size": Integer(minimum=1),
+        "head_dim": Integer(minimum=1),
+        "rms_norm_eps": Number(minimum=0, exclusive=True),
+        "rope_theta": Number(minimum=0, exclusive=True),
+        "rope_scaling": _ROPE_SCALING_SCHEMA,
+        "max_position_embeddings": Integer(minimum=1),
+        "tie_word_embeddings": Boolean(),
+        "torch_dtype": String(),
+        "dtype": String(),
+        "block_configs": ArrayOf(
+            Object({"attention": _ATTENTION_SCHEMA, "ffn": _FFN_SCHEMA},
+                   required=frozenset({"attention", "ffn"}), closed=True)
+        ),
+    },
+    required=frozenset(
+        {"hidden_size", "num_attention_heads", "num_hidden_layers", "vocab_size", "block_configs"}
+    ),
+)
 
 DTYPE_BYTES = {
     "float32": 4,
@@ -211,12 +283,6 @@ class ModelPlan:
 
 
 # ---- parsing -------------------------------------------------------------------------
-def _require(config: Mapping[str, Any], key: str, source: str) -> Any:
-    if config.get(key) is None:
-        raise ConfigError(f"{source}: required field {key!r} is missing")
-    return config[key]
-
-
 def _refuse_unsupported(
     part: Mapping[str, Any], defaults: Mapping[str, Any], where: str
 ) -> None:
@@ -238,8 +304,8 @@ def _parse_attention(
         return AttentionKind.LINEAR, None
     _refuse_unsupported(part, _UNSUPPORTED_ATTENTION_KEYS, where)
     group = part.get("n_heads_in_group")
-    if not isinstance(group, int) or group <= 0:
-        raise ConfigError(f"{where}.n_heads_in_group = {group!r}: must be a positive integer")
+    if group is None:  # types and ranges were checked by CONFIG_SCHEMA; presence is per kind
+        raise ConfigError(f"{where}.n_heads_in_group: required for a GQA attention block, got null")
     if heads % group:
         raise ConfigError(
             f"{where}.n_heads_in_group = {group}: num_attention_heads = {heads} "
@@ -255,8 +321,8 @@ def _parse_ffn(part: Mapping[str, Any], hidden: int, where: str) -> tuple[FfnKin
         return FfnKind.LINEAR, None
     _refuse_unsupported(part, _UNSUPPORTED_FFN_KEYS, where)
     mult = part.get("ffn_mult")
-    if not isinstance(mult, int | float) or mult <= 0:
-        raise ConfigError(f"{where}.ffn_mult = {mult!r}: must be a positive number")
+    if mult is None:
+        raise ConfigError(f"{where}.ffn_mult: required for a gated-MLP block, got null")
     return FfnKind.MLP, intermediate_size(float(mult), hidden)
 
 
@@ -264,8 +330,6 @@ def _parse_layer(
     index: int, block: Any, heads: int, hidden: int, source: str
 ) -> LayerPlan:
     where = f"{source}: block_configs[{index}]"
-    if not isinstance(block, Mapping) or not {"attention", "ffn"} <= block.keys():
-        raise ConfigError(f"{where}: expected an object with 'attention' and 'ffn' entries")
     attention, kv_heads = _parse_attention(block["attention"], heads, f"{where}.attention")
     ffn, width = _parse_ffn(block["ffn"], hidden, f"{where}.ffn")
     return LayerPlan(index, attention, ffn, kv_heads, width)
@@ -285,21 +349,19 @@ def _check_identity(config: Mapping[str, Any], source: str) -> None:
         )
 
 
-def parse_config(config: Mapping[str, Any], source: str = "<config>") -> ModelPlan:
+def parse_config(config: Any, source: str = "<config>") -> ModelPlan:
     """Validate an HF nemotron-nas config dict and return its per-layer plan."""
+    validate(config, CONFIG_SCHEMA, source, ConfigError)
     _check_identity(config, source)
-    hidden = int(_require(config, "hidden_size", source))
-    heads = int(_require(config, "num_attention_heads", source))
-    num_layers = int(_require(config, "num_hidden_layers", source))
-    if "block_configs" not in config or config["block_configs"] is None:
-        raise ConfigError(f"{source}: required field 'block_configs' is missing")
+    hidden = config["hidden_size"]
+    heads = config["num_attention_heads"]
+    num_layers = config["num_hidden_layers"]
     blocks = config["block_configs"]
-    if not isinstance(blocks, list) or len(blocks) != num_layers:
-        got = len(blocks) if isinstance(blocks, list) else type(blocks).__name__
+    if len(blocks) != num_layers:
         raise ConfigError(
-            f"{source}: block_configs has {got} entries but num_hidden_layers is {num_layers}"
+            f"{source}: block_configs has {len(blocks)} entries but num_hidden_layers is {num_layers}"
         )
-    head_dim = int(config.get("head_dim") or hidden // heads)
+    head_dim = config.get("head_dim") or hidden // heads
     if head_dim * heads != hidden and not config.get("head_dim"):
         raise ConfigError(f"{source}: hidden_size {hidden} is not divisible by {heads} heads")
     layers = tuple(_parse_layer(i, b, heads, hidden, source) for i, b in enumerate(blocks))
@@ -308,17 +370,23 @@ def parse_config(config: Mapping[str, Any], source: str = "<config>") -> ModelPl
         hidden_size=hidden,
         num_attention_heads=heads,
         head_dim=head_dim,
-        vocab_size=int(_require(config, "vocab_size", source)),
+        vocab_size=config["vocab_size"],
         layers=layers,
-        rms_norm_eps=float(config.get("rms_norm_eps", 1e-5)),
-        rope_theta=float(config.get("rope_theta", 10000.0)),
+        rms_norm_eps=float(_default(config, "rms_norm_eps", 1e-5)),
+        rope_theta=float(_default(config, "rope_theta", 10000.0)),
         rope_scaling=MappingProxyType(dict(scaling)) if scaling else None,
-        max_position_embeddings=int(config.get("max_position_embeddings", 4096)),
-        tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+        max_position_embeddings=_default(config, "max_position_embeddings", 4096),
+        tie_word_embeddings=_default(config, "tie_word_embeddings", False),
         torch_dtype=str(config.get("torch_dtype") or config.get("dtype") or "bfloat16"),
         source=source,
         hf_config=MappingProxyType(dict(config)),
     )
+
+
+def _default(config: Mapping[str, Any], key: str, default: Any) -> Any:
+    """A field's value, or `default` when it is absent or null (validated by CONFIG_SCHEMA)."""
+    value = config.get(key)
+    return default if value is None else value
 
 
 def read_config(checkpoint_dir: str | Path) -> dict[str, Any]:

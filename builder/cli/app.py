@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from builder import __version__
-from builder.errors import UserError
+from builder.errors import UserError, os_error_message
 
 PIPELINE_HELP = """\
 builder: Llama-3.1-Nemotron-Ultra-253B (nemotron-nas / DeciLM) from its Hugging Face
@@ -26,13 +26,21 @@ Test models: `synth` writes seeded checkpoints with the real block patterns scal
 
 
 class BuilderGroup(click.Group):
-    """Turns UserError into one clear line on stderr and exit code 2, no traceback."""
+    """Turns UserError into one clear line on stderr and exit code 2, no traceback.
+
+    An OSError that reaches here (read-only filesystem, permission denied, disk full, a path
+    that vanished) is the environment's, not a bug: it too becomes one line naming the path.
+    Every other exception is a bug in builder and keeps its traceback.
+    """
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
         except UserError as err:
             click.secho(f"error: {err}", err=True, fg="red")
+            ctx.exit(2)
+        except OSError as err:
+            click.secho(f"error: {os_error_message(err)}", err=True, fg="red")
             ctx.exit(2)
 
 

@@ -62,7 +62,9 @@ def build(source: str, out: str, target: str, backend: str, dry_run: bool, verif
     from rich.console import Console
 
     from builder.build import build_engines, dry_run_build, load_profile, write_pytorch_serve
+    from builder.io.atomic import check_output_location
 
+    check_output_location(out, [source])
     profile = load_profile(target, collect_overrides(sets, direct))
     console = Console(stderr=True)
     if backend == "pytorch":

@@ -73,19 +73,24 @@ def parse_paths(paths: tuple[str, ...], preset: str | None) -> tuple[str | None,
 @click.option("--resume", is_flag=True, help="Keep rank files from an interrupted run that verify.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--no-finite-check", is_flag=True, help="Skip the NaN/Inf scan of every weight block.")
+@click.option("--allow-pickle", is_flag=True, help="Read pytorch_model*.bin weights if HF_DIR has no safetensors (torch.load, weights only). Refused by default: unpickling can run code.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON (no progress bars).")
-def convert(paths, tp, pp, dtype, workers, ranks, dry_run, preset, resume, overwrite, no_finite_check, as_json) -> None:
+def convert(paths, tp, pp, dtype, workers, ranks, dry_run, preset, resume, overwrite, no_finite_check, allow_pickle, as_json) -> None:
     src, out = parse_paths(paths, preset)
     if workers > 1 and not dry_run:
-        from builder.convert.workers import WorkerPool  # no torch: workers start importing first
+        # No torch in these two: the workers start importing it first. They hold OUT's stage
+        # lock with this process, so a resume cannot start while any of them lives.
+        from builder.convert.workers import WorkerPool
+        from builder.io.atomic import check_output_location, lock_stage
 
-        with WorkerPool(workers) as pool:
-            run_convert(src, out, tp, pp, dtype, workers, ranks, dry_run, preset, resume, overwrite, no_finite_check, as_json, pool)
+        check_output_location(out, [src])
+        with lock_stage(out, shared=ranks is not None) as lock, WorkerPool(workers, inherit=[lock.fd]) as pool:
+            run_convert(src, out, tp, pp, dtype, workers, ranks, dry_run, preset, resume, overwrite, no_finite_check, allow_pickle, as_json, pool)
     else:
-        run_convert(src, out, tp, pp, dtype, workers, ranks, dry_run, preset, resume, overwrite, no_finite_check, as_json, None)
+        run_convert(src, out, tp, pp, dtype, workers, ranks, dry_run, preset, resume, overwrite, no_finite_check, allow_pickle, as_json, None)
 
 
-def run_convert(src, out, tp, pp, dtype, workers, ranks, dry_run, preset, resume, overwrite, no_finite_check, as_json, pool) -> None:
+def run_convert(src, out, tp, pp, dtype, workers, ranks, dry_run, preset, resume, overwrite, no_finite_check, allow_pickle, as_json, pool) -> None:
     from builder.arch import preset_plan
     from builder.cli.common import echo_json
     from builder.convert import convert_checkpoint, write_dry_run
@@ -103,7 +108,7 @@ def run_convert(src, out, tp, pp, dtype, workers, ranks, dry_run, preset, resume
         summary = convert_checkpoint(
             src, out, tp, pp, dtype, workers=workers, ranks=ranks, resume=resume, dry_run=dry_run,
             overwrite=overwrite, check_finite=not no_finite_check,
-            progress=None if as_json else RichProgress(), pool=pool,
+            progress=None if as_json else RichProgress(), pool=pool, allow_pickle=allow_pickle,
         )
     if as_json:
         echo_json(summary.to_json())

@@ -65,9 +65,10 @@ Several GPUs: torchrun --nproc-per-node N $(which builder) quantize ... --device
 @click.option("--save-every", type=int, default=0, show_default=True, help="Save resume activations every N blocks (0: every block while they are under 256 MiB, else every 5 minutes).")
 @click.option("--workers", type=int, default=1, show_default=True, help="TensorRT-LLM ranks written in parallel.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--allow-pickle", is_flag=True, help="Read pytorch_model*.bin weights if HF_DIR has no safetensors (torch.load, weights only). Refused by default: unpickling can run code.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def quantize(hf_dir, out, tp, pp, kv_cache, calib, calib_size, calib_seq_len, formats, device, dtype,
-             batch_size, seed, resume, save_every, workers, overwrite, as_json) -> None:
+             batch_size, seed, resume, save_every, workers, overwrite, allow_pickle, as_json) -> None:
     from builder.cli.common import echo_json
     from builder.quantize.pipeline import quantize_checkpoint
     from builder.quantize.report import BlockBar, print_summary
@@ -80,7 +81,7 @@ def quantize(hf_dir, out, tp, pp, kv_cache, calib, calib_size, calib_seq_len, fo
             calib_size=calib_size, calib_seq_len=calib_seq_len, formats=formats,
             device=device, dtype=dtype, batch_size=batch_size, seed=seed, resume=resume,
             save_every=save_every, overwrite=overwrite, workers=workers, progress=say,
-            block_progress=bar.update,
+            block_progress=bar.update, allow_pickle=allow_pickle,
         )
     if summary.rank != 0:
         return  # torchrun: rank 0 reports for everyone

@@ -36,6 +36,7 @@ from typing import Any
 import torch
 
 from builder.arch.plan import ModelPlan, load_plan
+from builder.arch.schema import AnyValue, Integer, Number, Object, String, validate
 from builder.arch.tensors import check_parallelism, stage_layers
 from builder.convert.layout import RankLayout, RankTransform, rank_layout, torch_dtype
 from builder.convert.progress import NullProgress, ProgressSink
@@ -44,7 +45,15 @@ from builder.convert.sources import DEFAULT_BLOCK_BYTES, check_source, source_fi
 from builder.convert.trtllm_config import NO_QUANTIZATION, trtllm_config, write_trtllm_config
 from builder.convert.workers import WorkerPool, worker_progress
 from builder.errors import UserError
-from builder.io.atomic import atomic_dir, staging_path
+from builder.io.atomic import (
+    atomic_dir,
+    check_output_location,
+    check_replaceable,
+    clear_dir,
+    lock_stage,
+    replace_dir,
+    staging_path,
+)
 from builder.io.checkpoint import HFCheckpoint
 from builder.io.manifest import MANIFEST, file_entry, provenance, sha256_file, write_manifest
 from builder.io.safetensors_stream import DTYPE_CODES, encode_header
@@ -172,6 +181,7 @@ def write_dry_run(
     quantization: Mapping[str, Any] | None = None,
     transform: RankTransform | None = None,
     overwrite: bool = False,
+    inputs: Sequence[str | Path] = (),
 ) -> ConvertSummary:
     """Write OUT/manifest.json describing every rank file that would be produced; no weights."""
     started = time.perf_counter()
@@ -194,7 +204,7 @@ def write_dry_run(
         "ranks": ranks,
     }
     out = Path(out)
-    with atomic_dir(out, overwrite) as stage:
+    with atomic_dir(out, overwrite, inputs=inputs) as stage:
         write_manifest(stage, manifest)
     statuses = [
         RankStatus(r["rank"], r["tp_rank"], r["pp_rank"], "planned", r["tensors"], r["bytes"]) for r in ranks
@@ -217,11 +227,34 @@ def write_entry(stage: Path, result: RankResult, key: Mapping[str, Any], fingerp
     tmp.replace(path)
 
 
+# A rank's record; anything else (truncated, edited, another tool's file) means "redo the rank".
+ENTRY_SCHEMA = Object(
+    {
+        "rank": Integer(minimum=0),
+        "file": String(non_empty=True),
+        "size": Integer(minimum=0),
+        "sha256": String(non_empty=True),
+        "tensors": Integer(minimum=0),
+        "seconds": Number(minimum=0),
+        "layout": AnyValue(),
+        "source_fingerprint": String(),
+    },
+    required=frozenset({"rank", "file", "size", "sha256", "tensors", "layout", "source_fingerprint"}),
+)
+
+
 def read_entry(stage: Path, rank: int) -> dict[str, Any] | None:
+    """The record of `rank`, or None if there is none or it is unreadable or malformed (the
+    rank is then converted again: a record is only ever a shortcut)."""
+    path = entry_path(stage, rank)
     try:
-        return json.loads(entry_path(stage, rank).read_text())
-    except (OSError, json.JSONDecodeError):
+        entry = json.loads(path.read_text())
+        validate(entry, ENTRY_SCHEMA, str(path), UserError)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, UserError):
         return None
+    if entry["rank"] != rank or entry["file"] != rank_file_name(rank):
+        return None
+    return entry
 
 
 def entry_matches(entry: Mapping[str, Any] | None, stage: Path, key: Mapping[str, Any], fingerprint: str) -> bool:
@@ -250,6 +283,7 @@ class RankJob:
     block_bytes: int
     key: dict[str, Any]
     fingerprint: str
+    allow_pickle: bool = False
 
 
 def run_rank_job(job: RankJob, progress=None) -> RankResult:
@@ -258,7 +292,7 @@ def run_rank_job(job: RankJob, progress=None) -> RankResult:
     if progress is None:
         progress = worker_progress(job.rank)
 
-    ckpt, plan = HFCheckpoint(job.src), load_plan(job.src)
+    ckpt, plan = HFCheckpoint(job.src, allow_pickle=job.allow_pickle), load_plan(job.src)
     stage = Path(job.stage)
     tmp = stage / (rank_file_name(job.rank) + ".tmp")
     result = write_rank_file(
@@ -296,6 +330,7 @@ def convert_checkpoint(
     block_bytes: int = DEFAULT_BLOCK_BYTES,
     progress: ProgressSink | None = None,
     pool: WorkerPool | None = None,
+    allow_pickle: bool = False,
 ) -> ConvertSummary:
     """Convert the HF checkpoint `src` to a TensorRT-LLM checkpoint in `out` (tp x pp ranks).
 
@@ -303,19 +338,24 @@ def convert_checkpoint(
     `transform`/`quantization`: see `builder.convert.layout.RankTransform` (used by quantize).
     `pool`: worker processes started by the caller (`builder.convert.workers.WorkerPool`,
     importable without torch, so a CLI can start them first); by default `workers` > 1
-    starts one here.
+    starts one here. `allow_pickle`: read pytorch_model*.bin weights (torch.load with
+    weights_only=True) when there are no safetensors; refused by default.
     """
     started = time.perf_counter()
     if workers < 1:
         raise UserError(f"--workers must be at least 1 (got {workers})")
+    check_output_location(out, [src])
     with ExitStack() as stack:
-        if pool is None and workers > 1 and not dry_run:
-            # Worker processes start (and import torch) while this process validates the input.
-            pool = stack.enter_context(WorkerPool(workers))
+        if not dry_run:  # (a dry run locks inside atomic_dir)
+            # Exclusive for a full run; `--ranks` runs own disjoint ranks and may share it.
+            lock = stack.enter_context(lock_stage(out, shared=ranks is not None))
+            if pool is None and workers > 1:
+                # Workers start (and import torch) while this process validates the input.
+                pool = stack.enter_context(WorkerPool(workers, inherit=[lock.fd]))
         stack.enter_context(_torch_threads(1))
         return _convert(
             Path(src), Path(out), tp, pp, dtype, pool, ranks, resume, dry_run, overwrite, transform,
-            quantization, check_finite, block_bytes, progress, started,
+            quantization, check_finite, block_bytes, progress, started, allow_pickle,
         )
 
 
@@ -336,8 +376,9 @@ def _convert(
     block_bytes: int,
     progress: ProgressSink | None,
     started: float,
+    allow_pickle: bool,
 ) -> ConvertSummary:
-    ckpt = HFCheckpoint(src)
+    ckpt = HFCheckpoint(src, allow_pickle=allow_pickle)
     plan = load_plan(src)
     dtype = resolve_dtype(dtype, plan)
     check_parallelism(plan, tp, pp)
@@ -346,14 +387,13 @@ def _convert(
     if dry_run:
         return write_dry_run(
             plan, out, tp, pp, dtype, source=str(src), fingerprint=fingerprint,
-            quantization=quantization, transform=transform, overwrite=overwrite,
+            quantization=quantization, transform=transform, overwrite=overwrite, inputs=[src],
         )
     world = tp * pp
     selected = parse_ranks(ranks, world) if isinstance(ranks, str) or ranks is None else sorted(set(ranks))
     if any(not 0 <= r < world for r in selected):
         raise UserError(f"ranks {selected} are outside 0-{world - 1}")
-    if out.exists() and not overwrite:
-        raise UserError(f"{out}: already exists (pass --overwrite to replace it)")
+    check_replaceable(out, overwrite)
     key = layout_key(tp, pp, dtype, quantization, transform)
     layouts = {r: rank_layout(plan, tp, pp, r, torch_dtype(dtype), transform) for r in range(world)}
     stage = _prepare_stage(out, keep=resume or ranks is not None)
@@ -366,7 +406,10 @@ def _convert(
     _check_disk_space(stage, [layouts[r] for r in todo])
     sink = progress or NullProgress()
     jobs = [
-        RankJob(str(src), str(stage), tp, pp, r, dtype, transform, check_finite, block_bytes, key, fingerprint)
+        RankJob(
+            str(src), str(stage), tp, pp, r, dtype, transform, check_finite, block_bytes, key, fingerprint,
+            allow_pickle,
+        )
         for r in todo
     ]
     with sink:
@@ -418,10 +461,11 @@ def _torch_threads(count: int):
 
 
 def _prepare_stage(out: Path, keep: bool) -> Path:
-    stage = staging_path(out)
-    if stage.exists() and not keep:
-        shutil.rmtree(stage)
-    (stage / ENTRIES).mkdir(parents=True, exist_ok=True)
+    """The locked staging directory, emptied unless its ranks are to be kept."""
+    stage = staging_path(out)  # created and locked by convert_checkpoint
+    if not keep:
+        clear_dir(stage)
+    (stage / ENTRIES).mkdir(exist_ok=True)
     return stage
 
 
@@ -556,10 +600,8 @@ def _finalize(
     }
     write_manifest(stage, manifest)
     shutil.rmtree(stage / ENTRIES)
-    if out.exists():
-        shutil.rmtree(out)
     try:
-        os.replace(stage, out)
+        replace_dir(stage, out, overwrite=True)  # OUT was checked at the start of the run
     except OSError as err:
         raise UserError(f"{out}: cannot rename the finished staging directory {stage} ({err})") from None
     return out / MANIFEST

@@ -36,6 +36,10 @@ DEFAULT_BLOCK_BYTES = 64 << 20
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
+class UnrepresentableWeight(UserError):
+    """A finite source weight that the output dtype turns into Inf or zero."""
+
+
 class NonFiniteWeight(UserError):
     """A weight holding NaN or Inf."""
 
@@ -219,7 +223,7 @@ class SourceReader:
             else:
                 tensor = torch.frombuffer(bytearray(self._read(piece.source, location, 0, location[2])), dtype=info.dtype)
             self._check(piece.source, tensor.view(info.shape), 0)
-            yield tensor.view(info.shape).to(self.out_dtype)
+            yield self._cast(piece.source, tensor.view(info.shape), 0)
             return
         width = (piece.cols.stop - piece.cols.start) if piece.cols else info.shape[1]
         step = max(1, self.block_bytes // (width * max(_size(info.dtype), _size(self.out_dtype))))
@@ -238,7 +242,7 @@ class SourceReader:
             else:
                 block = self._columns(location, info, start, stop, piece.cols)
             self._check(piece.source, block, start, first_col)
-            yield block.to(self.out_dtype)
+            yield self._cast(piece.source, block, start, first_col)
 
     def _read(self, name: str, location: tuple[Path, int, int], begin: int, size: int) -> memoryview:
         """`size` bytes at `begin` of a tensor's data, into the reused buffer (os.preadv)."""
@@ -321,13 +325,66 @@ class SourceReader:
             return
         flat = block.reshape(-1)
         bad = int(torch.nonzero(~torch.isfinite(flat))[0])
-        if block.dim() == 1:
-            where = f"element {bad}"
-        else:
-            width = block.shape[1]
-            where = f"row {first_row + bad // width}, column {first_col + bad % width}"
+        where = _position(block, bad, first_row, first_col)
         info = self.ckpt.info(name)
         raise NonFiniteWeight(f"{info.file}: tensor {name!r} holds {flat[bad].item()} at {where}")
+
+    def _cast(self, name: str, block: torch.Tensor, first_row: int, first_col: int = 0) -> torch.Tensor:
+        """`block` in the output dtype; a finite value that becomes +-Inf, or a value that
+        becomes 0 and mattered, is an error naming the tensor, the position and the value.
+
+        "Mattered": larger than the rounding error the cast makes anyway on the block's
+        largest value (half an ulp of the target, relative). A weight of 2e-8 next to weights
+        of 0.02 loses less by flushing to zero in float16 than those lose by rounding (real
+        checkpoints hold millions of such values); a block whose values all flush is lost.
+        """
+        out = block.to(self.out_dtype)
+        if block.dtype == out.dtype or not narrows_range(block.dtype, out.dtype) or not out.numel():
+            return out
+        low, high = torch.aminmax(out)
+        overflow = None if torch.isfinite(low) and torch.isfinite(high) else (
+            ~torch.isfinite(out) & torch.isfinite(block)
+        )
+        if overflow is not None and overflow.any():
+            self._cast_error(name, block, overflow, first_row, first_col,
+                             f"overflows {dtype_name(out.dtype)} (largest {torch.finfo(out.dtype).max:g})")
+        scale = max(abs(float(low)), abs(float(high))) if overflow is None else 0.0
+        rounding = scale * torch.finfo(out.dtype).eps / 2
+        underflow = (out == 0) & (block.abs() > rounding)
+        if underflow.any():
+            smallest = torch.finfo(out.dtype).tiny * torch.finfo(out.dtype).eps
+            self._cast_error(name, block, underflow, first_row, first_col,
+                             f"becomes 0 in {dtype_name(out.dtype)} (smallest non-zero {smallest:g})")
+        return out
+
+    def _cast_error(self, name, block, mask, first_row, first_col, what) -> None:
+        bad = int(torch.nonzero(mask.reshape(-1))[0])
+        value = block.reshape(-1)[bad].item()
+        where = _position(block, bad, first_row, first_col)
+        info = self.ckpt.info(name)
+        raise UnrepresentableWeight(
+            f"{info.file}: tensor {name!r} holds {value:g} at {where}, which {what}; "
+            f"keep --dtype auto ({dtype_name(block.dtype)}) or fix the weight"
+        )
+
+
+def narrows_range(source: torch.dtype, target: torch.dtype) -> bool:
+    """True if some finite non-zero `source` value overflows or flushes to zero in `target`."""
+    if not (source.is_floating_point and target.is_floating_point):
+        return False
+    s, t = torch.finfo(source), torch.finfo(target)
+    return t.max < s.max or t.tiny * t.eps > s.tiny * s.eps
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _position(block: torch.Tensor, flat_index: int, first_row: int, first_col: int) -> str:
+    if block.dim() == 1:
+        return f"element {flat_index}"
+    width = block.shape[1]
+    return f"row {first_row + flat_index // width}, column {first_col + flat_index % width}"
 
 
 def _size(dtype: torch.dtype) -> int:

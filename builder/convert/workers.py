@@ -8,22 +8,81 @@ it imports torch itself, so the two imports run side by side on different cores.
 
 from __future__ import annotations
 
+import ctypes
 import multiprocessing
+import os
+import signal
+import sys
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
-from typing import Self
+from multiprocessing import reduction
+from typing import Any, Self
 
 from builder.convert.progress import NullProgress, ProgressSink
 from builder.errors import UserError
 
 PRELOAD = "builder.convert.pipeline"  # what every worker needs; imported once, in the server
 _QUEUE = None  # in a worker: where progress goes
+_INHERITED: list[int] = []  # in a worker: descriptors kept open for its lifetime (stage locks)
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+WATCH_SECONDS = 1.0
 
 
-def _init_worker(queue) -> None:
+class _SharedFd:
+    """A descriptor handed to a worker as the same open file (SCM_RIGHTS), so an flock taken
+    through it is held until the last process holding it exits."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+
+    def __reduce__(self):
+        return _identity, (reduction.DupFd(self.fd),)
+
+
+def _identity(value: Any) -> Any:
+    return value
+
+
+def die_with_parent(owner: int) -> None:
+    """In a worker: exit as soon as `owner` (the converting process) is gone.
+
+    Workers are forked by multiprocessing's fork server, so their parent is the server,
+    which itself exits when `owner` closes its end (kill -9 included). Linux delivers
+    SIGKILL on the parent's death (PR_SET_PDEATHSIG); a thread watching `owner`'s pid covers
+    a parent that died before the prctl call and systems without prctl.
+    """
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if not _alive(owner):
+        os._exit(1)
+    threading.Thread(target=_watch, args=(owner,), daemon=True, name="owner-watch").start()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _watch(owner: int) -> None:
+    parent = os.getppid()
+    while _alive(owner) and os.getppid() == parent:
+        time.sleep(WATCH_SECONDS)
+    os._exit(1)
+
+
+def _init_worker(queue, owner: int, inherited: Sequence[Any]) -> None:
     global _QUEUE
+    die_with_parent(owner)
     _QUEUE = queue
+    _INHERITED.extend(item.detach() for item in inherited)
     import torch
 
     torch.set_num_threads(1)  # ranks run in parallel; each is copy and hash bound
@@ -41,9 +100,14 @@ def worker_progress(rank: int) -> Callable[[int], None] | None:
 
 
 class WorkerPool:
-    """`workers` processes plus a thread forwarding their progress to `sink`."""
+    """`workers` processes plus a thread forwarding their progress to `sink`.
 
-    def __init__(self, workers: int):
+    `inherit`: descriptors every worker holds for its lifetime (the stage lock of
+    builder.io.atomic, so a resume cannot start while a worker of this run still lives).
+    Workers die with this process (see die_with_parent).
+    """
+
+    def __init__(self, workers: int, inherit: Sequence[int] = ()):
         ctx = multiprocessing.get_context("forkserver")
         ctx.set_forkserver_preload([PRELOAD])
         self.queue = ctx.Queue()
@@ -52,6 +116,7 @@ class WorkerPool:
         self._error: BaseException | None = None
         # Starting the server blocks until it has imported torch: do it beside the caller's
         # own imports and input validation, not before them.
+        self._inherit = [_SharedFd(fd) for fd in inherit]
         self._starting = threading.Thread(target=self._start, args=(ctx, workers), daemon=True)
         self._starting.start()
         self._drain = threading.Thread(target=self._forward, daemon=True)
@@ -60,7 +125,8 @@ class WorkerPool:
     def _start(self, ctx, workers: int) -> None:
         try:
             self._executor = ProcessPoolExecutor(
-                workers, mp_context=ctx, initializer=_init_worker, initargs=(self.queue,)
+                workers, mp_context=ctx, initializer=_init_worker,
+                initargs=(self.queue, os.getpid(), self._inherit),
             )
             for _ in range(workers):
                 self._executor.submit(_warm_up)  # start every worker now, not at the first job

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
+from builder.arch.schema import AnyValue, MapOf, Object, String, validate
 from builder.errors import UserError
 from builder.io.safetensors_stream import read_header
 
@@ -43,6 +44,13 @@ class CheckpointError(UserError):
     """A checkpoint file that is missing, unreadable or inconsistent."""
 
 
+# model.safetensors.index.json: tensor name -> shard file name (metadata is free-form).
+INDEX_SCHEMA = Object(
+    {"weight_map": MapOf(String(non_empty=True)), "metadata": AnyValue()},
+    required=frozenset({"weight_map"}),
+)
+
+
 @dataclass(frozen=True)
 class TensorInfo:
     name: str
@@ -51,22 +59,46 @@ class TensorInfo:
     dtype: torch.dtype
 
 
+HUB_REPO_PREFIX = "models--"  # huggingface_hub cache: models--ORG--NAME/{blobs,refs,snapshots}
+
+
+def allowed_root(root: Path) -> Path:
+    """The folder a checkpoint's files may resolve into.
+
+    Normally the checkpoint directory itself. A snapshot of the Hugging Face hub cache
+    (models--ORG--NAME/snapshots/REV/) holds only symlinks to ../../blobs/SHA, so for it the
+    repository folder models--ORG--NAME/ is the boundary: links into the repository's own
+    blobs are fine, links anywhere else are not.
+    """
+    real = root.resolve()
+    snapshots = real.parent
+    if snapshots.name == "snapshots" and snapshots.parent.name.startswith(HUB_REPO_PREFIX):
+        return snapshots.parent
+    return real
+
+
 def _inside(root: Path, relative: str, index_path: Path) -> Path:
+    """The weight file `relative` (as the index names it), refused if it leaves the checkpoint:
+    by name (absolute, '..'), or through links that resolve outside `allowed_root`."""
     path = (root / relative).resolve()
-    if Path(relative).is_absolute() or root.resolve() not in path.parents:
+    name = Path(relative)
+    escapes = name.is_absolute() or ".." in name.parts
+    if escapes or allowed_root(root) not in path.parents:
         raise CheckpointError(
             f"{index_path}: weight file {relative!r} lies outside the checkpoint directory"
+            + ("" if escapes else f" (it resolves to {path})")
         )
-    return path
+    return root / name  # as the user sees it (a hub snapshot's name, not the blob's hash)
 
 
 def _read_index(root: Path) -> dict[str, Path]:
     index_path = root / INDEX_NAME
     try:
         index = json.loads(index_path.read_text())
-        weight_map = index["weight_map"]
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as err:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise CheckpointError(f"{index_path}: unreadable safetensors index ({err})") from None
+    validate(index, INDEX_SCHEMA, str(index_path), CheckpointError)
+    weight_map = index["weight_map"]
     files = {rel: _inside(root, rel, index_path) for rel in set(weight_map.values())}
     missing = sorted(rel for rel, path in files.items() if not path.is_file())
     if missing:
@@ -97,7 +129,10 @@ class HFCheckpoint:
 
     # ---- opening --------------------------------------------------------------------------
     def _load_headers(self, weight_map: dict[str, Path] | None) -> None:
-        files = sorted(set(weight_map.values())) if weight_map else [self.root / SINGLE_NAME]
+        if weight_map is None:
+            files = [_inside(self.root, SINGLE_NAME, self.root / SINGLE_NAME)]
+        else:
+            files = sorted(set(weight_map.values()))
         for file in files:
             for name, shape, dtype in _header(file):
                 if weight_map is not None and weight_map.get(name) != file:
@@ -139,6 +174,11 @@ class HFCheckpoint:
                 self.tensors[name] = TensorInfo(name, file, tuple(tensor.shape), tensor.dtype)
 
     # ---- access ---------------------------------------------------------------------------
+    @property
+    def is_pickle(self) -> bool:
+        """True for a pickle checkpoint (opened because the caller allowed it)."""
+        return self._pickle is not None
+
     def __contains__(self, name: str) -> bool:
         return name in self.tensors
 

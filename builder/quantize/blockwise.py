@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 from builder.arch.plan import LayerPlan, ModelPlan
+from builder.arch.schema import AnyValue, Boolean, Integer, MapOf, Number, Object, validate
 from builder.errors import UserError
 from builder.io.checkpoint import CheckpointError, HFCheckpoint
 from builder.quantize import recipe
@@ -42,6 +43,15 @@ from builder.quantize.amax import AmaxError, AmaxTable, expected_keys, quantizer
 from builder.quantize.calib import batches
 
 STATE_VERSION = 1
+STATE_SCHEMA = Object(
+    {"version": Integer(), "fingerprint": AnyValue(), "next_layer": Integer(minimum=0), "complete": Boolean()},
+    required=frozenset({"version", "next_layer"}),
+)
+AMAX_SCHEMA = MapOf(Number(minimum=0))
+
+
+class ResumeStateError(UserError):
+    """Saved calibration state that cannot be read back (truncated, edited, wrong types)."""
 EMBEDDING = "model.embed_tokens.weight"
 LOAD_CHUNK_BYTES = 256 << 20
 FULL_GC_BYTES = 16 << 20
@@ -322,34 +332,62 @@ class CalibState:
         _write_json(self.state_file, state)
 
     def restore(self, plan: ModelPlan) -> tuple[int, dict[str, float], list[torch.Tensor]] | None:
-        """(next layer, amax of the blocks before it, this rank's activations) or None."""
-        try:
-            state = json.loads(self.state_file.read_text())
-        except (OSError, json.JSONDecodeError):
+        """(next layer, amax of the blocks before it, this rank's activations) or None.
+
+        None when there is nothing to resume or it belongs to another run (fingerprint);
+        state of this run that cannot be read back is an error naming the file, because
+        starting over silently could throw away hours of calibration.
+        """
+        if not self.state_file.is_file():
             return None
+        state = self._read_json(self.state_file, STATE_SCHEMA)
         if state.get("version") != STATE_VERSION or state.get("fingerprint") != self.fingerprint:
             return None
-        next_layer = int(state["next_layer"])
+        next_layer = min(state["next_layer"], plan.num_layers)
         if state.get("complete"):  # calibration finished; only the exports were lost
-            try:
-                return plan.num_layers, json.loads(self.complete_file.read_text()), []
-            except (OSError, json.JSONDecodeError):
-                return None
-        if next_layer == 0 or not self.inputs_file().is_file():
+            return plan.num_layers, self._read_json(self.complete_file, AMAX_SCHEMA), []
+        if next_layer == 0:
             return None
         values: dict[str, float] = {}
         for layer in plan.layers[:next_layer]:
-            if layer.is_empty:
-                continue
-            try:
-                values.update(json.loads(self.amax_file(layer.index).read_text()))
-            except (OSError, json.JSONDecodeError):
-                return None
+            if not layer.is_empty:
+                values.update(self._read_json(self.amax_file(layer.index), AMAX_SCHEMA))
+        return next_layer, values, self._read_inputs()
+
+    def _broken(self, path: Path, why: str) -> ResumeStateError:
+        return ResumeStateError(
+            f"{path}: saved calibration state is unusable ({why}); run again without --resume "
+            f"to calibrate from the start (or remove {self.dir})"
+        )
+
+    def _read_json(self, path: Path, schema: Any) -> Any:
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise self._broken(path, "missing") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise self._broken(path, f"unreadable: {err}") from None
+        try:
+            validate(data, schema, str(path), UserError)
+        except UserError as err:
+            raise self._broken(path, str(err).removeprefix(f"{path}: ")) from None
+        return data
+
+    def _read_inputs(self) -> list[torch.Tensor]:
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        saved = load_file(str(self.inputs_file()))
-        hidden = [saved[f"batch.{b}"] for b in range(len(saved))]
-        return next_layer, values, hidden
+        path = self.inputs_file()
+        try:
+            saved = load_file(str(path))
+        except FileNotFoundError:
+            raise self._broken(path, "missing") from None
+        except (SafetensorError, OSError) as err:
+            raise self._broken(path, f"unreadable safetensors file: {err}") from None
+        names = [f"batch.{b}" for b in range(len(saved))]
+        if sorted(saved) != sorted(names):
+            raise self._broken(path, f"expected tensors batch.0..batch.{len(saved) - 1}")
+        return [saved[name] for name in names]
 
     @property
     def complete_file(self) -> Path:

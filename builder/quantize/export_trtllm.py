@@ -123,6 +123,7 @@ def write_trtllm_fp8(
     dtype: str = "bfloat16",
     workers: int = 1,
     progress: ProgressSink | None = None,
+    allow_pickle: bool = False,
 ) -> ConvertSummary:
     """Write the FP8 TensorRT-LLM checkpoint of `src` into `out` (convert's atomic protocol)."""
     return convert_checkpoint(
@@ -135,4 +136,5 @@ def write_trtllm_fp8(
         transform=Fp8Transform(table),
         quantization=trtllm_quantization(table.kv_cache),
         progress=progress,
+        allow_pickle=allow_pickle,
     )

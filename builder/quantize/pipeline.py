@@ -20,6 +20,7 @@ import resource
 import shutil
 import time
 from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,7 @@ import torch
 from builder.arch.plan import LayerPlan, ModelPlan, load_plan
 from builder.arch.tensors import check_parallelism
 from builder.errors import UserError
-from builder.io.atomic import atomic_dir
+from builder.io.atomic import atomic_dir, check_output_location, check_replaceable, lock_stage
 from builder.io.checkpoint import HFCheckpoint
 from builder.io.manifest import MANIFEST, file_entry, provenance, read_manifest, write_manifest
 from builder.quantize.amax import AmaxTable
@@ -173,6 +174,7 @@ def quantize_checkpoint(
     workers: int = 1,
     progress: Callable[[str], None] | None = None,
     block_progress: Callable[[int, int, LayerPlan | None], None] | None = None,
+    allow_pickle: bool = False,
 ) -> QuantizeSummary:
     """Calibrate `src` with ModelOpt (FP8 weights/activations, optional FP8 KV) and export.
 
@@ -187,12 +189,28 @@ def quantize_checkpoint(
         raise UserError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {device}: CUDA is not available on this machine")
+    check_output_location(out, [src])
+    check_output_location(state_dir_for(out), [src])
     device = init_distributed(device)
     rank, world = dist_info()
-    ckpt, plan, _config = open_source(src)
+    ckpt, plan, _config = open_source(src, allow_pickle)
     check_parallelism(plan, tp, pp)
-    if out.exists() and not overwrite:
-        raise UserError(f"{out}: already exists (pass --overwrite to replace it)")
+    check_replaceable(out, overwrite)
+    with ExitStack() as stack:
+        if rank == 0:  # one run per OUT: it owns .OUT.partial and .OUT.calib
+            stack.enter_context(lock_stage(out))
+        return _quantize(
+            src, out, ckpt, plan, rank, world, tp, pp, kv_cache, calib, calib_size, calib_seq_len,
+            formats, device, dtype, batch_size, seed, resume, save_every, overwrite, workers, say,
+            block_progress, started, allow_pickle,
+        )
+
+
+def _quantize(
+    src, out, ckpt, plan, rank, world, tp, pp, kv_cache, calib, calib_size, calib_seq_len, formats,
+    device, dtype, batch_size, seed, resume, save_every, overwrite, workers, say, block_progress,
+    started, allow_pickle,
+) -> QuantizeSummary:
 
     say(f"calibration data: {calib}, {calib_size} x {calib_seq_len} tokens")
     data = build_calibration_set(calib, load_tokenizer(src), calib_size, calib_seq_len, seed)
@@ -235,11 +253,11 @@ def quantize_checkpoint(
     return summary
 
 
-def open_source(src: Path) -> tuple[HFCheckpoint, ModelPlan, dict[str, Any]]:
+def open_source(src: Path, allow_pickle: bool = False) -> tuple[HFCheckpoint, ModelPlan, dict[str, Any]]:
     from builder.arch.plan import read_config
     from builder.convert.sources import check_source
 
-    ckpt = HFCheckpoint(src)
+    ckpt = HFCheckpoint(src, allow_pickle=allow_pickle)
     config = read_config(src)
     refuse_quantized(ckpt, config)
     plan = load_plan(src)
@@ -281,14 +299,14 @@ def export_all(
     table = result.table
     fields = calibration_fields(table, data)
     paths = {}
-    with atomic_dir(out, overwrite) as stage:
+    with atomic_dir(out, overwrite, inputs=[src]) as stage:
         table.save(stage / "amax.json")
         if "trtllm" in formats:
             from builder.quantize.export_trtllm import write_trtllm_fp8
 
             say(f"writing FP8 TensorRT-LLM checkpoint (tp={tp}, pp={pp})")
             t0 = time.perf_counter()
-            write_trtllm_fp8(src, stage / "trtllm", table, tp, pp, dtype, workers)
+            write_trtllm_fp8(src, stage / "trtllm", table, tp, pp, dtype, workers, allow_pickle=ckpt.is_pickle)
             add_to_manifest(stage / "trtllm", fields)
             seconds["export_trtllm"] = round(time.perf_counter() - t0, 3)
             paths["trtllm"] = str(out / "trtllm")

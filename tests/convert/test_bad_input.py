@@ -229,3 +229,282 @@ def test_failure_in_a_worker_process_keeps_finished_ranks(tmp_path, mixed_copy):
     assert sorted(p.name for p in (tmp_path / ".out.partial").glob("rank*.safetensors")) == [
         "rank0.safetensors", "rank1.safetensors",
     ]
+
+
+# ---- hardening: every bad input is one `error:` line, exit 2, and the source is untouched ----
+def one_error_line(result) -> str:
+    """The single `error:` line on stderr of a failed run (exit 2, no traceback); progress
+    lines may precede it."""
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output, result.output
+    lines = [line.strip() for line in result.stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert len(errors) == 1 and lines[-1] == errors[0], result.stderr
+    return errors[0]
+
+
+def tree_hash(root: Path) -> dict[str, str]:
+    """sha256 of every file under `root` by relative path (links followed): equal before
+    and after means nothing was modified, added or deleted."""
+    import hashlib
+
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+def edit_json(path: Path, change) -> None:
+    data = json.loads(path.read_text())
+    change(data)
+    path.write_text(json.dumps(data))
+
+
+def _block(index: int, part: str | None, **fields):
+    """Set `fields` in block_configs[index] (part None) or in its attention/ffn entry."""
+
+    def change(config):
+        block = config["block_configs"][index]
+        (block if part is None else block[part]).update(fields)
+
+    return change
+
+
+BAD_CONFIGS = {
+    "not an object": (lambda c: None, "config.json: expected an object, got an array of 1"),
+    "numeric field as a string": (
+        lambda c: c.update(hidden_size="256"), 'config.json: hidden_size: expected integer >= 1, got "256"',
+    ),
+    "zero attention heads": (
+        lambda c: c.update(num_attention_heads=0), "config.json: num_attention_heads: expected integer >= 1, got 0",
+    ),
+    "rope_scaling of the wrong type": (
+        lambda c: c.update(rope_scaling=[8.0]), "config.json: rope_scaling: expected an object, got an array of 1",
+    ),
+    "attention entry as a string": (
+        _block(3, None, attention="no_op"), 'config.json: block_configs[3].attention: expected an object, got "no_op"',
+    ),
+    "ffn entry as a string": (
+        _block(2, None, ffn="linear"), 'config.json: block_configs[2].ffn: expected an object, got "linear"',
+    ),
+    "n_heads_in_group as a string": (
+        _block(0, "attention", n_heads_in_group="8"),
+        'config.json: block_configs[0].attention.n_heads_in_group: expected integer >= 1, got "8"',
+    ),
+    "unknown key in a block_configs entry": (
+        _block(4, None, kind="mamba"), "config.json: block_configs[4].kind: unknown field",
+    ),
+    "unknown key inside an attention entry": (
+        _block(4, "attention", kind="mamba"), "config.json: block_configs[4].attention.kind: unknown field",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CONFIGS))
+def test_bad_config_is_one_error_line_naming_the_field(tmp_path, mixed_copy, case):
+    change, message = BAD_CONFIGS[case]
+    if case == "not an object":
+        (mixed_copy / "config.json").write_text(json.dumps([json.loads((mixed_copy / "config.json").read_text())]))
+    else:
+        edit_json(mixed_copy / "config.json", change)
+    before = tree_hash(mixed_copy)
+    out = tmp_path / "out"
+    line = one_error_line(run_convert(mixed_copy, out, "--tp", "2"))
+    assert message in line and str(mixed_copy / "config.json") in line
+    assert_failed_cleanly(run_convert(mixed_copy, out, "--tp", "2"), out)
+    assert not (tmp_path / ".out.partial").exists()
+    assert tree_hash(mixed_copy) == before
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda i: i.update(weight_map=["model-00001.safetensors"]), "weight_map: expected an object, got an array"),
+        (lambda i: i["weight_map"].update({"model.norm.weight": 3}), 'weight_map["model.norm.weight"]: expected non-empty string, got 3'),
+        (lambda i: i.pop("weight_map"), "required field 'weight_map' is missing"),
+    ],
+    ids=["weight_map not an object", "non-string value", "weight_map missing"],
+)
+def test_bad_index_is_one_error_line_naming_the_field(tmp_path, mixed_copy, change, message):
+    edit_json(mixed_copy / INDEX_NAME, change)
+    out = tmp_path / "out"
+    line = one_error_line(run_convert(mixed_copy, out, "--tp", "2"))
+    assert str(mixed_copy / INDEX_NAME) in line and message in line
+    assert not out.exists() and not (tmp_path / ".out.partial").exists()
+
+
+# ---- where OUT may be ------------------------------------------------------------------------
+@pytest.mark.parametrize("where", ["the source", "the source's parent", "inside the source"])
+@pytest.mark.parametrize("dry_run", [False, True], ids=["convert", "dry-run"])
+def test_output_over_the_input_is_refused_and_the_source_kept(tmp_path, mixed_copy, where, dry_run):
+    out = {"the source": mixed_copy, "the source's parent": tmp_path, "inside the source": mixed_copy / "trt"}[where]
+    before = tree_hash(tmp_path)
+    extra = ["--dry-run"] if dry_run else []
+    line = one_error_line(run_convert(mixed_copy, out, "--tp", "2", "--overwrite", *extra))
+    relation = {"the source": "is the input", "the source's parent": "contains the input",
+                "inside the source": "lies inside the input"}[where]
+    assert f"the output {relation} {mixed_copy}" in line
+    assert tree_hash(tmp_path) == before  # nothing written, nothing deleted
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+def test_output_that_is_a_regular_file_is_not_replaced(tmp_path, mixed_ckpt):
+    out = tmp_path / "out"
+    out.write_text("my notes")
+    line = one_error_line(run_convert(mixed_ckpt, out, "--tp", "2", "--overwrite"))
+    assert f"{out}: is a file, not a directory" in line
+    assert out.read_text() == "my notes" and not (tmp_path / ".out.partial").exists()
+
+
+@pytest.fixture
+def read_only_dir(tmp_path, monkeypatch):
+    """A directory on which creating anything fails with EROFS, as on a read-only mount.
+
+    Permission bits do not stop root, so creation is refused at os.mkdir (the first thing
+    a run creates is its staging directory); the mode is set too for non-root runs.
+    """
+    import os
+
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    real_mkdir = os.mkdir
+
+    def mkdir(path, *args, **kwargs):
+        if Path(path).absolute().is_relative_to(ro):
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return real_mkdir(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "mkdir", mkdir)
+    ro.chmod(0o555)
+    yield ro
+    ro.chmod(0o755)
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_output_on_a_read_only_filesystem(read_only_dir, mixed_ckpt, workers):
+    out = read_only_dir / "out"
+    line = one_error_line(run_convert(mixed_ckpt, out, "--tp", "2", "--workers", workers))
+    assert line == f"error: {read_only_dir / '.out.partial'}: Read-only file system"
+    assert not list(read_only_dir.iterdir())
+
+
+# ---- resume records and casts -------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "record",
+    [
+        '{"rank": 0, "file": "rank0.safetensors", "size": "big"',
+        "[1, 2, 3]",
+        json.dumps({"rank": 0, "file": "rank0.safetensors", "size": "9", "sha256": "x", "tensors": 1,
+                    "layout": {}, "source_fingerprint": "x"}),
+        json.dumps({"rank": 0, "file": "../../elsewhere", "size": 1, "sha256": "x", "tensors": 1,
+                    "layout": {}, "source_fingerprint": "x"}),
+    ],
+    ids=["truncated", "not an object", "size as a string", "file outside the stage"],
+)
+def test_corrupted_resume_record_redoes_the_rank(tmp_path, mixed_ckpt, record):
+    """A record is only a shortcut: one that cannot be read or does not fit is ignored and
+    its rank converted again; the result equals a fresh conversion byte for byte."""
+    fresh = tmp_path / "fresh"
+    assert run_convert(mixed_ckpt, fresh, "--tp", "2").exit_code == 0
+    out = tmp_path / "out"
+    assert run_convert(mixed_ckpt, out, "--tp", "2", "--ranks", "0").exit_code == 0  # rank 1 left
+    (tmp_path / ".out.partial" / "ranks" / "rank0.json").write_text(record)
+    result = run_convert(mixed_ckpt, out, "--tp", "2", "--resume", "--json")
+    assert result.exit_code == 0, result.output
+    assert [r["status"] for r in json.loads(result.stdout)["ranks"]] == ["written", "written"]
+    assert tree_hash(out) == tree_hash(fresh) | {"manifest.json": tree_hash(out)["manifest.json"]}
+
+
+def _set_value(tensor: torch.Tensor, value: float) -> torch.Tensor:
+    tensor[3, 5] = value
+    return tensor
+
+
+def _tiny_tensor(tensor: torch.Tensor, value: float) -> torch.Tensor:
+    """A tensor of 1e-7 (a float16 subnormal) holding one value that flushes to zero."""
+    tensor.fill_(1e-7)
+    tensor[3, 5] = value
+    return tensor
+
+
+@pytest.mark.parametrize(
+    ("edit", "value", "message"),
+    [(_set_value, 99840.0, "holds 99840 at row 3, column 5, which overflows float16 (largest 65504)"),
+     (_tiny_tensor, 2.5e-8, "at row 3, column 5, which becomes 0 in float16 (smallest non-zero 5.96046e-08)")],
+    ids=["overflow", "underflow"],
+)
+def test_cast_that_changes_a_weight_is_an_error(tmp_path, mixed_copy, edit, value, message):
+    """Overflow to Inf is always an error. Flushing to zero is one when the lost value is
+    larger than the rounding error the cast makes anyway on that block's largest values:
+    a lone 2e-8 among weights of 0.02 (every real checkpoint has some) is rounding, a tensor
+    whose values all flush to zero is destroyed."""
+
+    def change(tensors):
+        edit(tensors["model.layers.0.mlp.down_proj.weight"], value)
+
+    rewrite_shard(mixed_copy, change)
+    out = tmp_path / "out"
+    line = one_error_line(run_convert(mixed_copy, out, "--tp", "2", "--dtype", "float16"))
+    assert "'model.layers.0.mlp.down_proj.weight'" in line and message in line
+    assert not out.exists()
+    assert run_convert(mixed_copy, out, "--tp", "2", "--dtype", "float32").exit_code == 0  # widening is exact
+
+
+# ---- layouts ---------------------------------------------------------------------------------
+def hub_cache_copy(src: Path, cache: Path, link_outside: Path | None = None) -> Path:
+    """`src` laid out as huggingface_hub caches it: models--ORG--NAME/snapshots/REV/* are
+    relative symlinks to ../../blobs/SHA256. `link_outside`: one shard instead links there."""
+    import hashlib
+
+    repo = cache / "models--nvidia--mixed"
+    snapshot = repo / "snapshots" / "0123abcd"
+    (repo / "blobs").mkdir(parents=True)
+    snapshot.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123abcd")
+    for file in sorted(src.iterdir()):
+        data = file.read_bytes()
+        blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.write_bytes(data)
+        (snapshot / file.name).symlink_to(Path("../../blobs") / blob.name)
+    if link_outside is not None:
+        (snapshot / shard(src).name).unlink()
+        (snapshot / shard(src).name).symlink_to(link_outside)
+    return snapshot
+
+
+def test_hub_cache_layout_is_accepted(tmp_path, mixed_ckpt):
+    snapshot = hub_cache_copy(mixed_ckpt, tmp_path / "hub")
+    out, plain = tmp_path / "out", tmp_path / "plain"
+    result = run_convert(snapshot, out, "--tp", "2")
+    assert result.exit_code == 0, result.output
+    assert run_convert(mixed_ckpt, plain, "--tp", "2").exit_code == 0
+    assert (out / "rank1.safetensors").read_bytes() == (plain / "rank1.safetensors").read_bytes()
+
+
+def test_hub_cache_link_leaving_the_repository_is_refused(tmp_path, mixed_ckpt):
+    outside = tmp_path / "elsewhere.safetensors"
+    shutil.copy(shard(mixed_ckpt), outside)
+    snapshot = hub_cache_copy(mixed_ckpt, tmp_path / "hub", link_outside=outside)
+    out = tmp_path / "out"
+    line = one_error_line(run_convert(snapshot, out, "--tp", "2"))
+    assert "lies outside the checkpoint directory" in line and str(outside) in line
+
+
+def test_pickle_refusal_names_a_flag_that_exists(tmp_path, mixed_ckpt):
+    """The refusal says --allow-pickle; convert has it, and with it reads the same weights."""
+    src = tmp_path / "pickled"
+    src.mkdir()
+    shutil.copy(mixed_ckpt / "config.json", src / "config.json")
+    tensors = {}
+    for file in sorted(mixed_ckpt.glob("*.safetensors")):
+        tensors.update(load_file(file))
+    torch.save(tensors, src / "pytorch_model.bin")
+    out, plain = tmp_path / "out", tmp_path / "plain"
+    line = one_error_line(run_convert(src, out, "--tp", "2"))
+    assert "pytorch_model.bin" in line and "--allow-pickle" in line
+    result = run_convert(src, out, "--tp", "2", "--allow-pickle", "--workers", "2")
+    assert result.exit_code == 0, result.output
+    assert run_convert(mixed_ckpt, plain, "--tp", "2").exit_code == 0
+    assert (out / "rank0.safetensors").read_bytes() == (plain / "rank0.safetensors").read_bytes()
