@@ -119,3 +119,84 @@ def test_nan_weight_names_the_tensor(tmp_path, mixed_ckpt):
     assert result.exit_code == 2
     assert "model.layers.2.self_attn.linear_attn.weight" in result.output and "NaN" in result.output
     assert_nothing_written(out)
+
+
+# ---- hardening: one `error:` line, exit 2, the source untouched --------------------------------
+def one_error_line(result) -> str:
+    """The single `error:` line on stderr (progress lines may precede it), exit 2."""
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output, result.output
+    lines = [line.strip() for line in result.stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert len(errors) == 1 and lines[-1] == errors[0], result.stderr
+    return errors[0]
+
+
+def tree_hash(root: Path) -> dict[str, str]:
+    import hashlib
+
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("where", ["the source", "the source's parent", "inside the source"])
+def test_output_over_the_input_is_refused_and_the_source_kept(tmp_path, mixed_ckpt, where):
+    src = Path(shutil.copytree(mixed_ckpt, tmp_path / "src"))
+    out = {"the source": src, "the source's parent": tmp_path, "inside the source": src / "fp8"}[where]
+    before = tree_hash(tmp_path)
+    line = one_error_line(run_cli(str(src), str(out), "--overwrite", *SMALL))
+    assert f"{out}: the output" in line and f"the input {src}" in line
+    assert tree_hash(tmp_path) == before and sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+def test_output_on_a_read_only_filesystem(tmp_path, mixed_ckpt, monkeypatch):
+    """Permission bits do not stop root: creating under `ro` fails at os.mkdir with EROFS,
+    as on a read-only mount (the staging directory is the first thing a run creates)."""
+    import errno
+    import os
+
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    real_mkdir = os.mkdir
+
+    def mkdir(path, *args, **kwargs):
+        if Path(path).absolute().is_relative_to(ro):
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return real_mkdir(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "mkdir", mkdir)
+    line = one_error_line(run_cli(str(mixed_ckpt), str(ro / "out"), *SMALL))
+    assert line == f"error: {ro / '.out.partial'}: Read-only file system"
+    assert not list(ro.iterdir())
+
+
+class Crash(Exception):
+    """Stands for kill -9 in the middle of calibration."""
+
+
+def test_truncated_activation_cache_on_resume(tmp_path, mixed_ckpt, monkeypatch):
+    real = blockwise.calibrate_block
+    calls = {"n": 0}
+
+    def crash_after_three(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > 3:
+            raise Crash
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(blockwise, "calibrate_block", crash_after_three)
+    out = tmp_path / "out"
+    result = run_cli(str(mixed_ckpt), str(out), "--format", "hf", "--save-every", "1", *SMALL)
+    assert isinstance(result.exception, Crash)  # a bug, not bad input: not turned into an error line
+    cache = tmp_path / ".out.calib" / "inputs-rank0.safetensors"
+    assert cache.is_file()
+    monkeypatch.setattr(blockwise, "calibrate_block", real)
+    cache.write_bytes(cache.read_bytes()[: cache.stat().st_size // 2])
+    line = one_error_line(run_cli(str(mixed_ckpt), str(out), "--format", "hf", "--resume", *SMALL))
+    assert f"error: {cache}: saved calibration state is unusable (unreadable safetensors file" in line
+    assert "without --resume" in line
+    assert_nothing_written(out)
+    state = tmp_path / ".out.calib" / "state.json"
+    state.write_text('{"version": 1, "next_layer": "four"}')
+    line = one_error_line(run_cli(str(mixed_ckpt), str(out), "--format", "hf", "--resume", *SMALL))
+    assert f"{state}: saved calibration state is unusable (next_layer: expected integer >= 0" in line
