@@ -39,6 +39,15 @@ command with --resume: it verifies them, converts whatever is missing, and final
 `builder check .OUT.partial` shows which ranks are still missing.
 
 \b
+Safety: OUT may not be, contain or lie inside HF_DIR (refused even with --overwrite), and
+--overwrite replaces only a directory. One run per OUT: .OUT.partial/ is locked (flock)
+while a run and its workers live; a second run is refused naming the process that holds
+it. Workers die with the command (kill -9 included). A --dtype cast that turns a finite
+weight into Inf, or flushes to zero a value larger than the cast's own rounding error, is
+an error naming the tensor and the value. Pickle weights are read only with --allow-pickle.
+HF hub cache snapshots (symlinks into the repository's blobs/) are accepted.
+
+\b
 --dry-run reads headers only (or nothing, with --preset NAME instead of HF_DIR) and writes
 OUT/manifest.json listing every rank's tensor names, shapes, dtypes and bytes:
   builder convert --preset ultra-253b --tp 8 --dry-run ultra-tp8-plan

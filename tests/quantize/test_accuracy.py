@@ -38,7 +38,10 @@ def test_smollm2_fp8_accuracy_within_thresholds(tmp_path, smollm2_ckpt, capsys):
     assert report.passed, report.failures
     for row in report.rows:
         assert 0 < row.kl and row.top1 < 1  # FP8 changed something: the comparison is live
-    assert 5 < report.reference_perplexity < 40  # a trained model, not noise (vocab 49152)
+    # A trained model, not noise: a model that knows nothing scores the vocabulary size
+    # (49152); SmolLM2-135M's published held-out Wikipedia perplexity is in the tens at most,
+    # and below 5 would mean the held-out text leaked into what it was trained or tested on.
+    assert 5 < report.reference_perplexity < 40
 
 
 def test_threshold_checks_name_the_metric():

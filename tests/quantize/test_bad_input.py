@@ -200,3 +200,35 @@ def test_truncated_activation_cache_on_resume(tmp_path, mixed_ckpt, monkeypatch)
     state.write_text('{"version": 1, "next_layer": "four"}')
     line = one_error_line(run_cli(str(mixed_ckpt), str(out), "--format", "hf", "--resume", *SMALL))
     assert f"{state}: saved calibration state is unusable (next_layer: expected integer >= 0" in line
+
+
+def test_output_that_is_a_regular_file_is_not_replaced(tmp_path, mixed_ckpt):
+    out = tmp_path / "out"
+    out.write_text("my notes")
+    line = one_error_line(run_cli(str(mixed_ckpt), str(out), "--overwrite", *SMALL))
+    assert f"{out}: is a file, not a directory" in line and out.read_text() == "my notes"
+
+
+def test_a_second_run_on_the_same_out_is_refused(tmp_path, mixed_ckpt, monkeypatch):
+    """Another process holds OUT's stage lock (a running quantize or convert): refused,
+    naming it, before any calibration; its staging directory is left alone."""
+    import os
+    import subprocess
+    import sys
+
+    from builder.io import atomic
+
+    monkeypatch.setattr(atomic, "LOCK_WAIT_SECONDS", 0.3)
+    out = tmp_path / "out"
+    holder = "import sys, time\nfrom builder.io.atomic import lock_stage\nwith lock_stage(sys.argv[1]):\n" \
+             "    print('locked', flush=True)\n    time.sleep(60)\n"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    other = subprocess.Popen([sys.executable, "-c", holder, str(out)], env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        assert other.stdout.readline() == "locked\n"
+        line = one_error_line(run_cli(str(mixed_ckpt), str(out), *SMALL))
+        assert f"another run is writing this output (pid {other.pid}:" in line
+        assert (tmp_path / ".out.partial").is_dir()  # the other run's, untouched
+    finally:
+        other.kill()
+        other.wait(30)

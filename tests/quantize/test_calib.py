@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -33,7 +34,12 @@ def test_heldout_articles_never_calibrate():
     calibration = {s.source for s in calib.wiki_samples()}
     heldout = {s.source for s in calib.wiki_samples(heldout=True)}
     assert calibration and heldout and not calibration & heldout
-    assert 0.08 < len(heldout) / (len(heldout) + len(calibration)) < 0.17
+    # sha256's first byte is uniform: each article is held out with p = HELDOUT_EIGHTHS / 8,
+    # so the fraction lies within 5 binomial standard deviations of p (a bound, not a
+    # measurement; the article list is fixed, so the test is deterministic).
+    total = len(heldout) + len(calibration)
+    p = calib.HELDOUT_EIGHTHS / 8
+    assert abs(len(heldout) / total - p) < 5 * math.sqrt(p * (1 - p) / total)
     text = calib.heldout_text()
     assert all(s.text not in text for s in calib.wiki_samples()[:200])
 
