@@ -16,6 +16,10 @@ from builder.io.manifest import read_manifest, verify_files
 from builder.model import generate_text, load_reference_model
 from builder.smollm2 import NAS_VARIANT
 
+# Numeric comparisons run on one torch thread, so summation order does not depend on the
+# machine's core count (see one_torch_thread in tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 # SmolLM2-135M-Instruct as its GGUF metadata states it (shared/reference/small-real-model.md).
 HIDDEN, LAYERS, HEADS, KV_HEADS, FFN, VOCAB = 576, 30, 9, 3, 1536, 49152
 ROPE_THETA, RMS_EPS, CONTEXT = 1e5, 1e-5, 8192

@@ -98,7 +98,7 @@ def lock_stage(out: str | Path, *, shared: bool = False) -> Iterator[StageLock]:
     the directory and the run leaves it empty, it is removed again.
     """
     stage = staging_path(Path(out))
-    key = stage.absolute()
+    key = stage.parent.resolve() / stage.name  # one key however the path is spelled
     held = _HELD.get(key)
     if held is not None:
         held.holds += 1
@@ -176,11 +176,15 @@ def processes_holding(path: Path) -> list[tuple[int, str]]:
     for entry in Path("/proc").glob("[0-9]*"):
         try:
             if any(os.readlink(fd) == target for fd in (entry / "fd").iterdir()):
-                command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-                found.append((int(entry.name), command.strip() or "?"))
+                command = " ".join((entry / "cmdline").read_bytes().decode(errors="replace").split())
+                found.append((int(entry.name), _shorten(command) or "?"))
         except OSError:  # gone meanwhile, or another user's
             continue
     return sorted(found)
+
+
+def _shorten(text: str, limit: int = 160) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def clear_dir(directory: Path) -> None:
@@ -211,10 +215,10 @@ def atomic_dir(
         clear_dir(stage)
         try:
             yield stage
+            replace_dir(stage, out, overwrite)
         except BaseException:
             shutil.rmtree(stage, ignore_errors=True)
             raise
-        replace_dir(stage, out, overwrite)
 
 
 def replace_dir(stage: Path, out: Path, overwrite: bool) -> None:

@@ -39,6 +39,13 @@ def wait_for(condition, what: str, timeout: float = PROCESS_TIMEOUT):
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def tree_hash(root: Path) -> dict[str, str]:
+    import hashlib
+
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
 def holders(stage: Path) -> set[int]:
     return {pid for pid, _ in atomic.processes_holding(stage)} if stage.exists() else set()
 
@@ -66,6 +73,7 @@ def test_workers_die_with_a_killed_conversion_and_resume_completes(tmp_path, ult
     --resume then finishes the conversion."""
     out = tmp_path / "out"
     stage = tmp_path / ".out.partial"
+    source_before = tree_hash(ultra_ckpt)
     parent = builder_process("convert", str(ultra_ckpt), str(out), "--tp", "4", "--pp", "2", "--workers", "2", "--json")
     try:
         me = psutil.Process(parent.pid)
@@ -91,6 +99,7 @@ def test_workers_die_with_a_killed_conversion_and_resume_completes(tmp_path, ult
     result = run_convert(ultra_ckpt, out, "--tp", "4", "--pp", "2", "--resume", "--json")
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["complete"] is True
+    assert tree_hash(ultra_ckpt) == source_before
 
 
 def test_a_second_conversion_on_the_same_out_is_refused(tmp_path, mixed_ckpt, short_lock_wait):

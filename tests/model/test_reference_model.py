@@ -10,6 +10,10 @@ import torch
 from builder.arch import AttentionKind, hf_tensor_shapes, load_plan
 from builder.model import DeciLMForCausalLM, load_reference_model
 
+# Numeric comparisons run on one torch thread, so summation order does not depend on the
+# machine's core count (see one_torch_thread in tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 # Rounded operations along the longest path through one block (attention: norm, q/k/v, rope,
 # scores, softmax, weighted sum, o_proj, residual add; FFN: norm, gate/up, SiLU, product,
 # down_proj, residual add).

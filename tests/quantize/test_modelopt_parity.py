@@ -30,6 +30,10 @@ from builder.quantize.recipe import quiet
 
 from .twins import VOCAB, llama_twin
 
+# Numeric comparisons run on one torch thread, so summation order does not depend on the
+# machine's core count (see one_torch_thread in tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 FP8 = torch.float8_e4m3fn
 
 

@@ -16,6 +16,10 @@ from builder.io.manifest import read_manifest, verify_files
 from builder.quantize.amax import AmaxTable, layer_linears
 from builder.quantize.pipeline import quantize_checkpoint
 
+# Numeric comparisons run on one torch thread, so summation order does not depend on the
+# machine's core count (see one_torch_thread in tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 FP8 = torch.float8_e4m3fn
 
 
