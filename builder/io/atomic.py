@@ -176,7 +176,8 @@ def processes_holding(path: Path) -> list[tuple[int, str]]:
     for entry in Path("/proc").glob("[0-9]*"):
         try:
             if any(os.readlink(fd) == target for fd in (entry / "fd").iterdir()):
-                command = " ".join((entry / "cmdline").read_bytes().decode(errors="replace").split())
+                raw = (entry / "cmdline").read_bytes().replace(b"\0", b" ")
+                command = " ".join(raw.decode(errors="replace").split())  # one line
                 found.append((int(entry.name), _shorten(command) or "?"))
         except OSError:  # gone meanwhile, or another user's
             continue
