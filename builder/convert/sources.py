@@ -330,42 +330,49 @@ class SourceReader:
         raise NonFiniteWeight(f"{info.file}: tensor {name!r} holds {flat[bad].item()} at {where}")
 
     def _cast(self, name: str, block: torch.Tensor, first_row: int, first_col: int = 0) -> torch.Tensor:
-        """`block` in the output dtype; a finite value that becomes +-Inf, or a value that
-        becomes 0 and mattered, is an error naming the tensor, the position and the value.
+        return cast_checked(block, self.out_dtype, name, self.ckpt.info(name).file, first_row, first_col)
 
-        "Mattered": larger than the rounding error the cast makes anyway on the block's
-        largest value (half an ulp of the target, relative). A weight of 2e-8 next to weights
-        of 0.02 loses less by flushing to zero in float16 than those lose by rounding (real
-        checkpoints hold millions of such values); a block whose values all flush is lost.
-        """
-        out = block.to(self.out_dtype)
-        if block.dtype == out.dtype or not narrows_range(block.dtype, out.dtype) or not out.numel():
-            return out
-        low, high = torch.aminmax(out)
-        overflow = None if torch.isfinite(low) and torch.isfinite(high) else (
-            ~torch.isfinite(out) & torch.isfinite(block)
-        )
-        if overflow is not None and overflow.any():
-            self._cast_error(name, block, overflow, first_row, first_col,
-                             f"overflows {dtype_name(out.dtype)} (largest {torch.finfo(out.dtype).max:g})")
-        scale = max(abs(float(low)), abs(float(high))) if overflow is None else 0.0
-        rounding = scale * torch.finfo(out.dtype).eps / 2
-        underflow = (out == 0) & (block.abs() > rounding)
-        if underflow.any():
-            smallest = torch.finfo(out.dtype).tiny * torch.finfo(out.dtype).eps
-            self._cast_error(name, block, underflow, first_row, first_col,
-                             f"becomes 0 in {dtype_name(out.dtype)} (smallest non-zero {smallest:g})")
+
+def cast_checked(
+    block: torch.Tensor, dtype: torch.dtype, name: str, file: Path, first_row: int = 0, first_col: int = 0
+) -> torch.Tensor:
+    """`block` (rows from `first_row`, columns from `first_col` of tensor `name`) in `dtype`.
+
+    A finite value that becomes +-Inf, or a value that becomes 0 and mattered, is an error
+    naming the file, the tensor, the position and the value. "Mattered": larger than the
+    rounding error the cast makes anyway on the block's largest value (half an ulp of the
+    target, relative). A weight of 2e-8 next to weights of 0.02 loses less by flushing to
+    zero in float16 than those lose by rounding (real checkpoints hold millions of such
+    values); a block whose values all flush is lost.
+    """
+    out = block.to(dtype)
+    if block.dtype == dtype or not narrows_range(block.dtype, dtype) or not out.numel():
         return out
+    low, high = torch.aminmax(out)
+    overflow = None if torch.isfinite(low) and torch.isfinite(high) else (
+        ~torch.isfinite(out) & torch.isfinite(block)
+    )
+    if overflow is not None and overflow.any():
+        _cast_error(block, overflow, name, file, first_row, first_col,
+                    f"overflows {dtype_name(dtype)} (largest {torch.finfo(dtype).max:g})")
+    scale = max(abs(float(low)), abs(float(high))) if overflow is None else 0.0
+    rounding = scale * torch.finfo(dtype).eps / 2
+    underflow = (out == 0) & (block.abs() > rounding)
+    if underflow.any():
+        smallest = torch.finfo(dtype).tiny * torch.finfo(dtype).eps
+        _cast_error(block, underflow, name, file, first_row, first_col,
+                    f"becomes 0 in {dtype_name(dtype)} (smallest non-zero {smallest:g})")
+    return out
 
-    def _cast_error(self, name, block, mask, first_row, first_col, what) -> None:
-        bad = int(torch.nonzero(mask.reshape(-1))[0])
-        value = block.reshape(-1)[bad].item()
-        where = _position(block, bad, first_row, first_col)
-        info = self.ckpt.info(name)
-        raise UnrepresentableWeight(
-            f"{info.file}: tensor {name!r} holds {value:g} at {where}, which {what}; "
-            f"keep --dtype auto ({dtype_name(block.dtype)}) or fix the weight"
-        )
+
+def _cast_error(block, mask, name, file, first_row, first_col, what) -> None:
+    bad = int(torch.nonzero(mask.reshape(-1))[0])
+    value = block.reshape(-1)[bad].item()
+    where = _position(block, bad, first_row, first_col)
+    raise UnrepresentableWeight(
+        f"{file}: tensor {name!r} holds {value:g} at {where}, which {what}; "
+        f"keep the checkpoint's dtype ({dtype_name(block.dtype)}) or fix the weight"
+    )
 
 
 def narrows_range(source: torch.dtype, target: torch.dtype) -> bool:

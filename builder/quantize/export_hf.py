@@ -26,6 +26,7 @@ import torch
 
 from builder.arch.plan import AttentionKind, ModelPlan
 from builder.arch.tensors import hf_tensor_shapes
+from builder.convert.sources import cast_checked
 from builder.io.checkpoint import INDEX_NAME, HFCheckpoint
 from builder.io.safetensors_stream import SafetensorsStreamWriter, TensorSpec, WrittenFile
 from builder.quantize.amax import AmaxTable
@@ -89,17 +90,18 @@ def shared_input_amax(table: AmaxTable, module: str) -> float:
 
 
 def _row_blocks(
-    ckpt: HFCheckpoint, name: str, convert: Callable[[torch.Tensor], torch.Tensor]
+    ckpt: HFCheckpoint, name: str, convert: Callable[[torch.Tensor, int], torch.Tensor]
 ) -> Iterator[torch.Tensor]:
-    """`convert`ed row blocks of a checkpoint tensor, each at most about CHUNK_BYTES."""
+    """`convert(block, first_row)`ed row blocks of a checkpoint tensor, each at most about
+    CHUNK_BYTES."""
     info = ckpt.info(name)
     if len(info.shape) < 2:
-        yield convert(ckpt.read(name))
+        yield convert(ckpt.read(name), 0)
         return
     row_bytes = info.shape[1] * max(info.dtype.itemsize, 2)
     step = max(1, CHUNK_BYTES // row_bytes)
     for start in range(0, info.shape[0], step):
-        yield convert(ckpt.read(name, rows=slice(start, min(start + step, info.shape[0]))))
+        yield convert(ckpt.read(name, rows=slice(start, min(start + step, info.shape[0]))), start)
 
 
 def _scalar(value: torch.Tensor) -> Callable[[], Iterator[torch.Tensor]]:
@@ -132,13 +134,17 @@ def plan_tensors(
 
 
 def _cast_blocks(ckpt: HFCheckpoint, name: str, dtype: torch.dtype) -> Callable[[], Iterator[torch.Tensor]]:
-    return lambda: _row_blocks(ckpt, name, lambda t: t.to(dtype))
+    file = ckpt.info(name).file
+    return lambda: _row_blocks(ckpt, name, lambda t, row: cast_checked(t, dtype, name, file, row))
 
 
 def _fp8_blocks(
     ckpt: HFCheckpoint, name: str, dtype: torch.dtype, scale: torch.Tensor
 ) -> Callable[[], Iterator[torch.Tensor]]:
-    return lambda: _row_blocks(ckpt, name, lambda t: quantize_hf(t.to(dtype), scale))
+    file = ckpt.info(name).file
+    return lambda: _row_blocks(
+        ckpt, name, lambda t, row: quantize_hf(cast_checked(t, dtype, name, file, row), scale)
+    )
 
 
 def _layer_index(module: str) -> int:

@@ -239,3 +239,18 @@ def test_a_second_run_on_the_same_out_is_refused(tmp_path, mixed_ckpt, monkeypat
     finally:
         other.kill()
         other.wait(30)
+
+
+def test_export_cast_that_changes_a_weight_is_an_error(tmp_path, mixed_ckpt):
+    """--dtype float16: the final norm (kept unquantized, cast to the model dtype) holds a
+    finite bf16 value that float16 cannot hold; named, and no output appears."""
+    def poison(t):
+        t = t.clone()
+        t[7] = 99840.0
+        return t
+
+    bad = copy_with(mixed_ckpt, tmp_path / "big", "model.norm.weight", poison)
+    out = tmp_path / "out"
+    line = one_error_line(run_cli(str(bad), str(out), "--dtype", "float16", "--format", "hf", *SMALL))
+    assert "'model.norm.weight' holds 99840 at element 7, which overflows float16" in line
+    assert_nothing_written(out)
