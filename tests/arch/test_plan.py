@@ -170,3 +170,32 @@ def test_missing_ffn_mult():
     config["block_configs"][0]["ffn"]["ffn_mult"] = None
     with pytest.raises(ConfigError, match=r"block_configs\[0\]\.ffn\.ffn_mult"):
         parse_config(config)
+
+
+# ---- the schema check in front of the parser (builder.arch.schema) ---------------------------
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda c: c.update(hidden_size=True), "x/config.json: hidden_size: expected integer >= 1, got true"),
+        (lambda c: c.update(rms_norm_eps=float("nan")), "rms_norm_eps: expected finite number > 0, got NaN"),
+        (lambda c: c["rope_scaling"].update(factor="8"), 'rope_scaling.factor: expected finite number > 0, got "8"'),
+        (lambda c: c["block_configs"][2]["ffn"].update(ffn_mult=0), "block_configs[2].ffn.ffn_mult: expected finite number > 0, got 0"),
+        (lambda c: c["block_configs"].append("no_op"), 'block_configs[12]: expected an object, got "no_op"'),
+        (lambda c: c["block_configs"][1].pop("ffn"), "required field 'block_configs[1].ffn' is missing"),
+    ],
+    ids=["bool as integer", "nan", "nested string", "zero width", "entry as string", "missing part"],
+)
+def test_schema_names_the_field_path(change, message):
+    config = _mixed()
+    change(config)
+    with pytest.raises(ConfigError) as err:
+        parse_config(config, "x/config.json")
+    assert message in str(err.value)
+
+
+def test_null_optional_fields_mean_the_default():
+    """HF configs write null for "use the default" (Ultra: num_key_value_heads, intermediate_size)."""
+    config = _mixed() | {"head_dim": None, "rope_scaling": None, "rms_norm_eps": None, "architectures": None}
+    plan = parse_config(config)
+    assert plan.head_dim == plan.hidden_size // plan.num_attention_heads
+    assert plan.rope_scaling is None and plan.rms_norm_eps == 1e-5
