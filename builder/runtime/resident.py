@@ -58,7 +58,7 @@ from collections.abc import Callable, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -129,7 +129,7 @@ def softmax_attend(scores: torch.Tensor, valid: torch.Tensor, dtype: torch.dtype
 class Kernels:
     """The elementwise chains, compiled once per process on CUDA (shape-generic)."""
 
-    _compiled: dict[str, Callable] = {}
+    _compiled: ClassVar[dict[str, Callable]] = {}
     NAMES = ("add_norm", "add_norm_quant", "silu_mul", "silu_mul_quant", "quantize", "softmax_attend")
 
     def __init__(self, compile: bool):
@@ -420,6 +420,7 @@ class ResidentRuntime:
         config, _ = read_trtllm_config(directory)
         with ExitStack() as stack:
             files: dict[int, Any] = {}
+            names: dict[int, set[str]] = {}
 
             def source(rank: int, name: str) -> torch.Tensor:
                 if rank not in files:
@@ -427,7 +428,8 @@ class ResidentRuntime:
                     if not path.is_file():
                         raise UserError(f"{path}: missing (world size {math.prod(mapping_of(config))})")
                     files[rank] = stack.enter_context(safe_open(str(path), framework="pt"))
-                if name not in files[rank].keys():
+                    names[rank] = set(files[rank].keys())
+                if name not in names[rank]:
                     raise KeyError(name)
                 try:
                     return files[rank].get_tensor(name)
