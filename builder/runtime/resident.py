@@ -117,23 +117,37 @@ def silu_mul_quant(fc_gate, width, a_scale):
     return quantize(silu_mul(fc_gate, width), a_scale)
 
 
-def identity(x):
-    return x
+def split_rotate(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, q_heads: int, kv_heads: int,
+                 head_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v as [batch, heads, seq, head_dim] from a rank's qkv output; q and k rotated."""
+    batch, seq, _ = qkv.shape
+    q, k, v = qkv.split([q_heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+    q = q.view(batch, seq, q_heads, head_dim).transpose(1, 2)
+    k = k.view(batch, seq, kv_heads, head_dim).transpose(1, 2)
+    v = v.view(batch, seq, kv_heads, head_dim).transpose(1, 2)
+    return rotate(q, cos, sin), rotate(k, cos, sin), v
 
 
-def softmax_attend(scores: torch.Tensor, valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Masked softmax of fp32 scores over the valid cache positions, in the compute dtype."""
-    return scores.masked_fill(~valid, float("-inf")).softmax(-1).to(dtype)
+def softmax_attend(scores: torch.Tensor, valid: torch.Tensor, scale: float) -> torch.Tensor:
+    """Softmax (in fp32) of the scaled scores over the valid cache positions, in their dtype."""
+    return (scores.float() * scale).masked_fill(~valid, float("-inf")).softmax(-1).to(scores.dtype)
 
 
 class Kernels:
     """The elementwise chains, compiled once per process on CUDA (shape-generic)."""
 
     _compiled: ClassVar[dict[str, Callable]] = {}
-    NAMES = ("add_norm", "add_norm_quant", "silu_mul", "silu_mul_quant", "quantize", "softmax_attend")
+    NAMES = ("add_norm", "add_norm_quant", "silu_mul", "silu_mul_quant", "quantize", "split_rotate",
+             "softmax_attend")
 
     def __init__(self, compile: bool):
         source = globals()
+        if compile:  # one compiled function serves every layer's shapes, dtypes and batches
+            import torch._dynamo
+
+            for limit in ("recompile_limit", "cache_size_limit"):
+                if hasattr(torch._dynamo.config, limit):
+                    setattr(torch._dynamo.config, limit, max(64, getattr(torch._dynamo.config, limit)))
         for name in self.NAMES:
             fn = source[name]
             if compile:
@@ -188,6 +202,11 @@ class Fp8Linear:
     @property
     def nbytes(self) -> int:
         return self.weight_t.nbytes
+
+    def with_gemm(self, gemm: str, dtype: torch.dtype) -> Fp8Linear:
+        """The same resident weight and scales through another GEMM path / output dtype."""
+        row_multiple = self.row_multiple if gemm == "scaled-mm" else 1
+        return Fp8Linear(self.weight_t.t(), self.w_scale, self.a_scale, gemm, dtype, max(row_multiple, 1))
 
 
 Linear = DenseLinear | Fp8Linear
@@ -283,18 +302,13 @@ class AttentionRank:
         self.scale = head_dim**-0.5
 
     def __call__(self, h: torch.Tensor, step: Step) -> torch.Tensor:
-        hd, qh, kvh = self.head_dim, self.q_heads, self.kv_heads
         qkv = self.qkv(h)
         batch, seq, _ = qkv.shape
-        q, k, v = qkv.split([qh * hd, kvh * hd, kvh * hd], dim=-1)
-        q = q.view(batch, seq, qh, hd).transpose(1, 2)
-        k = k.view(batch, seq, kvh, hd).transpose(1, 2)
-        v = v.view(batch, seq, kvh, hd).transpose(1, 2)
-        q, k = rotate(q, step.cos, step.sin), rotate(k, step.cos, step.sin)
+        q, k, v = self.kernels.split_rotate(qkv, step.cos, step.sin, self.q_heads, self.kv_heads, self.head_dim)
         if self.kv_scale is not None:
             k, v = fp8_round_trip(k, self.kv_scale).to(q.dtype), fp8_round_trip(v, self.kv_scale).to(q.dtype)
         out = self.decode(q, k, v, step) if step.decode else self.prefill(q, k, v)
-        out = out.transpose(1, 2).reshape(batch, seq, qh * hd)
+        out = out.transpose(1, 2).reshape(batch, seq, self.q_heads * self.head_dim)
         if self.dense.a_scale is not None:
             out = self.kernels.quantize(out, self.dense.a_scale)
         return self.dense(out)
@@ -315,9 +329,15 @@ class AttentionRank:
         keys = self.k_cache[:batch, :, : step.span]
         values = self.v_cache[:batch, :, : step.span]
         qg = q.reshape(batch, self.kv_heads, -1, self.head_dim)  # head j -> kv head j // groups
-        scores = torch.matmul(qg, keys.transpose(-1, -2)).float() * self.scale
-        probs = self.kernels.softmax_attend(scores, step.valid, q.dtype)
+        scores = torch.matmul(qg, keys.transpose(-1, -2))
+        probs = self.kernels.softmax_attend(scores, step.valid, self.scale)
         return torch.matmul(probs, values).reshape(batch, self.q_heads, 1, self.head_dim)
+
+
+def linears_of(work) -> list[Linear]:
+    """The distinct linears a rank's part holds (`first` is one of them again)."""
+    found = {id(v): v for v in vars(work).values() if isinstance(v, DenseLinear | Fp8Linear)}
+    return list(found.values())
 
 
 def all_reduce(parts: list[torch.Tensor]) -> torch.Tensor:
@@ -550,11 +570,13 @@ class ResidentRuntime:
     @property
     def linear_bytes(self) -> int:
         """Bytes of every resident linear weight (what a decode step streams), lm_head included."""
-        linears = [self.lm_head]
-        for part in self.parts:
-            for work in part.ranks:
-                linears.append([v for v in vars(work).values() if isinstance(v, DenseLinear | Fp8Linear)])
-        return sum(lin.nbytes for group in linears for lin in group)
+        linears = [*self.lm_head, *(lin for part in self.parts for w in part.ranks for lin in linears_of(w))]
+        return sum(lin.nbytes for lin in linears)
+
+    def fp8_linears(self) -> list[tuple[str, Fp8Linear]]:
+        """(part name, linear) of every FP8 linear, for checks of the GEMM paths."""
+        return [(part.name, lin) for part in self.parts for work in part.ranks
+                for lin in linears_of(work) if isinstance(lin, Fp8Linear)]
 
     @property
     def caches(self) -> list[AttentionRank]:

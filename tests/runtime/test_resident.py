@@ -122,18 +122,28 @@ def test_decode_steps_match_executor_full_forward(checkpoints, bf16_noise):
 
 
 def test_fp8_paths_match_the_emulation(checkpoints):
-    """FP8 checkpoint (FP8 linears and KV cache): the runtime's emulation is the executor's;
-    _scaled_mm only reorders fp32 sums, so it stays far inside the FP8 quantization error."""
+    """FP8 checkpoint (FP8 linears and KV cache). Each GEMM: _scaled_mm and the emulation on the
+    same e4m3 input differ by fp32 summation order only (<= K * 2^-24 relative, K <= 10^4).
+    End to end those differences flip some later e4m3 roundings, and flips cascade through the
+    layers, so two FP8 executions of one model may differ by up to the FP8 quantization error
+    itself (FP8 vs BF16 weights) - but not more. Greedy tokens agree."""
     ids, directory = token_ids(), checkpoints / "fp8-tp1"
     reference = executor_logits(directory, ids, torch.float32)
     quantization_error = compare_logits(reference, executor_logits(checkpoints / "bf16-tp1", ids, torch.float32))
     assert 0.005 < quantization_error.relative_error < 0.5
-    emulated = runtime(directory, torch.float32, fp8_gemm="emulate").prefill(ids)
-    assert compare_logits(emulated, reference).relative_error <= FP32_TOLERANCE
     fast = runtime(directory, torch.float32, fp8_gemm="scaled-mm")
-    assert any(getattr(part.ranks[0].first, "emulate", True) is False for part in fast.parts)
-    scaled = fast.prefill(ids)
-    assert compare_logits(scaled, reference).relative_error <= 0.25 * quantization_error.relative_error
+    linears = fast.fp8_linears()
+    per_kind = {"attention": 2, "mlp": 2, "linear": 1, "no_op": 0}  # qkv+dense, fc|gate+proj
+    assert len(linears) == sum(per_kind[lay.attention.value] + per_kind[lay.ffn.value] for lay in fast.plan.layers)
+    gen = torch.Generator().manual_seed(3)
+    for name, linear in linears:
+        xq = (torch.randn(5, 3, linear.weight_t.shape[0], generator=gen) * 100).clamp(-448, 448).to(torch.float8_e4m3fn)
+        a, b = linear(xq), linear.with_gemm("emulate", torch.float32)(xq)
+        assert compare_logits(a, b).relative_error <= 1e-5, name
+    emulated = runtime(directory, torch.float32, fp8_gemm="emulate").prefill(ids)
+    for logits in (emulated, fast.prefill(ids)):
+        assert compare_logits(logits, reference).relative_error <= quantization_error.relative_error
+        assert compare_logits(logits, reference).argmax_agreement == 1.0
     tokens = runtime(directory, torch.float32).generate(ids, 4)
     sequence = ids
     with TrtllmCheckpointExecutor(directory, dtype=torch.float32) as executor:
@@ -200,5 +210,10 @@ def test_cuda_graph_decode_matches_eager_and_cpu_emulation(checkpoints):
         token = b.argmax(-1)
     reference = executor_logits(directory, ids, torch.float32)
     quantization_error = compare_logits(reference, executor_logits(checkpoints / "bf16-tp1", ids, torch.float32))
-    gpu = runtime(directory, torch.float32, device="cuda").prefill(ids).cpu()
-    assert compare_logits(gpu, reference).relative_error <= 0.25 * quantization_error.relative_error
+    gpu = runtime(directory, torch.float32, device="cuda")
+    assert compare_logits(gpu.prefill(ids).cpu(), reference).relative_error <= quantization_error.relative_error
+    for name, linear in gpu.fp8_linears():  # each GEMM on tensor cores vs the emulation on the CPU
+        xq = (torch.randn(17, linear.weight_t.shape[0]) * 100).clamp(-448, 448).to(torch.float8_e4m3fn)
+        cpu = linear.with_gemm("emulate", torch.float32)
+        cpu.weight_t, cpu.scale = cpu.weight_t.cpu(), cpu.scale.cpu()
+        assert compare_logits(linear(xq.cuda()).cpu(), cpu(xq)).relative_error <= 1e-5, name
