@@ -235,6 +235,23 @@ def profile_decode(rt, device, steps: int = 20, top: int = 15) -> dict:
         for _ in range(steps):
             rt.decode(token)
         sync(device)
+    return kernel_table(prof, steps, top)
+
+
+def profile_prefill(rt, device, shape, top: int = 12) -> dict:
+    """One prefill of `shape` (batch, seq) by kernel."""
+    from torch.profiler import ProfilerActivity, profile
+
+    ids = torch.randint(0, VOCAB, shape, device=device)
+    rt.prefill(ids)
+    sync(device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        rt.prefill(ids)
+        sync(device)
+    return {"shape": list(shape), **kernel_table(prof, 1, top)}
+
+
+def kernel_table(prof, steps: int, top: int) -> dict:
     rows = []
     for e in prof.key_averages():
         us = getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
@@ -251,9 +268,11 @@ def profile_decode(rt, device, steps: int = 20, top: int = 15) -> dict:
 
 def kernel_group(name: str) -> str:
     low = name.lower()
+    if low.startswith("gemv"):
+        return "gemv (triton, one-row linears)"
     if "triton" in low:
         return "fused elementwise (triton)"
-    if any(s in low for s in ("gemm", "nvjet", "cutlass", "sm90_xmma", "gemv", "splitk", "sm90")):
+    if any(s in low for s in ("gemm", "nvjet", "cutlass", "sm90_xmma", "splitk", "sm90")):
         return "gemm"
     if any(s in low for s in ("copy", "memcpy", "memset", "cat", "index")):
         return "copies/index"
@@ -321,6 +340,12 @@ def run_tp(plan, tp, device, args, copy_bw) -> dict:
         log(f"tp{tp} {precision}: decode {[round(r['step_ms'], 3) for r in entry['decode']]} ms/step")
         if device.type == "cuda" and tp in args.profile_tp:
             entry["profile_batch1"] = profile_decode(rt, device)
+            entry["profile_prefill"] = profile_prefill(rt, device, args.prefill[-1])
+        if rt.gemv:  # the same step with every linear on cuBLAS, for comparison
+            rt.set_gemv(False)
+            entry["decode_cublas"] = bench_decode(rt, device, [1], args.prompt, args.steps, copy_bw)
+            log(f"tp{tp} {precision}: decode batch 1 on cuBLAS {entry['decode_cublas'][0]['step_ms']:.3f} ms/step")
+        entry["gemv"] = "triton one-row kernel" if rt.gemv or "decode_cublas" in entry else "cuBLAS"
         if device.type == "cuda":
             entry["peak_memory_GiB"] = torch.cuda.max_memory_allocated(device) / (1 << 30)
         result[precision] = entry
@@ -349,6 +374,10 @@ def table(results: dict) -> str:
                          f"{rf['tokens_per_s']:,.0f} | {rf['tokens_per_s'] / rb['tokens_per_s']:.2f}x |")
         for rb, rf in zip(b["decode"], f["decode"], strict=True):
             lines.append(f"| {tp} | decode batch {rb['batch']} ms/step (of copy BW) | {rb['step_ms']:.3f} "
+                         f"({rb['fraction_of_copy_bandwidth']:.0%}) | {rf['step_ms']:.3f} "
+                         f"({rf['fraction_of_copy_bandwidth']:.0%}) | {rb['step_ms'] / rf['step_ms']:.2f}x |")
+        for rb, rf in zip(b.get("decode_cublas", []), f.get("decode_cublas", []), strict=False):
+            lines.append(f"| {tp} | decode batch 1, every linear on cuBLAS | {rb['step_ms']:.3f} "
                          f"({rb['fraction_of_copy_bandwidth']:.0%}) | {rf['step_ms']:.3f} "
                          f"({rf['fraction_of_copy_bandwidth']:.0%}) | {rb['step_ms'] / rf['step_ms']:.2f}x |")
         if "check" in tp_result:

@@ -75,6 +75,7 @@ from builder.arch.tensors import (
 from builder.convert.rank_writer import rank_file_name
 from builder.convert.trtllm_config import mapping_of, plan_from_trtllm_config, read_trtllm_config
 from builder.errors import UserError
+from builder.runtime import gemv as matvec
 from builder.runtime.executor import FP8_MAX, fp8_round_trip, rope_inv_freq, rotate
 
 FP8 = torch.float8_e4m3fn
@@ -144,7 +145,10 @@ class Kernels:
         source = globals()
         if compile:  # one compiled function serves every layer's shapes, dtypes and batches
             import torch._dynamo
+            import torch._inductor.config
 
+            # a decode step normalizes one row: one kernel per row beats a split reduction (4)
+            torch._inductor.config.split_reductions = False
             for limit in ("recompile_limit", "cache_size_limit"):
                 if hasattr(torch._dynamo.config, limit):
                     setattr(torch._dynamo.config, limit, max(64, getattr(torch._dynamo.config, limit)))
@@ -159,15 +163,20 @@ class Kernels:
 
 # ---- linears -------------------------------------------------------------------------------------
 class DenseLinear:
-    """x @ W.T with the resident weight; its input needs no preparation."""
+    """x @ W.T with the resident weight; its input needs no preparation. One-row inputs go
+    through the Triton matrix-vector kernel when `gemv` (builder/runtime/gemv.py)."""
 
     a_scale = None
 
-    def __init__(self, weight: torch.Tensor):
+    def __init__(self, weight: torch.Tensor, gemv: bool = False):
         self.weight = weight
         self.out_features = weight.shape[0]
+        self.gemv = gemv
+        self.one = torch.ones((), device=weight.device)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gemv and x.numel() == x.shape[-1]:
+            return matvec.gemv(x, self.weight, self.one, x.dtype).reshape(*x.shape[:-1], self.out_features)
         return F.linear(x, self.weight)
 
     @property
@@ -179,18 +188,22 @@ class Fp8Linear:
     """Per-tensor FP8 GEMM of an e4m3 activation (quantized by the op before) with e4m3 W."""
 
     def __init__(self, weight: torch.Tensor, w_scale: torch.Tensor, a_scale: torch.Tensor,
-                 gemm: str, dtype: torch.dtype, row_multiple: int):
+                 gemm: str, dtype: torch.dtype, row_multiple: int, gemv: bool = False):
+        self.weight = weight  # row-major [out, in]: the matrix-vector kernel's operand
         self.weight_t = weight.t()  # column-major [in, out]: _scaled_mm's second operand
         self.w_scale = w_scale.reshape(()).float()
         self.a_scale = a_scale.reshape(()).float()
         self.out_features = weight.shape[0]
         self.dtype, self.row_multiple = dtype, row_multiple
         self.emulate = gemm == "emulate"
+        self.gemv = gemv and not self.emulate
         self.scale = self.w_scale * self.a_scale
 
     def __call__(self, xq: torch.Tensor) -> torch.Tensor:
         if self.emulate:  # the executor's fp8_linear, given the same e4m3 activation
             return (F.linear(xq.float(), self.weight_t.t().float()) * self.scale).to(self.dtype)
+        if self.gemv and xq.numel() == xq.shape[-1]:
+            return matvec.gemv(xq, self.weight, self.scale, self.dtype).reshape(*xq.shape[:-1], self.out_features)
         rows = xq.reshape(-1, xq.shape[-1])
         pad = -rows.shape[0] % self.row_multiple
         if pad:
@@ -206,7 +219,7 @@ class Fp8Linear:
     def with_gemm(self, gemm: str, dtype: torch.dtype) -> Fp8Linear:
         """The same resident weight and scales through another GEMM path / output dtype."""
         row_multiple = self.row_multiple if gemm == "scaled-mm" else 1
-        return Fp8Linear(self.weight_t.t(), self.w_scale, self.a_scale, gemm, dtype, max(row_multiple, 1))
+        return Fp8Linear(self.weight, self.w_scale, self.a_scale, gemm, dtype, row_multiple, self.gemv)
 
 
 Linear = DenseLinear | Fp8Linear
@@ -380,6 +393,7 @@ class ResidentRuntime:
         max_seq: int = 512,
         graphs: bool | None = None,
         compile: bool | None = None,
+        gemv: bool | None = None,
     ):
         self.config = dict(config)
         self.plan: ModelPlan = plan_from_trtllm_config(config)
@@ -388,6 +402,7 @@ class ResidentRuntime:
         cuda = self.device.type == "cuda"
         self.graphs_enabled = cuda if graphs is None else graphs and cuda
         self.kernels = Kernels(cuda if compile is None else compile)
+        self.gemv = (cuda and matvec.available()) if gemv is None else gemv
         if fp8_gemm not in FP8_GEMMS:
             raise UserError(f"fp8_gemm {fp8_gemm!r}: expected one of {', '.join(FP8_GEMMS)}")
         self.fp8_gemm = fp8_gemm
@@ -491,7 +506,7 @@ class ResidentRuntime:
         weights = [self.source_weight(rank, m) for m in names]
         if weights[0].dtype != FP8:
             weight = weights[0] if len(weights) == 1 else torch.cat(weights)
-            return DenseLinear(self.resident(weight.to(self.dtype)))
+            return DenseLinear(self.resident(weight.to(self.dtype)), self.gemv)
         scales = [(self.tensor(rank, f"{m}.{WEIGHTS_SCALE}").float(),
                    self.tensor(rank, f"{m}.{ACTIVATION_SCALE}").float()) for m in names]
         for m, (w_scale, a_scale) in zip(names[1:], scales[1:], strict=True):
@@ -500,7 +515,7 @@ class ResidentRuntime:
                                 "the runtime fuses them into one FP8 GEMM")
         weight = weights[0] if len(weights) == 1 else torch.cat(weights)
         row_multiple = 1 if self.fp8_gemm == "emulate" else self.row_multiple()
-        return Fp8Linear(self.resident(weight), *scales[0], self.fp8_gemm, self.dtype, row_multiple)
+        return Fp8Linear(self.resident(weight), *scales[0], self.fp8_gemm, self.dtype, row_multiple, self.gemv)
 
     def source_weight(self, rank: int, module: str) -> torch.Tensor:
         try:
@@ -572,6 +587,14 @@ class ResidentRuntime:
         """Bytes of every resident linear weight (what a decode step streams), lm_head included."""
         linears = [*self.lm_head, *(lin for part in self.parts for w in part.ranks for lin in linears_of(w))]
         return sum(lin.nbytes for lin in linears)
+
+    def set_gemv(self, enabled: bool) -> None:
+        """Route one-row linears through the Triton kernel (True) or cuBLAS; drops captured graphs."""
+        enabled = enabled and matvec.available()
+        for lin in [*self.lm_head, *(lin for p in self.parts for w in p.ranks for lin in linears_of(w))]:
+            lin.gemv = enabled and not getattr(lin, "emulate", False)
+        self.gemv = enabled
+        self._graphs.clear()
 
     def fp8_linears(self) -> list[tuple[str, Fp8Linear]]:
         """(part name, linear) of every FP8 linear, for checks of the GEMM paths."""
