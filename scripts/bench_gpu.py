@@ -423,6 +423,10 @@ def main() -> None:
     for tp in args.tp:
         results["tp"].append(run_tp(plan, tp, device, args, results["copy"]["bandwidth_GBps"]))
         (args.out / "bench_gpu.json").write_text(json.dumps(results, indent=1) + "\n")
+
+    from builder.runtime.gemv import CHOOSER
+
+    results["skinny_gemm_choices"] = CHOOSER.summary()
     results["table"] = table(results)
     (args.out / "bench_gpu.json").write_text(json.dumps(results, indent=1) + "\n")
     print(results["table"])

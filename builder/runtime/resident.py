@@ -164,7 +164,7 @@ class Kernels:
 # ---- linears -------------------------------------------------------------------------------------
 class DenseLinear:
     """x @ W.T with the resident weight; its input needs no preparation. One-row inputs go
-    through the Triton matrix-vector kernel when `gemv` (builder/runtime/gemv.py)."""
+    (up to 16: decode steps) go through builder/runtime/gemv.py's chooser when `gemv`."""
 
     a_scale = None
 
@@ -175,8 +175,12 @@ class DenseLinear:
         self.one = torch.ones((), device=weight.device)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.gemv and x.numel() == x.shape[-1]:
-            return matvec.gemv(x, self.weight, self.one, x.dtype).reshape(*x.shape[:-1], self.out_features)
+        rows = x.reshape(-1, x.shape[-1])
+        if self.gemv and rows.shape[0] <= matvec.MAX_ROWS and x.dtype == self.weight.dtype != torch.float32:
+            key = (rows.shape[0], *self.weight.shape, self.weight.dtype)
+            out = matvec.CHOOSER.run(key, lambda: F.linear(rows, self.weight),
+                                     lambda: matvec.skinny_gemm(rows, self.weight, self.one, x.dtype))
+            return out.reshape(*x.shape[:-1], self.out_features)
         return F.linear(x, self.weight)
 
     @property
@@ -202,15 +206,22 @@ class Fp8Linear:
     def __call__(self, xq: torch.Tensor) -> torch.Tensor:
         if self.emulate:  # the executor's fp8_linear, given the same e4m3 activation
             return (F.linear(xq.float(), self.weight_t.t().float()) * self.scale).to(self.dtype)
-        if self.gemv and xq.numel() == xq.shape[-1]:
-            return matvec.gemv(xq, self.weight, self.scale, self.dtype).reshape(*xq.shape[:-1], self.out_features)
         rows = xq.reshape(-1, xq.shape[-1])
+        if self.gemv and rows.shape[0] <= matvec.MAX_ROWS:
+            key = (rows.shape[0], *self.weight.shape, self.weight.dtype, self.dtype)
+            out = matvec.CHOOSER.run(key, lambda: self.cublas(rows),
+                                     lambda: matvec.skinny_gemm(rows, self.weight, self.scale, self.dtype))
+        else:
+            out = self.cublas(rows)
+        return out.reshape(*xq.shape[:-1], self.out_features)
+
+    def cublas(self, rows: torch.Tensor) -> torch.Tensor:
         pad = -rows.shape[0] % self.row_multiple
         if pad:
             rows = torch.cat([rows, rows.new_zeros(pad, rows.shape[1])])
         out = torch._scaled_mm(rows, self.weight_t, scale_a=self.a_scale, scale_b=self.w_scale,
                                out_dtype=self.dtype)
-        return out[: out.shape[0] - pad].reshape(*xq.shape[:-1], self.out_features)
+        return out[: out.shape[0] - pad]
 
     @property
     def nbytes(self) -> int:
@@ -595,6 +606,7 @@ class ResidentRuntime:
             lin.gemv = enabled and not getattr(lin, "emulate", False)
         self.gemv = enabled
         self._graphs.clear()
+        self._pool = None  # a pool whose graphs were freed is not captured into again
 
     def fp8_linears(self) -> list[tuple[str, Fp8Linear]]:
         """(part name, linear) of every FP8 linear, for checks of the GEMM paths."""

@@ -211,7 +211,7 @@ def test_cuda_graph_decode_matches_eager_and_cpu_emulation(checkpoints):
         xq = (torch.randn(17, linear.weight_t.shape[0]) * 100).clamp(-448, 448).to(torch.float8_e4m3fn)
         cpu = linear.with_gemm("emulate", torch.float32)
         cpu.weight_t, cpu.scale = cpu.weight_t.cpu(), cpu.scale.cpu()
-        # cuBLAS FP8 (17 rows): the tensor cores' accumulation is not full fp32 (1.3e-4 measured
-        # on an H200), still ~100x below one e4m3 rounding (2^-4); one row: Triton, fp32 sums
-        assert compare_logits(linear(xq.cuda()).cpu(), cpu(xq)).relative_error <= 1e-3, name
-        assert compare_logits(linear(xq[:1].cuda()).cpu(), cpu(xq[:1])).relative_error <= 1e-5, name
+        # FP8 tensor cores (cuBLAS at 17 rows, cuBLAS or Triton at 1): their accumulation is not
+        # full fp32 (1.3e-4 measured on an H200), still ~100x below one e4m3 rounding (2^-4)
+        for rows in (xq, xq[:1]):
+            assert compare_logits(linear(rows.cuda()).cpu(), cpu(rows)).relative_error <= 1e-3, name
