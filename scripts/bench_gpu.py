@@ -300,6 +300,32 @@ def environment(device) -> dict:
     return env
 
 
+def check_fused(device) -> dict:
+    """builder/runtime/fused.py's Triton chains against the eager functions (the executor's ops)
+    on bf16 rows of Ultra's width: share of elements that differ, and the largest difference."""
+    from builder.runtime import fused, resident
+
+    gen = torch.Generator(device=device).manual_seed(5)
+    x, d = (torch.randn(64, 16384, device=device, generator=gen, dtype=torch.bfloat16) for _ in range(2))
+    w = (1 + 0.05 * torch.randn(16384, device=device, generator=gen)).to(torch.bfloat16)
+    fc_gate = 3 * torch.randn(64, 2 * 6656, device=device, generator=gen, dtype=torch.bfloat16)
+    scale = torch.tensor(10.0 / 448, device=device)
+    pairs = {
+        "add_norm": (fused.add_norm(x, d, w, 1e-5), resident.add_norm(x, d, w, 1e-5)),
+        "add_norm_quant": (fused.add_norm_quant(x, d, w, 1e-5, scale), resident.add_norm_quant(x, d, w, 1e-5, scale)),
+        "silu_mul": ((fused.silu_mul(fc_gate, 6656),), (resident.silu_mul(fc_gate, 6656),)),
+        "silu_mul_quant": ((fused.silu_mul_quant(fc_gate, 6656, scale),),
+                           (resident.silu_mul_quant(fc_gate, 6656, scale),)),
+    }
+    out = {}
+    for name, (got, expected) in pairs.items():
+        got_last, exp_last = got[-1].float(), expected[-1].float()
+        out[name] = {"mismatch_fraction": float((got_last != exp_last).float().mean()),
+                     "max_abs_difference": float((got_last - exp_last).abs().max()),
+                     "residual_equal": bool(torch.equal(got[0], expected[0])) if len(got) == 2 else None}
+    return out
+
+
 def probe_compile(device) -> tuple[bool, str]:
     """Whether the fused (torch.compile) kernels build here; the bench runs eager if not."""
     from builder.runtime.resident import Kernels
@@ -418,6 +444,11 @@ def main() -> None:
                "heads": plan.num_attention_heads, "vocab": VOCAB, "compile": results_compile,
                "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
     results["copy"] = copy_bandwidth(device, 0.05 if args.small else 4.0)
+    from builder.runtime import gemv
+
+    if gemv.available():
+        results["fused_vs_eager"] = check_fused(device)
+        log(f"fused kernels vs eager: {json.dumps(results['fused_vs_eager'])}")
     log(f"copy bandwidth {results['copy']['bandwidth_GBps']:.0f} GB/s")
     results["tp"] = []
     for tp in args.tp:

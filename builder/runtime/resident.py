@@ -135,26 +135,29 @@ def softmax_attend(scores: torch.Tensor, valid: torch.Tensor, scale: float) -> t
 
 
 class Kernels:
-    """The elementwise chains, compiled once per process on CUDA (shape-generic)."""
+    """The elementwise chains: on CUDA the add+norm and SiLU chains are builder/runtime/fused.py's
+    Triton kernels (`triton=True`), the rest compiled once per process (shape-generic)."""
 
     _compiled: ClassVar[dict[str, Callable]] = {}
     NAMES = ("add_norm", "add_norm_quant", "silu_mul", "silu_mul_quant", "quantize", "split_rotate",
              "softmax_attend")
+    TRITON = ("add_norm", "add_norm_quant", "silu_mul", "silu_mul_quant")
 
-    def __init__(self, compile: bool):
+    def __init__(self, compile: bool, triton: bool = False):
         source = globals()
         if compile:  # one compiled function serves every layer's shapes, dtypes and batches
             import torch._dynamo
-            import torch._inductor.config
 
-            # a decode step normalizes one row: one kernel per row beats a split reduction (4)
-            torch._inductor.config.split_reductions = False
             for limit in ("recompile_limit", "cache_size_limit"):
                 if hasattr(torch._dynamo.config, limit):
                     setattr(torch._dynamo.config, limit, max(64, getattr(torch._dynamo.config, limit)))
         for name in self.NAMES:
             fn = source[name]
-            if compile:
+            if triton and name in self.TRITON:
+                from builder.runtime import fused
+
+                fn = getattr(fused, name)
+            elif compile:
                 if name not in Kernels._compiled:
                     Kernels._compiled[name] = torch.compile(fn, dynamic=True, fullgraph=True)
                 fn = Kernels._compiled[name]
@@ -406,14 +409,16 @@ class ResidentRuntime:
         compile: bool | None = None,
         gemv: bool | None = None,
     ):
+        """`gemv` (default: on CUDA where Triton imports) enables the Triton kernels: skinny
+        GEMMs (builder/runtime/gemv.py) and the fused norm / SiLU chains (fused.py)."""
         self.config = dict(config)
         self.plan: ModelPlan = plan_from_trtllm_config(config)
         self.tp, self.pp = mapping_of(config)
         self.device, self.dtype = torch.device(device), dtype
         cuda = self.device.type == "cuda"
         self.graphs_enabled = cuda if graphs is None else graphs and cuda
-        self.kernels = Kernels(cuda if compile is None else compile)
         self.gemv = (cuda and matvec.available()) if gemv is None else gemv
+        self.kernels = Kernels(cuda if compile is None else compile, triton=self.gemv)
         if fp8_gemm not in FP8_GEMMS:
             raise UserError(f"fp8_gemm {fp8_gemm!r}: expected one of {', '.join(FP8_GEMMS)}")
         self.fp8_gemm = fp8_gemm
