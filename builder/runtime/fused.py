@@ -1,6 +1,6 @@
-"""Triton kernels for the two elementwise chains that cost the most: the residual add + RMSNorm
-(+ FP8 quantization of its output) before each part, and SiLU(fc) x gate (+ quantization)
-before proj.
+"""Triton kernels for the elementwise chains that cost the most: the residual add + RMSNorm
+(+ FP8 quantization of its output) before each part, SiLU(fc) x gate (+ quantization) before
+proj, and the split of qkv with the rotary embedding, writing k and v into the KV cache.
 
 Each is one pass: the norm kernel holds a whole row in registers (one program per row), reads
 x and the pending residual once and writes the new residual and the normalized (or e4m3)
@@ -67,7 +67,48 @@ def _kernels():
         else:
             tl.store(out_ptr + row * W + cols, out, mask=ok)
 
-    return add_rms_norm, silu_mul
+    @triton.jit
+    def rope_cache(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, k_cache_ptr, v_cache_ptr, kv_scale_ptr,
+                   S, QH, KVH, MAX_SEQ, CACHE_BATCH_STRIDE, HD: tl.constexpr, DECODE: tl.constexpr,
+                   FP8_KV: tl.constexpr, FP8_MAX: tl.constexpr):
+        token = tl.program_id(0)
+        head = tl.program_id(1)
+        b, s = token // S, token % S
+        pos = tl.load(pos_ptr) if DECODE else s
+        half = tl.arange(0, HD // 2)
+        dtype = q_ptr.dtype.element_ty
+        row = qkv_ptr + token.to(tl.int64) * (QH + 2 * KVH) * HD + head * HD
+        x1 = tl.load(row + half)
+        x2 = tl.load(row + HD // 2 + half)
+        if head < QH + KVH:  # rotate-half (rope_gpt_neox): x * cos + cat(-x2, x1) * sin
+            c1 = tl.load(cos_ptr + pos * HD + half).to(tl.float32)
+            c2 = tl.load(cos_ptr + pos * HD + HD // 2 + half).to(tl.float32)
+            s1 = tl.load(sin_ptr + pos * HD + half).to(tl.float32)
+            s2 = tl.load(sin_ptr + pos * HD + HD // 2 + half).to(tl.float32)
+            a1, a2 = x1.to(tl.float32), x2.to(tl.float32)
+            r = "rtne"
+            o1 = ((a1 * c1).to(dtype, fp_downcast_rounding=r).to(tl.float32)
+                  + (-a2 * s1).to(dtype, fp_downcast_rounding=r).to(tl.float32)).to(dtype, fp_downcast_rounding=r)
+            o2 = ((a2 * c2).to(dtype, fp_downcast_rounding=r).to(tl.float32)
+                  + (a1 * s2).to(dtype, fp_downcast_rounding=r).to(tl.float32)).to(dtype, fp_downcast_rounding=r)
+        else:
+            o1, o2 = x1, x2
+        if head >= QH and FP8_KV:  # the FP8 KV cache's values: e4m3(x / scale) * scale
+            scale = tl.load(kv_scale_ptr)
+            o1 = (tl.minimum(tl.maximum(o1.to(tl.float32) / scale, -FP8_MAX), FP8_MAX)
+                  .to(tl.float8e4nv, fp_downcast_rounding="rtne").to(tl.float32) * scale).to(dtype)
+            o2 = (tl.minimum(tl.maximum(o2.to(tl.float32) / scale, -FP8_MAX), FP8_MAX)
+                  .to(tl.float8e4nv, fp_downcast_rounding="rtne").to(tl.float32) * scale).to(dtype)
+        if head < QH:
+            out = q_ptr + ((b * QH + head) * S + s).to(tl.int64) * HD
+        elif head < QH + KVH:
+            out = k_cache_ptr + b.to(tl.int64) * CACHE_BATCH_STRIDE + ((head - QH) * MAX_SEQ + pos) * HD
+        else:
+            out = v_cache_ptr + b.to(tl.int64) * CACHE_BATCH_STRIDE + ((head - QH - KVH) * MAX_SEQ + pos) * HD
+        tl.store(out + half, o1)
+        tl.store(out + HD // 2 + half, o2)
+
+    return add_rms_norm, silu_mul, rope_cache
 
 
 def add_norm(x, delta, weight, eps, a_scale=None):
@@ -106,3 +147,15 @@ def silu_mul(fc_gate, width, a_scale=None):
 
 def silu_mul_quant(fc_gate, width, a_scale):
     return silu_mul(fc_gate, width, a_scale)
+
+
+def rope_cache(qkv, cos, sin, pos, k_cache, v_cache, q_heads, kv_heads, head_dim, kv_scale=None, decode=False):
+    """q [batch, q_heads, seq, head_dim] rotated; k (rotated) and v written into the caches at
+    positions 0..seq-1 (prefill) or at `pos` (decode, seq 1), FP8-rounded when `kv_scale`."""
+    batch, seq, _ = qkv.shape
+    q = torch.empty(batch, q_heads, seq, head_dim, dtype=qkv.dtype, device=qkv.device)
+    _kernels()[2][(batch * seq, q_heads + 2 * kv_heads)](
+        qkv.contiguous(), cos, sin, pos, q, k_cache, v_cache, kv_scale if kv_scale is not None else cos,
+        seq, q_heads, kv_heads, k_cache.shape[2], k_cache.stride(0), HD=head_dim, DECODE=decode,
+        FP8_KV=kv_scale is not None, FP8_MAX=FP8_MAX, num_warps=1)
+    return q

@@ -162,6 +162,11 @@ class Kernels:
                     Kernels._compiled[name] = torch.compile(fn, dynamic=True, fullgraph=True)
                 fn = Kernels._compiled[name]
             setattr(self, name, fn)
+        self.rope_cache = None
+        if triton:
+            from builder.runtime import fused
+
+            self.rope_cache = fused.rope_cache
 
 
 # ---- linears -------------------------------------------------------------------------------------
@@ -257,10 +262,11 @@ class Step:
     """What every part needs for one forward: rotary tables for the positions, and for decode
     the position tensor, the cache span to attend over and its valid-position mask."""
 
-    cos: torch.Tensor  # [seq, head_dim]
-    sin: torch.Tensor
+    cos: torch.Tensor | None  # [seq, head_dim] (None where the fused rotary kernel reads `tables`)
+    sin: torch.Tensor | None
     decode: bool
     batch: int
+    tables: tuple[torch.Tensor, torch.Tensor] | None = None  # the whole [max_seq, head_dim] cos, sin
     pos: torch.Tensor | None = None  # [1] long: where decode writes
     span: int = 0
     valid: torch.Tensor | None = None  # [span] bool
@@ -331,10 +337,19 @@ class AttentionRank:
     def __call__(self, h: torch.Tensor, step: Step) -> torch.Tensor:
         qkv = self.qkv(h)
         batch, seq, _ = qkv.shape
+        if self.kernels.rope_cache is not None:  # one kernel: q out, k and v into the cache
+            pos = step.pos if step.decode else qkv.new_zeros(1, dtype=torch.long)
+            q = self.kernels.rope_cache(qkv, *step.tables, pos, self.k_cache, self.v_cache, self.q_heads,
+                                        self.kv_heads, self.head_dim, self.kv_scale, step.decode)
+            out = self.decode_cached(q, step) if step.decode else self.prefill_cached(q, seq)
+            return self.project(out, batch, seq)
         q, k, v = self.kernels.split_rotate(qkv, step.cos, step.sin, self.q_heads, self.kv_heads, self.head_dim)
         if self.kv_scale is not None:
             k, v = fp8_round_trip(k, self.kv_scale).to(q.dtype), fp8_round_trip(v, self.kv_scale).to(q.dtype)
         out = self.decode(q, k, v, step) if step.decode else self.prefill(q, k, v)
+        return self.project(out, batch, seq)
+
+    def project(self, out: torch.Tensor, batch: int, seq: int) -> torch.Tensor:
         out = out.transpose(1, 2).reshape(batch, seq, self.q_heads * self.head_dim)
         if self.dense.a_scale is not None:
             out = self.kernels.quantize(out, self.dense.a_scale)
@@ -344,15 +359,24 @@ class AttentionRank:
         batch, _, seq, _ = k.shape
         self.k_cache[:batch, :, :seq] = k
         self.v_cache[:batch, :, :seq] = v
+        return self.prefill_cached(q, seq)
+
+    def prefill_cached(self, q, seq):
+        batch = q.shape[0]
+        k, v = self.k_cache[:batch, :, :seq], self.v_cache[:batch, :, :seq]
         groups = self.q_heads // self.kv_heads  # the rank's query heads map into its kv heads
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
 
     def decode(self, q, k, v, step: Step):
-        """One query per sequence against the cache: [batch, kv, groups, 1|hd] batched GEMMs."""
         batch = q.shape[0]
         self.k_cache[:batch].index_copy_(2, step.pos, k)
         self.v_cache[:batch].index_copy_(2, step.pos, v)
+        return self.decode_cached(q, step)
+
+    def decode_cached(self, q, step: Step):
+        """One query per sequence against the cache: [batch, kv, groups, 1|hd] batched GEMMs."""
+        batch = q.shape[0]
         keys = self.k_cache[:batch, :, : step.span]
         values = self.v_cache[:batch, :, : step.span]
         qg = q.reshape(batch, self.kv_heads, -1, self.head_dim)  # head j -> kv head j // groups
@@ -649,7 +673,7 @@ class ResidentRuntime:
         if batch > self.max_batch or seq >= self.max_seq:
             raise UserError(f"prompt batch {batch} x {seq} tokens: the cache holds "
                             f"{self.max_batch} x {self.max_seq - 1} (max_batch, max_seq - 1)")
-        step = Step(self.cos[:seq], self.sin[:seq], decode=False, batch=batch)
+        step = Step(self.cos[:seq], self.sin[:seq], decode=False, batch=batch, tables=(self.cos, self.sin))
         logits = self.forward(ids, step)
         self.pos.fill_(seq)
         self.length, self.batch = seq, batch
@@ -661,8 +685,11 @@ class ResidentRuntime:
 
     def decode_step(self, ids: torch.Tensor, span: int) -> torch.Tensor:
         """One decode step at position self.pos (a device tensor, so graphs replay it)."""
-        step = Step(self.cos.index_select(0, self.pos), self.sin.index_select(0, self.pos), decode=True,
-                    batch=ids.shape[0], pos=self.pos, span=span, valid=self.positions[:span] <= self.pos)
+        fused_rope = self.kernels.rope_cache is not None  # reads the tables at pos itself
+        cos, sin = (None, None) if fused_rope else (self.cos.index_select(0, self.pos), self.sin.index_select(0, self.pos))
+        step = Step(cos, sin, decode=True,
+                    batch=ids.shape[0], pos=self.pos, span=span, valid=self.positions[:span] <= self.pos,
+                    tables=(self.cos, self.sin))
         logits = self.forward(ids[:, None], step)[:, 0]
         self.pos.add_(1)
         return logits

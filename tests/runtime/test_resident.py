@@ -241,6 +241,28 @@ def test_fused_triton_chains_round_like_the_executor():
         assert ((a - b).abs() <= 0.13 * b.abs() + 1e-6).all()  # at most one e4m3 (or bf16) step
 
 
+@NEEDS_CUDA
+def test_fused_rope_writes_the_cache_like_the_eager_path():
+    from builder.runtime import fused, resident
+    from builder.runtime.executor import fp8_round_trip
+
+    if not fused_available():
+        pytest.skip("Triton is not importable")
+    qkv = torch.randn(2, 9, (8 + 2 * 2) * 64, device="cuda", dtype=torch.bfloat16)
+    angles = torch.arange(32, device="cuda")[:, None] * torch.rand(32, device="cuda")
+    cos, sin = torch.cat([angles, angles], -1).cos().bfloat16(), torch.cat([angles, angles], -1).sin().bfloat16()
+    for kv_scale in (None, torch.tensor(0.02, device="cuda")):
+        k_cache, v_cache = (torch.zeros(3, 2, 32, 64, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        q = fused.rope_cache(qkv, cos, sin, torch.zeros(1, dtype=torch.long, device="cuda"), k_cache, v_cache,
+                             8, 2, 64, kv_scale, False)
+        q2, k2, v2 = resident.split_rotate(qkv, cos[:9], sin[:9], 8, 2, 64)
+        if kv_scale is not None:
+            k2, v2 = (fp8_round_trip(t, kv_scale).bfloat16() for t in (k2, v2))
+        assert torch.equal(q, q2)
+        assert torch.equal(k_cache[:2, :, :9], k2) and torch.equal(v_cache[:2, :, :9], v2)
+        assert not k_cache[:, :, 9:].any() and not k_cache[2].any()  # nothing else written
+
+
 def fused_available() -> bool:
     from builder.runtime.gemv import available
 
