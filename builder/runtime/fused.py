@@ -86,11 +86,10 @@ def _kernels():
             s1 = tl.load(sin_ptr + pos * HD + half).to(tl.float32)
             s2 = tl.load(sin_ptr + pos * HD + HD // 2 + half).to(tl.float32)
             a1, a2 = x1.to(tl.float32), x2.to(tl.float32)
-            r = "rtne"
-            o1 = ((a1 * c1).to(dtype, fp_downcast_rounding=r).to(tl.float32)
-                  + (-a2 * s1).to(dtype, fp_downcast_rounding=r).to(tl.float32)).to(dtype, fp_downcast_rounding=r)
-            o2 = ((a2 * c2).to(dtype, fp_downcast_rounding=r).to(tl.float32)
-                  + (a1 * s2).to(dtype, fp_downcast_rounding=r).to(tl.float32)).to(dtype, fp_downcast_rounding=r)
+            o1 = ((a1 * c1).to(dtype, fp_downcast_rounding="rtne").to(tl.float32)
+                  + (-a2 * s1).to(dtype, fp_downcast_rounding="rtne").to(tl.float32)).to(dtype, fp_downcast_rounding="rtne")
+            o2 = ((a2 * c2).to(dtype, fp_downcast_rounding="rtne").to(tl.float32)
+                  + (a1 * s2).to(dtype, fp_downcast_rounding="rtne").to(tl.float32)).to(dtype, fp_downcast_rounding="rtne")
         else:
             o1, o2 = x1, x2
         if head >= QH and FP8_KV:  # the FP8 KV cache's values: e4m3(x / scale) * scale
