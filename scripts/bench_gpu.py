@@ -268,12 +268,14 @@ def kernel_table(prof, steps: int, top: int) -> dict:
 
 def kernel_group(name: str) -> str:
     low = name.lower()
-    if low.startswith("gemv"):
-        return "gemv (triton, one-row linears)"
-    if "triton" in low:
+    if low.startswith("skinny"):
+        return "skinny GEMM (triton)"
+    if "triton" in low or low.startswith(("add_rms_norm", "silu_mul", "rope_cache")):
         return "fused elementwise (triton)"
+    if "sdpa" in low or "flash" in low:
+        return "attention (prefill)"
     if any(s in low for s in ("gemm", "nvjet", "cutlass", "sm90_xmma", "splitk", "sm90")):
-        return "gemm"
+        return "gemm (cuBLAS)"
     if any(s in low for s in ("copy", "memcpy", "memset", "cat", "index")):
         return "copies/index"
     return "other"

@@ -21,9 +21,11 @@ fast on a GPU and checked against it:
   runs the executor's emulation instead (the same rounding of the activation, fp32 GEMM).
   The activation quantization is fused into the op that produces the activation (the RMSNorm
   and residual add before qkv/fc/gate; the SiLU-gate product before proj; the attention
-  output before dense), so it is no separate pass over memory: with `compile=True` (the
-  default on CUDA) each of these elementwise chains is one generated kernel (torch.compile).
+  output before dense), so it is no separate pass over memory: on CUDA each of these chains
+  is one kernel (Triton, builder/runtime/fused.py; torch.compile for the attention output).
   fc and gate are one GEMM over their concatenated weights (they share their FP8 scales).
+  Linears of <= 16 rows (decode) use a Triton skinny GEMM per shape where it measured faster
+  than cuBLAS (builder/runtime/gemv.py).
 - KV cache: static, on the device, one [max_batch, kv_heads, max_seq, head_dim] pair per
   attention layer and rank, sized from that layer's own KV-head count (at tp > kv_heads the
   duplicated head, as the checkpoint stores it); linear-replacement and no-op attention layers
