@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 E4M3_MAX = 448.0
@@ -41,11 +42,46 @@ def quantize_hf(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 def quantize_trtllm(weight: torch.Tensor, scale: torch.Tensor, chunk_bytes: int = 16 << 20) -> torch.Tensor:
     """E4M3 weight as ModelOpt's TensorRT-LLM export writes it (division in fp32).
 
-    Row chunks bound the fp32 temporary (elementwise, so the result is the same bits).
+    Row chunks bound the fp32 temporary (elementwise, so the result is the same bits). A 16-bit
+    weight on the CPU goes through `quantize_by_table` instead: the same bits, about twice as
+    fast and more (the fp32 division and the e4m3 rounding were most of the export's time).
     """
     scale = scale.reshape(1)
     if weight.dim() < 2:
         return (weight / scale).to(FP8)
+    if weight.dtype in TABLE_DTYPES and weight.device.type == "cpu":
+        return quantize_by_table(weight, scale)
+    return quantize_by_division(weight, scale, chunk_bytes)
+
+
+TABLE_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def e4m3_table(dtype: torch.dtype, scale: torch.Tensor) -> np.ndarray:
+    """The e4m3 byte of every 16-bit `dtype` value divided by `scale` (fp32, [1]): the exact
+    elementwise operation of `quantize_by_division`, applied once to all 65,536 bit patterns."""
+    values = torch.arange(1 << 16, dtype=torch.int32).to(torch.int16).view(dtype)
+    return (values / scale.reshape(1)).to(FP8).view(torch.uint8).numpy()
+
+
+def quantize_by_table(weight: torch.Tensor, scale: torch.Tensor, chunk: int = 1 << 20) -> torch.Tensor:
+    """`quantize_by_division`'s bits by table lookup on the weight's 16-bit patterns.
+
+    Chunks of 1M elements keep np.take's index temporary (8 bytes an element) in cache: 11x
+    faster than the division on a 64M-element weight, 2.3x with 16M chunks (2 loaded cores).
+    Every index is < 65,536, the table's length, so mode="clip" only skips the bounds check.
+    """
+    table = e4m3_table(weight.dtype, scale)
+    bits = weight.contiguous().view(torch.int16).numpy().reshape(-1).view(np.uint16)
+    out = np.empty(bits.shape, dtype=np.uint8)
+    for start in range(0, bits.size, chunk):  # bounds np.take's index temporary
+        np.take(table, bits[start : start + chunk], out=out[start : start + chunk], mode="clip")
+    return torch.from_numpy(out).view(FP8).reshape(weight.shape)
+
+
+def quantize_by_division(weight: torch.Tensor, scale: torch.Tensor, chunk_bytes: int = 16 << 20) -> torch.Tensor:
+    """e4m3(weight / scale) with the division in fp32, in row chunks."""
+    scale = scale.reshape(1)
     out = torch.empty(weight.shape, dtype=FP8, device=weight.device)
     step = max(1, chunk_bytes // (4 * weight[0].numel()))
     for start in range(0, weight.shape[0], step):

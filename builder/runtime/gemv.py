@@ -1,0 +1,120 @@
+"""Skinny GEMMs (1-16 activation rows: decode steps) through Triton, where they beat cuBLAS.
+
+At a few activation rows a linear is a pass over its weight, and how fast that pass streams
+decides the decode step. cuBLAS's FP8 kernels at M=1 read weights at about 3.5 TB/s on an H200
+(83% of the device copy bandwidth, scripts/bench_gpu.py). `skinny_gemm` is a Triton kernel on
+the tensor cores (e4m3 or bf16 `tl.dot`, fp32 accumulation) over the row-major [N, K] weight:
+each program owns BLOCK_N output features, walks K in BLOCK_K slices with the rows padded to 16,
+and applies the per-tensor scale (w_scale x a_scale, or 1) before writing the output dtype.
+
+Which one runs is measured, not assumed: `Chooser` checks the Triton kernel's result against
+cuBLAS's (1e-2 relative, else it is never used) and times both (its block sizes autotuned)
+once per (rows, N, K, dtype) with the L2 flushed before each trial
+(triton.testing.do_bench), so the choice is made for weights streamed from HBM, as in a decode
+step, and keeps cuBLAS wherever the kernel is not faster. Choices are made on the first call of
+each shape, which the runtime makes before it captures a CUDA graph.
+
+Triton is imported lazily: `available()` is False where it (or a CUDA device) is missing.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import torch
+
+MAX_ROWS = 16
+
+
+@functools.cache
+def available() -> bool:
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@functools.cache
+def _kernel():
+    import triton
+    import triton.language as tl
+    import triton.testing
+
+    configs = [
+        triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+        for bn, bk, w, s in [(16, 512, 4, 4), (32, 256, 4, 4), (32, 512, 4, 3), (64, 256, 4, 4),
+                             (64, 128, 4, 5), (128, 128, 4, 4), (16, 1024, 4, 3), (32, 1024, 8, 3)]
+    ]
+
+    def bench(fn, quantiles):  # short trials; do_bench flushes the L2 before each one
+        return triton.testing.do_bench(fn, warmup=5, rep=25, quantiles=quantiles)
+
+    @triton.autotune(configs=configs, key=["M", "N", "K"], do_bench=bench)
+    @triton.jit
+    def skinny(x_ptr, w_ptr, scale_ptr, y_ptr, M, N, K,
+               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        rows = tl.arange(0, 16)
+        cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_ok, col_ok = rows < M, cols < N
+        x_base = x_ptr + rows[:, None] * K
+        w_base = w_ptr + cols.to(tl.int64)[:, None] * K
+        acc = tl.zeros((16, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            k_ok = ks < K
+            x = tl.load(x_base + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            w = tl.load(w_base + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+            acc = tl.dot(x, tl.trans(w), acc)
+        out = acc * tl.load(scale_ptr)
+        tl.store(y_ptr + rows[:, None] * N + cols[None, :], out.to(y_ptr.dtype.element_ty),
+                 mask=row_ok[:, None] & col_ok[None, :])
+
+    return skinny
+
+
+def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """x [M <= 16, K] (same dtype as the weight) @ weight [N, K]^T x scale (0-dim fp32) -> [M, N]."""
+    import triton
+
+    m, k = x.shape
+    n = weight.shape[0]
+    y = torch.empty(m, n, dtype=out_dtype, device=weight.device)
+    _kernel()[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](x, weight, scale, y, m, n, k)
+    return y
+
+
+class Chooser:
+    """Per shape, the faster of cuBLAS and the Triton kernel (timed once, L2 flushed)."""
+
+    def __init__(self):
+        self.choices: dict[tuple, str] = {}
+
+    def run(self, key: tuple, cublas: Callable[[], torch.Tensor], triton_fn: Callable[[], torch.Tensor]) -> torch.Tensor:
+        choice = self.choices.get(key)
+        if choice is None:
+            if torch.cuda.is_current_stream_capturing():
+                return cublas()  # never time inside a capture (the runtime warms up first)
+            choice = self.choices[key] = self.measure(cublas, triton_fn)
+        return triton_fn() if choice == "triton" else cublas()  # also after a rejected result
+
+    @staticmethod
+    def measure(cublas, triton_fn) -> str:
+        import triton.testing
+
+        expected, got = cublas().float(), triton_fn().float()  # the first call autotunes
+        if not bool(((got - expected).norm() <= 1e-2 * expected.norm()).item()):
+            return "cublas (triton result rejected)"
+        times = {name: triton.testing.do_bench(fn, warmup=5, rep=40, return_mode="median")
+                 for name, fn in (("cublas", cublas), ("triton", triton_fn))}
+        return min(times, key=times.get)
+
+    def summary(self) -> list[dict]:
+        return [{"rows": k[0], "n": k[1], "k": k[2], "dtype": str(k[3]).removeprefix("torch."), "path": v}
+                for k, v in sorted(self.choices.items(), key=str)]
+
+
+CHOOSER = Chooser()
