@@ -1,0 +1,188 @@
+"""A real `tritonserver` on loopback: the one bundled in nvidia-pytriton (Triton 2.51, CPU).
+
+`TritonServer(repo).start()` launches the server binary with the Python backend, waits until
+every model is ready (bounded), and `stop()` kills it and its backend stubs (own process
+group, so no stub outlives it). Nothing here imports nvidia-pytriton's Python API: only its
+files are used (the binary, the vendored libraries, the Python backend and its stubs).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Self
+
+from builder.errors import UserError
+
+START_TIMEOUT_S = 120.0
+
+
+class ServerUnavailable(UserError):
+    """The bundled tritonserver is missing or cannot start on this machine."""
+
+
+@dataclass(frozen=True)
+class BundledTriton:
+    """Paths inside an installed nvidia-pytriton wheel."""
+
+    binary: Path
+    libs: Path
+    backend: Path  # holds libtriton_python.so and triton_python_backend_utils.py
+    stub: Path  # triton_python_backend_stub for this Python version
+
+
+def bundled_triton() -> BundledTriton:
+    """Locate the server files of nvidia-pytriton without importing it (its API pins numpy<2)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("pytriton")
+    if spec is None or not spec.submodule_search_locations:
+        raise ServerUnavailable("nvidia-pytriton is not installed (pip install --no-deps nvidia-pytriton==0.7.0)")
+    root = Path(next(iter(spec.submodule_search_locations)))
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    found = BundledTriton(
+        binary=root / "tritonserver" / "bin" / "tritonserver",
+        libs=root.parent / "nvidia_pytriton.libs",
+        backend=root / "tritonserver" / "backends" / "python",
+        stub=root / "tritonserver" / "python_backend_stubs" / version / "triton_python_backend_stub",
+    )
+    for path in (found.binary, found.libs, found.backend / "libtriton_python.so", found.stub):
+        if not path.exists():
+            raise ServerUnavailable(f"{path}: missing from nvidia-pytriton")
+    return found
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def backend_directory(bundle: BundledTriton, where: Path) -> Path:
+    """A --backend-directory whose python/ pairs the backend with this Python's stub."""
+    python = where / "python"
+    python.mkdir(parents=True, exist_ok=True)
+    for source in (bundle.backend / "libtriton_python.so", bundle.backend / "triton_python_backend_utils.py",
+                   bundle.stub):
+        link = python / source.name
+        if not link.exists():
+            link.symlink_to(source)
+    return where
+
+
+@dataclass
+class TritonServer:
+    """One tritonserver process serving `repository` on 127.0.0.1 (HTTP and gRPC)."""
+
+    repository: Path
+    http_port: int = 0
+    grpc_port: int = 0
+    log_path: Path | None = None
+    extra_args: tuple[str, ...] = ()
+    process: subprocess.Popen | None = field(default=None, repr=False)
+    startup_seconds: float | None = None
+    final_log: str = ""  # the log's tail, kept when stop() removes the temporary log
+    _workdir: tempfile.TemporaryDirectory | None = field(default=None, repr=False)
+
+    @property
+    def http_url(self) -> str:
+        return f"127.0.0.1:{self.http_port}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    def command(self, bundle: BundledTriton, backends: Path) -> list[str]:
+        return [
+            str(bundle.binary), "--model-repository", str(Path(self.repository).resolve()),
+            "--backend-directory", str(backends),
+            "--http-address", "127.0.0.1", "--http-port", str(self.http_port),
+            "--grpc-address", "127.0.0.1", "--grpc-port", str(self.grpc_port),
+            "--allow-metrics=false", "--exit-on-error=true", "--disable-auto-complete-config",
+            "--strict-readiness=true", *self.extra_args,
+        ]
+
+    def start(self, timeout: float = START_TIMEOUT_S) -> TritonServer:
+        bundle = bundled_triton()
+        self.http_port = self.http_port or free_port()
+        self.grpc_port = self.grpc_port or free_port()
+        self._workdir = tempfile.TemporaryDirectory(prefix="builder-triton-")
+        work = Path(self._workdir.name)
+        backends = backend_directory(bundle, work / "backends")
+        self.log_path = self.log_path or work / "tritonserver.log"
+        env = {**os.environ, "LD_LIBRARY_PATH": os.pathsep.join(
+            p for p in (str(bundle.libs), os.environ.get("LD_LIBRARY_PATH", "")) if p)}
+        started = time.perf_counter()
+        with open(self.log_path, "w") as log:
+            # A new session: stop() signals the whole group, backend stubs included.
+            self.process = subprocess.Popen(self.command(bundle, backends), stdout=log, stderr=subprocess.STDOUT,
+                                            env=env, start_new_session=True)
+        try:
+            self._wait_ready(timeout)
+        except BaseException:
+            self.stop()
+            raise
+        self.startup_seconds = time.perf_counter() - started
+        return self
+
+    def _wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        url = f"http://{self.http_url}/v2/health/ready"
+        while time.monotonic() < deadline:
+            assert self.process is not None
+            if self.process.poll() is not None:
+                raise ServerUnavailable(f"tritonserver exited with code {self.process.returncode} before it was "
+                                        f"ready; last lines of its log:\n{self.log_tail()}")
+            try:
+                with urllib.request.urlopen(url, timeout=2) as response:
+                    if response.status == 200:
+                        return
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass
+            time.sleep(0.2)
+        raise ServerUnavailable(f"tritonserver not ready after {timeout:.0f} s; last lines of its log:\n"
+                                f"{self.log_tail()}")
+
+    def log_tail(self, lines: int = 25) -> str:
+        try:
+            return "\n".join(Path(self.log_path).read_text(errors="replace").splitlines()[-lines:])
+        except (OSError, TypeError):
+            return ""
+
+    def stop(self, grace: float = 10.0) -> None:
+        """SIGTERM to the server's process group, SIGKILL after `grace` seconds."""
+        process, self.process = self.process, None
+        if process is not None and process.poll() is None:
+            try:
+                os.killpg(process.pid, signal.SIGTERM)
+                process.wait(grace)
+            except subprocess.TimeoutExpired:
+                pass
+            except ProcessLookupError:
+                pass
+        if process is not None:
+            try:
+                os.killpg(process.pid, signal.SIGKILL)  # stubs left in the group
+            except ProcessLookupError:
+                pass
+            process.wait()
+        if self._workdir is not None:
+            if self.log_path and Path(self.log_path).is_relative_to(self._workdir.name):
+                self.final_log = self.log_tail(200)
+            self._workdir.cleanup()
+            self._workdir = None
+
+    def __enter__(self) -> Self:
+        return self.start() if self.process is None else self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
