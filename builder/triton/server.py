@@ -61,6 +61,33 @@ def bundled_triton() -> BundledTriton:
     return found
 
 
+# The bundled Python-backend stub's pybind11 was built against numpy 1.x: under numpy 2 it
+# hands string tensors to Python with every byte replaced by the first one. The stub gets
+# numpy 1.26 from this directory (scripts/install.sh installs it there), ahead of the venv.
+STUB_SITE = Path(sys.prefix) / "triton-stub-site"
+STUB_NUMPY_HINT = f"pip install --no-deps --target {STUB_SITE} numpy==1.26.4"
+
+
+def stub_site() -> Path:
+    numpy_dir = STUB_SITE / "numpy"
+    if not numpy_dir.is_dir():
+        raise ServerUnavailable(f"{STUB_SITE}: no numpy 1.x for the Python-backend stub (its pybind11 needs numpy<2; "
+                                f"numpy 2 corrupts string tensors): {STUB_NUMPY_HINT}")
+    return STUB_SITE
+
+
+def python_paths() -> list[str]:
+    """Directories the Python-backend stub needs on sys.path: numpy 1.x (stub_site), this
+    interpreter's packages (transformers, torch) and the directory holding `builder`."""
+    import sysconfig
+
+    import builder
+
+    paths = [str(stub_site()), sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"],
+             str(Path(builder.__file__).resolve().parents[1])]
+    return list(dict.fromkeys(paths))
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -120,7 +147,9 @@ class TritonServer:
         backends = backend_directory(bundle, work / "backends")
         self.log_path = self.log_path or work / "tritonserver.log"
         env = {**os.environ, "LD_LIBRARY_PATH": os.pathsep.join(
-            p for p in (str(bundle.libs), os.environ.get("LD_LIBRARY_PATH", "")) if p)}
+            p for p in (str(bundle.libs), os.environ.get("LD_LIBRARY_PATH", "")) if p),
+            # The stub's embedded interpreter ignores PYTHONPATH; our model.py files read this.
+            "BUILDER_TRITON_PYTHONPATH": os.pathsep.join(python_paths())}
         started = time.perf_counter()
         with open(self.log_path, "w") as log:
             # A new session: stop() signals the whole group, backend stubs included.
