@@ -17,6 +17,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Self
@@ -106,6 +107,17 @@ def backend_directory(bundle: BundledTriton, where: Path) -> Path:
     return where
 
 
+def _wait_group_gone(pgid: int, timeout: float = 10.0) -> None:
+    """Until no process of group `pgid` is left (killed stubs take a moment to exit)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)
+
+
 @dataclass
 class TritonServer:
     """One tritonserver process serving `repository` on 127.0.0.1 (HTTP and gRPC)."""
@@ -118,6 +130,7 @@ class TritonServer:
     process: subprocess.Popen | None = field(default=None, repr=False)
     startup_seconds: float | None = None
     final_log: str = ""  # the log's tail, kept when stop() removes the temporary log
+    shm_prefix: str = field(default_factory=lambda: f"builder_triton_{uuid.uuid4().hex[:12]}_")
     _workdir: tempfile.TemporaryDirectory | None = field(default=None, repr=False)
 
     @property
@@ -135,7 +148,8 @@ class TritonServer:
             "--http-address", "127.0.0.1", "--http-port", str(self.http_port),
             "--grpc-address", "127.0.0.1", "--grpc-port", str(self.grpc_port),
             "--allow-metrics=false", "--exit-on-error=true", "--disable-auto-complete-config",
-            "--strict-readiness=true", *self.extra_args,
+            "--strict-readiness=true", "--exit-timeout-secs=5",
+            f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}", *self.extra_args,
         ]
 
     def start(self, timeout: float = START_TIMEOUT_S) -> TritonServer:
@@ -187,26 +201,28 @@ class TritonServer:
         except (OSError, TypeError):
             return ""
 
-    def stop(self, grace: float = 10.0) -> None:
-        """SIGTERM to the server's process group, SIGKILL after `grace` seconds."""
+    def stop(self, grace: float = 5.0) -> None:
+        """SIGTERM to the server (it unloads the models and stops their stubs), SIGKILL to its
+        whole process group after `grace` seconds or once it has exited, so nothing outlives it."""
         process, self.process = self.process, None
-        if process is not None and process.poll() is None:
-            try:
-                os.killpg(process.pid, signal.SIGTERM)
-                process.wait(grace)
-            except subprocess.TimeoutExpired:
-                pass
-            except ProcessLookupError:
-                pass
         if process is not None:
+            if process.poll() is None:
+                process.terminate()
+                try:
+                    process.wait(grace)
+                except subprocess.TimeoutExpired:
+                    pass
             try:
-                os.killpg(process.pid, signal.SIGKILL)  # stubs left in the group
+                os.killpg(process.pid, signal.SIGKILL)  # the server if still up, and any stub left
             except ProcessLookupError:
                 pass
             process.wait()
+            _wait_group_gone(process.pid)
+            # Shared-memory regions of killed stubs would outlive them.
+            for region in Path("/dev/shm").glob(f"{self.shm_prefix}*"):
+                region.unlink(missing_ok=True)
         if self._workdir is not None:
-            if self.log_path and Path(self.log_path).is_relative_to(self._workdir.name):
-                self.final_log = self.log_tail(200)
+            self.final_log = self.log_tail(200)
             self._workdir.cleanup()
             self._workdir = None
 

@@ -9,6 +9,7 @@ generated files, unchanged.
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -16,8 +17,10 @@ from builder.errors import UserError
 from builder.triton.repository import MODELS_DIR, pymodel_source
 
 
-def executor_repository(out: str | Path, checkpoint: str | Path, dest: str | Path, torch_threads: int = 1) -> Path:
-    """`dest`: OUT's model repository with tensorrt_llm served by the CPU executor."""
+def executor_repository(out: str | Path, checkpoint: str | Path, dest: str | Path, torch_threads: int = 1,
+                        instances: int | None = None) -> Path:
+    """`dest`: OUT's model repository with tensorrt_llm served by the CPU executor.
+    `instances` sets every model's instance count (one Python process each) for small hosts."""
     from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2
 
@@ -37,4 +40,8 @@ def executor_repository(out: str | Path, checkpoint: str | Path, dest: str | Pat
     path.write_text("# tensorrt_llm replaced by builder's CPU executor (builder/triton/standin.py)\n"
                     + text_format.MessageToString(config))
     (dest / "tensorrt_llm" / "1" / "model.py").write_text(pymodel_source("executor.py"))
+    if instances is not None:
+        for other in dest.glob("*/config.pbtxt"):
+            text = other.read_text()
+            other.write_text(re.sub(r"(\bcount:\s*)\d+", rf"\g<1>{instances}", text))
     return dest
