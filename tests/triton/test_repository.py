@@ -119,14 +119,17 @@ def test_pytorch_backend_gets_the_llmapi_repository(tiny_build, tmp_path):
     assert [f.line() for f in check_repository(out) if f.is_error] == []
 
 
-def test_cli_writes_and_checks(tiny_build, tmp_path):
+def test_cli_writes_and_checks_with_exit_codes(tiny_build, tmp_path):
     out = tmp_path / "cli-repo"
     run = [sys.executable, "-m", "builder", "triton"]
     made = subprocess.run([*run, str(tiny_build.build_dir), str(out), "--tokenizer", str(tiny_build.hf_dir),
                            "--decoupled"], capture_output=True, text=True, check=False)
-    assert made.returncode == 0, made.stderr
+    assert made.returncode == 0, made.stderr  # generation runs the check: 0 = no findings
     assert "inflight_batcher_llm repository" in made.stdout
-    checked = subprocess.run([*run, "check", str(out)], capture_output=True, text=True, check=False)
-    assert checked.returncode == 0 and f"{out}: ok" in checked.stdout, checked.stderr
+    config = out / MODELS_DIR / "tensorrt_llm" / "config.pbtxt"
+    config.write_text(config.read_text().replace("decoupled: true", "decoupled: false"))
+    findings = subprocess.run([*run, "check", str(out)], capture_output=True, text=True, check=False)
+    assert findings.returncode == 1 and findings.stderr.startswith("error: "), findings.stderr
+    assert "decoupled is false but the repository was generated for streaming" in findings.stderr
     bad = subprocess.run([*run, "check", str(tiny_build.hf_dir)], capture_output=True, text=True, check=False)
     assert bad.returncode == 2 and bad.stderr.startswith("error: ") and "Traceback" not in bad.stderr
