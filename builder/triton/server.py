@@ -127,6 +127,7 @@ class TritonServer:
     grpc_port: int = 0
     log_path: Path | None = None
     extra_args: tuple[str, ...] = ()
+    auto_complete: bool = False  # the LLM-API model sets max_batch_size/decoupled through it
     process: subprocess.Popen | None = field(default=None, repr=False)
     startup_seconds: float | None = None
     final_log: str = ""  # the log's tail, kept when stop() removes the temporary log
@@ -147,8 +148,8 @@ class TritonServer:
             "--backend-directory", str(backends),
             "--http-address", "127.0.0.1", "--http-port", str(self.http_port),
             "--grpc-address", "127.0.0.1", "--grpc-port", str(self.grpc_port),
-            "--allow-metrics=false", "--exit-on-error=true", "--disable-auto-complete-config",
-            "--strict-readiness=true", "--exit-timeout-secs=5",
+            "--allow-metrics=false", "--exit-on-error=true",
+            *(() if self.auto_complete else ("--disable-auto-complete-config",)), "--strict-readiness=true", "--exit-timeout-secs=5",
             f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}", *self.extra_args,
         ]
 

@@ -6,6 +6,7 @@ what the executor generates directly."""
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 
@@ -78,3 +79,29 @@ def test_log_probs_match_the_executor(triton_server, expected):
     assert response["output_log_probs"] == pytest.approx(generated.log_probs, rel=1e-4, abs=1e-5)
     assert response["cum_log_probs"] == pytest.approx(generated.cum_log_prob, rel=1e-4)
     assert all(lp <= 0 and math.isfinite(lp) for lp in response["output_log_probs"])
+
+
+def test_llmapi_repository_loads_up_to_the_missing_tensorrt_llm(tiny_build, tmp_path):
+    """The LLM-API repository through the real server: config.pbtxt is accepted, model.py is
+    imported and its auto-complete applies model.yaml; loading stops only at `import
+    tensorrt_llm`, which cannot be installed here."""
+    from builder.triton import TritonOptions, read_build_record, write_repository
+    from builder.triton.repository import MODELS_DIR
+    from builder.triton.server import ServerUnavailable, TritonServer, bundled_triton
+
+    try:
+        bundled_triton()
+    except ServerUnavailable as err:
+        pytest.skip(f"tritonserver cannot start here: {err}")
+    out = tmp_path / "llmapi"
+    write_repository(read_build_record(tiny_build.pytorch_dir),
+                     TritonOptions(tokenizer_dir=tiny_build.hf_dir, decoupled=True), out)
+    server = TritonServer(out / MODELS_DIR, auto_complete=True, extra_args=("--log-verbose=1",))
+    with pytest.raises(ServerUnavailable):
+        server.start(timeout=120)
+    log = server.final_log
+    assert "No module named 'tensorrt_llm'" in log, log
+    assert "failed to read text proto" not in log
+    # The model configuration the server logged after auto-complete: triton_config of model.yaml.
+    completed = next(line for line in log.splitlines() if "model configuration" in line and "tensorrt_llm" in line)
+    assert re.search(r'decoupled\\?": true', completed), completed
