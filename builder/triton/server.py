@@ -202,7 +202,7 @@ class TritonServer:
         except (OSError, TypeError):
             return ""
 
-    def stop(self, grace: float = 5.0) -> None:
+    def stop(self, grace: float = 3.0) -> None:
         """SIGTERM to the server (it unloads the models and stops their stubs), SIGKILL to its
         whole process group after `grace` seconds or once it has exited, so nothing outlives it."""
         process, self.process = self.process, None
