@@ -28,7 +28,15 @@ START_TIMEOUT_S = 120.0
 
 
 class ServerUnavailable(UserError):
-    """The bundled tritonserver is missing or cannot start on this machine."""
+    """The bundled tritonserver is missing or its binary cannot run on this machine."""
+
+
+class ServerFailed(UserError):
+    """tritonserver ran but did not become ready (a model failed to load, or too slow)."""
+
+
+# The binary itself cannot run here (missing glibc/libraries, not executable).
+_CANNOT_RUN = ("error while loading shared libraries", "GLIBC_", "cannot execute", "Exec format error")
 
 
 @dataclass(frozen=True)
@@ -148,8 +156,8 @@ class TritonServer:
             "--backend-directory", str(backends),
             "--http-address", "127.0.0.1", "--http-port", str(self.http_port),
             "--grpc-address", "127.0.0.1", "--grpc-port", str(self.grpc_port),
-            "--allow-metrics=false", "--exit-on-error=true",
-            *(() if self.auto_complete else ("--disable-auto-complete-config",)), "--strict-readiness=true", "--exit-timeout-secs=5",
+            "--allow-metrics=false", "--exit-on-error=true", "--strict-readiness=true",
+            "--exit-timeout-secs=5", *(() if self.auto_complete else ("--disable-auto-complete-config",)),
             f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}", *self.extra_args,
         ]
 
@@ -184,8 +192,11 @@ class TritonServer:
         while time.monotonic() < deadline:
             assert self.process is not None
             if self.process.poll() is not None:
-                raise ServerUnavailable(f"tritonserver exited with code {self.process.returncode} before it was "
-                                        f"ready; last lines of its log:\n{self.log_tail()}")
+                log = self.log_tail(400)
+                cannot_run = self.process.returncode in (126, 127) or any(m in log for m in _CANNOT_RUN)
+                error = ServerUnavailable if cannot_run else ServerFailed
+                raise error(f"tritonserver exited with code {self.process.returncode} before it was ready:\n"
+                            f"{self.errors()}")
             try:
                 with urllib.request.urlopen(url, timeout=2) as response:
                     if response.status == 200:
@@ -193,8 +204,13 @@ class TritonServer:
             except (urllib.error.URLError, ConnectionError, TimeoutError):
                 pass
             time.sleep(0.2)
-        raise ServerUnavailable(f"tritonserver not ready after {timeout:.0f} s; last lines of its log:\n"
-                                f"{self.log_tail()}")
+        raise ServerFailed(f"tritonserver not ready after {timeout:.0f} s:\n{self.errors()}")
+
+    def errors(self) -> str:
+        """The log's error lines (glog severity E, `error:`), or its last lines if it has none."""
+        lines = self.log_tail(2000).splitlines()
+        found = [line for line in lines if line[:1] == "E" and line[1:2].isdigit() or line.startswith("error:")]
+        return "\n".join(found[-20:]) or "\n".join(lines[-25:])
 
     def log_tail(self, lines: int = 25) -> str:
         try:

@@ -87,7 +87,7 @@ def test_llmapi_repository_loads_up_to_the_missing_tensorrt_llm(tiny_build, tmp_
     tensorrt_llm`, which cannot be installed here."""
     from builder.triton import TritonOptions, read_build_record, write_repository
     from builder.triton.repository import MODELS_DIR
-    from builder.triton.server import ServerUnavailable, TritonServer, bundled_triton
+    from builder.triton.server import ServerFailed, ServerUnavailable, TritonServer, bundled_triton
 
     try:
         bundled_triton()
@@ -97,7 +97,7 @@ def test_llmapi_repository_loads_up_to_the_missing_tensorrt_llm(tiny_build, tmp_
     write_repository(read_build_record(tiny_build.pytorch_dir),
                      TritonOptions(tokenizer_dir=tiny_build.hf_dir, decoupled=True), out)
     server = TritonServer(out / MODELS_DIR, auto_complete=True, extra_args=("--log-verbose=1",))
-    with pytest.raises(ServerUnavailable):
+    with pytest.raises(ServerFailed, match="No module named 'tensorrt_llm'"):
         server.start(timeout=120)
     log = server.final_log
     assert "No module named 'tensorrt_llm'" in log, log
