@@ -86,6 +86,7 @@ class Checker:
         self.repository = root / MODELS_DIR if (root / MODELS_DIR).is_dir() else root
         self.findings: list[Finding] = []
         self.models: dict[str, Model] = {}
+        self.unreadable: set[str] = set()  # models whose config.pbtxt did not parse (already reported)
         record = root / RECORD_FILE
         self.record: dict[str, Any] = json.loads(record.read_text()) if record.is_file() else {}
         self.layout = self.record.get("layout")
@@ -116,6 +117,7 @@ class Checker:
                 config = text_format.Parse(text, model_config())
             except text_format.ParseError as err:
                 self.error(path, self._parse_message(text, err))
+                self.unreadable.add(directory.name)
                 continue
             if config.name and config.name != directory.name:
                 self.error(path, f"name {config.name!r} differs from its directory {directory.name!r}")
@@ -138,7 +140,7 @@ class Checker:
     # ---- 2. cross-model checks -------------------------------------------------------------------------
     def check_engine_layout(self) -> None:
         missing = [m for m in ("preprocessing", "tensorrt_llm", "postprocessing", "ensemble", "tensorrt_llm_bls")
-                   if m not in self.models]
+                   if m not in self.models and m not in self.unreadable]
         for name in missing:
             self.error(self.repository / name, "model missing from the in-flight batching repository")
         self.check_tokenizer_params()
@@ -181,7 +183,7 @@ class Checker:
                        f"remote code): {loaded[value]}")
 
     def check_ensemble(self, ensemble: Model) -> None:
-        produced: dict[str, tuple[Any, str]] = {name: (t, "ensemble input") for name, t in
+        produced: dict[str, tuple[Any, str] | None] = {name: (t, "ensemble input") for name, t in
                                                 ensemble.tensors("input").items()}
         steps = list(ensemble.config.ensemble_scheduling.step)
         members = [s.model_name for s in steps]
@@ -191,7 +193,10 @@ class Checker:
         for step in steps:
             member = self.models.get(step.model_name)
             if member is None:
-                self.error(ensemble.path, f"step {step.model_name}: no such model in the repository")
+                if step.model_name not in self.unreadable:
+                    self.error(ensemble.path, f"step {step.model_name}: no such model in the repository")
+                for value in step.output_map.values():
+                    produced[value] = None  # unknown: its config did not parse, that error stands alone
                 continue
             where = f"{ensemble.path} (step {step.model_name})"
             mb, eb = member.config.max_batch_size, ensemble.config.max_batch_size
@@ -208,7 +213,7 @@ class Checker:
                 elif value not in produced:
                     self.error(where, f"input_map {key!r} <- {value!r}: no ensemble input or earlier step output "
                                f"named {value!r}")
-                else:
+                elif produced[value] is not None:
                     self.compare(where, f"{value!r} -> {step.model_name}.{key}", produced[value][0], inputs[key],
                                  produced[value][1])
             for name, tensor in inputs.items():
@@ -222,7 +227,7 @@ class Checker:
         for name, tensor in ensemble.tensors("output").items():
             if name not in produced:
                 self.error(ensemble.path, f"output {name!r}: no step produces it")
-            else:
+            elif produced[name] is not None:
                 self.compare(ensemble.path, f"{produced[name][1]} -> output {name!r}", produced[name][0], tensor,
                              produced[name][1])
 
