@@ -57,14 +57,16 @@ def tiny_build(tmp_path_factory) -> TinyBuild:
 
 @pytest.fixture(scope="session")
 def triton_server(tiny_build, tmp_path_factory):
-    """The generated engine repository (decoupled, one instance per model) served for real."""
+    """The generated engine repository (decoupled, one instance per model; the BLS model
+    accumulates streamed tokens, the ensemble sends each new token's text) served for real."""
     from builder.triton import TritonOptions, read_build_record, write_repository
     from builder.triton.server import ServerUnavailable, TritonServer
     from builder.triton.standin import executor_repository
 
     root = tmp_path_factory.mktemp("triton-serve")
     out = root / "repo"
-    options = TritonOptions(tokenizer_dir=tiny_build.hf_dir, decoupled=True, tokenizer_instances=1, bls_instances=1)
+    options = TritonOptions(tokenizer_dir=tiny_build.hf_dir, decoupled=True, tokenizer_instances=1, bls_instances=1,
+                            accumulate_tokens=True)
     write_repository(read_build_record(tiny_build.build_dir), options, out)
     served = executor_repository(out, tiny_build.checkpoint, root / "served")
     server = TritonServer(served)

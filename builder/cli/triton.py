@@ -58,6 +58,8 @@ def triton() -> None:
 @click.option("--tokenizer-instances", type=int, default=4, show_default=True,
               help="Instances of preprocessing and postprocessing.")
 @click.option("--bls-instances", type=int, help="Instances of tensorrt_llm_bls (default: max_batch_size).")
+@click.option("--accumulate-tokens", is_flag=True, help="tensorrt_llm_bls streaming: every response carries "
+              "the text of all tokens so far instead of the new token's.")
 @click.option("--http-port", type=int, default=8000, show_default=True)
 @click.option("--grpc-port", type=int, default=8001, show_default=True)
 @click.option("--metrics-port", type=int, default=8002, show_default=True)
@@ -66,7 +68,7 @@ def triton() -> None:
 def generate(build_dir: str, out: str, tokenizer: str, max_batch_size: int | None, decoupled: bool,
              kv_fraction: float | None, max_kv_tokens: int | None, batch_scheduler_policy: str,
              kv_cache_reuse: bool, include_input: bool, tokenizer_instances: int, bls_instances: int | None,
-             http_port: int, grpc_port: int, metrics_port: int, overwrite: bool, as_json: bool) -> None:
+             accumulate_tokens: bool, http_port: int, grpc_port: int, metrics_port: int, overwrite: bool, as_json: bool) -> None:
     """Write the Triton model repository of BUILD_DIR into OUT."""
     from builder.triton import TritonOptions, read_build_record, write_repository
     from builder.triton.check import check_repository, format_findings
@@ -76,7 +78,8 @@ def generate(build_dir: str, out: str, tokenizer: str, max_batch_size: int | Non
         tokenizer_dir=Path(tokenizer), max_batch_size=max_batch_size, decoupled=decoupled, kv_fraction=kv_fraction,
         max_kv_tokens=max_kv_tokens, batch_scheduler_policy=batch_scheduler_policy,
         enable_kv_cache_reuse=kv_cache_reuse, exclude_input_in_output=not include_input,
-        tokenizer_instances=tokenizer_instances, bls_instances=bls_instances, http_port=http_port,
+        tokenizer_instances=tokenizer_instances, bls_instances=bls_instances,
+        accumulate_tokens=accumulate_tokens, http_port=http_port,
         grpc_port=grpc_port, metrics_port=metrics_port)
     generated = write_repository(record, options, out, overwrite=overwrite)
     findings = check_repository(out)

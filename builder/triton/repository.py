@@ -59,6 +59,7 @@ class TritonOptions:
     exclude_input_in_output: bool = True
     tokenizer_instances: int = 4
     bls_instances: int | None = None  # None: max_batch_size
+    accumulate_tokens: bool = False  # BLS streaming: each response has the text of all tokens so far
     http_port: int = 8000
     grpc_port: int = 8001
     metrics_port: int = 8002
@@ -202,7 +203,7 @@ def engine_configs(record: BuildRecord, options: TritonOptions, settings: dict[s
         "tensorrt_llm_bls": {
             "name": "tensorrt_llm_bls", "backend": "python", "max_batch_size": batch,
             "model_transaction_policy": decoupled, **_io("tensorrt_llm_bls", dtypes),
-            "parameters": {"accumulate_tokens": "false", "tensorrt_llm_model_name": "tensorrt_llm",
+            "parameters": {"accumulate_tokens": _flag(options.accumulate_tokens), "tensorrt_llm_model_name": "tensorrt_llm",
                            "preprocessing_model_name": "preprocessing",
                            "postprocessing_model_name": "postprocessing"},
             "instance_group": _instances(bls_instances),

@@ -32,6 +32,8 @@ def expected(tiny_build, one_torch_thread):
                 "generated": generated,
                 "text": tokenizer.decode(generated.tokens, skip_special_tokens=True),
                 "chunks": [tokenizer.decode([t], skip_special_tokens=True) for t in generated.tokens],
+                "accumulated": [tokenizer.decode(generated.tokens[: i + 1], skip_special_tokens=True)
+                                for i in range(len(generated.tokens))],
             }
     return answers
 
@@ -56,15 +58,18 @@ def test_text_matches_the_executor_over_http_and_grpc(triton_server, expected, m
                   f"executor {answer['text']!r}")
 
 
-@pytest.mark.parametrize("model", ["ensemble", "tensorrt_llm_bls"])
-def test_streaming_sends_one_response_per_token(triton_server, expected, model, capsys):
+@pytest.mark.parametrize(("model", "kind"), [("ensemble", "chunks"), ("tensorrt_llm_bls", "accumulated")])
+def test_streaming_sends_one_response_per_token(triton_server, expected, model, kind, capsys):
+    """The ensemble streams each new token's text; the BLS model (accumulate_tokens) the text so far."""
     prompt = "What is the capital of France?"
     answer = expected[prompt]
     fields = {"text_input": prompt, "max_tokens": MAX_TOKENS, "stream": True}
     http = [event["text_output"] for event in generate_stream_http(triton_server.http_url, model, fields)]
     grpc = grpc_texts(generate_grpc_stream(triton_server.grpc_url, model, fields))
-    assert http == answer["chunks"]
-    assert grpc == answer["chunks"]
+    assert http == answer[kind]
+    assert grpc == answer[kind]
+    if kind == "accumulated":
+        assert http[-1] == answer["text"]  # the last response is the whole answer
     with capsys.disabled():
         print(f"\n  {model} streamed {len(http)} responses over HTTP and gRPC: {http!r}")
 

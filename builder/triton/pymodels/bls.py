@@ -13,6 +13,7 @@ import sys
 
 sys.path[:0] = [p for p in os.environ.get("BUILDER_TRITON_PYTHONPATH", "").split(os.pathsep) if p and p not in sys.path]
 
+import numpy as np
 import triton_python_backend_utils as pb_utils
 
 PREPROCESSING_INPUTS = {"QUERY": "text_input", "REQUEST_OUTPUT_LEN": "max_tokens", "BAD_WORDS_DICT": "bad_words",
@@ -46,6 +47,9 @@ class TritonPythonModel:
         self.pre = parameter(config, "preprocessing_model_name", "preprocessing")
         self.post = parameter(config, "postprocessing_model_name", "postprocessing")
         self.outputs = [o["name"] for o in config["output"]]
+        # Streaming with accumulate_tokens: each response carries the text of all tokens so far
+        # (multi-byte characters split across tokens then decode whole).
+        self.accumulate = parameter(config, "accumulate_tokens", "false").lower() in ("true", "1", "yes")
 
     def execute(self, requests):
         responses = []
@@ -83,9 +87,10 @@ class TritonPythonModel:
                    if (t := pb_utils.get_input_tensor_by_name(request, v)) is not None]
         return inputs
 
-    def text_response(self, llm_response):
-        tokens = pb_utils.get_output_tensor_by_name(llm_response, "output_ids").as_numpy()
-        lengths = pb_utils.get_output_tensor_by_name(llm_response, "sequence_length").as_numpy()
+    def text_response(self, llm_response, tokens=None, lengths=None):
+        if tokens is None:
+            tokens = pb_utils.get_output_tensor_by_name(llm_response, "output_ids").as_numpy()
+            lengths = pb_utils.get_output_tensor_by_name(llm_response, "sequence_length").as_numpy()
         post = self.call(self.post, [pb_utils.Tensor("TOKENS_BATCH", tokens), pb_utils.Tensor("SEQUENCE_LENGTH", lengths)],
                          ["OUTPUT"])
         tensors = [pb_utils.Tensor("text_output", pb_utils.get_output_tensor_by_name(post, "OUTPUT").as_numpy())]
@@ -103,6 +108,7 @@ class TritonPythonModel:
         sender = request.get_response_sender()
         final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
         pending = None  # hold one response back: the last one goes out with the final flag
+        so_far = None  # accumulated output_ids [batch, beams, tokens]
         for llm_response in self.call(self.llm, self.llm_request(request),
                                       ["output_ids", "sequence_length", *PASSED_THROUGH], decoupled=True):
             if llm_response.has_error():
@@ -111,7 +117,15 @@ class TritonPythonModel:
                 continue  # a flag-only final response
             if pending is not None:
                 sender.send(pending)
-            pending = self.text_response(llm_response)
+            if self.accumulate:
+                tokens = pb_utils.get_output_tensor_by_name(llm_response, "output_ids").as_numpy()
+                lengths = pb_utils.get_output_tensor_by_name(llm_response, "sequence_length").as_numpy()
+                new = tokens[..., : int(lengths.reshape(-1)[0])]
+                so_far = new if so_far is None else np.concatenate([so_far, new], axis=-1)
+                full = np.full(lengths.shape, so_far.shape[-1], dtype=lengths.dtype)
+                pending = self.text_response(llm_response, so_far, full)
+            else:
+                pending = self.text_response(llm_response)
         if pending is not None:
             sender.send(pending, flags=final)
         else:
