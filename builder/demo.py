@@ -17,6 +17,9 @@ from rich.console import Console
 from rich.table import Table
 
 DEMO_PROMPT = "What is the capital of France?"
+# Tokens the demo asks of Triton: each is a full forward of the 162-layer FP8 synthetic model
+# (the executor has no KV cache yet), about 0.5 s on two cores.
+TRITON_TOKENS = 2
 
 
 @dataclass
@@ -145,6 +148,60 @@ def step_dry_run_build(ctx: DemoContext) -> None:
     ctx.console.print("  no engine was built: trtllm-build needs TensorRT-LLM <= 1.2.x on a GPU host")
 
 
+def step_triton(ctx: DemoContext) -> None:
+    import shutil
+
+    import torch
+
+    from builder.runtime import TrtllmCheckpointExecutor
+    from builder.triton import TritonOptions, load_tokenizer, read_build_record, write_repository
+    from builder.triton.check import check_repository
+    from builder.triton.client import generate_http
+    from builder.triton.reference import greedy_generate
+    from builder.triton.server import ServerUnavailable, TritonServer
+    from builder.triton.standin import executor_repository
+
+    out = ctx.path("triton-h100x4-fp8")
+    options = TritonOptions(tokenizer_dir=ctx.results["ultra_synth"], decoupled=True)
+    generated = write_repository(read_build_record(ctx.path("engine-h100x4-fp8")), options, out, overwrite=True)
+    problems = [f.line() for f in check_repository(out) if f.is_error]
+    if problems:
+        raise RuntimeError("generated Triton repository fails its check:\n" + "\n".join(problems))
+    ctx.results["triton"] = {"repository": str(out), "layout": generated["layout"], "check": "ok"}
+    ctx.console.print(f"Triton repository {out} ({generated['layout']}, world size {generated['world_size']}): "
+                      "check ok")
+    checkpoint = ctx.results["ultra_synth_fp8"] / "trtllm"
+    if ctx.path("triton-served").exists():
+        shutil.rmtree(ctx.path("triton-served"))
+    # One instance per model: each is a Python process on this small host.
+    served = executor_repository(out, checkpoint, ctx.path("triton-served"), instances=1)
+    try:
+        with TritonServer(served) as server:
+            answer = generate_http(server.http_url, "ensemble",
+                                   {"text_input": DEMO_PROMPT, "max_tokens": TRITON_TOKENS}, timeout=300)
+            started = server.startup_seconds
+    except ServerUnavailable as err:
+        ctx.results["triton"]["served"] = f"skipped: {err}"
+        ctx.console.print(f"  tritonserver cannot start here, not served: {err}")
+        return
+    tokenizer = load_tokenizer(ctx.results["ultra_synth"])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the server; tiny matmuls on two busy cores stall in OpenMP barriers
+    try:
+        with TrtllmCheckpointExecutor(checkpoint) as executor:
+            direct = greedy_generate(executor, tokenizer.encode(DEMO_PROMPT), TRITON_TOKENS, tokenizer.eos_token_id)
+    finally:
+        torch.set_num_threads(threads)
+    expected = tokenizer.decode(direct.tokens, skip_special_tokens=True)
+    if answer["text_output"] != expected:
+        raise RuntimeError(f"Triton answered {answer['text_output']!r}, the executor {expected!r}")
+    ctx.results["triton"].update(served=True, startup_seconds=started, answer=answer["text_output"])
+    ctx.console.print(f"  tritonserver (nvidia-pytriton, CPU; tensorrt_llm = builder's executor on {checkpoint}) "
+                      f"ready in {started:.1f} s")
+    ctx.console.print(f"  > {DEMO_PROMPT}\n  {answer['text_output']!r}: the executor's own greedy answer "
+                      "(synthetic weights, so noise)")
+
+
 STEPS: list[tuple[str, Step]] = [
     ("synthesize a small Ultra-pattern checkpoint", step_synthesize),
     ("import the real SmolLM2-135M", step_import_smollm2),
@@ -155,6 +212,7 @@ STEPS: list[tuple[str, Step]] = [
     ("FP8 accuracy on real SmolLM2 weights", step_accuracy),
     ("plan the real Ultra for the three mission targets", step_plan_targets),
     ("dry-run engine build of the FP8 demo artifact", step_dry_run_build),
+    ("Triton repository of the demo artifact, checked and served", step_triton),
 ]
 
 

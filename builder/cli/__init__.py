@@ -14,6 +14,7 @@ from builder.cli import (  # noqa: F401  (each import registers its commands)
     quantize,
     smollm2,
     synth,
+    triton,
 )
 from builder.cli.app import main
 

@@ -22,8 +22,9 @@ def demo(workdir: Path) -> None:
 
     Synthesizes a small checkpoint with Ultra's 162-block pattern, imports the real
     SmolLM2-135M as a nemotron-nas checkpoint, prints their plans, runs the reference
-    model with reasoning off, then converts, quantizes, plans the real Ultra targets and
-    dry-runs the engine build. Nothing is downloaded.
+    model with reasoning off, then converts, quantizes, plans the real Ultra targets,
+    dry-runs the engine build and writes, checks and (where nvidia-pytriton's tritonserver
+    starts) serves its Triton repository. Nothing is downloaded.
     """
     from builder.demo import run_demo
 
