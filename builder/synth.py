@@ -137,7 +137,7 @@ def write_byte_tokenizer(directory: Path) -> None:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    byte_vocab = {ch: i + len(SPECIAL_TOKENS) for i, ch in enumerate(pre_tokenizers.ByteLevel.alphabet())}
+    byte_vocab = {ch: i + len(SPECIAL_TOKENS) for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
     vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)} | byte_vocab
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
