@@ -337,7 +337,7 @@ def host_plan(plan: ModelPlan, profile: TargetProfile) -> dict[str, Any]:
     largest_block = max(plan.layer_params(layer).total for layer in plan.layers) * BF16
     calib_flops = 2 * plan.linear_params * calib_tokens
     engines = sum(r.total for r in target_ranks)
-    build_ram = profile.build.workers * 2 * max(r.total for r in target_ranks)
+    build_ram = profile.engine_workers * 2 * max(r.total for r in target_ranks)
     steps = {
         "convert": {
             "reads": hf_bytes,

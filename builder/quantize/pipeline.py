@@ -330,7 +330,7 @@ def write_hf_manifest(directory: Path, src: Path, written: list, fields: dict[st
         for p in sorted(directory.iterdir())
         if p.is_file() and p.name != MANIFEST
     }
-    manifest = {**provenance("hf-fp8-checkpoint"), "source": {"path": str(src)}, **fields, "files": files}
+    manifest = {**provenance("hf-fp8-checkpoint"), "source": {"path": str(src.resolve())}, **fields, "files": files}
     write_manifest(directory, manifest)
 
 
