@@ -206,7 +206,8 @@ def quantize_checkpoint(
         save_every=save_every,
     )
     fingerprint = calibration_fingerprint(ckpt, data, opts)
-    say(f"calibrating {plan.num_layers - len(plan.empty_layers)} blocks ({len(plan.empty_layers)} empty, skipped)")
+    say(f"calibrating {plan.num_layers - len(plan.empty_layers)} of {plan.num_layers} blocks "
+        f"({len(plan.empty_layers)} empty blocks skipped)")
     result = calibrate_blockwise(ckpt, plan, reference_parts(src), data.windows, opts, fingerprint, block_progress)
     seconds = {"calibration": round(result.seconds, 3)}
     paths: dict[str, str] = {}
