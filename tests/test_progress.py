@@ -98,3 +98,11 @@ def test_check_roundtrip_without_a_terminal_prints_progress_lines(mixed_ckpt, tm
     assert re.search(r"check: round trip 1/(\d+) tensors \(\d+%\), 0:\d\d elapsed, ETA", result.stderr)
     assert re.search(r"check: round trip (\d+)/\1 tensors \(100%\), done in", result.stderr)
     assert "check: finite scan" in result.stderr
+
+
+def test_convert_without_a_terminal_prints_progress_lines(mixed_ckpt, tmp_path):
+    result = CliRunner().invoke(main, ["convert", str(mixed_ckpt), str(tmp_path / "tp2"), "--tp", "2"])
+    assert result.exit_code == 0, result.output
+    assert re.search(r"convert: all ranks [\d.]+ MiB/[\d.]+ MiB \(100%\), done in 0:\d\d - 2/2 ranks done",
+                     result.stderr)
+    assert "━" not in result.stderr  # no bar characters in a log
