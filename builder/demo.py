@@ -172,15 +172,31 @@ STEPS: list[tuple[str, Step]] = [
 ]
 
 
+DEMO_THREADS = 1
+# The demo's models are small: with two torch threads most of each small op is spent in
+# OpenMP barriers. Measured on this project's 2-core dev VM under load: the demo's steps
+# took 126 CPU s with two threads and 38 CPU s with one (the same work).
+
+
 def run_demo(workdir: Path, console: Console | None = None) -> dict[str, Any]:
+    import torch
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # the demo prints its own step headers and timings
     console = console or Console()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(DEMO_THREADS)
+    try:
+        return _run_steps(workdir, console)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_steps(workdir: Path, console: Console) -> dict[str, Any]:
     workdir.mkdir(parents=True, exist_ok=True)
     ctx = DemoContext(workdir=workdir, console=console)
-    timings = Table(title="demo steps (CPU: all threads of this process; on a busy machine it "
-                          "varies less than wall time)")
+    timings = Table(title=f"demo steps, {DEMO_THREADS} torch thread (CPU s: this process; on a busy "
+                          "machine it varies less than wall time)")
     timings.add_column("step")
     timings.add_column("wall s", justify="right")
     timings.add_column("CPU s", justify="right")
