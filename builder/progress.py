@@ -35,6 +35,27 @@ from rich.text import Text
 INTERVAL_S = 10.0
 
 
+class Phases:
+    """A stage's messages ("writing the FP8 checkpoint") as consecutive tasks of unknown size,
+    so that outside a terminal a step that reports no counts still prints a line every
+    interval until the next message or the end."""
+
+    def __init__(self, report: Reporter):
+        self.report = report
+        self.current: str | None = None
+
+    def __call__(self, text: str) -> None:
+        self.close()
+        self.report.message(text)
+        self.current = text
+        self.report.start(text, None)
+
+    def close(self) -> None:
+        if self.current is not None:
+            self.report.finish(self.current)
+            self.current = None
+
+
 class Reporter(Protocol):
     def start(self, task: str, total: float, unit: str = "", note: str = "", lines: bool = True) -> None: ...
 
@@ -67,7 +88,7 @@ def clock_text(seconds: float) -> str:
 
 @dataclass
 class _Task:
-    total: float
+    total: float | None
     unit: str
     started: float
     done: float = 0.0
@@ -121,7 +142,7 @@ class LineReporter:
         """`lines=False`: a detail task (one rank of several) that only bars show."""
         with self._lock:
             self._tasks[task] = _Task(total=total, unit=unit, started=self.clock(), note=note, lines=lines)
-            if lines:
+            if lines and total is not None:
                 self._last_line = -float("inf")  # its first event (or the heartbeat) prints it
 
     def advance(self, task: str, n: float = 1, note: str | None = None) -> None:
@@ -138,12 +159,13 @@ class LineReporter:
     def finish(self, task: str, note: str | None = None) -> None:
         with self._lock:
             state = self._tasks[task]
-            self._set(state, state.total, None, note)
+            self._set(state, state.total if state.total is not None else state.done, None, note)
             state.finished = True
             self._emit(task)
 
     def message(self, text: str) -> None:
         with self._lock:
+            self._last_line = self.clock()
             self._write(f"{self.prefix}{text}")
 
     def tick(self) -> None:
@@ -168,6 +190,9 @@ class LineReporter:
         state = self._tasks[task]
         elapsed = self.clock() - state.started
         done, total = state.done, state.total
+        if total is None:  # a phase of unknown size: the heartbeat still shows it is alive
+            verb = f"done in {clock_text(elapsed)}" if state.finished else f"{clock_text(elapsed)} elapsed"
+            return f"{self.prefix}{task}, {verb}"
         if state.unit == "bytes":
             amount = f"{human_bytes(done)}/{human_bytes(total)}"
         else:
@@ -226,7 +251,7 @@ class _AmountColumn(ProgressColumn):
             if task.speed:
                 text += f" {human_bytes(task.speed)}/s"
         else:
-            text = f"{task.completed:,.0f}/{task.total or 0:,.0f}{' ' + unit if unit else ''}"
+            text = "" if task.total is None else f"{task.completed:,.0f}/{task.total:,.0f}{' ' + unit if unit else ''}"
         return Text(text)
 
 
@@ -259,8 +284,8 @@ class BarReporter:
 
     def finish(self, task: str, note: str | None = None) -> None:
         task_id = self._ids[task]
-        total = next(t.total for t in self._bar.tasks if t.id == task_id)
-        self._bar.update(task_id, completed=total, **({"note": note} if note is not None else {}))
+        total = next(t.total for t in self._bar.tasks if t.id == task_id) or 1
+        self._bar.update(task_id, total=total, completed=total, **({"note": note} if note is not None else {}))
 
     def message(self, text: str) -> None:
         self._bar.console.print(text, markup=False, highlight=False)

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 from builder.cli import main
 from builder.convert.progress import RankProgress
-from builder.progress import LineReporter, NullReporter, reporter
+from builder.progress import LineReporter, NullReporter, Phases, reporter
 
 
 class FakeClock:
@@ -106,3 +106,23 @@ def test_convert_without_a_terminal_prints_progress_lines(mixed_ckpt, tmp_path):
     assert re.search(r"convert: all ranks [\d.]+ MiB/[\d.]+ MiB \(100%\), done in 0:\d\d - 2/2 ranks done",
                      result.stderr)
     assert "━" not in result.stderr  # no bar characters in a log
+
+
+def test_phases_of_unknown_size_still_print_every_interval():
+    """An export that reports no counts: its message, then a line per interval, then done."""
+    clock, out = FakeClock(), io.StringIO()
+    report = LineReporter("quantize", stream=out, clock=clock, heartbeat=False)
+    phases = Phases(report)
+    phases("writing FP8 TensorRT-LLM checkpoint (tp=4, pp=1)")
+    for _ in range(3):
+        clock.now += 10
+        report.tick()
+    clock.now += 4
+    phases.close()
+    assert lines(out) == [
+        "quantize: writing FP8 TensorRT-LLM checkpoint (tp=4, pp=1)",
+        "quantize: writing FP8 TensorRT-LLM checkpoint (tp=4, pp=1), 0:10 elapsed",
+        "quantize: writing FP8 TensorRT-LLM checkpoint (tp=4, pp=1), 0:20 elapsed",
+        "quantize: writing FP8 TensorRT-LLM checkpoint (tp=4, pp=1), 0:30 elapsed",
+        "quantize: writing FP8 TensorRT-LLM checkpoint (tp=4, pp=1), done in 0:34",
+    ]

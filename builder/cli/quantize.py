@@ -69,19 +69,21 @@ Several GPUs: torchrun --nproc-per-node N $(which builder) quantize ... --device
 def quantize(hf_dir, out, tp, pp, kv_cache, calib, calib_size, calib_seq_len, formats, device, dtype,
              batch_size, seed, resume, save_every, workers, overwrite, as_json) -> None:
     from builder.cli.common import echo_json
-    from builder.progress import reporter
+    from builder.progress import Phases, reporter
     from builder.quantize.pipeline import quantize_checkpoint
     from builder.quantize.report import print_summary
 
     quiet = as_json or os.environ.get("RANK", "0") != "0"  # under torchrun only rank 0 talks
     with reporter("quantize", enabled=not quiet) as report:
+        phases = Phases(report)
         summary = quantize_checkpoint(
             hf_dir, out, tp=tp, pp=pp, kv_cache=kv_cache == "fp8", calib=calib,
             calib_size=calib_size, calib_seq_len=calib_seq_len, formats=formats,
             device=device, dtype=dtype, batch_size=batch_size, seed=seed, resume=resume,
-            save_every=save_every, overwrite=overwrite, workers=workers, progress=report.message,
+            save_every=save_every, overwrite=overwrite, workers=workers, progress=phases,
             block_progress=BlockProgress(report),
         )
+        phases.close()
     if summary.rank != 0:
         return  # torchrun: rank 0 reports for everyone
     if as_json:
