@@ -7,6 +7,6 @@ classes are registered when transformers is imported (builder/_autoregister.py).
 
 __version__ = "0.1.0"
 
-from builder import _autoregister  # noqa: E402  (after __version__, which builder.model reads)
+from builder import _autoregister  # after __version__, which builder.model reads
 
 _autoregister.install()

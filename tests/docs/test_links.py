@@ -32,7 +32,7 @@ def test_runbook_names_no_reference_file_outside_the_repository():
 def test_ci_runs_both_readme_commands():
     """The README's first block: install + demo, install + tests; .ci/run runs both."""
     readme = (ROOT / "README.md").read_text()
-    block = re.search(r"```\n(.*?)```", readme, re.S).group(1).splitlines()
+    block = re.search(r"```\n(.*?)```", readme, re.DOTALL).group(1).splitlines()
     assert block == ["bash scripts/install.sh && .venv/bin/builder demo",
                      "bash scripts/install.sh && .venv/bin/python -m pytest -q"]
     ci = [line for line in (ROOT / ".ci" / "run").read_text().splitlines() if not line.startswith("#")]
