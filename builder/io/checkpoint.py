@@ -87,7 +87,6 @@ class HFCheckpoint:
             raise CheckpointError(f"{self.root}: not a directory")
         self._pickle: dict[str, torch.Tensor] | None = None
         self._data_starts: dict[Path, tuple[int, dict[str, Any]]] = {}
-        self._handles: dict[Path, Any] = {}
         self.tensors: dict[str, TensorInfo] = {}
         if (self.root / INDEX_NAME).exists():
             self._load_headers(_read_index(self.root))
@@ -164,20 +163,13 @@ class HFCheckpoint:
         if self._pickle is not None:
             tensor = self._pickle[name]
             return _apply(tensor, rows, cols).clone()
-        handle = self._handle(info.file)
-        if (rows is None and cols is None) or not info.shape:
-            return handle.get_tensor(name)
-        view = handle.get_slice(name)
-        if len(info.shape) == 1:
-            return view[rows or slice(None)]
-        return view[rows or slice(None), cols or slice(None)]
-
-    def _handle(self, file: Path) -> Any:
-        """One open (mmapped) handle per shard: opening parses the whole header, which for
-        a shard of hundreds of tensors costs more than reading a small tensor."""
-        if file not in self._handles:
-            self._handles[file] = _open(file)
-        return self._handles[file]
+        with _open(info.file) as handle:
+            if (rows is None and cols is None) or not info.shape:
+                return handle.get_tensor(name)
+            view = handle.get_slice(name)
+            if len(info.shape) == 1:
+                return view[rows or slice(None)]
+            return view[rows or slice(None), cols or slice(None)]
 
     def data_location(self, name: str) -> tuple[Path, int, int] | None:
         """(file, absolute byte offset, byte length) of a tensor's data, for raw reads.
