@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import json
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from builder.chat import nemotron_template
 from builder.errors import UserError
 from builder.io.atomic import atomic_dir
 from builder.io.hf_writer import DEFAULT_SHARD_BYTES, write_hf_weights, write_json
-from builder.io.manifest import build_manifest, write_manifest
+from builder.io.manifest import MANIFEST, build_manifest, write_manifest
 
 HEADS = 16
 DEFAULT_HIDDEN = 256
@@ -153,6 +154,18 @@ def write_byte_tokenizer(directory: Path) -> None:
     fast.save_pretrained(directory)
 
 
+def has_random_weights(directory: str | Path) -> bool:
+    """Whether `directory` is a `builder synth` checkpoint (its manifest says so)."""
+    try:
+        manifest = json.loads((Path(directory) / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return False
+    if not isinstance(manifest, dict):
+        return False
+    source = manifest.get("source")
+    return manifest.get("random_weights") is True or (isinstance(source, dict) and "synth" in source)
+
+
 # ---- entry point ----------------------------------------------------------------------------
 def write_synthetic(
     out: str | Path, spec: SynthSpec, overwrite: bool = False, shard_bytes: int = DEFAULT_SHARD_BYTES
@@ -169,7 +182,8 @@ def write_synthetic(
         write_byte_tokenizer(stage)
         write_hf_weights(stage, synth_tensors(plan, spec.seed, dtype), shard_bytes)
         manifest = build_manifest(
-            stage, "hf-checkpoint", source={"synth": {"preset": spec.preset, "seed": spec.seed, "hidden": plan.hidden_size, "layers": spec.layers}}
+            stage, "hf-checkpoint", random_weights=True,
+            source={"synth": {"preset": spec.preset, "seed": spec.seed, "hidden": plan.hidden_size, "layers": spec.layers}},
         )
         write_manifest(stage, manifest)
     return out

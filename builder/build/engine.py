@@ -150,7 +150,7 @@ def trtllm_build_args(profile: TargetProfile, checkpoint_dir: str, output_dir: s
         "--use_fused_mlp", _switch(b.use_fused_mlp),
         "--reduce_fusion", _switch(b.reduce_fusion and profile.parallel.tp > 1),
         "--multiple_profiles", _switch(b.multiple_profiles),
-        "--workers", str(b.workers),
+        "--workers", str(profile.engine_workers),
         "--log_level", b.log_level,
     ]
     check_args(args, f"trtllm-build arguments from target {profile.name} ({profile.source})")
@@ -293,7 +293,7 @@ def dry_run_build(
     out = Path(out)
     inp, result_plan = _check_input(checkpoint, profile)
     verification = _verify(inp, verify, progress)
-    engine_dir = str(out.resolve()) + "-engine"
+    engine_dir = str(out.resolve())  # engines belong inside OUT, as a real build writes them
     args = trtllm_build_args(profile, str(inp.root.resolve()), engine_dir)
     config = _build_config(profile, inp, args, ["trtllm-build"])
     status = trtllm_status()
@@ -322,7 +322,7 @@ def dry_run_build(
             launch.shell_join(["trtllm-build", *args])))
         (stage / "trtllm-build.sh").chmod(0o755)
         (stage / "build_report.json").write_text(json.dumps(report, indent=2) + "\n")
-        manifest = build_manifest(stage, DRY_RUN_KIND, target=profile.name, checkpoint=str(inp.root),
+        manifest = build_manifest(stage, DRY_RUN_KIND, target=profile.name, checkpoint=str(inp.root.resolve()),
                                   engine_built=False)
         write_manifest(stage, manifest)
         files = sorted([*manifest["files"], "manifest.json"])
@@ -387,7 +387,7 @@ def build_engines(
         config = _build_config(profile, inp, args, executable)
         _write_common(stage, result_plan, config, engine_scripts(profile, args, inp, str(out.resolve())))
         (stage / "build_report.json").write_text(json.dumps(report, indent=2) + "\n")
-        manifest = build_manifest(stage, ENGINE_KIND, target=profile.name, checkpoint=str(inp.root),
+        manifest = build_manifest(stage, ENGINE_KIND, target=profile.name, checkpoint=str(inp.root.resolve()),
                                   engine_built=True)
         write_manifest(stage, manifest)
         files = sorted([*manifest["files"], "manifest.json"])

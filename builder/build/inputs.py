@@ -89,16 +89,25 @@ def _want(precision: str) -> str | None:
     return "FP8" if precision == "fp8" else None
 
 
+def _remake_command(inp: TrtllmInput, profile: TargetProfile) -> str:
+    """How to write the checkpoint again for this layout, with the command that made it."""
+    layout = f"--tp {profile.parallel.tp}" + (f" --pp {profile.parallel.pp}" if profile.parallel.pp > 1 else "")
+    if inp.quant_algo == "FP8":
+        return f"quantize again with `builder quantize HF_DIR OUT {layout}` (it wrote this FP8 checkpoint)"
+    return f"convert again with `builder convert HF_DIR OUT {layout}`"
+
+
 def trtllm_mismatches(inp: TrtllmInput, profile: TargetProfile) -> list[str]:
     """Every way the checkpoint differs from what the target builds."""
     where, target = inp.root / "config.json", f"target {profile.name} ({profile.source})"
     problems = []
+    redo = _remake_command(inp, profile)
     if inp.tp != profile.parallel.tp:
         problems.append(f"{where}: mapping.tp_size is {inp.tp} but {target} has parallel.tp = "
-                        f"{profile.parallel.tp}; convert again with --tp {profile.parallel.tp}")
+                        f"{profile.parallel.tp}; {redo}")
     if inp.pp != profile.parallel.pp:
         problems.append(f"{where}: mapping.pp_size is {inp.pp} but {target} has parallel.pp = "
-                        f"{profile.parallel.pp}")
+                        f"{profile.parallel.pp}; {redo}")
     if inp.quant_algo != _want(profile.precision.weights):
         problems.append(f"{where}: quantization.quant_algo is {inp.quant_algo!r} but {target} has "
                         f"precision.weights = {profile.precision.weights!r}")

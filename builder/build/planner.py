@@ -22,7 +22,7 @@ Formulas (also written into every report under `formulas`):
   engine is loaded); KV tokens = pool / KV bytes per token, rounded down to whole blocks.
 - decode step >= bytes read per GPU / HBM bandwidth, bytes read = the rank's weights less
   its embedding (rows are gathered, not streamed) plus the KV of the active sequences
-  (benchmarks.md 5.1); pipeline stages add up.
+  (NVIDIA datasheets); pipeline stages add up.
 - convert host RAM ~ 1 GiB + 2 x the largest per-rank tensor (streamed: one tensor read,
   one written); quantize host RAM ~ 1 GiB + the largest HF block (BF16) + 2 x the
   calibration activations (a block's inputs and outputs, calib tokens x h x 2 B);
@@ -65,7 +65,7 @@ FORMULAS = {
     "kv_tokens": "floor(kv_pool / KV bytes per token per rank / tokens_per_block) x tokens_per_block",
     "sequences": "kv_tokens // (ceil((isl + osl) / tokens_per_block) x tokens_per_block)",
     "decode_step": "sum over stages of max rank (weights - embedding + active KV) / HBM bandwidth "
-                   "(lower bound, benchmarks.md 5.1)",
+                   "(lower bound, datasheet bandwidth)",
     "convert_ram": "1 GiB + 2 x largest per-rank BF16 tensor: an upper bound (plain convert streams "
                    "64 MiB blocks; a rank transform such as FP8 holds one whole rank tensor)",
     "quantize_ram": "1 GiB + largest HF block in BF16 + 2 x calib_samples x calib_seq_len x h x 2 B",
@@ -302,7 +302,7 @@ def decode_bound(profile: TargetProfile, memories: list[RankMemory], concurrency
         "context_tokens": context,
         "step_ms_at_concurrency": step_c * 1e3,
         "tokens_per_s_aggregate": concurrency / step_c if concurrency else 0.0,
-        "basis": "HBM datasheet bandwidth; measured rates are ~70-85% of it (benchmarks.md 5.3)",
+        "basis": "HBM datasheet bandwidth; measured rates are ~70-85% of it (an H200 copies at 87%)",
     }
 
 
@@ -337,7 +337,7 @@ def host_plan(plan: ModelPlan, profile: TargetProfile) -> dict[str, Any]:
     largest_block = max(plan.layer_params(layer).total for layer in plan.layers) * BF16
     calib_flops = 2 * plan.linear_params * calib_tokens
     engines = sum(r.total for r in target_ranks)
-    build_ram = profile.build.workers * 2 * max(r.total for r in target_ranks)
+    build_ram = profile.engine_workers * 2 * max(r.total for r in target_ranks)
     steps = {
         "convert": {
             "reads": hf_bytes,

@@ -148,6 +148,20 @@ class TargetProfile:
         return self.hardware.gpus_per_node * self.hardware.nodes
 
     @property
+    def engine_workers(self) -> int:
+        """trtllm-build --workers: the profile's value, never more than there are rank engines
+        (a --tp/--pp override shrinks the world without touching build.workers)."""
+        return min(self.build.workers, self.world_size)
+
+    @property
+    def layout_summary(self) -> str:
+        """What runs where, from the values in effect (`target.summary` predates overrides)."""
+        p = self.parallel
+        layout = f"TP{p.tp}" + (f" PP{p.pp}" if p.pp > 1 else "")
+        gpus = f"{self.world_size} of {self.total_gpus}" if self.world_size < self.total_gpus else str(self.world_size)
+        return f"{layout}, {gpus} GPUs ({self.hardware.gpu}), {self.precision.weights.upper()} weights"
+
+    @property
     def fp8_weights(self) -> bool:
         return self.precision.weights == "fp8"
 
@@ -348,15 +362,35 @@ def _apply(data: dict[str, Any], overrides: Iterable[tuple[str, Any]]) -> dict[s
     return data
 
 
+def _world(data: Mapping[str, Any]) -> Any:
+    parallel = data.get("parallel", {})
+    return (parallel.get("tp"), parallel.get("pp"))
+
+
+def _carry_workers(before: dict[str, Any], after: dict[str, Any], overrides: tuple) -> dict[str, Any]:
+    """A profile that builds one engine per rank (build.workers = tp x pp) keeps doing so when
+    --tp/--pp change the world and build.workers is not overridden itself."""
+    keys = {key for key, _ in overrides}
+    tp, pp = _world(before)
+    workers = before.get("build", {}).get("workers")
+    if ("build.workers" in keys or _world(after) == (tp, pp) or not all(
+            isinstance(v, int) for v in (tp, pp, workers)) or workers != tp * pp):
+        return after
+    new_tp, new_pp = _world(after)
+    if isinstance(new_tp, int) and isinstance(new_pp, int):
+        after["build"]["workers"] = new_tp * new_pp
+    return after
+
+
 def load_profile(spec: str, overrides: Iterable[tuple[str, Any]] = ()) -> TargetProfile:
     """A shipped target by name, or a user profile by path, with command-line overrides."""
     overrides = tuple(overrides)
     name, path, data = _raw_profile(spec)
-    return _build(name, str(path), _apply(data, overrides), overrides)
+    return _build(name, str(path), _carry_workers(data, _apply(data, overrides), overrides), overrides)
 
 
 def with_overrides(profile: TargetProfile, overrides: Iterable[tuple[str, Any]]) -> TargetProfile:
     """The same profile with some fields replaced (checked like the file's own values)."""
     overrides = tuple(overrides)
-    data = _apply(profile.as_dict(), overrides)
+    data = _carry_workers(profile.as_dict(), _apply(profile.as_dict(), overrides), overrides)
     return _build(profile.name, profile.source, data, profile.overrides + overrides)

@@ -29,11 +29,26 @@ def _ranges(ranks: list[int]) -> str:
     return f"{ranks[0]}-{ranks[-1]}" if ranks == list(range(ranks[0], ranks[-1] + 1)) else ",".join(map(str, ranks))
 
 
+def decode_at_concurrency(result: TargetPlan) -> tuple[str, str]:
+    """The aggregate decode row; when no sequence fits it says why instead of '= 0 tok/s'."""
+    p, d = result.profile, result.decode
+    if d["concurrency"]:
+        return (f"decode step >= (batch {d['concurrency']}, ctx {d['context_tokens']})",
+                f"{d['step_ms_at_concurrency']:.1f} ms = {d['tokens_per_s_aggregate']:,.0f} tok/s total")
+    worst = max(result.ranks, key=lambda m: m.used_before_kv)
+    if worst.free <= 0:
+        why = f"rank {worst.rank} has no memory left for a KV cache"
+    else:
+        why = (f"the KV pool ({result.kv_tokens:,} tokens per rank) holds no "
+               f"{p.runtime.isl}+{p.runtime.osl}-token sequence")
+    return "decode at concurrency", f"none: {why}"
+
+
 def memory_table(result: TargetPlan) -> Table:
     """Per-rank memory; ranks with identical figures share a row."""
     p = result.profile
     staged = p.parallel.pp > 1
-    table = Table(title=f"{p.name}: {p.target.summary}, {p.hardware.gpu_memory_gib:.1f} GiB per GPU, "
+    table = Table(title=f"{p.name}: {p.layout_summary}, {p.hardware.gpu_memory_gib:.1f} GiB per GPU, "
                         f"{p.runtime.runtime_reserve_gib:.1f} GiB runtime reserve*")
     columns = ["ranks", *(["stage"] if staged else []), "tensors", "weights\nGiB", "activ.*\nGiB",
                "free\nGiB", "KV B per\ntoken", "KV pool\nGiB", "KV\ntokens"]
@@ -91,8 +106,7 @@ def summary_table(result: TargetPlan) -> Table:
          f"(batch limit {p.build.max_batch_size})"),
         ("decode step >= (batch 1)", (f"{d['step_ms_batch1']:.1f} ms = "
                                     f"{d['tokens_per_s_per_sequence']:.0f} tok/s per sequence")),
-        (f"decode step >= (batch {d['concurrency']}, ctx {d['context_tokens']})",
-         f"{d['step_ms_at_concurrency']:.1f} ms = {d['tokens_per_s_aggregate']:,.0f} tok/s total"),
+        decode_at_concurrency(result),
     ]
     tp = result.tp
     rows.append(("heads / KV heads per rank",

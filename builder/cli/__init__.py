@@ -3,6 +3,12 @@
 Each command lives in its own module and registers itself on `main` when imported.
 """
 
+import os
+
+# Hugging Face libraries' own tqdm bars ("Loading weights", "Fetching files") are not builder's
+# output: they would interleave with ours and land in logs. Read when transformers is imported.
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
 from builder.cli import (  # noqa: F401  (each import registers its commands)
     build,
     check,

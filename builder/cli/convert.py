@@ -104,7 +104,8 @@ def run_convert(src, out, tp, pp, dtype, workers, ranks, dry_run, preset, resume
     from builder.cli.common import echo_json
     from builder.convert import convert_checkpoint, write_dry_run
     from builder.convert.pipeline import resolve_dtype
-    from builder.convert.progress import RichProgress
+    from builder.convert.progress import RankProgress
+    from builder.progress import reporter
 
     if preset:
         if not dry_run:
@@ -117,7 +118,8 @@ def run_convert(src, out, tp, pp, dtype, workers, ranks, dry_run, preset, resume
         summary = convert_checkpoint(
             src, out, tp, pp, dtype, workers=workers, ranks=ranks, resume=resume, dry_run=dry_run,
             overwrite=overwrite, check_finite=not no_finite_check,
-            progress=None if as_json else RichProgress(), pool=pool, allow_pickle=allow_pickle,
+            progress=None if as_json else RankProgress(reporter("convert")), pool=pool,
+            allow_pickle=allow_pickle,
         )
     if as_json:
         echo_json(summary.to_json())

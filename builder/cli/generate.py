@@ -42,11 +42,19 @@ def generate(checkpoint, prompt, reasoning, max_new_tokens, dtype, allow_pickle,
 
     import torch
     from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     from builder.cli.common import echo_json
     from builder.errors import UserError
     from builder.model import generate_text, load_reference_model
+    from builder.synth import has_random_weights
 
+    hf_logging.disable_progress_bar()  # transformers' "Loading weights" bar is not our output
+
+    random_weights = has_random_weights(checkpoint)
+    if random_weights and not as_json:
+        click.secho(f"warning: {checkpoint} is a `builder synth` checkpoint: its weights are random "
+                    "(seeded), so the reply is noise, not a model's answer", err=True, fg="yellow")
     model = load_reference_model(checkpoint, dtype=getattr(torch, dtype), allow_pickle=allow_pickle)
     try:
         tokenizer = AutoTokenizer.from_pretrained(checkpoint)
@@ -66,8 +74,16 @@ def generate(checkpoint, prompt, reasoning, max_new_tokens, dtype, allow_pickle,
                 "prompt": prompt,
                 "reasoning": reasoning,
                 "reply": reply,
+                "random_weights": random_weights,
                 "seconds": round(seconds, 3),
             }
         )
     else:
-        click.echo(reply)
+        click.echo(printable(reply))
+
+
+def printable(text: str) -> str:
+    """The reply as text: control and other unprintable characters (which random weights
+    produce) are shown escaped, like `\\x07`, instead of being sent raw to the terminal."""
+    return "".join(c if c.isprintable() or c in "\n\t" else c.encode("unicode_escape").decode("ascii")
+                   for c in text)

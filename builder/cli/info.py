@@ -41,6 +41,8 @@ def info(checkpoint: str | None, preset: str | None, tp: int | None, pp: int, as
     console.print(_totals_table(plan))
     if ranks:
         console.print(_rank_table(ranks))
+        for table in _shape_tables(ranks):
+            console.print(table)
 
 
 def _layer_table(plan: ModelPlan) -> Table:
@@ -88,3 +90,21 @@ def _rank_table(ranks: dict) -> Table:
     for r in ranks["ranks"]:
         table.add_row(str(r["rank"]), str(r["tensors"]), human_bytes(r["bytes"]))
     return table
+
+
+def _shape_tables(ranks: dict) -> list[Table]:
+    """Per-rank tensor shapes; ranks with identical shapes (one pipeline stage) share a table."""
+    groups: dict[tuple, list[int]] = {}
+    for r in ranks["ranks"]:
+        groups.setdefault(tuple((name, tuple(shape)) for name, shape in r["shapes"].items()), []).append(r["rank"])
+    tables = []
+    for shapes, members in groups.items():
+        label = str(members[0]) if len(members) == 1 else f"{members[0]}-{members[-1]}"
+        table = Table(title=f"Tensor shapes of rank{'s' if len(members) > 1 else ''} {label} "
+                            f"(tp={ranks['tp']} pp={ranks['pp']})")
+        table.add_column("tensor")
+        table.add_column("shape", justify="right")
+        for name, shape in shapes:
+            table.add_row(name, "[" + ", ".join(f"{n:,}" for n in shape) + "]")
+        tables.append(table)
+    return tables

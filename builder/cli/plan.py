@@ -9,6 +9,8 @@ import click
 from builder.cli.app import main
 from builder.cli.common import echo_json, preset_option
 
+EXIT_DOES_NOT_FIT = 1  # 2 is bad input (UserError), as for every command
+
 # Direct flags and the profile field each one sets (any field: --set SECTION.FIELD=VALUE).
 DIRECT_FLAGS = {
     "max_seq_len": "build.max_seq_len",
@@ -75,6 +77,12 @@ def plan(checkpoint: str | None, preset: str | None, targets: tuple[str, ...], s
         a suggested partition
       - the decode-speed bound from HBM bandwidth, and a verdict: fits or not, and why.
     Example: builder plan --preset ultra-253b --target h100x4-fp8 --max-seq-len 16384
+
+    \b
+    Exit codes (scripts can gate on them; the plan is printed either way):
+      0  every target fits
+      1  some target does not fit, or its tp x pp split is impossible
+      2  bad input (unknown target, bad --set, unreadable checkpoint)
     """
     from rich.console import Console
 
@@ -84,8 +92,10 @@ def plan(checkpoint: str | None, preset: str | None, targets: tuple[str, ...], s
     results = [plan_for(t, checkpoint, preset, overrides) for t in (targets or MISSION_TARGETS)]
     if as_json:
         echo_json({"source": checkpoint or f"preset {preset}", "plans": [r.to_dict() for r in results]})
-        return
-    console = Console()
-    for result in results:
-        console.print(render_plan(result))
-        console.print()
+    else:
+        console = Console()
+        for result in results:
+            console.print(render_plan(result))
+            console.print()
+    if not all(r.fits for r in results):
+        raise SystemExit(EXIT_DOES_NOT_FIT)

@@ -70,22 +70,44 @@ Several GPUs: torchrun --nproc-per-node N $(which builder) quantize ... --device
 def quantize(hf_dir, out, tp, pp, kv_cache, calib, calib_size, calib_seq_len, formats, device, dtype,
              batch_size, seed, resume, save_every, workers, overwrite, allow_pickle, as_json) -> None:
     from builder.cli.common import echo_json
+    from builder.progress import Phases, reporter
     from builder.quantize.pipeline import quantize_checkpoint
-    from builder.quantize.report import BlockBar, print_summary
+    from builder.quantize.report import print_summary
 
     quiet = as_json or os.environ.get("RANK", "0") != "0"  # under torchrun only rank 0 talks
-    say = (lambda message: None) if quiet else (lambda message: click.echo(message, err=True))
-    with BlockBar(enabled=not quiet) as bar:
+    with reporter("quantize", enabled=not quiet) as report:
+        phases = Phases(report)
         summary = quantize_checkpoint(
             hf_dir, out, tp=tp, pp=pp, kv_cache=kv_cache == "fp8", calib=calib,
             calib_size=calib_size, calib_seq_len=calib_seq_len, formats=formats,
             device=device, dtype=dtype, batch_size=batch_size, seed=seed, resume=resume,
-            save_every=save_every, overwrite=overwrite, workers=workers, progress=say,
-            block_progress=bar.update, allow_pickle=allow_pickle,
+            save_every=save_every, overwrite=overwrite, workers=workers, progress=phases,
+            block_progress=BlockProgress(report), allow_pickle=allow_pickle,
         )
+        phases.close()
     if summary.rank != 0:
         return  # torchrun: rank 0 reports for everyone
     if as_json:
         echo_json(summary.to_json())
     else:
         print_summary(summary)
+
+
+class BlockProgress:
+    """quantize_checkpoint's (done, total, layer) block callback, as one progress task."""
+
+    TASK = "calibrating"
+
+    def __init__(self, report):
+        self.report = report
+        self.started = False
+
+    def __call__(self, done: int, total: int, layer) -> None:
+        note = f"block {layer.index} ({layer.short})" if layer is not None else ""
+        if not self.started:
+            self.report.start(self.TASK, total, "blocks", note=note)
+            self.started = True
+        if done >= total:
+            self.report.finish(self.TASK, note=note)
+        else:
+            self.report.update(self.TASK, done, note=note)

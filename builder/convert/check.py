@@ -40,18 +40,87 @@ class CheckReport:
     pp: int | None = None
     dtype: str | None = None
     hashes_checked: bool = False
+    fp8: bool | None = None
+    kv_cache: str | None = None
+    files: int = 0
+    tensors: int = 0
+    finite_checked: bool = False
+    scales_checked: int = 0
     ranks: list[dict[str, Any]] = field(default_factory=list)
+    parts: list[CheckReport] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
 
     def problem(self, text: str) -> None:
         self.ok = False
         self.problems.append(text)
 
+    def add_part(self, part: CheckReport) -> None:
+        self.parts.append(part)
+        for text in part.problems:
+            self.problem(text)
+
     def to_json(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        data = dict(self.__dict__)
+        data["parts"] = [part.to_json() for part in self.parts]
+        return data
 
 
-def check_checkpoint(directory: str | Path, source: str | Path | None = None, hashes: bool = True) -> CheckReport:
+Reporter = Any  # builder.progress.Reporter (kept loose: the check runs without one)
+
+
+def scan_files(report: CheckReport, files: list[Path], fp8_scales: list[tuple[Path, list[str]]],
+               progress: Reporter | None = None) -> None:
+    """NaN/Inf in any tensor of `files` (streamed), and every FP8 scale finite and positive."""
+    from builder.io.finite import nonfinite_tensors, scale_problems
+
+    total = sum(p.stat().st_size for p in files)
+    if progress:
+        progress.start("finite scan", total, "bytes")
+    for path in files:
+        bad = nonfinite_tensors(path, on_tensor=(lambda _n, size: progress.advance("finite scan", size))
+                                if progress else None)
+        for name, count in bad.items():
+            report.problem(f"{path}: tensor {name!r} holds {count:,} non-finite value(s) (NaN/Inf)")
+    if progress:
+        progress.finish("finite scan")
+    for path, names in fp8_scales:
+        report.scales_checked += len(names)
+        for text in scale_problems(path, names):
+            report.problem(text)
+    report.finite_checked = True
+
+
+def manifest_files(directory: Path, manifest: dict, report: CheckReport, hashes: bool,
+                   progress: Reporter | None = None, nested: bool = False) -> None:
+    """Every file the manifest lists is present with its size (and sha256); nothing unlisted.
+    `nested`: the listing covers subdirectories too (each with its own manifest)."""
+    files = manifest.get("files", {})
+    report.files = len(files)
+    total = sum(int(e.get("size", 0)) for e in files.values())
+    if progress and hashes:
+        progress.start("sha256", total, "bytes")
+    for name, entry in files.items():
+        path = directory / name
+        if not path.is_file():
+            report.problem(f"{path}: listed in the manifest but missing")
+        elif path.stat().st_size != entry["size"]:
+            report.problem(f"{path}: size {path.stat().st_size:,} != manifest {entry['size']:,}")
+        elif hashes and sha256_file(path) != entry["sha256"]:
+            report.problem(f"{path}: sha256 differs from the manifest (file changed or corrupt)")
+        if progress and hashes:
+            progress.advance("sha256", int(entry.get("size", 0)))
+    if progress and hashes:
+        progress.finish("sha256")
+    present = sorted(directory.rglob("*")) if nested else sorted(directory.iterdir())
+    for path in present:
+        rel = str(path.relative_to(directory))
+        if path.is_file() and rel != MANIFEST and rel not in files:
+            report.problem(f"{path}: not listed in the manifest")
+
+
+def check_checkpoint(directory: str | Path, source: str | Path | None = None, hashes: bool = True,
+                     progress: Reporter | None = None) -> CheckReport:
+    """A TensorRT-LLM checkpoint (BF16 or FP8); with `hashes` also every value finite."""
     directory = Path(directory)
     if not directory.is_dir():
         raise UserError(f"{directory}: not a directory")
@@ -65,28 +134,16 @@ def check_checkpoint(directory: str | Path, source: str | Path | None = None, ha
     if report.kind != KIND:
         report.problem(f"{directory / MANIFEST}: kind {report.kind!r} is not {KIND!r}")
         return report
-    _check_files(directory, manifest, report, hashes)
+    manifest_files(directory, manifest, report, hashes, progress)
     plan = _check_config(directory, manifest, report)
     if plan is not None:
-        _check_headers(directory, plan, manifest, report)
+        scales = _check_headers(directory, plan, manifest, report)
+        if hashes and report.ok:
+            scan_files(report, [directory / rank_file_name(r) for r in range(report.tp * report.pp)],
+                       scales, progress)
     if source is not None:
         _check_source(Path(source), manifest, report)
     return report
-
-
-def _check_files(directory: Path, manifest: dict, report: CheckReport, hashes: bool) -> None:
-    files = manifest.get("files", {})
-    for name, entry in files.items():
-        path = directory / name
-        if not path.is_file():
-            report.problem(f"{path}: listed in the manifest but missing")
-        elif path.stat().st_size != entry["size"]:
-            report.problem(f"{path}: size {path.stat().st_size:,} != manifest {entry['size']:,}")
-        elif hashes and sha256_file(path) != entry["sha256"]:
-            report.problem(f"{path}: sha256 differs from the manifest (file changed or corrupt)")
-    for path in sorted(directory.iterdir()):
-        if path.name != MANIFEST and path.name not in files:
-            report.problem(f"{path}: not listed in the manifest")
 
 
 def _check_config(directory: Path, manifest: dict, report: CheckReport) -> ModelPlan | None:
@@ -98,6 +155,9 @@ def _check_config(directory: Path, manifest: dict, report: CheckReport) -> Model
         report.problem(str(err))
         return None
     report.tp, report.pp, report.dtype = tp, pp, config.get("dtype")
+    quant = config.get("quantization") or {}
+    report.fp8 = quant.get("quant_algo") == "FP8"
+    report.kv_cache = "fp8" if quant.get("kv_cache_quant_algo") == "FP8" else report.dtype
     layout = manifest.get("layout", {})
     if (layout.get("tp"), layout.get("pp"), layout.get("dtype")) != (tp, pp, config.get("dtype")):
         report.problem(
@@ -109,11 +169,13 @@ def _check_config(directory: Path, manifest: dict, report: CheckReport) -> Model
     return plan
 
 
-def _check_headers(directory: Path, plan: ModelPlan, manifest: dict, report: CheckReport) -> None:
+def _check_headers(directory: Path, plan: ModelPlan, manifest: dict, report: CheckReport) -> list:
+    """Header problems per rank; returns the FP8 scale tensors of each rank file."""
     config = json.loads((directory / "config.json").read_text())
     tp, pp = report.tp, report.pp
     dtype = torch_dtype(config.get("dtype", "bfloat16"))
     transform = layout_for(config.get("quantization"))
+    scales = []
     for rank in range(tp * pp):
         path = directory / rank_file_name(rank)
         row = {"rank": rank, "file": path.name, "tensors": 0, "bytes": 0, "ok": True}
@@ -125,8 +187,11 @@ def _check_headers(directory: Path, plan: ModelPlan, manifest: dict, report: Che
         expected = {s.name: s for s in rank_layout(plan, tp, pp, rank, dtype, transform).flat_specs}
         problems = _header_problems(path, expected)
         row.update(tensors=len(expected), bytes=path.stat().st_size, ok=not problems)
+        report.tensors += len(expected)
+        scales.append((path, [name for name in expected if name.endswith("scaling_factor")]))
         for text in problems:
             report.problem(text)
+    return scales
 
 
 def _header_problems(path: Path, expected: dict) -> list[str]:

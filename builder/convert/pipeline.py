@@ -386,7 +386,7 @@ def _convert(
     fingerprint = source_fingerprint(ckpt)
     if dry_run:
         return write_dry_run(
-            plan, out, tp, pp, dtype, source=str(src), fingerprint=fingerprint,
+            plan, out, tp, pp, dtype, source=str(src.resolve()), fingerprint=fingerprint,
             quantization=quantization, transform=transform, overwrite=overwrite, inputs=[src],
         )
     world = tp * pp
@@ -429,7 +429,7 @@ def _convert(
     complete = _fill_other_ranks(stage, world, key, fingerprint, statuses, layouts, tp)
     summary = ConvertSummary(
         out, tp, pp, dtype, complete, False, [statuses[r] for r in range(world)],
-        time.perf_counter() - started, str(src), stage=stage,
+        time.perf_counter() - started, str(src.resolve()), stage=stage,
         largest_slice_bytes=largest_slice(list(layouts.values())),
     )
     if complete and _claim_finalization(stage):

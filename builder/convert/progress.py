@@ -1,19 +1,13 @@
-"""Progress reporting for conversions: a rich bar per rank (bytes/s, ETA) or nothing."""
+"""Progress of a conversion, per rank and in total, over builder.progress (bars on a terminal,
+plain lines with done/total, rate and ETA in logs)."""
 
 from __future__ import annotations
 
 from typing import Protocol, Self
 
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    TaskID,
-    TextColumn,
-    TimeRemainingColumn,
-    TransferSpeedColumn,
-)
+from builder.progress import Reporter, reporter
+
+TOTAL = "all ranks"
 
 
 class ProgressSink(Protocol):
@@ -45,45 +39,54 @@ class NullProgress:
         pass
 
 
-class RichProgress:
-    """One bar per rank plus a total, on stderr so --json output stays clean."""
+class RankProgress:
+    """One task per rank (bars only) plus the total (bars and log lines)."""
 
-    def __init__(self, console: Console | None = None):
-        self._progress = Progress(
-            TextColumn("[bold]{task.description:>12}"),
-            BarColumn(),
-            DownloadColumn(binary_units=True),
-            TransferSpeedColumn(),
-            TimeRemainingColumn(),
-            TextColumn("{task.fields[note]}"),
-            console=console or Console(stderr=True),
-            transient=False,
-        )
-        self._tasks: dict[int, TaskID] = {}
-        self._total: TaskID | None = None
+    def __init__(self, report: Reporter | None = None):
+        self.report = report or reporter()
+        self._labels: dict[int, str] = {}
+        self._left: dict[int, int] = {}
+        self._total = 0
+        self._done = 0
+        self._started = False
+        self._finished: set[int] = set()
 
     def __enter__(self) -> Self:
-        self._progress.__enter__()
+        self.report.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
-        self._progress.__exit__(*exc)
+        self.report.__exit__(*exc)
 
     def add_rank(self, rank: int, total_bytes: int, label: str) -> None:
-        if self._total is None:
-            self._total = self._progress.add_task("total", total=0, note="")
-        self._tasks[rank] = self._progress.add_task(label, total=total_bytes, note="")
-        task = self._progress.tasks[self._total]
-        self._progress.update(self._total, total=(task.total or 0) + total_bytes)
+        self._labels[rank] = label
+        self._left[rank] = total_bytes
+        self._total += total_bytes
+        self.report.start(label, total_bytes, "bytes", lines=False)
+
+    def _ensure_total(self) -> None:
+        """The total starts with the first bytes, when every rank has been added."""
+        if not self._started:
+            self._started = True
+            self.report.start(TOTAL, self._total, "bytes")
+
+    def _note(self) -> str:
+        return f"{sum(1 for v in self._left.values() if v <= 0)}/{len(self._labels)} ranks done"
 
     def advance(self, rank: int, nbytes: int) -> None:
-        self._progress.advance(self._tasks[rank], nbytes)
-        if self._total is not None:
-            self._progress.advance(self._total, nbytes)
+        self._ensure_total()
+        self._left[rank] -= nbytes
+        self._done += nbytes
+        self.report.advance(self._labels[rank], nbytes)
+        self.report.advance(TOTAL, nbytes, note=self._note())
 
     def done(self, rank: int, note: str) -> None:
-        task = self._progress.tasks[self._tasks[rank]]
-        left = (task.total or 0) - task.completed
-        self._progress.update(self._tasks[rank], completed=task.total, note=note)
-        if left and self._total is not None:
-            self._progress.advance(self._total, left)
+        self._ensure_total()
+        left, self._left[rank] = max(self._left[rank], 0), 0
+        self._done += left
+        self.report.finish(self._labels[rank], note=note)
+        self._finished.add(rank)
+        if len(self._finished) == len(self._labels):
+            self.report.finish(TOTAL, note=self._note())
+        else:
+            self.report.update(TOTAL, self._done, note=self._note())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -41,17 +42,22 @@ def unshard(directory: str | Path, plan: ModelPlan | None = None) -> Iterator[tu
             yield from zip(names, merged, strict=True)
 
 
-def roundtrip_problems(directory: str | Path, hf_dir: str | Path) -> list[str]:
+def roundtrip_problems(directory: str | Path, hf_dir: str | Path, progress: Any | None = None) -> list[str]:
     """Differences between the un-sharded checkpoint and the HF source, compared bit for bit.
 
     When the output dtype differs from the source's, the source is cast first (the
-    comparison is then against what conversion should have written).
+    comparison is then against what conversion should have written). `progress` is a
+    builder.progress Reporter (one step per source tensor).
     """
     source = HFCheckpoint(hf_dir)
     plan = load_plan(hf_dir)
     problems, seen = [], set()
+    if progress:
+        progress.start("round trip", len(source.names()), "tensors")
     for name, tensor in unshard(directory, plan):
         seen.add(name)
+        if progress:
+            progress.advance("round trip", 1, note=name)
         if name not in source:
             problems.append(f"{name}: produced but not in the source")
             continue
@@ -62,6 +68,8 @@ def roundtrip_problems(directory: str | Path, hf_dir: str | Path) -> list[str]:
             diff = (expected.float() - tensor.float()).abs().max().item()
             problems.append(f"{name}: differs from the source (max abs difference {diff})")
     problems += [f"{name}: in the source but not rebuilt" for name in source.names() if name not in seen]
+    if progress:
+        progress.finish("round trip", note="")
     return problems
 
 

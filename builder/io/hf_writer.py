@@ -6,6 +6,7 @@ Tensors arrive from an iterator; at most one shard is held in memory.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -16,11 +17,15 @@ from safetensors.torch import save_file
 from builder.io.checkpoint import INDEX_NAME
 
 DEFAULT_SHARD_BYTES = 1 << 30
+SHARD_MODE = 0o644
 
 
 def _flush(stage: Path, number: int, shard: dict[str, torch.Tensor]) -> tuple[Path, list[str]]:
     path = stage / f".shard-{number:05d}.safetensors"
     save_file(shard, str(path), metadata={"format": "pt"})
+    # safetensors' save_file writes through a private temporary file (mode 0600); shards are
+    # published like every other output file.
+    os.chmod(path, SHARD_MODE)
     return path, list(shard)
 
 

@@ -224,7 +224,8 @@ def _quantize(
         save_every=save_every,
     )
     fingerprint = calibration_fingerprint(ckpt, data, opts)
-    say(f"calibrating {plan.num_layers - len(plan.empty_layers)} blocks ({len(plan.empty_layers)} empty, skipped)")
+    say(f"calibrating {plan.num_layers - len(plan.empty_layers)} of {plan.num_layers} blocks "
+        f"({len(plan.empty_layers)} empty blocks skipped)")
     result = calibrate_blockwise(ckpt, plan, reference_parts(src), data.windows, opts, fingerprint, block_progress)
     seconds = {"calibration": round(result.seconds, 3)}
     paths: dict[str, str] = {}
@@ -348,7 +349,7 @@ def write_hf_manifest(directory: Path, src: Path, written: list, fields: dict[st
         for p in sorted(directory.iterdir())
         if p.is_file() and p.name != MANIFEST
     }
-    manifest = {**provenance("hf-fp8-checkpoint"), "source": {"path": str(src)}, **fields, "files": files}
+    manifest = {**provenance("hf-fp8-checkpoint"), "source": {"path": str(src.resolve())}, **fields, "files": files}
     write_manifest(directory, manifest)
 
 

@@ -1,56 +1,11 @@
-"""Console output of `builder quantize`: a progress bar over blocks and the closing summary."""
+"""Console output of `builder quantize`: the closing summary (progress: builder.progress)."""
 
 from __future__ import annotations
 
-from typing import Any, Self
+from typing import Any
 
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 from rich.table import Table
-
-from builder.arch.plan import LayerPlan
-
-
-class BlockBar:
-    """"calibrating block i" with done/total, ETA; on stderr, so stdout stays machine-readable."""
-
-    def __init__(self, enabled: bool = True, console: Console | None = None):
-        self.enabled = enabled
-        self._progress = Progress(
-            TextColumn("[bold]calibrating"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            TimeRemainingColumn(),
-            TextColumn("{task.fields[note]}"),
-            console=console or Console(stderr=True),
-            transient=True,
-        )
-        self._task = None
-
-    def __enter__(self) -> Self:
-        if self.enabled:
-            self._progress.__enter__()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.enabled:
-            self._progress.__exit__(*exc)
-
-    def update(self, done: int, total: int, layer: LayerPlan | None) -> None:
-        if not self.enabled:
-            return
-        note = f"block {layer.index} ({layer.short})" if layer else ""
-        if self._task is None:
-            self._task = self._progress.add_task("blocks", total=total, note=note)
-        self._progress.update(self._task, completed=done, total=total, note=note)
 
 
 def human(n: float) -> str:
