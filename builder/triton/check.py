@@ -300,7 +300,10 @@ class Checker:
                            f"config.json ({type(err).__name__}: {err}); the backend fails with "
                            "'[json.exception.parse_error.101]'")
                 return None
-        if engine_dir.exists() or build.get("engine_built", True) or str(build.get("engine_dir")) != value:
+        # A dry run writes its record into the directory the engine will be built in, so the
+        # directory may exist; rank engines there without a config.json are a broken build.
+        has_engines = engine_dir.is_dir() and any(engine_dir.glob("rank*.engine"))
+        if has_engines or build.get("engine_built", True) or str(build.get("engine_dir")) != value:
             self.error(model.path, f"parameters gpt_model_path {value}: no engine config.json there; the backend "
                        "fails with '[json.exception.parse_error.101] parse error at line 1, column 1'")
             return None
