@@ -13,6 +13,7 @@ from builder.cli import (  # noqa: F401  (each import registers its commands)
     info,
     plan,
     quantize,
+    report,
     smollm2,
     synth,
 )
