@@ -237,14 +237,14 @@ def render_markdown(records: list[RunRecord], plots: list[Plot], title: str, png
 
 
 CSS = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px;color:#222}
-table{border-collapse:collapse;font-size:12px;margin:1em 0}td,th{border:1px solid #bbb;padding:3px 6px}
+.wide{overflow-x:auto}table{border-collapse:collapse;font-size:12px;margin:1em 0}td,th{border:1px solid #bbb;padding:3px 6px}
 th{background:#e8eef7}img{max-width:100%;border:1px solid #ddd}.defs{font-size:12px}"""
 
 
 def _html_table(header: list[str], rows: list[list[str]]) -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows)
-    return f"<table><tr>{head}</tr>{body}</table>"
+    return f"<div class='wide'><table><tr>{head}</tr>{body}</table></div>"
 
 
 def render_html(records: list[RunRecord], plots: list[Plot], title: str, extra_markdown: str = "") -> str:
