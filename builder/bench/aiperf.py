@@ -75,12 +75,19 @@ def profile_command(aiperf: Path, url: str, model: str, tokenizer: str, point: W
     return command
 
 
+def aiperf_environment() -> dict[str, str]:
+    """AIPerf 0.13 in HF offline mode looks even a local tokenizer directory up in the hub
+    cache (and fails); with a local directory (bench_server insists on one) it never touches
+    the network, so the offline variables are dropped for it."""
+    return {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+
+
 def run_profile(command: list[str], artifact_dir: Path, timeout: float, log: Path) -> Path:
     """Runs one AIPerf profile (its own process group, killed on timeout) and returns its export."""
     artifact_dir.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                                   env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
+                                   env=aiperf_environment())
         try:
             code = process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -103,6 +110,8 @@ def bench_server(url: str, model: str, tokenizer: str, points: list[Workload], o
                  progress: Callable[[str], None] | None = None) -> list[RunRecord]:
     """One record per point; AIPerf's artifacts stay under out_dir/aiperf/."""
     executable = find_aiperf(aiperf)
+    if not (Path(tokenizer) / "tokenizer_config.json").is_file() and not (Path(tokenizer) / "tokenizer.json").is_file():
+        raise UserError(f"--tokenizer {tokenizer}: not a local tokenizer directory (nothing is downloaded)")
     records = []
     for number, point in enumerate(points, start=1):
         exports = []

@@ -130,7 +130,10 @@ def aiperf_values(data: dict[str, Any], source: str) -> dict[str, float]:
             if isinstance(entry, dict) and entry.get("avg") is not None:
                 values[name] = float(entry["avg"])
         isl, osl = data.get("input_sequence_length"), data.get("output_sequence_length")
-        if "request_throughput" in values and isinstance(isl, dict) and isinstance(osl, dict):
+        total = data.get("total_token_throughput")
+        if isinstance(total, dict) and total.get("avg") is not None:
+            values["total_token_throughput"] = float(total["avg"])
+        elif "request_throughput" in values and isinstance(isl, dict) and isinstance(osl, dict):
             # sum(ISL + OSL) / T = N / T x mean(ISL + OSL)
             values["total_token_throughput"] = values["request_throughput"] * (float(isl["avg"]) + float(osl["avg"]))
         for name, d in DISTRIBUTIONS.items():
@@ -158,12 +161,16 @@ def aiperf_record(data: dict[str, Any], source: str, concurrency: int | None,
                   runtime: str | None = None) -> tuple[RunRecord, dict[str, float]]:
     values = aiperf_values(data, source)
     config = data.get("input_config") or {}
-    models = _dig(config, "endpoint", "model_names") or ["unknown"]
+    # 0.13 writes models.items[].name and phases[] (warmup, profiling); older: endpoint.model_names, loadgen
+    items = _dig(config, "models", "items") or []
+    models = [i.get("name") for i in items if isinstance(i, dict)] or _dig(config, "endpoint", "model_names") or ["unknown"]
     urls = _dig(config, "endpoint", "urls") or [_dig(config, "endpoint", "url") or ""]
+    phases = [p for p in (config.get("phases") or []) if isinstance(p, dict) and p.get("kind") == "profiling"]
     isl = round(float(_dig(data, "input_sequence_length", "avg") or 0))
     osl = round(float(_dig(data, "output_sequence_length", "avg") or 0))
     if concurrency is None:
-        concurrency = int(_dig(config, "loadgen", "concurrency") or 0)
+        concurrency = int((phases[0].get("concurrency") if phases else None)
+                          or _dig(config, "loadgen", "concurrency") or 0)
     url = str(urls[0] if isinstance(urls, list) and urls else urls)
     model = str(models[0])
     settings = {

