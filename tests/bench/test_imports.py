@@ -177,3 +177,17 @@ def test_refusals(tmp_path):
     other["input_sequence_length"] = metric("tokens", 512.0, 0.0)
     with pytest.raises(UserError, match="workload"):
         import_reports([write(tmp_path, "a.json", aiperf_export()), write(tmp_path, "b.json", other)])
+
+
+def test_cli_import_writes_a_record_and_history(tmp_path, capsys):
+    from builder.cli import main
+    from builder.report.history import History
+
+    report = write(tmp_path, "report.json", trtllm_report())
+    main(["bench", "import", report, "--out", str(tmp_path / "records"), "--history", str(tmp_path / "h.sqlite"),
+          "--json"], standalone_mode=False)
+    printed = json.loads(capsys.readouterr().out)
+    assert printed[0]["metrics"]["output_token_throughput"]["value"] == pytest.approx(37.08)
+    assert len(list((tmp_path / "records").glob("bench-*.json"))) == 1
+    with History(tmp_path / "h.sqlite") as history:
+        assert history.query()[0].settings["imported_from"] == report
