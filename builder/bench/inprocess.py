@@ -57,11 +57,32 @@ def device_name(device: str) -> str:
     return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
 
 
+def reset_peak_memory(device: str) -> None:
+    """Starts a new peak: CUDA's allocator statistics, or Linux's VmHWM (clear_refs 5)."""
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats(torch.device(device))
+        return
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass  # not Linux: ru_maxrss, the process's lifetime peak, is what remains
+
+
 def peak_memory_bytes(device: str) -> int:
+    """Peak since reset_peak_memory: CUDA max_memory_allocated, else the resident set's
+    high-water mark (VmHWM; ru_maxrss where /proc is missing)."""
     import torch
 
     if device.startswith("cuda"):
         return int(torch.cuda.max_memory_allocated(torch.device(device)))
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: KiB on Linux, bytes on macOS
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
@@ -139,8 +160,7 @@ def bench_checkpoint(
             if progress:
                 progress(f"[{number}/{len(points)}] {point.key}: {point.warmup} warm-up + "
                          f"{point.repeat} x {point.requests} requests")
-            if device.startswith("cuda"):
-                torch.cuda.reset_peak_memory_stats(torch.device(device))
+            reset_peak_memory(device)
             warm_up(executor, point, exclude)
             repeats, kv_bytes = [], 0
             for _ in range(point.repeat):

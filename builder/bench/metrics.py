@@ -82,8 +82,8 @@ SYSTEM: dict[str, MetricDef] = {d.name: d for d in (
 
 OTHER: dict[str, MetricDef] = {d.name: d for d in (
     MetricDef("peak_memory", "GiB", "lower",
-              "peak memory of the run: CUDA max_memory_allocated, or on CPU the process's peak "
-              "resident set (ru_maxrss, weights are memory-mapped and counted once touched)"),
+              "peak memory during the point: CUDA max_memory_allocated, or on CPU the process's "
+              "resident-set high-water mark (VmHWM, reset per point; weights included)"),
     MetricDef("kv_cache_memory", "GiB", "lower", "KV cache allocated for the largest batch"),
     MetricDef("roofline_step_ms", "ms", "lower",
               "HBM roofline of the target: decode step >= bytes read per GPU per step / HBM "
