@@ -7,9 +7,11 @@ on PATH. Each (ISL, OSL, concurrency) point runs `aiperf profile` --repeat times
 run's `profile_export_aiperf.json` is one repeat of the record (builder.bench.imports).
 
 Workload: synthetic prompts of ISL tokens of the given tokenizer (stddev 0), OSL enforced by
-`max_tokens` = OSL with stddev 0 plus `ignore_eos: true` and `min_tokens: OSL` sent as extra
-inputs (vLLM and TensorRT-LLM servers honour them), streaming, seeded. The record keeps the
-measured mean ISL/OSL, so a server that stopped early shows it.
+`max_tokens` = OSL with stddev 0 plus, for OpenAI servers, `ignore_eos: true` and
+`min_tokens: OSL` as extra inputs (vLLM and TensorRT-LLM servers honour them), streaming,
+seeded. The record keeps the measured mean ISL/OSL, so a server that stopped early shows it.
+The Triton path (AIPerf's template endpoint on generate_stream) is built from the documented
+endpoint but has not been run against a live Triton server in this repository's tests.
 """
 
 from __future__ import annotations
@@ -43,6 +45,9 @@ def find_aiperf(explicit: str | None = None) -> Path:
                     "BUILDER_AIPERF, or pass --aiperf PATH")
 
 
+TRITON_PAYLOAD = '{"text_input": {{ text|tojson }}, "max_tokens": {{ max_tokens }}, "stream": true}'
+
+
 def profile_command(aiperf: Path, url: str, model: str, tokenizer: str, point: Workload,
                     artifact_dir: Path, repeat_index: int, endpoint: str = "openai") -> list[str]:
     """The `aiperf profile` command line of one repeat of one point."""
@@ -51,7 +56,6 @@ def profile_command(aiperf: Path, url: str, model: str, tokenizer: str, point: W
         "--tokenizer", tokenizer,
         "--prompt-input-tokens-mean", str(point.isl), "--prompt-input-tokens-stddev", "0",
         "--prompt-output-tokens-mean", str(point.osl), "--prompt-output-tokens-stddev", "0",
-        "--extra-inputs", "ignore_eos:true", "--extra-inputs", f"min_tokens:{point.osl}",
         "--concurrency", str(point.concurrency), "--request-count", str(point.requests),
         "--warmup-request-count", str(point.warmup),
         "--random-seed", str(point.seed + repeat_index),
@@ -59,17 +63,18 @@ def profile_command(aiperf: Path, url: str, model: str, tokenizer: str, point: W
         "--no-server-metrics", "--no-gpu-telemetry",
     ]
     if endpoint == "openai":
-        command += ["--endpoint-type", "completions"]
+        command += ["--endpoint-type", "completions",
+                    "--extra-inputs", "ignore_eos:true", "--extra-inputs", f"min_tokens:{point.osl}"]
     elif endpoint == "triton":
-        # Triton's generate extension: POST /v2/models/<model>/generate_stream, SSE responses
-        # carrying text_output (the TensorRT-LLM backend's ensemble inputs and outputs).
-        command += [
-            "--endpoint-type", "template", "--endpoint", f"/v2/models/{model}/generate_stream",
-            "--extra-inputs", "payload_template:" + (
-                '{"text_input": {{ text|tojson }}, "max_tokens": ' + str(point.osl)
-                + ', "stream": true}'),
-            "--extra-inputs", "response_field:text_output",
-        ]
+        # Triton's generate extension: POST /v2/models/<model>/generate_stream, SSE events with
+        # text_output (TensorRT-LLM backend ensemble). Extra JSON fields would become unknown
+        # model inputs, so OSL rests on max_tokens alone; the record keeps the measured OSL.
+        artifact_dir.mkdir(parents=True, exist_ok=True)
+        template = artifact_dir / "triton_payload.jinja"
+        template.write_text(TRITON_PAYLOAD)
+        command += ["--endpoint-type", "template", "--endpoint", f"/v2/models/{model}/generate_stream",
+                    "--extra-inputs", f"payload_template:{template}",
+                    "--extra-inputs", "response_field:text_output"]
     else:
         raise ValueError(endpoint)
     return command
