@@ -155,7 +155,7 @@ def step_bench_report(ctx: DemoContext) -> None:
     from builder.report.render import write_report
 
     # A tiny workload: the point is the record -> history -> report path, not CPU numbers.
-    points = workloads([(16, 8)], [1, 4], requests=None, warmup=1, repeat=2, seed=0)
+    points = [p for c in (1, 4) for p in workloads([(16, 8)], [c], requests=c, warmup=1, repeat=2, seed=0)]
     bf16 = bench_checkpoint(ctx.path("ultra-trtllm-tp2"), points)
     fp8 = bench_checkpoint(ctx.results["ultra_synth_fp8"] / "trtllm", points)
     out = ctx.path("report")

@@ -54,7 +54,17 @@ def device_name(device: str) -> str:
 
     if device.startswith("cuda"):
         return torch.cuda.get_device_name(torch.device(device))
-    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+    return f"{cpu_model()}, {torch.get_num_threads()} torch threads"
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def reset_peak_memory(device: str) -> None:
@@ -155,7 +165,7 @@ def bench_checkpoint(
     with TrtllmCheckpointExecutor(directory, dtype=getattr(torch, dtype), device=device,
                                   keep_weights=True) as executor:
         model, artifact = checkpoint_artifact(directory, executor.config)
-        exclude = frozenset()  # random vocabulary ids; OSL is fixed, so EOS does not matter
+        exclude = frozenset()  # any vocabulary id may appear: OSL is fixed, EOS is never checked
         for number, point in enumerate(points, start=1):
             if progress:
                 progress(f"[{number}/{len(points)}] {point.key}: {point.warmup} warm-up + "
