@@ -20,6 +20,7 @@ def aiperf():
         pytest.skip(str(err))
 
 
+@pytest.mark.slow  # the session's vLLM start (~2 min on 2 cores, shared with verify's tests) + ~30 s AIPerf
 def test_bench_a_real_server_with_aiperf(aiperf, openai_server, served_model_dir, tmp_path, capsys):
     out = tmp_path / "bench"
     main(["bench", "--url", openai_server, "--model", "smollm2", "--tokenizer", str(served_model_dir),
