@@ -74,6 +74,7 @@ def main() -> int:
                     result = executor.greedy(prompts, args.new_tokens, use_cache=use_cache)
                     rates[name].append(decode_tokens_per_s(result))
                     tokens[name] = result.tokens
+                    print(f"  batch {batch} {name}: {rates[name][-1]:.3g} tok/s", file=sys.stderr, flush=True)
             same = tokens["cache"] == tokens["no_cache"]
             cache, plain = statistics.median(rates["cache"]), statistics.median(rates["no_cache"])
             rows.append({"batch": batch, "isl": args.isl, "new_tokens": args.new_tokens,
@@ -89,7 +90,7 @@ def main() -> int:
               f"{'streamed' if args.stream_weights else 'held'}")
         print(f"{'batch':>5} {'KV cache tok/s':>15} {'no cache tok/s':>15} {'ratio':>7}  same tokens")
         for r in rows:
-            print(f"{r['batch']:>5} {r['cache_tok_s']:>15.1f} {r['no_cache_tok_s']:>15.1f} "
+            print(f"{r['batch']:>5} {r['cache_tok_s']:>15.3g} {r['no_cache_tok_s']:>15.3g} "
                   f"{r['ratio']:>6.1f}x  {r['same_tokens']}")
     return 0 if all(r["same_tokens"] for r in rows) else 1
 
