@@ -155,9 +155,9 @@ def step_bench_report(ctx: DemoContext) -> None:
     from builder.report.render import write_report
 
     # A tiny workload: the point is the record -> history -> report path, not CPU numbers.
-    points = [p for c in (1, 4) for p in workloads([(16, 8)], [c], requests=c, warmup=1, repeat=2, seed=0)]
-    bf16 = bench_checkpoint(ctx.path("ultra-trtllm-tp2"), points)
-    fp8 = bench_checkpoint(ctx.results["ultra_synth_fp8"] / "trtllm", points)
+    points = [p for c in (1, 4) for p in workloads([(12, 4)], [c], requests=c, warmup=1, repeat=2, seed=0)]
+    bf16 = bench_checkpoint(ctx.path("ultra-trtllm-tp2"), points, threads=1)
+    fp8 = bench_checkpoint(ctx.results["ultra_synth_fp8"] / "trtllm", points, threads=1)
     out = ctx.path("report")
     for record in bf16 + fp8:
         write_record(out / "records", record)

@@ -150,13 +150,28 @@ def bench_checkpoint(
     device: str = "cpu",
     target: str = "h200x8-bf16",
     progress: Callable[[str], None] | None = None,
+    threads: int | None = None,
 ) -> list[RunRecord]:
-    """One record per workload point (ISL, OSL, concurrency), repeats inside it."""
+    """One record per workload point (ISL, OSL, concurrency), repeats inside it. `threads`
+    sets torch's CPU threads for the run (small models on a busy machine: 1; OpenMP barriers
+    dominate tiny matmuls otherwise)."""
+    import torch
+
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        return _bench_checkpoint(Path(directory), points, dtype, device, target, progress)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _bench_checkpoint(directory: Path, points: list[Workload], dtype: str, device: str, target: str,
+                      progress: Callable[[str], None] | None) -> list[RunRecord]:
     import torch
 
     from builder.runtime import TrtllmCheckpointExecutor
 
-    directory = Path(directory)
     if not (directory / "config.json").is_file():
         raise UserError(f"{directory}: not a TensorRT-LLM checkpoint (no config.json)")
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -184,6 +199,7 @@ def bench_checkpoint(
                 kind=RecordKind.BENCH, model=model, artifact=artifact, runtime=RUNTIME,
                 target=f"{directory.resolve()} (in-process executor)", device=device_name(device),
                 settings={**point.settings(), "engine": False, "dtype": dtype, "device": device,
+                          "torch_threads": torch.get_num_threads(),
                           "tp": executor.tp, "pp": executor.pp,
                           "kv_cache": "fp8" if executor.kv_cache_fp8 else dtype,
                           "note": "builder's PyTorch reference executor, not a TensorRT-LLM engine; "

@@ -89,6 +89,7 @@ def _summary_table(records) -> None:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True, help="Executor compute dtype.")
 @click.option("--device", default="cpu", show_default=True, help="Executor device: cpu or cuda[:N].")
+@click.option("--threads", type=click.IntRange(1), default=None, help="Executor: torch CPU threads [default: torch's]; 1 is fastest for small models on a busy machine.")
 @click.option("--roofline-target", default="h200x8-bf16", show_default=True, help="Target profile whose HBM bandwidth sets the roofline beside executor measurements.")
 @click.option("--aiperf", "aiperf_path", help="AIPerf executable [default: $BUILDER_AIPERF, .venv-aiperf/bin/aiperf, PATH].")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/bench"), show_default=True, help="Directory for the run records.")
@@ -96,7 +97,7 @@ def _summary_table(records) -> None:
 @click.option("--no-history", is_flag=True, help="Do not append to the history.")
 @click.option("--json", "as_json", is_flag=True, help="Print the records as JSON.")
 def bench(target, url, triton_url, model, tokenizer, isl, osl, concurrency, requests, warmup, repeat, seed,
-          dtype, device, roofline_target, aiperf_path, out, history, no_history, as_json) -> None:
+          dtype, device, threads, roofline_target, aiperf_path, out, history, no_history, as_json) -> None:
     from builder.bench.workload import parse_counts, workloads
     from builder.cli.common import echo_json
     from builder.errors import UserError
@@ -123,7 +124,7 @@ def bench(target, url, triton_url, model, tokenizer, isl, osl, concurrency, requ
             from builder.bench.inprocess import bench_checkpoint
 
             records = bench_checkpoint(target[0], points, dtype=dtype, device=device,
-                                       target=roofline_target, progress=say)
+                                       target=roofline_target, progress=say, threads=threads)
         else:
             from builder.bench.aiperf import bench_server
 

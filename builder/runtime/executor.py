@@ -255,8 +255,17 @@ class TrtllmCheckpointExecutor:
         if weight.dtype == torch.float8_e4m3fn:
             w_scale = self.tensor(rank, f"{name}.{WEIGHTS_SCALE}").float()
             a_scale = self.tensor(rank, f"{name}.{ACTIVATION_SCALE}").float()
+            if self.fp8_gemm is fp8_linear and self._kept is not None:
+                weight = self._held_fp32(rank, f"{name}.weight", weight)  # e4m3 -> fp32 is exact
             return self.fp8_gemm(x, weight, w_scale, a_scale).to(self.dtype)
         return F.linear(x, self.weight(rank, f"{name}.weight"))
+
+    def _held_fp32(self, rank: int, name: str, weight: torch.Tensor) -> torch.Tensor:
+        """The emulated FP8 GEMM's fp32 copy of an e4m3 weight, converted once (keep_weights)."""
+        key = (rank, name + "@fp32")
+        if key not in self._kept:
+            self._kept[key] = weight.float()
+        return self._kept[key]
 
     def norm(self, rank: int, name: str, x: torch.Tensor) -> torch.Tensor:
         """RMSNorm in fp32, cast back, then scaled by the weight (Llama's order)."""
