@@ -310,7 +310,7 @@ class TrtllmCheckpointExecutor:
         for pp_rank in range(self.pp):
             ranks = self.stage_ranks(pp_rank)
             for local, index in enumerate(stage_layers(self.plan, self.pp, pp_rank)):
-                x = self.layer(x, self.plan.layers[index], local, ranks, window)
+                x = self.block(x, self.plan.layers[index], local, ranks, window)
         if window.cache is not None:
             window.cache.advance(ids.shape[1])
         return self.lm_head(x, self.stage_ranks(self.pp - 1))
@@ -390,7 +390,13 @@ class TrtllmCheckpointExecutor:
         return self.greedy(prompts, max_new_tokens, eos_id).tokens
 
     # ---- layers -----------------------------------------------------------------------------------
-    def layer(self, x: torch.Tensor, layer: LayerPlan, local: int, ranks: list[int], window: Window) -> torch.Tensor:
+    def layer(
+        self, x: torch.Tensor, layer: LayerPlan, local: int, ranks: list[int], cos: torch.Tensor, sin: torch.Tensor
+    ) -> torch.Tensor:
+        """One decoder block on its own (positions from 0, causal, no cache)."""
+        return self.block(x, layer, local, ranks, Window(cos, sin))
+
+    def block(self, x: torch.Tensor, layer: LayerPlan, local: int, ranks: list[int], window: Window) -> torch.Tensor:
         prefix = f"transformer.layers.{local}"
         if layer.attention is AttentionKind.ATTENTION:
             x = x + all_reduce([self.attention(r, prefix, layer, x, window) for r in ranks])
