@@ -2,7 +2,8 @@
 
 Each step is a small function over a shared context so the demo reads like the runbook:
 synthesize and import test models, show their plans, run the reference model, convert,
-quantize, plan the real targets and dry-run the build.
+quantize, plan the real targets, dry-run the build, and bench the FP8 artifact against its
+BF16 source into a report.
 """
 
 from __future__ import annotations
@@ -216,6 +217,31 @@ def step_triton(ctx: DemoContext) -> None:
                       "(synthetic weights, so noise)")
 
 
+def step_bench_report(ctx: DemoContext) -> None:
+    from builder.bench.inprocess import bench_checkpoint
+    from builder.bench.workload import workloads
+    from builder.report.compare import compare_precision
+    from builder.report.history import append_records
+    from builder.report.records import write_record
+    from builder.report.render import write_report
+
+    # A tiny workload: the point is the record -> history -> report path, not CPU numbers.
+    points = [p for c in (1, 4) for p in workloads([(12, 4)], [c], requests=c, warmup=1, repeat=2, seed=0)]
+    bf16 = bench_checkpoint(ctx.path("ultra-trtllm-tp2"), points, threads=1)
+    fp8 = bench_checkpoint(ctx.results["ultra_synth_fp8"] / "trtllm", points, threads=1)
+    out = ctx.path("report")
+    for record in bf16 + fp8:
+        write_record(out / "records", record)
+    append_records(out / "history.sqlite", bf16 + fp8)
+    table = compare_precision(bf16, fp8)
+    paths = write_report(bf16 + fp8, out, "builder demo: FP8 artifact vs its BF16 source (executor, CPU)",
+                         table.markdown())
+    ctx.results["report"] = {k: str(v) for k, v in paths.items()}
+    ctx.console.print(table.headline() + " (executor on this CPU: FP8 GEMMs are emulated, so "
+                      "FP8 is not expected to be faster here)")
+    ctx.console.print(f"report: {paths['html']} and {paths['markdown']}")
+
+
 STEPS: list[tuple[str, Step]] = [
     ("synthesize a small Ultra-pattern checkpoint", step_synthesize),
     ("import the real SmolLM2-135M", step_import_smollm2),
@@ -227,6 +253,7 @@ STEPS: list[tuple[str, Step]] = [
     ("plan the real Ultra for the three mission targets", step_plan_targets),
     ("dry-run engine build of the FP8 demo artifact", step_dry_run_build),
     ("Triton repository of the demo artifact, checked and served", step_triton),
+    ("bench the FP8 demo artifact against its BF16 source, write the report", step_bench_report),
 ]
 
 

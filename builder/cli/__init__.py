@@ -10,6 +10,7 @@ import os
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 from builder.cli import (  # noqa: F401  (each import registers its commands)
+    bench,
     build,
     check,
     convert,
@@ -18,6 +19,7 @@ from builder.cli import (  # noqa: F401  (each import registers its commands)
     info,
     plan,
     quantize,
+    report,
     smollm2,
     synth,
     triton,

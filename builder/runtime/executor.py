@@ -16,11 +16,17 @@ k and v are rounded through e4m3 with `kv_cache_scaling_factor`. On a GPU with F
 cores, `fp8_gemm="tensor-cores"` runs the same GEMM through `torch._scaled_mm` instead, which
 is how the emulation is checked against hardware (scripts/gpu_session.py). `linear_hook` replaces the
 linear computation entirely (e.g. to try another quantization scheme).
+
+Generation (`generate`, `greedy`) is batched incremental decode: the prompts, left-padded
+to one length, are prefilled once into a `KVCache`, then every step feeds one token per
+sequence. Positions are per sequence (a row's padding shifts its RoPE positions) and a mask
+keeps every query off its row's padding.
 """
 
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -32,7 +38,13 @@ import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 
 from builder.arch.plan import AttentionKind, FfnKind, LayerPlan
-from builder.arch.tensors import ACTIVATION_SCALE, KV_CACHE_SCALE, WEIGHTS_SCALE, stage_layers
+from builder.arch.tensors import (
+    ACTIVATION_SCALE,
+    KV_CACHE_SCALE,
+    WEIGHTS_SCALE,
+    kv_heads_per_rank,
+    stage_layers,
+)
 from builder.convert.rank_writer import rank_file_name
 from builder.convert.trtllm_config import mapping_of, read_trtllm_config
 from builder.errors import UserError
@@ -55,12 +67,122 @@ class LinearCall:
 
 LinearHook = Callable[[LinearCall], torch.Tensor]
 
+PAD_TOKEN = 0  # fills left padding; no query ever attends to it
+
+
+@dataclass(frozen=True)
+class Window:
+    """Where a forward's tokens sit: RoPE tables for their positions, the attention mask
+    (None: plain causal attention among the tokens themselves) and the cache they extend."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+    mask: torch.Tensor | None = None
+    cache: KVCache | None = None
+
+
+@dataclass(frozen=True)
+class Generation:
+    """A greedy batch: new tokens per sequence, `start` (perf_counter before the prefill) and
+    `token_times` (perf_counter when each step's tokens were on the host; step 0 is the
+    prefill's), per-step logits [batch, vocab] if kept, and the KV cache's size in bytes."""
+
+    tokens: list[list[int]]
+    start: float
+    token_times: tuple[float, ...]
+    logits: list[torch.Tensor]
+    kv_cache_bytes: int
+
+
+def padded_positions(seq: int, start: int, pad: list[int], device: torch.device) -> torch.Tensor:
+    """RoPE positions [batch, seq] of slots start..start+seq of left-padded rows (pads: 0)."""
+    slots = torch.arange(start, start + seq, device=device)[None]
+    return (slots - torch.tensor(pad, device=device)[:, None]).clamp_min(0)
+
+
+def padded_mask(seq: int, start: int, pad: list[int], device: torch.device) -> torch.Tensor:
+    """Attention mask [batch, 1, seq, start+seq] (True: attend) for queries at slots
+    start..start+seq: causal, never onto a row's left padding. A pad query sees itself, so
+    no softmax row is empty (an empty row is NaN, and NaN values poison masked-out keys)."""
+    query = torch.arange(start, start + seq, device=device)[:, None]
+    key = torch.arange(start + seq, device=device)[None]
+    first = torch.tensor(pad, device=device)[:, None, None]
+    allowed = (key <= query) & ((key >= first) | (key == query))
+    return allowed[:, None]
+
+
+class KVCache:
+    """Keys and values of a batch of sequences, for the attention layers only.
+
+    One buffer pair per (TP rank, attention layer), [batch, that layer's KV heads on that
+    rank, capacity, head_dim]: heterogeneous layers each keep their own head count, and
+    no-op or linear-attention layers keep nothing. With an FP8 KV cache the buffers are
+    float8_e4m3fn holding k / kv_cache_scaling_factor, dequantized on read: the values the
+    full forward's e4m3 round trip produces. Rows are left-padded: row b's first pad[b]
+    slots belong to no position and are masked out.
+    """
+
+    def __init__(self, executor: TrtllmCheckpointExecutor, batch: int, capacity: int,
+                 pad: list[int] | None = None):
+        self.batch, self.capacity = batch, capacity
+        self.pad = list(pad) if pad is not None else [0] * batch
+        if len(self.pad) != batch:
+            raise ValueError(f"{len(self.pad)} padding counts for a batch of {batch}")
+        self.length = 0
+        self.dtype, self.device = executor.dtype, executor.device
+        storage = torch.float8_e4m3fn if executor.kv_cache_fp8 else executor.dtype
+        hd = executor.plan.head_dim
+        self.keys: dict[tuple[int, int], torch.Tensor] = {}
+        self.values: dict[tuple[int, int], torch.Tensor] = {}
+        for pp_rank in range(executor.pp):
+            for index in stage_layers(executor.plan, executor.pp, pp_rank):
+                layer = executor.plan.layers[index]
+                if layer.attention is not AttentionKind.ATTENTION:
+                    continue
+                shape = (batch, kv_heads_per_rank(layer.kv_heads, executor.tp), capacity, hd)
+                for rank in executor.stage_ranks(pp_rank):
+                    self.keys[rank, index] = torch.zeros(shape, dtype=storage, device=self.device)
+                    self.values[rank, index] = torch.zeros(shape, dtype=storage, device=self.device)
+
+    @property
+    def nbytes(self) -> int:
+        buffers = [*self.keys.values(), *self.values.values()]
+        return sum(b.numel() * b.element_size() for b in buffers)
+
+    def window(self, seq: int, executor: TrtllmCheckpointExecutor) -> Window:
+        if self.length + seq > self.capacity:
+            raise ValueError(f"KV cache full: {self.length} + {seq} tokens > capacity {self.capacity}")
+        cos, sin = executor.rope_at(padded_positions(seq, self.length, self.pad, self.device))
+        causal_alone = not any(self.pad) and (seq == 1 or self.length == 0)
+        mask = None if causal_alone else padded_mask(seq, self.length, self.pad, self.device)
+        return Window(cos, sin, mask, self)
+
+    def append(self, rank: int, layer: int, k: torch.Tensor, v: torch.Tensor,
+               scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stores k, v [batch, heads, seq, hd] after the filled slots; returns all keys and
+        values so far in the compute dtype."""
+        end = self.length + k.shape[2]
+        keys, values = self.keys[rank, layer], self.values[rank, layer]
+        if scale is None:
+            keys[:, :, self.length:end], values[:, :, self.length:end] = k, v
+            return keys[:, :, :end], values[:, :, :end]
+        keys[:, :, self.length:end] = fp8_quantize(k, scale)
+        values[:, :, self.length:end] = fp8_quantize(v, scale)
+        return (fp8_dequantize(keys[:, :, :end], scale).to(self.dtype),
+                fp8_dequantize(values[:, :, :end], scale).to(self.dtype))
+
+    def advance(self, seq: int) -> None:
+        self.length += seq
+
+
 
 class TrtllmCheckpointExecutor:
     """Executes a TensorRT-LLM DeciLM checkpoint directory with PyTorch on CPU (or `device`).
 
     `dtype` is the compute dtype (float32 or bfloat16); logits are returned in float32.
-    Weights are read from the memory-mapped rank files when used, not held.
+    Weights are read from the memory-mapped rank files when used, not held; `keep_weights`
+    holds each tensor on `device` after its first use instead (decode re-reads every weight
+    every step: a benchmark wants them resident, as an engine has them).
     """
 
     def __init__(
@@ -70,6 +192,7 @@ class TrtllmCheckpointExecutor:
         device: str | torch.device = "cpu",
         linear_hook: LinearHook | None = None,
         fp8_gemm: str = "emulate",
+        keep_weights: bool = False,
     ):
         self.directory = Path(directory)
         self.config, self.plan = read_trtllm_config(self.directory)
@@ -81,6 +204,7 @@ class TrtllmCheckpointExecutor:
         self.fp8_gemm = FP8_GEMMS[fp8_gemm]
         quant = self.config.get("quantization") or {}
         self.kv_cache_fp8 = quant.get("kv_cache_quant_algo") == "FP8"
+        self._kept: dict[tuple[int, str], torch.Tensor] | None = {} if keep_weights else None
         self._stack = ExitStack()
         self._files = []
         for rank in range(self.tp * self.pp):
@@ -102,13 +226,25 @@ class TrtllmCheckpointExecutor:
     # ---- weights --------------------------------------------------------------------------------
     def tensor(self, rank: int, name: str) -> torch.Tensor:
         """A tensor of rank `rank`'s file, as stored (no dtype change)."""
+        if self._kept is not None and (rank, name) in self._kept:
+            return self._kept[rank, name]
         try:
-            return self._files[rank].get_tensor(name).to(self.device)
+            tensor = self._files[rank].get_tensor(name).to(self.device)
         except SafetensorError as err:
             raise UserError(f"{self.directory / rank_file_name(rank)}: tensor {name!r} unavailable ({err})") from None
+        if self._kept is not None:
+            self._kept[rank, name] = tensor
+        return tensor
 
     def weight(self, rank: int, name: str) -> torch.Tensor:
-        return self.tensor(rank, name).to(self.dtype)
+        """A tensor in the compute dtype (held converted when `keep_weights`)."""
+        key = (rank, name + "@compute")
+        if self._kept is not None and key in self._kept:
+            return self._kept[key]
+        tensor = self.tensor(rank, name).to(self.dtype)
+        if self._kept is not None:
+            self._kept[key] = tensor
+        return tensor
 
     # ---- building blocks --------------------------------------------------------------------------
     def linear(self, rank: int, name: str, x: torch.Tensor) -> torch.Tensor:
@@ -119,8 +255,17 @@ class TrtllmCheckpointExecutor:
         if weight.dtype == torch.float8_e4m3fn:
             w_scale = self.tensor(rank, f"{name}.{WEIGHTS_SCALE}").float()
             a_scale = self.tensor(rank, f"{name}.{ACTIVATION_SCALE}").float()
+            if self.fp8_gemm is fp8_linear and self._kept is not None:
+                weight = self._held_fp32(rank, f"{name}.weight", weight)  # e4m3 -> fp32 is exact
             return self.fp8_gemm(x, weight, w_scale, a_scale).to(self.dtype)
-        return F.linear(x, weight.to(self.dtype))
+        return F.linear(x, self.weight(rank, f"{name}.weight"))
+
+    def _held_fp32(self, rank: int, name: str, weight: torch.Tensor) -> torch.Tensor:
+        """The emulated FP8 GEMM's fp32 copy of an e4m3 weight, converted once (keep_weights)."""
+        key = (rank, name + "@fp32")
+        if key not in self._kept:
+            self._kept[key] = weight.float()
+        return self._kept[key]
 
     def norm(self, rank: int, name: str, x: torch.Tensor) -> torch.Tensor:
         """RMSNorm in fp32, cast back, then scaled by the weight (Llama's order)."""
@@ -134,32 +279,127 @@ class TrtllmCheckpointExecutor:
     # ---- forward ----------------------------------------------------------------------------------
     @torch.no_grad()
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Logits [batch, seq, vocab] (float32) for token ids [batch, seq] (or [seq])."""
+        """Logits [batch, seq, vocab] (float32) for token ids [batch, seq] (or [seq]), every
+        sequence starting at position 0 (no cache, plain causal attention)."""
         ids = input_ids[None] if input_ids.dim() == 1 else input_ids
         ids = ids.to(self.device)
-        first = self.stage_ranks(0)[0]
-        x = F.embedding(ids, self.weight(first, "transformer.vocab_embedding.weight"))
         cos, sin = self.rope_tables(ids.shape[1])
-        for pp_rank in range(self.pp):
-            ranks = self.stage_ranks(pp_rank)
-            for local, index in enumerate(stage_layers(self.plan, self.pp, pp_rank)):
-                x = self.layer(x, self.plan.layers[index], local, ranks, cos, sin)
-        logits = self.lm_head(x, self.stage_ranks(self.pp - 1))
+        logits = self.run_layers(ids, Window(cos, sin))
         return logits if input_ids.dim() == 2 else logits[0]
 
     __call__ = forward
 
+    @torch.no_grad()
+    def prefill(self, input_ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Runs the left-padded prompts [batch, seq] (row b starts with `cache.pad[b]` pad
+        tokens), fills `cache` with their keys and values and returns the last position's logits
+        [batch, vocab] (float32)."""
+        ids = input_ids.to(self.device)
+        return self.run_layers(ids, cache.window(ids.shape[1], self))[:, -1]
+
+    @torch.no_grad()
+    def decode_step(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """One token per sequence ([batch]) through the cache: appends its keys and values
+        and returns its logits [batch, vocab] (float32)."""
+        ids = tokens.to(self.device).reshape(-1, 1)
+        return self.run_layers(ids, cache.window(1, self))[:, -1]
+
+    def run_layers(self, ids: torch.Tensor, window: Window) -> torch.Tensor:
+        first = self.stage_ranks(0)[0]
+        x = F.embedding(ids, self.weight(first, "transformer.vocab_embedding.weight"))
+        for pp_rank in range(self.pp):
+            ranks = self.stage_ranks(pp_rank)
+            for local, index in enumerate(stage_layers(self.plan, self.pp, pp_rank)):
+                x = self.block(x, self.plan.layers[index], local, ranks, window)
+        if window.cache is not None:
+            window.cache.advance(ids.shape[1])
+        return self.lm_head(x, self.stage_ranks(self.pp - 1))
+
     def rope_tables(self, seq: int) -> tuple[torch.Tensor, torch.Tensor]:
-        angles = torch.arange(seq, dtype=torch.float32, device=self.device)[:, None] * self.inv_freq.to(self.device)
+        return self.rope_at(torch.arange(seq, device=self.device))
+
+    def rope_at(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin tables for token positions ([seq] -> [seq, hd]; [b, seq] -> [b, 1, seq, hd])."""
+        angles = positions.to(torch.float32)[..., None] * self.inv_freq.to(self.device)
         emb = torch.cat([angles, angles], dim=-1)
+        if positions.dim() == 2:
+            emb = emb[:, None]
         return emb.cos().to(self.dtype), emb.sin().to(self.dtype)
 
+    # ---- generation -------------------------------------------------------------------------------
+    def new_cache(self, batch: int, capacity: int, pad: list[int] | None = None) -> KVCache:
+        return KVCache(self, batch, capacity, pad)
+
+    @torch.no_grad()
+    def greedy(
+        self,
+        prompts: list[list[int]],
+        max_new_tokens: int,
+        eos_id: int | None = None,
+        use_cache: bool = True,
+        keep_logits: bool = False,
+    ) -> Generation:
+        """Greedy continuation of every prompt, batched (prompts left-padded to one length).
+
+        With the cache (default) the prompts are prefilled once and each step feeds one token
+        per sequence; `use_cache=False` re-runs the whole padded batch every step (the
+        baseline the cache is measured against). A sequence stops after emitting `eos_id`;
+        None (or a finished batch) runs all `max_new_tokens` steps.
+        """
+        if not prompts or any(not p for p in prompts):
+            raise UserError("generate: every prompt needs at least one token")
+        if max_new_tokens < 1:
+            raise UserError(f"generate: max_new_tokens must be >= 1, got {max_new_tokens}")
+        longest = max(len(p) for p in prompts)
+        pad = [longest - len(p) for p in prompts]
+        rows = [[PAD_TOKEN] * n + list(p) for n, p in zip(pad, prompts, strict=True)]
+        ids = torch.tensor(rows, dtype=torch.long, device=self.device)
+        start = time.perf_counter()
+        times: list[float] = []
+        logits_kept: list[torch.Tensor] = []
+        cache = self.new_cache(len(prompts), longest + max_new_tokens, pad) if use_cache else None
+        out: list[list[int]] = [[] for _ in prompts]
+        done = [False] * len(prompts)
+        token = ids[:, -1]
+        for step in range(max_new_tokens):
+            if cache is not None:
+                logits = self.prefill(ids, cache) if step == 0 else self.decode_step(token, cache)
+            else:
+                window = Window(*self.rope_at(padded_positions(ids.shape[1], 0, pad, self.device)),
+                                mask=padded_mask(ids.shape[1], 0, pad, self.device))
+                logits = self.run_layers(ids, window)[:, -1]
+            token = logits.argmax(-1)
+            chosen = token.tolist()  # waits for the device: the step's tokens are ready
+            times.append(time.perf_counter())
+            if keep_logits:
+                logits_kept.append(logits)
+            for b, t in enumerate(chosen):
+                if not done[b]:
+                    out[b].append(t)
+                    done[b] = eos_id is not None and t == eos_id
+            if all(done):
+                break
+            if cache is None:
+                ids = torch.cat([ids, token[:, None]], dim=1)
+        return Generation(out, start, tuple(times), logits_kept, cache.nbytes if cache else 0)
+
+    def generate(
+        self, prompts: list[list[int]], max_new_tokens: int, eos_id: int | None = None
+    ) -> list[list[int]]:
+        """Greedy continuations (new tokens only, each ending at its first `eos_id`)."""
+        return self.greedy(prompts, max_new_tokens, eos_id).tokens
+
+    # ---- layers -----------------------------------------------------------------------------------
     def layer(
         self, x: torch.Tensor, layer: LayerPlan, local: int, ranks: list[int], cos: torch.Tensor, sin: torch.Tensor
     ) -> torch.Tensor:
+        """One decoder block on its own (positions from 0, causal, no cache)."""
+        return self.block(x, layer, local, ranks, Window(cos, sin))
+
+    def block(self, x: torch.Tensor, layer: LayerPlan, local: int, ranks: list[int], window: Window) -> torch.Tensor:
         prefix = f"transformer.layers.{local}"
         if layer.attention is AttentionKind.ATTENTION:
-            x = x + all_reduce([self.attention(r, prefix, layer, x, cos, sin) for r in ranks])
+            x = x + all_reduce([self.attention(r, prefix, layer, x, window) for r in ranks])
         elif layer.attention is AttentionKind.LINEAR:
             x = x + all_gather([self.linear(r, f"{prefix}.attention", self.norm(r, f"{prefix}.input_layernorm.weight", x)) for r in ranks])
         if layer.ffn is FfnKind.MLP:
@@ -168,13 +408,11 @@ class TrtllmCheckpointExecutor:
             x = x + all_gather([self.linear(r, f"{prefix}.ffn", self.norm(r, f"{prefix}.post_layernorm.weight", x)) for r in ranks])
         return x
 
-    def attention(
-        self, rank: int, prefix: str, layer: LayerPlan, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
-    ) -> torch.Tensor:
+    def attention(self, rank: int, prefix: str, layer: LayerPlan, x: torch.Tensor, window: Window) -> torch.Tensor:
         """This rank's partial attention output (its heads through its slice of `dense`)."""
         hd = self.plan.head_dim
         q_heads = self.plan.num_attention_heads // self.tp
-        kv_heads = math.ceil(layer.kv_heads / self.tp)
+        kv_heads = kv_heads_per_rank(layer.kv_heads, self.tp)
         h = self.norm(rank, f"{prefix}.input_layernorm.weight", x)
         qkv = self.linear(rank, f"{prefix}.attention.qkv", h)
         batch, seq, _ = qkv.shape
@@ -182,15 +420,26 @@ class TrtllmCheckpointExecutor:
         q = q.view(batch, seq, q_heads, hd).transpose(1, 2)
         k = k.view(batch, seq, kv_heads, hd).transpose(1, 2)
         v = v.view(batch, seq, kv_heads, hd).transpose(1, 2)
-        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
-        if self.kv_cache_fp8:
-            scale = self.tensor(rank, f"{prefix}.attention.{KV_CACHE_SCALE}").float()
+        q, k = rotate(q, window.cos, window.sin), rotate(k, window.cos, window.sin)
+        scale = self.kv_scale(rank, prefix)
+        if window.cache is not None:
+            k, v = window.cache.append(rank, layer.index, k, v, scale)
+        elif scale is not None:
             k, v = fp8_round_trip(k, scale).to(self.dtype), fp8_round_trip(v, scale).to(self.dtype)
         groups = q_heads // kv_heads  # the rank's query heads all map into its own kv heads
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=hd**-0.5)
+        if window.mask is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=seq > 1, scale=hd**-0.5)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=window.mask, scale=hd**-0.5)
         out = out.transpose(1, 2).reshape(batch, seq, q_heads * hd)
         return self.linear(rank, f"{prefix}.attention.dense", out)
+
+    def kv_scale(self, rank: int, prefix: str) -> torch.Tensor | None:
+        """The layer's kv_cache_scaling_factor when the checkpoint has an FP8 KV cache."""
+        if not self.kv_cache_fp8:
+            return None
+        return self.tensor(rank, f"{prefix}.attention.{KV_CACHE_SCALE}").float()
 
     def mlp(self, rank: int, prefix: str, x: torch.Tensor) -> torch.Tensor:
         """This rank's partial MLP output: proj(silu(fc(x)) * gate(x)) on its slice of the width."""
@@ -243,9 +492,18 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: Any) -> torch.Tensor:
     return torch.where(medium, blended, scaled)
 
 
+def fp8_quantize(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """e4m3(x / scale), saturated at +-448."""
+    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+
+
+def fp8_dequantize(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x.float() * scale
+
+
 def fp8_round_trip(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """x quantized to e4m3 with `scale` and dequantized, in float32."""
-    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float() * scale
+    return fp8_dequantize(fp8_quantize(x, scale), scale)
 
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, w_scale: torch.Tensor, a_scale: torch.Tensor) -> torch.Tensor:
