@@ -12,8 +12,10 @@ from builder.cli import (  # noqa: F401  (each import registers its commands)
     info,
     plan,
     quantize,
+    reference,
     smollm2,
     synth,
+    verify,
 )
 from builder.cli.app import main
 

@@ -16,6 +16,7 @@
       probe.hidden.I            dtype [P, h]    hidden states entering non-empty block I
       probe.final               dtype [P, h]    hidden states after the last block (before ln_f)
       probe.logits              fp32  [P, V]    logits at the probe positions
+  tokenizer/         the source's tokenizer files (text runtimes tokenize and decode with them)
   manifest.json      sha256 of every file (builder.io.manifest)
 
 Positions follow builder.verify.metrics: position j predicts ids[j + 1].
@@ -24,6 +25,7 @@ Positions follow builder.verify.metrics: position j predicts ids[j + 1].
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -50,6 +52,7 @@ FORMAT = "builder.golden"
 VERSION = 1
 GOLDEN_JSON = "golden.json"
 TENSORS = "tensors.safetensors"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
@@ -174,6 +177,10 @@ def build_golden(
     with atomic_dir(out, overwrite) as stage:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(stage / TENSORS))
         (stage / GOLDEN_JSON).write_text(json.dumps(document, indent=1) + "\n")
+        (stage / "tokenizer").mkdir()
+        for name in TOKENIZER_FILES:
+            if (src / name).is_file():
+                shutil.copyfile(src / name, stage / "tokenizer" / name)
         write_manifest(stage, build_manifest(stage, "golden", source=document["source"]))
     return out
 
@@ -271,6 +278,11 @@ class Golden:
 
     def probe_hidden(self, index: int) -> torch.Tensor:
         return self.tensors[f"probe.hidden.{index}"]
+
+    def tokenizer(self) -> Any:
+        from builder.quantize.calib import load_tokenizer
+
+        return load_tokenizer(self.path / "tokenizer")
 
     def block(self, index: int) -> dict[str, Any]:
         return self.document["blocks"][index]
