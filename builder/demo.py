@@ -2,7 +2,8 @@
 
 Each step is a small function over a shared context so the demo reads like the runbook:
 synthesize and import test models, show their plans, run the reference model, convert,
-quantize, plan the real targets and dry-run the build.
+quantize, plan the real targets, dry-run the build and verify the FP8 artifact against the
+BF16 golden.
 """
 
 from __future__ import annotations
@@ -145,6 +146,26 @@ def step_dry_run_build(ctx: DemoContext) -> None:
     ctx.console.print("  no engine was built: trtllm-build needs TensorRT-LLM <= 1.2.x on a GPU host")
 
 
+def step_verify(ctx: DemoContext) -> None:
+    import torch
+
+    from builder.verify.golden import GoldenSettings, build_golden
+    from builder.verify.run import VerifyOptions, verify
+    from builder.verify.runtimes import RuntimeArgs, make_runtime
+
+    # Small windows: one held-out Wikipedia window and one chat prompt with reasoning on and off.
+    settings = GoldenSettings(windows=1, seq_len=64, chat_prompts=1, continuation=4, probe_len=16, dtype="float32")
+    golden = build_golden(ctx.results["smollm2"], ctx.path("smollm2-golden"), settings, overwrite=True)
+    runtime = make_runtime("executor", RuntimeArgs(artifact=str(ctx.results["smollm2_fp8"] / "trtllm"), dtype=torch.float32))
+    result = verify(golden, runtime, VerifyOptions(report=ctx.path("verify-report")))
+    runtime.close()
+    ctx.results["verify"] = {"verdict": str(result.record.verdict), "metrics": result.metrics,
+                             "record": str(result.record_path)}
+    ctx.console.print(result.table, markup=False)
+    if result.exit_code != 0:
+        raise RuntimeError("FP8 SmolLM2 fails verify against its BF16 golden: " + "; ".join(result.failures))
+
+
 STEPS: list[tuple[str, Step]] = [
     ("synthesize a small Ultra-pattern checkpoint", step_synthesize),
     ("import the real SmolLM2-135M", step_import_smollm2),
@@ -155,6 +176,7 @@ STEPS: list[tuple[str, Step]] = [
     ("FP8 accuracy on real SmolLM2 weights", step_accuracy),
     ("plan the real Ultra for the three mission targets", step_plan_targets),
     ("dry-run engine build of the FP8 demo artifact", step_dry_run_build),
+    ("verify FP8 SmolLM2 against its BF16 golden", step_verify),
 ]
 
 

