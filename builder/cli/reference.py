@@ -28,6 +28,11 @@ Prompt sets (--prompts): default (wiki + chat), wiki (--windows windows of --seq
 of held-out Wikipedia text, never used for calibration), chat (--chat-prompts verification
 prompts, each with reasoning on and off, in the checkpoint's chat template), or a .jsonl file
 of {"text"|"prompt"|"messages", optional "reasoning"} lines.
+
+\b
+--tasks FILE adds task accuracy: {"type": "math"|"choice", "question", "answer", "choices"?}
+lines (calib/tasks-sample.jsonl is a tiny example), answered with reasoning off (greedy); verify
+then reports the artifact's accuracy and its recovery (artifact / golden).
 """
 
 
@@ -43,15 +48,18 @@ of {"text"|"prompt"|"messages", optional "reasoning"} lines.
 @click.option("--probe-len", type=int, default=32, show_default=True, help="Tokens of the localization probe.")
 @click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default="bfloat16", show_default=True, help="Compute dtype of the reference.")
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda (cuda:N).")
+@click.option("--tasks", type=click.Path(dir_okay=False), help="Task JSONL (math with \\boxed answers, multiple choice): golden answers for verify's task accuracy.")
+@click.option("--task-max-tokens", type=int, default=64, show_default=True, help="Reply length for --tasks.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print golden.json's summary as JSON.")
 def reference(hf_dir, out, prompt_set, windows, seq_len, chat_prompts, continuation, top_k, probe_len,
-              dtype, device, overwrite, as_json) -> None:
+              dtype, device, tasks, task_max_tokens, overwrite, as_json) -> None:
     import json
 
     from builder.verify.golden import GOLDEN_JSON, GoldenSettings, build_golden
 
-    settings = GoldenSettings(prompt_set, windows, seq_len, chat_prompts, continuation, top_k, probe_len, dtype, device)
+    settings = GoldenSettings(prompt_set, windows, seq_len, chat_prompts, continuation, top_k, probe_len, dtype,
+                              device, tasks, task_max_tokens)
     say = (lambda m: None) if as_json else (lambda m: click.echo(m, err=True))
     path = build_golden(hf_dir, out, settings, overwrite=overwrite, say=say)
     document = json.loads((path / GOLDEN_JSON).read_text())

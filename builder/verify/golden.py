@@ -67,6 +67,8 @@ class GoldenSettings:
     probe_len: int = 32
     dtype: str = "bfloat16"
     device: str = "cpu"
+    tasks: str | None = None  # a task JSONL (builder.verify.tasks): golden answers, reasoning off
+    task_max_tokens: int = 64
 
 
 # ---- per-block statistics ------------------------------------------------------------------------------
@@ -164,6 +166,7 @@ def build_golden(
     say(f"golden of {src}: {len(prompts)} prompts, {sum(len(p.ids) for p in prompts):,} tokens, "
         f"{stream.plan.num_layers} blocks streamed one at a time")
     tensors, stats, seconds = run_reference(stream, prompts, settings, say)
+    task_results = run_tasks(stream, tokenizer, settings, say) if settings.tasks else None
     seconds["total"] = round(time.perf_counter() - started, 3)
     document = {
         "format": FORMAT, "version": VERSION, "settings": settings.__dict__,
@@ -172,6 +175,8 @@ def build_golden(
         "prompts": [p.describe() for p in prompts], "blocks": stats.table(),
         "run": {"seconds": seconds, "peak_rss_bytes": peak_rss_bytes()},
     }
+    if task_results is not None:
+        document["tasks"] = task_results
     from safetensors.torch import save_file
 
     with atomic_dir(out, overwrite) as stage:
@@ -212,15 +217,43 @@ def run_reference(
     seconds["prefill"] = round(time.perf_counter() - t0, 3)
     t0 = time.perf_counter()
     greedy = [[int(t)] for t in nexts] if n else [[] for _ in prompts]
-    for step in range(1, n):
-        say(f"greedy continuation: token {step + 1}/{n} (one pass over the weights)")
-        states = stream.forward(sequences[:-1], [torch.tensor([g[-1]]) for g in greedy], use_cache=True)
-        for j, h in enumerate(states):
-            greedy[j].append(int(stream.head(h, head)[-1].argmax()))
+    continue_greedy(stream, sequences[:-1], greedy, n, head, say)
     for j, tokens in enumerate(greedy):
         tensors[f"prompt.{j}.greedy"] = torch.tensor(tokens, dtype=torch.long)
     seconds["greedy"] = round(time.perf_counter() - t0, 3)
     return tensors, stats, seconds
+
+
+def continue_greedy(
+    stream: BlockStream, sequences: list[Sequence], greedy: list[list[int]], n: int, head: Any,
+    say: Callable[[str], None],
+) -> None:
+    """Extend each sequence's greedy tokens (its first one already chosen) to `n`: one pass
+    over the weights per token, every sequence's KV cache kept."""
+    for step in range(1, n):
+        say(f"greedy continuation: token {step + 1}/{n} (one pass over the weights)")
+        states = stream.forward(sequences, [torch.tensor([g[-1]]) for g in greedy], use_cache=True)
+        for j, h in enumerate(states):
+            greedy[j].append(int(stream.head(h, head)[-1].argmax()))
+
+
+def run_tasks(stream: BlockStream, tokenizer: Any, settings: GoldenSettings, say: Callable[[str], None]) -> dict[str, Any]:
+    """The reference's answers to a task set (reasoning off, greedy) and its accuracy."""
+    from builder.verify.tasks import accuracy, load_tasks, reply_text, task_prompt_ids
+
+    tasks = load_tasks(settings.tasks)
+    ids = [torch.tensor(task_prompt_ids(tokenizer, t, reasoning=False)) for t in tasks]
+    sequences = [Sequence(torch.empty(0, dtype=torch.long)) for _ in tasks]
+    head = stream.head_weights()
+    hidden = stream.forward(sequences, ids, use_cache=True)
+    greedy = [[int(stream.head(h, head)[-1].argmax())] for h in hidden]
+    continue_greedy(stream, sequences, greedy, settings.task_max_tokens, head, say)
+    replies = [reply_text(tokenizer, g) for g in greedy]
+    return {
+        "file": str(Path(settings.tasks).resolve()), "sha256": sha256_file(Path(settings.tasks)),
+        "reasoning": False, "max_tokens": settings.task_max_tokens, "count": len(tasks),
+        "accuracy": accuracy(tasks, replies), "replies": replies,
+    }
 
 
 # ---- reading --------------------------------------------------------------------------------------------

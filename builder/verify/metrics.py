@@ -66,6 +66,11 @@ METRICS: dict[str, MetricInfo] = {
     "golden_perplexity": MetricInfo(
         "ppl", "the same for the golden", "none"),
     "ppl_ratio": MetricInfo("ratio", "artifact perplexity / golden perplexity", "lower"),
+    "task_accuracy": MetricInfo(
+        "fraction", "share of task answers correct (builder.verify.tasks; reasoning off, greedy)", "higher"),
+    "golden_task_accuracy": MetricInfo("fraction", "the same for the golden", "none"),
+    "task_recovery": MetricInfo(
+        "ratio", "task_accuracy / golden_task_accuracy (llm-compressor's recovery)", "higher"),
 }
 
 

@@ -126,6 +126,10 @@ def verify(golden_dir: str | Path, runtime: Any, opts: VerifyOptions, say=lambda
         say(f"  {note}")
     cmp, per_prompt = compare(golden, runtime, opts, say)
     values = cmp.summary()
+    task_rows = None
+    if golden.document.get("tasks") and caps.greedy:
+        task_values, task_rows = score_tasks(golden, runtime, say)
+        values |= task_values
     failures = [
         f"{name} {values[name]:.4g} breaks {t.describe()}"
         for name, t in thresholds.items()
@@ -156,7 +160,7 @@ def verify(golden_dir: str | Path, runtime: Any, opts: VerifyOptions, say=lambda
         thresholds={name: {"bound": t.bound, "limit": t.limit} for name, t in thresholds.items()},
         verdict=verdict,
         details={
-            "per_prompt": per_prompt, "failures": failures, "unmeasured": unmeasured,
+            "per_prompt": per_prompt, "tasks": task_rows, "failures": failures, "unmeasured": unmeasured,
             "localization": localization.to_json() if localization is not None else None,
             "seconds": round(time.perf_counter() - started, 3),
         },
@@ -167,6 +171,26 @@ def verify(golden_dir: str | Path, runtime: Any, opts: VerifyOptions, say=lambda
         result.record_path = write_record(opts.report, record)
         (Path(opts.report) / result.record_path.with_suffix(".md").name).write_text(result.table + "\n")
     return result
+
+
+def score_tasks(golden: Golden, runtime: Any, say) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """The artifact's answers to the golden's task set, with the same prompts and length."""
+    from builder.verify.tasks import load_tasks, reply_text, task_prompt_ids
+
+    spec = golden.document["tasks"]
+    tasks = load_tasks(spec["file"])
+    tokenizer = golden.tokenizer()
+    rows = []
+    for task, golden_reply in zip(tasks, spec["replies"], strict=True):
+        ids = torch.tensor(task_prompt_ids(tokenizer, task, reasoning=False))
+        reply = reply_text(tokenizer, runtime.greedy(ids, int(spec["max_tokens"])))
+        rows.append({"question": task.question, "correct": task.correct(reply), "golden_correct": task.correct(golden_reply), "reply": reply})
+    acc = sum(r["correct"] for r in rows) / len(rows)
+    out = {"task_accuracy": acc, "golden_task_accuracy": float(spec["accuracy"])}
+    if spec["accuracy"] > 0:
+        out["task_recovery"] = acc / spec["accuracy"]
+    say(f"tasks: {acc:.3f} correct (golden {spec['accuracy']:.3f})")
+    return out, rows
 
 
 def _golden_sha(golden: Golden) -> str:

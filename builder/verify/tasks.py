@@ -5,8 +5,9 @@ Each line: {"question": ..., "answer": ..., "type": "math" | "choice", "choices"
           \\boxed{...} of the reply (balanced braces), compared as numbers when both parse;
   choice  the question, options "A) ...", "Answer with the letter."; the answer is the letter
           of \\boxed{X}, "answer is X" / "Answer: X", else the last standalone A-D.
-Reasoning on: system "detailed thinking on", temperature 0.6 / top_p 0.95 (builder.chat);
-reasoning off: greedy. The score is the share of correct answers; `recovery` = artifact score
+The card's settings are reasoning on: "detailed thinking on" at temperature 0.6 / top_p 0.95,
+reasoning off: greedy (builder.chat). Verify scores reasoning off (greedy, every runtime can);
+sampled reasoning-on scoring needs a sampling entry point in the runtimes (not there yet). The score is the share of correct answers; `recovery` = artifact score
 / golden score (llm-compressor's convention, threshold `task_recovery_min`).
 """
 
@@ -142,6 +143,14 @@ def same_answer(got: str, expected: str, kind: str) -> bool:
 
 def accuracy(tasks: list[Task], replies: list[str]) -> float:
     return sum(t.correct(r) for t, r in zip(tasks, replies, strict=True)) / len(tasks)
+
+
+def reply_text(tokenizer: Any, ids: list[int]) -> str:
+    """The reply up to (not including) the first EOS, decoded."""
+    eos = tokenizer.eos_token_id
+    if eos is not None and eos in ids:
+        ids = ids[: ids.index(eos)]
+    return tokenizer.decode(ids, skip_special_tokens=True)
 
 
 def task_prompt_ids(tokenizer: Any, task: Task, reasoning: bool) -> list[int]:

@@ -36,7 +36,10 @@ def ultra_fp8(tmp_path_factory, ultra_ckpt):
 
 @pytest.fixture(scope="module")
 def ultra_golden(tmp_path_factory, ultra_ckpt):
-    settings = GoldenSettings(prompts="wiki", windows=2, seq_len=32, continuation=4, probe_len=16, dtype="float32")
+    from builder.quantize.calib import calib_dir
+
+    settings = GoldenSettings(prompts="wiki", windows=2, seq_len=32, continuation=4, probe_len=16, dtype="float32",
+                              tasks=str(calib_dir() / "tasks-sample.jsonl"), task_max_tokens=3)
     return build_golden(ultra_ckpt, tmp_path_factory.mktemp("golden") / "ultra", settings)
 
 
@@ -79,6 +82,7 @@ def test_the_intact_artifact_has_no_part_out_of_line(ultra_fp8, ultra_golden, th
     result = run_cli(ultra_fp8 / "trtllm", ultra_golden, thresholds, tmp_path)
     assert result.exit_code == 0, result.output
     assert "no part out of line" in result.output
+    assert "| task_accuracy |" in result.output and "| golden_task_accuracy |" in result.output
 
 
 def test_a_corrupted_scaling_factor_is_named(ultra_fp8, ultra_golden, thresholds, ffn_block, tmp_path):
