@@ -6,7 +6,8 @@ own venv, `.venv-vllm/` of the repository, made by scripts/install.sh) on a free
 
     from tests.servers import vllm_available, vllm_server
 
-The server runs in its own process group; on exit (also on failure or Ctrl-C) the group is
+`--enforce-eager`: without it vLLM's CPU warm-up compiles the model (measured 390 s of an
+831 s start on a loaded 2-core machine, 1 s with it). The server runs in its own process group; on exit (also on failure or Ctrl-C) the group is
 sent SIGTERM, then SIGKILL after a grace period, so no server outlives the tests.
 """
 
@@ -25,7 +26,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 VLLM_PYTHON = REPO / ".venv-vllm" / "bin" / "python"
-STARTUP_SECONDS = float(os.environ.get("BUILDER_VLLM_STARTUP_S", "600"))
+STARTUP_SECONDS = float(os.environ.get("BUILDER_VLLM_STARTUP_S", "900"))
 STOP_GRACE_SECONDS = 20.0
 
 
@@ -71,7 +72,7 @@ def vllm_server(model_dir: Path, log_path: Path, extra: tuple[str, ...] = ()) ->
     command = [
         str(VLLM_PYTHON), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
         "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--max-model-len", "1024",
-        "--max-logprobs", "20", "--served-model-name", "smollm2", *extra,
+        "--max-logprobs", "20", "--served-model-name", "smollm2", "--enforce-eager", *extra,
     ]
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1",
            "DO_NOT_TRACK": "1"}
