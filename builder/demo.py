@@ -154,7 +154,7 @@ def step_verify(ctx: DemoContext) -> None:
     from builder.verify.runtimes import RuntimeArgs, make_runtime
 
     # Small windows: one held-out Wikipedia window and one chat prompt with reasoning on and off.
-    settings = GoldenSettings(windows=1, seq_len=64, chat_prompts=1, continuation=4, probe_len=16, dtype="float32")
+    settings = GoldenSettings(windows=1, seq_len=48, chat_prompts=1, continuation=3, probe_len=16, dtype="float32")
     golden = build_golden(ctx.results["smollm2"], ctx.path("smollm2-golden"), settings, overwrite=True)
     runtime = make_runtime("executor", RuntimeArgs(artifact=str(ctx.results["smollm2_fp8"] / "trtllm"), dtype=torch.float32))
     result = verify(golden, runtime, VerifyOptions(report=ctx.path("verify-report")))
