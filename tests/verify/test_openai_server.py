@@ -1,14 +1,19 @@
 """The openai runtime against a real OpenAI-compatible server: vLLM (CPU) serving the same
-SmolLM2 weights as a plain Llama checkpoint, in fp32 like the golden."""
+SmolLM2 weights as a plain Llama checkpoint, in fp32 like the golden. Slow: the server takes
+1-3 minutes to start on 2 cores (once per session)."""
 
 from __future__ import annotations
 
+import pytest
 from click.testing import CliRunner
 
 from builder.cli import main
 from builder.verify.golden import Golden
 from builder.verify.run import VerifyOptions, verify
 from builder.verify.runtimes.openai import OpenAIRuntime
+
+
+pytestmark = pytest.mark.slow
 
 
 def test_vllm_reproduces_the_golden(vllm_url, smollm2_golden, tmp_path, capsys):
