@@ -12,7 +12,6 @@ from builder.verify.golden import Golden
 from builder.verify.run import VerifyOptions, verify
 from builder.verify.runtimes.openai import OpenAIRuntime
 
-
 pytestmark = pytest.mark.slow
 
 
