@@ -224,8 +224,10 @@ def verdict_table(result: VerifyResult, thresholds: dict[str, Threshold]) -> str
         t = thresholds.get(name)
         verdict = ("pass" if t.holds(value) else "**FAIL**") if t else ""
         lines.append(f"| {name} | {value:.5g} | {t.describe() if t else ''} | {verdict} |")
+    has_tasks = bool(r.details.get("tasks"))
     for name in result.unmeasured:
-        lines.append(f"| {name} | not measured by this runtime | {thresholds[name].describe()} | n/a |")
+        why = "no task set in the golden" if name.startswith("task") and not has_tasks else "not measured by this runtime"
+        lines.append(f"| {name} | {why} | {thresholds[name].describe()} | n/a |")
     lines.append("")
     if result.localization is not None:
         lines.append("localization (each part on the golden's inputs):")
