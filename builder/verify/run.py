@@ -66,6 +66,7 @@ class VerifyResult:
     failures: list[str]
     unmeasured: list[str]
     localization: Any = None
+    comparison: Comparison | None = None  # the per-position series behind the metrics
     record_path: Path | None = None
     table: str = ""
 
@@ -165,7 +166,7 @@ def verify(golden_dir: str | Path, runtime: Any, opts: VerifyOptions, say=lambda
             "seconds": round(time.perf_counter() - started, 3),
         },
     )
-    result = VerifyResult(record, values, failures, unmeasured, localization)
+    result = VerifyResult(record, values, failures, unmeasured, localization, cmp)
     result.table = verdict_table(result, thresholds)
     if opts.report is not None:
         result.record_path = write_record(opts.report, record)

@@ -14,19 +14,6 @@ def _small_matrices(one_torch_thread):
 
 
 @pytest.fixture(scope="session")
-def smollm2_fp8(tmp_path_factory, smollm2_ckpt):
-    """FP8 SmolLM2 (both exports), calibrated as calib/thresholds.toml [smollm2-ci] says."""
-    from builder.quantize.accuracy import threshold_setup
-    from builder.quantize.pipeline import quantize_checkpoint
-
-    setup = threshold_setup("smollm2-ci")
-    out = tmp_path_factory.mktemp("fp8") / "smollm2-fp8"
-    quantize_checkpoint(smollm2_ckpt, out, calib_size=setup["calib_size"], calib_seq_len=setup["calib_seq_len"],
-                        dtype=setup["dtype"])
-    return out
-
-
-@pytest.fixture(scope="session")
 def smollm2_golden(tmp_path_factory, smollm2_ckpt):
     from builder.verify.golden import GoldenSettings, build_golden
 

@@ -9,8 +9,7 @@ import pytest
 import torch
 
 from builder.report.records import RecordKind, Verdict, read_record
-from builder.verify.golden import Golden
-from builder.verify.run import VerifyOptions, compare, verify
+from builder.verify.run import VerifyOptions, verify
 from builder.verify.runtimes import RuntimeArgs, make_runtime
 
 
@@ -21,8 +20,7 @@ def results(smollm2_golden, smollm2_fp8, tmp_path_factory):
         runtime = make_runtime(name, RuntimeArgs(artifact=str(artifact), dtype=torch.float32))
         report = tmp_path_factory.mktemp(f"report-{name}")
         result = verify(smollm2_golden, runtime, VerifyOptions(report=report))
-        per_position = compare(Golden.load(smollm2_golden), runtime, VerifyOptions())[0]
-        out[name] = (result, per_position)
+        out[name] = (result, result.comparison)
     return out
 
 
