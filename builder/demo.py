@@ -2,8 +2,9 @@
 
 Each step is a small function over a shared context so the demo reads like the runbook:
 synthesize and import test models, show their plans, run the reference model, convert,
-quantize, plan the real targets, dry-run the build, and bench the FP8 artifact against its
-BF16 source into a report.
+quantize, plan the real targets, dry-run the build, write and serve the Triton repository,
+bench the FP8 artifact against its BF16 source into a report, and verify FP8 SmolLM2 against
+its BF16 golden.
 """
 
 from __future__ import annotations
@@ -127,22 +128,6 @@ def step_quantize(ctx: DemoContext) -> None:
                           f"{size} x {seq_len} tokens (default 512 x 512); {summary.seconds['total']:.1f} s")
 
 
-def step_accuracy(ctx: DemoContext) -> None:
-    import torch
-
-    from builder.quantize import evaluate_accuracy, format_table
-
-    windows, seq_len = ACCURACY_WINDOWS
-    # The TensorRT-LLM checkpoint is the artifact; ModelOpt's fake-quant twin (the same
-    # numbers within the thresholds) is scored by tests and scripts/quantize_accuracy.py.
-    report = evaluate_accuracy(
-        ctx.results["smollm2"], ctx.results["smollm2_fp8"], variants=("trtllm",), windows=windows,
-        seq_len=seq_len, dtype=torch.float32, thresholds="smollm2-ci",
-    )
-    ctx.results["accuracy"] = report.to_json()
-    ctx.console.print(format_table(report))
-
-
 def step_plan_targets(ctx: DemoContext) -> None:
     from builder.build import mission_plans, render_plan
 
@@ -242,6 +227,26 @@ def step_bench_report(ctx: DemoContext) -> None:
     ctx.console.print(f"report: {paths['html']} and {paths['markdown']}")
 
 
+def step_verify(ctx: DemoContext) -> None:
+    import torch
+
+    from builder.verify.golden import GoldenSettings, build_golden
+    from builder.verify.run import VerifyOptions, verify
+    from builder.verify.runtimes import RuntimeArgs, make_runtime
+
+    # Small windows: one held-out Wikipedia window and one chat prompt with reasoning on and off.
+    settings = GoldenSettings(windows=1, seq_len=48, chat_prompts=1, continuation=3, probe_len=16, dtype="float32")
+    golden = build_golden(ctx.results["smollm2"], ctx.path("smollm2-golden"), settings, overwrite=True)
+    runtime = make_runtime("executor", RuntimeArgs(artifact=str(ctx.results["smollm2_fp8"] / "trtllm"), dtype=torch.float32))
+    result = verify(golden, runtime, VerifyOptions(report=ctx.path("verify-report")))
+    runtime.close()
+    ctx.results["verify"] = {"verdict": str(result.record.verdict), "metrics": result.metrics,
+                             "record": str(result.record_path)}
+    ctx.console.print(result.table, markup=False)
+    if result.exit_code != 0:
+        raise RuntimeError("FP8 SmolLM2 fails verify against its BF16 golden: " + "; ".join(result.failures))
+
+
 STEPS: list[tuple[str, Step]] = [
     ("synthesize a small Ultra-pattern checkpoint", step_synthesize),
     ("import the real SmolLM2-135M", step_import_smollm2),
@@ -249,11 +254,11 @@ STEPS: list[tuple[str, Step]] = [
     ("reference model, reasoning off", step_reference_generation),
     ("convert to TensorRT-LLM tp=2 and check with the executor", step_convert),
     ("FP8 calibration with ModelOpt, both exports", step_quantize),
-    ("FP8 accuracy on real SmolLM2 weights", step_accuracy),
     ("plan the real Ultra for the three mission targets", step_plan_targets),
     ("dry-run engine build of the FP8 demo artifact", step_dry_run_build),
     ("Triton repository of the demo artifact, checked and served", step_triton),
     ("bench the FP8 demo artifact against its BF16 source, write the report", step_bench_report),
+    ("verify FP8 SmolLM2 against its BF16 golden", step_verify),
 ]
 
 

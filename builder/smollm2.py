@@ -301,6 +301,37 @@ def smollm2_config(facts: GgufFacts, nas_variant: bool = False) -> dict[str, Any
     return config
 
 
+def llama_config(facts: GgufFacts) -> dict[str, Any]:
+    """A plain LlamaForCausalLM config.json for the same weights (tensor names are shared), for
+    servers that do not load nemotron-nas, e.g. vLLM on the CPU."""
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "bos_token_id": facts.bos,
+        "eos_token_id": facts.eos,
+        "pad_token_id": facts.pad,
+        "head_dim": facts.head_dim,
+        "hidden_act": "silu",
+        "hidden_size": facts.hidden,
+        "initializer_range": 0.02,
+        "intermediate_size": facts.ffn,
+        "max_position_embeddings": facts.context,
+        "mlp_bias": False,
+        "num_attention_heads": facts.heads,
+        "num_hidden_layers": facts.layers,
+        "num_key_value_heads": facts.kv_heads,
+        "rms_norm_eps": facts.rms_eps,
+        "rope_scaling": None,
+        "rope_theta": facts.rope_theta,
+        "tie_word_embeddings": False,
+        "torch_dtype": "float32",
+        "use_cache": True,
+        "vocab_size": facts.vocab,
+    }
+
+
 # ---- NAS-variant weights ----------------------------------------------------------------------
 def regroup_kv_heads(weight: torch.Tensor, head_dim: int, kv_to: int) -> torch.Tensor:
     """k/v rows for `kv_to` heads: duplicates each head (more heads) or averages groups (fewer)."""
@@ -475,12 +506,17 @@ values. Fine for FP8/INT8 studies; misleading for INT4 accuracy claims.
 
 # ---- entry point ----------------------------------------------------------------------------
 def import_smollm2(
-    out: str | Path, nas_variant: bool = False, overwrite: bool = False, progress: bool = False
+    out: str | Path, nas_variant: bool = False, overwrite: bool = False, progress: bool = False,
+    llama: bool = False,
 ) -> Path:
     """Write SmolLM2-135M-Instruct as a nemotron-nas HF checkpoint to `out`; returns `out`.
 
-    The directory appears only when complete (staged, then renamed), with a manifest.json.
+    `llama`: the same tensors with a plain LlamaForCausalLM config.json instead (for servers
+    without nemotron-nas support). The directory appears only when complete (staged, then
+    renamed), with a manifest.json.
     """
+    if llama and nas_variant:
+        raise SmolLM2Error("the NAS variant has non-Llama blocks; it cannot be written as plain Llama")
     path = locate_gguf()
     gguf = open_gguf(path, path.stat().st_mtime_ns)
     facts = gguf.facts()
@@ -488,7 +524,7 @@ def import_smollm2(
     gguf_sha256 = sha256_file(path)
     out = Path(out)
     with atomic_dir(out, overwrite) as stage:
-        write_json(stage / "config.json", config)
+        write_json(stage / "config.json", llama_config(facts) if llama else config)
         write_json(
             stage / "generation_config.json",
             {"bos_token_id": facts.bos, "eos_token_id": facts.eos, "pad_token_id": facts.pad},
@@ -506,6 +542,7 @@ def import_smollm2(
             "model": "HuggingFaceTB/SmolLM2-135M-Instruct",
             "license": "Apache-2.0",
             "nas_variant": nas_variant,
+            "layout": "llama" if llama else "nemotron-nas",
         }
         write_manifest(stage, build_manifest(stage, "hf-checkpoint", source={"smollm2": source}))
     return out

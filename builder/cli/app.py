@@ -19,6 +19,8 @@ Pipeline, each stage checking its input's manifest before it spends hours:
   quantize  FP8 calibration with ModelOpt -> FP8 TensorRT-LLM + unified HF checkpoints
   plan      memory / KV-cache / disk plan for a target (8xH100 BF16, 4xH100 FP8, ...)
   build     trtllm-build (engine releases <= 1.2.x) or PyTorch-backend serve options
+  reference the BF16 golden: top-k log-probs, greedy continuations, per-block states
+  verify    an artifact against the golden on any runtime, with the fault located
 Test models: `synth` writes seeded checkpoints with the real block patterns scaled down,
 `import-smollm2` writes the real SmolLM2-135M as a nemotron-nas checkpoint.
 `demo` runs the whole pipeline on small built-in models.

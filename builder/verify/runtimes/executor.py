@@ -1,0 +1,104 @@
+"""`executor`: a TensorRT-LLM checkpoint (BF16 or FP8, any tp/pp) through builder.runtime's
+PyTorch executor, on the CPU or a GPU. Full logits, so every metric and localization."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from builder.arch.plan import LayerPlan
+from builder.arch.tensors import stage_layers
+from builder.verify.runtimes.base import (
+    ArtifactInfo,
+    Capabilities,
+    directory_sha256,
+    greedy_continue,
+    scores_from_logits,
+)
+
+
+def trtllm_kind(config: dict) -> str:
+    algo = (config.get("quantization") or {}).get("quant_algo")
+    return "trtllm-fp8" if algo == "FP8" else f"trtllm-{config.get('dtype', 'bfloat16')}".replace("bfloat16", "bf16")
+
+
+class ExecutorRuntime:
+    name = "executor"
+
+    def __init__(self, artifact: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu", top_k: int = 20):
+        from builder.runtime import TrtllmCheckpointExecutor
+
+        self.path = Path(artifact)
+        self.executor = TrtllmCheckpointExecutor(self.path, dtype=dtype, device=device)
+        self.device, self.top_k = device, top_k
+        config = self.executor.config
+        self.artifact = ArtifactInfo(
+            str(self.path.resolve()), trtllm_kind(config), directory_sha256(self.path),
+            {"tp": self.executor.tp, "pp": self.executor.pp, "kv_cache_fp8": self.executor.kv_cache_fp8},
+        )
+        self.capabilities = Capabilities(
+            prompt_scores=True, full_distribution=True, greedy=True, localize=True, top_k=top_k,
+            notes=((f"PyTorch executor, tp={self.executor.tp} pp={self.executor.pp}, "
+                    f"{str(dtype).removeprefix('torch.')} compute on {device}"),),
+        )
+
+    def logits(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.executor(ids.to(self.executor.device)).float().cpu()
+
+    def score(self, ids: torch.Tensor, golden_top_ids: torch.Tensor | None = None):
+        return scores_from_logits(self.logits(ids), ids, self.top_k, golden_top_ids)
+
+    def greedy(self, prompt_ids: torch.Tensor, n: int) -> list[int]:
+        return greedy_continue(self.logits, prompt_ids, n)
+
+    def localizer(self) -> ExecutorLocalizer:
+        return ExecutorLocalizer(self)
+
+    def close(self) -> None:
+        self.executor.close()
+
+
+class ExecutorLocalizer:
+    """The executor's parts run one at a time on golden inputs (see builder.verify.localize)."""
+
+    def __init__(self, runtime: ExecutorRuntime):
+        self.runtime = runtime
+        self.ex = runtime.executor
+        self.plan = self.ex.plan
+
+    def where(self, layer: LayerPlan) -> tuple[int, int]:
+        """(pipeline stage, stage-local index) of a layer."""
+        for pp_rank in range(self.ex.pp):
+            stage = stage_layers(self.plan, self.ex.pp, pp_rank)
+            if layer.index in stage:
+                return pp_rank, layer.index - stage.start
+        raise AssertionError(layer.index)
+
+    @torch.no_grad()
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        first = self.ex.stage_ranks(0)[0]
+        return F.embedding(ids.to(self.ex.device), self.ex.weight(first, "transformer.vocab_embedding.weight"))
+
+    @torch.no_grad()
+    def block(self, layer: LayerPlan, x: torch.Tensor) -> torch.Tensor:
+        pp_rank, local = self.where(layer)
+        cos, sin = self.ex.rope_tables(x.shape[0])
+        states = x[None].to(self.ex.device, self.ex.dtype)
+        return self.ex.layer(states, layer, local, self.ex.stage_ranks(pp_rank), cos, sin)[0]
+
+    @torch.no_grad()
+    def logits(self, final: torch.Tensor) -> torch.Tensor:
+        states = final[None].to(self.ex.device, self.ex.dtype)
+        return self.ex.lm_head(states, self.ex.stage_ranks(self.ex.pp - 1))[0]
+
+    def tensor_findings(self, part: int | str, checks) -> list[str]:
+        from builder.verify.localize import trtllm_tensor_findings
+
+        return trtllm_tensor_findings(self.ex, part, checks)
+
+    def integrity(self) -> list[str]:
+        from builder.verify.localize import manifest_findings
+
+        return manifest_findings(self.runtime.path)

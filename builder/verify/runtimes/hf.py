@@ -1,0 +1,206 @@
+"""`hf`: a unified HF FP8 checkpoint (ModelOpt's export format) run by builder's reference model.
+
+An independent check of that export: not the TensorRT-LLM checkpoint and not the executor's
+code. Each block of the reference model is built and its linears replaced by `Fp8Linear`s
+holding the export's own tensors: the E4M3 weight dequantized once (weight x weight_scale), the
+input rounded through E4M3 with input_scale before the matmul (ModelOpt's fake-quant
+semantics); with a quantized KV cache, keys and values are rounded through E4M3 with
+k_scale / v_scale after RoPE and the cache update, as ModelOpt's KV quantizers do. Embedding,
+norms and lm_head are used as stored. Blocks stream one at a time (builder.verify.stream).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from builder.arch.plan import AttentionKind, LayerPlan
+from builder.errors import UserError
+from builder.quantize.blockwise import _fill
+from builder.verify.runtimes.base import (
+    ArtifactInfo,
+    Capabilities,
+    directory_sha256,
+    read_json,
+    scores_from_logits,
+)
+from builder.verify.stream import BlockStream, Sequence
+
+E4M3_MAX = 448.0
+
+
+def e4m3_round_trip(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x / scale clamped to +-448, rounded to E4M3, times scale (float32)."""
+    return (x.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn).float() * scale
+
+
+class Fp8Linear(nn.Module):
+    """y = round_e4m3(x / input_scale) * input_scale @ (W_e4m3 * weight_scale).T"""
+
+    def __init__(self, weight: torch.Tensor, weight_scale: torch.Tensor, input_scale: torch.Tensor):
+        super().__init__()
+        self.register_buffer("dequantized", weight.float() * weight_scale.float())
+        self.register_buffer("input_scale", input_scale.float().reshape(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(e4m3_round_trip(x, self.input_scale), self.dequantized).to(x.dtype)
+
+
+def fp8_block(stream: BlockStream, index: int) -> nn.Module:
+    """Block `index` of the export: norms filled, linears replaced by Fp8Linear, KV scales set."""
+    layer = stream.parts.layer(index, stream.dtype)
+    prefix = f"model.layers.{index}."
+    ckpt = stream.ckpt
+    for name, module in list(layer.named_modules()):
+        if isinstance(module, nn.Linear):
+            tensors = {s: _read(ckpt, f"{prefix}{name}.{s}", index) for s in ("weight", "weight_scale", "input_scale")}
+            if tensors["weight"].dtype != torch.float8_e4m3fn:
+                raise UserError(f"{ckpt.root}: {prefix}{name}.weight is {tensors['weight'].dtype}, "
+                                "not float8_e4m3fn: not a unified HF FP8 export")
+            parent_name, leaf = name.rsplit(".", 1)
+            fp8 = Fp8Linear(tensors["weight"], tensors["weight_scale"], tensors["input_scale"]).to(stream.device)
+            setattr(layer.get_submodule(parent_name), leaf, fp8)
+    for module in layer.modules():  # what is left on the meta device: the norms
+        if not isinstance(module, Fp8Linear) and any(p.is_meta for p in module.parameters(recurse=False)):
+            module.to_empty(device=stream.device, recurse=False)
+    with torch.no_grad():
+        for name, tensor in layer.named_parameters():
+            _fill(tensor, ckpt, prefix + name, index)
+    attn = getattr(layer, "self_attn", None)
+    if attn is not None and hasattr(attn, "k_proj") and f"{prefix}self_attn.k_proj.k_scale" in ckpt:
+        attn.fp8_kv_scales = tuple(
+            _read(ckpt, f"{prefix}self_attn.{p}_proj.{p}_scale", index).float().to(stream.device) for p in "kv"
+        )
+    return layer.eval()
+
+
+def _read(ckpt: Any, name: str, index: int) -> torch.Tensor:
+    if name not in ckpt:
+        raise UserError(f"{ckpt.root}: tensor {name!r} (layer {index}) is missing: not a unified HF FP8 export?")
+    return ckpt.read(name)
+
+
+class _KvRounding:
+    """Stands in for transformers' attention-function registry in builder.model.modeling: the
+    attention function it hands out rounds K and V through E4M3 for modules with fp8_kv_scales."""
+
+    def __init__(self, registry: Any):
+        self.registry = registry
+
+    def get_interface(self, name: str, default: Any) -> Any:
+        inner = self.registry.get_interface(name, default)
+
+        def attend(module, query, key, value, *args, **kwargs):
+            scales = getattr(module, "fp8_kv_scales", None)
+            if scales is not None:
+                key = e4m3_round_trip(key, scales[0]).to(query.dtype)
+                value = e4m3_round_trip(value, scales[1]).to(query.dtype)
+            return inner(module, query, key, value, *args, **kwargs)
+
+        return attend
+
+
+@contextmanager
+def fp8_kv_attention() -> Iterator[None]:
+    """The reference model's attention resolves ALL_ATTENTION_FUNCTIONS from its module globals
+    at call time (so ModelOpt can wrap it); the hf runtime wraps it the same way while it runs."""
+    from builder.model import modeling
+
+    original = modeling.ALL_ATTENTION_FUNCTIONS
+    modeling.ALL_ATTENTION_FUNCTIONS = _KvRounding(original)
+    try:
+        yield
+    finally:
+        modeling.ALL_ATTENTION_FUNCTIONS = original
+
+
+def check_hf_fp8(path: Path) -> dict[str, Any]:
+    config = read_json(path / "config.json")
+    algo = ((config.get("quantization_config") or {}).get("quant_algo")
+            or (read_json(path / "hf_quant_config.json").get("quantization", {}).get("quant_algo")
+                if (path / "hf_quant_config.json").is_file() else None))
+    if algo != "FP8":
+        raise UserError(f"{path}: not a unified HF FP8 checkpoint (quant_algo {algo!r}); the hf runtime "
+                        "reads ModelOpt's FP8 export (builder quantize OUT/hf)")
+    return config
+
+
+class HfFp8Runtime:
+    name = "hf"
+
+    def __init__(self, artifact: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu", top_k: int = 20):
+        self.path = Path(artifact)
+        check_hf_fp8(self.path)
+        self.stream = BlockStream(self.path, dtype, device, loader=fp8_block, forward_context=fp8_kv_attention)
+        self.device, self.top_k = device, top_k
+        self._head = self.stream.head_weights()
+        kv = any(n.endswith("k_proj.k_scale") for n in self.stream.ckpt.names())
+        self.artifact = ArtifactInfo(str(self.path.resolve()), "hf-fp8", directory_sha256(self.path), {"kv_cache_fp8": kv})
+        self.capabilities = Capabilities(
+            prompt_scores=True, full_distribution=True, greedy=True, localize=True, top_k=top_k,
+            notes=((f"builder reference model with the export's FP8 weights and scales (dequantized), "
+                    f"{str(dtype).removeprefix('torch.')} on {device}, block-streamed"),),
+        )
+
+    def logits(self, ids: torch.Tensor) -> torch.Tensor:
+        seq = Sequence(torch.empty(0, dtype=torch.long))
+        hidden = self.stream.forward([seq], [ids])[0]
+        return self.stream.head(hidden, self._head).cpu()
+
+    def score(self, ids: torch.Tensor, golden_top_ids: torch.Tensor | None = None):
+        return scores_from_logits(self.logits(ids), ids, self.top_k, golden_top_ids)
+
+    def greedy(self, prompt_ids: torch.Tensor, n: int) -> list[int]:
+        """KV-cached: the prompt in one pass, then one pass per new token."""
+        if n == 0:
+            return []
+        seq = Sequence(torch.empty(0, dtype=torch.long))
+        hidden = self.stream.forward([seq], [prompt_ids], use_cache=True)[0]
+        out = [int(self.stream.head(hidden, self._head)[-1].argmax())]
+        while len(out) < n:
+            hidden = self.stream.forward([seq], [torch.tensor([out[-1]])], use_cache=True)[0]
+            out.append(int(self.stream.head(hidden, self._head)[-1].argmax()))
+        return out
+
+    def localizer(self) -> HfLocalizer:
+        return HfLocalizer(self)
+
+    def close(self) -> None:
+        pass
+
+
+class HfLocalizer:
+    def __init__(self, runtime: HfFp8Runtime):
+        self.runtime = runtime
+        self.stream = runtime.stream
+        self.plan = self.stream.plan
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.stream.embed(ids)[0]
+
+    def block(self, layer: LayerPlan, x: torch.Tensor) -> torch.Tensor:
+        block = fp8_block(self.stream, layer.index)
+        return self.stream.run_block(block, x[None].to(self.stream.device, self.stream.dtype))[0]
+
+    def logits(self, final: torch.Tensor) -> torch.Tensor:
+        return self.stream.head(final[None].to(self.stream.device, self.stream.dtype), self.runtime._head)
+
+    def tensor_findings(self, part: int | str, checks) -> list[str]:
+        from builder.verify.localize import hf_tensor_findings
+
+        return hf_tensor_findings(self.stream, part, checks)
+
+    def integrity(self) -> list[str]:
+        from builder.verify.localize import manifest_findings
+
+        return manifest_findings(self.runtime.path)
+
+
+def has_kv(layer: LayerPlan) -> bool:
+    return layer.attention is AttentionKind.ATTENTION
