@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -78,21 +77,6 @@ def scores_from_logits(
     top_ids, top_lp = metrics.top_k(lp, k)
     at = metrics.gather(lp, golden_top_ids.long()) if golden_top_ids is not None else None
     return SequenceScore(top_ids, top_lp, metrics.gather(lp, ids[1:].to(lp.device)), at)
-
-
-def greedy_continue(forward: Callable[[torch.Tensor], torch.Tensor], prompt_ids: torch.Tensor, n: int) -> list[int]:
-    """Greedy continuation of exactly `n` tokens by repeated full forwards (no KV cache).
-
-    The one place a runtime without its own decoder continues a prompt: `forward` maps ids [L]
-    to logits [L, V]. A KV-cached generate replaces this call when the executor offers one.
-    """
-    ids = prompt_ids.clone()
-    out: list[int] = []
-    for _ in range(n):
-        token = int(forward(ids)[-1].argmax())
-        out.append(token)
-        ids = torch.cat([ids, torch.tensor([token], dtype=ids.dtype)])
-    return out
 
 
 def directory_sha256(path: Path) -> str:

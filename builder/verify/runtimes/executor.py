@@ -14,7 +14,6 @@ from builder.verify.runtimes.base import (
     ArtifactInfo,
     Capabilities,
     directory_sha256,
-    greedy_continue,
     scores_from_logits,
 )
 
@@ -51,7 +50,8 @@ class ExecutorRuntime:
         return scores_from_logits(self.logits(ids), ids, self.top_k, golden_top_ids)
 
     def greedy(self, prompt_ids: torch.Tensor, n: int) -> list[int]:
-        return greedy_continue(self.logits, prompt_ids, n)
+        # Exactly n tokens (no EOS stop), as the golden's continuation was made.
+        return self.executor.generate([prompt_ids.tolist()], n)[0]
 
     def localizer(self) -> ExecutorLocalizer:
         return ExecutorLocalizer(self)
