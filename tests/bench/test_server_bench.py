@@ -21,9 +21,9 @@ def aiperf():
 
 
 @pytest.mark.slow  # the session's vLLM start (~2 min on 2 cores, shared with verify's tests) + ~30 s AIPerf
-def test_bench_a_real_server_with_aiperf(aiperf, openai_server, served_model_dir, tmp_path, capsys):
+def test_bench_a_real_server_with_aiperf(aiperf, openai_server, smollm2_llama_dir, tmp_path, capsys):
     out = tmp_path / "bench"
-    main(["bench", "--url", openai_server, "--model", "smollm2", "--tokenizer", str(served_model_dir),
+    main(["bench", "--url", openai_server, "--model", "smollm2", "--tokenizer", str(smollm2_llama_dir),
           "--isl", "32", "--osl", "8", "--concurrency", "2", "--requests", "4", "--warmup", "1",
           "--repeat", "1", "--out", str(out), "--history", str(tmp_path / "h.sqlite"), "--json"],
          standalone_mode=False)

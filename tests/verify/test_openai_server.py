@@ -15,9 +15,9 @@ from builder.verify.runtimes.openai import OpenAIRuntime
 pytestmark = pytest.mark.slow
 
 
-def test_vllm_reproduces_the_golden(vllm_url, smollm2_golden, tmp_path, capsys):
+def test_vllm_reproduces_the_golden(openai_server, smollm2_golden, tmp_path, capsys):
     golden = Golden.load(smollm2_golden)
-    runtime = OpenAIRuntime(vllm_url, tokenizer=golden.tokenizer())
+    runtime = OpenAIRuntime(openai_server, tokenizer=golden.tokenizer())
     assert runtime.score_mode == "prompt_logprobs" and runtime.ids_mode and runtime.ignore_eos
     assert set(runtime.capabilities.metrics()) >= {"kl_mean", "top1_agreement", "greedy_exact_match", "ppl_ratio"}
     result = verify(smollm2_golden, runtime, VerifyOptions(report=tmp_path))
@@ -32,8 +32,8 @@ def test_vllm_reproduces_the_golden(vllm_url, smollm2_golden, tmp_path, capsys):
     assert result.exit_code == 0
 
 
-def test_cli_against_the_server(vllm_url, smollm2_golden, tmp_path):
-    args = ["verify", "--golden", str(smollm2_golden), "--runtime", "openai", "--url", vllm_url,
+def test_cli_against_the_server(openai_server, smollm2_golden, tmp_path):
+    args = ["verify", "--golden", str(smollm2_golden), "--runtime", "openai", "--url", openai_server,
             "--max-prompts", "1", "--report", str(tmp_path)]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
