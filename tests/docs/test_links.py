@@ -7,8 +7,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 LINK = re.compile(r"\]\(([^)#\s]+)(?:#[^)]*)?\)")
-# Written on other branches of the same issue; remove once merged (the test then covers them).
-PENDING = {"verify.md", "bench.md", "records.md", "triton.md"}
 
 
 def test_relative_links_resolve():
@@ -18,7 +16,7 @@ def test_relative_links_resolve():
             if "://" in target or target.startswith("mailto:"):
                 continue
             path = (doc.parent / target).resolve()
-            if not path.exists() and not (path.parent == ROOT / "docs" and path.name in PENDING):
+            if not path.exists():
                 broken.append(f"{doc.relative_to(ROOT)} -> {target}")
     assert broken == []
 
