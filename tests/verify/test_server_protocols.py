@@ -33,7 +33,7 @@ def test_triton_interfaces_and_request_bodies():
     assert triton.generate_body("text", "Hi", [1, 2], 8) == {
         "text_input": "Hi", "max_tokens": 8, "top_k": 1, "return_log_probs": True}
     body = triton.generate_body("ids", "", [5, 6, 7], 4)
-    assert body["input_ids"] == [[5, 6, 7]] and body["input_lengths"] == [3] and body["request_output_len"] == [4]
+    assert body["input_ids"] == [5, 6, 7] and body["input_lengths"] == [3] and body["request_output_len"] == [4]
 
 
 def test_triton_responses_parse_to_greedy_ids(tokenizer):

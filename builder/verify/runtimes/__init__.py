@@ -51,7 +51,9 @@ def make_runtime(name: str, args: RuntimeArgs) -> Any:
     if name in SERVER_RUNTIMES:
         if not args.url:
             raise UserError(f"the {name} runtime needs --url (the server's base URL)")
-        return cls(args.url, model=args.model, top_k=args.top_k, tokenizer=args.tokenizer, timeout=args.timeout)
+        # host:port as tritonclient and most server docs write it means plain HTTP.
+        url = args.url if "://" in args.url else f"http://{args.url}"
+        return cls(url, model=args.model, top_k=args.top_k, tokenizer=args.tokenizer, timeout=args.timeout)
     if not args.artifact:
         raise UserError(f"the {name} runtime needs ARTIFACT (a checkpoint directory)")
     if name == "trtllm":

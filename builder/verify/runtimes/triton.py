@@ -41,7 +41,8 @@ def interface_of(metadata: dict[str, Any]) -> str:
 def generate_body(interface: str, prompt_text: str, prompt_ids: list[int], n: int) -> dict[str, Any]:
     if interface == "text":
         return {TEXT_INPUT: prompt_text, "max_tokens": n, "top_k": 1, "return_log_probs": True}
-    return {IDS_INPUT: [prompt_ids], "input_lengths": [len(prompt_ids)], "request_output_len": [n],
+    # The generate extension adds the batch dimension itself: one request's values, unbatched.
+    return {IDS_INPUT: list(prompt_ids), "input_lengths": [len(prompt_ids)], "request_output_len": [n],
             "runtime_top_k": [1], "return_log_probs": [True]}
 
 
