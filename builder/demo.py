@@ -207,7 +207,7 @@ def step_bench_report(ctx: DemoContext) -> None:
     from builder.bench.workload import workloads
     from builder.report.compare import compare_precision
     from builder.report.history import append_records
-    from builder.report.records import write_record
+    from builder.report.records import read_record, write_record
     from builder.report.render import write_report
 
     # A tiny workload: the point is the record -> history -> report path, not CPU numbers.
@@ -215,11 +215,12 @@ def step_bench_report(ctx: DemoContext) -> None:
     bf16 = bench_checkpoint(ctx.path("ultra-trtllm-tp2"), points, threads=1)
     fp8 = bench_checkpoint(ctx.results["ultra_synth_fp8"] / "trtllm", points, threads=1)
     out = ctx.path("report")
-    for record in bf16 + fp8:
+    records = bf16 + fp8 + [read_record(ctx.results["verify"]["record"])]  # the KL plots
+    for record in records:
         write_record(out / "records", record)
-    append_records(out / "history.sqlite", bf16 + fp8)
+    append_records(out / "history.sqlite", records)
     table = compare_precision(bf16, fp8)
-    paths = write_report(bf16 + fp8, out, "builder demo: FP8 artifact vs its BF16 source (executor, CPU)",
+    paths = write_report(records, out, "builder demo: FP8 artifact vs its BF16 source (executor, CPU)",
                          table.markdown())
     ctx.results["report"] = {k: str(v) for k, v in paths.items()}
     ctx.console.print(table.headline() + " (executor on this CPU: FP8 GEMMs are emulated, so "
@@ -257,8 +258,8 @@ STEPS: list[tuple[str, Step]] = [
     ("plan the real Ultra for the three mission targets", step_plan_targets),
     ("dry-run engine build of the FP8 demo artifact", step_dry_run_build),
     ("Triton repository of the demo artifact, checked and served", step_triton),
-    ("bench the FP8 demo artifact against its BF16 source, write the report", step_bench_report),
     ("verify FP8 SmolLM2 against its BF16 golden", step_verify),
+    ("bench the FP8 demo artifact against its BF16 source, write the report", step_bench_report),
 ]
 
 

@@ -117,6 +117,16 @@ def compare(golden: Golden, runtime: Any, opts: VerifyOptions, say=lambda m: Non
     return cmp, per_prompt
 
 
+def kl_per_position(kl: list[torch.Tensor]) -> list[float]:
+    """Mean KL at each position over the prompts long enough to have it (reports plot it)."""
+    longest = max((len(row) for row in kl), default=0)
+    means = []
+    for i in range(longest):
+        values = [float(row[i]) for row in kl if len(row) > i]
+        means.append(sum(values) / len(values))
+    return means
+
+
 def verify(golden_dir: str | Path, runtime: Any, opts: VerifyOptions, say=lambda m: None) -> VerifyResult:
     started = time.perf_counter()
     golden = Golden.load(golden_dir)
@@ -161,7 +171,8 @@ def verify(golden_dir: str | Path, runtime: Any, opts: VerifyOptions, say=lambda
         thresholds={name: {"bound": t.bound, "limit": t.limit} for name, t in thresholds.items()},
         verdict=verdict,
         details={
-            "per_prompt": per_prompt, "tasks": task_rows, "failures": failures, "unmeasured": unmeasured,
+            "per_prompt": per_prompt, "kl_per_position": kl_per_position(cmp.kl),
+            "tasks": task_rows, "failures": failures, "unmeasured": unmeasured,
             "localization": localization.to_json() if localization is not None else None,
             "seconds": round(time.perf_counter() - started, 3),
         },
