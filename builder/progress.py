@@ -32,6 +32,8 @@ from rich.progress import (
 )
 from rich.text import Text
 
+from builder import units
+
 INTERVAL_S = 10.0
 
 
@@ -73,11 +75,7 @@ class Reporter(Protocol):
 
 
 def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
-        n /= 1024
-    raise AssertionError
+    return units.human_bytes(n, digits=1)
 
 
 def clock_text(seconds: float) -> str:

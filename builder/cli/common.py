@@ -10,6 +10,7 @@ import click
 
 from builder.arch import PRESETS, ModelPlan, load_plan, preset_plan
 from builder.errors import UserError
+from builder.units import human_bytes, human_count  # noqa: F401  (re-exported for the commands)
 
 preset_option = click.option(
     "--preset",
@@ -32,16 +33,3 @@ def echo_json(data: Any) -> None:
     sys.stdout.write("\n")
 
 
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.2f} {unit}"
-        n /= 1024
-    raise AssertionError
-
-
-def human_count(n: float) -> str:
-    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(n) >= size:
-            return f"{n / size:.2f} {unit}"
-    return str(int(n))

@@ -33,6 +33,7 @@ from typing import Any
 
 from builder.chat import REASONING_OFF, REASONING_ON, nemotron_template
 from builder.errors import UserError
+from builder.io.jsonl import read_jsonl_objects
 
 BUILTIN_SETS = ("builtin", "wiki", "chat")
 CALIB_ENV = "BUILDER_CALIB_DIR"
@@ -210,22 +211,8 @@ def builtin_samples(name: str, seed: int = 0) -> list[Sample]:
 
 
 # ---- user files ------------------------------------------------------------------------------
-def _jsonl_items(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as err:
-        raise CalibrationDataError(f"{path}: unreadable ({err})") from None
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise CalibrationDataError(f"{path}:{number}: not valid JSON ({err.msg})") from None
-        if not isinstance(item, dict):
-            raise CalibrationDataError(f"{path}:{number}: expected a JSON object")
-        yield number, item
-
+def _jsonl_items(path: Path) -> list[tuple[int, dict[str, Any]]]:
+    return read_jsonl_objects(path, CalibrationDataError)
 
 def _record_sample(record: dict[str, Any], where: str) -> Sample | None:
     """A {"text": ...} or {"messages": [...]} record; None for an empty text."""

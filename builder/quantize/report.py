@@ -9,7 +9,7 @@ from rich.table import Table
 
 
 def human(n: float) -> str:
-    from builder.cli.common import human_bytes
+    from builder.units import human_bytes
 
     return human_bytes(n)
 

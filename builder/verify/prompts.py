@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ import torch
 
 from builder import chat
 from builder.errors import UserError
+from builder.io.jsonl import read_jsonl_objects
 from builder.quantize.calib import calib_dir, heldout_text
 
 PROMPT_SETS = ("default", "wiki", "chat")
@@ -113,23 +113,7 @@ def file_prompts(tokenizer: Any, path: Path) -> list[Prompt]:
 
 
 def _jsonl(path: Path) -> list[dict[str, Any]]:
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as err:
-        raise UserError(f"{path}: unreadable ({err})") from None
-    items = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise UserError(f"{path}:{number}: not valid JSON ({err.msg})") from None
-        if not isinstance(item, dict):
-            raise UserError(f"{path}:{number}: expected a JSON object")
-        items.append(item)
-    return items
-
+    return [item for _, item in read_jsonl_objects(path)]
 
 def build_prompts(
     tokenizer: Any, prompt_set: str, windows: int, seq_len: int, chat_count: int
