@@ -45,8 +45,12 @@ FP8_DTYPE = "float8_e4m3fn"
 SCALE_SUFFIXES = ("weight_scale", "input_scale", "k_scale", "v_scale")
 
 
-def check_artifact(directory: str | Path, source: str | Path | None = None, hashes: bool = True,
-                   progress: Reporter | None = None) -> CheckReport:
+def check_artifact(
+    directory: str | Path,
+    source: str | Path | None = None,
+    hashes: bool = True,
+    progress: Reporter | None = None,
+) -> CheckReport:
     """Check DIRECTORY by the kind its manifest names (a staging dir: which ranks are done)."""
     directory = Path(directory)
     if not directory.is_dir():
@@ -88,8 +92,9 @@ def _open_hf(directory: Path, report: CheckReport) -> tuple[ModelPlan, HFCheckpo
     return plan, ckpt, config
 
 
-def _compare(directory: Path, ckpt: HFCheckpoint, expected: dict[str, tuple[tuple, str]],
-             report: CheckReport) -> None:
+def _compare(
+    directory: Path, ckpt: HFCheckpoint, expected: dict[str, tuple[tuple, str]], report: CheckReport
+) -> None:
     """Exactly the expected tensors, each with its shape and dtype."""
     for name, (shape, dtype) in expected.items():
         if name not in ckpt:
@@ -98,8 +103,10 @@ def _compare(directory: Path, ckpt: HFCheckpoint, expected: dict[str, tuple[tupl
         info = ckpt.info(name)
         found = str(info.dtype).removeprefix("torch.")
         if tuple(info.shape) != tuple(shape) or found != dtype:
-            report.problem(f"{info.file}: tensor {name!r} is {list(info.shape)} {found}, "
-                           f"the plan says {list(shape)} {dtype}")
+            report.problem(
+                f"{info.file}: tensor {name!r} is {list(info.shape)} {found}, "
+                f"the plan says {list(shape)} {dtype}"
+            )
     for name in ckpt.names():
         if name not in expected:
             report.problem(f"{ckpt.info(name).file}: tensor {name!r} is not expected by the plan")
@@ -153,7 +160,9 @@ def hf_fp8_expected(plan: ModelPlan, dtype: str, kv_cache: bool) -> dict[str, tu
     return expected
 
 
-def _quant_declarations(directory: Path, manifest: dict, config: dict, report: CheckReport) -> bool | None:
+def _quant_declarations(
+    directory: Path, manifest: dict, config: dict, report: CheckReport
+) -> bool | None:
     """hf_quant_config.json, config.json and the manifest must tell one story; returns whether
     the KV cache is FP8 (None when unreadable)."""
     path = directory / HF_QUANT_CONFIG
@@ -171,15 +180,21 @@ def _quant_declarations(directory: Path, manifest: dict, config: dict, report: C
         report.problem(f"{directory / 'config.json'}: no quantization_config")
     else:
         if qconfig.get("quant_algo") != algo:
-            report.problem(f"{directory / 'config.json'}: quantization_config.quant_algo is "
-                           f"{qconfig.get('quant_algo')!r} but {HF_QUANT_CONFIG} says {algo!r}")
+            report.problem(
+                f"{directory / 'config.json'}: quantization_config.quant_algo is "
+                f"{qconfig.get('quant_algo')!r} but {HF_QUANT_CONFIG} says {algo!r}"
+            )
         if bool(qconfig.get("kv_cache_scheme")) != kv:
-            report.problem(f"{directory / 'config.json'}: quantization_config.kv_cache_scheme "
-                           f"disagrees with {HF_QUANT_CONFIG}'s kv_cache_quant_algo {kv_algo!r}")
+            report.problem(
+                f"{directory / 'config.json'}: quantization_config.kv_cache_scheme "
+                f"disagrees with {HF_QUANT_CONFIG}'s kv_cache_quant_algo {kv_algo!r}"
+            )
     recorded = (manifest.get("quantization") or {}).get("kv_cache")
     if "quantization" in manifest and (recorded == "FP8") != kv:
-        report.problem(f"{directory / MANIFEST}: quantization.kv_cache is {recorded!r} but "
-                       f"{HF_QUANT_CONFIG} says {kv_algo!r}")
+        report.problem(
+            f"{directory / MANIFEST}: quantization.kv_cache is {recorded!r} but "
+            f"{HF_QUANT_CONFIG} says {kv_algo!r}"
+        )
     return kv
 
 
@@ -245,7 +260,10 @@ def describe(report: CheckReport) -> str:
     if report.tensors:
         parts.append(f"{report.tensors:,} tensors")
     if report.finite_checked:
-        parts.append("all finite" + (f", {report.scales_checked:,} scales > 0" if report.scales_checked else ""))
+        parts.append(
+            "all finite"
+            + (f", {report.scales_checked:,} scales > 0" if report.scales_checked else "")
+        )
     text = ", ".join(parts)
     if report.parts:
         text += "; " + "; ".join(f"{Path(p.directory).name}/: {describe(p)}" for p in report.parts)

@@ -52,7 +52,9 @@ def step_synthesize(ctx: DemoContext) -> None:
     spec = SynthSpec(preset="ultra-253b", hidden=SYNTH_HIDDEN)
     out = write_synthetic(ctx.path("ultra-synth"), spec, overwrite=True)
     ctx.results["ultra_synth"] = out
-    ctx.console.print(f"synthetic Ultra-pattern checkpoint (hidden {SYNTH_HIDDEN}, random weights): {out}")
+    ctx.console.print(
+        f"synthetic Ultra-pattern checkpoint (hidden {SYNTH_HIDDEN}, random weights): {out}"
+    )
 
 
 def step_import_smollm2(ctx: DemoContext) -> None:
@@ -75,8 +77,13 @@ def step_show_plans(ctx: DemoContext) -> None:
         c = t["counts"]
         widths = t["ffn_widths"]
         table.add_row(
-            key, str(c["layers"]), str(c["attention"]), str(c["empty"]),
-            ",".join(map(str, t["kv_heads"])), f"{min(widths)}..{max(widths)}", f"{t['params'] / 1e6:,.1f} M",
+            key,
+            str(c["layers"]),
+            str(c["attention"]),
+            str(c["empty"]),
+            ",".join(map(str, t["kv_heads"])),
+            f"{min(widths)}..{max(widths)}",
+            f"{t['params'] / 1e6:,.1f} M",
         )
     ctx.console.print(table)
 
@@ -108,7 +115,9 @@ def step_convert(ctx: DemoContext) -> None:
         f"top-1 agreement {check.argmax_agreement:.0%}"
     )
     if check.relative_error > 1e-5:
-        raise RuntimeError(f"executor disagrees with the reference model: {check.relative_error:.2e}")
+        raise RuntimeError(
+            f"executor disagrees with the reference model: {check.relative_error:.2e}"
+        )
 
 
 def step_quantize(ctx: DemoContext) -> None:
@@ -120,16 +129,23 @@ def step_quantize(ctx: DemoContext) -> None:
         out = ctx.path(f"{key}-fp8")
         size, seq_len = DEMO_CALIBRATION[key]
         summary = quantize_checkpoint(
-            ctx.results[key], out, tp=tp, calib_size=size, calib_seq_len=seq_len,
-            dtype="float32", overwrite=True,
+            ctx.results[key],
+            out,
+            tp=tp,
+            calib_size=size,
+            calib_seq_len=seq_len,
+            dtype="float32",
+            overwrite=True,
         )
         ctx.results[f"{key}_fp8"] = out
-        ctx.console.print(f"FP8 {key}: {out}/trtllm (tp={tp}) and {out}/hf; demo-sized calibration "
-                          f"{size} x {seq_len} tokens (default 512 x 512); {summary.seconds['total']:.1f} s")
+        ctx.console.print(
+            f"FP8 {key}: {out}/trtllm (tp={tp}) and {out}/hf; demo-sized calibration "
+            f"{size} x {seq_len} tokens (default 512 x 512); {summary.seconds['total']:.1f} s"
+        )
 
 
 def step_plan_targets(ctx: DemoContext) -> None:
-    from builder.build import mission_plans, render_plan
+    from builder.deploy import mission_plans, render_plan
 
     plans = mission_plans("ultra-253b")
     ctx.results["plans"] = [plan.to_dict() for plan in plans]
@@ -138,14 +154,16 @@ def step_plan_targets(ctx: DemoContext) -> None:
 
 
 def step_dry_run_build(ctx: DemoContext) -> None:
-    from builder.build import dry_run_build, load_profile
+    from builder.deploy import dry_run_build, load_profile
 
     ckpt = ctx.results["ultra_synth_fp8"] / "trtllm"
     result = dry_run_build(ckpt, load_profile("h100x4-fp8"), ctx.path("engine-h100x4-fp8"))
     ctx.results["build"] = result.report
     ctx.console.print(f"dry-run build of {ckpt} for h100x4-fp8 -> {result.out}")
     ctx.console.print("  " + result.report["command_line"])
-    ctx.console.print("  no engine was built: trtllm-build needs TensorRT-LLM <= 1.2.x on a GPU host")
+    ctx.console.print(
+        "  no engine was built: trtllm-build needs TensorRT-LLM <= 1.2.x on a GPU host"
+    )
 
 
 def step_triton(ctx: DemoContext) -> None:
@@ -163,13 +181,17 @@ def step_triton(ctx: DemoContext) -> None:
 
     out = ctx.path("triton-h100x4-fp8")
     options = TritonOptions(tokenizer_dir=ctx.results["ultra_synth"], decoupled=True)
-    generated = write_repository(read_build_record(ctx.path("engine-h100x4-fp8")), options, out, overwrite=True)
+    generated = write_repository(
+        read_build_record(ctx.path("engine-h100x4-fp8")), options, out, overwrite=True
+    )
     problems = [f.line() for f in check_repository(out) if f.is_error]
     if problems:
         raise RuntimeError("generated Triton repository fails its check:\n" + "\n".join(problems))
     ctx.results["triton"] = {"repository": str(out), "layout": generated["layout"], "check": "ok"}
-    ctx.console.print(f"Triton repository {out} ({generated['layout']}, world size {generated['world_size']}): "
-                      "check ok")
+    ctx.console.print(
+        f"Triton repository {out} ({generated['layout']}, world size {generated['world_size']}): "
+        "check ok"
+    )
     checkpoint = ctx.results["ultra_synth_fp8"] / "trtllm"
     if ctx.path("triton-served").exists():
         shutil.rmtree(ctx.path("triton-served"))
@@ -177,8 +199,12 @@ def step_triton(ctx: DemoContext) -> None:
     served = executor_repository(out, checkpoint, ctx.path("triton-served"), instances=1)
     try:
         with TritonServer(served) as server:
-            answer = generate_http(server.http_url, "ensemble",
-                                   {"text_input": DEMO_PROMPT, "max_tokens": TRITON_TOKENS}, timeout=300)
+            answer = generate_http(
+                server.http_url,
+                "ensemble",
+                {"text_input": DEMO_PROMPT, "max_tokens": TRITON_TOKENS},
+                timeout=300,
+            )
             started = server.startup_seconds
     except ServerUnavailable as err:
         ctx.results["triton"]["served"] = f"skipped: {err}"
@@ -186,20 +212,28 @@ def step_triton(ctx: DemoContext) -> None:
         return
     tokenizer = load_tokenizer(ctx.results["ultra_synth"])
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as in the server; tiny matmuls on two busy cores stall in OpenMP barriers
+    torch.set_num_threads(
+        1
+    )  # as in the server; tiny matmuls on two busy cores stall in OpenMP barriers
     try:
         with TrtllmCheckpointExecutor(checkpoint) as executor:
-            direct = greedy_generate(executor, tokenizer.encode(DEMO_PROMPT), TRITON_TOKENS, tokenizer.eos_token_id)
+            direct = greedy_generate(
+                executor, tokenizer.encode(DEMO_PROMPT), TRITON_TOKENS, tokenizer.eos_token_id
+            )
     finally:
         torch.set_num_threads(threads)
     expected = tokenizer.decode(direct.tokens, skip_special_tokens=True)
     if answer["text_output"] != expected:
         raise RuntimeError(f"Triton answered {answer['text_output']!r}, the executor {expected!r}")
     ctx.results["triton"].update(served=True, startup_seconds=started, answer=answer["text_output"])
-    ctx.console.print(f"  tritonserver (nvidia-pytriton, CPU; tensorrt_llm = builder's executor on {checkpoint}) "
-                      f"ready in {started:.1f} s")
-    ctx.console.print(f"  > {DEMO_PROMPT}\n  {answer['text_output']!r}: the executor's own greedy answer "
-                      "(synthetic weights, so noise)")
+    ctx.console.print(
+        f"  tritonserver (nvidia-pytriton, CPU; tensorrt_llm = builder's executor on {checkpoint}) "
+        f"ready in {started:.1f} s"
+    )
+    ctx.console.print(
+        f"  > {DEMO_PROMPT}\n  {answer['text_output']!r}: the executor's own greedy answer "
+        "(synthetic weights, so noise)"
+    )
 
 
 def step_bench_report(ctx: DemoContext) -> None:
@@ -211,7 +245,9 @@ def step_bench_report(ctx: DemoContext) -> None:
     from builder.report.render import write_report
 
     # A tiny workload: the point is the record -> history -> report path, not CPU numbers.
-    points = [p for c in (1, 4) for p in workloads([(12, 4)], [c], requests=c, warmup=1, repeat=2, seed=0)]
+    points = [
+        p for c in (1, 4) for p in workloads([(12, 4)], [c], requests=c, warmup=1, repeat=2, seed=0)
+    ]
     bf16 = bench_checkpoint(ctx.path("ultra-trtllm-tp2"), points, threads=1)
     fp8 = bench_checkpoint(ctx.results["ultra_synth_fp8"] / "trtllm", points, threads=1)
     out = ctx.path("report")
@@ -220,11 +256,17 @@ def step_bench_report(ctx: DemoContext) -> None:
         write_record(out / "records", record)
     append_records(out / "history.sqlite", records)
     table = compare_precision(bf16, fp8)
-    paths = write_report(records, out, "builder demo: FP8 artifact vs its BF16 source (executor, CPU)",
-                         table.markdown())
+    paths = write_report(
+        records,
+        out,
+        "builder demo: FP8 artifact vs its BF16 source (executor, CPU)",
+        table.markdown(),
+    )
     ctx.results["report"] = {k: str(v) for k, v in paths.items()}
-    ctx.console.print(table.headline() + " (executor on this CPU: FP8 GEMMs are emulated, so "
-                      "FP8 is not expected to be faster here)")
+    ctx.console.print(
+        table.headline() + " (executor on this CPU: FP8 GEMMs are emulated, so "
+        "FP8 is not expected to be faster here)"
+    )
     ctx.console.print(f"report: {paths['html']} and {paths['markdown']}")
 
 
@@ -236,16 +278,28 @@ def step_verify(ctx: DemoContext) -> None:
     from builder.verify.runtimes import RuntimeArgs, make_runtime
 
     # Small windows: one held-out Wikipedia window and one chat prompt with reasoning on and off.
-    settings = GoldenSettings(windows=1, seq_len=48, chat_prompts=1, continuation=3, probe_len=16, dtype="float32")
-    golden = build_golden(ctx.results["smollm2"], ctx.path("smollm2-golden"), settings, overwrite=True)
-    runtime = make_runtime("executor", RuntimeArgs(artifact=str(ctx.results["smollm2_fp8"] / "trtllm"), dtype=torch.float32))
+    settings = GoldenSettings(
+        windows=1, seq_len=48, chat_prompts=1, continuation=3, probe_len=16, dtype="float32"
+    )
+    golden = build_golden(
+        ctx.results["smollm2"], ctx.path("smollm2-golden"), settings, overwrite=True
+    )
+    runtime = make_runtime(
+        "executor",
+        RuntimeArgs(artifact=str(ctx.results["smollm2_fp8"] / "trtllm"), dtype=torch.float32),
+    )
     result = verify(golden, runtime, VerifyOptions(report=ctx.path("verify-report")))
     runtime.close()
-    ctx.results["verify"] = {"verdict": str(result.record.verdict), "metrics": result.metrics,
-                             "record": str(result.record_path)}
+    ctx.results["verify"] = {
+        "verdict": str(result.record.verdict),
+        "metrics": result.metrics,
+        "record": str(result.record_path),
+    }
     ctx.console.print(result.table, markup=False)
     if result.exit_code != 0:
-        raise RuntimeError("FP8 SmolLM2 fails verify against its BF16 golden: " + "; ".join(result.failures))
+        raise RuntimeError(
+            "FP8 SmolLM2 fails verify against its BF16 golden: " + "; ".join(result.failures)
+        )
 
 
 STEPS: list[tuple[str, Step]] = [
@@ -286,8 +340,10 @@ def run_demo(workdir: Path, console: Console | None = None) -> dict[str, Any]:
 def _run_steps(workdir: Path, console: Console) -> dict[str, Any]:
     workdir.mkdir(parents=True, exist_ok=True)
     ctx = DemoContext(workdir=workdir, console=console)
-    timings = Table(title=f"demo steps, {DEMO_THREADS} torch thread (CPU s: this process; on a busy "
-                          "machine it varies less than wall time)")
+    timings = Table(
+        title=f"demo steps, {DEMO_THREADS} torch thread (CPU s: this process; on a busy "
+        "machine it varies less than wall time)"
+    )
     timings.add_column("step")
     timings.add_column("wall s", justify="right")
     timings.add_column("CPU s", justify="right")

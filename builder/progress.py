@@ -59,11 +59,15 @@ class Phases:
 
 
 class Reporter(Protocol):
-    def start(self, task: str, total: float, unit: str = "", note: str = "", lines: bool = True) -> None: ...
+    def start(
+        self, task: str, total: float, unit: str = "", note: str = "", lines: bool = True
+    ) -> None: ...
 
     def advance(self, task: str, n: float = 1, note: str | None = None) -> None: ...
 
-    def update(self, task: str, done: float, total: float | None = None, note: str | None = None) -> None: ...
+    def update(
+        self, task: str, done: float, total: float | None = None, note: str | None = None
+    ) -> None: ...
 
     def finish(self, task: str, note: str | None = None) -> None: ...
 
@@ -98,13 +102,17 @@ class _Task:
 class NullReporter:
     """Reports nothing (--json, quiet ranks, library callers that did not ask)."""
 
-    def start(self, task: str, total: float, unit: str = "", note: str = "", lines: bool = True) -> None:
+    def start(
+        self, task: str, total: float, unit: str = "", note: str = "", lines: bool = True
+    ) -> None:
         pass
 
     def advance(self, task: str, n: float = 1, note: str | None = None) -> None:
         pass
 
-    def update(self, task: str, done: float, total: float | None = None, note: str | None = None) -> None:
+    def update(
+        self, task: str, done: float, total: float | None = None, note: str | None = None
+    ) -> None:
         pass
 
     def finish(self, task: str, note: str | None = None) -> None:
@@ -123,8 +131,14 @@ class NullReporter:
 class LineReporter:
     """Plain progress lines for logs: at start, every `interval` s (by `clock`), at the end."""
 
-    def __init__(self, prefix: str = "", stream: IO[str] | None = None, interval: float = INTERVAL_S,
-                 clock: Callable[[], float] = time.monotonic, heartbeat: bool = True):
+    def __init__(
+        self,
+        prefix: str = "",
+        stream: IO[str] | None = None,
+        interval: float = INTERVAL_S,
+        clock: Callable[[], float] = time.monotonic,
+        heartbeat: bool = True,
+    ):
         self.prefix = f"{prefix}: " if prefix else ""
         self.stream = stream
         self.interval = interval
@@ -136,10 +150,14 @@ class LineReporter:
         self._thread = threading.Thread(target=self._beat, daemon=True) if heartbeat else None
 
     # -- the stage's side
-    def start(self, task: str, total: float, unit: str = "", note: str = "", lines: bool = True) -> None:
+    def start(
+        self, task: str, total: float, unit: str = "", note: str = "", lines: bool = True
+    ) -> None:
         """`lines=False`: a detail task (one rank of several) that only bars show."""
         with self._lock:
-            self._tasks[task] = _Task(total=total, unit=unit, started=self.clock(), note=note, lines=lines)
+            self._tasks[task] = _Task(
+                total=total, unit=unit, started=self.clock(), note=note, lines=lines
+            )
             if lines and total is not None:
                 self._last_line = -float("inf")  # its first event (or the heartbeat) prints it
 
@@ -149,7 +167,9 @@ class LineReporter:
             self._set(state, state.done + n, None, note)
             self._maybe_emit(task)
 
-    def update(self, task: str, done: float, total: float | None = None, note: str | None = None) -> None:
+    def update(
+        self, task: str, done: float, total: float | None = None, note: str | None = None
+    ) -> None:
         with self._lock:
             self._set(self._tasks[task], done, total, note)
             self._maybe_emit(task)
@@ -189,7 +209,11 @@ class LineReporter:
         elapsed = self.clock() - state.started
         done, total = state.done, state.total
         if total is None:  # a phase of unknown size: the heartbeat still shows it is alive
-            verb = f"done in {clock_text(elapsed)}" if state.finished else f"{clock_text(elapsed)} elapsed"
+            verb = (
+                f"done in {clock_text(elapsed)}"
+                if state.finished
+                else f"{clock_text(elapsed)} elapsed"
+            )
             return f"{self.prefix}{task}, {verb}"
         if state.unit == "bytes":
             amount = f"{human_bytes(done)}/{human_bytes(total)}"
@@ -249,7 +273,11 @@ class _AmountColumn(ProgressColumn):
             if task.speed:
                 text += f" {human_bytes(task.speed)}/s"
         else:
-            text = "" if task.total is None else f"{task.completed:,.0f}/{task.total:,.0f}{' ' + unit if unit else ''}"
+            text = (
+                ""
+                if task.total is None
+                else f"{task.completed:,.0f}/{task.total:,.0f}{' ' + unit if unit else ''}"
+            )
         return Text(text)
 
 
@@ -260,13 +288,20 @@ class BarReporter:
         self.prefix = prefix
         self.console = console or Console(stderr=True)
         self._bar = Progress(
-            TextColumn("[bold]{task.description}"), BarColumn(), _AmountColumn(),
-            TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[note]}"),
-            console=self.console, transient=transient,
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            _AmountColumn(),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[note]}"),
+            console=self.console,
+            transient=transient,
         )
         self._ids: dict[str, TaskID] = {}
 
-    def start(self, task: str, total: float, unit: str = "", note: str = "", lines: bool = True) -> None:
+    def start(
+        self, task: str, total: float, unit: str = "", note: str = "", lines: bool = True
+    ) -> None:
         self._ids[task] = self._bar.add_task(task, total=total, note=note, unit=unit)
 
     def advance(self, task: str, n: float = 1, note: str | None = None) -> None:
@@ -274,7 +309,9 @@ class BarReporter:
         if note is not None:
             self._bar.update(self._ids[task], note=note)
 
-    def update(self, task: str, done: float, total: float | None = None, note: str | None = None) -> None:
+    def update(
+        self, task: str, done: float, total: float | None = None, note: str | None = None
+    ) -> None:
         fields = {"note": note} if note is not None else {}
         if total is not None:
             fields["total"] = total
@@ -283,7 +320,9 @@ class BarReporter:
     def finish(self, task: str, note: str | None = None) -> None:
         task_id = self._ids[task]
         total = next(t.total for t in self._bar.tasks if t.id == task_id) or 1
-        self._bar.update(task_id, total=total, completed=total, **({"note": note} if note is not None else {}))
+        self._bar.update(
+            task_id, total=total, completed=total, **({"note": note} if note is not None else {})
+        )
 
     def message(self, text: str) -> None:
         self._bar.console.print(text, markup=False, highlight=False)

@@ -506,7 +506,10 @@ values. Fine for FP8/INT8 studies; misleading for INT4 accuracy claims.
 
 # ---- entry point ----------------------------------------------------------------------------
 def import_smollm2(
-    out: str | Path, nas_variant: bool = False, overwrite: bool = False, progress: bool = False,
+    out: str | Path,
+    nas_variant: bool = False,
+    overwrite: bool = False,
+    progress: bool = False,
     llama: bool = False,
 ) -> Path:
     """Write SmolLM2-135M-Instruct as a nemotron-nas HF checkpoint to `out`; returns `out`.
@@ -516,7 +519,9 @@ def import_smollm2(
     renamed), with a manifest.json.
     """
     if llama and nas_variant:
-        raise SmolLM2Error("the NAS variant has non-Llama blocks; it cannot be written as plain Llama")
+        raise SmolLM2Error(
+            "the NAS variant has non-Llama blocks; it cannot be written as plain Llama"
+        )
     path = locate_gguf()
     gguf = open_gguf(path, path.stat().st_mtime_ns)
     facts = gguf.facts()

@@ -28,7 +28,13 @@ from builder.io.manifest import MANIFEST, build_manifest, write_manifest
 HEADS = 16
 DEFAULT_HIDDEN = 256
 DEFAULT_VOCAB = 1000
-SPECIAL_TOKENS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+SPECIAL_TOKENS = [
+    "<|begin_of_text|>",
+    "<|end_of_text|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eot_id|>",
+]
 
 
 @dataclass(frozen=True)
@@ -75,7 +81,11 @@ def synth_config(spec: SynthSpec, hidden: int | None = None) -> dict[str, Any]:
     blocks = config["block_configs"]
     if spec.layers:
         blocks = [blocks[i] for i in parse_layer_spec(spec.layers, len(blocks))]
-    hidden = hidden or spec.hidden or (config["hidden_size"] if spec.preset == "mixed" else DEFAULT_HIDDEN)
+    hidden = (
+        hidden
+        or spec.hidden
+        or (config["hidden_size"] if spec.preset == "mixed" else DEFAULT_HIDDEN)
+    )
     if hidden % (2 * spec.heads):
         raise UserError(f"--hidden {hidden}: must be a multiple of 2 x {spec.heads} heads")
     heads_from = config["num_attention_heads"]
@@ -93,7 +103,9 @@ def synth_config(spec: SynthSpec, hidden: int | None = None) -> dict[str, Any]:
     config.pop("auto_map", None)  # there is no remote code to point to
     if config.get("rope_scaling"):
         original = min(config["rope_scaling"]["original_max_position_embeddings"], 256)
-        config["rope_scaling"] = dict(config["rope_scaling"], original_max_position_embeddings=original)
+        config["rope_scaling"] = dict(
+            config["rope_scaling"], original_max_position_embeddings=original
+        )
     config["max_position_embeddings"] = min(config.get("max_position_embeddings", 4096), 4096)
     parse_config(config, source=f"synth {spec.preset}")  # fail here, not in a later stage
     return config
@@ -127,7 +139,9 @@ def synth_tensor(name: str, shape: tuple[int, ...], seed: int, dtype: torch.dtyp
     return (std * torch.randn(shape, generator=gen)).to(dtype)
 
 
-def synth_tensors(plan: ModelPlan, seed: int, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+def synth_tensors(
+    plan: ModelPlan, seed: int, dtype: torch.dtype
+) -> Iterator[tuple[str, torch.Tensor]]:
     for name, shape in hf_tensor_shapes(plan).items():
         yield name, synth_tensor(name, shape, seed, dtype)
 
@@ -138,7 +152,10 @@ def write_byte_tokenizer(directory: Path) -> None:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    byte_vocab = {ch: i + len(SPECIAL_TOKENS) for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    byte_vocab = {
+        ch: i + len(SPECIAL_TOKENS)
+        for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))
+    }
     vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)} | byte_vocab
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
@@ -163,12 +180,17 @@ def has_random_weights(directory: str | Path) -> bool:
     if not isinstance(manifest, dict):
         return False
     source = manifest.get("source")
-    return manifest.get("random_weights") is True or (isinstance(source, dict) and "synth" in source)
+    return manifest.get("random_weights") is True or (
+        isinstance(source, dict) and "synth" in source
+    )
 
 
 # ---- entry point ----------------------------------------------------------------------------
 def write_synthetic(
-    out: str | Path, spec: SynthSpec, overwrite: bool = False, shard_bytes: int = DEFAULT_SHARD_BYTES
+    out: str | Path,
+    spec: SynthSpec,
+    overwrite: bool = False,
+    shard_bytes: int = DEFAULT_SHARD_BYTES,
 ) -> Path:
     """Write an HF-layout nemotron-nas checkpoint for `spec`; returns its directory."""
     hidden = hidden_for_target(spec) if spec.target_bytes else None
@@ -182,8 +204,17 @@ def write_synthetic(
         write_byte_tokenizer(stage)
         write_hf_weights(stage, synth_tensors(plan, spec.seed, dtype), shard_bytes)
         manifest = build_manifest(
-            stage, "hf-checkpoint", random_weights=True,
-            source={"synth": {"preset": spec.preset, "seed": spec.seed, "hidden": plan.hidden_size, "layers": spec.layers}},
+            stage,
+            "hf-checkpoint",
+            random_weights=True,
+            source={
+                "synth": {
+                    "preset": spec.preset,
+                    "seed": spec.seed,
+                    "hidden": plan.hidden_size,
+                    "layers": spec.layers,
+                }
+            },
         )
         write_manifest(stage, manifest)
     return out

@@ -35,7 +35,11 @@ from pathlib import Path
 import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
-BUILDER = [sys.executable, "-m", "builder.cli"] if not (ROOT / ".venv/bin/builder").exists() else [str(ROOT / ".venv/bin/builder")]
+BUILDER = (
+    [sys.executable, "-m", "builder.cli"]
+    if not (ROOT / ".venv/bin/builder").exists()
+    else [str(ROOT / ".venv/bin/builder")]
+)
 GIB = 2**30
 
 
@@ -46,7 +50,19 @@ def ensure_source(work: Path, size: str) -> Path:
         return src
     print(f"writing synthetic checkpoint {src} ({size}) ...", flush=True)
     started = time.perf_counter()
-    subprocess.run([*BUILDER, "synth", str(src), "--preset", "ultra-253b", "--target-size", size, "--overwrite"], check=True)
+    subprocess.run(
+        [
+            *BUILDER,
+            "synth",
+            str(src),
+            "--preset",
+            "ultra-253b",
+            "--target-size",
+            size,
+            "--overwrite",
+        ],
+        check=True,
+    )
     print(f"  {time.perf_counter() - started:.0f} s")
     return src
 
@@ -112,7 +128,9 @@ def timed(cmd: list[str], sample: bool = False) -> tuple[float, float, tuple[int
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--work", type=Path, default=Path("/tmp/bench_convert"))
     parser.add_argument("--size", default="4GB")
     parser.add_argument("--tp", type=int, default=2)
@@ -127,13 +145,23 @@ def main() -> None:
     copy, out = args.work / "cp-copy", args.work / "converted"
     rows = []
     summary = {}
-    convert_cmd = [*BUILDER, "convert", str(src), str(out), "--tp", str(args.tp), "--workers", str(args.workers), "--json"]
+    convert_cmd = [
+        *BUILDER,
+        "convert",
+        str(src),
+        str(out),
+        "--tp",
+        str(args.tp),
+        "--workers",
+        str(args.workers),
+        "--json",
+    ]
     for run in range(args.repeat):
         # Alternate the order and free each command's previous output just before it runs: on
         # a VM, writing into freshly freed page-cache pages is much cheaper than into pages the
         # host has to back again, which otherwise favours whichever command runs first.
         results = {}
-        for what in (("cp", "convert") if run % 2 == 0 else ("convert", "cp")):
+        for what in ("cp", "convert") if run % 2 == 0 else ("convert", "cp"):
             if what == "cp":
                 shutil.rmtree(copy, ignore_errors=True)
                 results["cp"] = timed(["cp", "-r", str(src), str(copy)])
@@ -142,13 +170,27 @@ def main() -> None:
                 results["convert"] = timed(convert_cmd, sample=True)
         cp, cv = results["cp"], results["convert"]
         summary = json.loads(cv[3])
-        rows.append({"run": run, "cp_s": cp[1], "convert_s": cv[1], "cp_nosync_s": cp[0],
-                     "convert_nosync_s": cv[0], "convert_inner_s": summary["seconds"],
-                     "process_rss": cv[2][0], "tree_rss": cv[2][1]})
-        print(f"run {run}: cp {cp[1]:.2f} s ({cp[0]:.2f} before sync), convert {cv[1]:.2f} s "
-              f"({cv[0]:.2f} before sync, {summary['seconds']:.2f} after start-up), "
-              f"ratio {cv[1] / cp[1]:.2f}", flush=True)
-    check = subprocess.run([*BUILDER, "check", str(out), "--quick"], capture_output=True, text=True, check=False)
+        rows.append(
+            {
+                "run": run,
+                "cp_s": cp[1],
+                "convert_s": cv[1],
+                "cp_nosync_s": cp[0],
+                "convert_nosync_s": cv[0],
+                "convert_inner_s": summary["seconds"],
+                "process_rss": cv[2][0],
+                "tree_rss": cv[2][1],
+            }
+        )
+        print(
+            f"run {run}: cp {cp[1]:.2f} s ({cp[0]:.2f} before sync), convert {cv[1]:.2f} s "
+            f"({cv[0]:.2f} before sync, {summary['seconds']:.2f} after start-up), "
+            f"ratio {cv[1] / cp[1]:.2f}",
+            flush=True,
+        )
+    check = subprocess.run(
+        [*BUILDER, "check", str(out), "--quick"], capture_output=True, text=True, check=False
+    )
     peak_process = max(r["process_rss"] for r in rows)
     largest = summary["largest_slice_bytes"]
     written = sum(r["bytes"] for r in summary["ranks"])
@@ -164,7 +206,9 @@ def main() -> None:
         "ratio_min": min(ratios),
         "ratio_median_without_final_sync": statistics.median(ratios_nosync),
         # start-up (interpreter, torch import in the CLI and the workers' fork server) excluded
-        "ratio_median_after_startup": statistics.median(r["convert_inner_s"] / r["cp_s"] for r in rows),
+        "ratio_median_after_startup": statistics.median(
+            r["convert_inner_s"] / r["cp_s"] for r in rows
+        ),
         "cp_GBps_median": source_bytes / statistics.median(r["cp_s"] for r in rows) / 1e9,
         "convert_GBps_median": written / statistics.median(r["convert_s"] for r in rows) / 1e9,
         "peak_rss_one_process": peak_process,
@@ -175,13 +219,23 @@ def main() -> None:
         "cpus": os.cpu_count(),
     }
     print()
-    print(f"source {source_bytes / 1e9:.2f} GB -> {written / 1e9:.2f} GB in {args.tp} rank files, {args.workers} workers")
-    print(f"convert / cp wall time (with final sync): median {result['ratio_median']:.2f}, best {result['ratio_min']:.2f}"
-          f"   (goal <= 1.3); without final sync: median {result['ratio_median_without_final_sync']:.2f}")
-    print(f"excluding convert's start-up (Python + torch imports, ~2-5 s): median {result['ratio_median_after_startup']:.2f}")
-    print(f"throughput: cp {result['cp_GBps_median']:.2f} GB/s, convert {result['convert_GBps_median']:.2f} GB/s")
-    print(f"peak RSS: largest process {peak_process / 2**20:.0f} MiB; whole tree (PSS) {result['peak_pss_process_tree'] / 2**20:.0f} MiB;"
-          f" goal <= 1 GiB + 2 x {largest / 2**20:.0f} MiB = {result['rss_goal_bytes'] / 2**20:.0f} MiB")
+    print(
+        f"source {source_bytes / 1e9:.2f} GB -> {written / 1e9:.2f} GB in {args.tp} rank files, {args.workers} workers"
+    )
+    print(
+        f"convert / cp wall time (with final sync): median {result['ratio_median']:.2f}, best {result['ratio_min']:.2f}"
+        f"   (goal <= 1.3); without final sync: median {result['ratio_median_without_final_sync']:.2f}"
+    )
+    print(
+        f"excluding convert's start-up (Python + torch imports, ~2-5 s): median {result['ratio_median_after_startup']:.2f}"
+    )
+    print(
+        f"throughput: cp {result['cp_GBps_median']:.2f} GB/s, convert {result['convert_GBps_median']:.2f} GB/s"
+    )
+    print(
+        f"peak RSS: largest process {peak_process / 2**20:.0f} MiB; whole tree (PSS) {result['peak_pss_process_tree'] / 2**20:.0f} MiB;"
+        f" goal <= 1 GiB + 2 x {largest / 2**20:.0f} MiB = {result['rss_goal_bytes'] / 2**20:.0f} MiB"
+    )
     print(f"builder check --quick: {'ok' if result['check_ok'] else 'FAILED'}")
     if args.json:
         print(json.dumps(result))

@@ -32,7 +32,12 @@ def constant_table(src: Path) -> AmaxTable:
     plan = load_plan(src)
     table = AmaxTable(kv_cache=True)
     for layer in plan.layers:
-        table.update({k: 0.05 if k.endswith("weight_quantizer") else 4.0 for k in expected_keys(plan, layer, True)})
+        table.update(
+            {
+                k: 0.05 if k.endswith("weight_quantizer") else 4.0
+                for k in expected_keys(plan, layer, True)
+            }
+        )
     return table
 
 
@@ -58,15 +63,22 @@ def same_files(a: Path, b: Path) -> bool:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--work", type=Path, required=True)
-    parser.add_argument("--size-gb", type=float, default=1.0, help="synthetic checkpoint size (Ultra layers 14-17)")
+    parser.add_argument(
+        "--size-gb", type=float, default=1.0, help="synthetic checkpoint size (Ultra layers 14-17)"
+    )
     parser.add_argument("--tp", type=int, default=8)
     parser.add_argument("--workers", type=int, default=1)
     args = parser.parse_args()
     src = args.work / "src"
     if not (src / "config.json").exists():
-        write_synthetic(src, SynthSpec(preset="ultra-253b", layers="14-17", target_bytes=int(args.size_gb * 1e9)))
+        write_synthetic(
+            src,
+            SynthSpec(preset="ultra-253b", layers="14-17", target_bytes=int(args.size_gb * 1e9)),
+        )
     table = constant_table(src)
     fast = timed_export(src, args.work / "fp8-table", table, args.tp, args.workers)
     default = export_trtllm.quantize_trtllm
@@ -78,15 +90,26 @@ def main() -> None:
     cp = timed_cp(args.work / "fp8-table", args.work / "cp")
     nbytes = sum(p.stat().st_size for p in (args.work / "fp8-table").rglob("*") if p.is_file())
     result = {
-        "bytes": nbytes, "tp": args.tp, "workers": args.workers, "cp_s": cp,
-        "export_division_s": slow, "export_table_s": fast,
-        "ratio_division_vs_cp": slow / cp, "ratio_table_vs_cp": fast / cp,
+        "bytes": nbytes,
+        "tp": args.tp,
+        "workers": args.workers,
+        "cp_s": cp,
+        "export_division_s": slow,
+        "export_table_s": fast,
+        "ratio_division_vs_cp": slow / cp,
+        "ratio_table_vs_cp": fast / cp,
         "identical_outputs": same_files(args.work / "fp8-table", args.work / "fp8-division"),
     }
     (args.work / "bench_export.json").write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result, indent=1))
-    print(f"| export of {nbytes / 1e6:,.0f} MB at tp {args.tp} | seconds | MB/s | / cp |\n|---|---|---|---|")
-    for name, seconds in (("cp -r", cp), ("FP8 export, fp32 division", slow), ("FP8 export, table", fast)):
+    print(
+        f"| export of {nbytes / 1e6:,.0f} MB at tp {args.tp} | seconds | MB/s | / cp |\n|---|---|---|---|"
+    )
+    for name, seconds in (
+        ("cp -r", cp),
+        ("FP8 export, fp32 division", slow),
+        ("FP8 export, table", fast),
+    ):
         print(f"| {name} | {seconds:.1f} | {nbytes / seconds / 1e6:,.0f} | {seconds / cp:.2f} |")
 
 

@@ -69,10 +69,14 @@ def synth_rank(plan, tp: int, device, seed: int = 0) -> dict[str, torch.Tensor]:
     out = {}
     for item in rank_tensors(plan, tp, 1, 0):
         if len(item.shape) == 1:  # norms: around 1
-            out[item.name] = (1 + 0.05 * torch.randn(item.shape, generator=gen, device=device)).to(torch.bfloat16)
+            out[item.name] = (1 + 0.05 * torch.randn(item.shape, generator=gen, device=device)).to(
+                torch.bfloat16
+            )
         else:
             std = 1.0 if item.name.endswith("vocab_embedding.weight") else item.shape[1] ** -0.5
-            out[item.name] = (torch.randn(item.shape, generator=gen, device=device, dtype=torch.bfloat16) * std)
+            out[item.name] = (
+                torch.randn(item.shape, generator=gen, device=device, dtype=torch.bfloat16) * std
+            )
     return out
 
 
@@ -98,7 +102,10 @@ def fp8_rank(plan, tp: int, bf16: dict[str, torch.Tensor]) -> dict[str, torch.Te
 
 
 def configs(plan, tp: int) -> dict[str, dict]:
-    return {"bf16": trtllm_config(plan, tp), "fp8": trtllm_config(plan, tp, quantization=trtllm_quantization(False))}
+    return {
+        "bf16": trtllm_config(plan, tp),
+        "fp8": trtllm_config(plan, tp, quantization=trtllm_quantization(False)),
+    }
 
 
 # ---- timing -----------------------------------------------------------------------------------
@@ -140,9 +147,17 @@ def relative_error(actual: torch.Tensor, reference: torch.Tensor) -> float:
 
 # ---- measurements ---------------------------------------------------------------------------------
 def build(config, tensors, device, args, **kwargs) -> ResidentRuntime:
-    return ResidentRuntime.from_tensors(config, [tensors], rank=0, device=device, dtype=torch.bfloat16,
-                                        max_batch=max(args.batches), max_seq=args.max_seq,
-                                        compile=args.compile, **kwargs)
+    return ResidentRuntime.from_tensors(
+        config,
+        [tensors],
+        rank=0,
+        device=device,
+        dtype=torch.bfloat16,
+        max_batch=max(args.batches),
+        max_seq=args.max_seq,
+        compile=args.compile,
+        **kwargs,
+    )
 
 
 def check_fp8(cfgs, bf16, fp8, device, args) -> dict:
@@ -162,30 +177,60 @@ def check_fp8(cfgs, bf16, fp8, device, args) -> dict:
     }
     logits, tokens, gemms = {}, {}, []
     for name, (precision, tensors, gemm, dtype) in runs.items():
-        rt = ResidentRuntime.from_tensors(cfgs[precision], [tensors], rank=0, device=device, dtype=dtype,
-                                          fp8_gemm=gemm, max_batch=1, max_seq=64, compile=args.compile)
+        rt = ResidentRuntime.from_tensors(
+            cfgs[precision],
+            [tensors],
+            rank=0,
+            device=device,
+            dtype=dtype,
+            fp8_gemm=gemm,
+            max_batch=1,
+            max_seq=64,
+            compile=args.compile,
+        )
         logits[name] = rt.prefill(ids)[0].cpu()
         tokens[name] = rt.generate(ids, 4)[0].tolist()
-        if name == "fp8_scaled_mm_fp32":  # every GEMM alone, same e4m3 input: fp32 summation order only
+        if (
+            name == "fp8_scaled_mm_fp32"
+        ):  # every GEMM alone, same e4m3 input: fp32 summation order only
             gen = torch.Generator(device=device).manual_seed(1)
             for part, linear in rt.fp8_linears():
                 k = linear.weight_t.shape[0]
-                xq = (torch.randn(16, k, device=device, generator=gen) * 100).clamp(-448, 448).to(torch.float8_e4m3fn)
+                xq = (
+                    (torch.randn(16, k, device=device, generator=gen) * 100)
+                    .clamp(-448, 448)
+                    .to(torch.float8_e4m3fn)
+                )
                 out = linear(xq)
-                gemms.append({"part": part, "k": k, "n": linear.out_features,
-                              "relative_error": relative_error(out, linear.with_gemm("emulate", torch.float32)(xq))})
+                gemms.append(
+                    {
+                        "part": part,
+                        "k": k,
+                        "n": linear.out_features,
+                        "relative_error": relative_error(
+                            out, linear.with_gemm("emulate", torch.float32)(xq)
+                        ),
+                    }
+                )
         del rt
     rel = relative_error
     return {
         "tokens": ids.shape[1],
         "gemm_max_relative_error_scaled_mm_vs_emulation": max(g["relative_error"] for g in gemms),
         "gemms": gemms,
-        "fp32_scaled_mm_vs_emulation": rel(logits["fp8_scaled_mm_fp32"], logits["fp8_emulate_fp32"]),
+        "fp32_scaled_mm_vs_emulation": rel(
+            logits["fp8_scaled_mm_fp32"], logits["fp8_emulate_fp32"]
+        ),
         "fp8_quantization_error": rel(logits["fp8_emulate_fp32"], logits["bf16_weights_fp32"]),
-        "bf16_scaled_mm_vs_emulation": rel(logits["fp8_scaled_mm_bf16"], logits["fp8_emulate_bf16"]),
+        "bf16_scaled_mm_vs_emulation": rel(
+            logits["fp8_scaled_mm_bf16"], logits["fp8_emulate_bf16"]
+        ),
         "bf16_execution_noise": rel(logits["fp8_emulate_bf16"], logits["fp8_emulate_fp32"]),
-        "argmax_agreement_fp32": float((logits["fp8_scaled_mm_fp32"].argmax(-1)
-                                        == logits["fp8_emulate_fp32"].argmax(-1)).float().mean()),
+        "argmax_agreement_fp32": float(
+            (logits["fp8_scaled_mm_fp32"].argmax(-1) == logits["fp8_emulate_fp32"].argmax(-1))
+            .float()
+            .mean()
+        ),
         "greedy_tokens": tokens,
     }
 
@@ -216,10 +261,19 @@ def bench_decode(rt, device, batches, prompt: int, steps: int, copy_bw: float) -
         ms = median_ms(steps_fn, device, warmup=1, repeat=5) / steps
         weights, kv = rt.linear_bytes, rt.kv_bytes_read(batch, span)
         floor_ms = (weights + kv) / copy_bw / 1e6
-        rows.append({"batch": batch, "span": span, "step_ms": ms, "tokens_per_s": batch / ms * 1e3,
-                     "weight_bytes": weights, "kv_bytes": kv, "floor_ms": floor_ms,
-                     "fraction_of_copy_bandwidth": floor_ms / ms,
-                     "effective_GBps": (weights + kv) / ms / 1e6})
+        rows.append(
+            {
+                "batch": batch,
+                "span": span,
+                "step_ms": ms,
+                "tokens_per_s": batch / ms * 1e3,
+                "weight_bytes": weights,
+                "kv_bytes": kv,
+                "floor_ms": floor_ms,
+                "fraction_of_copy_bandwidth": floor_ms / ms,
+                "effective_GBps": (weights + kv) / ms / 1e6,
+            }
+        )
     return rows
 
 
@@ -256,14 +310,27 @@ def kernel_table(prof, steps: int, top: int) -> dict:
     for e in prof.key_averages():
         us = getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
         if us > 0:
-            rows.append({"kernel": e.key[:120], "calls_per_step": e.count / steps, "us_per_step": us / steps})
+            rows.append(
+                {
+                    "kernel": e.key[:120],
+                    "calls_per_step": e.count / steps,
+                    "us_per_step": us / steps,
+                }
+            )
     rows.sort(key=lambda r: -r["us_per_step"])
     total = sum(r["us_per_step"] for r in rows)
     groups: dict[str, float] = {}
     for r in rows:
-        groups[kernel_group(r["kernel"])] = groups.get(kernel_group(r["kernel"]), 0.0) + r["us_per_step"]
-    return {"steps": steps, "kernel_us_per_step": total, "kernels_per_step": sum(r["calls_per_step"] for r in rows),
-            "by_group_us": groups, "top": rows[:top]}
+        groups[kernel_group(r["kernel"])] = (
+            groups.get(kernel_group(r["kernel"]), 0.0) + r["us_per_step"]
+        )
+    return {
+        "steps": steps,
+        "kernel_us_per_step": total,
+        "kernels_per_step": sum(r["calls_per_step"] for r in rows),
+        "by_group_us": groups,
+        "top": rows[:top],
+    }
 
 
 def kernel_group(name: str) -> str:
@@ -282,14 +349,30 @@ def kernel_group(name: str) -> str:
 
 
 def environment(device) -> dict:
-    env = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda}
+    env = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+    }
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
-        env |= {"gpu": props.name, "multiprocessors": props.multi_processor_count,
-                "memory_GiB": round(props.total_memory / (1 << 30), 1)}
+        env |= {
+            "gpu": props.name,
+            "multiprocessors": props.multi_processor_count,
+            "memory_GiB": round(props.total_memory / (1 << 30), 1),
+        }
         try:
-            smi = subprocess.run(["nvidia-smi", "--query-gpu=driver_version,clocks.max.sm,clocks.max.mem",
-                                  "--format=csv,noheader"], capture_output=True, text=True, timeout=20, check=False)
+            smi = subprocess.run(
+                [
+                    "nvidia-smi",
+                    "--query-gpu=driver_version,clocks.max.sm,clocks.max.mem",
+                    "--format=csv,noheader",
+                ],
+                capture_output=True,
+                text=True,
+                timeout=20,
+                check=False,
+            )
             env["nvidia_smi"] = smi.stdout.strip()
         except (OSError, subprocess.SubprocessError) as err:
             env["nvidia_smi"] = f"unavailable: {err}"
@@ -308,38 +391,69 @@ def check_fused(device) -> dict:
     from builder.runtime import fused, resident
 
     gen = torch.Generator(device=device).manual_seed(5)
-    x, d = (torch.randn(64, 16384, device=device, generator=gen, dtype=torch.bfloat16) for _ in range(2))
+    x, d = (
+        torch.randn(64, 16384, device=device, generator=gen, dtype=torch.bfloat16) for _ in range(2)
+    )
     w = (1 + 0.05 * torch.randn(16384, device=device, generator=gen)).to(torch.bfloat16)
     fc_gate = 3 * torch.randn(64, 2 * 6656, device=device, generator=gen, dtype=torch.bfloat16)
     scale = torch.tensor(10.0 / 448, device=device)
     pairs = {
         "add_norm": (fused.add_norm(x, d, w, 1e-5), resident.add_norm(x, d, w, 1e-5)),
-        "add_norm_quant": (fused.add_norm_quant(x, d, w, 1e-5, scale), resident.add_norm_quant(x, d, w, 1e-5, scale)),
+        "add_norm_quant": (
+            fused.add_norm_quant(x, d, w, 1e-5, scale),
+            resident.add_norm_quant(x, d, w, 1e-5, scale),
+        ),
         "silu_mul": ((fused.silu_mul(fc_gate, 6656),), (resident.silu_mul(fc_gate, 6656),)),
-        "silu_mul_quant": ((fused.silu_mul_quant(fc_gate, 6656, scale),),
-                           (resident.silu_mul_quant(fc_gate, 6656, scale),)),
+        "silu_mul_quant": (
+            (fused.silu_mul_quant(fc_gate, 6656, scale),),
+            (resident.silu_mul_quant(fc_gate, 6656, scale),),
+        ),
     }
     from builder.runtime.executor import fp8_round_trip
 
     qkv = torch.randn(4, 64, 18 * 128, device=device, generator=gen, dtype=torch.bfloat16)
-    angles = torch.arange(256, device=device)[:, None] * torch.rand(64, device=device, generator=gen)
-    cos, sin = (f(torch.cat([angles, angles], -1)).to(torch.bfloat16) for f in (torch.cos, torch.sin))
+    angles = torch.arange(256, device=device)[:, None] * torch.rand(
+        64, device=device, generator=gen
+    )
+    cos, sin = (
+        f(torch.cat([angles, angles], -1)).to(torch.bfloat16) for f in (torch.cos, torch.sin)
+    )
     for kv_scale in (None, torch.tensor(0.02, device=device)):
-        caches = [torch.zeros(4, 1, 256, 128, device=device, dtype=torch.bfloat16) for _ in range(2)]
-        q = fused.rope_cache(qkv, cos, sin, torch.zeros(1, dtype=torch.long, device=device), *caches, 16, 1, 128,
-                             kv_scale, False)
+        caches = [
+            torch.zeros(4, 1, 256, 128, device=device, dtype=torch.bfloat16) for _ in range(2)
+        ]
+        q = fused.rope_cache(
+            qkv,
+            cos,
+            sin,
+            torch.zeros(1, dtype=torch.long, device=device),
+            *caches,
+            16,
+            1,
+            128,
+            kv_scale,
+            False,
+        )
         q2, k2, v2 = resident.split_rotate(qkv, cos[:64], sin[:64], 16, 1, 128)
         if kv_scale is not None:
             k2, v2 = (fp8_round_trip(t, kv_scale).to(torch.bfloat16) for t in (k2, v2))
         name = "rope_cache" + ("_fp8_kv" if kv_scale is not None else "")
-        pairs[name] = ((torch.cat([q.flatten(), caches[0][:, :, :64].flatten(), caches[1][:, :, :64].flatten()]),),
-                       (torch.cat([q2.flatten(), k2.flatten(), v2.flatten()]),))
+        pairs[name] = (
+            (
+                torch.cat(
+                    [q.flatten(), caches[0][:, :, :64].flatten(), caches[1][:, :, :64].flatten()]
+                ),
+            ),
+            (torch.cat([q2.flatten(), k2.flatten(), v2.flatten()]),),
+        )
     out = {}
     for name, (got, expected) in pairs.items():
         got_last, exp_last = got[-1].float(), expected[-1].float()
-        out[name] = {"mismatch_fraction": float((got_last != exp_last).float().mean()),
-                     "max_abs_difference": float((got_last - exp_last).abs().max()),
-                     "residual_equal": bool(torch.equal(got[0], expected[0])) if len(got) == 2 else None}
+        out[name] = {
+            "mismatch_fraction": float((got_last != exp_last).float().mean()),
+            "max_abs_difference": float((got_last - exp_last).abs().max()),
+            "residual_equal": bool(torch.equal(got[0], expected[0])) if len(got) == 2 else None,
+        }
     return out
 
 
@@ -370,24 +484,36 @@ def run_tp(plan, tp, device, args, copy_bw) -> dict:
     log(f"tp{tp}: rank tensors synthesized in {result['synth_s']:.1f} s")
     if args.check and tp in args.check_tp:
         result["check"] = check_fp8(cfgs, bf16, fp8, device, args)
-        log(f"tp{tp}: check {json.dumps({k: v for k, v in result['check'].items() if 'greedy' not in k})}")
+        log(
+            f"tp{tp}: check {json.dumps({k: v for k, v in result['check'].items() if 'greedy' not in k})}"
+        )
     for precision, tensors in (("bf16", bf16), ("fp8", fp8)):
         t0 = time.perf_counter()
         rt = build(cfgs[precision], tensors, device, args)
         sync(device)
-        entry = {"build_s": time.perf_counter() - t0, "weight_bytes": rt.weight_bytes, "linear_bytes": rt.linear_bytes,
-                 "scaled_mm_row_multiple": rt.row_multiple() if precision == "fp8" else None}
+        entry = {
+            "build_s": time.perf_counter() - t0,
+            "weight_bytes": rt.weight_bytes,
+            "linear_bytes": rt.linear_bytes,
+            "scaled_mm_row_multiple": rt.row_multiple() if precision == "fp8" else None,
+        }
         entry["prefill"] = bench_prefill(rt, device, args.prefill)
-        log(f"tp{tp} {precision}: prefill {[round(r['tokens_per_s']) for r in entry['prefill']]} tok/s")
+        log(
+            f"tp{tp} {precision}: prefill {[round(r['tokens_per_s']) for r in entry['prefill']]} tok/s"
+        )
         entry["decode"] = bench_decode(rt, device, args.batches, args.prompt, args.steps, copy_bw)
-        log(f"tp{tp} {precision}: decode {[round(r['step_ms'], 3) for r in entry['decode']]} ms/step")
+        log(
+            f"tp{tp} {precision}: decode {[round(r['step_ms'], 3) for r in entry['decode']]} ms/step"
+        )
         if device.type == "cuda" and tp in args.profile_tp:
             entry["profile_batch1"] = profile_decode(rt, device)
             entry["profile_prefill"] = profile_prefill(rt, device, args.prefill[-1])
         if rt.gemv:  # the same step with every linear on cuBLAS, for comparison
             rt.set_gemv(False)
             entry["decode_cublas"] = bench_decode(rt, device, [1], args.prompt, args.steps, copy_bw)
-            log(f"tp{tp} {precision}: decode batch 1 on cuBLAS {entry['decode_cublas'][0]['step_ms']:.3f} ms/step")
+            log(
+                f"tp{tp} {precision}: decode batch 1 on cuBLAS {entry['decode_cublas'][0]['step_ms']:.3f} ms/step"
+            )
         entry["gemv"] = "triton one-row kernel" if rt.gemv or "decode_cublas" in entry else "cuBLAS"
         if device.type == "cuda":
             entry["peak_memory_GiB"] = torch.cuda.max_memory_allocated(device) / (1 << 30)
@@ -406,46 +532,72 @@ def log(message: str) -> None:
 
 def table(results: dict) -> str:
     env = results["environment"]
-    lines = [(f"GPU: {env.get('gpu', 'cpu')}, torch {env['torch']}, "
-              f"copy {results['copy']['bandwidth_GBps']:.0f} GB/s (read+write)"),
-             "| tp | what | BF16 | FP8 | FP8 speedup |", "|---|---|---|---|---|"]
+    lines = [
+        (
+            f"GPU: {env.get('gpu', 'cpu')}, torch {env['torch']}, "
+            f"copy {results['copy']['bandwidth_GBps']:.0f} GB/s (read+write)"
+        ),
+        "| tp | what | BF16 | FP8 | FP8 speedup |",
+        "|---|---|---|---|---|",
+    ]
     for tp_result in results["tp"]:
         tp = tp_result["tp"]
         b, f = tp_result["bf16"], tp_result["fp8"]
         for rb, rf in zip(b["prefill"], f["prefill"], strict=True):
-            lines.append(f"| {tp} | prefill {rb['batch']}x{rb['seq']} tok/s | {rb['tokens_per_s']:,.0f} | "
-                         f"{rf['tokens_per_s']:,.0f} | {rf['tokens_per_s'] / rb['tokens_per_s']:.2f}x |")
+            lines.append(
+                f"| {tp} | prefill {rb['batch']}x{rb['seq']} tok/s | {rb['tokens_per_s']:,.0f} | "
+                f"{rf['tokens_per_s']:,.0f} | {rf['tokens_per_s'] / rb['tokens_per_s']:.2f}x |"
+            )
         for rb, rf in zip(b["decode"], f["decode"], strict=True):
-            lines.append(f"| {tp} | decode batch {rb['batch']} ms/step (of copy BW) | {rb['step_ms']:.3f} "
-                         f"({rb['fraction_of_copy_bandwidth']:.0%}) | {rf['step_ms']:.3f} "
-                         f"({rf['fraction_of_copy_bandwidth']:.0%}) | {rb['step_ms'] / rf['step_ms']:.2f}x |")
+            lines.append(
+                f"| {tp} | decode batch {rb['batch']} ms/step (of copy BW) | {rb['step_ms']:.3f} "
+                f"({rb['fraction_of_copy_bandwidth']:.0%}) | {rf['step_ms']:.3f} "
+                f"({rf['fraction_of_copy_bandwidth']:.0%}) | {rb['step_ms'] / rf['step_ms']:.2f}x |"
+            )
         for rb, rf in zip(b.get("decode_cublas", []), f.get("decode_cublas", []), strict=False):
-            lines.append(f"| {tp} | decode batch 1, every linear on cuBLAS | {rb['step_ms']:.3f} "
-                         f"({rb['fraction_of_copy_bandwidth']:.0%}) | {rf['step_ms']:.3f} "
-                         f"({rf['fraction_of_copy_bandwidth']:.0%}) | {rb['step_ms'] / rf['step_ms']:.2f}x |")
+            lines.append(
+                f"| {tp} | decode batch 1, every linear on cuBLAS | {rb['step_ms']:.3f} "
+                f"({rb['fraction_of_copy_bandwidth']:.0%}) | {rf['step_ms']:.3f} "
+                f"({rf['fraction_of_copy_bandwidth']:.0%}) | {rb['step_ms'] / rf['step_ms']:.2f}x |"
+            )
         if "check" in tp_result:
             c = tp_result["check"]
-            lines.append(f"| {tp} | FP8 tensor cores vs emulation: worst GEMM; logits (FP8 vs BF16) | | "
-                         f"{c['gemm_max_relative_error_scaled_mm_vs_emulation']:.1e}; "
-                         f"{c['fp32_scaled_mm_vs_emulation']:.3f} ({c['fp8_quantization_error']:.3f}) | |")
+            lines.append(
+                f"| {tp} | FP8 tensor cores vs emulation: worst GEMM; logits (FP8 vs BF16) | | "
+                f"{c['gemm_max_relative_error_scaled_mm_vs_emulation']:.1e}; "
+                f"{c['fp32_scaled_mm_vs_emulation']:.3f} ({c['fp8_quantization_error']:.3f}) | |"
+            )
     return "\n".join(lines)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--tp", type=int, nargs="+", default=[8, 4])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 64])
-    parser.add_argument("--prefill", type=lambda s: tuple(map(int, s.split("x"))), nargs="+",
-                        default=[(1, 2048), (8, 2048)], help="batch x seq shapes, e.g. 1x2048 8x2048")
-    parser.add_argument("--prompt", type=int, default=128, help="prompt tokens before the decode steps")
+    parser.add_argument(
+        "--prefill",
+        type=lambda s: tuple(map(int, s.split("x"))),
+        nargs="+",
+        default=[(1, 2048), (8, 2048)],
+        help="batch x seq shapes, e.g. 1x2048 8x2048",
+    )
+    parser.add_argument(
+        "--prompt", type=int, default=128, help="prompt tokens before the decode steps"
+    )
     parser.add_argument("--steps", type=int, default=32, help="decode steps per timing")
     parser.add_argument("--max-seq", type=int, default=2304)
     parser.add_argument("--profile-tp", type=int, nargs="*", default=[8])
     parser.add_argument("--no-check", dest="check", action="store_false")
-    parser.add_argument("--check-tp", type=int, nargs="*", default=[8], help="TP layouts to run the FP8 check at")
+    parser.add_argument(
+        "--check-tp", type=int, nargs="*", default=[8], help="TP layouts to run the FP8 check at"
+    )
     parser.add_argument("--no-compile", dest="compile", action="store_false")
-    parser.add_argument("--small", action="store_true", help="hidden 256: a CPU smoke test of this script")
+    parser.add_argument(
+        "--small", action="store_true", help="hidden 256: a CPU smoke test of this script"
+    )
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu":
@@ -457,10 +609,16 @@ def main() -> None:
         results_compile = "off"
     args.out.mkdir(parents=True, exist_ok=True)
     plan = slice_plan(args.small)
-    results = {"environment": environment(device), "slice": f"ultra-253b layers {SLICE.start}-{SLICE.stop - 1}",
-               "layers": [layer.short for layer in plan.layers], "hidden": plan.hidden_size,
-               "heads": plan.num_attention_heads, "vocab": VOCAB, "compile": results_compile,
-               "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
+    results = {
+        "environment": environment(device),
+        "slice": f"ultra-253b layers {SLICE.start}-{SLICE.stop - 1}",
+        "layers": [layer.short for layer in plan.layers],
+        "hidden": plan.hidden_size,
+        "heads": plan.num_attention_heads,
+        "vocab": VOCAB,
+        "compile": results_compile,
+        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+    }
     results["copy"] = copy_bandwidth(device, 0.05 if args.small else 4.0)
     from builder.runtime import gemv
 

@@ -43,8 +43,11 @@ def main() -> int:
     parser.add_argument("--batch", default="1,4")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    parser.add_argument("--stream-weights", action="store_true",
-                        help="read weights from the memory-mapped files at every use (default: held)")
+    parser.add_argument(
+        "--stream-weights",
+        action="store_true",
+        help="read weights from the memory-mapped files at every use (default: held)",
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     if args.threads:
@@ -66,7 +69,9 @@ def main() -> int:
         vocab = executor.plan.vocab_size
         executor.greedy([[1, 2, 3]], 2)  # warm-up: first-touch of the memory-mapped weights
         for batch in [int(b) for b in args.batch.split(",")]:
-            prompts = [torch.randint(0, vocab, (args.isl,), generator=gen).tolist() for _ in range(batch)]
+            prompts = [
+                torch.randint(0, vocab, (args.isl,), generator=gen).tolist() for _ in range(batch)
+            ]
             rates: dict[str, list[float]] = {"cache": [], "no_cache": []}
             tokens = {}
             for _ in range(args.repeat):
@@ -74,24 +79,44 @@ def main() -> int:
                     result = executor.greedy(prompts, args.new_tokens, use_cache=use_cache)
                     rates[name].append(decode_tokens_per_s(result))
                     tokens[name] = result.tokens
-                    print(f"  batch {batch} {name}: {rates[name][-1]:.3g} tok/s", file=sys.stderr, flush=True)
+                    print(
+                        f"  batch {batch} {name}: {rates[name][-1]:.3g} tok/s",
+                        file=sys.stderr,
+                        flush=True,
+                    )
             same = tokens["cache"] == tokens["no_cache"]
             cache, plain = statistics.median(rates["cache"]), statistics.median(rates["no_cache"])
-            rows.append({"batch": batch, "isl": args.isl, "new_tokens": args.new_tokens,
-                         "cache_tok_s": cache, "no_cache_tok_s": plain, "ratio": cache / plain,
-                         "cache_repeats": rates["cache"], "no_cache_repeats": rates["no_cache"],
-                         "same_tokens": same, "threads": torch.get_num_threads()})
+            rows.append(
+                {
+                    "batch": batch,
+                    "isl": args.isl,
+                    "new_tokens": args.new_tokens,
+                    "cache_tok_s": cache,
+                    "no_cache_tok_s": plain,
+                    "ratio": cache / plain,
+                    "cache_repeats": rates["cache"],
+                    "no_cache_repeats": rates["no_cache"],
+                    "same_tokens": same,
+                    "threads": torch.get_num_threads(),
+                }
+            )
     if args.json:
         json.dump(rows, sys.stdout, indent=2)
         print()
     else:
-        print(f"SmolLM2-135M, executor fp32 on CPU ({torch.get_num_threads()} threads), ISL "
-              f"{args.isl}, {args.new_tokens} new tokens, median of {args.repeat}, weights "
-              f"{'streamed' if args.stream_weights else 'held'}")
-        print(f"{'batch':>5} {'KV cache tok/s':>15} {'no cache tok/s':>15} {'ratio':>7}  same tokens")
+        print(
+            f"SmolLM2-135M, executor fp32 on CPU ({torch.get_num_threads()} threads), ISL "
+            f"{args.isl}, {args.new_tokens} new tokens, median of {args.repeat}, weights "
+            f"{'streamed' if args.stream_weights else 'held'}"
+        )
+        print(
+            f"{'batch':>5} {'KV cache tok/s':>15} {'no cache tok/s':>15} {'ratio':>7}  same tokens"
+        )
         for r in rows:
-            print(f"{r['batch']:>5} {r['cache_tok_s']:>15.3g} {r['no_cache_tok_s']:>15.3g} "
-                  f"{r['ratio']:>6.1f}x  {r['same_tokens']}")
+            print(
+                f"{r['batch']:>5} {r['cache_tok_s']:>15.3g} {r['no_cache_tok_s']:>15.3g} "
+                f"{r['ratio']:>6.1f}x  {r['same_tokens']}"
+            )
     return 0 if all(r["same_tokens"] for r in rows) else 1
 
 

@@ -29,7 +29,9 @@ def main() -> None:
         ref16 = reference_logits(ckpt, ids, torch.bfloat16)
         e_ref = compare_logits(ref16, ref32).relative_error
         ulp = 2.0**-8
-        print(f"e_ref {e_ref:.5f}   bounds: e_exec <= {2 * e_ref + ulp:.5f}, e_pair <= {3 * e_ref + ulp:.5f}")
+        print(
+            f"e_ref {e_ref:.5f}   bounds: e_exec <= {2 * e_ref + ulp:.5f}, e_pair <= {3 * e_ref + ulp:.5f}"
+        )
         for tp, pp in [(1, 1), (2, 1), (4, 2)]:
             out = Path(tmp) / f"trt-{tp}-{pp}"
             convert_checkpoint(ckpt, out, tp, pp)
@@ -37,8 +39,10 @@ def main() -> None:
                 logits = executor(ids)
             e_exec = compare_logits(logits, ref32).relative_error
             e_pair = compare_logits(logits, ref16).relative_error
-            print(f"tp {tp} pp {pp}: e_exec {e_exec:.5f}  e_pair {e_pair:.5f}  "
-                  f"(old bound 1.5 e_ref = {1.5 * e_ref:.5f})")
+            print(
+                f"tp {tp} pp {pp}: e_exec {e_exec:.5f}  e_pair {e_pair:.5f}  "
+                f"(old bound 1.5 e_ref = {1.5 * e_ref:.5f})"
+            )
 
 
 if __name__ == "__main__":

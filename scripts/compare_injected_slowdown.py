@@ -37,8 +37,14 @@ def main() -> int:
     from builder.report.records import Metric, write_record
     from builder.runtime.executor import TrtllmCheckpointExecutor
 
-    points = workloads([(args.isl, args.osl)], parse_counts(args.concurrency, "--concurrency"),
-                       None, warmup=1, repeat=1, seed=0)
+    points = workloads(
+        [(args.isl, args.osl)],
+        parse_counts(args.concurrency, "--concurrency"),
+        None,
+        warmup=1,
+        repeat=1,
+        seed=0,
+    )
     original = TrtllmCheckpointExecutor.linear
 
     def delayed(self, rank, name, x):
@@ -59,16 +65,36 @@ def main() -> int:
     for name, per_round in rounds.items():
         for records in zip(*per_round, strict=True):
             first = records[0]
-            metrics = {key: Metric.from_repeats([r.metrics[key].value for r in records], m.unit,
-                                                m.definition, m.better)
-                       for key, m in first.metrics.items()}
-            settings = {**first.settings, "repeat": args.repeat, "rounds": "interleaved base/slow/clean"}
-            write_record(args.out / name, dataclasses.replace(first, metrics=metrics, settings=settings))
+            metrics = {
+                key: Metric.from_repeats(
+                    [r.metrics[key].value for r in records], m.unit, m.definition, m.better
+                )
+                for key, m in first.metrics.items()
+            }
+            settings = {
+                **first.settings,
+                "repeat": args.repeat,
+                "rounds": "interleaved base/slow/clean",
+            }
+            write_record(
+                args.out / name, dataclasses.replace(first, metrics=metrics, settings=settings)
+            )
     codes = {}
     for current in ("current-slow", "current-clean"):
-        command = [sys.executable, "-m", "builder", "report", "compare", str(args.out / "base"),
-                   str(args.out / current), "--max-regression", "5%"]
-        print(f"$ builder report compare {args.out / 'base'} {args.out / current} --max-regression 5%")
+        command = [
+            sys.executable,
+            "-m",
+            "builder",
+            "report",
+            "compare",
+            str(args.out / "base"),
+            str(args.out / current),
+            "--max-regression",
+            "5%",
+        ]
+        print(
+            f"$ builder report compare {args.out / 'base'} {args.out / current} --max-regression 5%"
+        )
         codes[current] = subprocess.run(command, check=False).returncode
         print(f"exit code {codes[current]}\n")
     return 0 if codes == {"current-slow": 1, "current-clean": 0} else 1

@@ -52,29 +52,49 @@ def step_fp8(args) -> dict:
     torch.backends.cuda.matmul.allow_tf32 = False  # the emulation must run in true fp32
     rows = []
     # (M, K, N): decode and prefill rows against Ultra TP8 per-rank weights
-    shapes = [(1, 16384, 2304), (17, 16384, 6656), (1024, 16384, 6656), (1024, 6656, 16384),
-              (512, 16384, 53248)]
+    shapes = [
+        (1, 16384, 2304),
+        (17, 16384, 6656),
+        (1024, 16384, 6656),
+        (1024, 6656, 16384),
+        (512, 16384, 53248),
+    ]
     for m, k, n in shapes:
         gen = torch.Generator(device="cuda").manual_seed(m * 7 + n)
         x = torch.randn(m, k, device="cuda", generator=gen, dtype=torch.bfloat16)
         w = (torch.randn(n, k, device="cuda", generator=gen) * k**-0.5).to(torch.bfloat16)
-        w_scale, a_scale = trtllm_scale(float(w.abs().max())).cuda(), trtllm_scale(float(x.abs().max())).cuda()
+        w_scale, a_scale = (
+            trtllm_scale(float(w.abs().max())).cuda(),
+            trtllm_scale(float(x.abs().max())).cuda(),
+        )
         wq = quantize_trtllm(w, w_scale)
         emulated = fp8_linear(x, wq, w_scale, a_scale)
         cores = fp8_linear_tensor_cores(x, wq, w_scale, a_scale)
-        cpu = fp8_linear(x.cpu(), wq.cpu(), w_scale.cpu(), a_scale.cpu()) if m * n <= 17 * 6656 else None
+        cpu = (
+            fp8_linear(x.cpu(), wq.cpu(), w_scale.cpu(), a_scale.cpu())
+            if m * n <= 17 * 6656
+            else None
+        )
         bf16 = torch.nn.functional.linear(x, w).float()
         row = {
             "shape_mkn": [m, k, n],
             "tensor_cores_vs_emulated_rel": relative_error(cores, emulated),
-            "tensor_cores_vs_cpu_emulated_rel": relative_error(cores.cpu(), cpu) if cpu is not None else None,
+            "tensor_cores_vs_cpu_emulated_rel": relative_error(cores.cpu(), cpu)
+            if cpu is not None
+            else None,
             "fp8_vs_bf16_rel": relative_error(cores, bf16),
             "bf16_ms": cuda_time_ms(lambda x=x, w=w: torch.nn.functional.linear(x, w)),
             "fp8_tensor_cores_ms": cuda_time_ms(
                 lambda x=x, wq=wq, a=a_scale, s=w_scale: torch._scaled_mm(
-                    x.to(torch.float8_e4m3fn), wq.t(), scale_a=a.reshape(()), scale_b=s.reshape(()),
-                    out_dtype=torch.bfloat16)
-            ) if m % 16 == 0 else None,
+                    x.to(torch.float8_e4m3fn),
+                    wq.t(),
+                    scale_a=a.reshape(()),
+                    scale_b=s.reshape(()),
+                    out_dtype=torch.bfloat16,
+                )
+            )
+            if m % 16 == 0
+            else None,
         }
         rows.append(row)
         print(json.dumps(row), flush=True)
@@ -97,27 +117,61 @@ def step_realsize(args) -> dict:
     src, out = work / "ultra-real-16-17", work / "ultra-real-fp8"
     result: dict = {}
     result["synth_s"] = run(
-        [*BUILDER, "synth", str(src), "--preset", "ultra-253b", "--hidden", str(args.hidden), "--heads", str(args.heads),
-         "--layers", "16-17", "--overwrite"], Path(args.out) / "synth.log")
+        [
+            *BUILDER,
+            "synth",
+            str(src),
+            "--preset",
+            "ultra-253b",
+            "--hidden",
+            str(args.hidden),
+            "--heads",
+            str(args.heads),
+            "--layers",
+            "16-17",
+            "--overwrite",
+        ],
+        Path(args.out) / "synth.log",
+    )
     plan = load_plan(src)
     result["params"] = plan.total_params
     result["source_bytes"] = sum(p.stat().st_size for p in src.glob("*.safetensors"))
     result["quantize_s"] = run(
-        [*BUILDER, "quantize", str(src), str(out), "--device", args.device, "--tp", "8", "--calib-size",
-         str(args.calib_size), "--calib-seq-len", "512", "--batch-size", "8", "--overwrite", "--json"],
-        Path(args.out) / "quantize.log")
+        [
+            *BUILDER,
+            "quantize",
+            str(src),
+            str(out),
+            "--device",
+            args.device,
+            "--tp",
+            "8",
+            "--calib-size",
+            str(args.calib_size),
+            "--calib-seq-len",
+            "512",
+            "--batch-size",
+            "8",
+            "--overwrite",
+            "--json",
+        ],
+        Path(args.out) / "quantize.log",
+    )
     manifest = json.loads((out / "manifest.json").read_text())
     result["quantize_manifest"] = {k: v for k, v in manifest.items() if k not in ("files", "amax")}
     ids = torch.randint(0, plan.vocab_size, (1, 64), generator=torch.Generator().manual_seed(0))
     logits = {}
     for gemm in ("emulate", "tensor-cores") if args.device != "cpu" else ("emulate",):
-        with TrtllmCheckpointExecutor(out / "trtllm", dtype=torch.bfloat16, device=args.device, fp8_gemm=gemm) as ex:
+        with TrtllmCheckpointExecutor(
+            out / "trtllm", dtype=torch.bfloat16, device=args.device, fp8_gemm=gemm
+        ) as ex:
             started = time.perf_counter()
             logits[gemm] = ex.forward(ids.to(args.device)).float().cpu()
             result[f"executor_{gemm}_s"] = time.perf_counter() - started
     if "tensor-cores" in logits:
         result["executor_tensor_cores_vs_emulated"] = compare_logits(
-            logits["tensor-cores"], logits["emulate"], "bfloat16").to_json()
+            logits["tensor-cores"], logits["emulate"], "bfloat16"
+        ).to_json()
     return result
 
 
@@ -125,14 +179,18 @@ STEPS = {"fp8": step_fp8, "realsize": step_realsize}
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("steps", nargs="+", choices=sorted(STEPS))
     parser.add_argument("--out", required=True)
     parser.add_argument("--work", default="/tmp/gpu")
     parser.add_argument("--calib-size", type=int, default=128)
     parser.add_argument("--hidden", type=int, default=16384, help="realsize: 16384 is Ultra's")
     parser.add_argument("--heads", type=int, default=128)
-    parser.add_argument("--device", default="cuda", help="realsize: cpu for a small local rehearsal")
+    parser.add_argument(
+        "--device", default="cuda", help="realsize: cpu for a small local rehearsal"
+    )
     args = parser.parse_args()
     Path(args.out).mkdir(parents=True, exist_ok=True)
     Path(args.work).mkdir(parents=True, exist_ok=True)

@@ -22,9 +22,15 @@ import torch
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--src", type=Path, help="HF nemotron-nas checkpoint (default: import SmolLM2)")
-    parser.add_argument("--work", type=Path, help="Directory for the checkpoints (default: a temp dir)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--src", type=Path, help="HF nemotron-nas checkpoint (default: import SmolLM2)"
+    )
+    parser.add_argument(
+        "--work", type=Path, help="Directory for the checkpoints (default: a temp dir)"
+    )
     parser.add_argument("--calib-size", type=int, default=64)
     parser.add_argument("--calib-seq-len", type=int, default=256)
     parser.add_argument("--windows", type=int, default=16)
@@ -32,7 +38,9 @@ def main() -> None:
     parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--kv-cache", choices=["fp8", "none"], default="fp8")
-    parser.add_argument("--thresholds", default=None, help="Section of calib/thresholds.toml to check")
+    parser.add_argument(
+        "--thresholds", default=None, help="Section of calib/thresholds.toml to check"
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
@@ -48,18 +56,37 @@ def main() -> None:
             import_smollm2(src)
     out = work / f"fp8-{args.calib_size}x{args.calib_seq_len}-{args.dtype}-{args.kv_cache}"
     summary = quantize_checkpoint(
-        src, out, calib_size=args.calib_size, calib_seq_len=args.calib_seq_len, dtype=args.dtype,
-        device=args.device, kv_cache=args.kv_cache == "fp8", overwrite=True,
+        src,
+        out,
+        calib_size=args.calib_size,
+        calib_seq_len=args.calib_seq_len,
+        dtype=args.dtype,
+        device=args.device,
+        kv_cache=args.kv_cache == "fp8",
+        overwrite=True,
     )
     started = time.perf_counter()
     report = evaluate_accuracy(
-        src, out, windows=args.windows, seq_len=args.seq_len, dtype=getattr(torch, args.dtype),
-        device=args.device, thresholds=args.thresholds,
+        src,
+        out,
+        windows=args.windows,
+        seq_len=args.seq_len,
+        dtype=getattr(torch, args.dtype),
+        device=args.device,
+        thresholds=args.thresholds,
     )
     eval_seconds = time.perf_counter() - started
     if args.json:
-        print(json.dumps({"quantize": summary.to_json() | {"amax": "..."}, "accuracy": report.to_json(),
-                          "eval_seconds": eval_seconds}, indent=2))
+        print(
+            json.dumps(
+                {
+                    "quantize": summary.to_json() | {"amax": "..."},
+                    "accuracy": report.to_json(),
+                    "eval_seconds": eval_seconds,
+                },
+                indent=2,
+            )
+        )
         return
     print(format_table(report))
     print(

@@ -45,11 +45,24 @@ print(json.dumps({"checkpoint_bytes": summary.model_bytes, "baseline_rss": basel
 """
 
 
-def measure(src: Path, out: Path, calib_size: int = 2, calib_seq_len: int = 16, device: str = "cpu") -> dict:
+def measure(
+    src: Path, out: Path, calib_size: int = 2, calib_seq_len: int = 16, device: str = "cpu"
+) -> dict:
     """Quantize `src` into `out` in a child process; its memory and time as a dict."""
     done = subprocess.run(
-        [sys.executable, "-c", CHILD, str(src), str(out), str(calib_size), str(calib_seq_len), device],
-        capture_output=True, text=True, check=False,
+        [
+            sys.executable,
+            "-c",
+            CHILD,
+            str(src),
+            str(out),
+            str(calib_size),
+            str(calib_seq_len),
+            device,
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
     )
     if done.returncode != 0:
         raise RuntimeError(f"quantize failed:\n{done.stderr[-4000:]}")
@@ -64,7 +77,9 @@ def synthetic(out: Path, size_bytes: int) -> Path:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--src", type=Path)
     parser.add_argument("--size", default="1.5GB", help="synthetic checkpoint size (without --src)")
     parser.add_argument("--work", type=Path)

@@ -22,8 +22,8 @@ def main() -> None:
 
     import torch
 
-    from builder.build import dry_run_build, load_profile
     from builder.convert import convert_checkpoint
+    from builder.deploy import dry_run_build, load_profile
     from builder.runtime import TrtllmCheckpointExecutor
     from builder.smollm2 import import_smollm2
     from builder.triton import TritonOptions, load_tokenizer, read_build_record, write_repository
@@ -39,16 +39,21 @@ def main() -> None:
         convert_checkpoint(hf, root / "trtllm", tp=1, progress=False)
         profile = load_profile("h100x8-bf16", [("parallel.tp", 1), ("build.max_batch_size", 4)])
         build = dry_run_build(root / "trtllm", profile, root / "build").out
-        options = TritonOptions(tokenizer_dir=Path(hf), decoupled=True, tokenizer_instances=1, bls_instances=1)
+        options = TritonOptions(
+            tokenizer_dir=Path(hf), decoupled=True, tokenizer_instances=1, bls_instances=1
+        )
         write_repository(read_build_record(build), options, root / "repo")
         errors = [f.line() for f in check_repository(root / "repo") if f.is_error]
         print("check:", "ok" if not errors else errors)
         tokenizer = load_tokenizer(hf)
-        text = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}], tokenize=False,
-                                             add_generation_prompt=True)
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": args.prompt}], tokenize=False, add_generation_prompt=True
+        )
         torch.set_num_threads(1)
         with TrtllmCheckpointExecutor(root / "trtllm") as executor:
-            direct = greedy_generate(executor, tokenizer.encode(text), args.max_tokens, tokenizer.eos_token_id)
+            direct = greedy_generate(
+                executor, tokenizer.encode(text), args.max_tokens, tokenizer.eos_token_id
+            )
         expected = tokenizer.decode(direct.tokens, skip_special_tokens=True)
         served = executor_repository(root / "repo", root / "trtllm", root / "served")
         with TritonServer(served) as server:
@@ -57,10 +62,16 @@ def main() -> None:
             asked = time.perf_counter()
             whole = generate_http(server.http_url, "ensemble", fields, timeout=600)["text_output"]
             print(f"ensemble (HTTP generate, {time.perf_counter() - asked:.1f} s): {whole!r}")
-            stream = [e["text_output"] for e in generate_stream_http(server.http_url, "ensemble",
-                                                                       {**fields, "stream": True}, timeout=600)]
+            stream = [
+                e["text_output"]
+                for e in generate_stream_http(
+                    server.http_url, "ensemble", {**fields, "stream": True}, timeout=600
+                )
+            ]
             print(f"ensemble (HTTP generate_stream): {stream!r}")
-        print(f"executor directly: {expected!r}; identical: {whole == expected and ''.join(stream) == expected}")
+        print(
+            f"executor directly: {expected!r}; identical: {whole == expected and ''.join(stream) == expected}"
+        )
 
 
 if __name__ == "__main__":

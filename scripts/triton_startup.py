@@ -35,8 +35,8 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
 
-    from builder.build import dry_run_build, load_profile
     from builder.convert import convert_checkpoint
+    from builder.deploy import dry_run_build, load_profile
     from builder.synth import SynthSpec, write_synthetic
     from builder.triton import TritonOptions, read_build_record, write_repository
     from builder.triton.client import generate_http
@@ -45,11 +45,15 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        hf = write_synthetic(root / "hf", SynthSpec(preset="mixed", hidden=64, vocab=261, dtype="float32"))
+        hf = write_synthetic(
+            root / "hf", SynthSpec(preset="mixed", hidden=64, vocab=261, dtype="float32")
+        )
         convert_checkpoint(hf, root / "trtllm", tp=1, progress=False)
         profile = load_profile("h100x8-bf16", [("parallel.tp", 1), ("build.max_batch_size", 4)])
         build = dry_run_build(root / "trtllm", profile, root / "build").out
-        options = TritonOptions(tokenizer_dir=Path(hf), decoupled=True, tokenizer_instances=1, bls_instances=1)
+        options = TritonOptions(
+            tokenizer_dir=Path(hf), decoupled=True, tokenizer_instances=1, bls_instances=1
+        )
         write_repository(read_build_record(build), options, root / "repo")
         served = executor_repository(root / "repo", root / "trtllm", root / "served")
         runs = []
@@ -60,13 +64,23 @@ def main() -> None:
             ready = time.perf_counter() - started
             cpu = group_cpu_seconds(server.process.pid)
             asked = time.perf_counter()
-            generate_http(server.http_url, "ensemble", {"text_input": "What is the capital of France?", "max_tokens": 8})
+            generate_http(
+                server.http_url,
+                "ensemble",
+                {"text_input": "What is the capital of France?", "max_tokens": 8},
+            )
             answer = time.perf_counter() - asked
             stopping = time.perf_counter()
             server.stop()
-            runs.append({"ready_s": round(ready, 2), "cpu_s_to_ready": round(cpu, 2),
-                         "first_answer_8_tokens_s": round(answer, 2), "stop_s": round(time.perf_counter() - stopping, 2),
-                         "load_average_1m": round(os.getloadavg()[0], 1)})
+            runs.append(
+                {
+                    "ready_s": round(ready, 2),
+                    "cpu_s_to_ready": round(cpu, 2),
+                    "first_answer_8_tokens_s": round(answer, 2),
+                    "stop_s": round(time.perf_counter() - stopping, 2),
+                    "load_average_1m": round(os.getloadavg()[0], 1),
+                }
+            )
     print(json.dumps({"cores": os.cpu_count(), "runs": runs}, indent=2))
 
 

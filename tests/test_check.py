@@ -18,8 +18,11 @@ from builder.io.manifest import build_manifest, read_manifest, write_manifest
 from builder.io.safetensors_stream import read_header
 from builder.quantize.pipeline import quantize_checkpoint
 
-NAN_BITS = {"BF16": struct.pack("<H", 0x7FC0), "F32": struct.pack("<f", float("nan")),
-            "F8_E4M3": bytes([0x7F])}
+NAN_BITS = {
+    "BF16": struct.pack("<H", 0x7FC0),
+    "F32": struct.pack("<f", float("nan")),
+    "F8_E4M3": bytes([0x7F]),
+}
 
 
 def run(*args):
@@ -82,7 +85,11 @@ def test_quantize_root_checks_both_exports(quantized):
     result = run(quantized, "--json")
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
-    assert report["kind"] == "fp8-quantization" and report["fp8"] is True and report["kv_cache"] == "fp8"
+    assert (
+        report["kind"] == "fp8-quantization"
+        and report["fp8"] is True
+        and report["kv_cache"] == "fp8"
+    )
     kinds = {Path(p["directory"]).name: p for p in report["parts"]}
     assert set(kinds) == {"trtllm", "hf"}
     assert kinds["trtllm"]["kind"] == "trtllm-checkpoint" and kinds["trtllm"]["tp"] == 2
@@ -101,7 +108,12 @@ def test_trtllm_bf16_and_fp8(quantized, tmp_path, mixed_ckpt):
     line = ok_line(run(quantized / "trtllm"))
     assert "trtllm-checkpoint tp=2 pp=1" in line and "FP8 yes, KV cache fp8" in line
     bf16 = tmp_path / "bf16"
-    assert CliRunner().invoke(main, ["convert", str(mixed_ckpt), str(bf16), "--tp", "2", "--json"]).exit_code == 0
+    assert (
+        CliRunner()
+        .invoke(main, ["convert", str(mixed_ckpt), str(bf16), "--tp", "2", "--json"])
+        .exit_code
+        == 0
+    )
     assert "FP8 no, KV cache bfloat16" in ok_line(run(bf16))
 
 
@@ -126,7 +138,11 @@ def test_nan_in_fp8_export_is_named(quantized, tmp_path, part):
     root = copy(quantized, tmp_path / "q")
     target = root / part
     file = min(target.glob("*.safetensors"))
-    name = next(n for n, e in read_header(file)[1].items() if n != "__metadata__" and e["dtype"] == "F8_E4M3")
+    name = next(
+        n
+        for n, e in read_header(file)[1].items()
+        if n != "__metadata__" and e["dtype"] == "F8_E4M3"
+    )
     seed_nan(file, name)
     reseal(target)
     reseal(root)
@@ -169,7 +185,10 @@ def test_hf_quant_config_disagreeing_with_config_json(quantized, tmp_path):
     path.write_text(json.dumps(declared))
     reseal(hf)
     result = run(hf)
-    assert result.exit_code == 2 and "kv_cache_scheme disagrees with hf_quant_config.json" in result.output
+    assert (
+        result.exit_code == 2
+        and "kv_cache_scheme disagrees with hf_quant_config.json" in result.output
+    )
 
 
 def test_tampered_quantize_root_file_is_found(quantized, tmp_path):
@@ -183,8 +202,19 @@ def test_tampered_quantize_root_file_is_found(quantized, tmp_path):
 
 def test_build_output_manifest_is_checked(quantized, tmp_path):
     out = tmp_path / "dry"
-    built = CliRunner().invoke(main, ["build", str(quantized / "trtllm"), str(out), "--target", "h100x4-fp8",
-                                      "--tp", "2", "--dry-run"])
+    built = CliRunner().invoke(
+        main,
+        [
+            "build",
+            str(quantized / "trtllm"),
+            str(out),
+            "--target",
+            "h100x4-fp8",
+            "--tp",
+            "2",
+            "--dry-run",
+        ],
+    )
     assert built.exit_code == 0, built.output
     assert "trtllm-build-dry-run" in ok_line(run(out))
     (out / "launch" / "serve.sh").write_text("#!/bin/sh\n")

@@ -81,8 +81,20 @@ def test_reporter_picks_lines_off_a_terminal_and_nothing_when_disabled():
 
 
 def test_quantize_without_a_terminal_prints_progress_lines(mixed_ckpt, tmp_path):
-    result = CliRunner().invoke(main, ["quantize", str(mixed_ckpt), str(tmp_path / "q"), "--calib-size", "4",
-                                       "--calib-seq-len", "16", "--dtype", "float32"])
+    result = CliRunner().invoke(
+        main,
+        [
+            "quantize",
+            str(mixed_ckpt),
+            str(tmp_path / "q"),
+            "--calib-size",
+            "4",
+            "--calib-seq-len",
+            "16",
+            "--dtype",
+            "float32",
+        ],
+    )
     assert result.exit_code == 0, result.output
     err = result.stderr
     assert "calibrating 10 of 12 blocks (2 empty blocks skipped)" in err
@@ -92,19 +104,29 @@ def test_quantize_without_a_terminal_prints_progress_lines(mixed_ckpt, tmp_path)
 
 def test_check_roundtrip_without_a_terminal_prints_progress_lines(mixed_ckpt, tmp_path):
     out = tmp_path / "tp2"
-    assert CliRunner().invoke(main, ["convert", str(mixed_ckpt), str(out), "--tp", "2"]).exit_code == 0
-    result = CliRunner().invoke(main, ["check", str(out), "--source", str(mixed_ckpt), "--roundtrip"])
+    assert (
+        CliRunner().invoke(main, ["convert", str(mixed_ckpt), str(out), "--tp", "2"]).exit_code == 0
+    )
+    result = CliRunner().invoke(
+        main, ["check", str(out), "--source", str(mixed_ckpt), "--roundtrip"]
+    )
     assert result.exit_code == 0, result.output
-    assert re.search(r"check: round trip 1/(\d+) tensors \(\d+%\), 0:\d\d elapsed, ETA", result.stderr)
+    assert re.search(
+        r"check: round trip 1/(\d+) tensors \(\d+%\), 0:\d\d elapsed, ETA", result.stderr
+    )
     assert re.search(r"check: round trip (\d+)/\1 tensors \(100%\), done in", result.stderr)
     assert "check: finite scan" in result.stderr
 
 
 def test_convert_without_a_terminal_prints_progress_lines(mixed_ckpt, tmp_path):
-    result = CliRunner().invoke(main, ["convert", str(mixed_ckpt), str(tmp_path / "tp2"), "--tp", "2"])
+    result = CliRunner().invoke(
+        main, ["convert", str(mixed_ckpt), str(tmp_path / "tp2"), "--tp", "2"]
+    )
     assert result.exit_code == 0, result.output
-    assert re.search(r"convert: all ranks [\d.]+ MiB/[\d.]+ MiB \(100%\), done in 0:\d\d - 2/2 ranks done",
-                     result.stderr)
+    assert re.search(
+        r"convert: all ranks [\d.]+ MiB/[\d.]+ MiB \(100%\), done in 0:\d\d - 2/2 ranks done",
+        result.stderr,
+    )
     assert "━" not in result.stderr  # no bar characters in a log
 
 

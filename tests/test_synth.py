@@ -37,7 +37,9 @@ def test_ultra_pattern_is_kept_at_reduced_size():
     assert [lay.ffn for lay in plan.layers] == [lay.ffn for lay in ultra.layers]
     assert {lay.kv_heads for lay in plan.layers if lay.attention is AttentionKind.ATTENTION} == {8}
     widths = [lay.ffn_width for lay in plan.layers if lay.ffn_width]
-    assert widths.index(max(widths)) == [lay.ffn_width for lay in ultra.layers if lay.ffn_width].index(425984)
+    assert widths.index(max(widths)) == [
+        lay.ffn_width for lay in ultra.layers if lay.ffn_width
+    ].index(425984)
     assert "auto_map" not in config
 
 
@@ -50,7 +52,9 @@ def test_layer_selection_and_seeded_weights(tmp_path):
     ca, cb = HFCheckpoint(a), HFCheckpoint(b)
     name = "model.layers.1.mlp.down_proj.weight"
     assert torch.equal(ca.read(name), cb.read(name))  # same tensor name, same seed
-    other = write_synthetic(tmp_path / "c", SynthSpec(preset="ultra-253b", hidden=64, layers="0-1,134", seed=1))
+    other = write_synthetic(
+        tmp_path / "c", SynthSpec(preset="ultra-253b", hidden=64, layers="0-1,134", seed=1)
+    )
     assert not torch.equal(ca.read(name), HFCheckpoint(other).read(name))
 
 
@@ -69,8 +73,12 @@ def test_tokenizer_has_chat_template(mixed_ckpt):
     from builder.chat import messages
 
     tok = PreTrainedTokenizerFast.from_pretrained(mixed_ckpt)
-    text = tok.apply_chat_template(messages("hi", reasoning=True), tokenize=False, add_generation_prompt=True)
-    assert "detailed thinking on" in text and text.endswith("<|start_header_id|>assistant<|end_header_id|>\n\n")
+    text = tok.apply_chat_template(
+        messages("hi", reasoning=True), tokenize=False, add_generation_prompt=True
+    )
+    assert "detailed thinking on" in text and text.endswith(
+        "<|start_header_id|>assistant<|end_header_id|>\n\n"
+    )
     ids = tok("héllo")["input_ids"]
     assert tok.decode(ids) == "héllo"
     assert max(ids) < load_plan(mixed_ckpt).vocab_size

@@ -93,8 +93,11 @@ CONFIG_SCHEMA = Object(
         "torch_dtype": String(),
         "dtype": String(),
         "block_configs": ArrayOf(
-            Object({"attention": _ATTENTION_SCHEMA, "ffn": _FFN_SCHEMA},
-                   required=frozenset({"attention", "ffn"}), closed=True)
+            Object(
+                {"attention": _ATTENTION_SCHEMA, "ffn": _FFN_SCHEMA},
+                required=frozenset({"attention", "ffn"}),
+                closed=True,
+            )
         ),
     },
     required=frozenset(
@@ -283,9 +286,7 @@ class ModelPlan:
 
 
 # ---- parsing -------------------------------------------------------------------------
-def _refuse_unsupported(
-    part: Mapping[str, Any], defaults: Mapping[str, Any], where: str
-) -> None:
+def _refuse_unsupported(part: Mapping[str, Any], defaults: Mapping[str, Any], where: str) -> None:
     for key, default in defaults.items():
         value = part.get(key, default)
         if value not in (default, None, False):
@@ -326,9 +327,7 @@ def _parse_ffn(part: Mapping[str, Any], hidden: int, where: str) -> tuple[FfnKin
     return FfnKind.MLP, intermediate_size(float(mult), hidden)
 
 
-def _parse_layer(
-    index: int, block: Any, heads: int, hidden: int, source: str
-) -> LayerPlan:
+def _parse_layer(index: int, block: Any, heads: int, hidden: int, source: str) -> LayerPlan:
     where = f"{source}: block_configs[{index}]"
     attention, kv_heads = _parse_attention(block["attention"], heads, f"{where}.attention")
     ffn, width = _parse_ffn(block["ffn"], hidden, f"{where}.ffn")

@@ -47,18 +47,26 @@ _T = "transformer.layers.{j}."
 
 ATTENTION_RULES: dict[AttentionKind, tuple[TensorRule, ...]] = {
     AttentionKind.ATTENTION: (
-        TensorRule(_T + "input_layernorm.weight", (_L + "input_layernorm.weight",), Split.REPLICATED),
+        TensorRule(
+            _T + "input_layernorm.weight", (_L + "input_layernorm.weight",), Split.REPLICATED
+        ),
         TensorRule(
             _T + "attention.qkv.weight",
             tuple(_L + f"self_attn.{p}_proj.weight" for p in "qkv"),
             Split.QKV,
             linear=True,
         ),
-        TensorRule(_T + "attention.dense.weight", (_L + "self_attn.o_proj.weight",), Split.ROW, True),
+        TensorRule(
+            _T + "attention.dense.weight", (_L + "self_attn.o_proj.weight",), Split.ROW, True
+        ),
     ),
     AttentionKind.LINEAR: (
-        TensorRule(_T + "input_layernorm.weight", (_L + "input_layernorm.weight",), Split.REPLICATED),
-        TensorRule(_T + "attention.weight", (_L + "self_attn.linear_attn.weight",), Split.COLUMN, True),
+        TensorRule(
+            _T + "input_layernorm.weight", (_L + "input_layernorm.weight",), Split.REPLICATED
+        ),
+        TensorRule(
+            _T + "attention.weight", (_L + "self_attn.linear_attn.weight",), Split.COLUMN, True
+        ),
     ),
     AttentionKind.NO_OP: (),
 }
@@ -66,19 +74,29 @@ ATTENTION_RULES: dict[AttentionKind, tuple[TensorRule, ...]] = {
 # TensorRT-LLM computes proj(silu(fc(x)) * gate(x)): fc is HF's gate_proj, gate is up_proj.
 FFN_RULES: dict[FfnKind, tuple[TensorRule, ...]] = {
     FfnKind.MLP: (
-        TensorRule(_T + "post_layernorm.weight", (_L + "post_attention_layernorm.weight",), Split.REPLICATED),
+        TensorRule(
+            _T + "post_layernorm.weight",
+            (_L + "post_attention_layernorm.weight",),
+            Split.REPLICATED,
+        ),
         TensorRule(_T + "ffn.fc.weight", (_L + "mlp.gate_proj.weight",), Split.COLUMN, True),
         TensorRule(_T + "ffn.gate.weight", (_L + "mlp.up_proj.weight",), Split.COLUMN, True),
         TensorRule(_T + "ffn.proj.weight", (_L + "mlp.down_proj.weight",), Split.ROW, True),
     ),
     FfnKind.LINEAR: (
-        TensorRule(_T + "post_layernorm.weight", (_L + "post_attention_layernorm.weight",), Split.REPLICATED),
+        TensorRule(
+            _T + "post_layernorm.weight",
+            (_L + "post_attention_layernorm.weight",),
+            Split.REPLICATED,
+        ),
         TensorRule(_T + "ffn.weight", (_L + "mlp.linear_mlp.weight",), Split.COLUMN, True),
     ),
     FfnKind.NO_OP: (),
 }
 
-EMBEDDING_RULE = TensorRule("transformer.vocab_embedding.weight", ("model.embed_tokens.weight",), Split.REPLICATED)
+EMBEDDING_RULE = TensorRule(
+    "transformer.vocab_embedding.weight", ("model.embed_tokens.weight",), Split.REPLICATED
+)
 FINAL_NORM_RULE = TensorRule("transformer.ln_f.weight", ("model.norm.weight",), Split.REPLICATED)
 LM_HEAD_RULE = TensorRule("lm_head.weight", ("lm_head.weight",), Split.VOCAB)
 TIED_LM_HEAD_RULE = TensorRule("lm_head.weight", ("model.embed_tokens.weight",), Split.VOCAB)
@@ -119,7 +137,10 @@ def layer_hf_shapes(plan: ModelPlan, layer: LayerPlan) -> dict[str, tuple[int, .
 
 
 def global_hf_shapes(plan: ModelPlan) -> dict[str, tuple[int, ...]]:
-    shapes = {"model.embed_tokens.weight": (plan.vocab_size, plan.hidden_size), "model.norm.weight": (plan.hidden_size,)}
+    shapes = {
+        "model.embed_tokens.weight": (plan.vocab_size, plan.hidden_size),
+        "model.norm.weight": (plan.hidden_size,),
+    }
     if not plan.tie_word_embeddings:
         shapes["lm_head.weight"] = (plan.vocab_size, plan.hidden_size)
     return shapes
@@ -142,7 +163,9 @@ def parallelism_problems(plan: ModelPlan, tp: int, pp: int = 1) -> list[str]:
     if tp < 1 or pp < 1:
         return [f"tp ({tp}) and pp ({pp}) must be positive"]
     if plan.num_attention_heads % tp:
-        problems.append(f"num_attention_heads {plan.num_attention_heads} is not divisible by tp {tp}")
+        problems.append(
+            f"num_attention_heads {plan.num_attention_heads} is not divisible by tp {tp}"
+        )
     if plan.num_layers % pp:
         problems.append(f"num_hidden_layers {plan.num_layers} is not divisible by pp {pp}")
     for layer in plan.layers:
@@ -156,7 +179,9 @@ def parallelism_problems(plan: ModelPlan, tp: int, pp: int = 1) -> list[str]:
                 )
         linear = layer.attention is AttentionKind.LINEAR or layer.ffn is FfnKind.LINEAR
         if linear and plan.hidden_size % tp:
-            problems.append(f"{name}: linear replacement width {plan.hidden_size} not divisible by tp {tp}")
+            problems.append(
+                f"{name}: linear replacement width {plan.hidden_size} not divisible by tp {tp}"
+            )
         if layer.ffn is FfnKind.MLP and layer.ffn_width % tp:
             problems.append(f"{name}: FFN width {layer.ffn_width} is not divisible by tp {tp}")
     return problems
@@ -181,11 +206,15 @@ def kv_heads_per_rank(kv_heads: int, tp: int) -> int:
     return math.ceil(kv_heads / tp)
 
 
-def rank_shape(plan: ModelPlan, rule: TensorRule, layer: LayerPlan | None, tp: int) -> tuple[int, ...]:
+def rank_shape(
+    plan: ModelPlan, rule: TensorRule, layer: LayerPlan | None, tp: int
+) -> tuple[int, ...]:
     """Shape of `rule`'s tensor on one TP rank."""
     h = plan.hidden_size
     if rule.split is Split.QKV:
-        rows = (plan.num_attention_heads // tp + 2 * kv_heads_per_rank(layer.kv_heads, tp)) * plan.head_dim
+        rows = (
+            plan.num_attention_heads // tp + 2 * kv_heads_per_rank(layer.kv_heads, tp)
+        ) * plan.head_dim
         return (rows, h)
     full = _full_shape(plan, rule, layer)
     if rule.split is Split.REPLICATED:
@@ -230,11 +259,20 @@ def rank_tensors(plan: ModelPlan, tp: int, pp: int, rank: int) -> list[RankTenso
     stage = stage_layers(plan, pp, pp_rank)
     out: list[RankTensor] = []
     if pp_rank == 0:
-        out.append(RankTensor(EMBEDDING_RULE.target, rank_shape(plan, EMBEDDING_RULE, None, tp), EMBEDDING_RULE, None))
+        out.append(
+            RankTensor(
+                EMBEDDING_RULE.target,
+                rank_shape(plan, EMBEDDING_RULE, None, tp),
+                EMBEDDING_RULE,
+                None,
+            )
+        )
     for local, index in enumerate(stage):
         layer = plan.layers[index]
         for rule in layer_rules(layer):
-            out.append(RankTensor(rule.target_name(local), rank_shape(plan, rule, layer, tp), rule, layer))
+            out.append(
+                RankTensor(rule.target_name(local), rank_shape(plan, rule, layer, tp), rule, layer)
+            )
     if pp_rank == pp - 1:
         for rule in (FINAL_NORM_RULE, lm_head_rule(plan)):
             out.append(RankTensor(rule.target, rank_shape(plan, rule, None, tp), rule, None))

@@ -34,37 +34,79 @@ CHECKOUT = Path(__file__).resolve().parents[2]
 
 
 def find_aiperf(explicit: str | None = None) -> Path:
-    candidates = [explicit, os.environ.get("BUILDER_AIPERF"), str(CHECKOUT / ".venv-aiperf/bin/aiperf"),
-                  shutil.which("aiperf")]
+    candidates = [
+        explicit,
+        os.environ.get("BUILDER_AIPERF"),
+        str(CHECKOUT / ".venv-aiperf/bin/aiperf"),
+        shutil.which("aiperf"),
+    ]
     for candidate in candidates:
         if candidate and Path(candidate).is_file() and os.access(candidate, os.X_OK):
             return Path(candidate)
     if explicit:
         raise UserError(f"--aiperf {explicit}: not an executable")
-    raise UserError("AIPerf not found: run scripts/install.sh (it creates .venv-aiperf), set "
-                    "BUILDER_AIPERF, or pass --aiperf PATH")
+    raise UserError(
+        "AIPerf not found: run scripts/install.sh (it creates .venv-aiperf), set "
+        "BUILDER_AIPERF, or pass --aiperf PATH"
+    )
 
 
 TRITON_PAYLOAD = '{"text_input": {{ text|tojson }}, "max_tokens": {{ max_tokens }}, "stream": true}'
 
 
-def profile_command(aiperf: Path, url: str, model: str, tokenizer: str, point: Workload,
-                    artifact_dir: Path, repeat_index: int, endpoint: str = "openai") -> list[str]:
+def profile_command(
+    aiperf: Path,
+    url: str,
+    model: str,
+    tokenizer: str,
+    point: Workload,
+    artifact_dir: Path,
+    repeat_index: int,
+    endpoint: str = "openai",
+) -> list[str]:
     """The `aiperf profile` command line of one repeat of one point."""
     command = [
-        str(aiperf), "profile", "--model", model, "--url", url, "--streaming",
-        "--tokenizer", tokenizer,
-        "--prompt-input-tokens-mean", str(point.isl), "--prompt-input-tokens-stddev", "0",
-        "--prompt-output-tokens-mean", str(point.osl), "--prompt-output-tokens-stddev", "0",
-        "--concurrency", str(point.concurrency), "--request-count", str(point.requests),
-        "--warmup-request-count", str(point.warmup),
-        "--random-seed", str(point.seed + repeat_index),
-        "--output-artifact-dir", str(artifact_dir), "--ui-type", "none",
-        "--no-server-metrics", "--no-gpu-telemetry",
+        str(aiperf),
+        "profile",
+        "--model",
+        model,
+        "--url",
+        url,
+        "--streaming",
+        "--tokenizer",
+        tokenizer,
+        "--prompt-input-tokens-mean",
+        str(point.isl),
+        "--prompt-input-tokens-stddev",
+        "0",
+        "--prompt-output-tokens-mean",
+        str(point.osl),
+        "--prompt-output-tokens-stddev",
+        "0",
+        "--concurrency",
+        str(point.concurrency),
+        "--request-count",
+        str(point.requests),
+        "--warmup-request-count",
+        str(point.warmup),
+        "--random-seed",
+        str(point.seed + repeat_index),
+        "--output-artifact-dir",
+        str(artifact_dir),
+        "--ui-type",
+        "none",
+        "--no-server-metrics",
+        "--no-gpu-telemetry",
     ]
     if endpoint == "openai":
-        command += ["--endpoint-type", "completions",
-                    "--extra-inputs", "ignore_eos:true", "--extra-inputs", f"min_tokens:{point.osl}"]
+        command += [
+            "--endpoint-type",
+            "completions",
+            "--extra-inputs",
+            "ignore_eos:true",
+            "--extra-inputs",
+            f"min_tokens:{point.osl}",
+        ]
     elif endpoint == "triton":
         # Triton's generate extension: POST /v2/models/<model>/generate_stream, SSE events with
         # text_output (TensorRT-LLM backend ensemble). Extra JSON fields would become unknown
@@ -72,9 +114,16 @@ def profile_command(aiperf: Path, url: str, model: str, tokenizer: str, point: W
         artifact_dir.mkdir(parents=True, exist_ok=True)
         template = artifact_dir / "triton_payload.jinja"
         template.write_text(TRITON_PAYLOAD)
-        command += ["--endpoint-type", "template", "--endpoint", f"/v2/models/{model}/generate_stream",
-                    "--extra-inputs", f"payload_template:{template}",
-                    "--extra-inputs", "response_field:text_output"]
+        command += [
+            "--endpoint-type",
+            "template",
+            "--endpoint",
+            f"/v2/models/{model}/generate_stream",
+            "--extra-inputs",
+            f"payload_template:{template}",
+            "--extra-inputs",
+            "response_field:text_output",
+        ]
     else:
         raise ValueError(endpoint)
     return command
@@ -84,15 +133,22 @@ def aiperf_environment() -> dict[str, str]:
     """AIPerf 0.13 in HF offline mode looks even a local tokenizer directory up in the hub
     cache (and fails); with a local directory (bench_server insists on one) it never touches
     the network, so the offline variables are dropped for it."""
-    return {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    return {
+        k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    }
 
 
 def run_profile(command: list[str], artifact_dir: Path, timeout: float, log: Path) -> Path:
     """Runs one AIPerf profile (its own process group, killed on timeout) and returns its export."""
     artifact_dir.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                                   env=aiperf_environment())
+        process = subprocess.Popen(
+            command,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env=aiperf_environment(),
+        )
         try:
             code = process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -106,32 +162,64 @@ def run_profile(command: list[str], artifact_dir: Path, timeout: float, log: Pat
     exports = sorted(artifact_dir.rglob(EXPORT_NAME))
     if code != 0 or not exports:
         tail = log.read_text(errors="replace").strip().splitlines()[-5:]
-        raise UserError(f"aiperf exited {code} without {EXPORT_NAME} (log: {log}): " + " | ".join(tail))
+        raise UserError(
+            f"aiperf exited {code} without {EXPORT_NAME} (log: {log}): " + " | ".join(tail)
+        )
     return exports[-1]
 
 
-def bench_server(url: str, model: str, tokenizer: str, points: list[Workload], out_dir: Path,
-                 endpoint: str = "openai", aiperf: str | None = None, timeout: float = 1800,
-                 progress: Callable[[str], None] | None = None) -> list[RunRecord]:
+def bench_server(
+    url: str,
+    model: str,
+    tokenizer: str,
+    points: list[Workload],
+    out_dir: Path,
+    endpoint: str = "openai",
+    aiperf: str | None = None,
+    timeout: float = 1800,
+    progress: Callable[[str], None] | None = None,
+) -> list[RunRecord]:
     """One record per point; AIPerf's artifacts stay under out_dir/aiperf/."""
     executable = find_aiperf(aiperf)
-    if not (Path(tokenizer) / "tokenizer_config.json").is_file() and not (Path(tokenizer) / "tokenizer.json").is_file():
-        raise UserError(f"--tokenizer {tokenizer}: not a local tokenizer directory (nothing is downloaded)")
+    if (
+        not (Path(tokenizer) / "tokenizer_config.json").is_file()
+        and not (Path(tokenizer) / "tokenizer.json").is_file()
+    ):
+        raise UserError(
+            f"--tokenizer {tokenizer}: not a local tokenizer directory (nothing is downloaded)"
+        )
     records = []
     for number, point in enumerate(points, start=1):
         exports = []
         for repeat in range(point.repeat):
             stamp = time.strftime("%Y%m%dT%H%M%S")
-            directory = out_dir / "aiperf" / f"{point.key.replace(',', '-').replace('=', '')}-r{repeat}-{stamp}"
+            directory = (
+                out_dir
+                / "aiperf"
+                / f"{point.key.replace(',', '-').replace('=', '')}-r{repeat}-{stamp}"
+            )
             if progress:
-                progress(f"[{number}/{len(points)}] {point.key} repeat {repeat + 1}/{point.repeat}: "
-                         f"aiperf -> {directory}")
-            command = profile_command(executable, url, model, tokenizer, point, directory, repeat, endpoint)
+                progress(
+                    f"[{number}/{len(points)}] {point.key} repeat {repeat + 1}/{point.repeat}: "
+                    f"aiperf -> {directory}"
+                )
+            command = profile_command(
+                executable, url, model, tokenizer, point, directory, repeat, endpoint
+            )
             exports.append(run_profile(command, directory, timeout, directory.with_suffix(".log")))
-        record = import_reports(exports, concurrency=point.concurrency,
-                                runtime=f"aiperf against {'Triton' if endpoint == 'triton' else 'an OpenAI-compatible server'}")
-        settings = {**record.settings, **point.settings(), "endpoint": endpoint, "url": url,
-                    "measured_isl": record.settings["isl"], "measured_osl": record.settings["osl"],
-                    "engine": None}
+        record = import_reports(
+            exports,
+            concurrency=point.concurrency,
+            runtime=f"aiperf against {'Triton' if endpoint == 'triton' else 'an OpenAI-compatible server'}",
+        )
+        settings = {
+            **record.settings,
+            **point.settings(),
+            "endpoint": endpoint,
+            "url": url,
+            "measured_isl": record.settings["isl"],
+            "measured_osl": record.settings["osl"],
+            "engine": None,
+        }
         records.append(dataclasses.replace(record, settings=settings))
     return records

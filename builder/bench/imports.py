@@ -58,10 +58,15 @@ TRTLLM_STATS = {"mean": "average", "p50": "p50", "p90": "p90", "p99": "p99"}
 def trtllm_values(data: dict[str, Any], source: str) -> dict[str, float]:
     try:
         perf = data["performance"]
-        values = {name: float(perf[d.trtllm_bench]) for name, d in SYSTEM.items()
-                  if d.trtllm_bench in perf and d.trtllm_bench != "token_output_speed_tok_s"}
+        values = {
+            name: float(perf[d.trtllm_bench])
+            for name, d in SYSTEM.items()
+            if d.trtllm_bench in perf and d.trtllm_bench != "token_output_speed_tok_s"
+        }
     except (KeyError, TypeError, ValueError) as err:
-        raise UserError(f"{source}: malformed trtllm-bench report, performance section ({err})") from None
+        raise UserError(
+            f"{source}: malformed trtllm-bench report, performance section ({err})"
+        ) from None
     distributions = {"e2e_latency": perf.get("request_latency_percentiles_ms")}
     streaming = data.get("streaming_metrics") or {}
     if streaming:
@@ -76,7 +81,9 @@ def trtllm_values(data: dict[str, Any], source: str) -> dict[str, float]:
     return values
 
 
-def trtllm_record(data: dict[str, Any], source: str, concurrency: int | None) -> tuple[RunRecord, dict[str, float]]:
+def trtllm_record(
+    data: dict[str, Any], source: str, concurrency: int | None
+) -> tuple[RunRecord, dict[str, float]]:
     values = trtllm_values(data, source)
     engine = data.get("engine") or {}
     world = data.get("world_info") or {}
@@ -85,15 +92,25 @@ def trtllm_record(data: dict[str, Any], source: str, concurrency: int | None) ->
     isl = round(float(requests.get("avg_input_length", 0)))
     osl = round(float(requests.get("avg_output_length", 0)))
     if concurrency is None:
-        concurrency = round(float(requests.get("avg_num_concurrent_requests", 0) or 0)) or int(world.get("max_batch_size", 0) or 0)
+        concurrency = round(float(requests.get("avg_num_concurrent_requests", 0) or 0)) or int(
+            world.get("max_batch_size", 0) or 0
+        )
     backend = str(engine.get("backend", "unknown"))
     settings = {
-        "isl": isl, "osl": osl, "concurrency": concurrency,
+        "isl": isl,
+        "osl": osl,
+        "concurrency": concurrency,
         "workload": f"isl={isl},osl={osl},concurrency={concurrency}",
-        "requests": requests.get("num_requests"), "tp": world.get("tp_size"), "pp": world.get("pp_size"),
-        "engine": backend == "TRT", "backend": backend, "streaming": bool(data.get("streaming_metrics")),
-        "quantization": engine.get("quantization"), "kv_cache_dtype": engine.get("kv_cache_dtype"),
-        "percentile_method": TRTLLM_PERCENTILE_METHOD, "imported_from": str(source),
+        "requests": requests.get("num_requests"),
+        "tp": world.get("tp_size"),
+        "pp": world.get("pp_size"),
+        "engine": backend == "TRT",
+        "backend": backend,
+        "streaming": bool(data.get("streaming_metrics")),
+        "quantization": engine.get("quantization"),
+        "kv_cache_dtype": engine.get("kv_cache_dtype"),
+        "percentile_method": TRTLLM_PERCENTILE_METHOD,
+        "imported_from": str(source),
         "osl_enforced": "as the dataset's output_tokens and trtllm-bench's --eos_id decided",
     }
     model = str(engine.get("model") or engine.get("model_path") or "unknown")
@@ -102,11 +119,21 @@ def trtllm_record(data: dict[str, Any], source: str, concurrency: int | None) ->
     if engine.get("quantization"):
         kind += f"-{str(engine['quantization']).lower()}"
     record = RunRecord(
-        kind=RecordKind.BENCH, model=model,
+        kind=RecordKind.BENCH,
+        model=model,
         artifact=Artifact(path, kind, hashlib.sha256(f"{model}|{path}".encode()).hexdigest()),
         runtime=f"trtllm-bench ({backend}, TensorRT-LLM {engine.get('version', '?')})",
-        target=path, device=str(machine.get("name", "")), settings=settings, metrics={},
-        details={"report": {k: data[k] for k in ("engine", "machine", "world_info", "request_info", "dataset") if k in data}},
+        target=path,
+        device=str(machine.get("name", "")),
+        settings=settings,
+        metrics={},
+        details={
+            "report": {
+                k: data[k]
+                for k in ("engine", "machine", "world_info", "request_info", "dataset")
+                if k in data
+            }
+        },
     )
     return record, values
 
@@ -135,7 +162,9 @@ def aiperf_values(data: dict[str, Any], source: str) -> dict[str, float]:
             values["total_token_throughput"] = float(total["avg"])
         elif "request_throughput" in values and isinstance(isl, dict) and isinstance(osl, dict):
             # sum(ISL + OSL) / T = N / T x mean(ISL + OSL)
-            values["total_token_throughput"] = values["request_throughput"] * (float(isl["avg"]) + float(osl["avg"]))
+            values["total_token_throughput"] = values["request_throughput"] * (
+                float(isl["avg"]) + float(osl["avg"])
+            )
         for name, d in DISTRIBUTIONS.items():
             entry = data.get(d.aiperf)
             if isinstance(entry, dict):
@@ -143,7 +172,9 @@ def aiperf_values(data: dict[str, Any], source: str) -> dict[str, float]:
                     if entry.get(theirs) is not None:
                         values[stat_key(name, ours)] = _ms(entry, theirs, source, d.aiperf)
     except (KeyError, TypeError, ValueError) as err:
-        raise UserError(f"{source}: malformed AIPerf export ({type(err).__name__}: {err})") from None
+        raise UserError(
+            f"{source}: malformed AIPerf export ({type(err).__name__}: {err})"
+        ) from None
     if not values:
         raise UserError(f"{source}: no AIPerf metrics found (profile_export_aiperf.json expected)")
     return values
@@ -157,45 +188,68 @@ def _dig(data: Any, *path: str) -> Any:
     return data
 
 
-def aiperf_record(data: dict[str, Any], source: str, concurrency: int | None,
-                  runtime: str | None = None) -> tuple[RunRecord, dict[str, float]]:
+def aiperf_record(
+    data: dict[str, Any], source: str, concurrency: int | None, runtime: str | None = None
+) -> tuple[RunRecord, dict[str, float]]:
     values = aiperf_values(data, source)
     config = data.get("input_config") or {}
     # 0.13 writes models.items[].name and phases[] (warmup, profiling); older: endpoint.model_names, loadgen
     items = _dig(config, "models", "items") or []
-    models = [i.get("name") for i in items if isinstance(i, dict)] or _dig(config, "endpoint", "model_names") or ["unknown"]
+    models = (
+        [i.get("name") for i in items if isinstance(i, dict)]
+        or _dig(config, "endpoint", "model_names")
+        or ["unknown"]
+    )
     urls = _dig(config, "endpoint", "urls") or [_dig(config, "endpoint", "url") or ""]
-    phases = [p for p in (config.get("phases") or []) if isinstance(p, dict) and p.get("kind") == "profiling"]
+    phases = [
+        p
+        for p in (config.get("phases") or [])
+        if isinstance(p, dict) and p.get("kind") == "profiling"
+    ]
     isl = round(float(_dig(data, "input_sequence_length", "avg") or 0))
     osl = round(float(_dig(data, "output_sequence_length", "avg") or 0))
     if concurrency is None:
-        concurrency = int((phases[0].get("concurrency") if phases else None)
-                          or _dig(config, "loadgen", "concurrency") or 0)
+        concurrency = int(
+            (phases[0].get("concurrency") if phases else None)
+            or _dig(config, "loadgen", "concurrency")
+            or 0
+        )
     url = str(urls[0] if isinstance(urls, list) and urls else urls)
     model = str(models[0])
     settings = {
-        "isl": isl, "osl": osl, "concurrency": concurrency,
+        "isl": isl,
+        "osl": osl,
+        "concurrency": concurrency,
         "workload": f"isl={isl},osl={osl},concurrency={concurrency}",
-        "requests": _dig(data, "request_count", "avg"), "engine": None,
-        "endpoint_type": _dig(config, "endpoint", "type"), "streaming": _dig(config, "endpoint", "streaming"),
-        "percentile_method": AIPERF_PERCENTILE_METHOD, "imported_from": str(source),
-        "aiperf_version": data.get("aiperf_version"), "aiperf_schema_version": data.get("schema_version"),
+        "requests": _dig(data, "request_count", "avg"),
+        "engine": None,
+        "endpoint_type": _dig(config, "endpoint", "type"),
+        "streaming": _dig(config, "endpoint", "streaming"),
+        "percentile_method": AIPERF_PERCENTILE_METHOD,
+        "imported_from": str(source),
+        "aiperf_version": data.get("aiperf_version"),
+        "aiperf_schema_version": data.get("schema_version"),
         "osl_enforced": "AIPerf output-token mean with stddev 0 plus ignore_eos/min_tokens extra inputs, "
-                        "if the run set them; osl is the measured mean",
+        "if the run set them; osl is the measured mean",
     }
     record = RunRecord(
-        kind=RecordKind.BENCH, model=model,
+        kind=RecordKind.BENCH,
+        model=model,
         artifact=Artifact(url, "server", hashlib.sha256(model.encode()).hexdigest()),
         runtime=runtime or f"aiperf {data.get('aiperf_version', '?')} against a server",
-        target=url, device="", settings=settings, metrics={},
+        target=url,
+        device="",
+        settings=settings,
+        metrics={},
         details={"aiperf_run_info": data.get("run_info")},
     )
     return record, values
 
 
 # ---- records -----------------------------------------------------------------------------------
-def import_reports(paths: list[str | Path], concurrency: int | None = None,
-                   runtime: str | None = None) -> RunRecord:
+def import_reports(
+    paths: list[str | Path], concurrency: int | None = None, runtime: str | None = None
+) -> RunRecord:
     """One record from one or more reports of the same run repeated (the repeats)."""
     if not paths:
         raise UserError("bench import: give at least one report")
@@ -208,12 +262,17 @@ def import_reports(paths: list[str | Path], concurrency: int | None = None,
         elif fmt == "aiperf":
             record, values = aiperf_record(data, str(path), concurrency, runtime)
         else:
-            raise UserError(f"{path}: neither a trtllm-bench --report_json report nor an AIPerf "
-                            "profile_export_aiperf.json")
+            raise UserError(
+                f"{path}: neither a trtllm-bench --report_json report nor an AIPerf "
+                "profile_export_aiperf.json"
+            )
         if first is not None and record.settings["workload"] != first.settings["workload"]:
-            raise UserError(f"{path}: workload {record.settings['workload']} differs from "
-                            f"{first.settings['workload']} of {paths[0]}")
+            raise UserError(
+                f"{path}: workload {record.settings['workload']} differs from "
+                f"{first.settings['workload']} of {paths[0]}"
+            )
         first = first or record
         repeats.append(values)
-    return dataclasses.replace(first, metrics=to_metrics(repeats),
-                               settings={**first.settings, "repeat": len(repeats)})
+    return dataclasses.replace(
+        first, metrics=to_metrics(repeats), settings={**first.settings, "repeat": len(repeats)}
+    )

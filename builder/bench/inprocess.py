@@ -7,7 +7,7 @@ per sequence per step), batch after batch. Every request of a batch is sent at t
 start and receives a token at every step, so TTFT includes the batch's prefill.
 
 Beside the measurement each record carries the HBM roofline of a target profile for this
-checkpoint's own layout (builder.build.planner: bytes read per GPU per decode step /
+checkpoint's own layout (builder.deploy.planner: bytes read per GPU per decode step /
 bandwidth), so a CPU run still shows where a real GPU bound lies.
 """
 
@@ -100,47 +100,62 @@ def peak_memory_bytes(device: str) -> int:
 def roofline(directory: Path, target: str, concurrency: int, context: int) -> dict[str, Any]:
     """The planner's decode bound for this checkpoint's plan, tp/pp and precision on
     `target`'s hardware, at `concurrency` sequences of `context` cached tokens."""
-    from builder.build.planner import decode_bound, rank_memory
-    from builder.build.profiles import load_profile, with_overrides
     from builder.convert.trtllm_config import mapping_of, read_trtllm_config
+    from builder.deploy.planner import decode_bound, rank_memory
+    from builder.deploy.profiles import load_profile, with_overrides
 
     config, plan = read_trtllm_config(directory)
     tp, pp = mapping_of(config)
     quant = config.get("quantization") or {}
-    profile = with_overrides(load_profile(target), [
-        ("parallel.tp", tp), ("parallel.pp", pp),
-        ("precision.weights", "fp8" if quant.get("quant_algo") == "FP8" else "bf16"),
-        ("precision.kv_cache", "fp8" if quant.get("kv_cache_quant_algo") == "FP8" else "bf16"),
-    ])
+    profile = with_overrides(
+        load_profile(target),
+        [
+            ("parallel.tp", tp),
+            ("parallel.pp", pp),
+            ("precision.weights", "fp8" if quant.get("quant_algo") == "FP8" else "bf16"),
+            ("precision.kv_cache", "fp8" if quant.get("kv_cache_quant_algo") == "FP8" else "bf16"),
+        ],
+    )
     memories = [rank_memory(plan, profile, rank) for rank in range(tp * pp)]
     bound = decode_bound(profile, memories, concurrency, context)
-    return {"target": profile.name, "gpu": profile.hardware.gpu,
-            "hbm_bandwidth_tbs": profile.hardware.hbm_bandwidth_tbs, **bound}
+    return {
+        "target": profile.name,
+        "gpu": profile.hardware.gpu,
+        "hbm_bandwidth_tbs": profile.hardware.hbm_bandwidth_tbs,
+        **bound,
+    }
 
 
-def run_point(executor, workload: Workload, exclude: frozenset[int]) -> tuple[dict[str, float], int]:
+def run_point(
+    executor, workload: Workload, exclude: frozenset[int]
+) -> tuple[dict[str, float], int]:
     """One repeat of one point: its metrics and the KV cache bytes of its batches."""
-    prompts = synthetic_prompts(executor.plan.vocab_size, workload.isl, workload.requests,
-                                workload.seed, exclude)
+    prompts = synthetic_prompts(
+        executor.plan.vocab_size, workload.isl, workload.requests, workload.seed, exclude
+    )
     timelines, kv_bytes = [], 0
     for first in range(0, len(prompts), workload.concurrency):
-        batch = prompts[first:first + workload.concurrency]
+        batch = prompts[first : first + workload.concurrency]
         generation = executor.greedy(batch, workload.osl)  # no eos: exactly osl tokens
         kv_bytes = max(kv_bytes, generation.kv_cache_bytes)
         for tokens in generation.tokens:
             if len(tokens) != workload.osl:
                 raise RuntimeError(f"generated {len(tokens)} tokens, expected {workload.osl}")
-            timelines.append(RequestTimeline(generation.start, generation.token_times,
-                                             workload.isl, workload.osl))
+            timelines.append(
+                RequestTimeline(
+                    generation.start, generation.token_times, workload.isl, workload.osl
+                )
+            )
     return run_metrics(timelines), kv_bytes
 
 
 def warm_up(executor, workload: Workload, exclude: frozenset[int]) -> None:
     if workload.warmup:
-        prompts = synthetic_prompts(executor.plan.vocab_size, workload.isl, workload.warmup,
-                                    workload.seed + 1, exclude)
+        prompts = synthetic_prompts(
+            executor.plan.vocab_size, workload.isl, workload.warmup, workload.seed + 1, exclude
+        )
         for first in range(0, len(prompts), workload.concurrency):
-            executor.greedy(prompts[first:first + workload.concurrency], workload.osl)
+            executor.greedy(prompts[first : first + workload.concurrency], workload.osl)
 
 
 def bench_checkpoint(
@@ -166,8 +181,14 @@ def bench_checkpoint(
         torch.set_num_threads(before)
 
 
-def _bench_checkpoint(directory: Path, points: list[Workload], dtype: str, device: str, target: str,
-                      progress: Callable[[str], None] | None) -> list[RunRecord]:
+def _bench_checkpoint(
+    directory: Path,
+    points: list[Workload],
+    dtype: str,
+    device: str,
+    target: str,
+    progress: Callable[[str], None] | None,
+) -> list[RunRecord]:
     import torch
 
     from builder.runtime import TrtllmCheckpointExecutor
@@ -177,14 +198,17 @@ def _bench_checkpoint(directory: Path, points: list[Workload], dtype: str, devic
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {device}: CUDA is not available on this machine")
     records = []
-    with TrtllmCheckpointExecutor(directory, dtype=getattr(torch, dtype), device=device,
-                                  keep_weights=True) as executor:
+    with TrtllmCheckpointExecutor(
+        directory, dtype=getattr(torch, dtype), device=device, keep_weights=True
+    ) as executor:
         model, artifact = checkpoint_artifact(directory, executor.config)
         exclude = frozenset()  # any vocabulary id may appear: OSL is fixed, EOS is never checked
         for number, point in enumerate(points, start=1):
             if progress:
-                progress(f"[{number}/{len(points)}] {point.key}: {point.warmup} warm-up + "
-                         f"{point.repeat} x {point.requests} requests")
+                progress(
+                    f"[{number}/{len(points)}] {point.key}: {point.warmup} warm-up + "
+                    f"{point.repeat} x {point.requests} requests"
+                )
             reset_peak_memory(device)
             warm_up(executor, point, exclude)
             repeats, kv_bytes = [], 0
@@ -195,22 +219,36 @@ def _bench_checkpoint(directory: Path, points: list[Workload], dtype: str, devic
             metrics = to_metrics(repeats)
             bound = roofline(directory, target, point.concurrency, point.isl + point.osl // 2)
             metrics.update(extra_metrics(peak_memory_bytes(device), kv_bytes, bound, metrics))
-            records.append(RunRecord(
-                kind=RecordKind.BENCH, model=model, artifact=artifact, runtime=RUNTIME,
-                target=f"{directory.resolve()} (in-process executor)", device=device_name(device),
-                settings={**point.settings(), "engine": False, "dtype": dtype, "device": device,
-                          "torch_threads": torch.get_num_threads(),
-                          "tp": executor.tp, "pp": executor.pp,
-                          "kv_cache": "fp8" if executor.kv_cache_fp8 else dtype,
-                          "note": "builder's PyTorch reference executor, not a TensorRT-LLM engine; "
-                                  "concurrency = batch size (static batches)"},
-                metrics=metrics,
-                details={"roofline": bound},
-            ))
+            records.append(
+                RunRecord(
+                    kind=RecordKind.BENCH,
+                    model=model,
+                    artifact=artifact,
+                    runtime=RUNTIME,
+                    target=f"{directory.resolve()} (in-process executor)",
+                    device=device_name(device),
+                    settings={
+                        **point.settings(),
+                        "engine": False,
+                        "dtype": dtype,
+                        "device": device,
+                        "torch_threads": torch.get_num_threads(),
+                        "tp": executor.tp,
+                        "pp": executor.pp,
+                        "kv_cache": "fp8" if executor.kv_cache_fp8 else dtype,
+                        "note": "builder's PyTorch reference executor, not a TensorRT-LLM engine; "
+                        "concurrency = batch size (static batches)",
+                    },
+                    metrics=metrics,
+                    details={"roofline": bound},
+                )
+            )
     return records
 
 
-def extra_metrics(peak: int, kv_bytes: int, bound: dict[str, Any], metrics: dict[str, Metric]) -> dict[str, Metric]:
+def extra_metrics(
+    peak: int, kv_bytes: int, bound: dict[str, Any], metrics: dict[str, Metric]
+) -> dict[str, Metric]:
     from builder.bench.metrics import OTHER
 
     def one(name: str, value: float) -> Metric:
@@ -221,11 +259,13 @@ def extra_metrics(peak: int, kv_bytes: int, bound: dict[str, Any], metrics: dict
         "peak_memory": one("peak_memory", peak / GIB),
         "kv_cache_memory": one("kv_cache_memory", kv_bytes / GIB),
         "roofline_step_ms": one("roofline_step_ms", bound["step_ms_at_concurrency"]),
-        "roofline_output_token_throughput": one("roofline_output_token_throughput",
-                                                bound["tokens_per_s_aggregate"]),
+        "roofline_output_token_throughput": one(
+            "roofline_output_token_throughput", bound["tokens_per_s_aggregate"]
+        ),
     }
     if "decode_speed_per_user" in metrics:
         out["roofline_fraction"] = one(
             "roofline_fraction",
-            metrics["decode_speed_per_user"].value * bound["step_ms_at_concurrency"] / 1e3)
+            metrics["decode_speed_per_user"].value * bound["step_ms_at_concurrency"] / 1e3,
+        )
     return out

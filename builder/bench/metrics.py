@@ -52,47 +52,124 @@ class MetricDef:
     trtllm_bench: str | None = None  # trtllm-bench report_json key (without unit suffix stats)
 
 
-DISTRIBUTIONS: dict[str, MetricDef] = {d.name: d for d in (
-    MetricDef("ttft", "ms", "lower", "time to first token: t_first - t_start",
-              "time_to_first_token", "ttft"),
-    MetricDef("tpot", "ms", "lower",
-              "time per output token after the first, per request: (t_end - t_first) / (OSL - 1) "
-              "(AIPerf calls it inter_token_latency)", "inter_token_latency", "tpot"),
-    MetricDef("itl", "ms", "lower",
-              "inter-token latency: gaps between consecutive streamed chunks, pooled over all "
-              "requests (vLLM's ITL; AIPerf calls it inter_chunk_latency)", "inter_chunk_latency", None),
-    MetricDef("e2e_latency", "ms", "lower", "end-to-end request latency: t_end - t_start",
-              "request_latency", "request_latency"),
-)}
+DISTRIBUTIONS: dict[str, MetricDef] = {
+    d.name: d
+    for d in (
+        MetricDef(
+            "ttft",
+            "ms",
+            "lower",
+            "time to first token: t_first - t_start",
+            "time_to_first_token",
+            "ttft",
+        ),
+        MetricDef(
+            "tpot",
+            "ms",
+            "lower",
+            "time per output token after the first, per request: (t_end - t_first) / (OSL - 1) "
+            "(AIPerf calls it inter_token_latency)",
+            "inter_token_latency",
+            "tpot",
+        ),
+        MetricDef(
+            "itl",
+            "ms",
+            "lower",
+            "inter-token latency: gaps between consecutive streamed chunks, pooled over all "
+            "requests (vLLM's ITL; AIPerf calls it inter_chunk_latency)",
+            "inter_chunk_latency",
+            None,
+        ),
+        MetricDef(
+            "e2e_latency",
+            "ms",
+            "lower",
+            "end-to-end request latency: t_end - t_start",
+            "request_latency",
+            "request_latency",
+        ),
+    )
+}
 
-SYSTEM: dict[str, MetricDef] = {d.name: d for d in (
-    MetricDef("request_throughput", "req/s", "higher", "completed requests / run duration T",
-              "request_throughput", "request_throughput_req_s"),
-    MetricDef("output_token_throughput", "tok/s", "higher", "sum of OSL / T (whole system)",
-              "output_token_throughput", "system_output_throughput_tok_s"),
-    MetricDef("total_token_throughput", "tok/s", "higher", "sum of (ISL + OSL) / T",
-              None, "system_total_throughput_tok_s"),
-    MetricDef("output_token_throughput_per_user", "tok/s/user", "higher",
-              "mean over requests of OSL_i / (t_end - t_start), prefill included",
-              None, "output_throughput_per_user_tok_s"),
-    MetricDef("decode_speed_per_user", "tok/s/user", "higher",
-              "mean over requests of 1 / tpot_i (AIPerf: output_token_throughput_per_user)",
-              "output_token_throughput_per_user", "token_output_speed_tok_s"),
-)}
+SYSTEM: dict[str, MetricDef] = {
+    d.name: d
+    for d in (
+        MetricDef(
+            "request_throughput",
+            "req/s",
+            "higher",
+            "completed requests / run duration T",
+            "request_throughput",
+            "request_throughput_req_s",
+        ),
+        MetricDef(
+            "output_token_throughput",
+            "tok/s",
+            "higher",
+            "sum of OSL / T (whole system)",
+            "output_token_throughput",
+            "system_output_throughput_tok_s",
+        ),
+        MetricDef(
+            "total_token_throughput",
+            "tok/s",
+            "higher",
+            "sum of (ISL + OSL) / T",
+            None,
+            "system_total_throughput_tok_s",
+        ),
+        MetricDef(
+            "output_token_throughput_per_user",
+            "tok/s/user",
+            "higher",
+            "mean over requests of OSL_i / (t_end - t_start), prefill included",
+            None,
+            "output_throughput_per_user_tok_s",
+        ),
+        MetricDef(
+            "decode_speed_per_user",
+            "tok/s/user",
+            "higher",
+            "mean over requests of 1 / tpot_i (AIPerf: output_token_throughput_per_user)",
+            "output_token_throughput_per_user",
+            "token_output_speed_tok_s",
+        ),
+    )
+}
 
-OTHER: dict[str, MetricDef] = {d.name: d for d in (
-    MetricDef("peak_memory", "GiB", "lower",
-              "peak memory during the point: CUDA max_memory_allocated, or on CPU the process's "
-              "resident-set high-water mark (VmHWM, reset per point; weights included)"),
-    MetricDef("kv_cache_memory", "GiB", "lower", "KV cache allocated for the largest batch"),
-    MetricDef("roofline_step_ms", "ms", "lower",
-              "HBM roofline of the target: decode step >= bytes read per GPU per step / HBM "
-              "bandwidth (builder.build.planner.decode_bound, weights + KV at this batch)"),
-    MetricDef("roofline_output_token_throughput", "tok/s", "higher",
-              "target roofline aggregate decode throughput: concurrency / roofline step"),
-    MetricDef("roofline_fraction", "", "higher",
-              "measured decode speed per user / roofline decode speed per user (1 / step)"),
-)}
+OTHER: dict[str, MetricDef] = {
+    d.name: d
+    for d in (
+        MetricDef(
+            "peak_memory",
+            "GiB",
+            "lower",
+            "peak memory during the point: CUDA max_memory_allocated, or on CPU the process's "
+            "resident-set high-water mark (VmHWM, reset per point; weights included)",
+        ),
+        MetricDef("kv_cache_memory", "GiB", "lower", "KV cache allocated for the largest batch"),
+        MetricDef(
+            "roofline_step_ms",
+            "ms",
+            "lower",
+            "HBM roofline of the target: decode step >= bytes read per GPU per step / HBM "
+            "bandwidth (builder.deploy.planner.decode_bound, weights + KV at this batch)",
+        ),
+        MetricDef(
+            "roofline_output_token_throughput",
+            "tok/s",
+            "higher",
+            "target roofline aggregate decode throughput: concurrency / roofline step",
+        ),
+        MetricDef(
+            "roofline_fraction",
+            "",
+            "higher",
+            "measured decode speed per user / roofline decode speed per user (1 / step)",
+        ),
+    )
+}
 
 
 def stat_key(metric: str, stat: str) -> str:
@@ -107,8 +184,14 @@ def definition_of(key: str) -> MetricDef:
     base, _, stat = key.rpartition("_")
     if base in DISTRIBUTIONS and stat in STATS:
         d = DISTRIBUTIONS[base]
-        how = PERCENTILE_METHOD if stat.startswith("p") else ("population std" if stat == "std" else "mean")
-        return MetricDef(key, d.unit, d.better if stat != "std" else "lower", f"{stat} of {d.definition}; {how}")
+        how = (
+            PERCENTILE_METHOD
+            if stat.startswith("p")
+            else ("population std" if stat == "std" else "mean")
+        )
+        return MetricDef(
+            key, d.unit, d.better if stat != "std" else "lower", f"{stat} of {d.definition}; {how}"
+        )
     raise KeyError(key)
 
 
@@ -155,8 +238,11 @@ def summarize(values: Sequence[float]) -> dict[str, float]:
     """mean, population std and p50/p90/p99 (PERCENTILE_METHOD) of `values`."""
     arr = np.asarray(values, dtype=np.float64)
     return {
-        "mean": float(arr.mean()), "std": float(arr.std(ddof=0)),
-        "p50": percentile(arr, 50), "p90": percentile(arr, 90), "p99": percentile(arr, 99),
+        "mean": float(arr.mean()),
+        "std": float(arr.std(ddof=0)),
+        "p50": percentile(arr, 50),
+        "p90": percentile(arr, 90),
+        "p99": percentile(arr, 99),
     }
 
 
@@ -172,7 +258,9 @@ def run_metrics(requests: Sequence[RequestTimeline]) -> dict[str, float]:
         "request_throughput": len(requests) / duration,
         "output_token_throughput": out_tokens / duration,
         "total_token_throughput": (in_tokens + out_tokens) / duration,
-        "output_token_throughput_per_user": float(np.mean([r.output_tokens / r.e2e for r in requests])),
+        "output_token_throughput_per_user": float(
+            np.mean([r.output_tokens / r.e2e for r in requests])
+        ),
     }
     if tpots and all(t > 0 for t in tpots):
         values["decode_speed_per_user"] = float(np.mean([1 / t for t in tpots]))
@@ -196,5 +284,7 @@ def to_metrics(repeats: Iterable[dict[str, float]]) -> dict[str, Metric]:
     metrics = {}
     for key in keys:
         d = definition_of(key)
-        metrics[key] = Metric.from_repeats([r[key] for r in repeats], d.unit, d.definition, d.better)
+        metrics[key] = Metric.from_repeats(
+            [r[key] for r in repeats], d.unit, d.definition, d.better
+        )
     return metrics

@@ -26,8 +26,11 @@ class Workload:
         return f"isl={self.isl},osl={self.osl},concurrency={self.concurrency}"
 
     def settings(self) -> dict:
-        return {**asdict(self), "workload": self.key,
-                "osl_enforced": "fixed OSL: EOS ignored, exactly osl tokens generated per request"}
+        return {
+            **asdict(self),
+            "workload": self.key,
+            "osl_enforced": "fixed OSL: EOS ignored, exactly osl tokens generated per request",
+        }
 
 
 def parse_pairs(text: str) -> list[tuple[int, int]]:
@@ -40,7 +43,9 @@ def parse_pairs(text: str) -> list[tuple[int, int]]:
         except ValueError:
             pair = (0, 0)
         if not sep or min(pair) < 1:
-            raise UserError(f"--isl-osl {item!r}: expected ISL/OSL with positive integers, e.g. 128/128")
+            raise UserError(
+                f"--isl-osl {item!r}: expected ISL/OSL with positive integers, e.g. 128/128"
+            )
         pairs.append(pair)
     if not pairs:
         raise UserError("--isl-osl: at least one ISL/OSL pair")
@@ -58,17 +63,27 @@ def parse_counts(text: str, option: str) -> list[int]:
     return values
 
 
-def workloads(pairs: list[tuple[int, int]], concurrencies: list[int], requests: int | None,
-              warmup: int, repeat: int, seed: int) -> list[Workload]:
+def workloads(
+    pairs: list[tuple[int, int]],
+    concurrencies: list[int],
+    requests: int | None,
+    warmup: int,
+    repeat: int,
+    seed: int,
+) -> list[Workload]:
     """Every pair at every concurrency; `requests` None: 2 x concurrency per point."""
     if repeat < 1 or warmup < 0:
         raise UserError("--repeat must be >= 1 and --warmup >= 0")
-    return [Workload(isl, osl, c, requests or 2 * c, warmup, repeat, seed)
-            for isl, osl in pairs for c in concurrencies]
+    return [
+        Workload(isl, osl, c, requests or 2 * c, warmup, repeat, seed)
+        for isl, osl in pairs
+        for c in concurrencies
+    ]
 
 
-def synthetic_prompts(vocab_size: int, isl: int, count: int, seed: int,
-                      exclude: frozenset[int] = frozenset()) -> list[list[int]]:
+def synthetic_prompts(
+    vocab_size: int, isl: int, count: int, seed: int, exclude: frozenset[int] = frozenset()
+) -> list[list[int]]:
     """`count` prompts of exactly `isl` random token ids (trtllm-bench prepare-dataset style:
     random vocabulary ids, fixed length), seeded; `exclude` keeps special ids out."""
     rng = random.Random(f"{seed}:{isl}")

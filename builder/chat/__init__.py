@@ -43,9 +43,15 @@ def sampling(reasoning: bool) -> Sampling:
     return SAMPLING[reasoning]
 
 
-def messages(user: str, reasoning: bool, history: list[dict[str, str]] | None = None) -> list[dict[str, str]]:
+def messages(
+    user: str, reasoning: bool, history: list[dict[str, str]] | None = None
+) -> list[dict[str, str]]:
     """Chat messages for one user turn, with the reasoning switch as the system prompt."""
-    return [{"role": "system", "content": system_prompt(reasoning)}, *(history or []), {"role": "user", "content": user}]
+    return [
+        {"role": "system", "content": system_prompt(reasoning)},
+        *(history or []),
+        {"role": "user", "content": user},
+    ]
 
 
 def nemotron_template() -> str:

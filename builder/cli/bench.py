@@ -47,7 +47,9 @@ def _pairs(isl: str, osl: str) -> list[tuple[int, int]]:
     if len(isls) == 1:
         isls = isls * len(osls)
     if len(isls) != len(osls):
-        raise UserError(f"--isl has {len(isls)} values and --osl {len(osls)}: give pairs (or one OSL)")
+        raise UserError(
+            f"--isl has {len(isls)} values and --osl {len(osls)}: give pairs (or one OSL)"
+        )
     return list(zip(isls, osls, strict=True))
 
 
@@ -56,10 +58,16 @@ def _summary_table(records) -> None:
     from rich.table import Table
 
     table = Table(title=f"bench: {records[0].model} ({records[0].runtime})")
-    columns = [("req/s", "request_throughput"), ("out tok/s", "output_token_throughput"),
-               ("tok/s/user", "output_token_throughput_per_user"), ("TTFT p50", "ttft_p50"),
-               ("TPOT p50", "tpot_p50"), ("ITL p99", "itl_p99"), ("peak GiB", "peak_memory"),
-               ("roofline tok/s", "roofline_output_token_throughput")]
+    columns = [
+        ("req/s", "request_throughput"),
+        ("out tok/s", "output_token_throughput"),
+        ("tok/s/user", "output_token_throughput_per_user"),
+        ("TTFT p50", "ttft_p50"),
+        ("TPOT p50", "tpot_p50"),
+        ("ITL p99", "itl_p99"),
+        ("peak GiB", "peak_memory"),
+        ("roofline tok/s", "roofline_output_token_throughput"),
+    ]
     table.add_column("ISL/OSL c")
     for title, _ in columns:
         table.add_column(title, justify="right")
@@ -79,25 +87,114 @@ def _summary_table(records) -> None:
 @click.option("--url", help="OpenAI-compatible server base URL (e.g. http://127.0.0.1:8000).")
 @click.option("--triton", "triton_url", help="Triton server HTTP URL (e.g. http://127.0.0.1:8000).")
 @click.option("--model", help="Served model name (--url / --triton).")
-@click.option("--tokenizer", help="Tokenizer directory for AIPerf's synthetic prompts (--url / --triton).")
-@click.option("--isl", default="128", show_default=True, help="Input lengths, comma-separated (paired with --osl).")
-@click.option("--osl", default="128", show_default=True, help="Output lengths, comma-separated (one value: for every ISL).")
-@click.option("--concurrency", default="1,4", show_default=True, help="Concurrency levels, comma-separated (executor: batch sizes).")
-@click.option("--requests", type=click.IntRange(1), default=None, help="Requests per run [default: 2 x concurrency].")
-@click.option("--warmup", type=click.IntRange(0), default=1, show_default=True, help="Warm-up requests before each point (not measured).")
-@click.option("--repeat", type=click.IntRange(1), default=3, show_default=True, help="Runs per point; values are medians, spread kept.")
+@click.option(
+    "--tokenizer", help="Tokenizer directory for AIPerf's synthetic prompts (--url / --triton)."
+)
+@click.option(
+    "--isl",
+    default="128",
+    show_default=True,
+    help="Input lengths, comma-separated (paired with --osl).",
+)
+@click.option(
+    "--osl",
+    default="128",
+    show_default=True,
+    help="Output lengths, comma-separated (one value: for every ISL).",
+)
+@click.option(
+    "--concurrency",
+    default="1,4",
+    show_default=True,
+    help="Concurrency levels, comma-separated (executor: batch sizes).",
+)
+@click.option(
+    "--requests",
+    type=click.IntRange(1),
+    default=None,
+    help="Requests per run [default: 2 x concurrency].",
+)
+@click.option(
+    "--warmup",
+    type=click.IntRange(0),
+    default=1,
+    show_default=True,
+    help="Warm-up requests before each point (not measured).",
+)
+@click.option(
+    "--repeat",
+    type=click.IntRange(1),
+    default=3,
+    show_default=True,
+    help="Runs per point; values are medians, spread kept.",
+)
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True, help="Executor compute dtype.")
-@click.option("--device", default="cpu", show_default=True, help="Executor device: cpu or cuda[:N].")
-@click.option("--threads", type=click.IntRange(1), default=None, help="Executor: torch CPU threads [default: torch's]; 1 is fastest for small models on a busy machine.")
-@click.option("--roofline-target", default="h200x8-bf16", show_default=True, help="Target profile whose HBM bandwidth sets the roofline beside executor measurements.")
-@click.option("--aiperf", "aiperf_path", help="AIPerf executable [default: $BUILDER_AIPERF, .venv-aiperf/bin/aiperf, PATH].")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/bench"), show_default=True, help="Directory for the run records.")
-@click.option("--history", type=click.Path(dir_okay=False, path_type=Path), default=Path("runs/history.sqlite"), show_default=True, help="SQLite history the records are appended to.")
+@click.option(
+    "--dtype",
+    type=click.Choice(["float32", "bfloat16"]),
+    default="float32",
+    show_default=True,
+    help="Executor compute dtype.",
+)
+@click.option(
+    "--device", default="cpu", show_default=True, help="Executor device: cpu or cuda[:N]."
+)
+@click.option(
+    "--threads",
+    type=click.IntRange(1),
+    default=None,
+    help="Executor: torch CPU threads [default: torch's]; 1 is fastest for small models on a busy machine.",
+)
+@click.option(
+    "--roofline-target",
+    default="h200x8-bf16",
+    show_default=True,
+    help="Target profile whose HBM bandwidth sets the roofline beside executor measurements.",
+)
+@click.option(
+    "--aiperf",
+    "aiperf_path",
+    help="AIPerf executable [default: $BUILDER_AIPERF, .venv-aiperf/bin/aiperf, PATH].",
+)
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("runs/bench"),
+    show_default=True,
+    help="Directory for the run records.",
+)
+@click.option(
+    "--history",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=Path("runs/history.sqlite"),
+    show_default=True,
+    help="SQLite history the records are appended to.",
+)
 @click.option("--no-history", is_flag=True, help="Do not append to the history.")
 @click.option("--json", "as_json", is_flag=True, help="Print the records as JSON.")
-def bench(target, url, triton_url, model, tokenizer, isl, osl, concurrency, requests, warmup, repeat, seed,
-          dtype, device, threads, roofline_target, aiperf_path, out, history, no_history, as_json) -> None:
+def bench(
+    target,
+    url,
+    triton_url,
+    model,
+    tokenizer,
+    isl,
+    osl,
+    concurrency,
+    requests,
+    warmup,
+    repeat,
+    seed,
+    dtype,
+    device,
+    threads,
+    roofline_target,
+    aiperf_path,
+    out,
+    history,
+    no_history,
+    as_json,
+) -> None:
     from builder.bench.workload import parse_counts, workloads
     from builder.cli.common import echo_json
     from builder.errors import UserError
@@ -107,7 +204,9 @@ def bench(target, url, triton_url, model, tokenizer, isl, osl, concurrency, requ
     say = (lambda m: None) if as_json else (lambda m: click.echo(m, err=True))
     sources = sum(bool(x) for x in (target, url, triton_url))
     if sources != 1:
-        raise UserError("give exactly one of: CHECKPOINT, --url URL, --triton URL, or import REPORT...")
+        raise UserError(
+            "give exactly one of: CHECKPOINT, --url URL, --triton URL, or import REPORT..."
+        )
     if target and target[0] == "import":
         from builder.bench.imports import import_reports
 
@@ -116,22 +215,45 @@ def bench(target, url, triton_url, model, tokenizer, isl, osl, concurrency, requ
         counts = parse_counts(concurrency, "--concurrency") if concurrency != "1,4" else [None]
         records = [import_reports(list(target[1:]), concurrency=counts[0])]
     else:
-        points = workloads(_pairs(isl, osl), parse_counts(concurrency, "--concurrency"), requests,
-                           warmup, repeat, seed)
+        points = workloads(
+            _pairs(isl, osl),
+            parse_counts(concurrency, "--concurrency"),
+            requests,
+            warmup,
+            repeat,
+            seed,
+        )
         if target:
             if len(target) != 1:
                 raise UserError(f"one CHECKPOINT expected, got {len(target)} arguments")
             from builder.bench.inprocess import bench_checkpoint
 
-            records = bench_checkpoint(target[0], points, dtype=dtype, device=device,
-                                       target=roofline_target, progress=say, threads=threads)
+            records = bench_checkpoint(
+                target[0],
+                points,
+                dtype=dtype,
+                device=device,
+                target=roofline_target,
+                progress=say,
+                threads=threads,
+            )
         else:
             from builder.bench.aiperf import bench_server
 
             if not model or not tokenizer:
-                raise UserError("--url / --triton need --model (served name) and --tokenizer (directory)")
-            records = bench_server(url or triton_url, model, tokenizer, points, out,
-                                   endpoint="openai" if url else "triton", aiperf=aiperf_path, progress=say)
+                raise UserError(
+                    "--url / --triton need --model (served name) and --tokenizer (directory)"
+                )
+            records = bench_server(
+                url or triton_url,
+                model,
+                tokenizer,
+                points,
+                out,
+                endpoint="openai" if url else "triton",
+                aiperf=aiperf_path,
+                progress=say,
+            )
     paths = [write_record(out, record) for record in records]
     if not no_history:
         append_records(history, records)
@@ -139,4 +261,7 @@ def bench(target, url, triton_url, model, tokenizer, isl, osl, concurrency, requ
         echo_json([r.to_json() for r in records])
         return
     _summary_table(records)
-    say(f"records: {', '.join(str(p) for p in paths)}" + ("" if no_history else f"; history: {history}"))
+    say(
+        f"records: {', '.join(str(p) for p in paths)}"
+        + ("" if no_history else f"; history: {history}")
+    )

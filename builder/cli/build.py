@@ -15,8 +15,14 @@ def _progress_bar(console):
     """A rich progress bar driven by (what, done, total) callbacks."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    bar = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed:,}/{task.total:,}"),
-                   TimeElapsedColumn(), console=console, transient=False)
+    bar = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed:,}/{task.total:,}"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
+    )
     tasks: dict[str, int] = {}
 
     def update(what: str, done: int, total: int) -> None:
@@ -30,21 +36,47 @@ def _progress_bar(console):
 @main.command()
 @click.argument("source", type=click.Path(exists=True, file_okay=False))
 @click.argument("out", type=click.Path(file_okay=False))
-@click.option("--target", required=True, metavar="NAME|FILE.toml",
-              help="Target profile: a shipped name (engines/*.toml) or a TOML file.")
-@click.option("--backend", type=click.Choice(["engine", "pytorch"]), default="engine", show_default=True,
-              help="engine: SOURCE is a TensorRT-LLM checkpoint, run trtllm-build. pytorch: SOURCE is "
-                   "an HF checkpoint (BF16) or the unified HF FP8 export; write trtllm-serve options.")
-@click.option("--dry-run", is_flag=True,
-              help="Engine backend: check everything and write the command, build configuration, plan "
-                   "and report without TensorRT-LLM; no engine is built.")
-@click.option("--verify/--no-verify", default=True, show_default=True,
-              help="Re-hash every file against the checkpoint's manifest (sizes are always checked).")
+@click.option(
+    "--target",
+    required=True,
+    metavar="NAME|FILE.toml",
+    help="Target profile: a shipped name (engines/*.toml) or a TOML file.",
+)
+@click.option(
+    "--backend",
+    type=click.Choice(["engine", "pytorch"]),
+    default="engine",
+    show_default=True,
+    help="engine: SOURCE is a TensorRT-LLM checkpoint, run trtllm-build. pytorch: SOURCE is "
+    "an HF checkpoint (BF16) or the unified HF FP8 export; write trtllm-serve options.",
+)
+@click.option(
+    "--dry-run",
+    is_flag=True,
+    help="Engine backend: check everything and write the command, build configuration, plan "
+    "and report without TensorRT-LLM; no engine is built.",
+)
+@click.option(
+    "--verify/--no-verify",
+    default=True,
+    show_default=True,
+    help="Re-hash every file against the checkpoint's manifest (sizes are always checked).",
+)
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 @target_overrides
 @click.option("--json", "as_json", is_flag=True, help="Print the build report as JSON.")
-def build(source: str, out: str, target: str, backend: str, dry_run: bool, verify: bool, overwrite: bool,
-          sets: tuple[str, ...], as_json: bool, **direct: Any) -> None:
+def build(
+    source: str,
+    out: str,
+    target: str,
+    backend: str,
+    dry_run: bool,
+    verify: bool,
+    overwrite: bool,
+    sets: tuple[str, ...],
+    as_json: bool,
+    **direct: Any,
+) -> None:
     """Build SOURCE for --target into OUT.
 
     \b
@@ -61,7 +93,7 @@ def build(source: str, out: str, target: str, backend: str, dry_run: bool, verif
     """
     from rich.console import Console
 
-    from builder.build import build_engines, dry_run_build, load_profile, write_pytorch_serve
+    from builder.deploy import build_engines, dry_run_build, load_profile, write_pytorch_serve
     from builder.io.atomic import check_output_location
 
     check_output_location(out, [source])
@@ -73,11 +105,21 @@ def build(source: str, out: str, target: str, backend: str, dry_run: bool, verif
         bar, update = _progress_bar(console)
         with bar:
             if dry_run:
-                result = dry_run_build(source, profile, out, verify=verify, overwrite=overwrite, progress=update)
+                result = dry_run_build(
+                    source, profile, out, verify=verify, overwrite=overwrite, progress=update
+                )
             else:
-                result = build_engines(source, profile, out, verify=verify, overwrite=overwrite,
-                                       progress=update, on_log=lambda line: bar.console.print(line, style="dim",
-                                                                                                markup=False, highlight=False))
+                result = build_engines(
+                    source,
+                    profile,
+                    out,
+                    verify=verify,
+                    overwrite=overwrite,
+                    progress=update,
+                    on_log=lambda line: bar.console.print(
+                        line, style="dim", markup=False, highlight=False
+                    ),
+                )
     if as_json:
         echo_json(result.report)
         return

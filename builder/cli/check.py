@@ -10,10 +10,24 @@ from builder.errors import UserError
 
 @main.command()
 @click.argument("directory", type=click.Path(file_okay=False))
-@click.option("--source", type=click.Path(file_okay=False), help="TensorRT-LLM checkpoints: also check that this HF checkpoint is the one it was converted from (fingerprint).")
-@click.option("--quick", is_flag=True, help="Sizes and headers only; skip re-hashing the files and the NaN/Inf scan.")
-@click.option("--roundtrip", is_flag=True, help="With --source: un-shard every tensor with the inverse split rules and compare it bit for bit with the source (holds one whole tensor at a time).")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable report (no progress output).")
+@click.option(
+    "--source",
+    type=click.Path(file_okay=False),
+    help="TensorRT-LLM checkpoints: also check that this HF checkpoint is the one it was converted from (fingerprint).",
+)
+@click.option(
+    "--quick",
+    is_flag=True,
+    help="Sizes and headers only; skip re-hashing the files and the NaN/Inf scan.",
+)
+@click.option(
+    "--roundtrip",
+    is_flag=True,
+    help="With --source: un-shard every tensor with the inverse split rules and compare it bit for bit with the source (holds one whole tensor at a time).",
+)
+@click.option(
+    "--json", "as_json", is_flag=True, help="Machine-readable report (no progress output)."
+)
 def check(directory: str, source: str | None, quick: bool, roundtrip: bool, as_json: bool) -> None:
     """Verify DIRECTORY, any artifact builder wrote; its manifest's kind says what it is.
 
@@ -59,6 +73,8 @@ def check(directory: str, source: str | None, quick: bool, roundtrip: bool, as_j
             console.print(f"[red]-[/red] {problem}", highlight=False)
         if report.ok:
             extra = "; round trip bit-exact" if roundtrip else ""
-            console.print(f"[green]ok[/green] {directory}: {describe(report)}{extra}", highlight=False)
+            console.print(
+                f"[green]ok[/green] {directory}: {describe(report)}{extra}", highlight=False
+            )
     if not report.ok:
         raise UserError(f"{directory}: {len(report.problems)} problem(s) found")

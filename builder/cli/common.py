@@ -15,9 +15,8 @@ from builder.units import human_bytes, human_count  # noqa: F401  (re-exported f
 preset_option = click.option(
     "--preset",
     type=click.Choice(sorted(PRESETS)),
-    help="Use a built-in config instead of a checkpoint: " + "; ".join(
-        f"{k}: {v}" for k, v in PRESETS.items()
-    ),
+    help="Use a built-in config instead of a checkpoint: "
+    + "; ".join(f"{k}: {v}" for k, v in PRESETS.items()),
 )
 
 
@@ -31,5 +30,3 @@ def resolve_plan(checkpoint: str | None, preset: str | None) -> ModelPlan:
 def echo_json(data: Any) -> None:
     json.dump(data, sys.stdout, indent=2)
     sys.stdout.write("\n")
-
-

@@ -67,7 +67,13 @@ def parse_paths(paths: tuple[str, ...], preset: str | None) -> tuple[str | None,
 @main.command(help=HELP)
 @click.argument("paths", nargs=-1, metavar="[HF_DIR] OUT")
 @click.option("--tp", type=int, required=True, help="Tensor-parallel size.")
-@click.option("--pp", type=int, default=1, show_default=True, help="Pipeline stages (must divide the layer count).")
+@click.option(
+    "--pp",
+    type=int,
+    default=1,
+    show_default=True,
+    help="Pipeline stages (must divide the layer count).",
+)
 @click.option(
     "--dtype",
     type=click.Choice(["auto", "bfloat16", "float16", "float32"]),
@@ -75,16 +81,50 @@ def parse_paths(paths: tuple[str, ...], preset: str | None) -> tuple[str | None,
     show_default=True,
     help="Output dtype; auto = the checkpoint's torch_dtype.",
 )
-@click.option("--workers", type=int, default=1, show_default=True, help="Ranks converted in parallel processes.")
-@click.option("--ranks", help="Convert only these ranks, e.g. 0-3 or 0-1,6-7 (several hosts, one job).")
+@click.option(
+    "--workers",
+    type=int,
+    default=1,
+    show_default=True,
+    help="Ranks converted in parallel processes.",
+)
+@click.option(
+    "--ranks", help="Convert only these ranks, e.g. 0-3 or 0-1,6-7 (several hosts, one job)."
+)
 @click.option("--dry-run", is_flag=True, help="Write only the manifest of what would be produced.")
-@click.option("--preset", type=click.Choice(sorted(PRESETS)), help="Plan from a built-in config (needs --dry-run).")
+@click.option(
+    "--preset",
+    type=click.Choice(sorted(PRESETS)),
+    help="Plan from a built-in config (needs --dry-run).",
+)
 @click.option("--resume", is_flag=True, help="Keep rank files from an interrupted run that verify.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
-@click.option("--no-finite-check", is_flag=True, help="Skip the NaN/Inf scan of every weight block.")
-@click.option("--allow-pickle", is_flag=True, help="Read pytorch_model*.bin weights if HF_DIR has no safetensors (torch.load, weights only). Refused by default: unpickling can run code.")
-@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON (no progress bars).")
-def convert(paths, tp, pp, dtype, workers, ranks, dry_run, preset, resume, overwrite, no_finite_check, allow_pickle, as_json) -> None:
+@click.option(
+    "--no-finite-check", is_flag=True, help="Skip the NaN/Inf scan of every weight block."
+)
+@click.option(
+    "--allow-pickle",
+    is_flag=True,
+    help="Read pytorch_model*.bin weights if HF_DIR has no safetensors (torch.load, weights only). Refused by default: unpickling can run code.",
+)
+@click.option(
+    "--json", "as_json", is_flag=True, help="Print the summary as JSON (no progress bars)."
+)
+def convert(
+    paths,
+    tp,
+    pp,
+    dtype,
+    workers,
+    ranks,
+    dry_run,
+    preset,
+    resume,
+    overwrite,
+    no_finite_check,
+    allow_pickle,
+    as_json,
+) -> None:
     src, out = parse_paths(paths, preset)
     if workers > 1 and not dry_run:
         # No torch in these two: the workers start importing it first. They hold OUT's stage
@@ -93,13 +133,64 @@ def convert(paths, tp, pp, dtype, workers, ranks, dry_run, preset, resume, overw
         from builder.io.atomic import check_output_location, lock_stage
 
         check_output_location(out, [src])
-        with lock_stage(out, shared=ranks is not None) as lock, WorkerPool(workers, inherit=[lock.fd]) as pool:
-            run_convert(src, out, tp, pp, dtype, workers, ranks, dry_run, preset, resume, overwrite, no_finite_check, allow_pickle, as_json, pool)
+        with (
+            lock_stage(out, shared=ranks is not None) as lock,
+            WorkerPool(workers, inherit=[lock.fd]) as pool,
+        ):
+            run_convert(
+                src,
+                out,
+                tp,
+                pp,
+                dtype,
+                workers,
+                ranks,
+                dry_run,
+                preset,
+                resume,
+                overwrite,
+                no_finite_check,
+                allow_pickle,
+                as_json,
+                pool,
+            )
     else:
-        run_convert(src, out, tp, pp, dtype, workers, ranks, dry_run, preset, resume, overwrite, no_finite_check, allow_pickle, as_json, None)
+        run_convert(
+            src,
+            out,
+            tp,
+            pp,
+            dtype,
+            workers,
+            ranks,
+            dry_run,
+            preset,
+            resume,
+            overwrite,
+            no_finite_check,
+            allow_pickle,
+            as_json,
+            None,
+        )
 
 
-def run_convert(src, out, tp, pp, dtype, workers, ranks, dry_run, preset, resume, overwrite, no_finite_check, allow_pickle, as_json, pool) -> None:
+def run_convert(
+    src,
+    out,
+    tp,
+    pp,
+    dtype,
+    workers,
+    ranks,
+    dry_run,
+    preset,
+    resume,
+    overwrite,
+    no_finite_check,
+    allow_pickle,
+    as_json,
+    pool,
+) -> None:
     from builder.arch import preset_plan
     from builder.cli.common import echo_json
     from builder.convert import convert_checkpoint, write_dry_run
@@ -112,13 +203,29 @@ def run_convert(src, out, tp, pp, dtype, workers, ranks, dry_run, preset, resume
             raise UserError("--preset has no weights: it works only with --dry-run")
         plan = preset_plan(preset)
         summary = write_dry_run(
-            plan, out, tp, pp, resolve_dtype(dtype, plan), source=f"preset {preset}", overwrite=overwrite
+            plan,
+            out,
+            tp,
+            pp,
+            resolve_dtype(dtype, plan),
+            source=f"preset {preset}",
+            overwrite=overwrite,
         )
     else:
         summary = convert_checkpoint(
-            src, out, tp, pp, dtype, workers=workers, ranks=ranks, resume=resume, dry_run=dry_run,
-            overwrite=overwrite, check_finite=not no_finite_check,
-            progress=None if as_json else RankProgress(reporter("convert")), pool=pool,
+            src,
+            out,
+            tp,
+            pp,
+            dtype,
+            workers=workers,
+            ranks=ranks,
+            resume=resume,
+            dry_run=dry_run,
+            overwrite=overwrite,
+            check_finite=not no_finite_check,
+            progress=None if as_json else RankProgress(reporter("convert")),
+            pool=pool,
             allow_pickle=allow_pickle,
         )
     if as_json:
@@ -135,14 +242,23 @@ def print_summary(summary) -> None:
 
     console = Console()
     title = "dry run: would write" if summary.dry_run else "TensorRT-LLM checkpoint"
-    table = Table(title=f"{title} {summary.out} (tp={summary.tp}, pp={summary.pp}, {summary.dtype})")
+    table = Table(
+        title=f"{title} {summary.out} (tp={summary.tp}, pp={summary.pp}, {summary.dtype})"
+    )
     for col in ("rank", "tp", "pp", "status", "tensors", "bytes", "seconds", "MiB/s", "sha256"):
         table.add_column(col, justify="left" if col in ("status", "sha256") else "right")
     for r in summary.ranks:
         speed = f"{r.bytes / r.seconds / 2**20:,.0f}" if r.seconds else "-"
         table.add_row(
-            str(r.rank), str(r.tp_rank), str(r.pp_rank), r.status, str(r.tensors), human_bytes(r.bytes),
-            f"{r.seconds:.1f}" if r.seconds else "-", speed, (r.sha256 or "-")[:12],
+            str(r.rank),
+            str(r.tp_rank),
+            str(r.pp_rank),
+            r.status,
+            str(r.tensors),
+            human_bytes(r.bytes),
+            f"{r.seconds:.1f}" if r.seconds else "-",
+            speed,
+            (r.sha256 or "-")[:12],
         )
     console.print(table)
     total = sum(r.bytes for r in summary.ranks)

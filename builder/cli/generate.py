@@ -53,8 +53,12 @@ def generate(checkpoint, prompt, reasoning, max_new_tokens, dtype, allow_pickle,
 
     random_weights = has_random_weights(checkpoint)
     if random_weights and not as_json:
-        click.secho(f"warning: {checkpoint} is a `builder synth` checkpoint: its weights are random "
-                    "(seeded), so the reply is noise, not a model's answer", err=True, fg="yellow")
+        click.secho(
+            f"warning: {checkpoint} is a `builder synth` checkpoint: its weights are random "
+            "(seeded), so the reply is noise, not a model's answer",
+            err=True,
+            fg="yellow",
+        )
     model = load_reference_model(checkpoint, dtype=getattr(torch, dtype), allow_pickle=allow_pickle)
     try:
         tokenizer = AutoTokenizer.from_pretrained(checkpoint)
@@ -85,5 +89,7 @@ def generate(checkpoint, prompt, reasoning, max_new_tokens, dtype, allow_pickle,
 def printable(text: str) -> str:
     """The reply as text: control and other unprintable characters (which random weights
     produce) are shown escaped, like `\\x07`, instead of being sent raw to the terminal."""
-    return "".join(c if c.isprintable() or c in "\n\t" else c.encode("unicode_escape").decode("ascii")
-                   for c in text)
+    return "".join(
+        c if c.isprintable() or c in "\n\t" else c.encode("unicode_escape").decode("ascii")
+        for c in text
+    )

@@ -18,8 +18,12 @@ from builder.cli.common import echo_json, human_bytes, human_count, preset_optio
 @click.option("--tp", type=int, default=None, help="Also show per-rank tensor shapes for this TP.")
 @click.option("--pp", type=int, default=1, show_default=True, help="Pipeline stages (with --tp).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-@click.option("--layers/--no-layers", default=True, show_default=True, help="Print the per-layer table.")
-def info(checkpoint: str | None, preset: str | None, tp: int | None, pp: int, as_json: bool, layers: bool) -> None:
+@click.option(
+    "--layers/--no-layers", default=True, show_default=True, help="Print the per-layer table."
+)
+def info(
+    checkpoint: str | None, preset: str | None, tp: int | None, pp: int, as_json: bool, layers: bool
+) -> None:
     """Print the per-layer plan of CHECKPOINT (an HF nemotron-nas directory) or --preset.
 
     Shows each block's attention kind (attention / linear / no_op) with its KV heads,
@@ -69,14 +73,23 @@ def _totals_table(plan: ModelPlan) -> Table:
     table.add_column("value", justify="right")
     rows = [
         ("layers", f"{c['layers']} ({c['empty']} fully empty)"),
-        ("attention / linear / no_op", f"{c['attention']} / {c['linear_attention']} / {c['no_op_attention']}"),
+        (
+            "attention / linear / no_op",
+            f"{c['attention']} / {c['linear_attention']} / {c['no_op_attention']}",
+        ),
         ("mlp / linear / no_op FFN", f"{c['mlp']} / {c['linear_ffn']} / {c['no_op_ffn']}"),
         ("KV heads in attention layers", ", ".join(map(str, t["kv_heads"])) or "-"),
-        ("FFN widths", f"{min(t['ffn_widths']):,} ... {max(t['ffn_widths']):,}" if t["ffn_widths"] else "-"),
+        (
+            "FFN widths",
+            f"{min(t['ffn_widths']):,} ... {max(t['ffn_widths']):,}" if t["ffn_widths"] else "-",
+        ),
         ("parameters", f"{t['params']:,} ({human_count(t['params'])})"),
         ("BF16 size", human_bytes(t["bytes_bf16"])),
         ("FP8 linears + BF16 rest", human_bytes(t["bytes_fp8_linears"])),
-        ("KV cache per token (BF16 / FP8)", f"{t['kv_cache_bytes_per_token_bf16']:,} B / {t['kv_cache_bytes_per_token_fp8']:,} B"),
+        (
+            "KV cache per token (BF16 / FP8)",
+            f"{t['kv_cache_bytes_per_token_bf16']:,} B / {t['kv_cache_bytes_per_token_fp8']:,} B",
+        ),
     ]
     for name, value in rows:
         table.add_row(name, value)
@@ -96,12 +109,16 @@ def _shape_tables(ranks: dict) -> list[Table]:
     """Per-rank tensor shapes; ranks with identical shapes (one pipeline stage) share a table."""
     groups: dict[tuple, list[int]] = {}
     for r in ranks["ranks"]:
-        groups.setdefault(tuple((name, tuple(shape)) for name, shape in r["shapes"].items()), []).append(r["rank"])
+        groups.setdefault(
+            tuple((name, tuple(shape)) for name, shape in r["shapes"].items()), []
+        ).append(r["rank"])
     tables = []
     for shapes, members in groups.items():
         label = str(members[0]) if len(members) == 1 else f"{members[0]}-{members[-1]}"
-        table = Table(title=f"Tensor shapes of rank{'s' if len(members) > 1 else ''} {label} "
-                            f"(tp={ranks['tp']} pp={ranks['pp']})")
+        table = Table(
+            title=f"Tensor shapes of rank{'s' if len(members) > 1 else ''} {label} "
+            f"(tp={ranks['tp']} pp={ranks['pp']})"
+        )
         table.add_column("tensor")
         table.add_column("shape", justify="right")
         for name, shape in shapes:

@@ -27,16 +27,28 @@ DIRECT_FLAGS = {
 def target_overrides(func):
     """--set plus the direct shortcuts, shared by `plan` and `build`."""
     options = [
-        click.option("--set", "sets", multiple=True, metavar="SECTION.FIELD=VALUE",
-                     help="Override any profile field, e.g. --set build.max_batch_size=32 "
-                          "(values are TOML literals; repeat for several)."),
+        click.option(
+            "--set",
+            "sets",
+            multiple=True,
+            metavar="SECTION.FIELD=VALUE",
+            help="Override any profile field, e.g. --set build.max_batch_size=32 "
+            "(values are TOML literals; repeat for several).",
+        ),
         click.option("--max-seq-len", type=int, help="= --set build.max_seq_len=N"),
         click.option("--max-batch-size", type=int, help="= --set build.max_batch_size=N"),
         click.option("--max-num-tokens", type=int, help="= --set build.max_num_tokens=N"),
-        click.option("--kv-fraction", type=float,
-                     help="= --set runtime.kv_cache_free_gpu_mem_fraction=F (fraction of free memory)"),
-        click.option("--isl", type=int, help="Input tokens per request for the concurrency figure."),
-        click.option("--osl", type=int, help="Output tokens per request for the concurrency figure."),
+        click.option(
+            "--kv-fraction",
+            type=float,
+            help="= --set runtime.kv_cache_free_gpu_mem_fraction=F (fraction of free memory)",
+        ),
+        click.option(
+            "--isl", type=int, help="Input tokens per request for the concurrency figure."
+        ),
+        click.option(
+            "--osl", type=int, help="Output tokens per request for the concurrency figure."
+        ),
         click.option("--tp", type=int, help="= --set parallel.tp=N"),
         click.option("--pp", type=int, help="= --set parallel.pp=N"),
     ]
@@ -46,24 +58,40 @@ def target_overrides(func):
 
 
 def collect_overrides(sets: tuple[str, ...], direct: dict[str, Any]) -> list[tuple[str, Any]]:
-    from builder.build.profiles import parse_override
+    from builder.deploy.profiles import parse_override
 
     overrides = [parse_override(text) for text in sets]
-    overrides += [(DIRECT_FLAGS[name], value) for name, value in direct.items()
-                  if name in DIRECT_FLAGS and value is not None]
+    overrides += [
+        (DIRECT_FLAGS[name], value)
+        for name, value in direct.items()
+        if name in DIRECT_FLAGS and value is not None
+    ]
     return overrides
 
 
 @main.command()
 @click.argument("checkpoint", required=False, type=click.Path(file_okay=False))
 @preset_option
-@click.option("--target", "targets", multiple=True, metavar="NAME|FILE.toml",
-              help="Target profile: a shipped name (engines/*.toml) or a TOML file; repeat for "
-                   "several. Default: the mission targets h100x8-bf16, h100x4-fp8, b100x4-fp8.")
+@click.option(
+    "--target",
+    "targets",
+    multiple=True,
+    metavar="NAME|FILE.toml",
+    help="Target profile: a shipped name (engines/*.toml) or a TOML file; repeat for "
+    "several. Default: the mission targets h100x8-bf16, h100x4-fp8, b100x4-fp8.",
+)
 @target_overrides
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output (every figure, in bytes).")
-def plan(checkpoint: str | None, preset: str | None, targets: tuple[str, ...], sets: tuple[str, ...],
-         as_json: bool, **direct: Any) -> None:
+@click.option(
+    "--json", "as_json", is_flag=True, help="Machine-readable output (every figure, in bytes)."
+)
+def plan(
+    checkpoint: str | None,
+    preset: str | None,
+    targets: tuple[str, ...],
+    sets: tuple[str, ...],
+    as_json: bool,
+    **direct: Any,
+) -> None:
     """Plan CHECKPOINT (HF dir or TensorRT-LLM checkpoint) or --preset on deployment targets.
 
     \b
@@ -86,12 +114,14 @@ def plan(checkpoint: str | None, preset: str | None, targets: tuple[str, ...], s
     """
     from rich.console import Console
 
-    from builder.build import MISSION_TARGETS, plan_for, render_plan
+    from builder.deploy import MISSION_TARGETS, plan_for, render_plan
 
     overrides = collect_overrides(sets, direct)
     results = [plan_for(t, checkpoint, preset, overrides) for t in (targets or MISSION_TARGETS)]
     if as_json:
-        echo_json({"source": checkpoint or f"preset {preset}", "plans": [r.to_dict() for r in results]})
+        echo_json(
+            {"source": checkpoint or f"preset {preset}", "plans": [r.to_dict() for r in results]}
+        )
     else:
         console = Console()
         for result in results:

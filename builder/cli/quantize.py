@@ -50,25 +50,100 @@ Several GPUs: torchrun --nproc-per-node N $(which builder) quantize ... --device
 @main.command(help=HELP)
 @click.argument("hf_dir", type=click.Path(file_okay=False))
 @click.argument("out", type=click.Path(file_okay=False))
-@click.option("--tp", type=int, default=1, show_default=True, help="Tensor-parallel size of the TensorRT-LLM export.")
-@click.option("--pp", type=int, default=1, show_default=True, help="Pipeline stages of the TensorRT-LLM export.")
-@click.option("--kv-cache", type=click.Choice(["fp8", "none"]), default="fp8", show_default=True, help="Calibrate an FP8 KV cache.")
-@click.option("--calib", default="builtin", show_default=True, metavar="DATASET", help="builtin, wiki, chat, or a .txt/.jsonl/.parquet file.")
-@click.option("--calib-size", type=int, default=512, show_default=True, help="Number of calibration windows.")
-@click.option("--calib-seq-len", type=int, default=512, show_default=True, help="Tokens per window.")
-@click.option("--format", "formats", type=click.Choice(["trtllm", "hf", "both"]), default="both", show_default=True)
+@click.option(
+    "--tp",
+    type=int,
+    default=1,
+    show_default=True,
+    help="Tensor-parallel size of the TensorRT-LLM export.",
+)
+@click.option(
+    "--pp",
+    type=int,
+    default=1,
+    show_default=True,
+    help="Pipeline stages of the TensorRT-LLM export.",
+)
+@click.option(
+    "--kv-cache",
+    type=click.Choice(["fp8", "none"]),
+    default="fp8",
+    show_default=True,
+    help="Calibrate an FP8 KV cache.",
+)
+@click.option(
+    "--calib",
+    default="builtin",
+    show_default=True,
+    metavar="DATASET",
+    help="builtin, wiki, chat, or a .txt/.jsonl/.parquet file.",
+)
+@click.option(
+    "--calib-size", type=int, default=512, show_default=True, help="Number of calibration windows."
+)
+@click.option(
+    "--calib-seq-len", type=int, default=512, show_default=True, help="Tokens per window."
+)
+@click.option(
+    "--format",
+    "formats",
+    type=click.Choice(["trtllm", "hf", "both"]),
+    default="both",
+    show_default=True,
+)
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda (cuda:N).")
-@click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default="bfloat16", show_default=True, help="Model dtype for calibration and unquantized tensors.")
+@click.option(
+    "--dtype",
+    type=click.Choice(["bfloat16", "float16", "float32"]),
+    default="bfloat16",
+    show_default=True,
+    help="Model dtype for calibration and unquantized tensors.",
+)
 @click.option("--batch-size", type=int, default=4, show_default=True, help="Windows per forward.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the data shuffle.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted calibration.")
-@click.option("--save-every", type=int, default=0, show_default=True, help="Save resume activations every N blocks (0: every block while they are under 256 MiB, else every 5 minutes).")
-@click.option("--workers", type=int, default=1, show_default=True, help="TensorRT-LLM ranks written in parallel.")
+@click.option(
+    "--save-every",
+    type=int,
+    default=0,
+    show_default=True,
+    help="Save resume activations every N blocks (0: every block while they are under 256 MiB, else every 5 minutes).",
+)
+@click.option(
+    "--workers",
+    type=int,
+    default=1,
+    show_default=True,
+    help="TensorRT-LLM ranks written in parallel.",
+)
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
-@click.option("--allow-pickle", is_flag=True, help="Read pytorch_model*.bin weights if HF_DIR has no safetensors (torch.load, weights only). Refused by default: unpickling can run code.")
+@click.option(
+    "--allow-pickle",
+    is_flag=True,
+    help="Read pytorch_model*.bin weights if HF_DIR has no safetensors (torch.load, weights only). Refused by default: unpickling can run code.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-def quantize(hf_dir, out, tp, pp, kv_cache, calib, calib_size, calib_seq_len, formats, device, dtype,
-             batch_size, seed, resume, save_every, workers, overwrite, allow_pickle, as_json) -> None:
+def quantize(
+    hf_dir,
+    out,
+    tp,
+    pp,
+    kv_cache,
+    calib,
+    calib_size,
+    calib_seq_len,
+    formats,
+    device,
+    dtype,
+    batch_size,
+    seed,
+    resume,
+    save_every,
+    workers,
+    overwrite,
+    allow_pickle,
+    as_json,
+) -> None:
     from builder.cli.common import echo_json
     from builder.progress import Phases, reporter
     from builder.quantize.pipeline import quantize_checkpoint
@@ -78,11 +153,26 @@ def quantize(hf_dir, out, tp, pp, kv_cache, calib, calib_size, calib_seq_len, fo
     with reporter("quantize", enabled=not quiet) as report:
         phases = Phases(report)
         summary = quantize_checkpoint(
-            hf_dir, out, tp=tp, pp=pp, kv_cache=kv_cache == "fp8", calib=calib,
-            calib_size=calib_size, calib_seq_len=calib_seq_len, formats=formats,
-            device=device, dtype=dtype, batch_size=batch_size, seed=seed, resume=resume,
-            save_every=save_every, overwrite=overwrite, workers=workers, progress=phases,
-            block_progress=BlockProgress(report), allow_pickle=allow_pickle,
+            hf_dir,
+            out,
+            tp=tp,
+            pp=pp,
+            kv_cache=kv_cache == "fp8",
+            calib=calib,
+            calib_size=calib_size,
+            calib_seq_len=calib_seq_len,
+            formats=formats,
+            device=device,
+            dtype=dtype,
+            batch_size=batch_size,
+            seed=seed,
+            resume=resume,
+            save_every=save_every,
+            overwrite=overwrite,
+            workers=workers,
+            progress=phases,
+            block_progress=BlockProgress(report),
+            allow_pickle=allow_pickle,
         )
         phases.close()
     if summary.rank != 0:

@@ -39,37 +39,103 @@ then reports the artifact's accuracy and its recovery (artifact / golden).
 @main.command(help=HELP)
 @click.argument("hf_dir", type=click.Path(file_okay=False))
 @click.argument("out", type=click.Path(file_okay=False))
-@click.option("--prompts", "prompt_set", default="default", show_default=True, metavar="SET", help="default, wiki, chat or a .jsonl file.")
-@click.option("--windows", type=int, default=8, show_default=True, help="Held-out Wikipedia windows.")
-@click.option("--seq-len", type=int, default=256, show_default=True, help="Tokens per Wikipedia window.")
-@click.option("--chat-prompts", type=int, default=4, show_default=True, help="Chat prompts (each twice: reasoning on and off).")
-@click.option("--continuation", type=int, default=32, show_default=True, help="Greedy tokens per prompt.")
-@click.option("--top-k", type=int, default=20, show_default=True, help="Log-probs kept per position.")
-@click.option("--probe-len", type=int, default=32, show_default=True, help="Tokens of the localization probe.")
-@click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default="bfloat16", show_default=True, help="Compute dtype of the reference.")
+@click.option(
+    "--prompts",
+    "prompt_set",
+    default="default",
+    show_default=True,
+    metavar="SET",
+    help="default, wiki, chat or a .jsonl file.",
+)
+@click.option(
+    "--windows", type=int, default=8, show_default=True, help="Held-out Wikipedia windows."
+)
+@click.option(
+    "--seq-len", type=int, default=256, show_default=True, help="Tokens per Wikipedia window."
+)
+@click.option(
+    "--chat-prompts",
+    type=int,
+    default=4,
+    show_default=True,
+    help="Chat prompts (each twice: reasoning on and off).",
+)
+@click.option(
+    "--continuation", type=int, default=32, show_default=True, help="Greedy tokens per prompt."
+)
+@click.option(
+    "--top-k", type=int, default=20, show_default=True, help="Log-probs kept per position."
+)
+@click.option(
+    "--probe-len", type=int, default=32, show_default=True, help="Tokens of the localization probe."
+)
+@click.option(
+    "--dtype",
+    type=click.Choice(["bfloat16", "float16", "float32"]),
+    default="bfloat16",
+    show_default=True,
+    help="Compute dtype of the reference.",
+)
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda (cuda:N).")
-@click.option("--tasks", type=click.Path(dir_okay=False), help="Task JSONL (math with \\boxed answers, multiple choice): golden answers for verify's task accuracy.")
-@click.option("--task-max-tokens", type=int, default=64, show_default=True, help="Reply length for --tasks.")
+@click.option(
+    "--tasks",
+    type=click.Path(dir_okay=False),
+    help="Task JSONL (math with \\boxed answers, multiple choice): golden answers for verify's task accuracy.",
+)
+@click.option(
+    "--task-max-tokens", type=int, default=64, show_default=True, help="Reply length for --tasks."
+)
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print golden.json's summary as JSON.")
-def reference(hf_dir, out, prompt_set, windows, seq_len, chat_prompts, continuation, top_k, probe_len,
-              dtype, device, tasks, task_max_tokens, overwrite, as_json) -> None:
+def reference(
+    hf_dir,
+    out,
+    prompt_set,
+    windows,
+    seq_len,
+    chat_prompts,
+    continuation,
+    top_k,
+    probe_len,
+    dtype,
+    device,
+    tasks,
+    task_max_tokens,
+    overwrite,
+    as_json,
+) -> None:
     import json
 
     from builder.verify.golden import GOLDEN_JSON, GoldenSettings, build_golden
 
-    settings = GoldenSettings(prompt_set, windows, seq_len, chat_prompts, continuation, top_k, probe_len, dtype,
-                              device, tasks, task_max_tokens)
+    settings = GoldenSettings(
+        prompt_set,
+        windows,
+        seq_len,
+        chat_prompts,
+        continuation,
+        top_k,
+        probe_len,
+        dtype,
+        device,
+        tasks,
+        task_max_tokens,
+    )
     say = (lambda m: None) if as_json else (lambda m: click.echo(m, err=True))
     path = build_golden(hf_dir, out, settings, overwrite=overwrite, say=say)
     document = json.loads((path / GOLDEN_JSON).read_text())
     if as_json:
         from builder.cli.common import echo_json
 
-        echo_json({k: document[k] for k in ("settings", "source", "tokenizer", "model", "run")} | {"prompts": len(document["prompts"])})
+        echo_json(
+            {k: document[k] for k in ("settings", "source", "tokenizer", "model", "run")}
+            | {"prompts": len(document["prompts"])}
+        )
         return
     run = document["run"]
     tokens = sum(p["tokens"] for p in document["prompts"])
-    click.echo(f"golden {path}: {len(document['prompts'])} prompts, {tokens:,} tokens, "
-               f"{settings.continuation} greedy tokens each; {run['seconds']['total']:.1f} s, "
-               f"peak RSS {run['peak_rss_bytes'] / 2**20:,.0f} MiB")
+    click.echo(
+        f"golden {path}: {len(document['prompts'])} prompts, {tokens:,} tokens, "
+        f"{settings.continuation} greedy tokens each; {run['seconds']['total']:.1f} s, "
+        f"peak RSS {run['peak_rss_bytes'] / 2**20:,.0f} MiB"
+    )

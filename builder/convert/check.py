@@ -68,8 +68,12 @@ class CheckReport:
 Reporter = Any  # builder.progress.Reporter (kept loose: the check runs without one)
 
 
-def scan_files(report: CheckReport, files: list[Path], fp8_scales: list[tuple[Path, list[str]]],
-               progress: Reporter | None = None) -> None:
+def scan_files(
+    report: CheckReport,
+    files: list[Path],
+    fp8_scales: list[tuple[Path, list[str]]],
+    progress: Reporter | None = None,
+) -> None:
     """NaN/Inf in any tensor of `files` (streamed), and every FP8 scale finite and positive."""
     from builder.io.finite import nonfinite_tensors, scale_problems
 
@@ -77,8 +81,12 @@ def scan_files(report: CheckReport, files: list[Path], fp8_scales: list[tuple[Pa
     if progress:
         progress.start("finite scan", total, "bytes")
     for path in files:
-        bad = nonfinite_tensors(path, on_tensor=(lambda _n, size: progress.advance("finite scan", size))
-                                if progress else None)
+        bad = nonfinite_tensors(
+            path,
+            on_tensor=(lambda _n, size: progress.advance("finite scan", size))
+            if progress
+            else None,
+        )
         for name, count in bad.items():
             report.problem(f"{path}: tensor {name!r} holds {count:,} non-finite value(s) (NaN/Inf)")
     if progress:
@@ -90,8 +98,14 @@ def scan_files(report: CheckReport, files: list[Path], fp8_scales: list[tuple[Pa
     report.finite_checked = True
 
 
-def manifest_files(directory: Path, manifest: dict, report: CheckReport, hashes: bool,
-                   progress: Reporter | None = None, nested: bool = False) -> None:
+def manifest_files(
+    directory: Path,
+    manifest: dict,
+    report: CheckReport,
+    hashes: bool,
+    progress: Reporter | None = None,
+    nested: bool = False,
+) -> None:
     """Every file the manifest lists is present with its size (and sha256); nothing unlisted.
     `nested`: the listing covers subdirectories too (each with its own manifest)."""
     files = manifest.get("files", {})
@@ -118,8 +132,12 @@ def manifest_files(directory: Path, manifest: dict, report: CheckReport, hashes:
             report.problem(f"{path}: not listed in the manifest")
 
 
-def check_checkpoint(directory: str | Path, source: str | Path | None = None, hashes: bool = True,
-                     progress: Reporter | None = None) -> CheckReport:
+def check_checkpoint(
+    directory: str | Path,
+    source: str | Path | None = None,
+    hashes: bool = True,
+    progress: Reporter | None = None,
+) -> CheckReport:
     """A TensorRT-LLM checkpoint (BF16 or FP8); with `hashes` also every value finite."""
     directory = Path(directory)
     if not directory.is_dir():
@@ -129,7 +147,9 @@ def check_checkpoint(directory: str | Path, source: str | Path | None = None, ha
     manifest = read_manifest(directory)
     report = CheckReport(str(directory), manifest.get("kind", "?"), hashes_checked=hashes)
     if report.kind == DRY_RUN_KIND:
-        report.problem(f"{directory / MANIFEST}: a --dry-run manifest: it describes rank files but none were written")
+        report.problem(
+            f"{directory / MANIFEST}: a --dry-run manifest: it describes rank files but none were written"
+        )
         return report
     if report.kind != KIND:
         report.problem(f"{directory / MANIFEST}: kind {report.kind!r} is not {KIND!r}")
@@ -139,8 +159,12 @@ def check_checkpoint(directory: str | Path, source: str | Path | None = None, ha
     if plan is not None:
         scales = _check_headers(directory, plan, manifest, report)
         if hashes and report.ok:
-            scan_files(report, [directory / rank_file_name(r) for r in range(report.tp * report.pp)],
-                       scales, progress)
+            scan_files(
+                report,
+                [directory / rank_file_name(r) for r in range(report.tp * report.pp)],
+                scales,
+                progress,
+            )
     if source is not None:
         _check_source(Path(source), manifest, report)
     return report
@@ -202,7 +226,11 @@ def _header_problems(path: Path, expected: dict) -> list[str]:
         return [str(err)]
     found = {s.name: s for s in specs}
     problems = [f"{path}: tensor {name!r} is missing" for name in expected if name not in found]
-    problems += [f"{path}: tensor {name!r} is not expected by the plan" for name in found if name not in expected]
+    problems += [
+        f"{path}: tensor {name!r} is not expected by the plan"
+        for name in found
+        if name not in expected
+    ]
     for name, spec in found.items():
         want = expected.get(name)
         if want is not None and (want.shape, want.dtype) != (spec.shape, spec.dtype):
@@ -212,7 +240,9 @@ def _header_problems(path: Path, expected: dict) -> list[str]:
             )
     end = max((e["data_offsets"][1] for k, e in header.items() if k != "__metadata__"), default=0)
     if start + end != path.stat().st_size:
-        problems.append(f"{path}: header describes {start + end:,} bytes but the file has {path.stat().st_size:,}")
+        problems.append(
+            f"{path}: header describes {start + end:,} bytes but the file has {path.stat().st_size:,}"
+        )
     return problems
 
 
@@ -220,7 +250,9 @@ def _check_source(source: Path, manifest: dict, report: CheckReport) -> None:
     recorded = (manifest.get("source") or {}).get("fingerprint")
     actual = source_fingerprint(HFCheckpoint(source))
     if recorded != actual:
-        report.problem(f"{source}: fingerprint {actual[:12]} differs from the one recorded at conversion ({str(recorded)[:12]})")
+        report.problem(
+            f"{source}: fingerprint {actual[:12]} differs from the one recorded at conversion ({str(recorded)[:12]})"
+        )
 
 
 def _check_stage(stage: Path, hashes: bool) -> CheckReport:

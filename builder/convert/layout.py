@@ -48,7 +48,9 @@ def torch_dtype(name: str) -> torch.dtype:
     try:
         return DTYPES[name]
     except KeyError:
-        raise UserError(f"unsupported output dtype {name!r}; choose one of {', '.join(DTYPES)}") from None
+        raise UserError(
+            f"unsupported output dtype {name!r}; choose one of {', '.join(DTYPES)}"
+        ) from None
 
 
 @runtime_checkable

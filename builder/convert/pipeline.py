@@ -103,7 +103,11 @@ class ConvertSummary:
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
-        data["out"], data["manifest"], data["stage"] = str(self.out), _str(self.manifest), _str(self.stage)
+        data["out"], data["manifest"], data["stage"] = (
+            str(self.out),
+            _str(self.manifest),
+            _str(self.stage),
+        )
         data["written_bytes"] = self.written_bytes
         return data
 
@@ -124,7 +128,9 @@ def parse_ranks(text: str | None, world: int) -> list[int]:
             raise UserError(f"--ranks: cannot read {part!r} (expected e.g. 0-3 or 0-1,6-7)")
         first, last = int(match[1]), int(match[2] or match[1])
         if first > last or last >= world:
-            raise UserError(f"--ranks: {part.strip()!r} is outside 0-{world - 1} (world size {world})")
+            raise UserError(
+                f"--ranks: {part.strip()!r} is outside 0-{world - 1} (world size {world})"
+            )
         ranks.update(range(first, last + 1))
     return sorted(ranks)
 
@@ -137,7 +143,11 @@ def resolve_dtype(dtype: str, plan: ModelPlan) -> str:
 
 # ---- layout description (also the dry-run manifest) ---------------------------------------------
 def layout_key(
-    tp: int, pp: int, dtype: str, quantization: Mapping[str, Any] | None, transform: RankTransform | None
+    tp: int,
+    pp: int,
+    dtype: str,
+    quantization: Mapping[str, Any] | None,
+    transform: RankTransform | None,
 ) -> dict[str, Any]:
     quant = {**NO_QUANTIZATION, **(quantization or {})}  # as config.json spells it
     key = {"tp": tp, "pp": pp, "world_size": tp * pp, "dtype": dtype, "quantization": quant}
@@ -160,7 +170,8 @@ def rank_description(plan: ModelPlan, tp: int, pp: int, layout: RankLayout) -> d
         "bytes": len(header) + layout.data_bytes,  # the exact rank file size
         "data_bytes": layout.data_bytes,
         "tensor_specs": {
-            s.name: {"dtype": DTYPE_CODES[s.dtype], "shape": list(s.shape), "bytes": s.nbytes} for s in specs
+            s.name: {"dtype": DTYPE_CODES[s.dtype], "shape": list(s.shape), "bytes": s.nbytes}
+            for s in specs
         },
     }
 
@@ -192,7 +203,11 @@ def write_dry_run(
         **provenance(DRY_RUN_KIND),
         "complete": False,
         "dry_run": True,
-        "source": {"path": source, "fingerprint": fingerprint, "fingerprint_method": FINGERPRINT_METHOD},
+        "source": {
+            "path": source,
+            "fingerprint": fingerprint,
+            "fingerprint_method": FINGERPRINT_METHOD,
+        },
         "layout": layout_key(tp, pp, dtype, quantization, transform),
         "totals": {
             "bytes": sum(r["bytes"] for r in ranks),
@@ -207,11 +222,21 @@ def write_dry_run(
     with atomic_dir(out, overwrite, inputs=inputs) as stage:
         write_manifest(stage, manifest)
     statuses = [
-        RankStatus(r["rank"], r["tp_rank"], r["pp_rank"], "planned", r["tensors"], r["bytes"]) for r in ranks
+        RankStatus(r["rank"], r["tp_rank"], r["pp_rank"], "planned", r["tensors"], r["bytes"])
+        for r in ranks
     ]
     return ConvertSummary(
-        out, tp, pp, dtype, False, True, statuses, time.perf_counter() - started, source,
-        manifest=out / MANIFEST, largest_slice_bytes=largest_slice(layouts),
+        out,
+        tp,
+        pp,
+        dtype,
+        False,
+        True,
+        statuses,
+        time.perf_counter() - started,
+        source,
+        manifest=out / MANIFEST,
+        largest_slice_bytes=largest_slice(layouts),
     )
 
 
@@ -223,7 +248,11 @@ def entry_path(stage: Path, rank: int) -> Path:
 def write_entry(stage: Path, result: RankResult, key: Mapping[str, Any], fingerprint: str) -> None:
     path = entry_path(stage, result.rank)
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({**asdict(result), "layout": dict(key), "source_fingerprint": fingerprint}, indent=2))
+    tmp.write_text(
+        json.dumps(
+            {**asdict(result), "layout": dict(key), "source_fingerprint": fingerprint}, indent=2
+        )
+    )
     tmp.replace(path)
 
 
@@ -239,7 +268,9 @@ ENTRY_SCHEMA = Object(
         "layout": AnyValue(),
         "source_fingerprint": String(),
     },
-    required=frozenset({"rank", "file", "size", "sha256", "tensors", "layout", "source_fingerprint"}),
+    required=frozenset(
+        {"rank", "file", "size", "sha256", "tensors", "layout", "source_fingerprint"}
+    ),
 )
 
 
@@ -257,9 +288,15 @@ def read_entry(stage: Path, rank: int) -> dict[str, Any] | None:
     return entry
 
 
-def entry_matches(entry: Mapping[str, Any] | None, stage: Path, key: Mapping[str, Any], fingerprint: str) -> bool:
+def entry_matches(
+    entry: Mapping[str, Any] | None, stage: Path, key: Mapping[str, Any], fingerprint: str
+) -> bool:
     """Cheap check: same layout and source, and a rank file of the recorded size."""
-    if not entry or entry.get("layout") != dict(key) or entry.get("source_fingerprint") != fingerprint:
+    if (
+        not entry
+        or entry.get("layout") != dict(key)
+        or entry.get("source_fingerprint") != fingerprint
+    ):
         return False
     path = stage / entry["file"]
     return path.is_file() and path.stat().st_size == entry["size"]
@@ -296,8 +333,16 @@ def run_rank_job(job: RankJob, progress=None) -> RankResult:
     stage = Path(job.stage)
     tmp = stage / (rank_file_name(job.rank) + ".tmp")
     result = write_rank_file(
-        ckpt, plan, job.tp, job.pp, job.rank, torch_dtype(job.dtype), tmp,
-        transform=job.transform, progress=progress, block_bytes=job.block_bytes,
+        ckpt,
+        plan,
+        job.tp,
+        job.pp,
+        job.rank,
+        torch_dtype(job.dtype),
+        tmp,
+        transform=job.transform,
+        progress=progress,
+        block_bytes=job.block_bytes,
         check_finite=job.check_finite,
     )
     final = rank_file_name(job.rank)
@@ -354,8 +399,23 @@ def convert_checkpoint(
                 pool = stack.enter_context(WorkerPool(workers, inherit=[lock.fd]))
         stack.enter_context(_torch_threads(1))
         return _convert(
-            Path(src), Path(out), tp, pp, dtype, pool, ranks, resume, dry_run, overwrite, transform,
-            quantization, check_finite, block_bytes, progress, started, allow_pickle,
+            Path(src),
+            Path(out),
+            tp,
+            pp,
+            dtype,
+            pool,
+            ranks,
+            resume,
+            dry_run,
+            overwrite,
+            transform,
+            quantization,
+            check_finite,
+            block_bytes,
+            progress,
+            started,
+            allow_pickle,
         )
 
 
@@ -386,11 +446,22 @@ def _convert(
     fingerprint = source_fingerprint(ckpt)
     if dry_run:
         return write_dry_run(
-            plan, out, tp, pp, dtype, source=str(src.resolve()), fingerprint=fingerprint,
-            quantization=quantization, transform=transform, overwrite=overwrite, inputs=[src],
+            plan,
+            out,
+            tp,
+            pp,
+            dtype,
+            source=str(src.resolve()),
+            fingerprint=fingerprint,
+            quantization=quantization,
+            transform=transform,
+            overwrite=overwrite,
+            inputs=[src],
         )
     world = tp * pp
-    selected = parse_ranks(ranks, world) if isinstance(ranks, str) or ranks is None else sorted(set(ranks))
+    selected = (
+        parse_ranks(ranks, world) if isinstance(ranks, str) or ranks is None else sorted(set(ranks))
+    )
     if any(not 0 <= r < world for r in selected):
         raise UserError(f"ranks {selected} are outside 0-{world - 1}")
     check_replaceable(out, overwrite)
@@ -407,7 +478,17 @@ def _convert(
     sink = progress or NullProgress()
     jobs = [
         RankJob(
-            str(src), str(stage), tp, pp, r, dtype, transform, check_finite, block_bytes, key, fingerprint,
+            str(src),
+            str(stage),
+            tp,
+            pp,
+            r,
+            dtype,
+            transform,
+            check_finite,
+            block_bytes,
+            key,
+            fingerprint,
             allow_pickle,
         )
         for r in todo
@@ -418,18 +499,38 @@ def _convert(
         try:
             for result in _run_jobs(jobs, pool, sink):
                 statuses[result.rank] = RankStatus(
-                    result.rank, result.rank % tp, result.rank // tp, "written", result.tensors,
-                    result.size, result.seconds, result.sha256,
+                    result.rank,
+                    result.rank % tp,
+                    result.rank // tp,
+                    "written",
+                    result.tensors,
+                    result.size,
+                    result.seconds,
+                    result.sha256,
                 )
         except UserError as err:
-            done = [r for r in range(world) if entry_matches(read_entry(stage, r), stage, key, fingerprint)]
+            done = [
+                r
+                for r in range(world)
+                if entry_matches(read_entry(stage, r), stage, key, fingerprint)
+            ]
             if done:
-                raise type(err)(f"{err}\n(finished ranks {_ranges(done)} are kept in {stage}; rerun with --resume to keep them)") from None
+                raise type(err)(
+                    f"{err}\n(finished ranks {_ranges(done)} are kept in {stage}; rerun with --resume to keep them)"
+                ) from None
             raise
     complete = _fill_other_ranks(stage, world, key, fingerprint, statuses, layouts, tp)
     summary = ConvertSummary(
-        out, tp, pp, dtype, complete, False, [statuses[r] for r in range(world)],
-        time.perf_counter() - started, str(src.resolve()), stage=stage,
+        out,
+        tp,
+        pp,
+        dtype,
+        complete,
+        False,
+        [statuses[r] for r in range(world)],
+        time.perf_counter() - started,
+        str(src.resolve()),
+        stage=stage,
         largest_slice_bytes=largest_slice(list(layouts.values())),
     )
     if complete and _claim_finalization(stage):
@@ -490,12 +591,21 @@ def _select_work(
     if pool is None:
         verified = {rank: entry_verifies(stage, entry) for rank, entry in candidates.items()}
     else:
-        futures = {rank: pool.executor.submit(_verify_job, str(stage), e) for rank, e in candidates.items()}
+        futures = {
+            rank: pool.executor.submit(_verify_job, str(stage), e) for rank, e in candidates.items()
+        }
         verified = {rank: future.result() for rank, future in futures.items()}
     for rank, entry in candidates.items():
         if verified[rank]:
             statuses[rank] = RankStatus(
-                rank, rank % tp, rank // tp, "kept", entry["tensors"], entry["size"], 0.0, entry["sha256"]
+                rank,
+                rank % tp,
+                rank // tp,
+                "kept",
+                entry["tensors"],
+                entry["size"],
+                0.0,
+                entry["sha256"],
             )
     return [r for r in selected if r not in statuses]
 
@@ -530,7 +640,9 @@ def _run_jobs(jobs: Sequence[RankJob], pool: WorkerPool | None, sink: ProgressSi
                     other.cancel()
                 wait(pending)  # ranks already running finish (and record themselves) first
                 if isinstance(error, BrokenProcessPool):
-                    raise UserError(f"rank {job.rank}: a worker process died (killed, or out of memory?)")
+                    raise UserError(
+                        f"rank {job.rank}: a worker process died (killed, or out of memory?)"
+                    )
                 raise error
             sink.done(job.rank, "written")
             yield future.result()
@@ -551,10 +663,21 @@ def _fill_other_ranks(
             continue
         entry = read_entry(stage, rank)
         if entry_matches(entry, stage, key, fingerprint):
-            statuses[rank] = RankStatus(rank, rank % tp, rank // tp, "present", entry["tensors"], entry["size"], 0.0, entry["sha256"])
+            statuses[rank] = RankStatus(
+                rank,
+                rank % tp,
+                rank // tp,
+                "present",
+                entry["tensors"],
+                entry["size"],
+                0.0,
+                entry["sha256"],
+            )
         else:
             lay = layouts[rank]
-            statuses[rank] = RankStatus(rank, rank % tp, rank // tp, "pending", len(lay.flat_specs), 0)
+            statuses[rank] = RankStatus(
+                rank, rank % tp, rank // tp, "pending", len(lay.flat_specs), 0
+            )
     return all(s.status != "pending" for s in statuses.values())
 
 
@@ -589,11 +712,17 @@ def _finalize(
     for status in summary.ranks:
         name = rank_file_name(status.rank)
         files[name] = file_entry(stage / name, sha256=status.sha256)
-        ranks.append(rank_description(plan, tp, pp, layouts[status.rank]) | {"bytes": files[name]["size"]})
+        ranks.append(
+            rank_description(plan, tp, pp, layouts[status.rank]) | {"bytes": files[name]["size"]}
+        )
     manifest = {
         **provenance(KIND),
         "complete": True,
-        "source": {"path": summary.source, "fingerprint": fingerprint, "fingerprint_method": FINGERPRINT_METHOD},
+        "source": {
+            "path": summary.source,
+            "fingerprint": fingerprint,
+            "fingerprint_method": FINGERPRINT_METHOD,
+        },
         "layout": dict(key),
         "ranks": ranks,
         "files": files,
@@ -603,7 +732,9 @@ def _finalize(
     try:
         replace_dir(stage, out, overwrite=True)  # OUT was checked at the start of the run
     except OSError as err:
-        raise UserError(f"{out}: cannot rename the finished staging directory {stage} ({err})") from None
+        raise UserError(
+            f"{out}: cannot rename the finished staging directory {stage} ({err})"
+        ) from None
     return out / MANIFEST
 
 

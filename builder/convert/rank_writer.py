@@ -81,7 +81,9 @@ def write_rank_file(
                 writer.write(name, tensor)
                 report(tensor.nbytes)
     result = writer.result
-    return RankResult(rank, path.name, result.size, result.sha256, result.tensors, time.perf_counter() - started)
+    return RankResult(
+        rank, path.name, result.size, result.sha256, result.tensors, time.perf_counter() - started
+    )
 
 
 def _passes_through(transform: RankTransform, item) -> bool:
@@ -96,6 +98,3 @@ def _check_outputs(source: str, outputs, specs, path: Path) -> None:
         raise SafetensorsWriteError(
             f"{path}: the transform returned {got} for {source!r}, but declared {want}"
         )
-
-
-

@@ -17,7 +17,9 @@ from builder.convert.trtllm_config import mapping_of, read_trtllm_config
 from builder.io.checkpoint import HFCheckpoint
 
 
-def unshard(directory: str | Path, plan: ModelPlan | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+def unshard(
+    directory: str | Path, plan: ModelPlan | None = None
+) -> Iterator[tuple[str, torch.Tensor]]:
     """Every HF tensor rebuilt from the rank files (merging each TP group, stage by stage).
 
     `plan` (the HF source's) decides source names, e.g. a tied lm_head maps back to
@@ -34,15 +36,21 @@ def unshard(directory: str | Path, plan: ModelPlan | None = None) -> Iterator[tu
             parts = [h.get_tensor(item.name) for h in handles]
             layer = item.layer
             merged = merge_tensor(
-                item.rule, parts, vocab=plan.vocab_size, heads=plan.num_attention_heads,
-                kv_heads=layer.kv_heads if layer else None, head_dim=plan.head_dim,
+                item.rule,
+                parts,
+                vocab=plan.vocab_size,
+                heads=plan.num_attention_heads,
+                kv_heads=layer.kv_heads if layer else None,
+                head_dim=plan.head_dim,
                 name=f"{item.name} (ranks {ranks[0]}-{ranks[-1]})",
             )
             names = item.rule.source_names(layer.index if layer else None)
             yield from zip(names, merged, strict=True)
 
 
-def roundtrip_problems(directory: str | Path, hf_dir: str | Path, progress: Any | None = None) -> list[str]:
+def roundtrip_problems(
+    directory: str | Path, hf_dir: str | Path, progress: Any | None = None
+) -> list[str]:
     """Differences between the un-sharded checkpoint and the HF source, compared bit for bit.
 
     When the output dtype differs from the source's, the source is cast first (the
@@ -67,7 +75,9 @@ def roundtrip_problems(directory: str | Path, hf_dir: str | Path, progress: Any 
         elif not torch.equal(_bits(expected), _bits(tensor)):
             diff = (expected.float() - tensor.float()).abs().max().item()
             problems.append(f"{name}: differs from the source (max abs difference {diff})")
-    problems += [f"{name}: in the source but not rebuilt" for name in source.names() if name not in seen]
+    problems += [
+        f"{name}: in the source but not rebuilt" for name in source.names() if name not in seen
+    ]
     if progress:
         progress.finish("round trip", note="")
     return problems

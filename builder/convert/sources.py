@@ -112,7 +112,9 @@ def source_problems(ckpt: HFCheckpoint, plan: ModelPlan) -> list[str]:
             )
     for name in ckpt.names():
         if name not in expected:
-            problems.append(f"tensor {name!r} in {ckpt.info(name).file.name} is not used by the plan {_owner(name)}")
+            problems.append(
+                f"tensor {name!r} in {ckpt.info(name).file.name} is not used by the plan {_owner(name)}"
+            )
     return problems
 
 
@@ -221,7 +223,9 @@ class SourceReader:
             if location is None:
                 tensor = self.ckpt.read(piece.source)
             else:
-                tensor = torch.frombuffer(bytearray(self._read(piece.source, location, 0, location[2])), dtype=info.dtype)
+                tensor = torch.frombuffer(
+                    bytearray(self._read(piece.source, location, 0, location[2])), dtype=info.dtype
+                )
             self._check(piece.source, tensor.view(info.shape), 0)
             yield self._cast(piece.source, tensor.view(info.shape), 0)
             return
@@ -244,7 +248,9 @@ class SourceReader:
             self._check(piece.source, block, start, first_col)
             yield self._cast(piece.source, block, start, first_col)
 
-    def _read(self, name: str, location: tuple[Path, int, int], begin: int, size: int) -> memoryview:
+    def _read(
+        self, name: str, location: tuple[Path, int, int], begin: int, size: int
+    ) -> memoryview:
         """`size` bytes at `begin` of a tensor's data, into the reused buffer (os.preadv)."""
         file, offset, _ = location
         if self._buffer is None or len(self._buffer) < size:
@@ -260,7 +266,9 @@ class SourceReader:
             done += n
         return view
 
-    def _span(self, name: str, location: tuple[Path, int, int], info, start: int, stop: int) -> Iterator[FileSpan]:
+    def _span(
+        self, name: str, location: tuple[Path, int, int], info, start: int, stop: int
+    ) -> Iterator[FileSpan]:
         """Rows start..stop as a FileSpan over a short-lived private mapping (checked first)."""
         file, offset, _ = location
         row_bytes = info.shape[1] * _size(info.dtype)
@@ -284,11 +292,15 @@ class SourceReader:
             except BufferError:  # a consumer kept a view; the mapping goes when it does
                 pass
 
-    def _rows(self, name: str, location: tuple[Path, int, int], info, start: int, stop: int) -> memoryview:
+    def _rows(
+        self, name: str, location: tuple[Path, int, int], info, start: int, stop: int
+    ) -> memoryview:
         row_bytes = info.shape[1] * _size(info.dtype)
         return self._read(name, location, start * row_bytes, (stop - start) * row_bytes)
 
-    def _columns(self, location: tuple[Path, int, int], info, start: int, stop: int, cols: slice) -> torch.Tensor:
+    def _columns(
+        self, location: tuple[Path, int, int], info, start: int, stop: int, cols: slice
+    ) -> torch.Tensor:
         """Rows start..stop, columns `cols` of a 2-D tensor: a strided copy out of a short-lived
         mmap of just those rows (unmapped at once, so the source never counts in our RSS)."""
         file, offset, _ = location
@@ -297,11 +309,18 @@ class SourceReader:
         begin = offset + start * row_bytes
         aligned = begin - begin % mmap.ALLOCATIONGRANULARITY
         length = (stop - start) * row_bytes
-        with mmap.mmap(self._fd(file), length + begin - aligned, offset=aligned, access=mmap.ACCESS_READ) as mm:
+        with mmap.mmap(
+            self._fd(file), length + begin - aligned, offset=aligned, access=mmap.ACCESS_READ
+        ) as mm:
             rows = np.frombuffer(mm, dtype=np.uint8, count=length, offset=begin - aligned)
             width = (cols.stop - cols.start) * elt
             picked = self._gather_buffer((stop - start) * width).reshape(stop - start, width)
-            np.copyto(picked, rows.reshape(stop - start, row_bytes)[:, cols.start * elt : cols.start * elt + width])
+            np.copyto(
+                picked,
+                rows.reshape(stop - start, row_bytes)[
+                    :, cols.start * elt : cols.start * elt + width
+                ],
+            )
             del rows  # no view may outlive the mapping
         return torch.from_numpy(picked).view(info.dtype).view(stop - start, cols.stop - cols.start)
 
@@ -320,7 +339,9 @@ class SourceReader:
     def _check(self, name: str, block: torch.Tensor, first_row: int, first_col: int = 0) -> None:
         if not self.check_finite or block.dtype not in FLOAT_DTYPES or block.numel() == 0:
             return
-        low, high = torch.aminmax(block)  # propagates NaN and shows +-Inf; ~10x faster than isfinite
+        low, high = torch.aminmax(
+            block
+        )  # propagates NaN and shows +-Inf; ~10x faster than isfinite
         if torch.isfinite(low) and torch.isfinite(high):
             return
         flat = block.reshape(-1)
@@ -329,12 +350,21 @@ class SourceReader:
         info = self.ckpt.info(name)
         raise NonFiniteWeight(f"{info.file}: tensor {name!r} holds {flat[bad].item()} at {where}")
 
-    def _cast(self, name: str, block: torch.Tensor, first_row: int, first_col: int = 0) -> torch.Tensor:
-        return cast_checked(block, self.out_dtype, name, self.ckpt.info(name).file, first_row, first_col)
+    def _cast(
+        self, name: str, block: torch.Tensor, first_row: int, first_col: int = 0
+    ) -> torch.Tensor:
+        return cast_checked(
+            block, self.out_dtype, name, self.ckpt.info(name).file, first_row, first_col
+        )
 
 
 def cast_checked(
-    block: torch.Tensor, dtype: torch.dtype, name: str, file: Path, first_row: int = 0, first_col: int = 0
+    block: torch.Tensor,
+    dtype: torch.dtype,
+    name: str,
+    file: Path,
+    first_row: int = 0,
+    first_col: int = 0,
 ) -> torch.Tensor:
     """`block` (rows from `first_row`, columns from `first_col` of tensor `name`) in `dtype`.
 
@@ -349,19 +379,35 @@ def cast_checked(
     if block.dtype == dtype or not narrows_range(block.dtype, dtype) or not out.numel():
         return out
     low, high = torch.aminmax(out)
-    overflow = None if torch.isfinite(low) and torch.isfinite(high) else (
-        ~torch.isfinite(out) & torch.isfinite(block)
+    overflow = (
+        None
+        if torch.isfinite(low) and torch.isfinite(high)
+        else (~torch.isfinite(out) & torch.isfinite(block))
     )
     if overflow is not None and overflow.any():
-        _cast_error(block, overflow, name, file, first_row, first_col,
-                    f"overflows {dtype_name(dtype)} (largest {torch.finfo(dtype).max:g})")
+        _cast_error(
+            block,
+            overflow,
+            name,
+            file,
+            first_row,
+            first_col,
+            f"overflows {dtype_name(dtype)} (largest {torch.finfo(dtype).max:g})",
+        )
     scale = max(abs(float(low)), abs(float(high))) if overflow is None else 0.0
     rounding = scale * torch.finfo(dtype).eps / 2
     underflow = (out == 0) & (block.abs() > rounding)
     if underflow.any():
         smallest = torch.finfo(dtype).tiny * torch.finfo(dtype).eps
-        _cast_error(block, underflow, name, file, first_row, first_col,
-                    f"becomes 0 in {dtype_name(dtype)} (smallest non-zero {smallest:g})")
+        _cast_error(
+            block,
+            underflow,
+            name,
+            file,
+            first_row,
+            first_col,
+            f"becomes 0 in {dtype_name(dtype)} (smallest non-zero {smallest:g})",
+        )
     return out
 
 
@@ -396,5 +442,3 @@ def _position(block: torch.Tensor, flat_index: int, first_row: int, first_col: i
 
 def _size(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
-
-

@@ -126,9 +126,13 @@ def merge_row(parts: Sequence[torch.Tensor], name: str = "tensor") -> torch.Tens
 def merge_vocab(parts: Sequence[torch.Tensor], vocab: int, name: str = "tensor") -> torch.Tensor:
     full = torch.cat(list(parts), dim=0)
     if full.shape[0] != math.ceil(vocab / len(parts)) * len(parts):
-        raise ShardMismatch(f"{name}: {full.shape[0]} rows cannot be vocab {vocab} padded to tp {len(parts)}")
+        raise ShardMismatch(
+            f"{name}: {full.shape[0]} rows cannot be vocab {vocab} padded to tp {len(parts)}"
+        )
     if torch.count_nonzero(full[vocab:]):
-        raise ShardMismatch(f"{name}: vocabulary pad rows {vocab}..{full.shape[0] - 1} are not zero")
+        raise ShardMismatch(
+            f"{name}: vocabulary pad rows {vocab}..{full.shape[0] - 1} are not zero"
+        )
     return full[:vocab]
 
 
@@ -141,11 +145,17 @@ def merge_qkv(
     kv_rows = len(kv_heads_of_rank(kv_heads, tp, 0)) * head_dim
     for rank, part in enumerate(parts):
         if part.shape[0] != q_rows + 2 * kv_rows:
-            raise ShardMismatch(f"{name}: rank {rank} has {part.shape[0]} rows, expected {q_rows + 2 * kv_rows}")
+            raise ShardMismatch(
+                f"{name}: rank {rank} has {part.shape[0]} rows, expected {q_rows + 2 * kv_rows}"
+            )
     q = torch.cat([p[:q_rows] for p in parts])
     k_parts = [p[q_rows : q_rows + kv_rows] for p in parts]
     v_parts = [p[q_rows + kv_rows :] for p in parts]
-    return q, _merge_kv(k_parts, kv_heads, f"{name} (k)"), _merge_kv(v_parts, kv_heads, f"{name} (v)")
+    return (
+        q,
+        _merge_kv(k_parts, kv_heads, f"{name} (k)"),
+        _merge_kv(v_parts, kv_heads, f"{name} (v)"),
+    )
 
 
 def _merge_kv(parts: list[torch.Tensor], kv_heads: int, name: str) -> torch.Tensor:

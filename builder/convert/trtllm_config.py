@@ -32,7 +32,9 @@ QUANT_KEYS = {
     "pre_quant_scale",
     "exclude_modules",
 }
-NO_QUANTIZATION: Mapping[str, Any] = MappingProxyType({"quant_algo": None, "kv_cache_quant_algo": None})
+NO_QUANTIZATION: Mapping[str, Any] = MappingProxyType(
+    {"quant_algo": None, "kv_cache_quant_algo": None}
+)
 
 
 def rotary_scaling(plan: ModelPlan) -> dict[str, Any] | None:
@@ -132,9 +134,13 @@ def _layer_from_config(index: int, entry: Any, config: Mapping[str, Any], where:
 def plan_from_trtllm_config(config: Mapping[str, Any], source: str = CONFIG_NAME) -> ModelPlan:
     """The ModelPlan a TensorRT-LLM DeciLM config.json describes."""
     if config.get("architecture") != ARCHITECTURE:
-        raise ConfigError(f"{source}: architecture is {config.get('architecture')!r}, expected {ARCHITECTURE!r}")
+        raise ConfigError(
+            f"{source}: architecture is {config.get('architecture')!r}, expected {ARCHITECTURE!r}"
+        )
     if "block_configs" in config:
-        raise ConfigError(f"{source}: block_configs (HF form) is not supported here; expected layer_configs")
+        raise ConfigError(
+            f"{source}: block_configs (HF form) is not supported here; expected layer_configs"
+        )
     try:
         layers = config["layer_configs"]
         num_layers = int(config["num_hidden_layers"])
@@ -144,7 +150,9 @@ def plan_from_trtllm_config(config: Mapping[str, Any], source: str = CONFIG_NAME
     except (KeyError, TypeError, ValueError) as err:
         raise ConfigError(f"{source}: missing or malformed field {err}") from None
     if not isinstance(layers, list) or len(layers) != num_layers:
-        raise ConfigError(f"{source}: layer_configs must have num_hidden_layers ({num_layers}) entries")
+        raise ConfigError(
+            f"{source}: layer_configs must have num_hidden_layers ({num_layers}) entries"
+        )
     scaling = config.get("rotary_scaling")
     return ModelPlan(
         hidden_size=hidden,
@@ -169,7 +177,9 @@ def read_trtllm_config(directory: str | Path) -> tuple[dict[str, Any], ModelPlan
     try:
         config = json.loads(path.read_text())
     except FileNotFoundError:
-        raise ConfigError(f"{path}: missing (is this a TensorRT-LLM checkpoint directory?)") from None
+        raise ConfigError(
+            f"{path}: missing (is this a TensorRT-LLM checkpoint directory?)"
+        ) from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ConfigError(f"{path}: unreadable ({err})") from None
     return config, plan_from_trtllm_config(config, str(path))

@@ -125,7 +125,9 @@ class WorkerPool:
     def _start(self, ctx, workers: int) -> None:
         try:
             self._executor = ProcessPoolExecutor(
-                workers, mp_context=ctx, initializer=_init_worker,
+                workers,
+                mp_context=ctx,
+                initializer=_init_worker,
                 initargs=(self.queue, os.getpid(), self._inherit),
             )
             for _ in range(workers):

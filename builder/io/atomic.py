@@ -162,7 +162,10 @@ def _make_dir(stage: Path) -> bool:
 
 def _busy_message(stage: Path) -> str:
     holders = processes_holding(stage)
-    who = "; ".join(f"pid {pid}: {command}" for pid, command in holders) or "a process on another host?"
+    who = (
+        "; ".join(f"pid {pid}: {command}" for pid, command in holders)
+        or "a process on another host?"
+    )
     return (
         f"{stage}: another run is writing this output ({who}); wait for it to finish or stop "
         "it, then run again (with --resume to keep its finished parts)"

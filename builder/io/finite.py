@@ -32,7 +32,7 @@ def _blocks(handle, name: str, chunk_bytes: int) -> Iterable[torch.Tensor]:
     row_bytes = max(1, math.prod(shape[1:]) * ITEM_BYTES[view.get_dtype()])
     step = max(1, chunk_bytes // row_bytes)
     for start in range(0, shape[0], step):
-        yield view[start:start + step]
+        yield view[start : start + step]
 
 
 @contextmanager
@@ -53,8 +53,12 @@ def _bad_count(block: torch.Tensor) -> int:
     return int(block.numel() - torch.isfinite(block).sum().item())
 
 
-def nonfinite_tensors(path: str | Path, names: Iterable[str] | None = None, on_tensor: OnTensor | None = None,
-                      chunk_bytes: int = CHUNK_BYTES) -> dict[str, int]:
+def nonfinite_tensors(
+    path: str | Path,
+    names: Iterable[str] | None = None,
+    on_tensor: OnTensor | None = None,
+    chunk_bytes: int = CHUNK_BYTES,
+) -> dict[str, int]:
     """{tensor name: number of NaN/Inf values} for every floating tensor of `path` that has any."""
     bad: dict[str, int] = {}
     with one_thread(), safe_open(str(path), framework="pt") as handle:

@@ -9,7 +9,9 @@ from typing import Any
 from builder.errors import UserError
 
 
-def read_jsonl_objects(path: Path, error: type[UserError] = UserError) -> list[tuple[int, dict[str, Any]]]:
+def read_jsonl_objects(
+    path: Path, error: type[UserError] = UserError
+) -> list[tuple[int, dict[str, Any]]]:
     """(line number, object) for every non-blank line; `error` names the file and line."""
     path = Path(path)
     try:

@@ -69,7 +69,9 @@ def read_manifest(directory: Path) -> dict[str, Any]:
         raise ManifestError(f"{path}: unreadable ({err})") from None
 
 
-def verify_files(directory: Path, manifest: dict[str, Any], names: list[str] | None = None) -> list[str]:
+def verify_files(
+    directory: Path, manifest: dict[str, Any], names: list[str] | None = None
+) -> list[str]:
     """Problems found re-hashing the manifest's files (all of them, or only `names`)."""
     problems = []
     for name, entry in manifest["files"].items():

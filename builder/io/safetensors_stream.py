@@ -68,7 +68,9 @@ class TensorSpec:
         try:
             return DTYPE_CODES[self.dtype]
         except KeyError:
-            raise SafetensorsWriteError(f"{self.name}: dtype {self.dtype} has no safetensors code") from None
+            raise SafetensorsWriteError(
+                f"{self.name}: dtype {self.dtype} has no safetensors code"
+            ) from None
 
 
 def dtype_size(dtype: torch.dtype) -> int:
@@ -178,7 +180,12 @@ class SafetensorsStreamWriter:
     Leaving the block with an exception deletes the file; `result` holds size and sha256.
     """
 
-    def __init__(self, path: str | Path, specs: Sequence[TensorSpec], metadata: Mapping[str, str] | None = None):
+    def __init__(
+        self,
+        path: str | Path,
+        specs: Sequence[TensorSpec],
+        metadata: Mapping[str, str] | None = None,
+    ):
         self.path = Path(path)
         self.specs = list(specs)
         self._header = encode_header(self.specs, metadata)
@@ -214,11 +221,15 @@ class SafetensorsStreamWriter:
         if self._current is not None or self._next != len(self.specs):
             missing = self._current.name if self._current else self.specs[self._next].name
             self._abandon()
-            raise SafetensorsWriteError(f"{self.path}: closed before tensor {missing!r} was written")
+            raise SafetensorsWriteError(
+                f"{self.path}: closed before tensor {missing!r} was written"
+            )
         self._stop_hasher()
         os.close(self._fd)
         self._fd = None
-        self.result = WrittenFile(self.path, self._written, self._digest.hexdigest(), len(self.specs))
+        self.result = WrittenFile(
+            self.path, self._written, self._digest.hexdigest(), len(self.specs)
+        )
 
     def _stop_hasher(self) -> None:
         if self._hasher is not None:
@@ -261,7 +272,9 @@ class SafetensorsStreamWriter:
         done = 0
         while done < len(data):
             try:
-                copied = os.copy_file_range(fd, self._fd, min(len(data) - done, _MAX_WRITE), offset + done)
+                copied = os.copy_file_range(
+                    fd, self._fd, min(len(data) - done, _MAX_WRITE), offset + done
+                )
             except OSError as err:
                 if err.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
                     raise self._failure(done, err) from err
@@ -348,7 +361,9 @@ class SafetensorsStreamWriter:
         self.append(tensor)
         self.finish()
 
-    def write_blocks(self, name: str, blocks: Iterable[memoryview | torch.Tensor | FileSpan]) -> None:
+    def write_blocks(
+        self, name: str, blocks: Iterable[memoryview | torch.Tensor | FileSpan]
+    ) -> None:
         self.start(name)
         for block in blocks:
             self.append(block)

@@ -65,7 +65,6 @@ _CACHE_FIELD = (
 )
 
 
-
 def causal_mask(
     config: DeciLMConfig,
     inputs_embeds: torch.Tensor,
@@ -79,6 +78,7 @@ def causal_mask(
     releases and `cache` in others (5.17 on the GPU hosts, 5.24 here).
     """
     return create_causal_mask(config, inputs_embeds, attention_mask, cache, position_ids)
+
 
 class DeciLMRMSNorm(nn.Module):
     """RMSNorm computed in fp32, then scaled by the weight in the input dtype (as Llama does)."""

@@ -194,7 +194,9 @@ def evaluate_accuracy(
             scores[name].add(ref, logits(window), window[1:])
     ref_ppl = ref_score.perplexity()
     name = str(dtype).removeprefix("torch.")
-    report = AccuracyReport(str(src), str(quantized), windows, seq_len, windows * seq_len, name, ref_ppl)
+    report = AccuracyReport(
+        str(src), str(quantized), windows, seq_len, windows * seq_len, name, ref_ppl
+    )
     for name, score in scores.items():
         ppl = score.perplexity()
         report.rows.append(AccuracyRow(name, score.kl, score.top1, ppl, ppl / ref_ppl))

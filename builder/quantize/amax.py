@@ -102,11 +102,16 @@ class AmaxTable:
         return table
 
     def to_json(self) -> dict[str, Any]:
-        return {"kv_cache": self.kv_cache, "amax": dict(sorted(self.values.items(), key=lambda kv: _layer_order(kv[0])))}
+        return {
+            "kv_cache": self.kv_cache,
+            "amax": dict(sorted(self.values.items(), key=lambda kv: _layer_order(kv[0]))),
+        }
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> AmaxTable:
-        return cls(values={k: float(v) for k, v in data["amax"].items()}, kv_cache=bool(data["kv_cache"]))
+        return cls(
+            values={k: float(v) for k, v in data["amax"].items()}, kv_cache=bool(data["kv_cache"])
+        )
 
     def save(self, path: Path) -> None:
         tmp = path.with_suffix(path.suffix + ".tmp")

@@ -44,7 +44,12 @@ from builder.quantize.calib import batches
 
 STATE_VERSION = 1
 STATE_SCHEMA = Object(
-    {"version": Integer(), "fingerprint": AnyValue(), "next_layer": Integer(minimum=0), "complete": Boolean()},
+    {
+        "version": Integer(),
+        "fingerprint": AnyValue(),
+        "next_layer": Integer(minimum=0),
+        "complete": Boolean(),
+    },
     required=frozenset({"version", "next_layer"}),
 )
 AMAX_SCHEMA = MapOf(Number(minimum=0))
@@ -52,6 +57,8 @@ AMAX_SCHEMA = MapOf(Number(minimum=0))
 
 class ResumeStateError(UserError):
     """Saved calibration state that cannot be read back (truncated, edited, wrong types)."""
+
+
 EMBEDDING = "model.embed_tokens.weight"
 LOAD_CHUNK_BYTES = 256 << 20
 FULL_GC_BYTES = 16 << 20
@@ -160,7 +167,9 @@ def _finite(block: torch.Tensor, info: Any, index: int) -> torch.Tensor:
     if block.numel():
         low, high = torch.aminmax(block)
         if not (torch.isfinite(low) and torch.isfinite(high)):
-            raise CheckpointError(f"{info.file}: tensor {info.name!r} (layer {index}) holds NaN or Inf")
+            raise CheckpointError(
+                f"{info.file}: tensor {info.name!r} (layer {index}) holds NaN or Inf"
+            )
     return block
 
 
@@ -328,7 +337,11 @@ class CalibState:
         barrier()
 
     def _write_state(self, next_layer: int) -> None:
-        state = {"version": STATE_VERSION, "fingerprint": self.fingerprint, "next_layer": next_layer}
+        state = {
+            "version": STATE_VERSION,
+            "fingerprint": self.fingerprint,
+            "next_layer": next_layer,
+        }
         _write_json(self.state_file, state)
 
     def restore(self, plan: ModelPlan) -> tuple[int, dict[str, float], list[torch.Tensor]] | None:
@@ -397,7 +410,12 @@ class CalibState:
         """Mark calibration finished: a resume goes straight to the exports."""
         if self.rank == 0:
             _write_json(self.complete_file, values)
-            state = {"version": STATE_VERSION, "fingerprint": self.fingerprint, "next_layer": num_layers, "complete": True}
+            state = {
+                "version": STATE_VERSION,
+                "fingerprint": self.fingerprint,
+                "next_layer": num_layers,
+                "complete": True,
+            }
             _write_json(self.state_file, state)
         barrier()
 
@@ -456,7 +474,9 @@ def calibrate_blockwise(
         if state:
             state.reset()
         first = 0
-        hidden = [embed_windows(ckpt, b, opts.dtype, opts.device) for b in batches(local, opts.batch_size)]
+        hidden = [
+            embed_windows(ckpt, b, opts.dtype, opts.device) for b in batches(local, opts.batch_size)
+        ]
     result.activation_bytes = sum(h.numel() * h.element_size() for h in hidden)
     inputs = block_inputs(parts, hidden[0], opts.device) if hidden else None
     since_save, last_save = 0, time.perf_counter()
@@ -504,7 +524,9 @@ def save_due(save_every: int, since_save: int, last_save: float, activation_byte
     return time.perf_counter() - last_save >= AUTO_SAVE_SECONDS
 
 
-def calibrate_model(model: torch.nn.Module, windows: torch.Tensor, kv_cache: bool, batch_size: int) -> AmaxTable:
+def calibrate_model(
+    model: torch.nn.Module, windows: torch.Tensor, kv_cache: bool, batch_size: int
+) -> AmaxTable:
     """Whole-model ModelOpt calibration (the reference the block-wise path must equal)."""
     device = next(model.parameters()).device
 

@@ -122,22 +122,22 @@ def heldout_text() -> str:
     return "\n\n".join(s.text for s in wiki_samples(heldout=True))
 
 
-def _conversation(
-    system: str, user: str, assistant: str, source: str
-) -> Sample:
-    return Sample(source=source, messages=(("system", system), ("user", user), ("assistant", assistant)))
+def _conversation(system: str, user: str, assistant: str, source: str) -> Sample:
+    return Sample(
+        source=source, messages=(("system", system), ("user", user), ("assistant", assistant))
+    )
 
 
-def _with_reasoning(
-    item: dict[str, Any], source: str, tools: str = ""
-) -> Iterator[Sample]:
+def _with_reasoning(item: dict[str, Any], source: str, tools: str = "") -> Iterator[Sample]:
     """The same exchange with reasoning on (a <think> trace) and off (the answer only)."""
     for reasoning in (True, False):
         system = (REASONING_ON if reasoning else REASONING_OFF) + tools
         answer = item["answer"]
         if reasoning:
             answer = f"<think>\n{item['think']}\n</think>\n\n{answer}"
-        yield _conversation(system, item["user"], answer, f"{source}:{'on' if reasoning else 'off'}")
+        yield _conversation(
+            system, item["user"], answer, f"{source}:{'on' if reasoning else 'off'}"
+        )
 
 
 def _tools_block(tools: Sequence[dict[str, Any]]) -> str:
@@ -174,11 +174,7 @@ def arithmetic_samples(count: int, seed: int) -> list[Sample]:
 
 def wiki_choice_samples(count: int, seed: int) -> list[Sample]:
     """Generated multiple-choice questions: which article does this description belong to?"""
-    articles = [
-        a
-        for a in _wiki_articles()
-        if a.get("description") and not is_heldout(a["title"])
-    ]
+    articles = [a for a in _wiki_articles() if a.get("description") and not is_heldout(a["title"])]
     rng = random.Random(f"choice:{seed}")
     samples = []
     for n in range(min(count, len(articles) // 4)):
@@ -187,7 +183,7 @@ def wiki_choice_samples(count: int, seed: int) -> list[Sample]:
         letters = "ABCD"
         listing = "\n".join(f"{letters[k]}) {o['title']}" for k, o in enumerate(options))
         item = {
-            "user": f"Which of these is described as \"{options[right]['description']}\"?\n"
+            "user": f'Which of these is described as "{options[right]["description"]}"?\n'
             f"{listing}\nAnswer with the letter.",
             "think": f"The description matches {options[right]['title']}, option {letters[right]}.",
             "answer": letters[right],
@@ -214,6 +210,7 @@ def builtin_samples(name: str, seed: int = 0) -> list[Sample]:
 def _jsonl_items(path: Path) -> list[tuple[int, dict[str, Any]]]:
     return read_jsonl_objects(path, CalibrationDataError)
 
+
 def _record_sample(record: dict[str, Any], where: str) -> Sample | None:
     """A {"text": ...} or {"messages": [...]} record; None for an empty text."""
     if "messages" in record and record["messages"] is not None:
@@ -222,8 +219,10 @@ def _record_sample(record: dict[str, Any], where: str) -> Sample | None:
             raise CalibrationDataError(f"{where}: 'messages' must be a non-empty list")
         pairs = []
         for k, m in enumerate(messages):
-            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(
-                m.get("content"), str
+            if (
+                not isinstance(m, dict)
+                or not isinstance(m.get("role"), str)
+                or not isinstance(m.get("content"), str)
             ):
                 raise CalibrationDataError(
                     f"{where}: messages[{k}] needs string 'role' and 'content'"

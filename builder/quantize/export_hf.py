@@ -121,19 +121,27 @@ def plan_tensors(
             continue
         w_scale = scale_from_amax(table.weight(module))
         out.append(OutTensor(TensorSpec(name, shape, FP8), _fp8_blocks(ckpt, name, dtype, w_scale)))
-        out.append(OutTensor(TensorSpec(f"{module}.weight_scale", (), torch.float32), _scalar(w_scale)))
+        out.append(
+            OutTensor(TensorSpec(f"{module}.weight_scale", (), torch.float32), _scalar(w_scale))
+        )
         x_scale = scale_from_amax(shared_input_amax(table, module))
-        out.append(OutTensor(TensorSpec(f"{module}.input_scale", (), torch.float32), _scalar(x_scale)))
+        out.append(
+            OutTensor(TensorSpec(f"{module}.input_scale", (), torch.float32), _scalar(x_scale))
+        )
         leaf = module.rsplit(".", 1)[1]
         if table.kv_cache and leaf in ("k_proj", "v_proj"):
             k_amax, v_amax = table.kv(_layer_index(module))
             amax = k_amax if leaf == "k_proj" else v_amax
             kv_name = f"{module}.{leaf[0]}_scale"
-            out.append(OutTensor(TensorSpec(kv_name, (), torch.float32), _scalar(scale_from_amax(amax))))
+            out.append(
+                OutTensor(TensorSpec(kv_name, (), torch.float32), _scalar(scale_from_amax(amax)))
+            )
     return out
 
 
-def _cast_blocks(ckpt: HFCheckpoint, name: str, dtype: torch.dtype) -> Callable[[], Iterator[torch.Tensor]]:
+def _cast_blocks(
+    ckpt: HFCheckpoint, name: str, dtype: torch.dtype
+) -> Callable[[], Iterator[torch.Tensor]]:
     file = ckpt.info(name).file
     return lambda: _row_blocks(ckpt, name, lambda t, row: cast_checked(t, dtype, name, file, row))
 
@@ -176,7 +184,9 @@ def shard_names(count: int) -> list[str]:
     return [f"model-{k:05d}-of-{count:05d}.safetensors" for k in range(1, count + 1)]
 
 
-def export_config(source_config: dict[str, Any], kv_cache: bool, dtype: torch.dtype) -> dict[str, Any]:
+def export_config(
+    source_config: dict[str, Any], kv_cache: bool, dtype: torch.dtype
+) -> dict[str, Any]:
     """The source config.json plus `quantization_config`, with ModelOpt's deployment fixes."""
     from builder.quantize.recipe import quiet
 
@@ -186,7 +196,9 @@ def export_config(source_config: dict[str, Any], kv_cache: bool, dtype: torch.dt
     with quiet():
         from modelopt.torch.export.plugins import sanitize_hf_config_for_deployment
 
-        sanitize_hf_config_for_deployment(config, None)  # e.g. rope_theta inside llama3 rope_scaling
+        sanitize_hf_config_for_deployment(
+            config, None
+        )  # e.g. rope_theta inside llama3 rope_scaling
     config["quantization_config"] = quantization_config(kv_cache)
     return config
 
@@ -211,7 +223,9 @@ def write_unified_hf(
     written: list[WrittenFile] = []
     weight_map: dict[str, str] = {}
     for file_name, shard in zip(names, shards, strict=True):
-        with SafetensorsStreamWriter(out / file_name, [t.spec for t in shard], {"format": "pt"}) as writer:
+        with SafetensorsStreamWriter(
+            out / file_name, [t.spec for t in shard], {"format": "pt"}
+        ) as writer:
             for tensor in shard:
                 writer.write_blocks(tensor.spec.name, tensor.blocks())
                 weight_map[tensor.spec.name] = file_name
@@ -222,7 +236,9 @@ def write_unified_hf(
         total = sum(t.spec.nbytes for t in tensors)
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (out / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
-    (out / "hf_quant_config.json").write_text(json.dumps(hf_quant_config(table.kv_cache), indent=4) + "\n")
+    (out / "hf_quant_config.json").write_text(
+        json.dumps(hf_quant_config(table.kv_cache), indent=4) + "\n"
+    )
     config = export_config(dict(plan.hf_config), table.kv_cache, dtype)
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     for name in COPIED_FILES:

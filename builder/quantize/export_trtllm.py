@@ -81,7 +81,11 @@ class Fp8Transform(Fp8Layout):
         else:
             w_scale, x_scale = self.scales(item)
             w_name, x_name = scale_names(item.name)
-            out = [(item.name, quantize_trtllm(tensor, w_scale)), (w_name, w_scale), (x_name, x_scale)]
+            out = [
+                (item.name, quantize_trtllm(tensor, w_scale)),
+                (w_name, w_scale),
+                (x_name, x_scale),
+            ]
         if self.kv_cache_fp8 and item.rule.split is Split.QKV:
             k_amax, v_amax = self._table().kv(item.layer.index)
             local = int(item.name.split(".")[2])
@@ -110,7 +114,9 @@ def trtllm_effective_table(table: AmaxTable, plan: ModelPlan) -> AmaxTable:
                 values.update({f"{m}.{kind}": shared for m in group})
         if table.kv_cache and layer.attention is AttentionKind.ATTENTION:
             kv = float(kv_cache_scale(*table.kv(layer.index))) * E4M3_MAX
-            values[f"{prefix}self_attn.k_bmm_quantizer"] = values[f"{prefix}self_attn.v_bmm_quantizer"] = kv
+            values[f"{prefix}self_attn.k_bmm_quantizer"] = values[
+                f"{prefix}self_attn.v_bmm_quantizer"
+            ] = kv
     return AmaxTable(values, kv_cache=table.kv_cache)
 
 

@@ -39,7 +39,9 @@ def quantize_hf(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return (weight / scale.reshape(())).to(FP8)
 
 
-def quantize_trtllm(weight: torch.Tensor, scale: torch.Tensor, chunk_bytes: int = 16 << 20) -> torch.Tensor:
+def quantize_trtllm(
+    weight: torch.Tensor, scale: torch.Tensor, chunk_bytes: int = 16 << 20
+) -> torch.Tensor:
     """E4M3 weight as ModelOpt's TensorRT-LLM export writes it (division in fp32).
 
     Row chunks bound the fp32 temporary (elementwise, so the result is the same bits). A 16-bit
@@ -64,7 +66,9 @@ def e4m3_table(dtype: torch.dtype, scale: torch.Tensor) -> np.ndarray:
     return (values / scale.reshape(1)).to(FP8).view(torch.uint8).numpy()
 
 
-def quantize_by_table(weight: torch.Tensor, scale: torch.Tensor, chunk: int = 1 << 20) -> torch.Tensor:
+def quantize_by_table(
+    weight: torch.Tensor, scale: torch.Tensor, chunk: int = 1 << 20
+) -> torch.Tensor:
     """`quantize_by_division`'s bits by table lookup on the weight's 16-bit patterns.
 
     Chunks of 1M elements keep np.take's index temporary (8 bytes an element) in cache: 11x
@@ -79,7 +83,9 @@ def quantize_by_table(weight: torch.Tensor, scale: torch.Tensor, chunk: int = 1 
     return torch.from_numpy(out).view(FP8).reshape(weight.shape)
 
 
-def quantize_by_division(weight: torch.Tensor, scale: torch.Tensor, chunk_bytes: int = 16 << 20) -> torch.Tensor:
+def quantize_by_division(
+    weight: torch.Tensor, scale: torch.Tensor, chunk_bytes: int = 16 << 20
+) -> torch.Tensor:
     """e4m3(weight / scale) with the division in fp32, in row chunks."""
     scale = scale.reshape(1)
     out = torch.empty(weight.shape, dtype=FP8, device=weight.device)
@@ -89,7 +95,9 @@ def quantize_by_division(weight: torch.Tensor, scale: torch.Tensor, chunk_bytes:
     return out
 
 
-def dequantize(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def dequantize(
+    weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     return (weight.to(torch.float32) * scale.to(torch.float32)).to(dtype)
 
 

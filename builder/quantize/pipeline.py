@@ -92,7 +92,9 @@ def refuse_quantized(ckpt: HFCheckpoint, config: dict[str, Any]) -> None:
         raise AlreadyQuantized(f"{root}: already quantized (hf_quant_config.json is present)")
     if config.get("quantization_config"):
         method = config["quantization_config"].get("quant_method", "?")
-        raise AlreadyQuantized(f"{root / 'config.json'}: already quantized (quantization_config, {method})")
+        raise AlreadyQuantized(
+            f"{root / 'config.json'}: already quantized (quantization_config, {method})"
+        )
     for info in ckpt.tensors.values():
         if info.dtype in (torch.float8_e4m3fn, torch.int8, torch.uint8) or info.name.endswith(
             ("weight_scale", "input_scale", "scaling_factor")
@@ -200,16 +202,60 @@ def quantize_checkpoint(
         if rank == 0:  # one run per OUT: it owns .OUT.partial and .OUT.calib
             stack.enter_context(lock_stage(out))
         return _quantize(
-            src, out, ckpt, plan, rank, world, tp, pp, kv_cache, calib, calib_size, calib_seq_len,
-            formats, device, dtype, batch_size, seed, resume, save_every, overwrite, workers, say,
-            block_progress, started, allow_pickle,
+            src,
+            out,
+            ckpt,
+            plan,
+            rank,
+            world,
+            tp,
+            pp,
+            kv_cache,
+            calib,
+            calib_size,
+            calib_seq_len,
+            formats,
+            device,
+            dtype,
+            batch_size,
+            seed,
+            resume,
+            save_every,
+            overwrite,
+            workers,
+            say,
+            block_progress,
+            started,
+            allow_pickle,
         )
 
 
 def _quantize(
-    src, out, ckpt, plan, rank, world, tp, pp, kv_cache, calib, calib_size, calib_seq_len, formats,
-    device, dtype, batch_size, seed, resume, save_every, overwrite, workers, say, block_progress,
-    started, allow_pickle,
+    src,
+    out,
+    ckpt,
+    plan,
+    rank,
+    world,
+    tp,
+    pp,
+    kv_cache,
+    calib,
+    calib_size,
+    calib_seq_len,
+    formats,
+    device,
+    dtype,
+    batch_size,
+    seed,
+    resume,
+    save_every,
+    overwrite,
+    workers,
+    say,
+    block_progress,
+    started,
+    allow_pickle,
 ) -> QuantizeSummary:
 
     say(f"calibration data: {calib}, {calib_size} x {calib_seq_len} tokens")
@@ -224,15 +270,34 @@ def _quantize(
         save_every=save_every,
     )
     fingerprint = calibration_fingerprint(ckpt, data, opts)
-    say(f"calibrating {plan.num_layers - len(plan.empty_layers)} of {plan.num_layers} blocks "
-        f"({len(plan.empty_layers)} empty blocks skipped)")
-    result = calibrate_blockwise(ckpt, plan, reference_parts(src), data.windows, opts, fingerprint, block_progress)
+    say(
+        f"calibrating {plan.num_layers - len(plan.empty_layers)} of {plan.num_layers} blocks "
+        f"({len(plan.empty_layers)} empty blocks skipped)"
+    )
+    result = calibrate_blockwise(
+        ckpt, plan, reference_parts(src), data.windows, opts, fingerprint, block_progress
+    )
     seconds = {"calibration": round(result.seconds, 3)}
     paths: dict[str, str] = {}
     # Only rank 0 exports; the others are done (no barrier: an export can outlast any
     # collective timeout).
     if rank == 0:
-        paths = export_all(src, out, plan, ckpt, result, data, formats, tp, pp, dtype, workers, overwrite, seconds, say)
+        paths = export_all(
+            src,
+            out,
+            plan,
+            ckpt,
+            result,
+            data,
+            formats,
+            tp,
+            pp,
+            dtype,
+            workers,
+            overwrite,
+            seconds,
+            say,
+        )
         shutil.rmtree(opts.state_dir, ignore_errors=True)
     seconds["total"] = round(time.perf_counter() - started, 3)
     summary = QuantizeSummary(
@@ -254,7 +319,9 @@ def _quantize(
     return summary
 
 
-def open_source(src: Path, allow_pickle: bool = False) -> tuple[HFCheckpoint, ModelPlan, dict[str, Any]]:
+def open_source(
+    src: Path, allow_pickle: bool = False
+) -> tuple[HFCheckpoint, ModelPlan, dict[str, Any]]:
     from builder.arch.plan import read_config
     from builder.convert.sources import check_source
 
@@ -266,7 +333,9 @@ def open_source(src: Path, allow_pickle: bool = False) -> tuple[HFCheckpoint, Mo
     return ckpt, plan, config
 
 
-def calibration_fingerprint(ckpt: HFCheckpoint, data: CalibrationSet, opts: CalibOptions) -> dict[str, Any]:
+def calibration_fingerprint(
+    ckpt: HFCheckpoint, data: CalibrationSet, opts: CalibOptions
+) -> dict[str, Any]:
     """What must match for saved calibration state to be reused."""
     from builder.convert.sources import source_fingerprint
 
@@ -307,7 +376,9 @@ def export_all(
 
             say(f"writing FP8 TensorRT-LLM checkpoint (tp={tp}, pp={pp})")
             t0 = time.perf_counter()
-            write_trtllm_fp8(src, stage / "trtllm", table, tp, pp, dtype, workers, allow_pickle=ckpt.is_pickle)
+            write_trtllm_fp8(
+                src, stage / "trtllm", table, tp, pp, dtype, workers, allow_pickle=ckpt.is_pickle
+            )
             add_to_manifest(stage / "trtllm", fields)
             seconds["export_trtllm"] = round(time.perf_counter() - t0, 3)
             paths["trtllm"] = str(out / "trtllm")
@@ -349,7 +420,12 @@ def write_hf_manifest(directory: Path, src: Path, written: list, fields: dict[st
         for p in sorted(directory.iterdir())
         if p.is_file() and p.name != MANIFEST
     }
-    manifest = {**provenance("hf-fp8-checkpoint"), "source": {"path": str(src.resolve())}, **fields, "files": files}
+    manifest = {
+        **provenance("hf-fp8-checkpoint"),
+        "source": {"path": str(src.resolve())},
+        **fields,
+        "files": files,
+    }
     write_manifest(directory, manifest)
 
 

@@ -30,7 +30,9 @@ def print_summary(summary: Any, console: Console | None = None) -> None:
     for step, seconds in summary.seconds.items():
         table.add_row(step, f"{seconds:,.1f}")
     console.print(table)
-    memory = f"peak RSS {human(summary.peak_rss_bytes)} for a {human(summary.model_bytes)} checkpoint"
+    memory = (
+        f"peak RSS {human(summary.peak_rss_bytes)} for a {human(summary.model_bytes)} checkpoint"
+    )
     if summary.peak_gpu_bytes is not None:
         memory += f", peak GPU {human(summary.peak_gpu_bytes)}"
     console.print(memory)

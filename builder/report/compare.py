@@ -27,8 +27,15 @@ from pathlib import Path
 from builder.errors import UserError
 from builder.report.records import Metric, RecordKind, RunRecord, read_record
 
-GATED = ("request_throughput", "output_token_throughput", "output_token_throughput_per_user",
-         "ttft_p50", "tpot_p50", "itl_p50", "e2e_latency_p50")
+GATED = (
+    "request_throughput",
+    "output_token_throughput",
+    "output_token_throughput_per_user",
+    "ttft_p50",
+    "tpot_p50",
+    "itl_p50",
+    "e2e_latency_p50",
+)
 SHOWN = GATED + ("ttft_p99", "itl_p99", "peak_memory")
 ACCURACY = ("kl_mean", "kl_p99", "top1", "top1_agreement", "ppl_ratio", "greedy_prefix_mean")
 
@@ -79,19 +86,28 @@ class Comparison:
         return [r for r in self.rows if r.verdict(self.max_regression) == "REGRESSION"]
 
     def markdown(self) -> str:
-        lines = [(f"max regression {self.max_regression:.1%}; a regression must also exceed the "
-                 "measured spread (max - min over repeats) of either side"), "",
-                 "| workload | metric | base | current | change | spread | verdict |",
-                 "|---|---|---:|---:|---:|---:|---|"]
+        lines = [
+            (
+                f"max regression {self.max_regression:.1%}; a regression must also exceed the "
+                "measured spread (max - min over repeats) of either side"
+            ),
+            "",
+            "| workload | metric | base | current | change | spread | verdict |",
+            "|---|---|---:|---:|---:|---:|---|",
+        ]
         for r in self.rows:
             change = (r.current - r.base) / r.base if r.base else 0.0
-            lines.append(f"| {r.workload} | {r.metric} ({r.unit}) | {r.base:.4g} | {r.current:.4g} | "
-                         f"{change:+.1%} | {r.noise:.3g} | {r.verdict(self.max_regression)} |")
+            lines.append(
+                f"| {r.workload} | {r.metric} ({r.unit}) | {r.base:.4g} | {r.current:.4g} | "
+                f"{change:+.1%} | {r.noise:.3g} | {r.verdict(self.max_regression)} |"
+            )
         for note in self.unmatched + self.warnings:
             lines.append(f"\n- {note}")
         regressions = self.regressions
         lines.append("")
-        lines.append(f"**{len(regressions)} regression(s)**" if regressions else "**no regression**")
+        lines.append(
+            f"**{len(regressions)} regression(s)**" if regressions else "**no regression**"
+        )
         return "\n".join(lines)
 
 
@@ -123,7 +139,9 @@ def load_records(spec: str | Path, history: str | Path | None = None) -> list[Ru
     raise UserError(f"{path}: no such record file or directory")
 
 
-def latest_by_workload(records: Iterable[RunRecord], kind: RecordKind = RecordKind.BENCH) -> dict[str, RunRecord]:
+def latest_by_workload(
+    records: Iterable[RunRecord], kind: RecordKind = RecordKind.BENCH
+) -> dict[str, RunRecord]:
     out: dict[str, RunRecord] = {}
     for record in sorted((r for r in records if r.kind is kind), key=lambda r: r.created):
         out[str(record.settings.get("workload", ""))] = record
@@ -135,8 +153,12 @@ def _noise(a: Metric, b: Metric) -> float:
 
 
 # ---- the regression gate ----------------------------------------------------------------------
-def compare(base: list[RunRecord], current: list[RunRecord], max_regression: float = 0.05,
-            metrics: Iterable[str] | None = None) -> Comparison:
+def compare(
+    base: list[RunRecord],
+    current: list[RunRecord],
+    max_regression: float = 0.05,
+    metrics: Iterable[str] | None = None,
+) -> Comparison:
     gated = tuple(metrics) if metrics else GATED
     shown = gated + tuple(m for m in SHOWN if m not in gated)
     old, new = latest_by_workload(base), latest_by_workload(current)
@@ -148,13 +170,25 @@ def compare(base: list[RunRecord], current: list[RunRecord], max_regression: flo
             continue
         a, b = old[workload], new[workload]
         if (a.runtime, a.device) != (b.runtime, b.device):
-            result.warnings.append(f"{workload}: runtime/device differ ({a.runtime} on {a.device} vs "
-                                   f"{b.runtime} on {b.device})")
+            result.warnings.append(
+                f"{workload}: runtime/device differ ({a.runtime} on {a.device} vs "
+                f"{b.runtime} on {b.device})"
+            )
         for name in shown:
             if name in a.metrics and name in b.metrics:
                 ma, mb = a.metrics[name], b.metrics[name]
-                result.rows.append(Row(workload, name, ma.unit, ma.better, ma.value, mb.value,
-                                       _noise(ma, mb), name in gated))
+                result.rows.append(
+                    Row(
+                        workload,
+                        name,
+                        ma.unit,
+                        ma.better,
+                        ma.value,
+                        mb.value,
+                        _noise(ma, mb),
+                        name in gated,
+                    )
+                )
     if not result.rows:
         raise UserError("nothing to compare: no bench workload present in both BASE and CURRENT")
     return result
@@ -162,8 +196,10 @@ def compare(base: list[RunRecord], current: list[RunRecord], max_regression: flo
 
 def _workload_order(key: str) -> tuple:
     parts = dict(item.split("=", 1) for item in key.split(",") if "=" in item)
-    return tuple(int(parts.get(k, 0)) if str(parts.get(k, "0")).isdigit() else 0
-                 for k in ("isl", "osl", "concurrency"))
+    return tuple(
+        int(parts.get(k, 0)) if str(parts.get(k, "0")).isdigit() else 0
+        for k in ("isl", "osl", "concurrency")
+    )
 
 
 # ---- FP8 against BF16 ---------------------------------------------------------------------------
@@ -182,24 +218,42 @@ class PrecisionComparison:
         return row.current / row.base if row.better == "higher" else row.base / row.current
 
     def headline(self) -> str:
-        parts = [f"{self.speedup(r):.2f}x at concurrency {r.workload.rsplit('=', 1)[-1]}"
-                 for r in self.rows if r.metric == "output_token_throughput"]
-        return f"{self.candidate} vs {self.reference} output tokens/s: " + ", ".join(parts) if parts else ""
+        parts = [
+            f"{self.speedup(r):.2f}x at concurrency {r.workload.rsplit('=', 1)[-1]}"
+            for r in self.rows
+            if r.metric == "output_token_throughput"
+        ]
+        return (
+            f"{self.candidate} vs {self.reference} output tokens/s: " + ", ".join(parts)
+            if parts
+            else ""
+        )
 
     def markdown(self) -> str:
-        lines = [self.headline(), "",
-                 f"| workload | metric | {self.reference} | {self.candidate} | ratio | speed-up |",
-                 "|---|---|---:|---:|---:|---:|"]
+        lines = [
+            self.headline(),
+            "",
+            f"| workload | metric | {self.reference} | {self.candidate} | ratio | speed-up |",
+            "|---|---|---:|---:|---:|---:|",
+        ]
         for r in self.rows:
-            lines.append(f"| {r.workload} | {r.metric} ({r.unit}) | {r.base:.4g} | {r.current:.4g} | "
-                         f"{r.ratio:.3f} | {self.speedup(r):.2f}x |")
+            lines.append(
+                f"| {r.workload} | {r.metric} ({r.unit}) | {r.base:.4g} | {r.current:.4g} | "
+                f"{r.ratio:.3f} | {self.speedup(r):.2f}x |"
+            )
         if self.accuracy:
             names = sorted({k for values in self.accuracy.values() for k in values})
-            lines += ["", "| accuracy (verify) | " + " | ".join(names) + " |",
-                      "|---|" + "---:|" * len(names)]
+            lines += [
+                "",
+                "| accuracy (verify) | " + " | ".join(names) + " |",
+                "|---|" + "---:|" * len(names),
+            ]
             for label, values in self.accuracy.items():
-                lines.append(f"| {label} | " + " | ".join(
-                    f"{values[n]:.4g}" if n in values else "-" for n in names) + " |")
+                lines.append(
+                    f"| {label} | "
+                    + " | ".join(f"{values[n]:.4g}" if n in values else "-" for n in names)
+                    + " |"
+                )
         else:
             lines += ["", "accuracy: no verify records of either artifact were given"]
         lines += [f"- {w}" for w in self.warnings]
@@ -214,20 +268,34 @@ def accuracy_of(records: Iterable[RunRecord], sha256: str) -> dict[str, float]:
     return {k: m.value for k, m in latest.metrics.items() if k in ACCURACY or k.startswith("kl")}
 
 
-def compare_precision(reference: list[RunRecord], candidate: list[RunRecord],
-                      extra: Iterable[RunRecord] = ()) -> PrecisionComparison:
+def compare_precision(
+    reference: list[RunRecord], candidate: list[RunRecord], extra: Iterable[RunRecord] = ()
+) -> PrecisionComparison:
     """`candidate` (e.g. FP8) beside `reference` (its BF16 source), per workload and metric."""
     old, new = latest_by_workload(reference), latest_by_workload(candidate)
     rows, warnings = [], []
     for workload in sorted(set(old) & set(new), key=_workload_order):
         a, b = old[workload], new[workload]
         if (a.runtime, a.device) != (b.runtime, b.device):
-            warnings.append(f"{workload}: not the same runtime and machine ({a.runtime} on {a.device} "
-                            f"vs {b.runtime} on {b.device}): ratios mix effects")
+            warnings.append(
+                f"{workload}: not the same runtime and machine ({a.runtime} on {a.device} "
+                f"vs {b.runtime} on {b.device}): ratios mix effects"
+            )
         for name in SHOWN:
             if name in a.metrics and name in b.metrics:
                 ma, mb = a.metrics[name], b.metrics[name]
-                rows.append(Row(workload, name, ma.unit, ma.better, ma.value, mb.value, _noise(ma, mb), False))
+                rows.append(
+                    Row(
+                        workload,
+                        name,
+                        ma.unit,
+                        ma.better,
+                        ma.value,
+                        mb.value,
+                        _noise(ma, mb),
+                        False,
+                    )
+                )
     if not rows:
         raise UserError("precision compare: no workload benched for both artifacts")
     first_a, first_b = next(iter(old.values())), next(iter(new.values()))
@@ -237,7 +305,9 @@ def compare_precision(reference: list[RunRecord], candidate: list[RunRecord],
         values = accuracy_of(pool, record.artifact.sha256)
         if values:
             accuracy[f"{record.artifact.kind} {record.artifact.sha256[:10]}"] = values
-    return PrecisionComparison(first_a.artifact.kind, first_b.artifact.kind, rows, accuracy, warnings)
+    return PrecisionComparison(
+        first_a.artifact.kind, first_b.artifact.kind, rows, accuracy, warnings
+    )
 
 
 def parse_threshold(text: str) -> float:

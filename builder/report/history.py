@@ -81,9 +81,13 @@ class History:
         row = self.db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
         if row is None:
             with self.db:
-                self.db.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(TABLES_VERSION),))
+                self.db.execute(
+                    "INSERT INTO meta VALUES ('schema_version', ?)", (str(TABLES_VERSION),)
+                )
         elif int(row[0]) != TABLES_VERSION:
-            raise UserError(f"{self.path}: history tables version {row[0]}, this builder reads {TABLES_VERSION}")
+            raise UserError(
+                f"{self.path}: history tables version {row[0]}, this builder reads {TABLES_VERSION}"
+            )
 
     def close(self) -> None:
         self.db.close()
@@ -97,7 +101,9 @@ class History:
     def append(self, record: RunRecord) -> int:
         """Adds `record` (again: no-op) and returns its run id."""
         digest = record_digest(record)
-        existing = self.db.execute("SELECT id FROM runs WHERE record_sha256 = ?", (digest,)).fetchone()
+        existing = self.db.execute(
+            "SELECT id FROM runs WHERE record_sha256 = ?", (digest,)
+        ).fetchone()
         if existing:
             return int(existing[0])
         a = record.artifact
@@ -106,24 +112,49 @@ class History:
                 "INSERT INTO runs (record_sha256, created, kind, model, artifact_path, artifact_kind,"
                 " artifact_sha256, runtime, target, device, workload, git_commit, verdict, record)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (digest, record.created, str(record.kind), record.model, a.path, a.kind, a.sha256,
-                 record.runtime, record.target, record.device, workload_of(record),
-                 str(record.environment.get("git_commit", "")), str(record.verdict),
-                 json.dumps(record.to_json())),
+                (
+                    digest,
+                    record.created,
+                    str(record.kind),
+                    record.model,
+                    a.path,
+                    a.kind,
+                    a.sha256,
+                    record.runtime,
+                    record.target,
+                    record.device,
+                    workload_of(record),
+                    str(record.environment.get("git_commit", "")),
+                    str(record.verdict),
+                    json.dumps(record.to_json()),
+                ),
             )
             run_id = int(cursor.lastrowid)
             self.db.executemany(
                 "INSERT INTO metrics VALUES (?, ?, ?, ?, ?, ?, ?)",
-                [(run_id, name, m.value, m.unit, m.better, m.spread, json.dumps(list(m.repeats)))
-                 for name, m in record.metrics.items()],
+                [
+                    (run_id, name, m.value, m.unit, m.better, m.spread, json.dumps(list(m.repeats)))
+                    for name, m in record.metrics.items()
+                ],
             )
         return run_id
 
-    def query(self, model: str | None = None, artifact: str | None = None, kind: str | None = None,
-              runtime: str | None = None, workload: str | None = None) -> list[RunRecord]:
+    def query(
+        self,
+        model: str | None = None,
+        artifact: str | None = None,
+        kind: str | None = None,
+        runtime: str | None = None,
+        workload: str | None = None,
+    ) -> list[RunRecord]:
         """Records in insertion order; `artifact` matches its sha256 (or a prefix) or its path."""
         clauses, params = [], []
-        for column, value in (("model", model), ("kind", kind), ("runtime", runtime), ("workload", workload)):
+        for column, value in (
+            ("model", model),
+            ("kind", kind),
+            ("runtime", runtime),
+            ("workload", workload),
+        ):
             if value is not None:
                 clauses.append(f"{column} = ?")
                 params.append(value)
@@ -132,10 +163,12 @@ class History:
             params += [artifact + "%", artifact]
         where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
         rows = self.db.execute(f"SELECT id, record FROM runs{where} ORDER BY id", params).fetchall()
-        return [RunRecord.from_json(json.loads(text), source=f"{self.path} run {rid}") for rid, text in rows]
+        return [
+            RunRecord.from_json(json.loads(text), source=f"{self.path} run {rid}")
+            for rid, text in rows
+        ]
 
 
 def append_records(path: str | Path, records: list[RunRecord]) -> list[int]:
     with History(path) as history:
         return [history.append(r) for r in records]
-

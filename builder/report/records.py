@@ -57,7 +57,9 @@ class Metric:
         return (max(self.repeats) - min(self.repeats)) if len(self.repeats) > 1 else 0.0
 
     @classmethod
-    def from_repeats(cls, values: list[float], unit: str, definition: str, better: str = "none") -> Metric:
+    def from_repeats(
+        cls, values: list[float], unit: str, definition: str, better: str = "none"
+    ) -> Metric:
         return cls(statistics.median(values), unit, definition, better, tuple(values))
 
     def to_json(self) -> dict[str, Any]:
@@ -66,8 +68,11 @@ class Metric:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Metric:
         return cls(
-            float(data["value"]), str(data["unit"]), str(data.get("definition", "")),
-            str(data.get("better", "none")), tuple(float(v) for v in data.get("repeats", ())),
+            float(data["value"]),
+            str(data["unit"]),
+            str(data.get("definition", "")),
+            str(data.get("better", "none")),
+            tuple(float(v) for v in data.get("repeats", ())),
         )
 
 
@@ -122,7 +127,9 @@ class RunRecord:
             raise UserError(f"{source}: not a builder run record (schema {SCHEMA_NAME!r} expected)")
         version = data.get("schema_version")
         if version != SCHEMA_VERSION:
-            raise UserError(f"{source}: schema_version {version!r}, this builder reads {SCHEMA_VERSION}")
+            raise UserError(
+                f"{source}: schema_version {version!r}, this builder reads {SCHEMA_VERSION}"
+            )
         try:
             return cls(
                 kind=RecordKind(data["kind"]),
@@ -140,7 +147,9 @@ class RunRecord:
                 created=str(data["created"]),
             )
         except (KeyError, TypeError, ValueError) as err:
-            raise UserError(f"{source}: malformed run record ({type(err).__name__}: {err})") from None
+            raise UserError(
+                f"{source}: malformed run record ({type(err).__name__}: {err})"
+            ) from None
 
 
 def current_environment() -> dict[str, Any]:
@@ -163,8 +172,12 @@ def git_commit() -> str:
     here = Path(__file__).resolve().parent
     try:
         out = subprocess.run(
-            ["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True, check=False,
-            timeout=5, env={**os.environ, "GIT_TERMINAL_PROMPT": "0"},
+            ["git", "-C", str(here), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=5,
+            env={**os.environ, "GIT_TERMINAL_PROMPT": "0"},
         )
     except (OSError, subprocess.TimeoutExpired):
         return ""

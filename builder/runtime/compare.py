@@ -28,14 +28,18 @@ class Comparison:
         return asdict(self)
 
 
-def compare_logits(actual: torch.Tensor, reference: torch.Tensor, dtype: str = "float32") -> Comparison:
+def compare_logits(
+    actual: torch.Tensor, reference: torch.Tensor, dtype: str = "float32"
+) -> Comparison:
     actual, reference = actual.float(), reference.float()
     if actual.shape != reference.shape:
         raise ValueError(f"logit shapes differ: {tuple(actual.shape)} vs {tuple(reference.shape)}")
     diff = (actual - reference).abs().max().item()
     scale = reference.abs().max().item()
     agree = (actual.argmax(-1) == reference.argmax(-1)).float().mean().item()
-    return Comparison(diff, diff / scale if scale else diff, scale, reference.shape[-2], agree, dtype)
+    return Comparison(
+        diff, diff / scale if scale else diff, scale, reference.shape[-2], agree, dtype
+    )
 
 
 def prompt_ids(hf_dir: str | Path, prompt: str) -> torch.Tensor:
@@ -48,7 +52,9 @@ def prompt_ids(hf_dir: str | Path, prompt: str) -> torch.Tensor:
     return torch.tensor([tokenizer(prompt, add_special_tokens=False)["input_ids"]])
 
 
-def reference_logits(hf_dir: str | Path, input_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def reference_logits(
+    hf_dir: str | Path, input_ids: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor:
     from builder.model import load_reference_model
 
     model = load_reference_model(hf_dir, dtype=dtype)
@@ -70,4 +76,6 @@ def compare_with_reference(
     ids = ids[None] if ids.dim() == 1 else ids
     with TrtllmCheckpointExecutor(trtllm_dir, dtype=dtype) as executor:
         actual = executor(ids)
-    return compare_logits(actual, reference_logits(hf_dir, ids, dtype), str(dtype).removeprefix("torch."))
+    return compare_logits(
+        actual, reference_logits(hf_dir, ids, dtype), str(dtype).removeprefix("torch.")
+    )

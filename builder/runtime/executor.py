@@ -122,8 +122,13 @@ class KVCache:
     slots belong to no position and are masked out.
     """
 
-    def __init__(self, executor: TrtllmCheckpointExecutor, batch: int, capacity: int,
-                 pad: list[int] | None = None):
+    def __init__(
+        self,
+        executor: TrtllmCheckpointExecutor,
+        batch: int,
+        capacity: int,
+        pad: list[int] | None = None,
+    ):
         self.batch, self.capacity = batch, capacity
         self.pad = list(pad) if pad is not None else [0] * batch
         if len(self.pad) != batch:
@@ -151,29 +156,33 @@ class KVCache:
 
     def window(self, seq: int, executor: TrtllmCheckpointExecutor) -> Window:
         if self.length + seq > self.capacity:
-            raise ValueError(f"KV cache full: {self.length} + {seq} tokens > capacity {self.capacity}")
+            raise ValueError(
+                f"KV cache full: {self.length} + {seq} tokens > capacity {self.capacity}"
+            )
         cos, sin = executor.rope_at(padded_positions(seq, self.length, self.pad, self.device))
         causal_alone = not any(self.pad) and (seq == 1 or self.length == 0)
         mask = None if causal_alone else padded_mask(seq, self.length, self.pad, self.device)
         return Window(cos, sin, mask, self)
 
-    def append(self, rank: int, layer: int, k: torch.Tensor, v: torch.Tensor,
-               scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def append(
+        self, rank: int, layer: int, k: torch.Tensor, v: torch.Tensor, scale: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Stores k, v [batch, heads, seq, hd] after the filled slots; returns all keys and
         values so far in the compute dtype."""
         end = self.length + k.shape[2]
         keys, values = self.keys[rank, layer], self.values[rank, layer]
         if scale is None:
-            keys[:, :, self.length:end], values[:, :, self.length:end] = k, v
+            keys[:, :, self.length : end], values[:, :, self.length : end] = k, v
             return keys[:, :, :end], values[:, :, :end]
-        keys[:, :, self.length:end] = fp8_quantize(k, scale)
-        values[:, :, self.length:end] = fp8_quantize(v, scale)
-        return (fp8_dequantize(keys[:, :, :end], scale).to(self.dtype),
-                fp8_dequantize(values[:, :, :end], scale).to(self.dtype))
+        keys[:, :, self.length : end] = fp8_quantize(k, scale)
+        values[:, :, self.length : end] = fp8_quantize(v, scale)
+        return (
+            fp8_dequantize(keys[:, :, :end], scale).to(self.dtype),
+            fp8_dequantize(values[:, :, :end], scale).to(self.dtype),
+        )
 
     def advance(self, seq: int) -> None:
         self.length += seq
-
 
 
 class TrtllmCheckpointExecutor:
@@ -212,7 +221,9 @@ class TrtllmCheckpointExecutor:
             if not path.is_file():
                 raise UserError(f"{path}: missing (world size {self.tp * self.pp})")
             self._files.append(self._stack.enter_context(safe_open(str(path), framework="pt")))
-        self.inv_freq = rope_inv_freq(self.plan.head_dim, self.plan.rope_theta, self.plan.rope_scaling)
+        self.inv_freq = rope_inv_freq(
+            self.plan.head_dim, self.plan.rope_theta, self.plan.rope_scaling
+        )
 
     def close(self) -> None:
         self._stack.close()
@@ -231,7 +242,9 @@ class TrtllmCheckpointExecutor:
         try:
             tensor = self._files[rank].get_tensor(name).to(self.device)
         except SafetensorError as err:
-            raise UserError(f"{self.directory / rank_file_name(rank)}: tensor {name!r} unavailable ({err})") from None
+            raise UserError(
+                f"{self.directory / rank_file_name(rank)}: tensor {name!r} unavailable ({err})"
+            ) from None
         if self._kept is not None:
             self._kept[rank, name] = tensor
         return tensor
@@ -365,8 +378,10 @@ class TrtllmCheckpointExecutor:
             if cache is not None:
                 logits = self.prefill(ids, cache) if step == 0 else self.decode_step(token, cache)
             else:
-                window = Window(*self.rope_at(padded_positions(ids.shape[1], 0, pad, self.device)),
-                                mask=padded_mask(ids.shape[1], 0, pad, self.device))
+                window = Window(
+                    *self.rope_at(padded_positions(ids.shape[1], 0, pad, self.device)),
+                    mask=padded_mask(ids.shape[1], 0, pad, self.device),
+                )
                 logits = self.run_layers(ids, window)[:, -1]
             token = logits.argmax(-1)
             chosen = token.tolist()  # waits for the device: the step's tokens are ready
@@ -391,24 +406,50 @@ class TrtllmCheckpointExecutor:
 
     # ---- layers -----------------------------------------------------------------------------------
     def layer(
-        self, x: torch.Tensor, layer: LayerPlan, local: int, ranks: list[int], cos: torch.Tensor, sin: torch.Tensor
+        self,
+        x: torch.Tensor,
+        layer: LayerPlan,
+        local: int,
+        ranks: list[int],
+        cos: torch.Tensor,
+        sin: torch.Tensor,
     ) -> torch.Tensor:
         """One decoder block on its own (positions from 0, causal, no cache)."""
         return self.block(x, layer, local, ranks, Window(cos, sin))
 
-    def block(self, x: torch.Tensor, layer: LayerPlan, local: int, ranks: list[int], window: Window) -> torch.Tensor:
+    def block(
+        self, x: torch.Tensor, layer: LayerPlan, local: int, ranks: list[int], window: Window
+    ) -> torch.Tensor:
         prefix = f"transformer.layers.{local}"
         if layer.attention is AttentionKind.ATTENTION:
             x = x + all_reduce([self.attention(r, prefix, layer, x, window) for r in ranks])
         elif layer.attention is AttentionKind.LINEAR:
-            x = x + all_gather([self.linear(r, f"{prefix}.attention", self.norm(r, f"{prefix}.input_layernorm.weight", x)) for r in ranks])
+            x = x + all_gather(
+                [
+                    self.linear(
+                        r,
+                        f"{prefix}.attention",
+                        self.norm(r, f"{prefix}.input_layernorm.weight", x),
+                    )
+                    for r in ranks
+                ]
+            )
         if layer.ffn is FfnKind.MLP:
             x = x + all_reduce([self.mlp(r, prefix, x) for r in ranks])
         elif layer.ffn is FfnKind.LINEAR:
-            x = x + all_gather([self.linear(r, f"{prefix}.ffn", self.norm(r, f"{prefix}.post_layernorm.weight", x)) for r in ranks])
+            x = x + all_gather(
+                [
+                    self.linear(
+                        r, f"{prefix}.ffn", self.norm(r, f"{prefix}.post_layernorm.weight", x)
+                    )
+                    for r in ranks
+                ]
+            )
         return x
 
-    def attention(self, rank: int, prefix: str, layer: LayerPlan, x: torch.Tensor, window: Window) -> torch.Tensor:
+    def attention(
+        self, rank: int, prefix: str, layer: LayerPlan, x: torch.Tensor, window: Window
+    ) -> torch.Tensor:
         """This rank's partial attention output (its heads through its slice of `dense`)."""
         hd = self.plan.head_dim
         q_heads = self.plan.num_attention_heads // self.tp
@@ -444,11 +485,15 @@ class TrtllmCheckpointExecutor:
     def mlp(self, rank: int, prefix: str, x: torch.Tensor) -> torch.Tensor:
         """This rank's partial MLP output: proj(silu(fc(x)) * gate(x)) on its slice of the width."""
         h = self.norm(rank, f"{prefix}.post_layernorm.weight", x)
-        inner = F.silu(self.linear(rank, f"{prefix}.ffn.fc", h)) * self.linear(rank, f"{prefix}.ffn.gate", h)
+        inner = F.silu(self.linear(rank, f"{prefix}.ffn.fc", h)) * self.linear(
+            rank, f"{prefix}.ffn.gate", h
+        )
         return self.linear(rank, f"{prefix}.ffn.proj", inner)
 
     def lm_head(self, x: torch.Tensor, ranks: list[int]) -> torch.Tensor:
-        parts = [self.linear(r, "lm_head", self.norm(r, "transformer.ln_f.weight", x)) for r in ranks]
+        parts = [
+            self.linear(r, "lm_head", self.norm(r, "transformer.ln_f.weight", x)) for r in ranks
+        ]
         return all_gather(parts)[..., : self.plan.vocab_size].float()
 
 
@@ -479,7 +524,9 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: Any) -> torch.Tensor:
     if kind in (None, "default"):
         return inv
     if kind != "llama3":
-        raise UserError(f"rotary_scaling type {kind!r} is not supported by the executor (llama3 only)")
+        raise UserError(
+            f"rotary_scaling type {kind!r} is not supported by the executor (llama3 only)"
+        )
     factor = scaling["factor"]
     low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
     original = scaling["original_max_position_embeddings"]
@@ -506,7 +553,9 @@ def fp8_round_trip(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return fp8_dequantize(fp8_quantize(x, scale), scale)
 
 
-def fp8_linear(x: torch.Tensor, weight: torch.Tensor, w_scale: torch.Tensor, a_scale: torch.Tensor) -> torch.Tensor:
+def fp8_linear(
+    x: torch.Tensor, weight: torch.Tensor, w_scale: torch.Tensor, a_scale: torch.Tensor
+) -> torch.Tensor:
     """Per-tensor FP8 GEMM emulated: e4m3(x / a_scale) @ e4m3(W).T * (w_scale * a_scale), float32."""
     xq = (x.float() / a_scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float()
     return F.linear(xq, weight.float()) * (w_scale * a_scale)
@@ -526,7 +575,10 @@ def fp8_linear_tensor_cores(
     if pad:
         xq = torch.cat([xq, xq.new_zeros(pad, xq.shape[1])])
     out = torch._scaled_mm(
-        xq, weight.t(), scale_a=a_scale.reshape(()).float(), scale_b=w_scale.reshape(()).float(),
+        xq,
+        weight.t(),
+        scale_a=a_scale.reshape(()).float(),
+        scale_b=w_scale.reshape(()).float(),
         out_dtype=torch.float32,
     )
     return out[: rows.shape[0]].reshape(*x.shape[:-1], weight.shape[0])

@@ -27,8 +27,19 @@ def _kernels():
     import triton.language as tl
 
     @triton.jit
-    def add_rms_norm(x_ptr, d_ptr, w_ptr, x_out_ptr, h_ptr, scale_ptr, H, eps,
-                     BLOCK: tl.constexpr, QUANT: tl.constexpr, FP8_MAX: tl.constexpr):
+    def add_rms_norm(
+        x_ptr,
+        d_ptr,
+        w_ptr,
+        x_out_ptr,
+        h_ptr,
+        scale_ptr,
+        H,
+        eps,
+        BLOCK: tl.constexpr,
+        QUANT: tl.constexpr,
+        FP8_MAX: tl.constexpr,
+    ):
         row = tl.program_id(0).to(tl.int64) * H
         cols = tl.arange(0, BLOCK)
         ok = cols < H
@@ -45,13 +56,24 @@ def _kernels():
         if QUANT:
             q = out.to(tl.float32) / tl.load(scale_ptr)
             q = tl.minimum(tl.maximum(q, -FP8_MAX), FP8_MAX)
-            tl.store(h_ptr + row + cols, q.to(h_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=ok)
+            tl.store(
+                h_ptr + row + cols,
+                q.to(h_ptr.dtype.element_ty, fp_downcast_rounding="rtne"),
+                mask=ok,
+            )
         else:
             tl.store(h_ptr + row + cols, out, mask=ok)
 
     @triton.jit
-    def silu_mul(fg_ptr, out_ptr, scale_ptr, W, BLOCK: tl.constexpr,
-                 QUANT: tl.constexpr, FP8_MAX: tl.constexpr):
+    def silu_mul(
+        fg_ptr,
+        out_ptr,
+        scale_ptr,
+        W,
+        BLOCK: tl.constexpr,
+        QUANT: tl.constexpr,
+        FP8_MAX: tl.constexpr,
+    ):
         row = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         ok = cols < W
@@ -63,14 +85,34 @@ def _kernels():
         if QUANT:
             q = out.to(tl.float32) / tl.load(scale_ptr)
             q = tl.minimum(tl.maximum(q, -FP8_MAX), FP8_MAX)
-            tl.store(out_ptr + row * W + cols, q.to(out_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=ok)
+            tl.store(
+                out_ptr + row * W + cols,
+                q.to(out_ptr.dtype.element_ty, fp_downcast_rounding="rtne"),
+                mask=ok,
+            )
         else:
             tl.store(out_ptr + row * W + cols, out, mask=ok)
 
     @triton.jit
-    def rope_cache(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, k_cache_ptr, v_cache_ptr, kv_scale_ptr,
-                   S, QH, KVH, MAX_SEQ, CACHE_BATCH_STRIDE, HD: tl.constexpr, DECODE: tl.constexpr,
-                   FP8_KV: tl.constexpr, FP8_MAX: tl.constexpr):
+    def rope_cache(
+        qkv_ptr,
+        cos_ptr,
+        sin_ptr,
+        pos_ptr,
+        q_ptr,
+        k_cache_ptr,
+        v_cache_ptr,
+        kv_scale_ptr,
+        S,
+        QH,
+        KVH,
+        MAX_SEQ,
+        CACHE_BATCH_STRIDE,
+        HD: tl.constexpr,
+        DECODE: tl.constexpr,
+        FP8_KV: tl.constexpr,
+        FP8_MAX: tl.constexpr,
+    ):
         token = tl.program_id(0)
         head = tl.program_id(1)
         b, s = token // S, token % S
@@ -86,24 +128,44 @@ def _kernels():
             s1 = tl.load(sin_ptr + pos * HD + half).to(tl.float32)
             s2 = tl.load(sin_ptr + pos * HD + HD // 2 + half).to(tl.float32)
             a1, a2 = x1.to(tl.float32), x2.to(tl.float32)
-            o1 = ((a1 * c1).to(dtype, fp_downcast_rounding="rtne").to(tl.float32)
-                  + (-a2 * s1).to(dtype, fp_downcast_rounding="rtne").to(tl.float32)).to(dtype, fp_downcast_rounding="rtne")
-            o2 = ((a2 * c2).to(dtype, fp_downcast_rounding="rtne").to(tl.float32)
-                  + (a1 * s2).to(dtype, fp_downcast_rounding="rtne").to(tl.float32)).to(dtype, fp_downcast_rounding="rtne")
+            o1 = (
+                (a1 * c1).to(dtype, fp_downcast_rounding="rtne").to(tl.float32)
+                + (-a2 * s1).to(dtype, fp_downcast_rounding="rtne").to(tl.float32)
+            ).to(dtype, fp_downcast_rounding="rtne")
+            o2 = (
+                (a2 * c2).to(dtype, fp_downcast_rounding="rtne").to(tl.float32)
+                + (a1 * s2).to(dtype, fp_downcast_rounding="rtne").to(tl.float32)
+            ).to(dtype, fp_downcast_rounding="rtne")
         else:
             o1, o2 = x1, x2
         if head >= QH and FP8_KV:  # the FP8 KV cache's values: e4m3(x / scale) * scale
             scale = tl.load(kv_scale_ptr)
-            o1 = (tl.minimum(tl.maximum(o1.to(tl.float32) / scale, -FP8_MAX), FP8_MAX)
-                  .to(tl.float8e4nv, fp_downcast_rounding="rtne").to(tl.float32) * scale).to(dtype)
-            o2 = (tl.minimum(tl.maximum(o2.to(tl.float32) / scale, -FP8_MAX), FP8_MAX)
-                  .to(tl.float8e4nv, fp_downcast_rounding="rtne").to(tl.float32) * scale).to(dtype)
+            o1 = (
+                tl.minimum(tl.maximum(o1.to(tl.float32) / scale, -FP8_MAX), FP8_MAX)
+                .to(tl.float8e4nv, fp_downcast_rounding="rtne")
+                .to(tl.float32)
+                * scale
+            ).to(dtype)
+            o2 = (
+                tl.minimum(tl.maximum(o2.to(tl.float32) / scale, -FP8_MAX), FP8_MAX)
+                .to(tl.float8e4nv, fp_downcast_rounding="rtne")
+                .to(tl.float32)
+                * scale
+            ).to(dtype)
         if head < QH:
             out = q_ptr + ((b * QH + head) * S + s).to(tl.int64) * HD
         elif head < QH + KVH:
-            out = k_cache_ptr + b.to(tl.int64) * CACHE_BATCH_STRIDE + ((head - QH) * MAX_SEQ + pos) * HD
+            out = (
+                k_cache_ptr
+                + b.to(tl.int64) * CACHE_BATCH_STRIDE
+                + ((head - QH) * MAX_SEQ + pos) * HD
+            )
         else:
-            out = v_cache_ptr + b.to(tl.int64) * CACHE_BATCH_STRIDE + ((head - QH - KVH) * MAX_SEQ + pos) * HD
+            out = (
+                v_cache_ptr
+                + b.to(tl.int64) * CACHE_BATCH_STRIDE
+                + ((head - QH - KVH) * MAX_SEQ + pos) * HD
+            )
         tl.store(out + half, o1)
         tl.store(out + HD // 2 + half, o2)
 
@@ -117,12 +179,26 @@ def add_norm(x, delta, weight, eps, a_scale=None):
     hidden = x.shape[-1]
     rows = x.numel() // hidden
     x_out = torch.empty_like(x)
-    h = torch.empty(x.shape, dtype=torch.float8_e4m3fn if a_scale is not None else x.dtype, device=x.device)
+    h = torch.empty(
+        x.shape, dtype=torch.float8_e4m3fn if a_scale is not None else x.dtype, device=x.device
+    )
     block = triton.next_power_of_2(hidden)
     warps = max(4, min(32, block // 512))
     x, delta = x.contiguous(), delta.contiguous()
-    _kernels()[0][(rows,)](x, delta, weight, x_out, h, a_scale if a_scale is not None else weight, hidden, eps,
-                           BLOCK=block, QUANT=a_scale is not None, FP8_MAX=FP8_MAX, num_warps=warps)
+    _kernels()[0][(rows,)](
+        x,
+        delta,
+        weight,
+        x_out,
+        h,
+        a_scale if a_scale is not None else weight,
+        hidden,
+        eps,
+        BLOCK=block,
+        QUANT=a_scale is not None,
+        FP8_MAX=FP8_MAX,
+        num_warps=warps,
+    )
     return x_out, h
 
 
@@ -135,12 +211,24 @@ def silu_mul(fc_gate, width, a_scale=None):
     import triton
 
     rows = fc_gate.numel() // (2 * width)
-    out = torch.empty(*fc_gate.shape[:-1], width, device=fc_gate.device,
-                      dtype=torch.float8_e4m3fn if a_scale is not None else fc_gate.dtype)
+    out = torch.empty(
+        *fc_gate.shape[:-1],
+        width,
+        device=fc_gate.device,
+        dtype=torch.float8_e4m3fn if a_scale is not None else fc_gate.dtype,
+    )
     block = 1024
     grid = (rows, triton.cdiv(width, block))
-    _kernels()[1][grid](fc_gate.contiguous(), out, a_scale if a_scale is not None else fc_gate, width,
-                        BLOCK=block, QUANT=a_scale is not None, FP8_MAX=FP8_MAX, num_warps=4)
+    _kernels()[1][grid](
+        fc_gate.contiguous(),
+        out,
+        a_scale if a_scale is not None else fc_gate,
+        width,
+        BLOCK=block,
+        QUANT=a_scale is not None,
+        FP8_MAX=FP8_MAX,
+        num_warps=4,
+    )
     return out
 
 
@@ -148,13 +236,31 @@ def silu_mul_quant(fc_gate, width, a_scale):
     return silu_mul(fc_gate, width, a_scale)
 
 
-def rope_cache(qkv, cos, sin, pos, k_cache, v_cache, q_heads, kv_heads, head_dim, kv_scale=None, decode=False):
+def rope_cache(
+    qkv, cos, sin, pos, k_cache, v_cache, q_heads, kv_heads, head_dim, kv_scale=None, decode=False
+):
     """q [batch, q_heads, seq, head_dim] rotated; k (rotated) and v written into the caches at
     positions 0..seq-1 (prefill) or at `pos` (decode, seq 1), FP8-rounded when `kv_scale`."""
     batch, seq, _ = qkv.shape
     q = torch.empty(batch, q_heads, seq, head_dim, dtype=qkv.dtype, device=qkv.device)
     _kernels()[2][(batch * seq, q_heads + 2 * kv_heads)](
-        qkv.contiguous(), cos, sin, pos, q, k_cache, v_cache, kv_scale if kv_scale is not None else cos,
-        seq, q_heads, kv_heads, k_cache.shape[2], k_cache.stride(0), HD=head_dim, DECODE=decode,
-        FP8_KV=kv_scale is not None, FP8_MAX=FP8_MAX, num_warps=1)
+        qkv.contiguous(),
+        cos,
+        sin,
+        pos,
+        q,
+        k_cache,
+        v_cache,
+        kv_scale if kv_scale is not None else cos,
+        seq,
+        q_heads,
+        kv_heads,
+        k_cache.shape[2],
+        k_cache.stride(0),
+        HD=head_dim,
+        DECODE=decode,
+        FP8_KV=kv_scale is not None,
+        FP8_MAX=FP8_MAX,
+        num_warps=1,
+    )
     return q

@@ -46,8 +46,16 @@ def _kernel():
 
     configs = [
         triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-        for bn, bk, w, s in [(16, 512, 4, 4), (32, 256, 4, 4), (32, 512, 4, 3), (64, 256, 4, 4),
-                             (64, 128, 4, 5), (128, 128, 4, 4), (16, 1024, 4, 3), (32, 1024, 8, 3)]
+        for bn, bk, w, s in [
+            (16, 512, 4, 4),
+            (32, 256, 4, 4),
+            (32, 512, 4, 3),
+            (64, 256, 4, 4),
+            (64, 128, 4, 5),
+            (128, 128, 4, 4),
+            (16, 1024, 4, 3),
+            (32, 1024, 8, 3),
+        ]
     ]
 
     def bench(fn, quantiles):  # short trials; do_bench flushes the L2 before each one
@@ -55,8 +63,9 @@ def _kernel():
 
     @triton.autotune(configs=configs, key=["M", "N", "K"], do_bench=bench)
     @triton.jit
-    def skinny(x_ptr, w_ptr, scale_ptr, y_ptr, M, N, K,
-               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    def skinny(
+        x_ptr, w_ptr, scale_ptr, y_ptr, M, N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr
+    ):
         rows = tl.arange(0, 16)
         cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok, col_ok = rows < M, cols < N
@@ -70,13 +79,18 @@ def _kernel():
             w = tl.load(w_base + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
             acc = tl.dot(x, tl.trans(w), acc)
         out = acc * tl.load(scale_ptr)
-        tl.store(y_ptr + rows[:, None] * N + cols[None, :], out.to(y_ptr.dtype.element_ty),
-                 mask=row_ok[:, None] & col_ok[None, :])
+        tl.store(
+            y_ptr + rows[:, None] * N + cols[None, :],
+            out.to(y_ptr.dtype.element_ty),
+            mask=row_ok[:, None] & col_ok[None, :],
+        )
 
     return skinny
 
 
-def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+def skinny_gemm(
+    x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, out_dtype: torch.dtype
+) -> torch.Tensor:
     """x [M <= 16, K] (same dtype as the weight) @ weight [N, K]^T x scale (0-dim fp32) -> [M, N]."""
     import triton
 
@@ -93,7 +107,9 @@ class Chooser:
     def __init__(self):
         self.choices: dict[tuple, str] = {}
 
-    def run(self, key: tuple, cublas: Callable[[], torch.Tensor], triton_fn: Callable[[], torch.Tensor]) -> torch.Tensor:
+    def run(
+        self, key: tuple, cublas: Callable[[], torch.Tensor], triton_fn: Callable[[], torch.Tensor]
+    ) -> torch.Tensor:
         choice = self.choices.get(key)
         if choice is None:
             if torch.cuda.is_current_stream_capturing():
@@ -108,13 +124,23 @@ class Chooser:
         expected, got = cublas().float(), triton_fn().float()  # the first call autotunes
         if not bool(((got - expected).norm() <= 1e-2 * expected.norm()).item()):
             return "cublas (triton result rejected)"
-        times = {name: triton.testing.do_bench(fn, warmup=5, rep=40, return_mode="median")
-                 for name, fn in (("cublas", cublas), ("triton", triton_fn))}
+        times = {
+            name: triton.testing.do_bench(fn, warmup=5, rep=40, return_mode="median")
+            for name, fn in (("cublas", cublas), ("triton", triton_fn))
+        }
         return min(times, key=times.get)
 
     def summary(self) -> list[dict]:
-        return [{"rows": k[0], "n": k[1], "k": k[2], "dtype": str(k[3]).removeprefix("torch."), "path": v}
-                for k, v in sorted(self.choices.items(), key=str)]
+        return [
+            {
+                "rows": k[0],
+                "n": k[1],
+                "k": k[2],
+                "dtype": str(k[3]).removeprefix("torch."),
+                "path": v,
+            }
+            for k, v in sorted(self.choices.items(), key=str)
+        ]
 
 
 CHOOSER = Chooser()

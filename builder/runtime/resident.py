@@ -122,8 +122,14 @@ def silu_mul_quant(fc_gate, width, a_scale):
     return quantize(silu_mul(fc_gate, width), a_scale)
 
 
-def split_rotate(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, q_heads: int, kv_heads: int,
-                 head_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def split_rotate(
+    qkv: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    q_heads: int,
+    kv_heads: int,
+    head_dim: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """q, k, v as [batch, heads, seq, head_dim] from a rank's qkv output; q and k rotated."""
     batch, seq, _ = qkv.shape
     q, k, v = qkv.split([q_heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
@@ -143,8 +149,15 @@ class Kernels:
     Triton kernels (`triton=True`), the rest compiled once per process (shape-generic)."""
 
     _compiled: ClassVar[dict[str, Callable]] = {}
-    NAMES = ("add_norm", "add_norm_quant", "silu_mul", "silu_mul_quant", "quantize", "split_rotate",
-             "softmax_attend")
+    NAMES = (
+        "add_norm",
+        "add_norm_quant",
+        "silu_mul",
+        "silu_mul_quant",
+        "quantize",
+        "split_rotate",
+        "softmax_attend",
+    )
     TRITON = ("add_norm", "add_norm_quant", "silu_mul", "silu_mul_quant")
 
     def __init__(self, compile: bool, triton: bool = False):
@@ -154,7 +167,9 @@ class Kernels:
 
             for limit in ("recompile_limit", "cache_size_limit"):
                 if hasattr(torch._dynamo.config, limit):
-                    setattr(torch._dynamo.config, limit, max(64, getattr(torch._dynamo.config, limit)))
+                    setattr(
+                        torch._dynamo.config, limit, max(64, getattr(torch._dynamo.config, limit))
+                    )
         for name in self.NAMES:
             fn = source[name]
             if triton and name in self.TRITON:
@@ -188,10 +203,17 @@ class DenseLinear:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1])
-        if self.gemv and rows.shape[0] <= matvec.MAX_ROWS and x.dtype == self.weight.dtype != torch.float32:
+        if (
+            self.gemv
+            and rows.shape[0] <= matvec.MAX_ROWS
+            and x.dtype == self.weight.dtype != torch.float32
+        ):
             key = (rows.shape[0], *self.weight.shape, self.weight.dtype)
-            out = matvec.CHOOSER.run(key, lambda: F.linear(rows, self.weight),
-                                     lambda: matvec.skinny_gemm(rows, self.weight, self.one, x.dtype))
+            out = matvec.CHOOSER.run(
+                key,
+                lambda: F.linear(rows, self.weight),
+                lambda: matvec.skinny_gemm(rows, self.weight, self.one, x.dtype),
+            )
             return out.reshape(*x.shape[:-1], self.out_features)
         return F.linear(x, self.weight)
 
@@ -203,8 +225,16 @@ class DenseLinear:
 class Fp8Linear:
     """Per-tensor FP8 GEMM of an e4m3 activation (quantized by the op before) with e4m3 W."""
 
-    def __init__(self, weight: torch.Tensor, w_scale: torch.Tensor, a_scale: torch.Tensor,
-                 gemm: str, dtype: torch.dtype, row_multiple: int, gemv: bool = False):
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        w_scale: torch.Tensor,
+        a_scale: torch.Tensor,
+        gemm: str,
+        dtype: torch.dtype,
+        row_multiple: int,
+        gemv: bool = False,
+    ):
         self.weight = weight  # row-major [out, in]: the matrix-vector kernel's operand
         self.weight_t = weight.t()  # column-major [in, out]: _scaled_mm's second operand
         self.w_scale = w_scale.reshape(()).float()
@@ -221,8 +251,11 @@ class Fp8Linear:
         rows = xq.reshape(-1, xq.shape[-1])
         if self.gemv and rows.shape[0] <= matvec.MAX_ROWS:
             key = (rows.shape[0], *self.weight.shape, self.weight.dtype, self.dtype)
-            out = matvec.CHOOSER.run(key, lambda: self.cublas(rows),
-                                     lambda: matvec.skinny_gemm(rows, self.weight, self.scale, self.dtype))
+            out = matvec.CHOOSER.run(
+                key,
+                lambda: self.cublas(rows),
+                lambda: matvec.skinny_gemm(rows, self.weight, self.scale, self.dtype),
+            )
         else:
             out = self.cublas(rows)
         return out.reshape(*xq.shape[:-1], self.out_features)
@@ -231,8 +264,9 @@ class Fp8Linear:
         pad = -rows.shape[0] % self.row_multiple
         if pad:
             rows = torch.cat([rows, rows.new_zeros(pad, rows.shape[1])])
-        out = torch._scaled_mm(rows, self.weight_t, scale_a=self.a_scale, scale_b=self.w_scale,
-                               out_dtype=self.dtype)
+        out = torch._scaled_mm(
+            rows, self.weight_t, scale_a=self.a_scale, scale_b=self.w_scale, out_dtype=self.dtype
+        )
         return out[: out.shape[0] - pad]
 
     @property
@@ -242,7 +276,9 @@ class Fp8Linear:
     def with_gemm(self, gemm: str, dtype: torch.dtype) -> Fp8Linear:
         """The same resident weight and scales through another GEMM path / output dtype."""
         row_multiple = self.row_multiple if gemm == "scaled-mm" else 1
-        return Fp8Linear(self.weight, self.w_scale, self.a_scale, gemm, dtype, row_multiple, self.gemv)
+        return Fp8Linear(
+            self.weight, self.w_scale, self.a_scale, gemm, dtype, row_multiple, self.gemv
+        )
 
 
 Linear = DenseLinear | Fp8Linear
@@ -270,7 +306,9 @@ class Step:
     sin: torch.Tensor | None
     decode: bool
     batch: int
-    tables: tuple[torch.Tensor, torch.Tensor] | None = None  # the whole [max_seq, head_dim] cos, sin
+    tables: tuple[torch.Tensor, torch.Tensor] | None = (
+        None  # the whole [max_seq, head_dim] cos, sin
+    )
     pos: torch.Tensor | None = None  # [1] long: where decode writes
     span: int = 0
     valid: torch.Tensor | None = None  # [span] bool
@@ -285,13 +323,22 @@ class Part:
     rank, as the exporters write them).
     """
 
-    def __init__(self, name: str, norm: torch.Tensor, ranks: list,
-                 combine: Callable[[list[torch.Tensor]], torch.Tensor], kernels: Kernels, eps: float):
+    def __init__(
+        self,
+        name: str,
+        norm: torch.Tensor,
+        ranks: list,
+        combine: Callable[[list[torch.Tensor]], torch.Tensor],
+        kernels: Kernels,
+        eps: float,
+    ):
         self.name, self.norm, self.ranks = name, norm, ranks
         self.a_scale = ranks[0].first.a_scale
         self.combine, self.kernels, self.eps = combine, kernels, eps
 
-    def __call__(self, x: torch.Tensor, delta: torch.Tensor, step: Step) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(
+        self, x: torch.Tensor, delta: torch.Tensor, step: Step
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         if self.a_scale is None:
             x, h = self.kernels.add_norm(x, delta, self.norm, self.eps)
         else:
@@ -329,8 +376,17 @@ class MlpRank:
 class AttentionRank:
     """This rank's heads: qkv, rotary, the KV cache, attention, then its slice of dense."""
 
-    def __init__(self, qkv: Linear, dense: Linear, q_heads: int, kv_heads: int, head_dim: int,
-                 kv_scale: torch.Tensor | None, cache: tuple[torch.Tensor, torch.Tensor], kernels: Kernels):
+    def __init__(
+        self,
+        qkv: Linear,
+        dense: Linear,
+        q_heads: int,
+        kv_heads: int,
+        head_dim: int,
+        kv_scale: torch.Tensor | None,
+        cache: tuple[torch.Tensor, torch.Tensor],
+        kernels: Kernels,
+    ):
         self.qkv, self.dense, self.kernels = qkv, dense, kernels
         self.first = qkv
         self.q_heads, self.kv_heads, self.head_dim = q_heads, kv_heads, head_dim
@@ -343,13 +399,28 @@ class AttentionRank:
         batch, seq, _ = qkv.shape
         if self.kernels.rope_cache is not None:  # one kernel: q out, k and v into the cache
             pos = step.pos if step.decode else qkv.new_zeros(1, dtype=torch.long)
-            q = self.kernels.rope_cache(qkv, *step.tables, pos, self.k_cache, self.v_cache, self.q_heads,
-                                        self.kv_heads, self.head_dim, self.kv_scale, step.decode)
+            q = self.kernels.rope_cache(
+                qkv,
+                *step.tables,
+                pos,
+                self.k_cache,
+                self.v_cache,
+                self.q_heads,
+                self.kv_heads,
+                self.head_dim,
+                self.kv_scale,
+                step.decode,
+            )
             out = self.decode_cached(q, step) if step.decode else self.prefill_cached(q, seq)
             return self.project(out, batch, seq)
-        q, k, v = self.kernels.split_rotate(qkv, step.cos, step.sin, self.q_heads, self.kv_heads, self.head_dim)
+        q, k, v = self.kernels.split_rotate(
+            qkv, step.cos, step.sin, self.q_heads, self.kv_heads, self.head_dim
+        )
         if self.kv_scale is not None:
-            k, v = fp8_round_trip(k, self.kv_scale).to(q.dtype), fp8_round_trip(v, self.kv_scale).to(q.dtype)
+            k, v = (
+                fp8_round_trip(k, self.kv_scale).to(q.dtype),
+                fp8_round_trip(v, self.kv_scale).to(q.dtype),
+            )
         out = self.decode(q, k, v, step) if step.decode else self.prefill(q, k, v)
         return self.project(out, batch, seq)
 
@@ -455,7 +526,9 @@ class ResidentRuntime:
         self.kv_cache_fp8 = quant.get("kv_cache_quant_algo") == "FP8"
         self.rank = rank
         if rank is not None and not (self.pp == 1 and 0 <= rank < self.tp):
-            raise UserError(f"rank {rank}: a single rank runs only with pp 1 and 0 <= rank < tp {self.tp}")
+            raise UserError(
+                f"rank {rank}: a single rank runs only with pp 1 and 0 <= rank < tp {self.tp}"
+            )
         self.source = source
         self._row_multiple: int | None = None
         self.weight_bytes = 0
@@ -464,13 +537,18 @@ class ResidentRuntime:
         self.parts: list[Part] = []
         for pp_rank in range(self.pp):
             for local, index in enumerate(stage_layers(self.plan, self.pp, pp_rank)):
-                self.parts += self.build_block(self.plan.layers[index], local, self.stage_ranks(pp_rank))
+                self.parts += self.build_block(
+                    self.plan.layers[index], local, self.stage_ranks(pp_rank)
+                )
         self.final_norm = self.tensor(last_ranks[0], "transformer.ln_f.weight", dtype)
         self.lm_head = [self.linear(r, "lm_head") for r in last_ranks]
         inv_freq = rope_inv_freq(self.plan.head_dim, self.plan.rope_theta, self.plan.rope_scaling)
         angles = torch.arange(max_seq, dtype=torch.float32)[:, None] * inv_freq
         emb = torch.cat([angles, angles], dim=-1)
-        self.cos, self.sin = emb.cos().to(dtype).to(self.device), emb.sin().to(dtype).to(self.device)
+        self.cos, self.sin = (
+            emb.cos().to(dtype).to(self.device),
+            emb.sin().to(dtype).to(self.device),
+        )
         self.pos = torch.zeros(1, dtype=torch.long, device=self.device)
         self.positions = torch.arange(max_seq, device=self.device)
         self.length = 0  # tokens in the cache (host copy of pos)
@@ -480,8 +558,12 @@ class ResidentRuntime:
 
     # ---- construction ---------------------------------------------------------------------------
     @classmethod
-    def from_tensors(cls, config: Mapping[str, Any], source: TensorSource | Sequence[Mapping[str, torch.Tensor]],
-                     **kwargs) -> ResidentRuntime:
+    def from_tensors(
+        cls,
+        config: Mapping[str, Any],
+        source: TensorSource | Sequence[Mapping[str, torch.Tensor]],
+        **kwargs,
+    ) -> ResidentRuntime:
         """From tensors in memory: `source` is a TensorSource or one name->tensor map per rank
         (only the ranks the runtime runs are read)."""
         if not callable(source):
@@ -505,7 +587,9 @@ class ResidentRuntime:
                 if rank not in files:
                     path = directory / rank_file_name(rank)
                     if not path.is_file():
-                        raise UserError(f"{path}: missing (world size {math.prod(mapping_of(config))})")
+                        raise UserError(
+                            f"{path}: missing (world size {math.prod(mapping_of(config))})"
+                        )
                     files[rank] = stack.enter_context(safe_open(str(path), framework="pt"))
                     names[rank] = set(files[rank].keys())
                 if name not in names[rank]:
@@ -513,7 +597,9 @@ class ResidentRuntime:
                 try:
                     return files[rank].get_tensor(name)
                 except SafetensorError as err:
-                    raise UserError(f"{directory / rank_file_name(rank)}: tensor {name!r} unreadable ({err})") from None
+                    raise UserError(
+                        f"{directory / rank_file_name(rank)}: tensor {name!r} unreadable ({err})"
+                    ) from None
 
             return cls(config, source, **kwargs)
 
@@ -551,21 +637,32 @@ class ResidentRuntime:
         if weights[0].dtype != FP8:
             weight = weights[0] if len(weights) == 1 else torch.cat(weights)
             return DenseLinear(self.resident(weight.to(self.dtype)), self.gemv)
-        scales = [(self.tensor(rank, f"{m}.{WEIGHTS_SCALE}").float(),
-                   self.tensor(rank, f"{m}.{ACTIVATION_SCALE}").float()) for m in names]
+        scales = [
+            (
+                self.tensor(rank, f"{m}.{WEIGHTS_SCALE}").float(),
+                self.tensor(rank, f"{m}.{ACTIVATION_SCALE}").float(),
+            )
+            for m in names
+        ]
         for m, (w_scale, a_scale) in zip(names[1:], scales[1:], strict=True):
             if not (torch.equal(w_scale, scales[0][0]) and torch.equal(a_scale, scales[0][1])):
-                raise UserError(f"{rank_file_name(rank)}: {m} scales differ from {module}'s; "
-                                "the runtime fuses them into one FP8 GEMM")
+                raise UserError(
+                    f"{rank_file_name(rank)}: {m} scales differ from {module}'s; "
+                    "the runtime fuses them into one FP8 GEMM"
+                )
         weight = weights[0] if len(weights) == 1 else torch.cat(weights)
         row_multiple = 1 if self.fp8_gemm == "emulate" else self.row_multiple()
-        return Fp8Linear(self.resident(weight), *scales[0], self.fp8_gemm, self.dtype, row_multiple, self.gemv)
+        return Fp8Linear(
+            self.resident(weight), *scales[0], self.fp8_gemm, self.dtype, row_multiple, self.gemv
+        )
 
     def source_weight(self, rank: int, module: str) -> torch.Tensor:
         try:
             return self.source(rank, f"{module}.weight").to(self.device)
         except KeyError:
-            raise UserError(f"{rank_file_name(rank)}: tensor {module + '.weight'!r} missing") from None
+            raise UserError(
+                f"{rank_file_name(rank)}: tensor {module + '.weight'!r} missing"
+            ) from None
 
     def resident(self, weight: torch.Tensor) -> torch.Tensor:
         weight = weight.contiguous()
@@ -584,12 +681,20 @@ class ResidentRuntime:
             else:
                 work = [LinearRank(self.linear(r, f"{prefix}.attention")) for r in ranks]
                 combine = self.gather_combine(layer)
-            parts.append(Part(f"layer {layer.index} attention", norm, work, combine, self.kernels, eps))
+            parts.append(
+                Part(f"layer {layer.index} attention", norm, work, combine, self.kernels, eps)
+            )
         if ffn is not FfnKind.NO_OP:
             norm = self.tensor(ranks[0], f"{prefix}.post_layernorm.weight", self.dtype)
             if ffn is FfnKind.MLP:
-                work = [MlpRank(self.linear(r, f"{prefix}.ffn.fc", fuse=[f"{prefix}.ffn.gate"]),
-                                self.linear(r, f"{prefix}.ffn.proj"), self.kernels) for r in ranks]
+                work = [
+                    MlpRank(
+                        self.linear(r, f"{prefix}.ffn.fc", fuse=[f"{prefix}.ffn.gate"]),
+                        self.linear(r, f"{prefix}.ffn.proj"),
+                        self.kernels,
+                    )
+                    for r in ranks
+                ]
                 combine = all_reduce
             else:
                 work = [LinearRank(self.linear(r, f"{prefix}.ffn")) for r in ranks]
@@ -601,8 +706,10 @@ class ResidentRuntime:
 
     def gather_combine(self, layer: LayerPlan) -> Callable[[list[torch.Tensor]], torch.Tensor]:
         if self.rank is not None and self.tp > 1:
-            raise UserError(f"layer {layer.index}: a linear-replacement block needs its all-gather; "
-                            "run every rank (rank=None) for this checkpoint")
+            raise UserError(
+                f"layer {layer.index}: a linear-replacement block needs its all-gather; "
+                "run every rank (rank=None) for this checkpoint"
+            )
         return all_gather
 
     @staticmethod
@@ -620,22 +727,38 @@ class ResidentRuntime:
         if self.kv_cache_fp8:
             kv_scale = self.tensor(rank, f"{prefix}.attention.{KV_CACHE_SCALE}").float()
         shape = (self.max_batch, kv_heads, self.max_seq, hd)
-        cache = (torch.zeros(shape, dtype=self.dtype, device=self.device),
-                 torch.zeros(shape, dtype=self.dtype, device=self.device))
-        return AttentionRank(self.linear(rank, f"{prefix}.attention.qkv"), self.linear(rank, f"{prefix}.attention.dense"),
-                             q_heads, kv_heads, hd, kv_scale, cache, self.kernels)
+        cache = (
+            torch.zeros(shape, dtype=self.dtype, device=self.device),
+            torch.zeros(shape, dtype=self.dtype, device=self.device),
+        )
+        return AttentionRank(
+            self.linear(rank, f"{prefix}.attention.qkv"),
+            self.linear(rank, f"{prefix}.attention.dense"),
+            q_heads,
+            kv_heads,
+            hd,
+            kv_scale,
+            cache,
+            self.kernels,
+        )
 
     # ---- sizes ------------------------------------------------------------------------------
     @property
     def linear_bytes(self) -> int:
         """Bytes of every resident linear weight (what a decode step streams), lm_head included."""
-        linears = [*self.lm_head, *(lin for part in self.parts for w in part.ranks for lin in linears_of(w))]
+        linears = [
+            *self.lm_head,
+            *(lin for part in self.parts for w in part.ranks for lin in linears_of(w)),
+        ]
         return sum(lin.nbytes for lin in linears)
 
     def set_gemv(self, enabled: bool) -> None:
         """Route one-row linears through the Triton kernel (True) or cuBLAS; drops captured graphs."""
         enabled = enabled and matvec.available()
-        for lin in [*self.lm_head, *(lin for p in self.parts for w in p.ranks for lin in linears_of(w))]:
+        for lin in [
+            *self.lm_head,
+            *(lin for p in self.parts for w in p.ranks for lin in linears_of(w)),
+        ]:
             lin.gemv = enabled and not getattr(lin, "emulate", False)
         self.gemv = enabled
         self._graphs.clear()
@@ -643,8 +766,13 @@ class ResidentRuntime:
 
     def fp8_linears(self) -> list[tuple[str, Fp8Linear]]:
         """(part name, linear) of every FP8 linear, for checks of the GEMM paths."""
-        return [(part.name, lin) for part in self.parts for work in part.ranks
-                for lin in linears_of(work) if isinstance(lin, Fp8Linear)]
+        return [
+            (part.name, lin)
+            for part in self.parts
+            for work in part.ranks
+            for lin in linears_of(work)
+            if isinstance(lin, Fp8Linear)
+        ]
 
     @property
     def caches(self) -> list[AttentionRank]:
@@ -675,9 +803,13 @@ class ResidentRuntime:
         ids = ids.to(self.device)
         batch, seq = ids.shape
         if batch > self.max_batch or seq >= self.max_seq:
-            raise UserError(f"prompt batch {batch} x {seq} tokens: the cache holds "
-                            f"{self.max_batch} x {self.max_seq - 1} (max_batch, max_seq - 1)")
-        step = Step(self.cos[:seq], self.sin[:seq], decode=False, batch=batch, tables=(self.cos, self.sin))
+            raise UserError(
+                f"prompt batch {batch} x {seq} tokens: the cache holds "
+                f"{self.max_batch} x {self.max_seq - 1} (max_batch, max_seq - 1)"
+            )
+        step = Step(
+            self.cos[:seq], self.sin[:seq], decode=False, batch=batch, tables=(self.cos, self.sin)
+        )
         logits = self.forward(ids, step)
         self.pos.fill_(seq)
         self.length, self.batch = seq, batch
@@ -690,10 +822,21 @@ class ResidentRuntime:
     def decode_step(self, ids: torch.Tensor, span: int) -> torch.Tensor:
         """One decode step at position self.pos (a device tensor, so graphs replay it)."""
         fused_rope = self.kernels.rope_cache is not None  # reads the tables at pos itself
-        cos, sin = (None, None) if fused_rope else (self.cos.index_select(0, self.pos), self.sin.index_select(0, self.pos))
-        step = Step(cos, sin, decode=True,
-                    batch=ids.shape[0], pos=self.pos, span=span, valid=self.positions[:span] <= self.pos,
-                    tables=(self.cos, self.sin))
+        cos, sin = (
+            (None, None)
+            if fused_rope
+            else (self.cos.index_select(0, self.pos), self.sin.index_select(0, self.pos))
+        )
+        step = Step(
+            cos,
+            sin,
+            decode=True,
+            batch=ids.shape[0],
+            pos=self.pos,
+            span=span,
+            valid=self.positions[:span] <= self.pos,
+            tables=(self.cos, self.sin),
+        )
         logits = self.forward(ids[:, None], step)[:, 0]
         self.pos.add_(1)
         return logits
@@ -702,7 +845,9 @@ class ResidentRuntime:
     def decode(self, ids: torch.Tensor) -> torch.Tensor:
         """Logits [batch, vocab] after appending token `ids` [batch] to every sequence."""
         if self.length == 0 or ids.shape[0] != self.batch:
-            raise UserError(f"decode of {ids.shape[0]} sequences: prefill {self.batch or 'none'} first")
+            raise UserError(
+                f"decode of {ids.shape[0]} sequences: prefill {self.batch or 'none'} first"
+            )
         if self.length >= self.max_seq:
             raise UserError(f"the cache is full ({self.max_seq} tokens)")
         span = self.span_for(self.length)

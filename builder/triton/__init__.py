@@ -14,4 +14,10 @@
 from builder.triton.record import BuildRecord, read_build_record
 from builder.triton.repository import TritonOptions, load_tokenizer, write_repository
 
-__all__ = ["BuildRecord", "TritonOptions", "load_tokenizer", "read_build_record", "write_repository"]
+__all__ = [
+    "BuildRecord",
+    "TritonOptions",
+    "load_tokenizer",
+    "read_build_record",
+    "write_repository",
+]

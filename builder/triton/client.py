@@ -10,30 +10,51 @@ from typing import Any
 import numpy as np
 
 
-def generate_http(url: str, model: str, fields: dict[str, Any], timeout: float = 60) -> dict[str, Any]:
+def generate_http(
+    url: str, model: str, fields: dict[str, Any], timeout: float = 60
+) -> dict[str, Any]:
     """POST /v2/models/MODEL/generate with the request's fields; the response JSON."""
-    request = urllib.request.Request(f"http://{url}/v2/models/{model}/generate", data=json.dumps(fields).encode(),
-                                     headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        f"http://{url}/v2/models/{model}/generate",
+        data=json.dumps(fields).encode(),
+        headers={"Content-Type": "application/json"},
+    )
     with urllib.request.urlopen(request, timeout=timeout) as response:
         return json.loads(response.read())
 
 
-def generate_stream_http(url: str, model: str, fields: dict[str, Any], timeout: float = 60) -> list[dict[str, Any]]:
+def generate_stream_http(
+    url: str, model: str, fields: dict[str, Any], timeout: float = 60
+) -> list[dict[str, Any]]:
     """POST /v2/models/MODEL/generate_stream; every server-sent event's JSON, in order."""
-    request = urllib.request.Request(f"http://{url}/v2/models/{model}/generate_stream",
-                                     data=json.dumps(fields).encode(), headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        f"http://{url}/v2/models/{model}/generate_stream",
+        data=json.dumps(fields).encode(),
+        headers={"Content-Type": "application/json"},
+    )
     events = []
     with urllib.request.urlopen(request, timeout=timeout) as response:
         for raw in response:
             line = raw.decode().strip()
             if line.startswith("data:"):
-                events.append(json.loads(line[len("data:"):]))
+                events.append(json.loads(line[len("data:") :]))
     return events
 
 
-_NUMPY = {"TYPE_STRING": np.object_, "TYPE_INT32": np.int32, "TYPE_BOOL": np.bool_, "TYPE_FP32": np.float32,
-          "TYPE_UINT64": np.uint64}
-_TRITON = {np.object_: "BYTES", np.int32: "INT32", np.bool_: "BOOL", np.float32: "FP32", np.uint64: "UINT64"}
+_NUMPY = {
+    "TYPE_STRING": np.object_,
+    "TYPE_INT32": np.int32,
+    "TYPE_BOOL": np.bool_,
+    "TYPE_FP32": np.float32,
+    "TYPE_UINT64": np.uint64,
+}
+_TRITON = {
+    np.object_: "BYTES",
+    np.int32: "INT32",
+    np.bool_: "BOOL",
+    np.float32: "FP32",
+    np.uint64: "UINT64",
+}
 
 
 def _grpc_inputs(fields: dict[str, Any]) -> list[Any]:
@@ -55,8 +76,13 @@ def _grpc_inputs(fields: dict[str, Any]) -> list[Any]:
     return inputs
 
 
-def generate_grpc_stream(url: str, model: str, fields: dict[str, Any], outputs: tuple[str, ...] = ("text_output",),
-                         timeout: float = 60) -> list[dict[str, Any]]:
+def generate_grpc_stream(
+    url: str,
+    model: str,
+    fields: dict[str, Any],
+    outputs: tuple[str, ...] = ("text_output",),
+    timeout: float = 60,
+) -> list[dict[str, Any]]:
     """One request over gRPC's bidirectional stream; each response's `outputs` as numpy arrays."""
     import queue
 
@@ -66,9 +92,13 @@ def generate_grpc_stream(url: str, model: str, fields: dict[str, Any], outputs: 
     client = grpcclient.InferenceServerClient(url)
     try:
         client.start_stream(callback=lambda result, error: results.put((result, error)))
-        client.async_stream_infer(model, _grpc_inputs(fields), request_id="1",
-                                  outputs=[grpcclient.InferRequestedOutput(o) for o in outputs],
-                                  enable_empty_final_response=True)
+        client.async_stream_infer(
+            model,
+            _grpc_inputs(fields),
+            request_id="1",
+            outputs=[grpcclient.InferRequestedOutput(o) for o in outputs],
+            enable_empty_final_response=True,
+        )
         responses = []
         while True:
             result, error = results.get(timeout=timeout)

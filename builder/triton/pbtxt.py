@@ -38,16 +38,24 @@ def _scalar(value: Any) -> str:
 
 
 def _is_message_list(value: Any) -> bool:
-    return isinstance(value, Sequence) and not isinstance(value, str) and bool(value) and all(
-        isinstance(v, Mapping) for v in value)
+    return (
+        isinstance(value, Sequence)
+        and not isinstance(value, str)
+        and bool(value)
+        and all(isinstance(v, Mapping) for v in value)
+    )
 
 
 def _field(key: str, value: Any, pad: str) -> list[str]:
     if key == "parameters" and isinstance(value, Mapping):
         lines = []
         for name, text in value.items():
-            lines += [f"{pad}parameters {{", f"{pad}  key: {_scalar(name)}",
-                      f"{pad}  value {{ string_value: {_scalar(str(text))} }}", f"{pad}}}"]
+            lines += [
+                f"{pad}parameters {{",
+                f"{pad}  key: {_scalar(name)}",
+                f"{pad}  value {{ string_value: {_scalar(str(text))} }}",
+                f"{pad}}}",
+            ]
         return lines
     if isinstance(value, Mapping):
         return [f"{pad}{key} {{", *_body(value, pad + "  "), f"{pad}}}"]

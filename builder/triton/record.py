@@ -20,7 +20,11 @@ from typing import Any, Literal
 from builder.errors import UserError
 
 ENGINE, PYTORCH = "engine", "pytorch"
-DRY_RUN_KIND, ENGINE_KIND, PYTORCH_KIND = "trtllm-build-dry-run", "trtllm-engine", "trtllm-pytorch-serve"
+DRY_RUN_KIND, ENGINE_KIND, PYTORCH_KIND = (
+    "trtllm-build-dry-run",
+    "trtllm-engine",
+    "trtllm-pytorch-serve",
+)
 
 
 class RecordError(UserError):
@@ -119,13 +123,20 @@ def _profile_fields(target: dict[str, Any], where: Path) -> dict[str, Any]:
         "paged_kv_cache": build.get("kv_cache_type", "paged") == "paged",
         "target": str(target.get("name", "")),
         "gpus_per_node": int(_get(target, "hardware.gpus_per_node", where)),
-        "kv_cache_free_gpu_mem_fraction": float(_get(target, "runtime.kv_cache_free_gpu_mem_fraction", where)),
+        "kv_cache_free_gpu_mem_fraction": float(
+            _get(target, "runtime.kv_cache_free_gpu_mem_fraction", where)
+        ),
         "enable_chunked_context": bool(_get(target, "runtime.enable_chunked_prefill", where)),
     }
 
 
 # Runtime choices of the target profile; the engine's own config.json wins for everything else.
-PROFILE_ONLY = ("target", "gpus_per_node", "kv_cache_free_gpu_mem_fraction", "enable_chunked_context")
+PROFILE_ONLY = (
+    "target",
+    "gpus_per_node",
+    "kv_cache_free_gpu_mem_fraction",
+    "enable_chunked_context",
+)
 
 
 def _engine_config_fields(engine_dir: Path) -> dict[str, Any]:
@@ -162,7 +173,9 @@ def _dry_run_fields(build_dir: Path) -> dict[str, Any]:
     fields["engine_dir"] = Path(command[command.index("--output_dir") + 1]).resolve()
     checkpoint = (config.get("checkpoint") or {}).get("path")
     if checkpoint and (Path(checkpoint) / "config.json").is_file():
-        fields["logits_dtype"] = str(_json(Path(checkpoint) / "config.json").get("logits_dtype", "float32"))
+        fields["logits_dtype"] = str(
+            _json(Path(checkpoint) / "config.json").get("logits_dtype", "float32")
+        )
     return fields
 
 
@@ -207,6 +220,7 @@ def read_build_record(build_dir: str | Path) -> BuildRecord:
     else:
         raise RecordError(
             f"{build_dir}: not a build (expected the output of `builder build` — an engine directory "
-            "with config.json, a --dry-run record or a --backend pytorch bundle)")
+            "with config.json, a --dry-run record or a --backend pytorch bundle)"
+        )
     plan = _plan_fields(build_dir)
     return BuildRecord(backend=backend, source=build_dir.resolve(), **{**plan, **fields})

@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from builder.build.yamlio import dump_yaml
+from builder.deploy.yamlio import dump_yaml
 from builder.errors import UserError
 from builder.io.atomic import atomic_dir
 from builder.io.manifest import build_manifest, write_manifest
@@ -59,7 +59,9 @@ class TritonOptions:
     exclude_input_in_output: bool = True
     tokenizer_instances: int = 4
     bls_instances: int | None = None  # None: max_batch_size
-    accumulate_tokens: bool = False  # BLS streaming: each response has the text of all tokens so far
+    accumulate_tokens: bool = (
+        False  # BLS streaming: each response has the text of all tokens so far
+    )
     http_port: int = 8000
     grpc_port: int = 8001
     metrics_port: int = 8002
@@ -71,8 +73,10 @@ def tokenizer_problem(directory: Path) -> str | None:
     if not directory.is_absolute():
         return f"tokenizer_dir {directory}: not an absolute path (the server resolves it from its own cwd)"
     if not directory.is_dir():
-        return (f"tokenizer_dir {directory}: no such directory (transformers would take it for a Hub id and "
-                "try to download it)")
+        return (
+            f"tokenizer_dir {directory}: no such directory (transformers would take it for a Hub id and "
+            "try to download it)"
+        )
     if not any((directory / name).is_file() for name in TOKENIZER_FILES):
         return f"tokenizer_dir {directory}: no tokenizer files ({', '.join(TOKENIZER_FILES)})"
     return None
@@ -84,8 +88,9 @@ def load_tokenizer(directory: str | Path) -> Any:
 
     # An explicit empty config: AutoTokenizer would otherwise read config.json, whose
     # nemotron-nas model type needs remote code; the tokenizer class comes from tokenizer_config.json.
-    return AutoTokenizer.from_pretrained(str(directory), config=PreTrainedConfig(), local_files_only=True,
-                                         trust_remote_code=False)
+    return AutoTokenizer.from_pretrained(
+        str(directory), config=PreTrainedConfig(), local_files_only=True, trust_remote_code=False
+    )
 
 
 def resolved_settings(record: BuildRecord, options: TritonOptions, out: Path) -> dict[str, Any]:
@@ -95,40 +100,66 @@ def resolved_settings(record: BuildRecord, options: TritonOptions, out: Path) ->
     if problem:
         raise UserError(f"--tokenizer: {problem}")
     if tokenizer.is_relative_to(out.resolve()):
-        raise UserError(f"--tokenizer {tokenizer}: inside the output repository; Triton would read it as a model")
+        raise UserError(
+            f"--tokenizer {tokenizer}: inside the output repository; Triton would read it as a model"
+        )
     batch = options.max_batch_size or record.max_batch_size
     if batch < 1 or batch > record.max_batch_size:
-        raise UserError(f"--max-batch-size {batch}: must be 1..{record.max_batch_size}, the engine's built "
-                        f"max_batch_size ({record.source}); a larger Triton batch never reaches the engine")
-    fraction = record.kv_cache_free_gpu_mem_fraction if options.kv_fraction is None else options.kv_fraction
+        raise UserError(
+            f"--max-batch-size {batch}: must be 1..{record.max_batch_size}, the engine's built "
+            f"max_batch_size ({record.source}); a larger Triton batch never reaches the engine"
+        )
+    fraction = (
+        record.kv_cache_free_gpu_mem_fraction
+        if options.kv_fraction is None
+        else options.kv_fraction
+    )
     if not 0 < fraction <= 1:
         raise UserError(f"--kv-fraction {fraction}: must be in (0, 1]")
     tokens = record.kv_tokens_at(fraction)
     if tokens is not None and tokens < record.max_seq_len:
-        raise UserError(f"--kv-fraction {fraction}: the plan gives {tokens:,} KV tokens per rank, less than one "
-                        f"sequence of max_seq_len {record.max_seq_len:,}")
+        raise UserError(
+            f"--kv-fraction {fraction}: the plan gives {tokens:,} KV tokens per rank, less than one "
+            f"sequence of max_seq_len {record.max_seq_len:,}"
+        )
     if options.max_kv_tokens is not None and options.max_kv_tokens < record.max_seq_len:
-        raise UserError(f"--max-kv-tokens {options.max_kv_tokens}: below the engine's max_seq_len "
-                        f"{record.max_seq_len} (TensorRT-LLM: 'maxTokensInPagedKvCache must be large enough to "
-                        "process at least 1 sequence')")
+        raise UserError(
+            f"--max-kv-tokens {options.max_kv_tokens}: below the engine's max_seq_len "
+            f"{record.max_seq_len} (TensorRT-LLM: 'maxTokensInPagedKvCache must be large enough to "
+            "process at least 1 sequence')"
+        )
     if options.batch_scheduler_policy not in SCHEDULER_POLICIES:
-        raise UserError(f"--batch-scheduler-policy {options.batch_scheduler_policy}: expected one of "
-                        f"{', '.join(SCHEDULER_POLICIES)}")
+        raise UserError(
+            f"--batch-scheduler-policy {options.batch_scheduler_policy}: expected one of "
+            f"{', '.join(SCHEDULER_POLICIES)}"
+        )
     if record.logits_dtype not in LOGITS_DTYPES:
-        raise UserError(f"{record.source}: logits_dtype {record.logits_dtype!r} is not one of {', '.join(LOGITS_DTYPES)}")
-    return {"tokenizer_dir": str(tokenizer), "max_batch_size": batch, "kv_fraction": fraction,
-            "kv_tokens_per_rank": tokens}
+        raise UserError(
+            f"{record.source}: logits_dtype {record.logits_dtype!r} is not one of {', '.join(LOGITS_DTYPES)}"
+        )
+    return {
+        "tokenizer_dir": str(tokenizer),
+        "max_batch_size": batch,
+        "kv_fraction": fraction,
+        "kv_tokens_per_rank": tokens,
+    }
 
 
 # ---- the engine repository ------------------------------------------------------------------------------
 def _dtypes(record: BuildRecord) -> dict[str, str]:
-    return {T.LOGITS: LOGITS_DTYPES[record.logits_dtype], T.ENCODER_FEATURES: "TYPE_FP16",
-            T.PROMPT_TABLE: "TYPE_FP16"}
+    return {
+        T.LOGITS: LOGITS_DTYPES[record.logits_dtype],
+        T.ENCODER_FEATURES: "TYPE_FP16",
+        T.PROMPT_TABLE: "TYPE_FP16",
+    }
 
 
 def _io(model: str, dtypes: dict[str, str]) -> dict[str, Any]:
     inputs, outputs = T.MODEL_TENSORS[model]
-    return {"input": [t.config(dtypes) for t in inputs], "output": [t.config(dtypes) for t in outputs]}
+    return {
+        "input": [t.config(dtypes) for t in inputs],
+        "output": [t.config(dtypes) for t in outputs],
+    }
 
 
 def _instances(count: int) -> list[dict[str, Any]]:
@@ -136,15 +167,20 @@ def _instances(count: int) -> list[dict[str, Any]]:
 
 
 def _queue(batch: int) -> dict[str, Any]:
-    return {"preferred_batch_size": [batch], "max_queue_delay_microseconds": 0,
-            "default_queue_policy": {"max_queue_size": 0}}
+    return {
+        "preferred_batch_size": [batch],
+        "max_queue_delay_microseconds": 0,
+        "default_queue_policy": {"max_queue_size": 0},
+    }
 
 
 def _flag(value: bool) -> str:
     return "true" if value else "false"
 
 
-def tensorrt_llm_parameters(record: BuildRecord, options: TritonOptions, settings: dict[str, Any]) -> dict[str, str]:
+def tensorrt_llm_parameters(
+    record: BuildRecord, options: TritonOptions, settings: dict[str, Any]
+) -> dict[str, str]:
     params = {
         "max_beam_width": str(record.max_beam_width),
         "FORCE_CPU_ONLY_INPUT_TENSORS": "no",
@@ -166,7 +202,9 @@ def tensorrt_llm_parameters(record: BuildRecord, options: TritonOptions, setting
     return params
 
 
-def engine_configs(record: BuildRecord, options: TritonOptions, settings: dict[str, Any]) -> dict[str, dict[str, Any]]:
+def engine_configs(
+    record: BuildRecord, options: TritonOptions, settings: dict[str, Any]
+) -> dict[str, dict[str, Any]]:
     """model name -> its ModelConfig as data."""
     dtypes, batch = _dtypes(record), settings["max_batch_size"]
     tokenizer = settings["tokenizer_dir"]
@@ -174,38 +212,62 @@ def engine_configs(record: BuildRecord, options: TritonOptions, settings: dict[s
     decoupled = {"decoupled": options.decoupled}
     return {
         "preprocessing": {
-            "name": "preprocessing", "backend": "python", "max_batch_size": batch, "dynamic_batching": _queue(batch),
+            "name": "preprocessing",
+            "backend": "python",
+            "max_batch_size": batch,
+            "dynamic_batching": _queue(batch),
             **_io("preprocessing", dtypes),
             "parameters": {"tokenizer_dir": tokenizer, "add_special_tokens": "true"},
             "instance_group": _instances(options.tokenizer_instances),
         },
         "tensorrt_llm": {
-            "name": "tensorrt_llm", "backend": "tensorrtllm", "max_batch_size": batch,
-            "model_transaction_policy": decoupled, "dynamic_batching": _queue(batch),
+            "name": "tensorrt_llm",
+            "backend": "tensorrtllm",
+            "max_batch_size": batch,
+            "model_transaction_policy": decoupled,
+            "dynamic_batching": _queue(batch),
             **_io("tensorrt_llm", dtypes),
             "instance_group": _instances(1),
             "parameters": tensorrt_llm_parameters(record, options, settings),
         },
         "postprocessing": {
-            "name": "postprocessing", "backend": "python", "max_batch_size": batch, "dynamic_batching": {},
+            "name": "postprocessing",
+            "backend": "python",
+            "max_batch_size": batch,
+            "dynamic_batching": {},
             **_io("postprocessing", dtypes),
             "parameters": {"tokenizer_dir": tokenizer, "skip_special_tokens": "true"},
             "instance_group": _instances(options.tokenizer_instances),
         },
         "ensemble": {
-            "name": "ensemble", "platform": "ensemble", "max_batch_size": batch, **_io("ensemble", dtypes),
-            "ensemble_scheduling": {"step": [
-                {"model_name": step.model, "model_version": -1,
-                 "input_map": [{"key": k, "value": v} for k, v in step.inputs],
-                 "output_map": [{"key": k, "value": v} for k, v in step.outputs]}
-                for step in T.ENSEMBLE_STEPS]},
+            "name": "ensemble",
+            "platform": "ensemble",
+            "max_batch_size": batch,
+            **_io("ensemble", dtypes),
+            "ensemble_scheduling": {
+                "step": [
+                    {
+                        "model_name": step.model,
+                        "model_version": -1,
+                        "input_map": [{"key": k, "value": v} for k, v in step.inputs],
+                        "output_map": [{"key": k, "value": v} for k, v in step.outputs],
+                    }
+                    for step in T.ENSEMBLE_STEPS
+                ]
+            },
         },
         "tensorrt_llm_bls": {
-            "name": "tensorrt_llm_bls", "backend": "python", "max_batch_size": batch,
-            "model_transaction_policy": decoupled, **_io("tensorrt_llm_bls", dtypes),
-            "parameters": {"accumulate_tokens": _flag(options.accumulate_tokens), "tensorrt_llm_model_name": "tensorrt_llm",
-                           "preprocessing_model_name": "preprocessing",
-                           "postprocessing_model_name": "postprocessing"},
+            "name": "tensorrt_llm_bls",
+            "backend": "python",
+            "max_batch_size": batch,
+            "model_transaction_policy": decoupled,
+            **_io("tensorrt_llm_bls", dtypes),
+            "parameters": {
+                "accumulate_tokens": _flag(options.accumulate_tokens),
+                "tensorrt_llm_model_name": "tensorrt_llm",
+                "preprocessing_model_name": "preprocessing",
+                "postprocessing_model_name": "postprocessing",
+            },
             "instance_group": _instances(bls_instances),
         },
     }
@@ -214,13 +276,16 @@ def engine_configs(record: BuildRecord, options: TritonOptions, settings: dict[s
 WHAT = {
     "preprocessing": "Tokenizes text_input with the HF tokenizer at tokenizer_dir (builder/triton/pymodels).",
     "tensorrt_llm": "The TensorRT-LLM C++ in-flight batching backend over the engine at gpt_model_path; "
-                    "world size (tp x pp) comes from the engine and the MPI launch (launch/).",
+    "world size (tp x pp) comes from the engine and the MPI launch (launch/).",
     "postprocessing": "Detokenizes output_ids with the HF tokenizer at tokenizer_dir.",
     "ensemble": "preprocessing -> tensorrt_llm -> postprocessing; text in, text out.",
     "tensorrt_llm_bls": "The same text interface as the ensemble, as Python business logic (BLS).",
 }
-PYMODELS = {"preprocessing": "preprocessing.py", "postprocessing": "postprocessing.py",
-            "tensorrt_llm_bls": "bls.py"}
+PYMODELS = {
+    "preprocessing": "preprocessing.py",
+    "postprocessing": "postprocessing.py",
+    "tensorrt_llm_bls": "bls.py",
+}
 
 
 def pymodel_source(name: str) -> str:
@@ -230,14 +295,18 @@ def pymodel_source(name: str) -> str:
 
 # ---- launch scripts ------------------------------------------------------------------------------------------
 def _script(description: str, env: Mapping[str, str], body: str) -> str:
-    lines = ["#!/usr/bin/env bash", f"# {description}",
-             "# Generated by `builder triton`; edit the variables, not the command.",
-             "set -euo pipefail", 'HERE="$(cd "$(dirname "$0")" && pwd)"']
+    lines = [
+        "#!/usr/bin/env bash",
+        f"# {description}",
+        "# Generated by `builder triton`; edit the variables, not the command.",
+        "set -euo pipefail",
+        'HERE="$(cd "$(dirname "$0")" && pwd)"',
+    ]
     lines += [f'{name}="${{{name}:-{value}}}"' for name, value in env.items()]
     return "\n".join(lines) + "\n\n" + body.rstrip() + "\n"
 
 
-RANK_BODY = r'''# One tritonserver per MPI rank. Rank 0 serves HTTP/gRPC/metrics and every model; the other
+RANK_BODY = r"""# One tritonserver per MPI rank. Rank 0 serves HTTP/gRPC/metrics and every model; the other
 # ranks load only tensorrt_llm (the backend's leader mode keeps them in the MPI world).
 rank="${OMPI_COMM_WORLD_RANK:-${PMIX_RANK:-${SLURM_PROCID:-}}}"
 size="${OMPI_COMM_WORLD_SIZE:-${SLURM_NTASKS:-}}"
@@ -256,60 +325,103 @@ else
          --allow-http=false --allow-grpc=false --allow-metrics=false)
 fi
 exec "$TRITONSERVER" "${args[@]}"
-'''
+"""
 
 
 def engine_launch_scripts(record: BuildRecord, options: TritonOptions, out: Path) -> dict[str, str]:
     world, per_node = record.world_size, record.gpus_per_node
     nodes = -(-world // per_node)
-    env = {"WORLD_SIZE": str(world), "REPOSITORY": str(out.resolve() / MODELS_DIR),
-           "TRITONSERVER": "/opt/tritonserver/bin/tritonserver", "HTTP_PORT": str(options.http_port),
-           "GRPC_PORT": str(options.grpc_port), "METRICS_PORT": str(options.metrics_port)}
+    env = {
+        "WORLD_SIZE": str(world),
+        "REPOSITORY": str(out.resolve() / MODELS_DIR),
+        "TRITONSERVER": "/opt/tritonserver/bin/tritonserver",
+        "HTTP_PORT": str(options.http_port),
+        "GRPC_PORT": str(options.grpc_port),
+        "METRICS_PORT": str(options.metrics_port),
+    }
     exports = " ".join(f"-x {name}" for name in env)
-    mpirun = (f'mpirun --allow-run-as-root -np "$WORLD_SIZE" --hostfile "$HOSTFILE" '
-              f"--map-by ppr:{min(world, per_node)}:node --bind-to none -x PATH -x LD_LIBRARY_PATH "
-              f'{exports} bash "$HERE/triton-rank.sh"')
-    local = (f'mpirun --allow-run-as-root -np "$WORLD_SIZE" --bind-to none -x PATH -x LD_LIBRARY_PATH {exports} '
-             f'bash "$HERE/triton-rank.sh"')
-    single = local if world <= per_node else (
-        f"echo 'tp x pp = {world} ranks exceed one node ({per_node} GPUs): use serve-mpirun.sh or "
-        "serve-slurm.sh' >&2\nexit 2")
-    srun = (f'srun --mpi=pmix --nodes={nodes} --ntasks="$WORLD_SIZE" --ntasks-per-node={min(world, per_node)} '
-            f'--gpus-per-task=1 --export=ALL bash "$HERE/triton-rank.sh"')
-    what = f"tritonserver for the {record.target or 'engine'} engine (tp {record.tp} x pp {record.pp})"
+    mpirun = (
+        f'mpirun --allow-run-as-root -np "$WORLD_SIZE" --hostfile "$HOSTFILE" '
+        f"--map-by ppr:{min(world, per_node)}:node --bind-to none -x PATH -x LD_LIBRARY_PATH "
+        f'{exports} bash "$HERE/triton-rank.sh"'
+    )
+    local = (
+        f'mpirun --allow-run-as-root -np "$WORLD_SIZE" --bind-to none -x PATH -x LD_LIBRARY_PATH {exports} '
+        f'bash "$HERE/triton-rank.sh"'
+    )
+    single = (
+        local
+        if world <= per_node
+        else (
+            f"echo 'tp x pp = {world} ranks exceed one node ({per_node} GPUs): use serve-mpirun.sh or "
+            "serve-slurm.sh' >&2\nexit 2"
+        )
+    )
+    srun = (
+        f'srun --mpi=pmix --nodes={nodes} --ntasks="$WORLD_SIZE" --ntasks-per-node={min(world, per_node)} '
+        f'--gpus-per-task=1 --export=ALL bash "$HERE/triton-rank.sh"'
+    )
+    what = (
+        f"tritonserver for the {record.target or 'engine'} engine (tp {record.tp} x pp {record.pp})"
+    )
     return {
         "triton-rank.sh": _script(f"{what}: the command of one MPI rank.", env, RANK_BODY),
         "serve.sh": _script(f"{what} on one node: {world} MPI ranks, one GPU each.", env, single),
-        "serve-mpirun.sh": _script(f"{what} across nodes; HOSTFILE lists them ({per_node} GPUs each).",
-                                   {"HOSTFILE": "hostfile", **env}, mpirun),
-        "serve-slurm.sh": _script(f"{what} under Slurm: run inside an allocation of {nodes} node(s).", env, srun),
+        "serve-mpirun.sh": _script(
+            f"{what} across nodes; HOSTFILE lists them ({per_node} GPUs each).",
+            {"HOSTFILE": "hostfile", **env},
+            mpirun,
+        ),
+        "serve-slurm.sh": _script(
+            f"{what} under Slurm: run inside an allocation of {nodes} node(s).", env, srun
+        ),
     }
 
 
 def llmapi_launch_scripts(record: BuildRecord, options: TritonOptions, out: Path) -> dict[str, str]:
     world, per_node = record.world_size, record.gpus_per_node
     nodes = -(-world // per_node)
-    env = {"WORLD_SIZE": str(world), "REPOSITORY": str(out.resolve() / MODELS_DIR),
-           "TRITONSERVER": "/opt/tritonserver/bin/tritonserver", "HTTP_PORT": str(options.http_port),
-           "GRPC_PORT": str(options.grpc_port), "METRICS_PORT": str(options.metrics_port)}
-    server = ('"$TRITONSERVER" --model-repository="$REPOSITORY" --http-port="$HTTP_PORT" '
-              '--grpc-port="$GRPC_PORT" --metrics-port="$METRICS_PORT"')
+    env = {
+        "WORLD_SIZE": str(world),
+        "REPOSITORY": str(out.resolve() / MODELS_DIR),
+        "TRITONSERVER": "/opt/tritonserver/bin/tritonserver",
+        "HTTP_PORT": str(options.http_port),
+        "GRPC_PORT": str(options.grpc_port),
+        "METRICS_PORT": str(options.metrics_port),
+    }
+    server = (
+        '"$TRITONSERVER" --model-repository="$REPOSITORY" --http-port="$HTTP_PORT" '
+        '--grpc-port="$GRPC_PORT" --metrics-port="$METRICS_PORT"'
+    )
     what = f"tritonserver with the LLM-API model ({record.target or 'PyTorch backend'}, tp {record.tp} x pp {record.pp})"
     return {
         # On one node the LLM API spawns its own MPI workers from tensor/pipeline_parallel_size.
-        "serve.sh": _script(f"{what} on one node.", env, f"exec {server}" if world <= per_node else
-                            f"echo 'tp x pp = {world} exceeds one node: use serve-slurm.sh' >&2\nexit 2"),
+        "serve.sh": _script(
+            f"{what} on one node.",
+            env,
+            f"exec {server}"
+            if world <= per_node
+            else f"echo 'tp x pp = {world} exceeds one node: use serve-slurm.sh' >&2\nexit 2",
+        ),
         "serve-slurm.sh": _script(
-            f"{what} under Slurm: trtllm-llmapi-launch joins the {world} ranks into one LLM.", env,
+            f"{what} under Slurm: trtllm-llmapi-launch joins the {world} ranks into one LLM.",
+            env,
             f'srun --mpi=pmix --nodes={nodes} --ntasks="$WORLD_SIZE" --ntasks-per-node={min(world, per_node)} '
-            f"--gpus-per-task=1 --export=ALL trtllm-llmapi-launch {server}"),
+            f"--gpus-per-task=1 --export=ALL trtllm-llmapi-launch {server}",
+        ),
     }
 
 
 # ---- the LLM-API repository ------------------------------------------------------------------------------
-def llmapi_model_yaml(record: BuildRecord, options: TritonOptions, settings: dict[str, Any]) -> dict[str, Any]:
-    llm = {"model": str(record.model_dir), "tokenizer": settings["tokenizer_dir"], "backend": "pytorch",
-           **record.llm_api_options}
+def llmapi_model_yaml(
+    record: BuildRecord, options: TritonOptions, settings: dict[str, Any]
+) -> dict[str, Any]:
+    llm = {
+        "model": str(record.model_dir),
+        "tokenizer": settings["tokenizer_dir"],
+        "backend": "pytorch",
+        **record.llm_api_options,
+    }
     llm["max_batch_size"] = settings["max_batch_size"]
     kv = dict(llm.get("kv_cache_config") or {})
     kv["free_gpu_memory_fraction"] = settings["kv_fraction"]
@@ -324,13 +436,26 @@ def llmapi_model_yaml(record: BuildRecord, options: TritonOptions, settings: dic
 
 def llmapi_config() -> dict[str, Any]:
     return {
-        "name": "tensorrt_llm", "backend": "python",
+        "name": "tensorrt_llm",
+        "backend": "python",
         "input": [
             {"name": "text_input", "data_type": Enum("TYPE_STRING"), "dims": [-1]},
             {"name": "streaming", "data_type": Enum("TYPE_BOOL"), "dims": [1], "optional": True},
-            *({"name": f"sampling_param_{name}", "data_type": Enum(dtype), "dims": dims, "optional": True}
-              for name, dtype, dims in LLMAPI_SAMPLING),
-            {"name": "return_cumulative_logprob", "data_type": Enum("TYPE_BOOL"), "dims": [1], "optional": True},
+            *(
+                {
+                    "name": f"sampling_param_{name}",
+                    "data_type": Enum(dtype),
+                    "dims": dims,
+                    "optional": True,
+                }
+                for name, dtype, dims in LLMAPI_SAMPLING
+            ),
+            {
+                "name": "return_cumulative_logprob",
+                "data_type": Enum("TYPE_BOOL"),
+                "dims": [1],
+                "optional": True,
+            },
         ],
         "output": [
             {"name": "text_output", "data_type": Enum("TYPE_STRING"), "dims": [-1]},
@@ -343,15 +468,22 @@ def llmapi_config() -> dict[str, Any]:
 
 # sampling_param_<name> tensors of TensorRT-LLM's llmapi model (SamplingParams fields).
 LLMAPI_SAMPLING = (
-    ("temperature", "TYPE_FP32", [1]), ("top_k", "TYPE_INT32", [1]), ("top_p", "TYPE_FP32", [1]),
-    ("frequency_penalty", "TYPE_FP32", [1]), ("presence_penalty", "TYPE_FP32", [1]),
-    ("max_tokens", "TYPE_INT32", [1]), ("stop", "TYPE_STRING", [-1]), ("seed", "TYPE_UINT64", [1]),
+    ("temperature", "TYPE_FP32", [1]),
+    ("top_k", "TYPE_INT32", [1]),
+    ("top_p", "TYPE_FP32", [1]),
+    ("frequency_penalty", "TYPE_FP32", [1]),
+    ("presence_penalty", "TYPE_FP32", [1]),
+    ("max_tokens", "TYPE_INT32", [1]),
+    ("stop", "TYPE_STRING", [-1]),
+    ("seed", "TYPE_UINT64", [1]),
     ("exclude_input_from_output", "TYPE_BOOL", [1]),
 )
 
 
 # ---- writing ---------------------------------------------------------------------------------------------------
-def repository_files(record: BuildRecord, options: TritonOptions, out: Path) -> tuple[dict[str, str], dict[str, Any]]:
+def repository_files(
+    record: BuildRecord, options: TritonOptions, out: Path
+) -> tuple[dict[str, str], dict[str, Any]]:
     """relative path -> text of every file, and the generation record."""
     out = Path(out)
     settings = resolved_settings(record, options, out)
@@ -360,7 +492,9 @@ def repository_files(record: BuildRecord, options: TritonOptions, out: Path) -> 
     if record.backend == ENGINE:
         layout = ENGINE_LAYOUT
         for name, config in engine_configs(record, options, settings).items():
-            files[f"{MODELS_DIR}/{name}/config.pbtxt"] = dumps(config, HEADER.format(source=source, what=WHAT[name]))
+            files[f"{MODELS_DIR}/{name}/config.pbtxt"] = dumps(
+                config, HEADER.format(source=source, what=WHAT[name])
+            )
             if name in PYMODELS:
                 files[f"{MODELS_DIR}/{name}/1/model.py"] = pymodel_source(PYMODELS[name])
             else:
@@ -368,13 +502,19 @@ def repository_files(record: BuildRecord, options: TritonOptions, out: Path) -> 
         scripts = engine_launch_scripts(record, options, out)
     else:
         layout = LLMAPI_LAYOUT
-        files[f"{MODELS_DIR}/tensorrt_llm/config.pbtxt"] = dumps(llmapi_config(), HEADER.format(
-            source=source, what="LLM-API model; max_batch_size and decoupled are in 1/model.yaml (triton_config)."))
+        files[f"{MODELS_DIR}/tensorrt_llm/config.pbtxt"] = dumps(
+            llmapi_config(),
+            HEADER.format(
+                source=source,
+                what="LLM-API model; max_batch_size and decoupled are in 1/model.yaml (triton_config).",
+            ),
+        )
         files[f"{MODELS_DIR}/tensorrt_llm/1/model.py"] = pymodel_source("llmapi.py")
         files[f"{MODELS_DIR}/tensorrt_llm/1/model.yaml"] = dump_yaml(
             llmapi_model_yaml(record, options, settings),
             f"tensorrt_llm.LLM(...) arguments from `builder build --backend pytorch` ({source}),\n"
-            "and triton_config, which model.py applies through Triton's auto-complete.")
+            "and triton_config, which model.py applies through Triton's auto-complete.",
+        )
         scripts = llmapi_launch_scripts(record, options, out)
     for name, text in scripts.items():
         files[f"launch/{name}"] = text
@@ -390,7 +530,9 @@ def repository_files(record: BuildRecord, options: TritonOptions, out: Path) -> 
     return files, generated
 
 
-def write_repository(record: BuildRecord, options: TritonOptions, out: str | Path, *, overwrite: bool = False) -> dict[str, Any]:
+def write_repository(
+    record: BuildRecord, options: TritonOptions, out: str | Path, *, overwrite: bool = False
+) -> dict[str, Any]:
     """Write the repository to OUT (atomically, with a manifest); returns the generation record."""
     out = Path(out)
     files, generated = repository_files(record, options, out)
@@ -401,5 +543,7 @@ def write_repository(record: BuildRecord, options: TritonOptions, out: str | Pat
             path.write_text(text)
             if name.startswith("launch/"):
                 path.chmod(0o755)
-        write_manifest(stage, build_manifest(stage, KIND, layout=generated["layout"], build=str(record.source)))
+        write_manifest(
+            stage, build_manifest(stage, KIND, layout=generated["layout"], build=str(record.source))
+        )
     return generated

@@ -36,7 +36,12 @@ class ServerFailed(UserError):
 
 
 # The binary itself cannot run here (missing glibc/libraries, not executable).
-_CANNOT_RUN = ("error while loading shared libraries", "GLIBC_", "cannot execute", "Exec format error")
+_CANNOT_RUN = (
+    "error while loading shared libraries",
+    "GLIBC_",
+    "cannot execute",
+    "Exec format error",
+)
 
 
 @dataclass(frozen=True)
@@ -55,14 +60,20 @@ def bundled_triton() -> BundledTriton:
 
     spec = importlib.util.find_spec("pytriton")
     if spec is None or not spec.submodule_search_locations:
-        raise ServerUnavailable("nvidia-pytriton is not installed (pip install --no-deps nvidia-pytriton==0.7.0)")
+        raise ServerUnavailable(
+            "nvidia-pytriton is not installed (pip install --no-deps nvidia-pytriton==0.7.0)"
+        )
     root = Path(next(iter(spec.submodule_search_locations)))
     version = f"{sys.version_info.major}.{sys.version_info.minor}"
     found = BundledTriton(
         binary=root / "tritonserver" / "bin" / "tritonserver",
         libs=root.parent / "nvidia_pytriton.libs",
         backend=root / "tritonserver" / "backends" / "python",
-        stub=root / "tritonserver" / "python_backend_stubs" / version / "triton_python_backend_stub",
+        stub=root
+        / "tritonserver"
+        / "python_backend_stubs"
+        / version
+        / "triton_python_backend_stub",
     )
     for path in (found.binary, found.libs, found.backend / "libtriton_python.so", found.stub):
         if not path.exists():
@@ -80,8 +91,10 @@ STUB_NUMPY_HINT = f"pip install --no-deps --target {STUB_SITE} numpy==1.26.4"
 def stub_site() -> Path:
     numpy_dir = STUB_SITE / "numpy"
     if not numpy_dir.is_dir():
-        raise ServerUnavailable(f"{STUB_SITE}: no numpy 1.x for the Python-backend stub (its pybind11 needs numpy<2; "
-                                f"numpy 2 corrupts string tensors): {STUB_NUMPY_HINT}")
+        raise ServerUnavailable(
+            f"{STUB_SITE}: no numpy 1.x for the Python-backend stub (its pybind11 needs numpy<2; "
+            f"numpy 2 corrupts string tensors): {STUB_NUMPY_HINT}"
+        )
     return STUB_SITE
 
 
@@ -92,8 +105,12 @@ def python_paths() -> list[str]:
 
     import builder
 
-    paths = [str(stub_site()), sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"],
-             str(Path(builder.__file__).resolve().parents[1])]
+    paths = [
+        str(stub_site()),
+        sysconfig.get_paths()["purelib"],
+        sysconfig.get_paths()["platlib"],
+        str(Path(builder.__file__).resolve().parents[1]),
+    ]
     return list(dict.fromkeys(paths))
 
 
@@ -107,8 +124,11 @@ def backend_directory(bundle: BundledTriton, where: Path) -> Path:
     """A --backend-directory whose python/ pairs the backend with this Python's stub."""
     python = where / "python"
     python.mkdir(parents=True, exist_ok=True)
-    for source in (bundle.backend / "libtriton_python.so", bundle.backend / "triton_python_backend_utils.py",
-                   bundle.stub):
+    for source in (
+        bundle.backend / "libtriton_python.so",
+        bundle.backend / "triton_python_backend_utils.py",
+        bundle.stub,
+    ):
         link = python / source.name
         if not link.exists():
             link.symlink_to(source)
@@ -152,13 +172,26 @@ class TritonServer:
 
     def command(self, bundle: BundledTriton, backends: Path) -> list[str]:
         return [
-            str(bundle.binary), "--model-repository", str(Path(self.repository).resolve()),
-            "--backend-directory", str(backends),
-            "--http-address", "127.0.0.1", "--http-port", str(self.http_port),
-            "--grpc-address", "127.0.0.1", "--grpc-port", str(self.grpc_port),
-            "--allow-metrics=false", "--exit-on-error=true", "--strict-readiness=true",
-            "--exit-timeout-secs=5", *(() if self.auto_complete else ("--disable-auto-complete-config",)),
-            f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}", *self.extra_args,
+            str(bundle.binary),
+            "--model-repository",
+            str(Path(self.repository).resolve()),
+            "--backend-directory",
+            str(backends),
+            "--http-address",
+            "127.0.0.1",
+            "--http-port",
+            str(self.http_port),
+            "--grpc-address",
+            "127.0.0.1",
+            "--grpc-port",
+            str(self.grpc_port),
+            "--allow-metrics=false",
+            "--exit-on-error=true",
+            "--strict-readiness=true",
+            "--exit-timeout-secs=5",
+            *(() if self.auto_complete else ("--disable-auto-complete-config",)),
+            f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
+            *self.extra_args,
         ]
 
     def start(self, timeout: float = START_TIMEOUT_S) -> TritonServer:
@@ -169,15 +202,24 @@ class TritonServer:
         work = Path(self._workdir.name)
         backends = backend_directory(bundle, work / "backends")
         self.log_path = self.log_path or work / "tritonserver.log"
-        env = {**os.environ, "LD_LIBRARY_PATH": os.pathsep.join(
-            p for p in (str(bundle.libs), os.environ.get("LD_LIBRARY_PATH", "")) if p),
+        env = {
+            **os.environ,
+            "LD_LIBRARY_PATH": os.pathsep.join(
+                p for p in (str(bundle.libs), os.environ.get("LD_LIBRARY_PATH", "")) if p
+            ),
             # The stub's embedded interpreter ignores PYTHONPATH; our model.py files read this.
-            "BUILDER_TRITON_PYTHONPATH": os.pathsep.join(python_paths())}
+            "BUILDER_TRITON_PYTHONPATH": os.pathsep.join(python_paths()),
+        }
         started = time.perf_counter()
         with open(self.log_path, "w") as log:
             # A new session: stop() signals the whole group, backend stubs included.
-            self.process = subprocess.Popen(self.command(bundle, backends), stdout=log, stderr=subprocess.STDOUT,
-                                            env=env, start_new_session=True)
+            self.process = subprocess.Popen(
+                self.command(bundle, backends),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
+            )
         try:
             self._wait_ready(timeout)
         except BaseException:
@@ -193,10 +235,14 @@ class TritonServer:
             assert self.process is not None
             if self.process.poll() is not None:
                 log = self.log_tail(400)
-                cannot_run = self.process.returncode in (126, 127) or any(m in log for m in _CANNOT_RUN)
+                cannot_run = self.process.returncode in (126, 127) or any(
+                    m in log for m in _CANNOT_RUN
+                )
                 error = ServerUnavailable if cannot_run else ServerFailed
-                raise error(f"tritonserver exited with code {self.process.returncode} before it was ready:\n"
-                            f"{self.errors()}")
+                raise error(
+                    f"tritonserver exited with code {self.process.returncode} before it was ready:\n"
+                    f"{self.errors()}"
+                )
             try:
                 with urllib.request.urlopen(url, timeout=2) as response:
                     if response.status == 200:
@@ -209,7 +255,11 @@ class TritonServer:
     def errors(self) -> str:
         """The log's error lines (glog severity E, `error:`), or its last lines if it has none."""
         lines = self.log_tail(2000).splitlines()
-        found = [line for line in lines if line[:1] == "E" and line[1:2].isdigit() or line.startswith("error:")]
+        found = [
+            line
+            for line in lines
+            if line[:1] == "E" and line[1:2].isdigit() or line.startswith("error:")
+        ]
         return "\n".join(found[-20:]) or "\n".join(lines[-25:])
 
     def log_tail(self, lines: int = 25) -> str:

@@ -29,8 +29,11 @@ class Tensor:
     ragged: bool = False  # allow_ragged_batch
 
     def config(self, dtypes: dict[str, str]) -> dict[str, Any]:
-        entry: dict[str, Any] = {"name": self.name, "data_type": Enum(dtypes.get(self.dtype, self.dtype)),
-                                 "dims": list(self.dims)}
+        entry: dict[str, Any] = {
+            "name": self.name,
+            "data_type": Enum(dtypes.get(self.dtype, self.dtype)),
+            "dims": list(self.dims),
+        }
         if self.scalar:
             entry["reshape"] = {"shape": []}
         if self.optional:
@@ -179,27 +182,71 @@ def _same(*names: str) -> tuple[tuple[str, str], ...]:
 
 
 ENSEMBLE_STEPS = (
-    Step("preprocessing",
-         inputs=(("QUERY", "text_input"), ("REQUEST_OUTPUT_LEN", "max_tokens"), ("BAD_WORDS_DICT", "bad_words"),
-                 ("STOP_WORDS_DICT", "stop_words"), ("END_ID", "end_id"), ("PAD_ID", "pad_id")),
-         outputs=(("REQUEST_INPUT_LEN", "_REQUEST_INPUT_LEN"), ("INPUT_ID", "_INPUT_ID"),
-                  ("REQUEST_OUTPUT_LEN", "_REQUEST_OUTPUT_LEN"), ("STOP_WORDS_IDS", "_STOP_WORDS_IDS"),
-                  ("BAD_WORDS_IDS", "_BAD_WORDS_IDS"), ("OUT_END_ID", "_PREPROCESSOR_END_ID"),
-                  ("OUT_PAD_ID", "_PREPROCESSOR_PAD_ID"))),
-    Step("tensorrt_llm",
-         inputs=(("input_ids", "_INPUT_ID"), ("input_lengths", "_REQUEST_INPUT_LEN"),
-                 ("request_output_len", "_REQUEST_OUTPUT_LEN"), ("end_id", "_PREPROCESSOR_END_ID"),
-                 ("pad_id", "_PREPROCESSOR_PAD_ID"), ("stop_words_list", "_STOP_WORDS_IDS"),
-                 ("bad_words_list", "_BAD_WORDS_IDS"), ("runtime_top_k", "top_k"), ("runtime_top_p", "top_p"),
-                 ("len_penalty", "length_penalty"), ("streaming", "stream"),
-                 *_same("exclude_input_in_output", "temperature", "repetition_penalty", "min_tokens",
-                        "presence_penalty", "frequency_penalty", "seed", "return_log_probs",
-                        "return_context_logits", "return_generation_logits", "num_return_sequences",
-                        "beam_width")),
-         outputs=(("output_ids", "_TOKENS_BATCH"), ("sequence_length", "_SEQUENCE_LENGTH"),
-                  *_same("cum_log_probs", "output_log_probs", "context_logits", "generation_logits",
-                         "batch_index", "sequence_index"))),
-    Step("postprocessing",
-         inputs=(("TOKENS_BATCH", "_TOKENS_BATCH"), ("SEQUENCE_LENGTH", "_SEQUENCE_LENGTH")),
-         outputs=(("OUTPUT", "text_output"),)),
+    Step(
+        "preprocessing",
+        inputs=(
+            ("QUERY", "text_input"),
+            ("REQUEST_OUTPUT_LEN", "max_tokens"),
+            ("BAD_WORDS_DICT", "bad_words"),
+            ("STOP_WORDS_DICT", "stop_words"),
+            ("END_ID", "end_id"),
+            ("PAD_ID", "pad_id"),
+        ),
+        outputs=(
+            ("REQUEST_INPUT_LEN", "_REQUEST_INPUT_LEN"),
+            ("INPUT_ID", "_INPUT_ID"),
+            ("REQUEST_OUTPUT_LEN", "_REQUEST_OUTPUT_LEN"),
+            ("STOP_WORDS_IDS", "_STOP_WORDS_IDS"),
+            ("BAD_WORDS_IDS", "_BAD_WORDS_IDS"),
+            ("OUT_END_ID", "_PREPROCESSOR_END_ID"),
+            ("OUT_PAD_ID", "_PREPROCESSOR_PAD_ID"),
+        ),
+    ),
+    Step(
+        "tensorrt_llm",
+        inputs=(
+            ("input_ids", "_INPUT_ID"),
+            ("input_lengths", "_REQUEST_INPUT_LEN"),
+            ("request_output_len", "_REQUEST_OUTPUT_LEN"),
+            ("end_id", "_PREPROCESSOR_END_ID"),
+            ("pad_id", "_PREPROCESSOR_PAD_ID"),
+            ("stop_words_list", "_STOP_WORDS_IDS"),
+            ("bad_words_list", "_BAD_WORDS_IDS"),
+            ("runtime_top_k", "top_k"),
+            ("runtime_top_p", "top_p"),
+            ("len_penalty", "length_penalty"),
+            ("streaming", "stream"),
+            *_same(
+                "exclude_input_in_output",
+                "temperature",
+                "repetition_penalty",
+                "min_tokens",
+                "presence_penalty",
+                "frequency_penalty",
+                "seed",
+                "return_log_probs",
+                "return_context_logits",
+                "return_generation_logits",
+                "num_return_sequences",
+                "beam_width",
+            ),
+        ),
+        outputs=(
+            ("output_ids", "_TOKENS_BATCH"),
+            ("sequence_length", "_SEQUENCE_LENGTH"),
+            *_same(
+                "cum_log_probs",
+                "output_log_probs",
+                "context_logits",
+                "generation_logits",
+                "batch_index",
+                "sequence_index",
+            ),
+        ),
+    ),
+    Step(
+        "postprocessing",
+        inputs=(("TOKENS_BATCH", "_TOKENS_BATCH"), ("SEQUENCE_LENGTH", "_SEQUENCE_LENGTH")),
+        outputs=(("OUTPUT", "text_output"),),
+    ),
 )

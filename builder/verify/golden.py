@@ -52,7 +52,12 @@ FORMAT = "builder.golden"
 VERSION = 1
 GOLDEN_JSON = "golden.json"
 TENSORS = "tensors.safetensors"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+)
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
@@ -78,7 +83,9 @@ class BlockStats:
 
     plan: ModelPlan
     probe_index: int
-    sums: dict[int, list[float]] = field(default_factory=dict)  # index -> [ss_out, ss_delta, n, absmax]
+    sums: dict[int, list[float]] = field(
+        default_factory=dict
+    )  # index -> [ss_out, ss_delta, n, absmax]
     probe: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def observe(self, layer: LayerPlan, seq: int, x: torch.Tensor, out: torch.Tensor) -> None:
@@ -99,11 +106,17 @@ class BlockStats:
         rows = []
         for layer in self.plan.layers:
             ss_out, ss_delta, n, absmax = self.sums.get(layer.index, [0.0, 0.0, 1, 0.0])
-            rows.append({
-                "index": layer.index, "kind": block_kind(layer), "ffn_width": layer.ffn_width,
-                "kv_heads": layer.kv_heads, "rms_out": (ss_out / n) ** 0.5,
-                "rms_delta": (ss_delta / n) ** 0.5, "absmax_out": absmax,
-            })
+            rows.append(
+                {
+                    "index": layer.index,
+                    "kind": block_kind(layer),
+                    "ffn_width": layer.ffn_width,
+                    "kv_heads": layer.kv_heads,
+                    "rms_out": (ss_out / n) ** 0.5,
+                    "rms_delta": (ss_delta / n) ** 0.5,
+                    "absmax_out": absmax,
+                }
+            )
         return rows
 
 
@@ -122,14 +135,21 @@ def scored(logits: torch.Tensor, ids: torch.Tensor, k: int) -> dict[str, torch.T
     """Top-k and target log-probs of positions 0..L-2 from logits [L, V]."""
     lp = metrics.log_probs(logits[:-1])
     top_ids, top_lp = metrics.top_k(lp, k)
-    return {"top_ids": top_ids, "top_logprobs": top_lp.float(), "target_logprobs": metrics.gather(lp, ids[1:]).float()}
+    return {
+        "top_ids": top_ids,
+        "top_logprobs": top_lp.float(),
+        "target_logprobs": metrics.gather(lp, ids[1:]).float(),
+    }
 
 
 def source_identity(src: Path) -> dict[str, Any]:
     from builder.convert.sources import source_fingerprint
     from builder.io.checkpoint import HFCheckpoint
 
-    identity: dict[str, Any] = {"path": str(src.resolve()), "fingerprint": source_fingerprint(HFCheckpoint(src))}
+    identity: dict[str, Any] = {
+        "path": str(src.resolve()),
+        "fingerprint": source_fingerprint(HFCheckpoint(src)),
+    }
     if (src / "manifest.json").is_file():
         identity["manifest_sha256"] = sha256_file(src / "manifest.json")
     return identity
@@ -137,8 +157,10 @@ def source_identity(src: Path) -> dict[str, Any]:
 
 def tokenizer_identity(src: Path, tokenizer: Any) -> dict[str, Any]:
     return {
-        "file": "tokenizer.json", "sha256": sha256_file(src / "tokenizer.json"),
-        "vocab": len(tokenizer), "bos_token_id": tokenizer.bos_token_id,
+        "file": "tokenizer.json",
+        "sha256": sha256_file(src / "tokenizer.json"),
+        "vocab": len(tokenizer),
+        "bos_token_id": tokenizer.bos_token_id,
         "eos_token_id": tokenizer.eos_token_id,
     }
 
@@ -161,18 +183,30 @@ def build_golden(
         raise UserError("need --continuation >= 0, --top-k >= 1 and --probe-len >= 2")
     started = time.perf_counter()
     tokenizer = load_tokenizer(src)
-    prompts = build_prompts(tokenizer, settings.prompts, settings.windows, settings.seq_len, settings.chat_prompts)
+    prompts = build_prompts(
+        tokenizer, settings.prompts, settings.windows, settings.seq_len, settings.chat_prompts
+    )
     stream = BlockStream(src, DTYPES[settings.dtype], settings.device)
-    say(f"golden of {src}: {len(prompts)} prompts, {sum(len(p.ids) for p in prompts):,} tokens, "
-        f"{stream.plan.num_layers} blocks streamed one at a time")
+    say(
+        f"golden of {src}: {len(prompts)} prompts, {sum(len(p.ids) for p in prompts):,} tokens, "
+        f"{stream.plan.num_layers} blocks streamed one at a time"
+    )
     tensors, stats, seconds = run_reference(stream, prompts, settings, say)
     task_results = run_tasks(stream, tokenizer, settings, say) if settings.tasks else None
     seconds["total"] = round(time.perf_counter() - started, 3)
     document = {
-        "format": FORMAT, "version": VERSION, "settings": settings.__dict__,
-        "source": source_identity(src), "tokenizer": tokenizer_identity(src, tokenizer),
-        "model": {"layers": stream.plan.num_layers, "hidden": stream.plan.hidden_size, "vocab": stream.plan.vocab_size},
-        "prompts": [p.describe() for p in prompts], "blocks": stats.table(),
+        "format": FORMAT,
+        "version": VERSION,
+        "settings": settings.__dict__,
+        "source": source_identity(src),
+        "tokenizer": tokenizer_identity(src, tokenizer),
+        "model": {
+            "layers": stream.plan.num_layers,
+            "hidden": stream.plan.hidden_size,
+            "vocab": stream.plan.vocab_size,
+        },
+        "prompts": [p.describe() for p in prompts],
+        "blocks": stats.table(),
         "run": {"seconds": seconds, "peak_rss_bytes": peak_rss_bytes()},
     }
     if task_results is not None:
@@ -225,7 +259,11 @@ def run_reference(
 
 
 def continue_greedy(
-    stream: BlockStream, sequences: list[Sequence], greedy: list[list[int]], n: int, head: Any,
+    stream: BlockStream,
+    sequences: list[Sequence],
+    greedy: list[list[int]],
+    n: int,
+    head: Any,
     say: Callable[[str], None],
 ) -> None:
     """Extend each sequence's greedy tokens (its first one already chosen) to `n`: one pass
@@ -237,7 +275,9 @@ def continue_greedy(
             greedy[j].append(int(stream.head(h, head)[-1].argmax()))
 
 
-def run_tasks(stream: BlockStream, tokenizer: Any, settings: GoldenSettings, say: Callable[[str], None]) -> dict[str, Any]:
+def run_tasks(
+    stream: BlockStream, tokenizer: Any, settings: GoldenSettings, say: Callable[[str], None]
+) -> dict[str, Any]:
     """The reference's answers to a task set (reasoning off, greedy) and its accuracy."""
     from builder.verify.tasks import accuracy, load_tasks, reply_text, task_prompt_ids
 
@@ -250,9 +290,13 @@ def run_tasks(stream: BlockStream, tokenizer: Any, settings: GoldenSettings, say
     continue_greedy(stream, sequences, greedy, settings.task_max_tokens, head, say)
     replies = [reply_text(tokenizer, g) for g in greedy]
     return {
-        "file": str(Path(settings.tasks).resolve()), "sha256": sha256_file(Path(settings.tasks)),
-        "reasoning": False, "max_tokens": settings.task_max_tokens, "count": len(tasks),
-        "accuracy": accuracy(tasks, replies), "replies": replies,
+        "file": str(Path(settings.tasks).resolve()),
+        "sha256": sha256_file(Path(settings.tasks)),
+        "reasoning": False,
+        "max_tokens": settings.task_max_tokens,
+        "count": len(tasks),
+        "accuracy": accuracy(tasks, replies),
+        "replies": replies,
     }
 
 
@@ -270,7 +314,9 @@ class Golden:
 
         path = Path(path)
         if not (path / GOLDEN_JSON).is_file():
-            raise UserError(f"{path}: not a golden directory (no {GOLDEN_JSON}; write one with `builder reference`)")
+            raise UserError(
+                f"{path}: not a golden directory (no {GOLDEN_JSON}; write one with `builder reference`)"
+            )
         problems = verify_files(path, read_manifest(path))
         if problems:
             raise UserError(f"{path}: golden does not match its manifest: {problems[0]}")
@@ -279,8 +325,10 @@ class Golden:
         except (OSError, json.JSONDecodeError) as err:
             raise UserError(f"{path / GOLDEN_JSON}: unreadable ({err})") from None
         if document.get("format") != FORMAT or document.get("version") != VERSION:
-            raise UserError(f"{path / GOLDEN_JSON}: format {document.get('format')!r} version "
-                            f"{document.get('version')!r}; this builder reads {FORMAT} {VERSION}")
+            raise UserError(
+                f"{path / GOLDEN_JSON}: format {document.get('format')!r} version "
+                f"{document.get('version')!r}; this builder reads {FORMAT} {VERSION}"
+            )
         try:
             tensors = load_file(str(path / TENSORS))
         except (OSError, SafetensorError) as err:
@@ -304,7 +352,11 @@ class Golden:
 
     def score(self, n: int) -> metrics.SequenceScore:
         t = self.tensors
-        return metrics.SequenceScore(t[f"prompt.{n}.top_ids"], t[f"prompt.{n}.top_logprobs"], t[f"prompt.{n}.target_logprobs"])
+        return metrics.SequenceScore(
+            t[f"prompt.{n}.top_ids"],
+            t[f"prompt.{n}.top_logprobs"],
+            t[f"prompt.{n}.target_logprobs"],
+        )
 
     def greedy(self, n: int) -> list[int]:
         return self.tensors[f"prompt.{n}.greedy"].tolist()

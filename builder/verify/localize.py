@@ -97,14 +97,27 @@ class Localization:
     def lines(self) -> list[str]:
         """Human-readable: the verdict line per faulty part, then the ranking head."""
         out = [f"integrity: {line}" for line in self.integrity]
-        for part in self.outliers or ([self.worst] if self.findings.get(self.worst.label()) else []):
-            ratio = part.error / self.median_block_error if self.median_block_error else float("inf")
+        for part in self.outliers or (
+            [self.worst] if self.findings.get(self.worst.label()) else []
+        ):
+            ratio = (
+                part.error / self.median_block_error if self.median_block_error else float("inf")
+            )
             line = f"{part.label()}: output error {part.error:.3g} ({ratio:.0f}x the median block's {self.median_block_error:.3g})"
             details = self.findings.get(part.label()) or []
-            out.append(line + (": " + "; ".join(details) if details else ": no tensor finding (numerics of the part itself)"))
+            out.append(
+                line
+                + (
+                    ": " + "; ".join(details)
+                    if details
+                    else ": no tensor finding (numerics of the part itself)"
+                )
+            )
         if not self.outliers:
-            out.append(f"no part out of line: worst {self.worst.label()} error {self.worst.error:.3g}, "
-                       f"median block {self.median_block_error:.3g}")
+            out.append(
+                f"no part out of line: worst {self.worst.label()} error {self.worst.error:.3g}, "
+                f"median block {self.median_block_error:.3g}"
+            )
         return out
 
     def to_json(self) -> dict[str, Any]:
@@ -115,10 +128,20 @@ class Localization:
             "outlier_rule": f"error > {OUTLIER_RATIO} x median block error and > {ABSOLUTE_FLOOR}",
             "worst": self.worst.label(),
             "outliers": [p.label() for p in self.outliers],
-            "findings": self.findings, "integrity": self.integrity, "checks": self.checks,
+            "findings": self.findings,
+            "integrity": self.integrity,
+            "checks": self.checks,
             "lines": self.lines(),
-            "ranking": [{"part": p.label(), "index": p.index, "kind": p.kind, "ffn_width": p.ffn_width,
-                         "error": p.error} for p in ranked],
+            "ranking": [
+                {
+                    "part": p.label(),
+                    "index": p.index,
+                    "kind": p.kind,
+                    "ffn_width": p.ffn_width,
+                    "error": p.error,
+                }
+                for p in ranked
+            ],
         }
 
 
@@ -127,21 +150,51 @@ def relative(a: torch.Tensor, g: torch.Tensor, base: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def localize(golden: Golden, localizer: Localizer, checks: TensorChecks, say=lambda m: None) -> Localization:
+def localize(
+    golden: Golden, localizer: Localizer, checks: TensorChecks, say=lambda m: None
+) -> Localization:
     plan = localizer.plan
     t = golden.tensors
     ids = t["probe.ids"]
     non_empty = [layer for layer in plan.layers if not layer.is_empty]
     first_input = golden.probe_hidden(non_empty[0].index) if non_empty else t["probe.final"]
-    parts = [PartError("embedding", None, "embedding", None, relative(localizer.embed(ids).cpu(), first_input, first_input))]
+    parts = [
+        PartError(
+            "embedding",
+            None,
+            "embedding",
+            None,
+            relative(localizer.embed(ids).cpu(), first_input, first_input),
+        )
+    ]
     for n, layer in enumerate(non_empty):
         x = golden.probe_hidden(layer.index)
-        g = golden.probe_hidden(non_empty[n + 1].index) if n + 1 < len(non_empty) else t["probe.final"]
+        g = (
+            golden.probe_hidden(non_empty[n + 1].index)
+            if n + 1 < len(non_empty)
+            else t["probe.final"]
+        )
         a = localizer.block(layer, x).cpu()
-        parts.append(PartError(f"block {layer.index}", layer.index, block_kind(layer), layer.ffn_width, relative(a, g, g.float() - x.float())))
+        parts.append(
+            PartError(
+                f"block {layer.index}",
+                layer.index,
+                block_kind(layer),
+                layer.ffn_width,
+                relative(a, g, g.float() - x.float()),
+            )
+        )
         say(f"localize: block {layer.index} error {parts[-1].error:.3g}")
     logits = t["probe.logits"]
-    parts.append(PartError("lm_head", None, "lm_head", None, relative(localizer.logits(t["probe.final"]).cpu(), logits, logits)))
+    parts.append(
+        PartError(
+            "lm_head",
+            None,
+            "lm_head",
+            None,
+            relative(localizer.logits(t["probe.final"]).cpu(), logits, logits),
+        )
+    )
     blocks = [p.error for p in parts if p.index is not None]
     median = statistics.median(blocks) if blocks else 0.0
     outliers = sorted(
@@ -183,8 +236,14 @@ def tensor_checks(artifact: Path, golden: Golden) -> TensorChecks:
         checks.table = amax_from_manifest(read_manifest(artifact))
     except UserError:
         checks.table = None
-    checks.notes.append("scaling factors vs calibrated amax: " + (
-        "checked (amax table from the artifact's manifest)" if checks.table else "not checked (no amax table in the artifact's manifest)"))
+    checks.notes.append(
+        "scaling factors vs calibrated amax: "
+        + (
+            "checked (amax table from the artifact's manifest)"
+            if checks.table
+            else "not checked (no amax table in the artifact's manifest)"
+        )
+    )
     source = golden.document.get("source", {})
     path = Path(source.get("path", ""))
     try:
@@ -193,8 +252,14 @@ def tensor_checks(artifact: Path, golden: Golden) -> TensorChecks:
             checks.source = ckpt
     except UserError:
         pass
-    checks.notes.append("weights vs the golden's source: " + (
-        f"checked ({path})" if checks.source else f"not checked (source {path} absent or changed)"))
+    checks.notes.append(
+        "weights vs the golden's source: "
+        + (
+            f"checked ({path})"
+            if checks.source
+            else f"not checked (source {path} absent or changed)"
+        )
+    )
     return checks
 
 
@@ -207,7 +272,9 @@ def _belongs(item: Any, part: int | str) -> bool:
     return item.layer is None and item.name != "transformer.vocab_embedding.weight"
 
 
-def _scale_finding(name: str, stored: torch.Tensor, expected: torch.Tensor, amax_label: str) -> str | None:
+def _scale_finding(
+    name: str, stored: torch.Tensor, expected: torch.Tensor, amax_label: str
+) -> str | None:
     s, e = float(stored.reshape(-1)[0]), float(expected.reshape(-1)[0])
     if abs(s - e) <= SCALE_RTOL * abs(e):
         return None
@@ -247,16 +314,26 @@ def trtllm_tensor_findings(ex: Any, part: int | str, checks: TensorChecks) -> li
                     weight = weight * w_scale
                     if transform is not None:
                         expected_w, expected_a = transform.scales(item)
-                        for name, stored_s, exp in ((w_name, w_scale, expected_w), (a_name, ex.tensor(rank, a_name), expected_a)):
+                        for name, stored_s, exp in (
+                            (w_name, w_scale, expected_w),
+                            (a_name, ex.tensor(rank, a_name), expected_a),
+                        ):
                             kind = "weight amax" if name == w_name else "input amax"
-                            finding = _scale_finding(f"{name} (rank {rank})", stored_s, exp, f"{kind}/448")
+                            finding = _scale_finding(
+                                f"{name} (rank {rank})", stored_s, exp, f"{kind}/448"
+                            )
                             if finding:
                                 found.append(finding)
                 if ex.kv_cache_fp8 and transform is not None and item.rule.split is Split.QKV:
                     local = int(item.name.split(".")[2])
                     kv_name = kv_cache_scale_name(local)
                     expected = kv_cache_scale(*checks.table.kv(item.layer.index))
-                    finding = _scale_finding(f"{kv_name} (rank {rank})", ex.tensor(rank, kv_name), expected, "max(k, v amax)/448 floored at 1")
+                    finding = _scale_finding(
+                        f"{kv_name} (rank {rank})",
+                        ex.tensor(rank, kv_name),
+                        expected,
+                        "max(k, v amax)/448 floored at 1",
+                    )
                     if finding:
                         found.append(finding)
                 if reader is not None and len(item.shape) >= 1:
@@ -282,32 +359,60 @@ def hf_tensor_findings(stream: Any, part: int | str, checks: TensorChecks) -> li
         layer = plan.layers[part]
         for module in layer_linears(plan, layer):
             w = ckpt.read(f"{module}.weight")
-            w_scale, x_scale = ckpt.read(f"{module}.weight_scale"), ckpt.read(f"{module}.input_scale")
+            w_scale, x_scale = (
+                ckpt.read(f"{module}.weight_scale"),
+                ckpt.read(f"{module}.input_scale"),
+            )
             if checks.table is not None:
                 for name, stored, expected in (
-                    (f"{module}.weight_scale", w_scale, scale_from_amax(checks.table.weight(module))),
-                    (f"{module}.input_scale", x_scale, scale_from_amax(shared_input_amax(checks.table, module))),
+                    (
+                        f"{module}.weight_scale",
+                        w_scale,
+                        scale_from_amax(checks.table.weight(module)),
+                    ),
+                    (
+                        f"{module}.input_scale",
+                        x_scale,
+                        scale_from_amax(shared_input_amax(checks.table, module)),
+                    ),
                 ):
                     finding = _scale_finding(name, stored, expected, "amax/448")
                     if finding:
                         found.append(finding)
             if checks.source is not None:
-                finding = _weight_finding(f"{module}.weight", w.float() * w_scale.float(), checks.source.read(f"{module}.weight").float(), True)
+                finding = _weight_finding(
+                    f"{module}.weight",
+                    w.float() * w_scale.float(),
+                    checks.source.read(f"{module}.weight").float(),
+                    True,
+                )
                 if finding:
                     found.append(finding)
-        if layer.attention is AttentionKind.ATTENTION and checks.table is not None and checks.table.kv_cache:
+        if (
+            layer.attention is AttentionKind.ATTENTION
+            and checks.table is not None
+            and checks.table.kv_cache
+        ):
             k_amax, v_amax = checks.table.kv(layer.index)
             for p, amax in (("k", k_amax), ("v", v_amax)):
                 name = f"model.layers.{layer.index}.self_attn.{p}_proj.{p}_scale"
                 if name in ckpt:
-                    finding = _scale_finding(name, ckpt.read(name), scale_from_amax(amax), f"{p} amax/448")
+                    finding = _scale_finding(
+                        name, ckpt.read(name), scale_from_amax(amax), f"{p} amax/448"
+                    )
                     if finding:
                         found.append(finding)
         return found
-    names = ["model.embed_tokens.weight"] if part == "embedding" else ["model.norm.weight", "lm_head.weight"]
+    names = (
+        ["model.embed_tokens.weight"]
+        if part == "embedding"
+        else ["model.norm.weight", "lm_head.weight"]
+    )
     for name in names:
         if checks.source is not None and name in ckpt and name in checks.source:
-            finding = _weight_finding(name, ckpt.read(name).float(), checks.source.read(name).float(), False)
+            finding = _weight_finding(
+                name, ckpt.read(name).float(), checks.source.read(name).float(), False
+            )
             if finding:
                 found.append(finding)
     return found
@@ -336,7 +441,11 @@ def manifest_findings(directory: Path) -> list[str]:
             continue
         other = owner.get(actual)
         if other:
-            found.append(f"{name} holds the bytes the manifest records for {other} (files swapped or renamed)")
+            found.append(
+                f"{name} holds the bytes the manifest records for {other} (files swapped or renamed)"
+            )
         else:
-            found.append(f"{name}: sha256 differs from the manifest (modified after it was written)")
+            found.append(
+                f"{name}: sha256 differs from the manifest (modified after it was written)"
+            )
     return found

@@ -46,31 +46,46 @@ class MetricInfo:
 
 METRICS: dict[str, MetricInfo] = {
     "kl_mean": MetricInfo(
-        "nats", "mean over positions of KL(golden || artifact) over the golden top-k ids plus one "
-        "'other' bucket (tail mass 1 - sum of the top-k on each side)", "lower"),
+        "nats",
+        "mean over positions of KL(golden || artifact) over the golden top-k ids plus one "
+        "'other' bucket (tail mass 1 - sum of the top-k on each side)",
+        "lower",
+    ),
     "kl_p99": MetricInfo(
-        "nats", f"99th percentile over positions of the same KL ({PERCENTILE_METHOD})", "lower"),
+        "nats", f"99th percentile over positions of the same KL ({PERCENTILE_METHOD})", "lower"
+    ),
     "top1_agreement": MetricInfo(
-        "fraction", "share of positions where the artifact's most likely token is the golden's",
-        "higher"),
+        "fraction",
+        "share of positions where the artifact's most likely token is the golden's",
+        "higher",
+    ),
     "greedy_exact_match": MetricInfo(
-        "fraction", "share of prompts whose greedy continuation equals the golden's token for token",
-        "higher"),
+        "fraction",
+        "share of prompts whose greedy continuation equals the golden's token for token",
+        "higher",
+    ),
     "greedy_prefix_mean": MetricInfo(
-        "tokens", "mean over prompts of the number of leading greedy tokens equal to the golden's",
-        "higher"),
+        "tokens",
+        "mean over prompts of the number of leading greedy tokens equal to the golden's",
+        "higher",
+    ),
     "greedy_prefix_fraction": MetricInfo(
-        "fraction", "greedy_prefix_mean / continuation length", "higher"),
+        "fraction", "greedy_prefix_mean / continuation length", "higher"
+    ),
     "perplexity": MetricInfo(
-        "ppl", "exp of the mean negative log-prob the artifact gives the actual next token", "lower"),
-    "golden_perplexity": MetricInfo(
-        "ppl", "the same for the golden", "none"),
+        "ppl", "exp of the mean negative log-prob the artifact gives the actual next token", "lower"
+    ),
+    "golden_perplexity": MetricInfo("ppl", "the same for the golden", "none"),
     "ppl_ratio": MetricInfo("ratio", "artifact perplexity / golden perplexity", "lower"),
     "task_accuracy": MetricInfo(
-        "fraction", "share of task answers correct (builder.verify.tasks; reasoning off, greedy)", "higher"),
+        "fraction",
+        "share of task answers correct (builder.verify.tasks; reasoning off, greedy)",
+        "higher",
+    ),
     "golden_task_accuracy": MetricInfo("fraction", "the same for the golden", "none"),
     "task_recovery": MetricInfo(
-        "ratio", "task_accuracy / golden_task_accuracy (llm-compressor's recovery)", "higher"),
+        "ratio", "task_accuracy / golden_task_accuracy (llm-compressor's recovery)", "higher"
+    ),
 }
 
 
@@ -194,18 +209,28 @@ class Comparison:
             out["top1_agreement"] = float(torch.cat(self.agree).double().mean())
         if self.artifact_targets:
             golden, artifact = perplexity(self.golden_targets), perplexity(self.artifact_targets)
-            out |= {"perplexity": artifact, "golden_perplexity": golden, "ppl_ratio": artifact / golden}
+            out |= {
+                "perplexity": artifact,
+                "golden_perplexity": golden,
+                "ppl_ratio": artifact / golden,
+            }
         if self.prefix and self.continuation:
-            out["greedy_exact_match"] = sum(p == self.continuation for p in self.prefix) / len(self.prefix)
+            out["greedy_exact_match"] = sum(p == self.continuation for p in self.prefix) / len(
+                self.prefix
+            )
             out["greedy_prefix_mean"] = sum(self.prefix) / len(self.prefix)
             out["greedy_prefix_fraction"] = out["greedy_prefix_mean"] / self.continuation
         return out
 
 
-def compare_scores(golden: SequenceScore, artifact: SequenceScore) -> tuple[torch.Tensor, torch.Tensor]:
+def compare_scores(
+    golden: SequenceScore, artifact: SequenceScore
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(per-position KL, per-position top-1 agreement) of one sequence."""
     if golden.top_ids.shape[0] != artifact.top_ids.shape[0]:
-        raise ValueError(f"{golden.top_ids.shape[0]} golden positions vs {artifact.top_ids.shape[0]}")
+        raise ValueError(
+            f"{golden.top_ids.shape[0]} golden positions vs {artifact.top_ids.shape[0]}"
+        )
     at = artifact.at_golden_ids
     if at is None:
         at = align(golden.top_ids, artifact.top_ids, artifact.top_logprobs)

@@ -1,14 +1,14 @@
 """Prompt sets of the golden: held-out Wikipedia windows, chat prompts, user JSONL.
 
-  wiki     the first `windows` non-overlapping `seq_len`-token windows of the held-out
-           Wikipedia text (builder.quantize.calib: articles never used for calibration);
-  chat     calib/verify-chat.jsonl (user turns written for verification, none of them in the
-           calibration prompts), each with reasoning on and off (builder.chat's system prompts),
-           rendered with the checkpoint's chat template and the generation prompt;
-  default  both;
-  FILE     a .jsonl of {"text": ...}, {"prompt": ...} or {"messages": [...]} lines (a
-           conversation ending with a user turn gets the generation prompt), plus optional
-           "reasoning": true/false to add the card's system prompt.
+wiki     the first `windows` non-overlapping `seq_len`-token windows of the held-out
+         Wikipedia text (builder.quantize.calib: articles never used for calibration);
+chat     calib/verify-chat.jsonl (user turns written for verification, none of them in the
+         calibration prompts), each with reasoning on and off (builder.chat's system prompts),
+         rendered with the checkpoint's chat template and the generation prompt;
+default  both;
+FILE     a .jsonl of {"text": ...}, {"prompt": ...} or {"messages": [...]} lines (a
+         conversation ending with a user turn gets the generation prompt), plus optional
+         "reasoning": true/false to add the card's system prompt.
 """
 
 from __future__ import annotations
@@ -61,7 +61,9 @@ def wiki_prompts(tokenizer: Any, count: int, seq_len: int) -> list[Prompt]:
 def chat_text(tokenizer: Any, messages: list[dict[str, str]]) -> str:
     template = getattr(tokenizer, "chat_template", None) or chat.nemotron_template()
     return tokenizer.apply_chat_template(
-        messages, tokenize=False, add_generation_prompt=messages[-1]["role"] == "user",
+        messages,
+        tokenize=False,
+        add_generation_prompt=messages[-1]["role"] == "user",
         chat_template=template,
     )
 
@@ -78,7 +80,9 @@ def chat_prompts(tokenizer: Any, count: int, path: Path | None = None) -> list[P
         for reasoning in (True, False):
             text = chat_text(tokenizer, chat.messages(item["user"], reasoning))
             tag = "on" if reasoning else "off"
-            prompts.append(Prompt(f"chat-{number}-{tag}", "chat", text, _encode(tokenizer, text), reasoning))
+            prompts.append(
+                Prompt(f"chat-{number}-{tag}", "chat", text, _encode(tokenizer, text), reasoning)
+            )
     return prompts
 
 
@@ -89,13 +93,24 @@ def file_prompts(tokenizer: Any, path: Path) -> list[Prompt]:
         reasoning = item.get("reasoning")
         if "messages" in item:
             messages = item["messages"]
-            if not isinstance(messages, list) or not messages or not all(
-                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-                for m in messages
+            if (
+                not isinstance(messages, list)
+                or not messages
+                or not all(
+                    isinstance(m, dict)
+                    and isinstance(m.get("role"), str)
+                    and isinstance(m.get("content"), str)
+                    for m in messages
+                )
             ):
-                raise UserError(f"{where}: 'messages' must be a non-empty list of {{role, content}}")
+                raise UserError(
+                    f"{where}: 'messages' must be a non-empty list of {{role, content}}"
+                )
             if reasoning is not None and messages[0]["role"] != "system":
-                messages = [{"role": "system", "content": chat.system_prompt(bool(reasoning))}, *messages]
+                messages = [
+                    {"role": "system", "content": chat.system_prompt(bool(reasoning))},
+                    *messages,
+                ]
             text = chat_text(tokenizer, messages)
         elif isinstance(item.get("prompt", item.get("text")), str):
             text = item.get("prompt", item.get("text"))
@@ -115,6 +130,7 @@ def file_prompts(tokenizer: Any, path: Path) -> list[Prompt]:
 def _jsonl(path: Path) -> list[dict[str, Any]]:
     return [item for _, item in read_jsonl_objects(path)]
 
+
 def build_prompts(
     tokenizer: Any, prompt_set: str, windows: int, seq_len: int, chat_count: int
 ) -> list[Prompt]:
@@ -126,5 +142,7 @@ def build_prompts(
         return wiki_prompts(tokenizer, windows, seq_len) + chat_prompts(tokenizer, chat_count)
     path = Path(prompt_set)
     if path.suffix.lower() != ".jsonl" or not path.is_file():
-        raise UserError(f"--prompts {prompt_set}: expected {', '.join(PROMPT_SETS)} or a .jsonl file")
+        raise UserError(
+            f"--prompts {prompt_set}: expected {', '.join(PROMPT_SETS)} or a .jsonl file"
+        )
     return file_prompts(tokenizer, path)

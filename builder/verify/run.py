@@ -35,7 +35,9 @@ class Threshold:
         return f"{'<=' if self.bound == 'max' else '>='} {self.limit:g}"
 
 
-def load_thresholds(path: Path | None = None, section: str = DEFAULT_SECTION) -> dict[str, Threshold]:
+def load_thresholds(
+    path: Path | None = None, section: str = DEFAULT_SECTION
+) -> dict[str, Threshold]:
     """`<metric>_max` / `<metric>_min` keys of one section of calib/thresholds.toml."""
     from builder.quantize.calib import calib_dir
 
@@ -55,7 +57,9 @@ def load_thresholds(path: Path | None = None, section: str = DEFAULT_SECTION) ->
             raise UserError(f"{path}: [{section}] {key} must be a number")
         out[metric] = Threshold(metric, bound, float(value))
     if not out:
-        raise UserError(f"{path}: [{section}] has no <metric>_max/_min limits (metrics: {', '.join(METRICS)})")
+        raise UserError(
+            f"{path}: [{section}] has no <metric>_max/_min limits (metrics: {', '.join(METRICS)})"
+        )
     return out
 
 
@@ -85,12 +89,18 @@ class VerifyOptions:
     settings: dict[str, Any] = field(default_factory=dict)
 
 
-def compare(golden: Golden, runtime: Any, opts: VerifyOptions, say=lambda m: None) -> tuple[Comparison, list[dict[str, Any]]]:
+def compare(
+    golden: Golden, runtime: Any, opts: VerifyOptions, say=lambda m: None
+) -> tuple[Comparison, list[dict[str, Any]]]:
     caps = runtime.capabilities
     n = golden.continuation if caps.greedy else 0
     cmp = Comparison([], [], [], [], [], n)
     per_prompt = []
-    count = len(golden.prompts) if opts.max_prompts is None else min(opts.max_prompts, len(golden.prompts))
+    count = (
+        len(golden.prompts)
+        if opts.max_prompts is None
+        else min(opts.max_prompts, len(golden.prompts))
+    )
     for j in range(count):
         prompt = golden.prompts[j]
         ids = golden.ids(j)
@@ -103,8 +113,11 @@ def compare(golden: Golden, runtime: Any, opts: VerifyOptions, say=lambda m: Non
             cmp.agree.append(agree)
             cmp.golden_targets.append(ref.target_logprobs)
             cmp.artifact_targets.append(art.target_logprobs)
-            row |= {"kl_mean": float(kl.mean()), "top1_agreement": float(agree.double().mean()),
-                    "nll_mean": float(-art.target_logprobs.double().mean())}
+            row |= {
+                "kl_mean": float(kl.mean()),
+                "top1_agreement": float(agree.double().mean()),
+                "nll_mean": float(-art.target_logprobs.double().mean()),
+            }
         if n:
             reference = golden.greedy(j)
             continuation = runtime.greedy(ids, n)
@@ -112,8 +125,10 @@ def compare(golden: Golden, runtime: Any, opts: VerifyOptions, say=lambda m: Non
             cmp.prefix.append(prefix)
             row |= {"greedy_prefix": prefix, "greedy": continuation}
         per_prompt.append(row)
-        say(f"prompt {j + 1}/{count} {prompt['id']}: " + ", ".join(
-            f"{k} {v:.4g}" for k, v in row.items() if isinstance(v, float)))
+        say(
+            f"prompt {j + 1}/{count} {prompt['id']}: "
+            + ", ".join(f"{k} {v:.4g}" for k, v in row.items() if isinstance(v, float))
+        )
     return cmp, per_prompt
 
 
@@ -127,7 +142,9 @@ def kl_per_position(kl: list[torch.Tensor]) -> list[float]:
     return means
 
 
-def verify(golden_dir: str | Path, runtime: Any, opts: VerifyOptions, say=lambda m: None) -> VerifyResult:
+def verify(
+    golden_dir: str | Path, runtime: Any, opts: VerifyOptions, say=lambda m: None
+) -> VerifyResult:
     started = time.perf_counter()
     golden = Golden.load(golden_dir)
     thresholds = load_thresholds(opts.thresholds, opts.section)
@@ -160,19 +177,28 @@ def verify(golden_dir: str | Path, runtime: Any, opts: VerifyOptions, say=lambda
         runtime=runtime.name,
         device=runtime.device,
         settings={
-            "golden": str(Path(golden_dir).resolve()), "golden_settings": golden.settings,
-            "golden_sha256": _golden_sha(golden), "prompts": len(per_prompt),
-            "capabilities": caps.to_json(), "artifact_details": runtime.artifact.details,
+            "golden": str(Path(golden_dir).resolve()),
+            "golden_settings": golden.settings,
+            "golden_sha256": _golden_sha(golden),
+            "prompts": len(per_prompt),
+            "capabilities": caps.to_json(),
+            "artifact_details": runtime.artifact.details,
             "kl": "golden top-k + other bucket (builder.verify.metrics)",
-            "percentile_method": metrics.PERCENTILE_METHOD, **opts.settings,
+            "percentile_method": metrics.PERCENTILE_METHOD,
+            **opts.settings,
         },
-        metrics={name: Metric(value, METRICS[name].unit, METRICS[name].definition, METRICS[name].better)
-                 for name, value in values.items()},
+        metrics={
+            name: Metric(value, METRICS[name].unit, METRICS[name].definition, METRICS[name].better)
+            for name, value in values.items()
+        },
         thresholds={name: {"bound": t.bound, "limit": t.limit} for name, t in thresholds.items()},
         verdict=verdict,
         details={
-            "per_prompt": per_prompt, "kl_per_position": kl_per_position(cmp.kl),
-            "tasks": task_rows, "failures": failures, "unmeasured": unmeasured,
+            "per_prompt": per_prompt,
+            "kl_per_position": kl_per_position(cmp.kl),
+            "tasks": task_rows,
+            "failures": failures,
+            "unmeasured": unmeasured,
             "localization": localization.to_json() if localization is not None else None,
             "seconds": round(time.perf_counter() - started, 3),
         },
@@ -181,7 +207,9 @@ def verify(golden_dir: str | Path, runtime: Any, opts: VerifyOptions, say=lambda
     result.table = verdict_table(result, thresholds)
     if opts.report is not None:
         result.record_path = write_record(opts.report, record)
-        (Path(opts.report) / result.record_path.with_suffix(".md").name).write_text(result.table + "\n")
+        (Path(opts.report) / result.record_path.with_suffix(".md").name).write_text(
+            result.table + "\n"
+        )
     return result
 
 
@@ -196,7 +224,14 @@ def score_tasks(golden: Golden, runtime: Any, say) -> tuple[dict[str, float], li
     for task, golden_reply in zip(tasks, spec["replies"], strict=True):
         ids = torch.tensor(task_prompt_ids(tokenizer, task, reasoning=False))
         reply = reply_text(tokenizer, runtime.greedy(ids, int(spec["max_tokens"])))
-        rows.append({"question": task.question, "correct": task.correct(reply), "golden_correct": task.correct(golden_reply), "reply": reply})
+        rows.append(
+            {
+                "question": task.question,
+                "correct": task.correct(reply),
+                "golden_correct": task.correct(golden_reply),
+                "reply": reply,
+            }
+        )
     acc = sum(r["correct"] for r in rows) / len(rows)
     out = {"task_accuracy": acc, "golden_task_accuracy": float(spec["accuracy"])}
     if spec["accuracy"] > 0:
@@ -226,8 +261,10 @@ def verdict_table(result: VerifyResult, thresholds: dict[str, Threshold]) -> str
     lines = [
         f"### verify: {r.artifact.kind} `{r.artifact.path}` on `{r.runtime}` ({r.device})",
         "",
-        (f"golden `{r.settings['golden']}`, {r.settings['prompts']} prompts; KL over the golden top-"
-         f"{r.settings['golden_settings']['top_k']} + other bucket; p99: nearest rank"),
+        (
+            f"golden `{r.settings['golden']}`, {r.settings['prompts']} prompts; KL over the golden top-"
+            f"{r.settings['golden_settings']['top_k']} + other bucket; p99: nearest rank"
+        ),
         "",
         "| metric | value | threshold | verdict |",
         "|---|---|---|---|",
@@ -238,7 +275,11 @@ def verdict_table(result: VerifyResult, thresholds: dict[str, Threshold]) -> str
         lines.append(f"| {name} | {value:.5g} | {t.describe() if t else ''} | {verdict} |")
     has_tasks = bool(r.details.get("tasks"))
     for name in result.unmeasured:
-        why = "no task set in the golden" if name.startswith("task") and not has_tasks else "not measured by this runtime"
+        why = (
+            "no task set in the golden"
+            if name.startswith("task") and not has_tasks
+            else "not measured by this runtime"
+        )
         lines.append(f"| {name} | {why} | {thresholds[name].describe()} | n/a |")
     lines.append("")
     if result.localization is not None:
@@ -247,7 +288,10 @@ def verdict_table(result: VerifyResult, thresholds: dict[str, Threshold]) -> str
         ranked = sorted(result.localization.parts, key=lambda p: -p.error)[:5]
         lines.append("- worst parts: " + ", ".join(f"{p.label()} {p.error:.3g}" for p in ranked))
         lines.append("")
-    lines.append(f"**{str(r.verdict).upper()}**" + (": " + "; ".join(result.failures) if result.failures else ""))
+    lines.append(
+        f"**{str(r.verdict).upper()}**"
+        + (": " + "; ".join(result.failures) if result.failures else "")
+    )
     return "\n".join(lines)
 
 

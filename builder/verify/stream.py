@@ -134,7 +134,9 @@ class BlockStream:
         """One block on [1, L, hidden] states whose first position is `start`."""
         with self.forward_context():
             out = block(
-                hidden, attention_mask=None, position_embeddings=self.position_embeddings(hidden, start),
+                hidden,
+                attention_mask=None,
+                position_embeddings=self.position_embeddings(hidden, start),
                 cache=cache,
             )
         return out[0] if isinstance(out, tuple) else out
@@ -144,7 +146,9 @@ class BlockStream:
         name = "lm_head.weight" if "lm_head.weight" in self.ckpt else "model.embed_tokens.weight"
         return norm, self.ckpt.read(name).to(self.device, self.dtype)
 
-    def head(self, hidden: torch.Tensor, weights: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def head(
+        self, hidden: torch.Tensor, weights: tuple[torch.Tensor, torch.Tensor]
+    ) -> torch.Tensor:
         """float32 logits [L, V] of final hidden states [1, L, hidden]."""
         norm, lm_head = weights
         x32 = hidden.float()
@@ -173,7 +177,9 @@ class BlockStream:
         for done, (layer, block) in enumerate(self.blocks(), start=1):
             if block is not None:
                 for j, seq in enumerate(sequences):
-                    out = self.run_block(block, hidden[j], seq.seen, seq.cache if use_cache else None)
+                    out = self.run_block(
+                        block, hidden[j], seq.seen, seq.cache if use_cache else None
+                    )
                     if observe is not None:
                         observe(layer, j, hidden[j], out)
                     hidden[j] = out

@@ -38,7 +38,11 @@ class Task:
         if self.type == "math":
             return self.question + MATH_SUFFIX
         options = "\n".join(f"{LETTERS[k]}) {c}" for k, c in enumerate(self.choices))
-        return f"{self.question}\n{options}{CHOICE_SUFFIX}" if options else self.question + CHOICE_SUFFIX
+        return (
+            f"{self.question}\n{options}{CHOICE_SUFFIX}"
+            if options
+            else self.question + CHOICE_SUFFIX
+        )
 
     def correct(self, reply: str) -> bool:
         got = extract_answer(reply, self.type)
@@ -63,7 +67,9 @@ def load_tasks(path: str | Path) -> list[Task]:
         kind = item.get("type") if isinstance(item, dict) else None
         if kind not in TASK_TYPES:
             raise UserError(f"{where}: 'type' must be one of {', '.join(TASK_TYPES)}")
-        if not isinstance(item.get("question"), str) or not isinstance(item.get("answer"), str | int | float):
+        if not isinstance(item.get("question"), str) or not isinstance(
+            item.get("answer"), str | int | float
+        ):
             raise UserError(f"{where}: needs a string 'question' and an 'answer'")
         choices = item.get("choices") or []
         if not isinstance(choices, list) or len(choices) > len(LETTERS):
@@ -121,7 +127,13 @@ def extract_answer(reply: str, kind: str) -> str | None:
 
 
 def _number(text: str) -> float | None:
-    cleaned = text.replace("\\$", "").replace("$", "").replace(",", "").replace("\\%", "").replace("%", "")
+    cleaned = (
+        text.replace("\\$", "")
+        .replace("$", "")
+        .replace(",", "")
+        .replace("\\%", "")
+        .replace("%", "")
+    )
     cleaned = re.sub(r"\\(?:text|mathrm)\{[^}]*\}", "", cleaned).strip().rstrip(".")
     fraction = re.fullmatch(r"\\d?frac\{(-?[\d.]+)\}\{(-?[\d.]+)\}", cleaned)
     try:

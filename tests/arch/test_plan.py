@@ -17,9 +17,12 @@ from builder.arch import (
 from builder.errors import ConfigError
 
 ULTRA_ATTENTION_LAYERS = (
-    list(range(9)) + list(range(13, 18)) + [24, 25, 26, 32, 33, 34, 35, 39, 40, 41, 43]
+    list(range(9))
+    + list(range(13, 18))
+    + [24, 25, 26, 32, 33, 34, 35, 39, 40, 41, 43]
     + [50, 51, 52, 53, 59, 60, 61, 62, 68, 69, 70, 71, 77, 78, 79, 80, 86, 87, 88, 89]
-    + [92, 93, 94, 95, 98, 107, 113, 114, 116, 151, 152] + list(range(154, 162))
+    + [92, 93, 94, 95, 98, 107, 113, 114, 116, 151, 152]
+    + list(range(154, 162))
 )
 
 
@@ -32,13 +35,27 @@ def test_ultra_facts():
     assert {layer.kv_heads for layer in plan.attention_layers} == {8}
     assert len(plan.empty_layers) == 81
     assert min(plan.ffn_widths) == 5376 and max(plan.ffn_widths) == 425984
-    assert plan.ffn_widths == (5376, 10752, 16128, 21504, 26624, 32000, 37376, 53248,
-                               301056, 343040, 399360, 425984)
+    assert plan.ffn_widths == (
+        5376,
+        10752,
+        16128,
+        21504,
+        26624,
+        32000,
+        37376,
+        53248,
+        301056,
+        343040,
+        399360,
+        425984,
+    )
     assert plan.kv_bytes_per_token("bfloat16") == 262_144
     assert plan.kv_bytes_per_token("fp8") == 131_072
     assert plan.kv_bytes_per_token("bfloat16", tp=8) == 32 * 1024
     assert plan.kv_bytes_per_token("bfloat16", tp=16) == 32 * 1024  # duplicated KV heads
-    assert plan.layers[134].ffn_width == 425984 and plan.layers[134].attention is AttentionKind.NO_OP
+    assert (
+        plan.layers[134].ffn_width == 425984 and plan.layers[134].attention is AttentionKind.NO_OP
+    )
     assert round(plan.total_bytes("bfloat16") / 2**30, 1) == 472.0
     assert round(plan.fp8_bytes() / 2**30, 1) == 239.9
 
@@ -65,12 +82,24 @@ def test_mixed_preset_covers_every_kind():
 @pytest.mark.parametrize(
     ("mult", "hidden", "width"),
     [
-        (0.4875, 16384, 5376), (0.975, 16384, 10752), (1.4625, 16384, 16128),
-        (1.95, 16384, 21504), (2.4375, 16384, 26624), (2.925, 16384, 32000),
-        (3.4125, 16384, 37376), (4.875, 16384, 53248), (27.5625, 16384, 301056),
-        (31.40625, 16384, 343040), (36.5625, 16384, 399360), (39.0, 16384, 425984),
-        (0.5, 8192, 2816), (1.0, 8192, 5632), (1.3125, 8192, 7168), (2.625, 8192, 14336),
-        (3.28125, 8192, 17920), (5.25, 8192, 28672),
+        (0.4875, 16384, 5376),
+        (0.975, 16384, 10752),
+        (1.4625, 16384, 16128),
+        (1.95, 16384, 21504),
+        (2.4375, 16384, 26624),
+        (2.925, 16384, 32000),
+        (3.4125, 16384, 37376),
+        (4.875, 16384, 53248),
+        (27.5625, 16384, 301056),
+        (31.40625, 16384, 343040),
+        (36.5625, 16384, 399360),
+        (39.0, 16384, 425984),
+        (0.5, 8192, 2816),
+        (1.0, 8192, 5632),
+        (1.3125, 8192, 7168),
+        (2.625, 8192, 14336),
+        (3.28125, 8192, 17920),
+        (5.25, 8192, 28672),
     ],
 )
 def test_intermediate_size_matches_reference_table(mult, hidden, width):
@@ -176,14 +205,39 @@ def test_missing_ffn_mult():
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        (lambda c: c.update(hidden_size=True), "x/config.json: hidden_size: expected integer >= 1, got true"),
-        (lambda c: c.update(rms_norm_eps=float("nan")), "rms_norm_eps: expected finite number > 0, got NaN"),
-        (lambda c: c["rope_scaling"].update(factor="8"), 'rope_scaling.factor: expected finite number > 0, got "8"'),
-        (lambda c: c["block_configs"][2]["ffn"].update(ffn_mult=0), "block_configs[2].ffn.ffn_mult: expected finite number > 0, got 0"),
-        (lambda c: c["block_configs"].append("no_op"), 'block_configs[12]: expected an object, got "no_op"'),
-        (lambda c: c["block_configs"][1].pop("ffn"), "required field 'block_configs[1].ffn' is missing"),
+        (
+            lambda c: c.update(hidden_size=True),
+            "x/config.json: hidden_size: expected integer >= 1, got true",
+        ),
+        (
+            lambda c: c.update(rms_norm_eps=float("nan")),
+            "rms_norm_eps: expected finite number > 0, got NaN",
+        ),
+        (
+            lambda c: c["rope_scaling"].update(factor="8"),
+            'rope_scaling.factor: expected finite number > 0, got "8"',
+        ),
+        (
+            lambda c: c["block_configs"][2]["ffn"].update(ffn_mult=0),
+            "block_configs[2].ffn.ffn_mult: expected finite number > 0, got 0",
+        ),
+        (
+            lambda c: c["block_configs"].append("no_op"),
+            'block_configs[12]: expected an object, got "no_op"',
+        ),
+        (
+            lambda c: c["block_configs"][1].pop("ffn"),
+            "required field 'block_configs[1].ffn' is missing",
+        ),
     ],
-    ids=["bool as integer", "nan", "nested string", "zero width", "entry as string", "missing part"],
+    ids=[
+        "bool as integer",
+        "nan",
+        "nested string",
+        "zero width",
+        "entry as string",
+        "missing part",
+    ],
 )
 def test_schema_names_the_field_path(change, message):
     config = _mixed()
@@ -195,7 +249,12 @@ def test_schema_names_the_field_path(change, message):
 
 def test_null_optional_fields_mean_the_default():
     """HF configs write null for "use the default" (Ultra: num_key_value_heads, intermediate_size)."""
-    config = _mixed() | {"head_dim": None, "rope_scaling": None, "rms_norm_eps": None, "architectures": None}
+    config = _mixed() | {
+        "head_dim": None,
+        "rope_scaling": None,
+        "rms_norm_eps": None,
+        "architectures": None,
+    }
     plan = parse_config(config)
     assert plan.head_dim == plan.hidden_size // plan.num_attention_heads
     assert plan.rope_scaling is None and plan.rms_norm_eps == 1e-5

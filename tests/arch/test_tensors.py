@@ -43,9 +43,11 @@ def test_ultra_tp16_duplicates_kv_heads():
 def test_super_qkv_shapes():
     plan = preset_plan("super-49b")
     assert {t.name: t.shape for t in rank_tensors(plan, 2, 1, 0)}[
-        "transformer.layers.0.attention.qkv.weight"] == (5120, 8192)
+        "transformer.layers.0.attention.qkv.weight"
+    ] == (5120, 8192)
     assert {t.name: t.shape for t in rank_tensors(plan, 8, 1, 0)}[
-        "transformer.layers.0.attention.qkv.weight"] == (1280, 8192)
+        "transformer.layers.0.attention.qkv.weight"
+    ] == (1280, 8192)
 
 
 def test_pipeline_stages_use_local_indices_and_place_globals():
@@ -64,17 +66,24 @@ def test_pipeline_stages_use_local_indices_and_place_globals():
 
 def test_ultra_pp2_stage_balance_is_uneven():
     plan = preset_plan("ultra-253b")
-    stages = [sum(plan.layer_params(plan.layers[i]).total for i in stage_layers(plan, 2, r))
-              for r in range(2)]
-    assert [len([i for i in stage_layers(plan, 2, r) if plan.layers[i].kv_heads]) for r in range(2)] == [41, 23]
+    stages = [
+        sum(plan.layer_params(plan.layers[i]).total for i in stage_layers(plan, 2, r))
+        for r in range(2)
+    ]
+    assert [
+        len([i for i in stage_layers(plan, 2, r) if plan.layers[i].kv_heads]) for r in range(2)
+    ] == [41, 23]
     assert stages[0] < stages[1]
 
 
-@pytest.mark.parametrize(("tp", "pp", "fragment"), [
-    (3, 1, "num_attention_heads 16 is not divisible by tp 3"),
-    (1, 5, "num_hidden_layers 12 is not divisible by pp 5"),
-    (32, 1, "num_attention_heads"),
-])
+@pytest.mark.parametrize(
+    ("tp", "pp", "fragment"),
+    [
+        (3, 1, "num_attention_heads 16 is not divisible by tp 3"),
+        (1, 5, "num_hidden_layers 12 is not divisible by pp 5"),
+        (32, 1, "num_attention_heads"),
+    ],
+)
 def test_impossible_layouts_named(tp, pp, fragment):
     plan = preset_plan("mixed")
     assert any(fragment in p for p in parallelism_problems(plan, tp, pp))
@@ -89,6 +98,7 @@ def test_kv_heads_must_divide_or_be_divided_by_tp():
     problems = parallelism_problems(preset_plan("mixed"), 16, 1)
     assert problems == []
     from builder.arch import parse_config, preset_config
+
     config = preset_config("mixed")
     config["num_attention_heads"] = 24
     config["hidden_size"] = 384

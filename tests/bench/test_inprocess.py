@@ -24,14 +24,23 @@ def trt(mixed_ckpt_fp32, tmp_path_factory, one_torch_thread):
 def test_records_of_an_executor_bench(trt):
     points = workloads([(6, 4)], [1, 2], requests=None, warmup=1, repeat=2, seed=0)
     records = bench_checkpoint(trt, points)
-    assert [r.settings["workload"] for r in records] == ["isl=6,osl=4,concurrency=1", "isl=6,osl=4,concurrency=2"]
+    assert [r.settings["workload"] for r in records] == [
+        "isl=6,osl=4,concurrency=1",
+        "isl=6,osl=4,concurrency=2",
+    ]
     for record in records:
         m, s = record.metrics, record.settings
-        assert record.runtime == "executor" and s["engine"] is False and "not a TensorRT-LLM engine" in s["note"]
+        assert (
+            record.runtime == "executor"
+            and s["engine"] is False
+            and "not a TensorRT-LLM engine" in s["note"]
+        )
         assert s["requests"] == 2 * s["concurrency"] and s["repeat"] == 2 and s["tp"] == 2
         assert len(m["ttft_p50"].repeats) == 2
         # every request produced exactly OSL tokens: output tok/s = OSL x req/s, in every repeat
-        for out, req in zip(m["output_token_throughput"].repeats, m["request_throughput"].repeats, strict=True):
+        for out, req in zip(
+            m["output_token_throughput"].repeats, m["request_throughput"].repeats, strict=True
+        ):
             assert out == pytest.approx(4 * req)
         assert m["e2e_latency_p50"].value > m["ttft_p50"].value > 0
         assert m["kv_cache_memory"].value > 0 and m["peak_memory"].value > 0
@@ -42,13 +51,34 @@ def test_records_of_an_executor_bench(trt):
 
 
 def test_cli_bench_then_history(trt, tmp_path, capsys):
-    main(["bench", str(trt), "--isl", "5", "--osl", "3", "--concurrency", "2", "--repeat", "1",
-          "--warmup", "0", "--out", str(tmp_path / "out"), "--history", str(tmp_path / "h.sqlite"), "--json"],
-         standalone_mode=False)
+    main(
+        [
+            "bench",
+            str(trt),
+            "--isl",
+            "5",
+            "--osl",
+            "3",
+            "--concurrency",
+            "2",
+            "--repeat",
+            "1",
+            "--warmup",
+            "0",
+            "--out",
+            str(tmp_path / "out"),
+            "--history",
+            str(tmp_path / "h.sqlite"),
+            "--json",
+        ],
+        standalone_mode=False,
+    )
     printed = json.loads(capsys.readouterr().out)
     assert printed[0]["runtime"] == "executor" and printed[0]["settings"]["osl"] == 3
     with History(tmp_path / "h.sqlite") as history:
-        assert [r.settings["workload"] for r in history.query(runtime="executor")] == ["isl=5,osl=3,concurrency=2"]
+        assert [r.settings["workload"] for r in history.query(runtime="executor")] == [
+            "isl=5,osl=3,concurrency=2"
+        ]
 
 
 def test_prompts_are_exact_length_and_seeded():

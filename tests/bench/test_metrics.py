@@ -97,7 +97,10 @@ def test_repeats_become_medians_with_spread_and_definitions():
 
 
 def test_every_metric_name_has_one_definition():
-    for name in [*SYSTEM, *(f"{d}_{s}" for d in DISTRIBUTIONS for s in ("mean", "std", "p50", "p90", "p99"))]:
+    for name in [
+        *SYSTEM,
+        *(f"{d}_{s}" for d in DISTRIBUTIONS for s in ("mean", "std", "p50", "p90", "p99")),
+    ]:
         assert definition_of(name).definition
     assert "inter_token_latency" in definition_of("tpot_p50").definition  # the naming trap, said
     with pytest.raises(KeyError):

@@ -30,7 +30,9 @@ def test_info_preset_json():
     assert data["totals"]["params"] == 253_401_268_224
     assert data["totals"]["counts"]["empty"] == 81
     assert len(data["layers"]) == 162
-    assert data["layers"][134]["ffn_width"] == 425984 and data["layers"][134]["attention"] == "no_op"
+    assert (
+        data["layers"][134]["ffn_width"] == 425984 and data["layers"][134]["attention"] == "no_op"
+    )
 
 
 def test_info_tp_pp_per_rank_shapes():
@@ -63,10 +65,14 @@ BAD_CONFIGS = {
     "model_type": (lambda c: c.update(model_type="llama"), "model_type 'llama'"),
     "block_configs": (lambda c: c.pop("block_configs"), "'block_configs' is missing"),
     "count": (lambda c: c.update(num_hidden_layers=11), "12 entries but num_hidden_layers is 11"),
-    "group": (lambda c: c["block_configs"][1]["attention"].update(n_heads_in_group=5),
-              "block_configs[1].attention.n_heads_in_group = 5"),
-    "sparsify": (lambda c: c["block_configs"][0]["ffn"].update(sparsify={"x": 1}),
-                 "block_configs[0].ffn.sparsify"),
+    "group": (
+        lambda c: c["block_configs"][1]["attention"].update(n_heads_in_group=5),
+        "block_configs[1].attention.n_heads_in_group = 5",
+    ),
+    "sparsify": (
+        lambda c: c["block_configs"][0]["ffn"].update(sparsify={"x": 1}),
+        "block_configs[0].ffn.sparsify",
+    ),
 }
 
 
@@ -83,7 +89,11 @@ def test_bad_configs_exit_2_with_named_field(tmp_path, case):
 def test_unreadable_config(tmp_path):
     (tmp_path / "config.json").write_bytes(b"\xff\xfe not json")
     result = run("info", str(tmp_path))
-    assert result.exit_code == 2 and "config.json" in result.output and "Traceback" not in result.output
+    assert (
+        result.exit_code == 2
+        and "config.json" in result.output
+        and "Traceback" not in result.output
+    )
 
 
 def test_missing_config(tmp_path):

@@ -17,8 +17,11 @@ from builder.cli import main
 
 
 def tree_hash(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 @pytest.mark.parametrize("backend", ["engine", "pytorch"])
@@ -27,13 +30,32 @@ def test_build_output_over_its_source_is_refused(tmp_path, backend, where):
     source = tmp_path / "ckpt"
     source.mkdir()
     (source / "config.json").write_text("{}")  # never read: the location is refused first
-    out = {"is the input": source, "contains the input": tmp_path,
-           "lies inside the input": source / "engines"}[where]
+    out = {
+        "is the input": source,
+        "contains the input": tmp_path,
+        "lies inside the input": source / "engines",
+    }[where]
     before = tree_hash(tmp_path)
-    result = CliRunner().invoke(main, ["build", str(source), str(out), "--target", "h100x8-bf16",
-                                       "--backend", backend, "--dry-run", "--overwrite"])
+    result = CliRunner().invoke(
+        main,
+        [
+            "build",
+            str(source),
+            str(out),
+            "--target",
+            "h100x8-bf16",
+            "--backend",
+            backend,
+            "--dry-run",
+            "--overwrite",
+        ],
+    )
     assert result.exit_code == 2 and "Traceback" not in result.output
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
-    assert errors == [(f"error: {out}: the output {where} {source}; replacing or writing it would "
-                      "modify the input. Choose an OUT outside the input directory")]
+    assert errors == [
+        (
+            f"error: {out}: the output {where} {source}; replacing or writing it would "
+            "modify the input. Choose an OUT outside the input directory"
+        )
+    ]
     assert tree_hash(tmp_path) == before

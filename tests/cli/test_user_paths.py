@@ -48,8 +48,24 @@ def test_generate_on_synth_warns_random_weights_and_no_hf_bar(mixed_ckpt):
     the reply printable."""
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     env.pop("HF_HUB_DISABLE_PROGRESS_BARS", None)
-    done = subprocess.run([sys.executable, "-m", "builder", "generate", str(mixed_ckpt), "--prompt", "Hi",
-                           "--max-new-tokens", "8"], capture_output=True, text=True, env=env, timeout=300, check=False)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "builder",
+            "generate",
+            str(mixed_ckpt),
+            "--prompt",
+            "Hi",
+            "--max-new-tokens",
+            "8",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr
     assert "weights are random" in done.stderr
     assert "Loading weights" not in done.stderr + done.stdout

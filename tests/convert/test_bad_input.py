@@ -55,7 +55,9 @@ def test_missing_shard(tmp_path, mixed_copy):
     name = shard(mixed_copy).name
     shard(mixed_copy).unlink()
     out = tmp_path / "out"
-    assert_failed_cleanly(run_convert(mixed_copy, out, "--tp", "2"), out, "shard file(s) missing", name)
+    assert_failed_cleanly(
+        run_convert(mixed_copy, out, "--tp", "2"), out, "shard file(s) missing", name
+    )
 
 
 def test_index_naming_a_file_outside_the_checkpoint(tmp_path, mixed_copy):
@@ -65,7 +67,9 @@ def test_index_naming_a_file_outside_the_checkpoint(tmp_path, mixed_copy):
     index["weight_map"] = dict.fromkeys(index["weight_map"], "../elsewhere.safetensors")
     (mixed_copy / INDEX_NAME).write_text(json.dumps(index))
     out = tmp_path / "out"
-    assert_failed_cleanly(run_convert(mixed_copy, out, "--tp", "2"), out, "lies outside the checkpoint directory")
+    assert_failed_cleanly(
+        run_convert(mixed_copy, out, "--tp", "2"), out, "lies outside the checkpoint directory"
+    )
 
 
 def test_truncated_safetensors(tmp_path, mixed_copy):
@@ -73,15 +77,22 @@ def test_truncated_safetensors(tmp_path, mixed_copy):
     data = path.read_bytes()
     path.write_bytes(data[: len(data) - 4096])
     out = tmp_path / "out"
-    assert_failed_cleanly(run_convert(mixed_copy, out, "--tp", "2"), out, path.name, "unreadable safetensors")
+    assert_failed_cleanly(
+        run_convert(mixed_copy, out, "--tp", "2"), out, path.name, "unreadable safetensors"
+    )
 
 
 def test_header_dtype_disagreeing_with_config(tmp_path, mixed_copy):
-    rewrite_shard(mixed_copy, lambda t: t.update({"model.norm.weight": t["model.norm.weight"].half()}))
+    rewrite_shard(
+        mixed_copy, lambda t: t.update({"model.norm.weight": t["model.norm.weight"].half()})
+    )
     out = tmp_path / "out"
     assert_failed_cleanly(
-        run_convert(mixed_copy, out, "--tp", "2"), out,
-        "'model.norm.weight'", "torch.float16", "torch_dtype bfloat16",
+        run_convert(mixed_copy, out, "--tp", "2"),
+        out,
+        "'model.norm.weight'",
+        "torch.float16",
+        "torch_dtype bfloat16",
     )
 
 
@@ -91,8 +102,11 @@ def test_header_shape_disagreeing_with_config(tmp_path, mixed_copy):
     (mixed_copy / "config.json").write_text(json.dumps(config))
     out = tmp_path / "out"
     assert_failed_cleanly(
-        run_convert(mixed_copy, out, "--tp", "2"), out,
-        "'model.layers.0.mlp.gate_proj.weight'", "[256, 256]", "implies [512, 256]",
+        run_convert(mixed_copy, out, "--tp", "2"),
+        out,
+        "'model.layers.0.mlp.gate_proj.weight'",
+        "[256, 256]",
+        "implies [512, 256]",
     )
 
 
@@ -109,9 +123,11 @@ def test_missing_and_unused_tensors_are_named(tmp_path, mixed_copy):
     (mixed_copy / INDEX_NAME).write_text(json.dumps(index))
     out = tmp_path / "out"
     assert_failed_cleanly(
-        run_convert(mixed_copy, out, "--tp", "2"), out,
+        run_convert(mixed_copy, out, "--tp", "2"),
+        out,
         "'model.layers.4.mlp.linear_mlp.weight' (layer 4) is missing",
-        "'model.layers.5.mlp.up_proj.weight'", "is not used by the plan (layer 5)",
+        "'model.layers.5.mlp.up_proj.weight'",
+        "is not used by the plan (layer 5)",
     )
 
 
@@ -123,8 +139,11 @@ def test_nan_or_inf_in_a_weight_names_the_tensor(tmp_path, mixed_copy, value, sh
     rewrite_shard(mixed_copy, change)
     out = tmp_path / "out"
     assert_failed_cleanly(
-        run_convert(mixed_copy, out, "--tp", "2"), out,
-        "'model.layers.11.mlp.up_proj.weight'", f"holds {shown}", "row 4000, column 17",
+        run_convert(mixed_copy, out, "--tp", "2"),
+        out,
+        "'model.layers.11.mlp.up_proj.weight'",
+        f"holds {shown}",
+        "row 4000, column 17",
     )
 
 
@@ -135,20 +154,28 @@ def test_nan_in_a_column_slice_reports_global_column(tmp_path, mixed_copy):
     rewrite_shard(mixed_copy, change)
     out = tmp_path / "out"
     assert_failed_cleanly(
-        run_convert(mixed_copy, out, "--tp", "2"), out,
-        "'model.layers.0.self_attn.o_proj.weight'", "row 3, column 200",
+        run_convert(mixed_copy, out, "--tp", "2"),
+        out,
+        "'model.layers.0.self_attn.o_proj.weight'",
+        "row 3, column 200",
     )
 
 
 def test_tp_not_dividing_the_heads(tmp_path, mixed_ckpt):
     out = tmp_path / "out"
-    assert_failed_cleanly(run_convert(mixed_ckpt, out, "--tp", "3"), out, "num_attention_heads 16 is not divisible by tp 3")
+    assert_failed_cleanly(
+        run_convert(mixed_ckpt, out, "--tp", "3"),
+        out,
+        "num_attention_heads 16 is not divisible by tp 3",
+    )
 
 
 def test_pp_not_dividing_the_layers(tmp_path, mixed_ckpt):
     out = tmp_path / "out"
     assert_failed_cleanly(
-        run_convert(mixed_ckpt, out, "--tp", "2", "--pp", "5"), out, "num_hidden_layers 12 is not divisible by pp 5"
+        run_convert(mixed_ckpt, out, "--tp", "2", "--pp", "5"),
+        out,
+        "num_hidden_layers 12 is not divisible by pp 5",
     )
 
 
@@ -159,12 +186,19 @@ def test_tp_larger_than_but_not_a_multiple_of_a_layers_kv_heads(tmp_path, mixed_
     config = json.loads((mixed_ckpt / "config.json").read_text())
     block = config["block_configs"][0]
     block["attention"]["n_heads_in_group"] = 3
-    config.update(num_attention_heads=24, head_dim=8, hidden_size=192, num_hidden_layers=1, block_configs=[block])
+    config.update(
+        num_attention_heads=24,
+        head_dim=8,
+        hidden_size=192,
+        num_hidden_layers=1,
+        block_configs=[block],
+    )
     (src / "config.json").write_text(json.dumps(config))
     save_file({}, str(src / "model.safetensors"))  # layout is refused before any weight is needed
     out = tmp_path / "out"
     assert_failed_cleanly(
-        run_convert(src, out, "--tp", "12"), out,
+        run_convert(src, out, "--tp", "12"),
+        out,
         "layer 0: 8 KV heads cannot be split over tp 12",
     )
 
@@ -203,7 +237,9 @@ def test_disk_filling_up_during_a_rank(tmp_path, mixed_ckpt, monkeypatch):
 def test_not_enough_free_disk_space_is_refused_before_writing(tmp_path, mixed_ckpt, monkeypatch):
     from builder.convert import pipeline
 
-    monkeypatch.setattr(pipeline.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
+    monkeypatch.setattr(
+        pipeline.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000)
+    )
     out = tmp_path / "out"
     assert_failed_cleanly(run_convert(mixed_ckpt, out, "--tp", "2"), out, "need", "GiB are free")
     assert not list((tmp_path / ".out.partial").glob("rank*.safetensors*"))
@@ -225,9 +261,12 @@ def test_failure_in_a_worker_process_keeps_finished_ranks(tmp_path, mixed_copy):
     rewrite_shard(mixed_copy, change)
     out = tmp_path / "out"
     result = run_convert(mixed_copy, out, "--tp", "2", "--pp", "2", "--workers", "2", "--json")
-    assert_failed_cleanly(result, out, "'model.norm.weight' holds nan at element 7", "finished ranks 0-1")
+    assert_failed_cleanly(
+        result, out, "'model.norm.weight' holds nan at element 7", "finished ranks 0-1"
+    )
     assert sorted(p.name for p in (tmp_path / ".out.partial").glob("rank*.safetensors")) == [
-        "rank0.safetensors", "rank1.safetensors",
+        "rank0.safetensors",
+        "rank1.safetensors",
     ]
 
 
@@ -274,29 +313,36 @@ def _block(index: int, part: str | None, **fields):
 BAD_CONFIGS = {
     "not an object": (lambda c: None, "config.json: expected an object, got an array of 1"),
     "numeric field as a string": (
-        lambda c: c.update(hidden_size="256"), 'config.json: hidden_size: expected integer >= 1, got "256"',
+        lambda c: c.update(hidden_size="256"),
+        'config.json: hidden_size: expected integer >= 1, got "256"',
     ),
     "zero attention heads": (
-        lambda c: c.update(num_attention_heads=0), "config.json: num_attention_heads: expected integer >= 1, got 0",
+        lambda c: c.update(num_attention_heads=0),
+        "config.json: num_attention_heads: expected integer >= 1, got 0",
     ),
     "rope_scaling of the wrong type": (
-        lambda c: c.update(rope_scaling=[8.0]), "config.json: rope_scaling: expected an object, got an array of 1",
+        lambda c: c.update(rope_scaling=[8.0]),
+        "config.json: rope_scaling: expected an object, got an array of 1",
     ),
     "attention entry as a string": (
-        _block(3, None, attention="no_op"), 'config.json: block_configs[3].attention: expected an object, got "no_op"',
+        _block(3, None, attention="no_op"),
+        'config.json: block_configs[3].attention: expected an object, got "no_op"',
     ),
     "ffn entry as a string": (
-        _block(2, None, ffn="linear"), 'config.json: block_configs[2].ffn: expected an object, got "linear"',
+        _block(2, None, ffn="linear"),
+        'config.json: block_configs[2].ffn: expected an object, got "linear"',
     ),
     "n_heads_in_group as a string": (
         _block(0, "attention", n_heads_in_group="8"),
         'config.json: block_configs[0].attention.n_heads_in_group: expected integer >= 1, got "8"',
     ),
     "unknown key in a block_configs entry": (
-        _block(4, None, kind="mamba"), "config.json: block_configs[4].kind: unknown field",
+        _block(4, None, kind="mamba"),
+        "config.json: block_configs[4].kind: unknown field",
     ),
     "unknown key inside an attention entry": (
-        _block(4, "attention", kind="mamba"), "config.json: block_configs[4].attention.kind: unknown field",
+        _block(4, "attention", kind="mamba"),
+        "config.json: block_configs[4].attention.kind: unknown field",
     ),
 }
 
@@ -305,7 +351,9 @@ BAD_CONFIGS = {
 def test_bad_config_is_one_error_line_naming_the_field(tmp_path, mixed_copy, case):
     change, message = BAD_CONFIGS[case]
     if case == "not an object":
-        (mixed_copy / "config.json").write_text(json.dumps([json.loads((mixed_copy / "config.json").read_text())]))
+        (mixed_copy / "config.json").write_text(
+            json.dumps([json.loads((mixed_copy / "config.json").read_text())])
+        )
     else:
         edit_json(mixed_copy / "config.json", change)
     before = tree_hash(mixed_copy)
@@ -320,8 +368,14 @@ def test_bad_config_is_one_error_line_naming_the_field(tmp_path, mixed_copy, cas
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        (lambda i: i.update(weight_map=["model-00001.safetensors"]), "weight_map: expected an object, got an array"),
-        (lambda i: i["weight_map"].update({"model.norm.weight": 3}), 'weight_map["model.norm.weight"]: expected non-empty string, got 3'),
+        (
+            lambda i: i.update(weight_map=["model-00001.safetensors"]),
+            "weight_map: expected an object, got an array",
+        ),
+        (
+            lambda i: i["weight_map"].update({"model.norm.weight": 3}),
+            'weight_map["model.norm.weight"]: expected non-empty string, got 3',
+        ),
         (lambda i: i.pop("weight_map"), "required field 'weight_map' is missing"),
     ],
     ids=["weight_map not an object", "non-string value", "weight_map missing"],
@@ -338,12 +392,19 @@ def test_bad_index_is_one_error_line_naming_the_field(tmp_path, mixed_copy, chan
 @pytest.mark.parametrize("where", ["the source", "the source's parent", "inside the source"])
 @pytest.mark.parametrize("dry_run", [False, True], ids=["convert", "dry-run"])
 def test_output_over_the_input_is_refused_and_the_source_kept(tmp_path, mixed_copy, where, dry_run):
-    out = {"the source": mixed_copy, "the source's parent": tmp_path, "inside the source": mixed_copy / "trt"}[where]
+    out = {
+        "the source": mixed_copy,
+        "the source's parent": tmp_path,
+        "inside the source": mixed_copy / "trt",
+    }[where]
     before = tree_hash(tmp_path)
     extra = ["--dry-run"] if dry_run else []
     line = one_error_line(run_convert(mixed_copy, out, "--tp", "2", "--overwrite", *extra))
-    relation = {"the source": "is the input", "the source's parent": "contains the input",
-                "inside the source": "lies inside the input"}[where]
+    relation = {
+        "the source": "is the input",
+        "the source's parent": "contains the input",
+        "inside the source": "lies inside the input",
+    }[where]
     assert f"the output {relation} {mixed_copy}" in line
     assert tree_hash(tmp_path) == before  # nothing written, nothing deleted
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
@@ -395,10 +456,28 @@ def test_output_on_a_read_only_filesystem(read_only_dir, mixed_ckpt, workers):
     [
         '{"rank": 0, "file": "rank0.safetensors", "size": "big"',
         "[1, 2, 3]",
-        json.dumps({"rank": 0, "file": "rank0.safetensors", "size": "9", "sha256": "x", "tensors": 1,
-                    "layout": {}, "source_fingerprint": "x"}),
-        json.dumps({"rank": 0, "file": "../../elsewhere", "size": 1, "sha256": "x", "tensors": 1,
-                    "layout": {}, "source_fingerprint": "x"}),
+        json.dumps(
+            {
+                "rank": 0,
+                "file": "rank0.safetensors",
+                "size": "9",
+                "sha256": "x",
+                "tensors": 1,
+                "layout": {},
+                "source_fingerprint": "x",
+            }
+        ),
+        json.dumps(
+            {
+                "rank": 0,
+                "file": "../../elsewhere",
+                "size": 1,
+                "sha256": "x",
+                "tensors": 1,
+                "layout": {},
+                "source_fingerprint": "x",
+            }
+        ),
     ],
     ids=["truncated", "not an object", "size as a string", "file outside the stage"],
 )
@@ -430,8 +509,18 @@ def _tiny_tensor(tensor: torch.Tensor, value: float) -> torch.Tensor:
 
 @pytest.mark.parametrize(
     ("edit", "value", "message"),
-    [(_set_value, 99840.0, "holds 99840 at row 3, column 5, which overflows float16 (largest 65504)"),
-     (_tiny_tensor, 2.5e-8, "at row 3, column 5, which becomes 0 in float16 (smallest non-zero 5.96046e-08)")],
+    [
+        (
+            _set_value,
+            99840.0,
+            "holds 99840 at row 3, column 5, which overflows float16 (largest 65504)",
+        ),
+        (
+            _tiny_tensor,
+            2.5e-8,
+            "at row 3, column 5, which becomes 0 in float16 (smallest non-zero 5.96046e-08)",
+        ),
+    ],
     ids=["overflow", "underflow"],
 )
 def test_cast_that_changes_a_weight_is_an_error(tmp_path, mixed_copy, edit, value, message):
@@ -448,7 +537,9 @@ def test_cast_that_changes_a_weight_is_an_error(tmp_path, mixed_copy, edit, valu
     line = one_error_line(run_convert(mixed_copy, out, "--tp", "2", "--dtype", "float16"))
     assert "'model.layers.0.mlp.down_proj.weight'" in line and message in line
     assert not out.exists()
-    assert run_convert(mixed_copy, out, "--tp", "2", "--dtype", "float32").exit_code == 0  # widening is exact
+    assert (
+        run_convert(mixed_copy, out, "--tp", "2", "--dtype", "float32").exit_code == 0
+    )  # widening is exact
 
 
 # ---- layouts ---------------------------------------------------------------------------------

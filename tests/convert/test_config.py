@@ -52,7 +52,10 @@ def test_ultra_config_has_every_field_trtllm_needs():
     }
     assert config["layer_configs"][9]["ffn"] == {"impl": "no_op", "intermediate_size": None}
     assert config["num_kv_heads_per_layer"] == [8] * 64  # attention layers only
-    assert config["layer_types"].count("attention") == 64 and config["layer_types"].count("no_op") == 98
+    assert (
+        config["layer_types"].count("attention") == 64
+        and config["layer_types"].count("no_op") == 98
+    )
     assert "block_configs" not in config  # giving both is an error in DeciConfig
 
 
@@ -61,7 +64,11 @@ def test_linear_replacements_and_pipeline_mapping():
     assert config["mapping"] == {"world_size": 6, "tp_size": 2, "pp_size": 3}
     assert config["dtype"] == "float32"
     impls = [(c["attention"]["impl"], c["ffn"]["impl"]) for c in config["layer_configs"]]
-    assert ("linear", "mlp") in impls and ("attention", "linear") in impls and ("linear", "linear") in impls
+    assert (
+        ("linear", "mlp") in impls
+        and ("attention", "linear") in impls
+        and ("linear", "linear") in impls
+    )
     assert config["layer_types"][2] == "linear"
 
 
@@ -69,7 +76,9 @@ def test_quantization_dict_is_passed_through_and_checked():
     quant = {"quant_algo": "FP8", "kv_cache_quant_algo": "FP8", "exclude_modules": ["lm_head"]}
     assert trtllm_config(preset_plan("mixed"), 1, quantization=quant)["quantization"] == quant
     with pytest.raises(ConfigError, match="not accepted by TensorRT-LLM"):
-        trtllm_config(preset_plan("mixed"), 1, quantization={"quant_algo": "FP8", "calib_size": 512})
+        trtllm_config(
+            preset_plan("mixed"), 1, quantization={"quant_algo": "FP8", "calib_size": 512}
+        )
 
 
 def test_model_without_rope_scaling_writes_null():
@@ -86,7 +95,10 @@ def test_config_reads_back_to_the_same_layers(preset):
     back = plan_from_trtllm_config(trtllm_config(plan, tp=1))
     assert back.layers == plan.layers
     assert (back.hidden_size, back.num_attention_heads, back.head_dim, back.vocab_size) == (
-        plan.hidden_size, plan.num_attention_heads, plan.head_dim, plan.vocab_size,
+        plan.hidden_size,
+        plan.num_attention_heads,
+        plan.head_dim,
+        plan.vocab_size,
     )
     assert back.rope_theta == plan.rope_theta and back.rms_norm_eps == plan.rms_norm_eps
     assert {layer.attention for layer in back.layers} <= set(AttentionKind)

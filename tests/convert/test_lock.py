@@ -24,8 +24,11 @@ def builder_process(*args: str) -> subprocess.Popen:
     """`python -m builder ARGS` of this worktree, in its own process group."""
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     return subprocess.Popen(
-        [sys.executable, "-m", "builder", *args], env=env, stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, start_new_session=True,
+        [sys.executable, "-m", "builder", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
     )
 
 
@@ -42,8 +45,11 @@ def wait_for(condition, what: str, timeout: float = PROCESS_TIMEOUT):
 def tree_hash(root: Path) -> dict[str, str]:
     import hashlib
 
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def holders(stage: Path) -> set[int]:
@@ -74,7 +80,9 @@ def test_workers_die_with_a_killed_conversion_and_resume_completes(tmp_path, ult
     out = tmp_path / "out"
     stage = tmp_path / ".out.partial"
     source_before = tree_hash(ultra_ckpt)
-    parent = builder_process("convert", str(ultra_ckpt), str(out), "--tp", "4", "--pp", "2", "--workers", "2", "--json")
+    parent = builder_process(
+        "convert", str(ultra_ckpt), str(out), "--tp", "4", "--pp", "2", "--workers", "2", "--json"
+    )
     try:
         me = psutil.Process(parent.pid)
 
@@ -86,11 +94,19 @@ def test_workers_die_with_a_killed_conversion_and_resume_completes(tmp_path, ult
         started = {p.pid for p in me.children(recursive=True)} | worker_pids
         os.kill(parent.pid, signal.SIGKILL)
         parent.wait(PROCESS_TIMEOUT)
-        alive = {pid for pid in started if psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"}
+        alive = {
+            pid
+            for pid in started
+            if psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"
+        }
         deadline = time.monotonic() + 10  # the parent-death signal arrives in milliseconds
         while alive and time.monotonic() < deadline:
             time.sleep(0.05)
-            alive = {pid for pid in alive if psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"}
+            alive = {
+                pid
+                for pid in alive
+                if psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"
+            }
         assert not alive, f"processes outlived the killed conversion: {sorted(alive)}"
     finally:
         if parent.poll() is None:
@@ -137,14 +153,23 @@ def test_resume_refuses_while_an_orphan_holds_the_lock(tmp_path, mixed_ckpt, sho
         "    os._exit(0)\n"
     )
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
-    done = subprocess.run([sys.executable, "-c", holder, str(out)], env=env, capture_output=True,
-                          text=True, timeout=PROCESS_TIMEOUT, check=True)
+    done = subprocess.run(
+        [sys.executable, "-c", holder, str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=PROCESS_TIMEOUT,
+        check=True,
+    )
     orphan = int(done.stdout)
     try:
         line = one_error_line(run_convert(mixed_ckpt, out, "--tp", "2", "--resume"))
         assert f"(pid {orphan}: sleep 60)" in line and "--resume" in line
     finally:
         os.kill(orphan, signal.SIGKILL)
-    wait_for(lambda: not psutil.pid_exists(orphan) or psutil.Process(orphan).status() == "zombie", "the orphan")
+    wait_for(
+        lambda: not psutil.pid_exists(orphan) or psutil.Process(orphan).status() == "zombie",
+        "the orphan",
+    )
     result = run_convert(mixed_ckpt, out, "--tp", "2", "--resume", "--json")
     assert result.exit_code == 0, result.output

@@ -33,7 +33,8 @@ def test_two_hosts_split_one_job_and_the_last_one_finalizes(tmp_path, mixed_ckpt
     first = cli("convert", mixed_ckpt, out, "--tp", 4, "--ranks", "0-1", "--json")
     assert statuses(first) == ["written", "written", "pending", "pending"]
     assert not out.exists() and sorted(p.name for p in stage.glob("rank*.safetensors")) == [
-        "rank0.safetensors", "rank1.safetensors",
+        "rank0.safetensors",
+        "rank1.safetensors",
     ]
     partial = cli("check", stage)
     assert partial.exit_code == 2 and "2 of 4 ranks done; missing [2, 3]" in partial.output
@@ -77,7 +78,10 @@ def test_parallel_workers_write_identical_files(tmp_path, ultra_ckpt):
         name = f"rank{rank}.safetensors"
         assert (one / name).read_bytes() == (two / name).read_bytes()
     manifest = json.loads((two / "manifest.json").read_text())
-    assert manifest["files"][name]["sha256"] == json.loads((one / "manifest.json").read_text())["files"][name]["sha256"]
+    assert (
+        manifest["files"][name]["sha256"]
+        == json.loads((one / "manifest.json").read_text())["files"][name]["sha256"]
+    )
 
 
 def test_manifest_records_what_the_issue_asks_for(tmp_path, mixed_ckpt):
@@ -87,12 +91,20 @@ def test_manifest_records_what_the_issue_asks_for(tmp_path, mixed_ckpt):
     assert manifest["kind"] == "trtllm-checkpoint" and manifest["complete"] is True
     assert manifest["tool"]["name"] == "builder" and manifest["tool"]["version"]
     assert manifest["layout"] == {
-        "tp": 2, "pp": 2, "world_size": 4, "dtype": "bfloat16",
+        "tp": 2,
+        "pp": 2,
+        "world_size": 4,
+        "dtype": "bfloat16",
         "quantization": {"quant_algo": None, "kv_cache_quant_algo": None},
     }
-    assert len(manifest["source"]["fingerprint"]) == 64 and "header" in manifest["source"]["fingerprint_method"]
+    assert (
+        len(manifest["source"]["fingerprint"]) == 64
+        and "header" in manifest["source"]["fingerprint_method"]
+    )
     assert set(manifest["files"]) == {"config.json"} | {f"rank{r}.safetensors" for r in range(4)}
-    assert [r["tensors"] for r in manifest["ranks"]] == [len(r["tensor_specs"]) for r in manifest["ranks"]]
+    assert [r["tensors"] for r in manifest["ranks"]] == [
+        len(r["tensor_specs"]) for r in manifest["ranks"]
+    ]
     assert sorted(p.name for p in out.iterdir()) == sorted([*manifest["files"], "manifest.json"])
 
 
@@ -103,7 +115,9 @@ class TestCheck:
         return out
 
     def test_a_good_checkpoint_passes(self, tmp_path, mixed_ckpt):
-        result = cli("check", self.converted(tmp_path, mixed_ckpt), "--source", mixed_ckpt, "--roundtrip")
+        result = cli(
+            "check", self.converted(tmp_path, mixed_ckpt), "--source", mixed_ckpt, "--roundtrip"
+        )
         assert result.exit_code == 0 and "round trip bit-exact" in result.output
 
     def test_corrupt_missing_and_extra_files(self, tmp_path, mixed_ckpt):
@@ -117,7 +131,9 @@ class TestCheck:
         assert "rank0.safetensors: sha256 differs" in problems
         assert "rank1.safetensors: listed in the manifest but missing" in problems
         assert "notes.txt: not listed in the manifest" in problems
-        assert cli("check", out, "--quick").exit_code == 2  # the missing file is seen without hashing
+        assert (
+            cli("check", out, "--quick").exit_code == 2
+        )  # the missing file is seen without hashing
 
     def test_header_that_disagrees_with_the_plan(self, tmp_path, mixed_ckpt):
         from safetensors.torch import load_file, save_file
@@ -126,16 +142,22 @@ class TestCheck:
 
         out = self.converted(tmp_path, mixed_ckpt)
         tensors = load_file(out / "rank1.safetensors")
-        tensors["transformer.layers.0.attention.qkv_renamed.weight"] = tensors.pop("transformer.layers.0.attention.qkv.weight")
+        tensors["transformer.layers.0.attention.qkv_renamed.weight"] = tensors.pop(
+            "transformer.layers.0.attention.qkv.weight"
+        )
         tensors["transformer.ln_f.weight"] = tensors["transformer.ln_f.weight"].float()
         save_file(tensors, str(out / "rank1.safetensors"))
         manifest = json.loads((out / "manifest.json").read_text())
-        manifest["files"]["rank1.safetensors"] = file_entry(out / "rank1.safetensors")  # hashes agree
+        manifest["files"]["rank1.safetensors"] = file_entry(
+            out / "rank1.safetensors"
+        )  # hashes agree
         (out / "manifest.json").write_text(json.dumps(manifest))
         result = cli("check", out)
         assert result.exit_code == 2
         assert "tensor 'transformer.layers.0.attention.qkv.weight' is missing" in result.output
-        assert "'transformer.layers.0.attention.qkv_renamed.weight' is not expected" in result.output
+        assert (
+            "'transformer.layers.0.attention.qkv_renamed.weight' is not expected" in result.output
+        )
         assert "'transformer.ln_f.weight' is [256] F32, the plan says [256] BF16" in result.output
 
     def test_other_source_is_detected(self, tmp_path, mixed_ckpt, ultra_ckpt):

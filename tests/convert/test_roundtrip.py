@@ -67,7 +67,9 @@ def test_small_blocks_stream_the_same_bytes(tmp_path, mixed_ckpt):
     convert_checkpoint(mixed_ckpt, a, tp=16)
     convert_checkpoint(mixed_ckpt, b, tp=16, block_bytes=16 << 10)
     for rank in range(16):
-        assert (a / f"rank{rank}.safetensors").read_bytes() == (b / f"rank{rank}.safetensors").read_bytes()
+        assert (a / f"rank{rank}.safetensors").read_bytes() == (
+            b / f"rank{rank}.safetensors"
+        ).read_bytes()
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
@@ -83,5 +85,9 @@ def test_assembled_rank_tensors_equal_the_pure_split_rules(mixed_ckpt, dtype):
         for rank in range(16):
             for item in rank_tensors(plan, 16, 1, rank):
                 names = item.rule.source_names(item.layer.index if item.layer else None)
-                expected = split_tensor(item.rule, [source.read(n) for n in names], 16, rank, plan.head_dim)
-                assert torch.equal(reader.assemble(read_plan(plan, item, 16, rank)), expected.to(dtype)), item.name
+                expected = split_tensor(
+                    item.rule, [source.read(n) for n in names], 16, rank, plan.head_dim
+                )
+                assert torch.equal(
+                    reader.assemble(read_plan(plan, item, 16, rank)), expected.to(dtype)
+                ), item.name

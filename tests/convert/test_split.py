@@ -30,7 +30,11 @@ HD = 4  # head_dim of the hand-made tensors below
 
 def heads_tensor(heads: int, width: int = 3, offset: float = 0.0) -> torch.Tensor:
     """Rows of head h are all h + offset, so every row says which head it came from."""
-    return (torch.arange(heads).repeat_interleave(HD)[:, None] + offset).expand(heads * HD, width).clone()
+    return (
+        (torch.arange(heads).repeat_interleave(HD)[:, None] + offset)
+        .expand(heads * HD, width)
+        .clone()
+    )
 
 
 def test_chunk_and_its_refusal():
@@ -51,7 +55,10 @@ def test_vocab_rows_pad_the_last_ranks():
     assert vocab_rows(1000, 16, 0) == (slice(0, 63), 0)
     assert vocab_rows(1000, 16, 15) == (slice(945, 1000), 8)
     assert vocab_rows(10, 8, 7) == (slice(10, 10), 2)  # a rank with padding only
-    assert sum((r.stop - r.start) + pad for r, pad in (vocab_rows(1000, 16, k) for k in range(16))) == 1008
+    assert (
+        sum((r.stop - r.start) + pad for r, pad in (vocab_rows(1000, 16, k) for k in range(16)))
+        == 1008
+    )
 
 
 def test_qkv_rank_block_is_q_then_k_then_v_with_duplicated_kv_heads():
@@ -60,8 +67,15 @@ def test_qkv_rank_block_is_q_then_k_then_v_with_duplicated_kv_heads():
     # rank r: q heads 2r, 2r+1; kv head r // 2 (tp 4 > 2 kv heads: each duplicated twice)
     for r, part in enumerate(parts):
         assert part.shape == ((2 + 1 + 1) * HD, 3)
-        assert part[:, 0].unique_consecutive().tolist() == [2 * r, 2 * r + 1, 100 + r // 2, 200 + r // 2]
-    assert all(torch.equal(a, b) for a, b in zip(merge_qkv(parts, 8, 2, HD), (q, k, v), strict=True))
+        assert part[:, 0].unique_consecutive().tolist() == [
+            2 * r,
+            2 * r + 1,
+            100 + r // 2,
+            200 + r // 2,
+        ]
+    assert all(
+        torch.equal(a, b) for a, b in zip(merge_qkv(parts, 8, 2, HD), (q, k, v), strict=True)
+    )
 
 
 @pytest.mark.parametrize("tp", [1, 2, 4, 8, 16])
@@ -70,7 +84,9 @@ def test_qkv_merge_inverts_split(tp, kv):
     gen = torch.Generator().manual_seed(tp * 100 + kv)
     q, k, v = (torch.randn(n * HD, 5, generator=gen) for n in (16, kv, kv))
     parts = [split_qkv(q, k, v, tp, r, HD) for r in range(tp)]
-    assert all(torch.equal(a, b) for a, b in zip(merge_qkv(parts, 16, kv, HD), (q, k, v), strict=True))
+    assert all(
+        torch.equal(a, b) for a, b in zip(merge_qkv(parts, 16, kv, HD), (q, k, v), strict=True)
+    )
 
 
 def test_vocab_split_pads_with_zero_rows_and_merge_drops_them():
@@ -106,12 +122,16 @@ def test_streaming_read_plans_compute_exactly_the_split_rules(tp):
     """What the streaming reader reads (pieces + pad) equals split_tensor on whole tensors."""
     plan = preset_plan("mixed")
     gen = torch.Generator().manual_seed(tp)
-    source = {name: torch.randn(shape, generator=gen) for name, shape in hf_tensor_shapes(plan).items()}
+    source = {
+        name: torch.randn(shape, generator=gen) for name, shape in hf_tensor_shapes(plan).items()
+    }
     for rank in range(tp):
         for item in rank_tensors(plan, tp, 1, rank):
             rp = read_plan(plan, item, tp, rank)
             pieces = [
-                source[p.source] if p.rows is None else source[p.source][p.rows][:, p.cols or slice(None)]
+                source[p.source]
+                if p.rows is None
+                else source[p.source][p.rows][:, p.cols or slice(None)]
                 for p in rp.pieces
             ]
             if rp.pad_rows:
@@ -126,14 +146,23 @@ def test_merge_tensor_dispatches_every_split_kind():
     plan = preset_plan("mixed")
     tp = 8
     gen = torch.Generator().manual_seed(0)
-    source = {name: torch.randn(shape, generator=gen) for name, shape in hf_tensor_shapes(plan).items()}
+    source = {
+        name: torch.randn(shape, generator=gen) for name, shape in hf_tensor_shapes(plan).items()
+    }
     kinds = set()
     for item in rank_tensors(plan, tp, 1, 0):
         names = item.rule.source_names(item.layer.index if item.layer else None)
-        parts = [split_tensor(item.rule, [source[n] for n in names], tp, r, plan.head_dim) for r in range(tp)]
+        parts = [
+            split_tensor(item.rule, [source[n] for n in names], tp, r, plan.head_dim)
+            for r in range(tp)
+        ]
         merged = merge_tensor(
-            item.rule, parts, vocab=plan.vocab_size, heads=plan.num_attention_heads,
-            kv_heads=item.layer.kv_heads if item.layer else None, head_dim=plan.head_dim,
+            item.rule,
+            parts,
+            vocab=plan.vocab_size,
+            heads=plan.num_attention_heads,
+            kv_heads=item.layer.kv_heads if item.layer else None,
+            head_dim=plan.head_dim,
         )
         assert all(torch.equal(m, source[n]) for m, n in zip(merged, names, strict=True))
         kinds.add(item.rule.split)

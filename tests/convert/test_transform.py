@@ -29,7 +29,11 @@ class ToyFp8(Fp8Layout):
             w_scale = tensor.abs().max().float() / 448
             weight = (tensor.float() / w_scale).clamp(-448, 448).to(torch.float8_e4m3fn)
             names = scale_names(item.name)
-            out = [(item.name, weight), (names[0], w_scale.reshape(1)), (names[1], torch.tensor([ACTIVATION_SCALE]))]
+            out = [
+                (item.name, weight),
+                (names[0], w_scale.reshape(1)),
+                (names[1], torch.tensor([ACTIVATION_SCALE])),
+            ]
         if self.kv_cache_fp8 and item.name.endswith("attention.qkv.weight"):
             out.append((kv_cache_scale_name(int(item.name.split(".")[2])), torch.tensor([0.1])))
         return out
@@ -42,8 +46,12 @@ def test_fp8_layout_specs_follow_the_reference_table():
     layout = Fp8Layout(QUANT)
     assert layout.specs(items["transformer.layers.0.attention.qkv.weight"], torch.bfloat16) == [
         TensorSpec("transformer.layers.0.attention.qkv.weight", (2304, 16384), torch.float8_e4m3fn),
-        TensorSpec("transformer.layers.0.attention.qkv.weights_scaling_factor", (1,), torch.float32),
-        TensorSpec("transformer.layers.0.attention.qkv.activation_scaling_factor", (1,), torch.float32),
+        TensorSpec(
+            "transformer.layers.0.attention.qkv.weights_scaling_factor", (1,), torch.float32
+        ),
+        TensorSpec(
+            "transformer.layers.0.attention.qkv.activation_scaling_factor", (1,), torch.float32
+        ),
         TensorSpec("transformer.layers.0.attention.kv_cache_scaling_factor", (1,), torch.float32),
     ]
     assert layout.specs(items["lm_head.weight"], torch.bfloat16) == [
@@ -55,12 +63,23 @@ def test_fp8_layout_specs_follow_the_reference_table():
 
 def test_transform_output_is_written_checked_and_executed(tmp_path, mixed_ckpt_fp32):
     out = tmp_path / "fp8"
-    convert_checkpoint(mixed_ckpt_fp32, out, tp=2, pp=2, dtype="bfloat16", transform=ToyFp8(QUANT), quantization=QUANT)
+    convert_checkpoint(
+        mixed_ckpt_fp32,
+        out,
+        tp=2,
+        pp=2,
+        dtype="bfloat16",
+        transform=ToyFp8(QUANT),
+        quantization=QUANT,
+    )
     report = check_checkpoint(out)
     assert report.ok, report.problems
     with safe_open(str(out / "rank0.safetensors"), "pt") as handle:
         assert handle.get_slice("transformer.layers.0.ffn.fc.weight").get_dtype() == "F8_E4M3"
-        assert torch.equal(handle.get_tensor("transformer.layers.0.ffn.fc.activation_scaling_factor"), torch.tensor([ACTIVATION_SCALE]))
+        assert torch.equal(
+            handle.get_tensor("transformer.layers.0.ffn.fc.activation_scaling_factor"),
+            torch.tensor([ACTIVATION_SCALE]),
+        )
     ids = torch.randint(0, 1000, (1, 12), generator=torch.Generator().manual_seed(3))
     with TrtllmCheckpointExecutor(out, dtype=torch.float32) as executor:
         logits = executor(ids)
@@ -82,7 +101,9 @@ def test_a_transform_that_breaks_its_declaration_is_refused(tmp_path, mixed_ckpt
     from builder.io.safetensors_stream import SafetensorsWriteError
 
     with pytest.raises(SafetensorsWriteError, match="but declared"):
-        convert_checkpoint(mixed_ckpt, tmp_path / "x", tp=1, transform=Liar(QUANT), quantization=QUANT)
+        convert_checkpoint(
+            mixed_ckpt, tmp_path / "x", tp=1, transform=Liar(QUANT), quantization=QUANT
+        )
     assert not (tmp_path / "x").exists()
 
 
@@ -103,8 +124,14 @@ def test_unchanged_tensors_are_streamed_not_given_to_apply(tmp_path, mixed_ckpt)
             seen.append(item.name)
             return super().apply(item, tensor)
 
-    convert_checkpoint(mixed_ckpt, tmp_path / "x", tp=2, transform=Recording(QUANT), quantization=QUANT)
+    convert_checkpoint(
+        mixed_ckpt, tmp_path / "x", tp=2, transform=Recording(QUANT), quantization=QUANT
+    )
     assert "transformer.layers.0.attention.qkv.weight" in seen  # FP8 weight and KV scale
     assert "transformer.layers.0.ffn.fc.weight" in seen
-    assert not {"lm_head.weight", "transformer.vocab_embedding.weight", "transformer.ln_f.weight"} & set(seen)
+    assert not {
+        "lm_head.weight",
+        "transformer.vocab_embedding.weight",
+        "transformer.ln_f.weight",
+    } & set(seen)
     assert not any("layernorm" in name for name in seen)

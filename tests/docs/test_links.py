@@ -31,9 +31,13 @@ def test_ci_runs_both_readme_commands():
     """The README's first block: install + demo, install + tests; .ci/run runs both."""
     readme = (ROOT / "README.md").read_text()
     block = re.search(r"```\n(.*?)```", readme, re.DOTALL).group(1).splitlines()
-    assert block == ["bash scripts/install.sh && .venv/bin/builder demo",
-                     "bash scripts/install.sh && .venv/bin/python -m pytest -q"]
-    ci = [line for line in (ROOT / ".ci" / "run").read_text().splitlines() if not line.startswith("#")]
+    assert block == [
+        "bash scripts/install.sh && .venv/bin/builder demo",
+        "bash scripts/install.sh && .venv/bin/python -m pytest -q",
+    ]
+    ci = [
+        line for line in (ROOT / ".ci" / "run").read_text().splitlines() if not line.startswith("#")
+    ]
     assert "bash scripts/install.sh" in ci
     assert any(line.startswith(".venv/bin/builder demo") for line in ci)
     assert ".venv/bin/python -m pytest -q" in ci

@@ -51,7 +51,9 @@ def test_written_file_loads_with_safetensors_and_hash_matches(tmp_path):
     for name, tensor in tensors.items():
         assert loaded[name].dtype == tensor.dtype
         assert torch.equal(loaded[name].view(torch.uint8), tensor.view(torch.uint8))
-    assert writer.result.size == path.stat().st_size == file_size(specs_of(tensors), {"format": "pt"})
+    assert (
+        writer.result.size == path.stat().st_size == file_size(specs_of(tensors), {"format": "pt"})
+    )
     assert writer.result.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
     with safe_open(str(path), "pt") as handle:
         assert handle.metadata() == {"format": "pt"}
@@ -88,7 +90,10 @@ def test_header_is_8_aligned_and_reads_back(tmp_path):
         (lambda w, t: w.write("a.norm", t["a.norm"]), "next tensor is 'b.weight'"),
         (lambda w, t: w.write("b.weight", t["b.weight"].float()), "header says"),
         (lambda w, t: w.write("b.weight", t["b.weight"][:3]), "header says"),
-        (lambda w, t: (w.start("b.weight"), w.append(torch.zeros(40, 19, dtype=torch.bfloat16))), "more than"),
+        (
+            lambda w, t: (w.start("b.weight"), w.append(torch.zeros(40, 19, dtype=torch.bfloat16))),
+            "more than",
+        ),
         (lambda w, t: (w.start("b.weight"), w.finish()), "bytes short"),
         (lambda w, t: w.write("b.weight", t["b.weight"]), "closed before tensor 'a.norm'"),
     ],
@@ -143,12 +148,16 @@ def test_file_spans_are_copied_in_the_kernel_and_hashed(tmp_path, monkeypatch):
         with SafetensorsStreamWriter(path, specs_of(tensors)) as writer:
             for name in tensors:
                 _, offset, size = ckpt.data_location(name)
-                writer.write_blocks(name, [FileSpan(fd, offset, memoryview(raw)[offset : offset + size])])
+                writer.write_blocks(
+                    name, [FileSpan(fd, offset, memoryview(raw)[offset : offset + size])]
+                )
     finally:
         os.close(fd)
     assert sum(copied) == sum(t.numel() * t.element_size() for t in tensors.values())
     loaded = load_file(path)
-    assert all(torch.equal(loaded[n].view(torch.uint8), t.view(torch.uint8)) for n, t in tensors.items())
+    assert all(
+        torch.equal(loaded[n].view(torch.uint8), t.view(torch.uint8)) for n, t in tensors.items()
+    )
     assert writer.result.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
 
 

@@ -21,8 +21,15 @@ def snippet(doc: Path) -> str:
 
 def python(code: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=timeout, check=False)
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
 
 
 def test_import_builder_is_cheap_and_registers_when_transformers_loads(tmp_path):
@@ -41,8 +48,11 @@ def test_import_builder_is_cheap_and_registers_when_transformers_loads(tmp_path)
 
 
 def test_import_builder_after_transformers_registers_at_once(tmp_path):
-    done = python("import transformers, builder\n"
-                  "print(type(transformers.AutoConfig.for_model('nemotron-nas')).__module__)", tmp_path)
+    done = python(
+        "import transformers, builder\n"
+        "print(type(transformers.AutoConfig.for_model('nemotron-nas')).__module__)",
+        tmp_path,
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "builder.model.configuration"
 

@@ -76,7 +76,9 @@ def test_logits_match_independent_forward(
     for row in range(ids.shape[0]):
         expected = reference_logits(mixed_ckpt_fp32, ids[row].tolist())
         diff = (logits[row].double() - expected).abs().max().item()
-        assert diff <= fp32_error_bound(plan, scale_of(expected)), f"sequence {row}: max abs diff {diff}"
+        assert diff <= fp32_error_bound(plan, scale_of(expected)), (
+            f"sequence {row}: max abs diff {diff}"
+        )
 
 
 def test_sdpa_equals_eager(mixed_sdpa, mixed_eager):

@@ -22,11 +22,17 @@ SECTION = "smollm2-ci"
 def test_smollm2_fp8_accuracy_within_thresholds(smollm2_ckpt, smollm2_fp8, capsys):
     setup = threshold_setup(SECTION)  # smollm2_fp8 (tests/conftest.py) is calibrated with it
     report = evaluate_accuracy(
-        smollm2_ckpt, smollm2_fp8, windows=setup["windows"], seq_len=setup["seq_len"],
-        dtype=getattr(torch, setup["dtype"]), thresholds=SECTION,
+        smollm2_ckpt,
+        smollm2_fp8,
+        windows=setup["windows"],
+        seq_len=setup["seq_len"],
+        dtype=getattr(torch, setup["dtype"]),
+        thresholds=SECTION,
     )
     with capsys.disabled():
-        print(f"\n{format_table(report)}\n{(smollm2_fp8.parent / 'summary.txt').read_text().strip()}")
+        print(
+            f"\n{format_table(report)}\n{(smollm2_fp8.parent / 'summary.txt').read_text().strip()}"
+        )
     assert [row.variant for row in report.rows] == ["trtllm", "fake-quant"]
     assert report.passed, report.failures
     for row in report.rows:
@@ -38,7 +44,9 @@ def test_smollm2_fp8_accuracy_within_thresholds(smollm2_ckpt, smollm2_fp8, capsy
 
 
 def test_threshold_checks_name_the_metric():
-    report = AccuracyReport("m", "q", 1, 8, 8, "bfloat16", 10.0, rows=[AccuracyRow("trtllm", 0.2, 0.5, 12.0, 1.2)])
+    report = AccuracyReport(
+        "m", "q", 1, 8, 8, "bfloat16", 10.0, rows=[AccuracyRow("trtllm", 0.2, 0.5, 12.0, 1.2)]
+    )
     failures = threshold_failures(report, {"kl_max": 0.1, "top1_min": 0.9, "ppl_ratio_max": 1.1})
     assert failures == [
         "trtllm: mean KL 0.2000 breaks kl_max = 0.1",

@@ -71,11 +71,16 @@ def test_already_quantized_checkpoint_is_refused(tmp_path, mixed_ckpt):
     assert result.exit_code == 2 and "already quantized" in result.output
     assert_nothing_written(out)
     fp8_weights = copy_with(
-        mixed_ckpt, tmp_path / "fp8-weights", "model.layers.0.mlp.down_proj.weight",
+        mixed_ckpt,
+        tmp_path / "fp8-weights",
+        "model.layers.0.mlp.down_proj.weight",
         lambda t: t.to(torch.float8_e4m3fn),
     )
     result = run_cli(str(fp8_weights), str(out), *SMALL)
-    assert result.exit_code == 2 and "'model.layers.0.mlp.down_proj.weight' is torch.float8_e4m3fn" in result.output
+    assert (
+        result.exit_code == 2
+        and "'model.layers.0.mlp.down_proj.weight' is torch.float8_e4m3fn" in result.output
+    )
 
 
 def test_impossible_tp_fails_before_calibration(tmp_path, mixed_ckpt):
@@ -89,7 +94,10 @@ def test_enabled_quantizer_without_amax(tmp_path, mixed_ckpt, monkeypatch):
     """A forward loop that never reaches the block leaves ModelOpt's input quantizers empty."""
     monkeypatch.setattr(blockwise, "run_block", lambda layer, hidden, inputs: None)
     out = tmp_path / "out"
-    with pytest.raises(AmaxError, match=r"layer 0: model.layers.0.self_attn.q_proj.input_quantizer: enabled quantizer has no amax"):
+    with pytest.raises(
+        AmaxError,
+        match=r"layer 0: model.layers.0.self_attn.q_proj.input_quantizer: enabled quantizer has no amax",
+    ):
         quantize_checkpoint(mixed_ckpt, out, calib_size=2, calib_seq_len=16)
     assert_nothing_written(out)
 
@@ -97,11 +105,15 @@ def test_enabled_quantizer_without_amax(tmp_path, mixed_ckpt, monkeypatch):
 def test_nan_activations_name_the_layer(tmp_path, mixed_ckpt):
     # Finite weights whose product overflows bf16: the activations become Inf, then NaN.
     huge = copy_with(
-        mixed_ckpt, tmp_path / "huge", "model.layers.1.mlp.down_proj.weight",
+        mixed_ckpt,
+        tmp_path / "huge",
+        "model.layers.1.mlp.down_proj.weight",
         lambda t: torch.full_like(t, 3e38),
     )
     out = tmp_path / "out"
-    with pytest.raises(NonFiniteActivations, match="layer 1: calibration batch 0 produced NaN or Inf"):
+    with pytest.raises(
+        NonFiniteActivations, match="layer 1: calibration batch 0 produced NaN or Inf"
+    ):
         quantize_checkpoint(huge, out, calib_size=2, calib_seq_len=16)
     assert_nothing_written(out)
     result = run_cli(str(huge), str(out), *SMALL)
@@ -114,7 +126,9 @@ def test_nan_weight_names_the_tensor(tmp_path, mixed_ckpt):
         t[3, 5] = float("nan")
         return t
 
-    bad = copy_with(mixed_ckpt, tmp_path / "nan", "model.layers.2.self_attn.linear_attn.weight", poison)
+    bad = copy_with(
+        mixed_ckpt, tmp_path / "nan", "model.layers.2.self_attn.linear_attn.weight", poison
+    )
     out = tmp_path / "out"
     result = run_cli(str(bad), str(out), *SMALL)
     assert result.exit_code == 2
@@ -136,14 +150,19 @@ def one_error_line(result) -> str:
 def tree_hash(root: Path) -> dict[str, str]:
     import hashlib
 
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 @pytest.mark.parametrize("where", ["the source", "the source's parent", "inside the source"])
 def test_output_over_the_input_is_refused_and_the_source_kept(tmp_path, mixed_ckpt, where):
     src = Path(shutil.copytree(mixed_ckpt, tmp_path / "src"))
-    out = {"the source": src, "the source's parent": tmp_path, "inside the source": src / "fp8"}[where]
+    out = {"the source": src, "the source's parent": tmp_path, "inside the source": src / "fp8"}[
+        where
+    ]
     before = tree_hash(tmp_path)
     line = one_error_line(run_cli(str(src), str(out), "--overwrite", *SMALL))
     assert f"{out}: the output" in line and f"the input {src}" in line
@@ -188,19 +207,25 @@ def test_truncated_activation_cache_on_resume(tmp_path, mixed_ckpt, monkeypatch)
     monkeypatch.setattr(blockwise, "calibrate_block", crash_after_three)
     out = tmp_path / "out"
     result = run_cli(str(mixed_ckpt), str(out), "--format", "hf", "--save-every", "1", *SMALL)
-    assert isinstance(result.exception, Crash)  # a bug, not bad input: not turned into an error line
+    assert isinstance(
+        result.exception, Crash
+    )  # a bug, not bad input: not turned into an error line
     cache = tmp_path / ".out.calib" / "inputs-rank0.safetensors"
     assert cache.is_file()
     monkeypatch.setattr(blockwise, "calibrate_block", real)
     cache.write_bytes(cache.read_bytes()[: cache.stat().st_size // 2])
     line = one_error_line(run_cli(str(mixed_ckpt), str(out), "--format", "hf", "--resume", *SMALL))
-    assert f"error: {cache}: saved calibration state is unusable (unreadable safetensors file" in line
+    assert (
+        f"error: {cache}: saved calibration state is unusable (unreadable safetensors file" in line
+    )
     assert "without --resume" in line
     assert_nothing_written(out)
     state = tmp_path / ".out.calib" / "state.json"
     state.write_text('{"version": 1, "next_layer": "four"}')
     line = one_error_line(run_cli(str(mixed_ckpt), str(out), "--format", "hf", "--resume", *SMALL))
-    assert f"{state}: saved calibration state is unusable (next_layer: expected integer >= 0" in line
+    assert (
+        f"{state}: saved calibration state is unusable (next_layer: expected integer >= 0" in line
+    )
 
 
 def test_output_that_is_a_regular_file_is_not_replaced(tmp_path, mixed_ckpt):
@@ -227,10 +252,14 @@ def test_a_second_run_on_the_same_out_is_refused(tmp_path, mixed_ckpt, monkeypat
 
     monkeypatch.setattr(atomic, "LOCK_WAIT_SECONDS", 0.3)
     out = tmp_path / "out"
-    holder = "import sys, time\nfrom builder.io.atomic import lock_stage\nwith lock_stage(sys.argv[1]):\n" \
-             "    print('locked', flush=True)\n    time.sleep(60)\n"
+    holder = (
+        "import sys, time\nfrom builder.io.atomic import lock_stage\nwith lock_stage(sys.argv[1]):\n"
+        "    print('locked', flush=True)\n    time.sleep(60)\n"
+    )
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
-    other = subprocess.Popen([sys.executable, "-c", holder, str(out)], env=env, stdout=subprocess.PIPE, text=True)
+    other = subprocess.Popen(
+        [sys.executable, "-c", holder, str(out)], env=env, stdout=subprocess.PIPE, text=True
+    )
     try:
         assert other.stdout.readline() == "locked\n"
         line = one_error_line(run_cli(str(mixed_ckpt), str(out), *SMALL))
@@ -244,6 +273,7 @@ def test_a_second_run_on_the_same_out_is_refused(tmp_path, mixed_ckpt, monkeypat
 def test_export_cast_that_changes_a_weight_is_an_error(tmp_path, mixed_ckpt):
     """--dtype float16: the final norm (kept unquantized, cast to the model dtype) holds a
     finite bf16 value that float16 cannot hold; named, and no output appears."""
+
     def poison(t):
         t = t.clone()
         t[7] = 99840.0
@@ -251,6 +281,8 @@ def test_export_cast_that_changes_a_weight_is_an_error(tmp_path, mixed_ckpt):
 
     bad = copy_with(mixed_ckpt, tmp_path / "big", "model.norm.weight", poison)
     out = tmp_path / "out"
-    line = one_error_line(run_cli(str(bad), str(out), "--dtype", "float16", "--format", "hf", *SMALL))
+    line = one_error_line(
+        run_cli(str(bad), str(out), "--dtype", "float16", "--format", "hf", *SMALL)
+    )
     assert "'model.norm.weight' holds 99840 at element 7, which overflows float16" in line
     assert_nothing_written(out)

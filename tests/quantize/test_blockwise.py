@@ -27,8 +27,13 @@ def blockwise(ckpt_dir: Path, **options):
     progress = options.pop("progress", None)
     fingerprint = options.pop("fingerprint", {"test": 1})
     return calibrate_blockwise(
-        HFCheckpoint(ckpt_dir), load_plan(ckpt_dir), reference_parts(ckpt_dir), WINDOWS,
-        CalibOptions(batch_size=4, **options), fingerprint, progress,
+        HFCheckpoint(ckpt_dir),
+        load_plan(ckpt_dir),
+        reference_parts(ckpt_dir),
+        WINDOWS,
+        CalibOptions(batch_size=4, **options),
+        fingerprint,
+        progress,
     )
 
 
@@ -53,7 +58,9 @@ def test_empty_blocks_cost_nothing(mixed_ckpt, mixed_blockwise):
     assert empty and mixed_blockwise.skipped_empty == len(empty)
     assert not set(empty) & set(mixed_blockwise.calibrated)
     assert not set(empty) & set(mixed_blockwise.block_seconds)
-    assert all(f"model.layers.{i}." not in key for i in empty for key in mixed_blockwise.table.values)
+    assert all(
+        f"model.layers.{i}." not in key for i in empty for key in mixed_blockwise.table.values
+    )
 
 
 def test_ultra_pattern_without_kv_cache(ultra_ckpt):
@@ -115,9 +122,20 @@ def test_data_parallel_amax_is_all_reduced_max(tmp_path, mixed_ckpt, mixed_block
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     procs = [
         subprocess.Popen(
-            [sys.executable, str(script), str(rank), "2", str(mixed_ckpt), init,
-             str(tmp_path / f"rank{rank}.json"), str(WINDOWS.tolist())],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            [
+                sys.executable,
+                str(script),
+                str(rank),
+                "2",
+                str(mixed_ckpt),
+                init,
+                str(tmp_path / f"rank{rank}.json"),
+                str(WINDOWS.tolist()),
+            ],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
         )
         for rank in range(2)
     ]
@@ -154,4 +172,7 @@ def test_resume_after_complete_calibration_skips_it(tmp_path, mixed_ckpt, mixed_
     first = blockwise(mixed_ckpt, state_dir=state)
     assert (state / "amax" / "complete.json").is_file()
     again = blockwise(mixed_ckpt, state_dir=state, resume=True)
-    assert again.calibrated == [] and again.table.values == first.table.values == mixed_blockwise.table.values
+    assert (
+        again.calibrated == []
+        and again.table.values == first.table.values == mixed_blockwise.table.values
+    )

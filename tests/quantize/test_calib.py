@@ -26,7 +26,9 @@ def test_builtin_set_mixes_wiki_and_every_chat_category():
     assert categories == {"math", "multiple_choice", "code", "tool_calling"}
     systems = {s.messages[0][1].split("\n")[0] for s in samples if s.messages}
     assert systems == {"detailed thinking on", "detailed thinking off"}
-    thinking = [s for s in samples if s.messages and s.messages[0][1].startswith("detailed thinking on")]
+    thinking = [
+        s for s in samples if s.messages and s.messages[0][1].startswith("detailed thinking on")
+    ]
     assert all(s.messages[-1][1].startswith("<think>\n") for s in thinking)
 
 
@@ -57,7 +59,9 @@ def test_windows_are_deterministic_and_seeded(tokenizer):
 def test_chat_samples_use_the_checkpoint_template(tokenizer):
     sample = calib.prompt_samples()[0]
     text = tokenizer.decode(calib.sample_tokens(sample, tokenizer))
-    assert text.startswith("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\ndetailed thinking on")
+    assert text.startswith(
+        "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\ndetailed thinking on"
+    )
     assert "<|start_header_id|>assistant<|end_header_id|>\n\n<think>" in text
 
 
@@ -69,7 +73,12 @@ def test_user_files_txt_jsonl_parquet(tmp_path, tokenizer):
     jsonl = tmp_path / "mix.jsonl"
     lines = [
         {"text": "plain text"},
-        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]},
+        {
+            "messages": [
+                {"role": "user", "content": "hi"},
+                {"role": "assistant", "content": "hello"},
+            ]
+        },
         {"text": "   "},
     ]
     jsonl.write_text("\n".join(json.dumps(x) for x in lines) + "\n\n")
@@ -93,7 +102,11 @@ def test_user_files_txt_jsonl_parquet(tmp_path, tokenizer):
     [
         ("empty.txt", "\n\n", "the calibration data is empty"),
         ("bad.jsonl", '{"text": "ok"}\n{not json\n', "bad.jsonl:2: not valid JSON"),
-        ("field.jsonl", '{"prompt": "x"}\n', "field.jsonl:1: expected a 'text' or 'messages' field"),
+        (
+            "field.jsonl",
+            '{"prompt": "x"}\n',
+            "field.jsonl:1: expected a 'text' or 'messages' field",
+        ),
         ("roles.jsonl", '{"messages": [{"content": "x"}]}\n', "messages[0] needs string 'role'"),
         ("data.csv", "a,b\n", "unsupported calibration file type"),
         ("latin1.txt", b"caf\xe9", "latin1.txt: unreadable"),
@@ -119,7 +132,9 @@ def test_missing_file_and_parquet_without_text_column(tmp_path):
 def test_too_short_data_says_how_much_is_missing(tmp_path, tokenizer):
     short = tmp_path / "short.txt"
     short.write_text("only a few words")
-    with pytest.raises(CalibrationDataError, match=r"too short: 1 sample\(s\) give 18 tokens .* needs 512"):
+    with pytest.raises(
+        CalibrationDataError, match=r"too short: 1 sample\(s\) give 18 tokens .* needs 512"
+    ):
         build_calibration_set(str(short), tokenizer, 4, 128)
 
 

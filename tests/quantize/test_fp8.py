@@ -57,7 +57,12 @@ def test_hf_rounds_in_bf16_trtllm_in_fp32():
 
 @pytest.mark.parametrize(
     ("amax", "problem"),
-    [(None, "no amax"), (math.nan, "NaN or infinite"), (math.inf, "NaN or infinite"), (0.0, "all-zero")],
+    [
+        (None, "no amax"),
+        (math.nan, "NaN or infinite"),
+        (math.inf, "NaN or infinite"),
+        (0.0, "all-zero"),
+    ],
 )
 def test_unusable_amax_is_named(amax, problem):
     assert problem in check_amax(amax, "layer 3: q_proj")
@@ -96,5 +101,8 @@ def test_table_validation_and_round_trip(tmp_path):
     assert per_layer["layer 0"]["self_attn.q_proj.weight"] == 0.125
     missing = dict(table.values)
     missing.pop("model.layers.1.mlp.down_proj.input_quantizer")
-    with pytest.raises(AmaxError, match=r"layer 1: model.layers.1.mlp.down_proj.input_quantizer: enabled quantizer has no amax"):
+    with pytest.raises(
+        AmaxError,
+        match=r"layer 1: model.layers.1.mlp.down_proj.input_quantizer: enabled quantizer has no amax",
+    ):
         AmaxTable(missing).validate(plan)

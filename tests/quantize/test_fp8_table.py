@@ -29,7 +29,12 @@ def test_quantize_trtllm_takes_the_table_for_16_bit_cpu_weights():
     scale = trtllm_scale(float(weight.abs().max()))
     transposed = weight.t()  # non-contiguous input
     for w in (weight, transposed):
-        assert torch.equal(quantize_trtllm(w, scale).view(torch.uint8),
-                           quantize_by_division(w, scale).view(torch.uint8))
+        assert torch.equal(
+            quantize_trtllm(w, scale).view(torch.uint8),
+            quantize_by_division(w, scale).view(torch.uint8),
+        )
     wide = torch.randn(2, 3, dtype=torch.float32)  # fp32 keeps the division
-    assert torch.equal(quantize_trtllm(wide, scale).view(torch.uint8), quantize_by_division(wide, scale).view(torch.uint8))
+    assert torch.equal(
+        quantize_trtllm(wide, scale).view(torch.uint8),
+        quantize_by_division(wide, scale).view(torch.uint8),
+    )

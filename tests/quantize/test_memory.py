@@ -32,9 +32,11 @@ def test_checkpoint_three_times_the_memory_budget_quantizes(tmp_path):
     assert size >= 3 * ALLOWED_BYTES
     result = script.measure(src, tmp_path / "fp8")
     grown = result["peak_rss"] - result["baseline_rss"]
-    print(f"\n{size / 2**20:,.0f} MiB checkpoint: peak RSS {result['peak_rss'] / 2**20:,.0f} MiB, "
-          f"{grown / 2**20:,.0f} MiB above the {result['baseline_rss'] / 2**20:,.0f} MiB baseline, "
-          f"{result['seconds']:.1f} s")
+    print(
+        f"\n{size / 2**20:,.0f} MiB checkpoint: peak RSS {result['peak_rss'] / 2**20:,.0f} MiB, "
+        f"{grown / 2**20:,.0f} MiB above the {result['baseline_rss'] / 2**20:,.0f} MiB baseline, "
+        f"{result['seconds']:.1f} s"
+    )
     assert grown < ALLOWED_BYTES
     assert result["blocks"]["blocks_empty_skipped"] > 0
     # FP8 halves the linear weights' bytes and the rest stays bf16, so a complete rank file

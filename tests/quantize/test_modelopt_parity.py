@@ -118,20 +118,32 @@ def test_trtllm_export_equals_export_tensorrt_llm_checkpoint(tmp_path, twin, cal
     ref_dir, ours = tmp_path / "modelopt", tmp_path / "ours"
     with quiet():
         export_tensorrt_llm_checkpoint(
-            copy.deepcopy(model), decoder_type="llama", dtype=torch.bfloat16,
-            export_dir=ref_dir, inference_tensor_parallel=tp,
+            copy.deepcopy(model),
+            decoder_type="llama",
+            dtype=torch.bfloat16,
+            export_dir=ref_dir,
+            inference_tensor_parallel=tp,
         )
     write_trtllm_fp8(ckpt_dir, ours, table, tp=tp)
     ref_embedding = []
     for rank in range(tp):
         # TensorRT-LLM renames .mlp. to .ffn. on load; ModelOpt writes the former.
-        ref = {k.replace(".mlp.", ".ffn."): v for k, v in load_file(ref_dir / f"rank{rank}.safetensors").items()}
+        ref = {
+            k.replace(".mlp.", ".ffn."): v
+            for k, v in load_file(ref_dir / f"rank{rank}.safetensors").items()
+        }
         got = load_file(ours / f"rank{rank}.safetensors")
         # We emit only the merged KV scale (trtllm-checkpoint.md §5); ModelOpt adds k_/v_ ones.
-        extra = {k for k in ref if k.endswith(("k_cache_scaling_factor", "v_cache_scaling_factor")) and "kv_" not in k}
+        extra = {
+            k
+            for k in ref
+            if k.endswith(("k_cache_scaling_factor", "v_cache_scaling_factor")) and "kv_" not in k
+        }
         assert set(ref) - extra == set(got)
         ref_embedding.append(ref.pop("transformer.vocab_embedding.weight"))
-        differ = [k for k in got if k != "transformer.vocab_embedding.weight" and not same(ref[k], got[k])]
+        differ = [
+            k for k in got if k != "transformer.vocab_embedding.weight" and not same(ref[k], got[k])
+        ]
         assert differ == []
         if kv:
             assert got["transformer.layers.0.attention.kv_cache_scaling_factor"].item() >= 1.0

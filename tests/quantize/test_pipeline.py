@@ -26,7 +26,9 @@ FP8 = torch.float8_e4m3fn
 @pytest.fixture(scope="module")
 def quantized(tmp_path_factory, mixed_ckpt):
     out = tmp_path_factory.mktemp("quant") / "mixed-fp8"
-    summary = quantize_checkpoint(mixed_ckpt, out, tp=2, calib_size=8, calib_seq_len=32, batch_size=4)
+    summary = quantize_checkpoint(
+        mixed_ckpt, out, tp=2, calib_size=8, calib_seq_len=32, batch_size=4
+    )
     return summary, out
 
 
@@ -40,7 +42,10 @@ def test_outputs_appear_complete_with_manifests(quantized, mixed_ckpt):
         sub_manifest = read_manifest(out / sub)
         assert verify_files(out / sub, sub_manifest) == []
         assert sub_manifest["calibration"]["sha256"] == summary.calibration["sha256"]
-        assert sub_manifest["quantization"]["producer"] == {"name": "nvidia-modelopt", "version": "0.47.0"}
+        assert sub_manifest["quantization"]["producer"] == {
+            "name": "nvidia-modelopt",
+            "version": "0.47.0",
+        }
         assert sub_manifest["amax"] == summary.amax
     assert manifest["run"]["peak_rss_bytes"] == summary.peak_rss_bytes > 0
     plan = load_plan(mixed_ckpt)
@@ -52,13 +57,21 @@ def test_outputs_appear_complete_with_manifests(quantized, mixed_ckpt):
 def test_trtllm_checkpoint_holds_fp8_with_modelopt_scales(quantized, mixed_ckpt):
     _, out = quantized
     config = json.loads((out / "trtllm" / "config.json").read_text())
-    assert config["quantization"] == {"quant_algo": "FP8", "kv_cache_quant_algo": "FP8", "exclude_modules": ["lm_head"]}
+    assert config["quantization"] == {
+        "quant_algo": "FP8",
+        "kv_cache_quant_algo": "FP8",
+        "exclude_modules": ["lm_head"],
+    }
     assert config["mapping"]["tp_size"] == 2
     table = AmaxTable.load(out / "amax.json")
     plan = load_plan(mixed_ckpt)
     for rank in range(2):
         tensors = load_file(out / "trtllm" / f"rank{rank}.safetensors")
-        for name in ("lm_head.weight", "transformer.vocab_embedding.weight", "transformer.ln_f.weight"):
+        for name in (
+            "lm_head.weight",
+            "transformer.vocab_embedding.weight",
+            "transformer.ln_f.weight",
+        ):
             assert tensors[name].dtype == torch.bfloat16
         for layer in plan.layers:
             p = f"transformer.layers.{layer.index}."
@@ -66,35 +79,46 @@ def test_trtllm_checkpoint_holds_fp8_with_modelopt_scales(quantized, mixed_ckpt)
                 q = f"model.layers.{layer.index}.self_attn."
                 w_amax = max(table.weight(q + m) for m in ("q_proj", "k_proj", "v_proj"))
                 assert tensors[p + "attention.qkv.weight"].dtype == FP8
-                assert tensors[p + "attention.qkv.weights_scaling_factor"].item() == (
-                    torch.tensor([w_amax]) / 448.0
-                ).item()
+                assert (
+                    tensors[p + "attention.qkv.weights_scaling_factor"].item()
+                    == (torch.tensor([w_amax]) / 448.0).item()
+                )
                 k, v = table.kv(layer.index)
-                assert tensors[p + "attention.kv_cache_scaling_factor"].item() == max(k / 448, v / 448, 1.0)
+                assert tensors[p + "attention.kv_cache_scaling_factor"].item() == max(
+                    k / 448, v / 448, 1.0
+                )
             norms = [n for n in tensors if n.startswith(p) and "layernorm" in n]
             assert all(tensors[n].dtype == torch.bfloat16 for n in norms)
         scales = [n for n in tensors if n.endswith("scaling_factor")]
-        assert scales and all(tensors[n].shape == (1,) and tensors[n].dtype == torch.float32 for n in scales)
+        assert scales and all(
+            tensors[n].shape == (1,) and tensors[n].dtype == torch.float32 for n in scales
+        )
 
 
 def test_hf_checkpoint_is_unified_fp8(quantized, mixed_ckpt):
     _, out = quantized
     hf = out / "hf"
     assert json.loads((hf / "hf_quant_config.json").read_text())["quantization"] == {
-        "quant_algo": "FP8", "kv_cache_quant_algo": "FP8", "exclude_modules": ["lm_head", "model.embed_tokens"],
+        "quant_algo": "FP8",
+        "kv_cache_quant_algo": "FP8",
+        "exclude_modules": ["lm_head", "model.embed_tokens"],
     }
     config = json.loads((hf / "config.json").read_text())
     assert config["quantization_config"]["quant_method"] == "modelopt"
-    assert config["block_configs"] == json.loads((mixed_ckpt / "config.json").read_text())["block_configs"]
+    assert (
+        config["block_configs"]
+        == json.loads((mixed_ckpt / "config.json").read_text())["block_configs"]
+    )
     table = AmaxTable.load(out / "amax.json")
     ckpt = HFCheckpoint(hf)
     plan = load_plan(mixed_ckpt)
     for layer in plan.layers:
         for module in layer_linears(plan, layer):
             assert ckpt.info(f"{module}.weight").dtype == FP8
-            assert ckpt.read(f"{module}.weight_scale").item() == (
-                torch.tensor(table.weight(module)) / 448.0
-            ).item()
+            assert (
+                ckpt.read(f"{module}.weight_scale").item()
+                == (torch.tensor(table.weight(module)) / 448.0).item()
+            )
         has_kv = f"model.layers.{layer.index}.self_attn.k_proj.k_scale" in ckpt
         assert has_kv == (layer.attention is AttentionKind.ATTENTION)
     assert ckpt.info("model.embed_tokens.weight").dtype == torch.bfloat16
@@ -197,7 +221,9 @@ def record_blocks(model, ids):
     """(input, output) of every decoder block in one forward."""
     seen = []
     hooks = [
-        layer.register_forward_hook(lambda m, args, kwargs, out: seen.append((args[0], out)), with_kwargs=True)
+        layer.register_forward_hook(
+            lambda m, args, kwargs, out: seen.append((args[0], out)), with_kwargs=True
+        )
         for layer in model.model.layers
     ]
     with torch.no_grad():
@@ -220,8 +246,22 @@ def test_cli_json_and_help(tmp_path, mixed_ckpt):
     out = tmp_path / "q"
     result = runner.invoke(
         main,
-        ["quantize", str(mixed_ckpt), str(out), "--format", "hf", "--kv-cache", "none",
-         "--calib", "chat", "--calib-size", "2", "--calib-seq-len", "32", "--json"],
+        [
+            "quantize",
+            str(mixed_ckpt),
+            str(out),
+            "--format",
+            "hf",
+            "--kv-cache",
+            "none",
+            "--calib",
+            "chat",
+            "--calib-size",
+            "2",
+            "--calib-seq-len",
+            "32",
+            "--json",
+        ],
     )
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)

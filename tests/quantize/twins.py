@@ -38,7 +38,11 @@ def llama_config(layers: int = 2):
 
 def nemotron_config(layers: int, dtype: str = "bfloat16") -> dict:
     block = {
-        "attention": {"n_heads_in_group": HEADS // KV_HEADS, "no_op": False, "replace_with_linear": False},
+        "attention": {
+            "n_heads_in_group": HEADS // KV_HEADS,
+            "no_op": False,
+            "replace_with_linear": False,
+        },
         "ffn": {"ffn_mult": FFN_MULT, "no_op": False, "replace_with_linear": False},
     }
     return {

@@ -43,7 +43,9 @@ def test_improvements_and_unmatched_workloads(records):
 
 
 def test_threshold_parsing():
-    assert parse_threshold("5%") == pytest.approx(0.05) and parse_threshold("0.2") == pytest.approx(0.2)
+    assert parse_threshold("5%") == pytest.approx(0.05) and parse_threshold("0.2") == pytest.approx(
+        0.2
+    )
     with pytest.raises(Exception, match="percentage"):
         parse_threshold("fast")
 
@@ -56,20 +58,39 @@ def test_cli_exits_1_on_an_injected_slowdown(tmp_path, records, capsys):
         write_record(slow, bench(concurrency=c, slowdown=0.10))
         write_record(fine, bench(concurrency=c, slowdown=0.02))
     with pytest.raises(SystemExit) as fail:
-        main(["report", "compare", str(base), str(slow), "--max-regression", "5%"], standalone_mode=False)
+        main(
+            ["report", "compare", str(base), str(slow), "--max-regression", "5%"],
+            standalone_mode=False,
+        )
     assert fail.value.code == 1
     assert "REGRESSION" in capsys.readouterr().out
-    assert main(["report", "compare", str(base), str(fine), "--max-regression", "5%"], standalone_mode=False) is None
+    assert (
+        main(
+            ["report", "compare", str(base), str(fine), "--max-regression", "5%"],
+            standalone_mode=False,
+        )
+        is None
+    )
 
 
 def test_fp8_beside_bf16_with_accuracy(records):
     bench, verify = records
     bf16 = [bench("trtllm-bf16", "a" * 64, c) for c in (1, 64)]
-    fp8 = [bench("trtllm-fp8", "b" * 64, 1, slowdown=-0.8 / 1.8), bench("trtllm-fp8", "b" * 64, 64, slowdown=-0.4 / 1.4)]
-    table = compare_precision(bf16, fp8, [verify("trtllm-fp8", "b" * 64, 0.012), verify("trtllm-bf16", "a" * 64, 0.0)])
-    speedups = {r.workload: table.speedup(r) for r in table.rows if r.metric == "output_token_throughput"}
+    fp8 = [
+        bench("trtllm-fp8", "b" * 64, 1, slowdown=-0.8 / 1.8),
+        bench("trtllm-fp8", "b" * 64, 64, slowdown=-0.4 / 1.4),
+    ]
+    table = compare_precision(
+        bf16, fp8, [verify("trtllm-fp8", "b" * 64, 0.012), verify("trtllm-bf16", "a" * 64, 0.0)]
+    )
+    speedups = {
+        r.workload: table.speedup(r) for r in table.rows if r.metric == "output_token_throughput"
+    }
     assert speedups["isl=128,osl=128,concurrency=1"] == pytest.approx(1.8)
     assert speedups["isl=128,osl=128,concurrency=64"] == pytest.approx(1.4)
-    assert table.headline() == "trtllm-fp8 vs trtllm-bf16 output tokens/s: 1.80x at concurrency 1, 1.40x at concurrency 64"
+    assert (
+        table.headline()
+        == "trtllm-fp8 vs trtllm-bf16 output tokens/s: 1.80x at concurrency 1, 1.40x at concurrency 64"
+    )
     text = table.markdown()
     assert "kl_mean" in text and "0.012" in text and len(table.accuracy) == 2

@@ -22,10 +22,21 @@ def browser() -> str | None:
 
 def screenshot(html_path, png_path, profile_dir) -> subprocess.CompletedProcess | str:
     """Headless Chromium screenshot of a file:// page; its whole process group ends with it."""
-    command = [browser(), "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-               "--no-first-run", f"--user-data-dir={profile_dir}", "--window-size=1200,2600",
-               f"--screenshot={png_path}", html_path.as_uri()]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    command = [
+        browser(),
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--hide-scrollbars",
+        "--no-first-run",
+        f"--user-data-dir={profile_dir}",
+        "--window-size=1200,2600",
+        f"--screenshot={png_path}",
+        html_path.as_uri(),
+    ]
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
+    )
     try:
         out, _ = process.communicate(timeout=90)
     except subprocess.TimeoutExpired:
@@ -48,20 +59,26 @@ def test_page_is_self_contained(report):
     images = re.findall(r"<img [^>]*src='([^']*)'", text)
     assert len(images) == 5  # throughput, TTFT/ITL, throughput-latency, KL per position, per block
     assert all(src.startswith("data:image/png;base64,") for src in images)
-    assert not re.search(r"(src|href)=['\"](https?:|file:|/)", text)  # nothing fetched from anywhere
+    assert not re.search(
+        r"(src|href)=['\"](https?:|file:|/)", text
+    )  # nothing fetched from anywhere
     markdown = report["markdown"].read_text()
     assert "## Throughput vs concurrency" in markdown and "report-0.png" in markdown
 
 
 def test_chromium_renders_the_report(report, tmp_path):
     if browser() is None:
-        pytest.skip("no Chromium on PATH (Debian: apt-get install chromium; scripts/install.sh does it)")
+        pytest.skip(
+            "no Chromium on PATH (Debian: apt-get install chromium; scripts/install.sh does it)"
+        )
     from PIL import Image
 
     png = tmp_path / "shot.png"
     result = screenshot(report["html"], png, tmp_path / "profile")
     if isinstance(result, str) or not png.is_file():
-        pytest.skip(f"Chromium could not start here: {result if isinstance(result, str) else result.stdout[-300:]}")
+        pytest.skip(
+            f"Chromium could not start here: {result if isinstance(result, str) else result.stdout[-300:]}"
+        )
     image = Image.open(png).convert("RGB")
     assert image.size == (1200, 2600)
     pixels = image.resize((300, 650)).getdata()

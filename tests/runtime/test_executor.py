@@ -157,7 +157,10 @@ def test_compare_with_reference_for_the_demo(tmp_path, mixed_ckpt_fp32):
     convert_checkpoint(mixed_ckpt_fp32, out, tp=2)
     result = compare_with_reference(out, mixed_ckpt_fp32, prompt="Hello, Nemotron!")
     assert result.tokens == len("Hello, Nemotron!")  # byte-level tokenizer: one token per byte
-    assert result.relative_error <= fp32_tolerance(layers_of(mixed_ckpt_fp32)) and result.max_abs_error > 0
+    assert (
+        result.relative_error <= fp32_tolerance(layers_of(mixed_ckpt_fp32))
+        and result.max_abs_error > 0
+    )
 
 
 def test_smollm2_refuses_a_tp_that_does_not_divide_its_heads(tmp_path, smollm2_ckpt):
@@ -169,9 +172,16 @@ def test_llama3_rope_frequencies_match_transformers():
     from transformers import LlamaConfig
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    scaling = {"rope_type": "llama3", "factor": 16.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-               "original_max_position_embeddings": 8192}
-    config = LlamaConfig(hidden_size=2048, num_attention_heads=16, rope_theta=500000.0, rope_scaling=scaling)
+    scaling = {
+        "rope_type": "llama3",
+        "factor": 16.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    }
+    config = LlamaConfig(
+        hidden_size=2048, num_attention_heads=16, rope_theta=500000.0, rope_scaling=scaling
+    )
     expected, _ = ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")
     ours = rope_inv_freq(128, 500000.0, scaling)
     # Each frequency is a few fp32 operations (power, division, interpolation) in either

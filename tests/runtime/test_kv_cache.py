@@ -39,13 +39,15 @@ def reduction_order_tolerance(directory) -> float:
     return plan.num_layers * math.sqrt(widest) * torch.finfo(torch.float32).eps
 
 
-def full_forward_greedy(executor, prompt: list[int], steps: int) -> tuple[list[int], list[torch.Tensor]]:
+def full_forward_greedy(
+    executor, prompt: list[int], steps: int
+) -> tuple[list[int], list[torch.Tensor]]:
     seq, logits = list(prompt), []
     for _ in range(steps):
         last = executor(torch.tensor(seq))[-1]
         logits.append(last)
         seq.append(int(last.argmax()))
-    return seq[len(prompt):], logits
+    return seq[len(prompt) :], logits
 
 
 def relative(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -84,10 +86,17 @@ def test_cache_holds_each_attention_layer_at_its_own_kv_heads(tmp_path, mixed_ck
                 layer = plan.layers[index]
                 if layer.attention is AttentionKind.ATTENTION:
                     for rank in executor.stage_ranks(pp_rank):
-                        expected[rank, index] = (batch, kv_heads_per_rank(layer.kv_heads, tp), capacity, plan.head_dim)
+                        expected[rank, index] = (
+                            batch,
+                            kv_heads_per_rank(layer.kv_heads, tp),
+                            capacity,
+                            plan.head_dim,
+                        )
         assert {key: tuple(t.shape) for key, t in cache.keys.items()} == expected
         assert len({shape[1] for shape in expected.values()}) > 1  # heterogeneous head counts
-        assert len({index for _, index in expected}) < plan.num_layers  # no-op / linear layers: none
+        assert (
+            len({index for _, index in expected}) < plan.num_layers
+        )  # no-op / linear layers: none
         # the planner's KV bytes per token per rank, times ranks, batch and capacity
         assert cache.nbytes == tp * plan.kv_bytes_per_token("float32", tp) * batch * capacity
 

@@ -18,8 +18,11 @@ from builder.runtime.resident import ResidentRuntime
 
 FP32_TOLERANCE = 1e-5  # relative: max |a - b| / max |b|
 CUDA = torch.cuda.is_available()
-NEEDS_CUDA = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (CUDA graphs, compiled kernels); "
-                                "scripts/bench_gpu.py runs these checks on the H200")
+NEEDS_CUDA = pytest.mark.skipif(
+    not CUDA,
+    reason="needs a CUDA GPU (CUDA graphs, compiled kernels); "
+    "scripts/bench_gpu.py runs these checks on the H200",
+)
 # HF modules behind each TensorRT-LLM linear (q/k/v and fc/gate share their group's scales)
 HF_MODULES = {
     "attention.qkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
@@ -49,7 +52,9 @@ def calibrated_table(trt_dir, ids) -> AmaxTable:
         _, _, layer, module = call.name.split(".", 3)
         for hf in HF_MODULES[module]:
             key = f"model.layers.{layer}.{hf}"
-            values[f"{key}.input_quantizer"] = max(values.get(f"{key}.input_quantizer", 0.0), x.abs().max().item())
+            values[f"{key}.input_quantizer"] = max(
+                values.get(f"{key}.input_quantizer", 0.0), x.abs().max().item()
+            )
             values[f"{key}.weight_quantizer"] = call.tensor("weight").abs().max().item()
         if module == "attention.qkv":
             amax = out.abs().max().item()
@@ -86,8 +91,10 @@ def runtime(directory, dtype, **kwargs) -> ResidentRuntime:
 def bf16_noise(checkpoints):
     """How far bf16 execution is from fp32 on these inputs: the unit of the bf16 bounds."""
     ids = token_ids()
-    noise = compare_logits(executor_logits(checkpoints / "bf16-tp1", ids, torch.bfloat16),
-                           executor_logits(checkpoints / "bf16-tp1", ids, torch.float32)).relative_error
+    noise = compare_logits(
+        executor_logits(checkpoints / "bf16-tp1", ids, torch.bfloat16),
+        executor_logits(checkpoints / "bf16-tp1", ids, torch.float32),
+    ).relative_error
     assert 0.002 < noise < 0.05
     return noise
 
@@ -99,7 +106,9 @@ def test_prefill_matches_executor(checkpoints, bf16_noise, tp):
     ids = token_ids()
     directory = checkpoints / f"bf16-tp{tp}"
     for dtype, tolerance in ((torch.float32, FP32_TOLERANCE), (torch.bfloat16, 2 * bf16_noise)):
-        result = compare_logits(runtime(directory, dtype).prefill(ids), executor_logits(directory, ids, dtype))
+        result = compare_logits(
+            runtime(directory, dtype).prefill(ids), executor_logits(directory, ids, dtype)
+        )
         assert result.relative_error <= tolerance, (dtype, result)
 
 
@@ -111,13 +120,17 @@ def test_decode_steps_match_executor_full_forward(checkpoints, bf16_noise):
     sequence = ids
     with TrtllmCheckpointExecutor(directory, dtype=torch.float32) as executor:
         for _ in range(steps):
-            sequence = torch.cat([sequence, executor(sequence)[:, -1].argmax(-1, keepdim=True)], dim=1)
-    assert torch.equal(tokens, sequence[:, ids.shape[1]:])
+            sequence = torch.cat(
+                [sequence, executor(sequence)[:, -1].argmax(-1, keepdim=True)], dim=1
+            )
+    assert torch.equal(tokens, sequence[:, ids.shape[1] :])
     bf16 = runtime(directory, torch.bfloat16)
     bf16.prefill(ids)
     for i in range(steps - 1):
         logits = bf16.decode(sequence[:, ids.shape[1] + i])
-        expected = executor_logits(directory, sequence[:, : ids.shape[1] + i + 1], torch.bfloat16)[:, -1]
+        expected = executor_logits(directory, sequence[:, : ids.shape[1] + i + 1], torch.bfloat16)[
+            :, -1
+        ]
         assert compare_logits(logits, expected).relative_error <= 2 * bf16_noise, i
 
 
@@ -130,22 +143,32 @@ def test_fp8_paths_match_the_emulation(checkpoints):
     through the same decode path as BF16's, in test_decode_steps_match_executor_full_forward)."""
     ids, directory = token_ids(), checkpoints / "fp8-tp1"
     reference = executor_logits(directory, ids, torch.float32)
-    quantization_error = compare_logits(reference, executor_logits(checkpoints / "bf16-tp1", ids, torch.float32))
+    quantization_error = compare_logits(
+        reference, executor_logits(checkpoints / "bf16-tp1", ids, torch.float32)
+    )
     assert 0.005 < quantization_error.relative_error < 0.5
     fast = runtime(directory, torch.float32, fp8_gemm="scaled-mm")
     linears = fast.fp8_linears()
     per_kind = {"attention": 2, "mlp": 2, "linear": 1, "no_op": 0}  # qkv+dense, fc|gate+proj
-    assert len(linears) == sum(per_kind[lay.attention.value] + per_kind[lay.ffn.value] for lay in fast.plan.layers)
+    assert len(linears) == sum(
+        per_kind[lay.attention.value] + per_kind[lay.ffn.value] for lay in fast.plan.layers
+    )
     gen = torch.Generator().manual_seed(3)
     for name, linear in linears:
-        xq = (torch.randn(5, 3, linear.weight_t.shape[0], generator=gen) * 100).clamp(-448, 448).to(torch.float8_e4m3fn)
+        xq = (
+            (torch.randn(5, 3, linear.weight_t.shape[0], generator=gen) * 100)
+            .clamp(-448, 448)
+            .to(torch.float8_e4m3fn)
+        )
         a, b = linear(xq), linear.with_gemm("emulate", torch.float32)(xq)
         assert compare_logits(a, b).relative_error <= 1e-5, name
     emulated = runtime(directory, torch.float32, fp8_gemm="emulate").prefill(ids)
     for logits in (emulated, fast.prefill(ids)):
         assert compare_logits(logits, reference).relative_error <= quantization_error.relative_error
     # bf16 activations through FP8 GEMMs: bf16 execution noise on top of the FP8 bound
-    fp8_bf16_noise = compare_logits(executor_logits(directory, ids, torch.bfloat16), reference).relative_error
+    fp8_bf16_noise = compare_logits(
+        executor_logits(directory, ids, torch.bfloat16), reference
+    ).relative_error
     for gemm in ("emulate", "scaled-mm"):
         bf16 = runtime(directory, torch.bfloat16, fp8_gemm=gemm).prefill(ids)
         bound = fp8_bf16_noise + quantization_error.relative_error
@@ -156,7 +179,10 @@ def test_plan_decides_parts_and_caches(checkpoints):
     """No-op halves build nothing; each GQA layer's cache has that layer's KV heads (ceil at tp 2)."""
     rt = runtime(checkpoints / "bf16-tp2", torch.bfloat16)
     plan = rt.plan
-    halves = sum((lay.attention is not AttentionKind.NO_OP) + (lay.ffn.value != "no_op") for lay in plan.layers)
+    halves = sum(
+        (lay.attention is not AttentionKind.NO_OP) + (lay.ffn.value != "no_op")
+        for lay in plan.layers
+    )
     assert len(rt.parts) == halves
     heads = [c.kv_heads for c in rt.caches]
     assert heads == [h for lay in plan.attention_layers for h in [-(-lay.kv_heads // 2)] * 2]
@@ -186,7 +212,9 @@ def test_bad_requests_name_the_problem(checkpoints):
 
     tensors = load_file(checkpoints / "bf16-tp1" / "rank0.safetensors")
     del tensors["transformer.layers.0.ffn.proj.weight"]
-    with pytest.raises(UserError, match=r"rank0.safetensors: tensor 'transformer.layers.0.ffn.proj.weight' missing"):
+    with pytest.raises(
+        UserError, match=r"rank0.safetensors: tensor 'transformer.layers.0.ffn.proj.weight' missing"
+    ):
         ResidentRuntime.from_tensors(rt.config, [tensors])
 
 
@@ -204,11 +232,20 @@ def test_cuda_graph_decode_matches_eager_and_cpu_emulation(checkpoints):
         assert compare_logits(a, b).relative_error <= 1e-2
         token = b.argmax(-1)
     reference = executor_logits(directory, ids, torch.float32)
-    quantization_error = compare_logits(reference, executor_logits(checkpoints / "bf16-tp1", ids, torch.float32))
+    quantization_error = compare_logits(
+        reference, executor_logits(checkpoints / "bf16-tp1", ids, torch.float32)
+    )
     gpu = runtime(directory, torch.float32, device="cuda")
-    assert compare_logits(gpu.prefill(ids).cpu(), reference).relative_error <= quantization_error.relative_error
+    assert (
+        compare_logits(gpu.prefill(ids).cpu(), reference).relative_error
+        <= quantization_error.relative_error
+    )
     for name, linear in gpu.fp8_linears():  # each GEMM on the GPU vs the emulation on the CPU
-        xq = (torch.randn(17, linear.weight_t.shape[0]) * 100).clamp(-448, 448).to(torch.float8_e4m3fn)
+        xq = (
+            (torch.randn(17, linear.weight_t.shape[0]) * 100)
+            .clamp(-448, 448)
+            .to(torch.float8_e4m3fn)
+        )
         cpu = linear.with_gemm("emulate", torch.float32)
         cpu.weight_t, cpu.scale = cpu.weight_t.cpu(), cpu.scale.cpu()
         # FP8 tensor cores (cuBLAS at 17 rows, cuBLAS or Triton at 1): their accumulation is not
@@ -230,10 +267,12 @@ def test_fused_triton_chains_round_like_the_executor():
     w = (1 + 0.05 * torch.randn(4096, device="cuda")).to(torch.bfloat16)
     scale = torch.tensor(0.02, device="cuda")
     fg = 3 * torch.randn(16, 2 * 1024, device="cuda", dtype=torch.bfloat16)
-    for got, expected in [(fused.add_norm(x, d, w, 1e-5), resident.add_norm(x, d, w, 1e-5)),
-                          (fused.add_norm_quant(x, d, w, 1e-5, scale), resident.add_norm_quant(x, d, w, 1e-5, scale)),
-                          ((fused.silu_mul(fg, 1024),), (resident.silu_mul(fg, 1024),)),
-                          ((fused.silu_mul_quant(fg, 1024, scale),), (resident.silu_mul_quant(fg, 1024, scale),))]:
+    for got, expected in [
+        (fused.add_norm(x, d, w, 1e-5), resident.add_norm(x, d, w, 1e-5)),
+        (fused.add_norm_quant(x, d, w, 1e-5, scale), resident.add_norm_quant(x, d, w, 1e-5, scale)),
+        ((fused.silu_mul(fg, 1024),), (resident.silu_mul(fg, 1024),)),
+        ((fused.silu_mul_quant(fg, 1024, scale),), (resident.silu_mul_quant(fg, 1024, scale),)),
+    ]:
         if len(got) == 2:
             assert torch.equal(got[0], expected[0])  # the residual sum: exact
         a, b = got[-1].float(), expected[-1].float()
@@ -251,20 +290,40 @@ def test_fused_rope_writes_the_cache_like_the_eager_path():
         pytest.skip("Triton is not importable")
     qkv = torch.randn(2, 9, (8 + 2 * 2) * 64, device="cuda", dtype=torch.bfloat16)
     angles = torch.arange(32, device="cuda")[:, None] * torch.rand(32, device="cuda")
-    cos, sin = torch.cat([angles, angles], -1).cos().bfloat16(), torch.cat([angles, angles], -1).sin().bfloat16()
+    cos, sin = (
+        torch.cat([angles, angles], -1).cos().bfloat16(),
+        torch.cat([angles, angles], -1).sin().bfloat16(),
+    )
     for kv_scale in (None, torch.tensor(0.02, device="cuda")):
-        k_cache, v_cache = (torch.zeros(3, 2, 32, 64, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-        q = fused.rope_cache(qkv, cos, sin, torch.zeros(1, dtype=torch.long, device="cuda"), k_cache, v_cache,
-                             8, 2, 64, kv_scale, False)
+        k_cache, v_cache = (
+            torch.zeros(3, 2, 32, 64, device="cuda", dtype=torch.bfloat16) for _ in range(2)
+        )
+        q = fused.rope_cache(
+            qkv,
+            cos,
+            sin,
+            torch.zeros(1, dtype=torch.long, device="cuda"),
+            k_cache,
+            v_cache,
+            8,
+            2,
+            64,
+            kv_scale,
+            False,
+        )
         q2, k2, v2 = resident.split_rotate(qkv, cos[:9], sin[:9], 8, 2, 64)
         if kv_scale is not None:
             k2, v2 = (fp8_round_trip(t, kv_scale).bfloat16() for t in (k2, v2))
         # the executor's roundings (bf16 after each product and the sum); on an H200 ~21% of
         # the rotated elements still came out one bf16 step away (cause not established)
         for got, expected in ((q, q2), (k_cache[:2, :, :9], k2)):
-            step = (2.0 ** -7) * expected.float().abs() + (kv_scale or 0) * 64 + 1e-6  # bf16 (or e4m3) step
+            step = (
+                (2.0**-7) * expected.float().abs() + (kv_scale or 0) * 64 + 1e-6
+            )  # bf16 (or e4m3) step
             assert ((got.float() - expected.float()).abs() <= step).all()
-        assert torch.equal(v_cache[:2, :, :9], v2) if kv_scale is None else True  # v: copied, not rotated
+        assert (
+            torch.equal(v_cache[:2, :, :9], v2) if kv_scale is None else True
+        )  # v: copied, not rotated
         assert not k_cache[:, :, 9:].any() and not k_cache[2].any()  # nothing else written
 
 

@@ -27,13 +27,19 @@ def expected(tiny_build, one_torch_thread):
     answers = {}
     with TrtllmCheckpointExecutor(tiny_build.checkpoint) as executor:
         for prompt in ("What is the capital of France?", "Paris"):
-            generated = greedy_generate(executor, tokenizer.encode(prompt), MAX_TOKENS, tokenizer.eos_token_id)
+            generated = greedy_generate(
+                executor, tokenizer.encode(prompt), MAX_TOKENS, tokenizer.eos_token_id
+            )
             answers[prompt] = {
                 "generated": generated,
                 "text": tokenizer.decode(generated.tokens, skip_special_tokens=True),
-                "chunks": [tokenizer.decode([t], skip_special_tokens=True) for t in generated.tokens],
-                "accumulated": [tokenizer.decode(generated.tokens[: i + 1], skip_special_tokens=True)
-                                for i in range(len(generated.tokens))],
+                "chunks": [
+                    tokenizer.decode([t], skip_special_tokens=True) for t in generated.tokens
+                ],
+                "accumulated": [
+                    tokenizer.decode(generated.tokens[: i + 1], skip_special_tokens=True)
+                    for i in range(len(generated.tokens))
+                ],
             }
     return answers
 
@@ -45,8 +51,10 @@ def grpc_texts(responses) -> list[str]:
 @pytest.mark.parametrize("model", ["ensemble", "tensorrt_llm_bls"])
 def test_text_matches_the_executor_over_http_and_grpc(triton_server, expected, model, capsys):
     with capsys.disabled():
-        print(f"\n  tritonserver ready in {triton_server.server.startup_seconds:.1f} s "
-              f"(HTTP {triton_server.http_url}, gRPC {triton_server.grpc_url})")
+        print(
+            f"\n  tritonserver ready in {triton_server.server.startup_seconds:.1f} s "
+            f"(HTTP {triton_server.http_url}, gRPC {triton_server.grpc_url})"
+        )
     for prompt, answer in expected.items():
         fields = {"text_input": prompt, "max_tokens": MAX_TOKENS}
         http = generate_http(triton_server.http_url, model, fields)
@@ -54,17 +62,24 @@ def test_text_matches_the_executor_over_http_and_grpc(triton_server, expected, m
         grpc = grpc_texts(generate_grpc_stream(triton_server.grpc_url, model, fields))
         assert grpc == [answer["text"]]
         with capsys.disabled():
-            print(f"  {model} {prompt!r} -> HTTP {http['text_output']!r}, gRPC {grpc[0]!r}, "
-                  f"executor {answer['text']!r}")
+            print(
+                f"  {model} {prompt!r} -> HTTP {http['text_output']!r}, gRPC {grpc[0]!r}, "
+                f"executor {answer['text']!r}"
+            )
 
 
-@pytest.mark.parametrize(("model", "kind"), [("ensemble", "chunks"), ("tensorrt_llm_bls", "accumulated")])
+@pytest.mark.parametrize(
+    ("model", "kind"), [("ensemble", "chunks"), ("tensorrt_llm_bls", "accumulated")]
+)
 def test_streaming_sends_one_response_per_token(triton_server, expected, model, kind, capsys):
     """The ensemble streams each new token's text; the BLS model (accumulate_tokens) the text so far."""
     prompt = "What is the capital of France?"
     answer = expected[prompt]
     fields = {"text_input": prompt, "max_tokens": MAX_TOKENS, "stream": True}
-    http = [event["text_output"] for event in generate_stream_http(triton_server.http_url, model, fields)]
+    http = [
+        event["text_output"]
+        for event in generate_stream_http(triton_server.http_url, model, fields)
+    ]
     grpc = grpc_texts(generate_grpc_stream(triton_server.grpc_url, model, fields))
     assert http == answer[kind]
     assert grpc == answer[kind]
@@ -77,8 +92,11 @@ def test_streaming_sends_one_response_per_token(triton_server, expected, model, 
 def test_log_probs_match_the_executor(triton_server, expected):
     prompt = "What is the capital of France?"
     generated = expected[prompt]["generated"]
-    response = generate_http(triton_server.http_url, "ensemble",
-                             {"text_input": prompt, "max_tokens": MAX_TOKENS, "return_log_probs": True})
+    response = generate_http(
+        triton_server.http_url,
+        "ensemble",
+        {"text_input": prompt, "max_tokens": MAX_TOKENS, "return_log_probs": True},
+    )
     # The same fp32 forward on the same weights; only the process differs, so agreement is to
     # fp32 rounding of a log-softmax over 261 logits (~1e-6 relative), 1e-4 leaves margin.
     assert response["output_log_probs"] == pytest.approx(generated.log_probs, rel=1e-4, abs=1e-5)
@@ -99,8 +117,11 @@ def test_llmapi_repository_loads_up_to_the_missing_tensorrt_llm(tiny_build, tmp_
     except ServerUnavailable as err:
         pytest.skip(f"tritonserver cannot start here: {err}")
     out = tmp_path / "llmapi"
-    write_repository(read_build_record(tiny_build.pytorch_dir),
-                     TritonOptions(tokenizer_dir=tiny_build.hf_dir, decoupled=True), out)
+    write_repository(
+        read_build_record(tiny_build.pytorch_dir),
+        TritonOptions(tokenizer_dir=tiny_build.hf_dir, decoupled=True),
+        out,
+    )
     server = TritonServer(out / MODELS_DIR, auto_complete=True, extra_args=("--log-verbose=1",))
     with pytest.raises(ServerFailed, match="No module named 'tensorrt_llm'"):
         server.start(timeout=120)
@@ -108,5 +129,9 @@ def test_llmapi_repository_loads_up_to_the_missing_tensorrt_llm(tiny_build, tmp_
     assert "No module named 'tensorrt_llm'" in log, log
     assert "failed to read text proto" not in log
     # The model configuration the server logged after auto-complete: triton_config of model.yaml.
-    completed = next(line for line in log.splitlines() if "model configuration" in line and "tensorrt_llm" in line)
+    completed = next(
+        line
+        for line in log.splitlines()
+        if "model configuration" in line and "tensorrt_llm" in line
+    )
     assert re.search(r'decoupled\\?": true', completed), completed

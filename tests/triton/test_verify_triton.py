@@ -18,8 +18,15 @@ from builder.verify.runtimes import RuntimeArgs, make_runtime
 
 @pytest.fixture(scope="module")
 def tiny_golden(tiny_build, tmp_path_factory):
-    settings = GoldenSettings(prompts="chat", windows=0, seq_len=32, chat_prompts=2, continuation=6,
-                              probe_len=8, dtype="float32")
+    settings = GoldenSettings(
+        prompts="chat",
+        windows=0,
+        seq_len=32,
+        chat_prompts=2,
+        continuation=6,
+        probe_len=8,
+        dtype="float32",
+    )
     return build_golden(tiny_build.hf_dir, tmp_path_factory.mktemp("golden") / "tiny", settings)
 
 

@@ -15,10 +15,14 @@ from builder.verify.golden import Golden, GoldenSettings, build_golden
 def synth_golden(tmp_path_factory, mixed_ckpt_fp32):
     prompts = tmp_path_factory.mktemp("prompts") / "p.jsonl"
     prompts.write_text(
-        json.dumps({"text": "The quick brown fox jumps over the lazy dog."}) + "\n"
-        + json.dumps({"messages": [{"role": "user", "content": "2+2?"}], "reasoning": False}) + "\n"
+        json.dumps({"text": "The quick brown fox jumps over the lazy dog."})
+        + "\n"
+        + json.dumps({"messages": [{"role": "user", "content": "2+2?"}], "reasoning": False})
+        + "\n"
     )
-    settings = GoldenSettings(prompts=str(prompts), continuation=5, top_k=8, probe_len=12, dtype="float32")
+    settings = GoldenSettings(
+        prompts=str(prompts), continuation=5, top_k=8, probe_len=12, dtype="float32"
+    )
     return build_golden(mixed_ckpt_fp32, tmp_path_factory.mktemp("g") / "golden", settings)
 
 
@@ -52,16 +56,27 @@ def test_streamed_golden_equals_the_whole_reference_model(synth_golden, mixed_ck
         states = model(probe[None], use_cache=False, output_hidden_states=True).hidden_states
     for layer in model.plan.layers:
         if not layer.is_empty:
-            assert torch.allclose(golden.probe_hidden(layer.index), states[layer.index][0], atol=1e-4)
+            assert torch.allclose(
+                golden.probe_hidden(layer.index), states[layer.index][0], atol=1e-4
+            )
     blocks = golden.document["blocks"]
-    assert len(blocks) == model.plan.num_layers and {b["kind"] for b in blocks} >= {"empty", "attention+ffn"}
+    assert len(blocks) == model.plan.num_layers and {b["kind"] for b in blocks} >= {
+        "empty",
+        "attention+ffn",
+    }
 
 
 def test_golden_records_settings_source_and_tokenizer(synth_golden, mixed_ckpt_fp32):
     doc = Golden.load(synth_golden).document
     assert doc["settings"]["top_k"] == 8 and doc["settings"]["continuation"] == 5
-    assert doc["source"]["path"] == str(mixed_ckpt_fp32.resolve()) and len(doc["source"]["fingerprint"]) == 64
-    assert len(doc["tokenizer"]["sha256"]) == 64 and (synth_golden / "tokenizer" / "tokenizer.json").is_file()
+    assert (
+        doc["source"]["path"] == str(mixed_ckpt_fp32.resolve())
+        and len(doc["source"]["fingerprint"]) == 64
+    )
+    assert (
+        len(doc["tokenizer"]["sha256"]) == 64
+        and (synth_golden / "tokenizer" / "tokenizer.json").is_file()
+    )
     assert not (synth_golden.parent / f".{synth_golden.name}.partial").exists()
 
 
@@ -70,7 +85,9 @@ def test_tampered_golden_is_refused(synth_golden, tmp_path):
 
     copy = tmp_path / "golden"
     shutil.copytree(synth_golden, copy)
-    (copy / "golden.json").write_text((copy / "golden.json").read_text().replace('"top_k": 8', '"top_k": 9'))
+    (copy / "golden.json").write_text(
+        (copy / "golden.json").read_text().replace('"top_k": 8', '"top_k": 9')
+    )
     with pytest.raises(UserError, match="does not match its manifest"):
         Golden.load(copy)
     with pytest.raises(UserError, match="not a golden directory"):

@@ -38,8 +38,16 @@ def ultra_fp8(tmp_path_factory, ultra_ckpt):
 def ultra_golden(tmp_path_factory, ultra_ckpt):
     from builder.quantize.calib import calib_dir
 
-    settings = GoldenSettings(prompts="wiki", windows=2, seq_len=32, continuation=4, probe_len=16, dtype="float32",
-                              tasks=str(calib_dir() / "tasks-sample.jsonl"), task_max_tokens=3)
+    settings = GoldenSettings(
+        prompts="wiki",
+        windows=2,
+        seq_len=32,
+        continuation=4,
+        probe_len=16,
+        dtype="float32",
+        tasks=str(calib_dir() / "tasks-sample.jsonl"),
+        task_max_tokens=3,
+    )
     return build_golden(ultra_ckpt, tmp_path_factory.mktemp("golden") / "ultra", settings)
 
 
@@ -73,8 +81,19 @@ def edit_rank(art, rank: int, edit) -> None:
 
 
 def run_cli(art, golden, thresholds, report):
-    args = ["verify", str(art), "--golden", str(golden), "--runtime", "executor", "--localize",
-            "--thresholds", str(thresholds), "--report", str(report)]
+    args = [
+        "verify",
+        str(art),
+        "--golden",
+        str(golden),
+        "--runtime",
+        "executor",
+        "--localize",
+        "--thresholds",
+        str(thresholds),
+        "--report",
+        str(report),
+    ]
     return CliRunner().invoke(main, args)
 
 
@@ -85,7 +104,9 @@ def test_the_intact_artifact_has_no_part_out_of_line(ultra_fp8, ultra_golden, th
     assert "| task_accuracy |" in result.output and "| golden_task_accuracy |" in result.output
 
 
-def test_a_corrupted_scaling_factor_is_named(ultra_fp8, ultra_golden, thresholds, ffn_block, tmp_path):
+def test_a_corrupted_scaling_factor_is_named(
+    ultra_fp8, ultra_golden, thresholds, ffn_block, tmp_path
+):
     name = f"transformer.layers.{ffn_block.index}.ffn.proj.weights_scaling_factor"
 
     def corrupt(art):
@@ -96,7 +117,10 @@ def test_a_corrupted_scaling_factor_is_named(ultra_fp8, ultra_golden, thresholds
     assert result.exit_code == 1, result.output
     label = f"block {ffn_block.index} (ffn, width {ffn_block.ffn_width})"
     line = next(x for x in result.output.splitlines() if x.startswith(f"- {label}: output error"))
-    assert f"{name} (rank 1) = " in line and "is 8x what the calibrated weight amax/448 implies" in line
+    assert (
+        f"{name} (rank 1) = " in line
+        and "is 8x what the calibrated weight amax/448 implies" in line
+    )
     assert "rank1.safetensors: sha256 differs from the manifest" in result.output
 
 
@@ -109,7 +133,10 @@ def test_swapped_rank_files_are_named(ultra_fp8, ultra_golden, thresholds, tmp_p
     art = broken_copy(ultra_fp8, tmp_path, swap)
     result = run_cli(art, ultra_golden, thresholds, tmp_path / "report")
     assert result.exit_code == 1, result.output
-    assert "rank0.safetensors holds the bytes the manifest records for rank1.safetensors" in result.output
+    assert (
+        "rank0.safetensors holds the bytes the manifest records for rank1.safetensors"
+        in result.output
+    )
     # Row-parallel partial sums commute, so every block still computes the same; only the
     # vocabulary-parallel lm_head (gathered in rank order) is wrong, and it is named.
     line = next(x for x in result.output.splitlines() if x.startswith("- lm_head: output error"))
@@ -122,7 +149,11 @@ def test_a_replaced_block_weight_is_named(ultra_fp8, ultra_golden, ffn_block, tm
     def replace(art):
         def edit(t):
             g = torch.Generator().manual_seed(0)
-            t[name] = (torch.randn(t[name].shape, generator=g) * 100).clamp(-448, 448).to(torch.float8_e4m3fn)
+            t[name] = (
+                (torch.randn(t[name].shape, generator=g) * 100)
+                .clamp(-448, 448)
+                .to(torch.float8_e4m3fn)
+            )
 
         edit_rank(art, 0, edit)
 

@@ -12,7 +12,9 @@ from builder.verify import metrics
 
 def _logprobs(seed: int, positions: int = 6, vocab: int = 50) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
-    return torch.log_softmax(torch.randn(positions, vocab, generator=g, dtype=torch.float64) * 2, -1)
+    return torch.log_softmax(
+        torch.randn(positions, vocab, generator=g, dtype=torch.float64) * 2, -1
+    )
 
 
 def test_bucket_kl_is_full_kl_when_the_top_k_is_the_whole_vocabulary():
@@ -38,7 +40,11 @@ def test_ids_the_artifact_does_not_cover_join_the_other_bucket():
     golden_lp = torch.log(torch.tensor([[0.5, 0.3, 0.1]], dtype=torch.float64))
     golden_ids = torch.tensor([[7, 8, 9]])
     # the server answered only ids 7 and 3: 8 and 9 are unknown, so both sides lump them
-    art = metrics.align(golden_ids, torch.tensor([[7, 3]]), torch.log(torch.tensor([[0.4, 0.2]], dtype=torch.float64)))
+    art = metrics.align(
+        golden_ids,
+        torch.tensor([[7, 3]]),
+        torch.log(torch.tensor([[0.4, 0.2]], dtype=torch.float64)),
+    )
     assert torch.isnan(art[0, 1:]).all() and float(art[0, 0].exp()) == pytest.approx(0.4)
     expected = 0.5 * math.log(0.5 / 0.4) + 0.5 * math.log(0.5 / 0.6)
     assert float(metrics.bucket_kl(golden_lp, art)[0]) == pytest.approx(expected, rel=1e-12)
@@ -63,8 +69,10 @@ def test_comparison_summary():
     cmp = metrics.Comparison(
         kl=[torch.tensor([0.0, 0.1]), torch.tensor([0.2, 0.3])],
         agree=[torch.tensor([True, False]), torch.tensor([True, True])],
-        golden_targets=[torch.tensor([-1.0, -1.0])], artifact_targets=[torch.tensor([-1.5, -0.5])],
-        prefix=[4, 1], continuation=4,
+        golden_targets=[torch.tensor([-1.0, -1.0])],
+        artifact_targets=[torch.tensor([-1.5, -0.5])],
+        prefix=[4, 1],
+        continuation=4,
     )
     s = cmp.summary()
     assert s["kl_mean"] == pytest.approx(0.15) and s["kl_p99"] == pytest.approx(0.3)

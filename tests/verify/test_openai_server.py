@@ -19,7 +19,12 @@ def test_vllm_reproduces_the_golden(openai_server, smollm2_golden, tmp_path, cap
     golden = Golden.load(smollm2_golden)
     runtime = OpenAIRuntime(openai_server, tokenizer=golden.tokenizer())
     assert runtime.score_mode == "prompt_logprobs" and runtime.ids_mode and runtime.ignore_eos
-    assert set(runtime.capabilities.metrics()) >= {"kl_mean", "top1_agreement", "greedy_exact_match", "ppl_ratio"}
+    assert set(runtime.capabilities.metrics()) >= {
+        "kl_mean",
+        "top1_agreement",
+        "greedy_exact_match",
+        "ppl_ratio",
+    }
     result = verify(smollm2_golden, runtime, VerifyOptions(report=tmp_path))
     with capsys.disabled():
         print(f"\n{result.table}")
@@ -33,8 +38,19 @@ def test_vllm_reproduces_the_golden(openai_server, smollm2_golden, tmp_path, cap
 
 
 def test_cli_against_the_server(openai_server, smollm2_golden, tmp_path):
-    args = ["verify", "--golden", str(smollm2_golden), "--runtime", "openai", "--url", openai_server,
-            "--max-prompts", "1", "--report", str(tmp_path)]
+    args = [
+        "verify",
+        "--golden",
+        str(smollm2_golden),
+        "--runtime",
+        "openai",
+        "--url",
+        openai_server,
+        "--max-prompts",
+        "1",
+        "--report",
+        str(tmp_path),
+    ]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     assert "prompt log-probs: prompt_logprobs" in result.output and "| kl_mean |" in result.output

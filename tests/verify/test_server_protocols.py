@@ -31,17 +31,29 @@ def test_triton_interfaces_and_request_bodies():
     with pytest.raises(UserError, match="neither text_input nor input_ids"):
         triton.interface_of({"name": "x", "inputs": [{"name": "INPUT0"}]})
     assert triton.generate_body("text", "Hi", [1, 2], 8) == {
-        "text_input": "Hi", "max_tokens": 8, "top_k": 1, "return_log_probs": True}
+        "text_input": "Hi",
+        "max_tokens": 8,
+        "top_k": 1,
+        "return_log_probs": True,
+    }
     body = triton.generate_body("ids", "", [5, 6, 7], 4)
-    assert body["input_ids"] == [5, 6, 7] and body["input_lengths"] == [3] and body["request_output_len"] == [4]
+    assert (
+        body["input_ids"] == [5, 6, 7]
+        and body["input_lengths"] == [3]
+        and body["request_output_len"] == [4]
+    )
 
 
 def test_triton_responses_parse_to_greedy_ids(tokenizer):
     expected = tokenizer(" Paris. It is the largest city", add_special_tokens=False)["input_ids"]
-    got = triton.parse_generate("text", DATA["ensemble_response"], "The capital of France is", 5, tokenizer, 64)
+    got = triton.parse_generate(
+        "text", DATA["ensemble_response"], "The capital of France is", 5, tokenizer, 64
+    )
     assert got == expected
     # some backend versions echo the prompt in text_output: it is stripped, not scored
-    got = triton.parse_generate("text", DATA["ensemble_response_with_prompt"], "The capital of France is", 5, tokenizer, 64)
+    got = triton.parse_generate(
+        "text", DATA["ensemble_response_with_prompt"], "The capital of France is", 5, tokenizer, 64
+    )
     assert got == expected
     # output_ids [batch][beam][tokens] hold the prompt (3 ids) then 5 new ones, then padding
     ids = triton.parse_generate("ids", DATA["trtllm_response"], "", 3, None, 5)
@@ -50,14 +62,23 @@ def test_triton_responses_parse_to_greedy_ids(tokenizer):
 
 def test_openai_prompt_logprobs_and_echo_shapes():
     ids = [5, 9, 3]
-    entries = [None,
-               {"9": {"logprob": -0.5, "rank": 1}, "4": {"logprob": -1.5, "rank": 2}},
-               {"7": {"logprob": -0.1, "rank": 1}, "3": {"logprob": -4.0, "rank": 5}}]
+    entries = [
+        None,
+        {"9": {"logprob": -0.5, "rank": 1}, "4": {"logprob": -1.5, "rank": 2}},
+        {"7": {"logprob": -0.1, "rank": 1}, "3": {"logprob": -4.0, "rank": 5}},
+    ]
     s = openai.scores_from_prompt_logprobs(entries, ids, k=2)
     assert s.top_ids.tolist() == [[9, 4], [7, 3]] and s.target_logprobs.tolist() == [-0.5, -4.0]
-    echo = {"tokens": ["token_id:5", "token_id:9", "token_id:3", "token_id:8"],
-            "token_logprobs": [None, -0.5, -4.0, -0.2],
-            "top_logprobs": [None, {"token_id:9": -0.5}, {"token_id:7": -0.1, "token_id:3": -4.0}, {"token_id:8": -0.2}]}
+    echo = {
+        "tokens": ["token_id:5", "token_id:9", "token_id:3", "token_id:8"],
+        "token_logprobs": [None, -0.5, -4.0, -0.2],
+        "top_logprobs": [
+            None,
+            {"token_id:9": -0.5},
+            {"token_id:7": -0.1, "token_id:3": -4.0},
+            {"token_id:8": -0.2},
+        ],
+    }
     e = openai.scores_from_echo(echo, ids, k=2)
     assert e.top_ids.tolist() == [[9, -1], [7, 3]] and math.isnan(float(e.top_logprobs[0, 1]))
     assert torch.equal(e.target_logprobs, s.target_logprobs)
@@ -71,8 +92,20 @@ def test_trtllm_runtime_without_tensorrt_llm_is_a_clear_error(smollm2_golden, tm
         pass
     else:
         pytest.skip("tensorrt_llm is installed here")
-    args = ["verify", str(tmp_path), "--golden", str(smollm2_golden), "--runtime", "trtllm", "--report", str(tmp_path / "r")]
+    args = [
+        "verify",
+        str(tmp_path),
+        "--golden",
+        str(smollm2_golden),
+        "--runtime",
+        "trtllm",
+        "--report",
+        str(tmp_path / "r"),
+    ]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 2
-    assert result.output.startswith("error: the trtllm runtime needs TensorRT-LLM") and "Traceback" not in result.output
+    assert (
+        result.output.startswith("error: the trtllm runtime needs TensorRT-LLM")
+        and "Traceback" not in result.output
+    )
     assert not (tmp_path / "r").exists()  # nothing that looks like a result

@@ -9,22 +9,31 @@ from builder.quantize.calib import calib_dir
 from builder.verify.tasks import Task, accuracy, extract_answer, last_boxed, load_tasks, same_answer
 
 
-@pytest.mark.parametrize(("reply", "expected"), [
-    ("The sum is \\boxed{42}.", "42"),
-    ("<think>maybe \\boxed{41}</think>\n\nSo \\boxed{42}", "42"),
-    ("first \\boxed{1} then \\boxed{\\frac{1}{4}}", "\\frac{1}{4}"),
-    ("no box here: 42", None),
-])
+@pytest.mark.parametrize(
+    ("reply", "expected"),
+    [
+        ("The sum is \\boxed{42}.", "42"),
+        ("<think>maybe \\boxed{41}</think>\n\nSo \\boxed{42}", "42"),
+        ("first \\boxed{1} then \\boxed{\\frac{1}{4}}", "\\frac{1}{4}"),
+        ("no box here: 42", None),
+    ],
+)
 def test_math_answers_are_the_last_boxed_expression(reply, expected):
     assert extract_answer(reply, "math") == expected
 
 
-@pytest.mark.parametrize(("reply", "letter"), [
-    ("B", "B"), ("The answer is (C).", "C"), ("Answer: d", "D"), ("\\boxed{A}", "A"),
-    ("<think>A seems wrong, B too</think>\n\nMars is B) Mars", "B"),
-    ("I think it is A, a primary colour.", "A"),
-    ("none of them", None),
-])
+@pytest.mark.parametrize(
+    ("reply", "letter"),
+    [
+        ("B", "B"),
+        ("The answer is (C).", "C"),
+        ("Answer: d", "D"),
+        ("\\boxed{A}", "A"),
+        ("<think>A seems wrong, B too</think>\n\nMars is B) Mars", "B"),
+        ("I think it is A, a primary colour.", "A"),
+        ("none of them", None),
+    ],
+)
 def test_choice_answers_are_letters(reply, letter):
     assert extract_answer(reply, "choice") == letter
 
@@ -40,7 +49,14 @@ def test_bundled_sample_scores_as_expected():
     tasks = load_tasks(calib_dir() / "tasks-sample.jsonl")
     assert [t.type for t in tasks] == ["math"] * 3 + ["choice"] * 3
     assert "\\boxed{}" in tasks[0].user_turn() and "B) Mars" in tasks[3].user_turn()
-    replies = ["\\boxed{42}", "It is 84.", "\\boxed{1/4}", "B", "The answer is B", "<think>x</think>A"]
+    replies = [
+        "\\boxed{42}",
+        "It is 84.",
+        "\\boxed{1/4}",
+        "B",
+        "The answer is B",
+        "<think>x</think>A",
+    ]
     assert accuracy(tasks, replies) == pytest.approx(4 / 6)  # no box; '1/4' is not a number
 
 

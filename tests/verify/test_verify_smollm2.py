@@ -32,9 +32,20 @@ def test_fp8_smollm2_passes_the_default_thresholds(results, name, capsys):
     assert result.exit_code == 0, result.failures
     m = result.metrics
     assert 0 < m["kl_mean"] and m["top1_agreement"] < 1  # FP8 changed something: the check is live
-    assert set(m) >= {"kl_mean", "kl_p99", "top1_agreement", "greedy_exact_match", "greedy_prefix_mean", "ppl_ratio"}
+    assert set(m) >= {
+        "kl_mean",
+        "kl_p99",
+        "top1_agreement",
+        "greedy_exact_match",
+        "greedy_prefix_mean",
+        "ppl_ratio",
+    }
     record = read_record(result.record_path)  # the shared run-record schema, read back
-    assert record.kind is RecordKind.VERIFY and record.verdict is Verdict.PASS and record.runtime == name
+    assert (
+        record.kind is RecordKind.VERIFY
+        and record.verdict is Verdict.PASS
+        and record.runtime == name
+    )
     assert record.artifact.kind == ("trtllm-fp8" if name == "executor" else "hf-fp8")
     assert len(record.artifact.sha256) == 64 and record.metrics["kl_mean"].better == "lower"
     assert result.record_path.with_suffix(".md").read_text().startswith("### verify")
@@ -51,7 +62,9 @@ def test_executor_and_hf_agree_within_their_sampling_error(results):
     (ex, ex_cmp), (hf, hf_cmp) = results["executor"], results["hf"]
     n = sum(len(a) for a in ex_cmp.agree)
     p = (ex.metrics["top1_agreement"] + hf.metrics["top1_agreement"]) / 2
-    assert abs(ex.metrics["top1_agreement"] - hf.metrics["top1_agreement"]) <= 3 * math.sqrt(2 * p * (1 - p) / n)
+    assert abs(ex.metrics["top1_agreement"] - hf.metrics["top1_agreement"]) <= 3 * math.sqrt(
+        2 * p * (1 - p) / n
+    )
     nll_ex = -torch.cat(ex_cmp.artifact_targets).double()
     nll_hf = -torch.cat(hf_cmp.artifact_targets).double()
     se = math.sqrt(float(nll_ex.var() + nll_hf.var()) / n)

@@ -12,7 +12,11 @@ import json
 import os
 import sys
 
-sys.path[:0] = [p for p in os.environ.get("BUILDER_TRITON_PYTHONPATH", "").split(os.pathsep) if p and p not in sys.path]
+sys.path[:0] = [
+    p
+    for p in os.environ.get("BUILDER_TRITON_PYTHONPATH", "").split(os.pathsep)
+    if p and p not in sys.path
+]
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
@@ -40,7 +44,9 @@ class TritonPythonModel:
         torch.set_num_threads(int(parameter(config, "torch_threads", "1")))
         self.executor = TrtllmCheckpointExecutor(parameter(config, "checkpoint_dir"))
         self.decoupled = pb_utils.using_decoupled_model_transaction_policy(config)
-        self.exclude_default = parameter(config, "exclude_input_in_output", "false").lower() == "true"
+        self.exclude_default = (
+            parameter(config, "exclude_input_in_output", "false").lower() == "true"
+        )
         self.vocab = self.executor.plan.vocab_size
 
     def finalize(self):
@@ -66,8 +72,13 @@ class TritonPythonModel:
         from builder.triton.reference import greedy_generate
 
         end_id = scalar(request, "end_id", None)
-        return greedy_generate(self.executor, self.prompt(request), int(scalar(request, "request_output_len", 16)),
-                               None if end_id is None else int(end_id), on_token)
+        return greedy_generate(
+            self.executor,
+            self.prompt(request),
+            int(scalar(request, "request_output_len", 16)),
+            None if end_id is None else int(end_id),
+            on_token,
+        )
 
     def response(self, tokens, log_probs, batch_index=0):
         n = len(tokens)
@@ -93,7 +104,9 @@ class TritonPythonModel:
         try:
             return self.response(*self.full_output(request, self.generate(request)))
         except Exception as err:  # noqa: BLE001  (the client gets the error, the server keeps serving)
-            return pb_utils.InferenceResponse(error=pb_utils.TritonError(f"tensorrt_llm (CPU stand-in): {err}"))
+            return pb_utils.InferenceResponse(
+                error=pb_utils.TritonError(f"tensorrt_llm (CPU stand-in): {err}")
+            )
 
     def serve_decoupled(self, request):
         sender = request.get_response_sender()
@@ -101,17 +114,25 @@ class TritonPythonModel:
         try:
             if bool(scalar(request, "streaming", False)):
                 pending = []  # hold one token back so the last one goes out with the final flag
+
                 def on_token(token, log_prob):
                     if pending:
                         sender.send(self.response(*pending.pop()))
                     pending.append(([token], [log_prob]))
+
                 self.generate(request, on_token)
                 if pending:
                     sender.send(self.response(*pending.pop()), flags=final)
                 else:
                     sender.send(flags=final)
             else:
-                sender.send(self.response(*self.full_output(request, self.generate(request))), flags=final)
+                sender.send(
+                    self.response(*self.full_output(request, self.generate(request))), flags=final
+                )
         except Exception as err:  # noqa: BLE001  (as in serve)
-            sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"tensorrt_llm (CPU stand-in): {err}")),
-                        flags=final)
+            sender.send(
+                pb_utils.InferenceResponse(
+                    error=pb_utils.TritonError(f"tensorrt_llm (CPU stand-in): {err}")
+                ),
+                flags=final,
+            )

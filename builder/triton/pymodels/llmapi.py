@@ -10,14 +10,27 @@ cumulative_logprob. Needs a TensorRT-LLM release with the PyTorch backend (and P
 import os
 import sys
 
-sys.path[:0] = [p for p in os.environ.get("BUILDER_TRITON_PYTHONPATH", "").split(os.pathsep) if p and p not in sys.path]
+sys.path[:0] = [
+    p
+    for p in os.environ.get("BUILDER_TRITON_PYTHONPATH", "").split(os.pathsep)
+    if p and p not in sys.path
+]
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SAMPLING = ("temperature", "top_k", "top_p", "frequency_penalty", "presence_penalty", "max_tokens", "stop", "seed",
-            "exclude_input_from_output")
+SAMPLING = (
+    "temperature",
+    "top_k",
+    "top_p",
+    "frequency_penalty",
+    "presence_penalty",
+    "max_tokens",
+    "stop",
+    "seed",
+    "exclude_input_from_output",
+)
 
 
 def read_yaml():
@@ -37,7 +50,9 @@ class TritonPythonModel:
     def auto_complete_config(auto_complete_model_config):
         triton = read_yaml().get("triton_config") or {}
         auto_complete_model_config.set_max_batch_size(int(triton.get("max_batch_size", 0)))
-        auto_complete_model_config.set_model_transaction_policy({"decoupled": bool(triton.get("decoupled", False))})
+        auto_complete_model_config.set_model_transaction_policy(
+            {"decoupled": bool(triton.get("decoupled", False))}
+        )
         return auto_complete_model_config
 
     def initialize(self, args):
@@ -71,11 +86,17 @@ class TritonPythonModel:
 
     @staticmethod
     def tensors(text, finish_reason, cum_log_prob):
-        return pb_utils.InferenceResponse([
-            pb_utils.Tensor("text_output", np.array([text.encode()], dtype=np.object_)),
-            pb_utils.Tensor("finish_reason", np.array([str(finish_reason or "").encode()], dtype=np.object_)),
-            pb_utils.Tensor("cumulative_logprob", np.array([cum_log_prob or 0.0], dtype=np.float32)),
-        ])
+        return pb_utils.InferenceResponse(
+            [
+                pb_utils.Tensor("text_output", np.array([text.encode()], dtype=np.object_)),
+                pb_utils.Tensor(
+                    "finish_reason", np.array([str(finish_reason or "").encode()], dtype=np.object_)
+                ),
+                pb_utils.Tensor(
+                    "cumulative_logprob", np.array([cum_log_prob or 0.0], dtype=np.float32)
+                ),
+            ]
+        )
 
     def execute(self, requests):
         responses = []
@@ -90,8 +111,13 @@ class TritonPythonModel:
                 result = self.llm.generate_async(prompt, sampling, streaming=streaming)
                 for partial in result:
                     out = partial.outputs[0]
-                    sender.send(self.tensors(out.text_diff if streaming else out.text, out.finish_reason,
-                                             out.cumulative_logprob))
+                    sender.send(
+                        self.tensors(
+                            out.text_diff if streaming else out.text,
+                            out.finish_reason,
+                            out.cumulative_logprob,
+                        )
+                    )
                 sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
             else:
                 out = self.llm.generate(prompt, sampling).outputs[0]

@@ -10,7 +10,11 @@ import json
 import os
 import sys
 
-sys.path[:0] = [p for p in os.environ.get("BUILDER_TRITON_PYTHONPATH", "").split(os.pathsep) if p and p not in sys.path]
+sys.path[:0] = [
+    p
+    for p in os.environ.get("BUILDER_TRITON_PYTHONPATH", "").split(os.pathsep)
+    if p and p not in sys.path
+]
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
@@ -21,8 +25,9 @@ def load_tokenizer(directory):
 
     # An explicit empty config: transformers would otherwise read config.json (nemotron-nas needs
     # remote code); the tokenizer class comes from tokenizer_config.json. Never downloads.
-    return AutoTokenizer.from_pretrained(directory, config=PreTrainedConfig(), local_files_only=True,
-                                         trust_remote_code=False)
+    return AutoTokenizer.from_pretrained(
+        directory, config=PreTrainedConfig(), local_files_only=True, trust_remote_code=False
+    )
 
 
 def parameter(model_config, key, default=None):
@@ -67,7 +72,11 @@ class TritonPythonModel:
         if not directory:
             raise pb_utils.TritonModelException("preprocessing: parameter tokenizer_dir is not set")
         self.tokenizer = load_tokenizer(directory)
-        self.add_special_tokens = parameter(config, "add_special_tokens", "true").lower() in ("true", "1", "yes")
+        self.add_special_tokens = parameter(config, "add_special_tokens", "true").lower() in (
+            "true",
+            "1",
+            "yes",
+        )
         eos = self.tokenizer.eos_token_id
         self.end_id = int(eos if eos is not None else 0)
         pad = self.tokenizer.pad_token_id
@@ -76,7 +85,10 @@ class TritonPythonModel:
     def encode_words(self, batch):
         if batch is None:
             return None
-        return [[self.tokenizer.encode(text(w), add_special_tokens=False) for w in row if text(w)] for row in batch]
+        return [
+            [self.tokenizer.encode(text(w), add_special_tokens=False) for w in row if text(w)]
+            for row in batch
+        ]
 
     def execute(self, requests):
         return [self.preprocess(request) for request in requests]
@@ -85,10 +97,21 @@ class TritonPythonModel:
         query = optional_input(request, "QUERY")
         output_len = optional_input(request, "REQUEST_OUTPUT_LEN")
         batch = query.shape[0]
-        ids = [self.tokenizer.encode(text(row[0]), add_special_tokens=self.add_special_tokens) for row in query]
+        ids = [
+            self.tokenizer.encode(text(row[0]), add_special_tokens=self.add_special_tokens)
+            for row in query
+        ]
         end_in, pad_in = optional_input(request, "END_ID"), optional_input(request, "PAD_ID")
-        end_ids = end_in.reshape(batch, 1).astype(np.int32) if end_in is not None else np.full((batch, 1), self.end_id, np.int32)
-        pad_ids = pad_in.reshape(batch, 1).astype(np.int32) if pad_in is not None else np.full((batch, 1), self.pad_id, np.int32)
+        end_ids = (
+            end_in.reshape(batch, 1).astype(np.int32)
+            if end_in is not None
+            else np.full((batch, 1), self.end_id, np.int32)
+        )
+        pad_ids = (
+            pad_in.reshape(batch, 1).astype(np.int32)
+            if pad_in is not None
+            else np.full((batch, 1), self.pad_id, np.int32)
+        )
         width = max(len(row) for row in ids)
         input_ids = np.empty((batch, width), dtype=np.int32)
         for row, tokens in enumerate(ids):

@@ -1,10 +1,10 @@
 """Verify runtimes by name, imported only when chosen (each behind builder.verify.runtimes.base).
 
-  executor  TensorRT-LLM checkpoint through builder.runtime's PyTorch executor (CPU or CUDA)
-  hf        unified HF FP8 export through builder's reference model (dequantized, streamed)
-  openai    a live OpenAI-compatible server (/v1/completions): trtllm-serve, vLLM, SGLang
-  triton    a Triton generate endpoint (/v2/models/<model>/generate) with return_log_probs
-  trtllm    TensorRT-LLM's LLM API in-process (optional extra; an error when not installed)
+executor  TensorRT-LLM checkpoint through builder.runtime's PyTorch executor (CPU or CUDA)
+hf        unified HF FP8 export through builder's reference model (dequantized, streamed)
+openai    a live OpenAI-compatible server (/v1/completions): trtllm-serve, vLLM, SGLang
+triton    a Triton generate endpoint (/v2/models/<model>/generate) with return_log_probs
+trtllm    TensorRT-LLM's LLM API in-process (optional extra; an error when not installed)
 """
 
 from __future__ import annotations
@@ -53,7 +53,9 @@ def make_runtime(name: str, args: RuntimeArgs) -> Any:
             raise UserError(f"the {name} runtime needs --url (the server's base URL)")
         # host:port as tritonclient and most server docs write it means plain HTTP.
         url = args.url if "://" in args.url else f"http://{args.url}"
-        return cls(url, model=args.model, top_k=args.top_k, tokenizer=args.tokenizer, timeout=args.timeout)
+        return cls(
+            url, model=args.model, top_k=args.top_k, tokenizer=args.tokenizer, timeout=args.timeout
+        )
     if not args.artifact:
         raise UserError(f"the {name} runtime needs ARTIFACT (a checkpoint directory)")
     if name == "trtllm":

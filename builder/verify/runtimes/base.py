@@ -22,7 +22,14 @@ import torch
 from builder.verify import metrics
 from builder.verify.metrics import SequenceScore
 
-SCORE_METRICS = ("kl_mean", "kl_p99", "top1_agreement", "perplexity", "golden_perplexity", "ppl_ratio")
+SCORE_METRICS = (
+    "kl_mean",
+    "kl_p99",
+    "top1_agreement",
+    "perplexity",
+    "golden_perplexity",
+    "ppl_ratio",
+)
 GREEDY_METRICS = ("greedy_exact_match", "greedy_prefix_mean", "greedy_prefix_fraction")
 
 
@@ -36,13 +43,19 @@ class Capabilities:
     notes: tuple[str, ...] = ()
 
     def metrics(self) -> tuple[str, ...]:
-        return (SCORE_METRICS if self.prompt_scores else ()) + (GREEDY_METRICS if self.greedy else ())
+        return (SCORE_METRICS if self.prompt_scores else ()) + (
+            GREEDY_METRICS if self.greedy else ()
+        )
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "prompt_scores": self.prompt_scores, "full_distribution": self.full_distribution,
-            "greedy": self.greedy, "localize": self.localize, "top_k": self.top_k,
-            "metrics": list(self.metrics()), "notes": list(self.notes),
+            "prompt_scores": self.prompt_scores,
+            "full_distribution": self.full_distribution,
+            "greedy": self.greedy,
+            "localize": self.localize,
+            "top_k": self.top_k,
+            "metrics": list(self.metrics()),
+            "notes": list(self.notes),
         }
 
 
@@ -61,7 +74,9 @@ class Runtime(Protocol):
     artifact: ArtifactInfo
     device: str
 
-    def score(self, ids: torch.Tensor, golden_top_ids: torch.Tensor | None = None) -> SequenceScore: ...
+    def score(
+        self, ids: torch.Tensor, golden_top_ids: torch.Tensor | None = None
+    ) -> SequenceScore: ...
 
     def greedy(self, prompt_ids: torch.Tensor, n: int) -> list[int]: ...
 

@@ -20,13 +20,23 @@ from builder.verify.runtimes.base import (
 
 def trtllm_kind(config: dict) -> str:
     algo = (config.get("quantization") or {}).get("quant_algo")
-    return "trtllm-fp8" if algo == "FP8" else f"trtllm-{config.get('dtype', 'bfloat16')}".replace("bfloat16", "bf16")
+    return (
+        "trtllm-fp8"
+        if algo == "FP8"
+        else f"trtllm-{config.get('dtype', 'bfloat16')}".replace("bfloat16", "bf16")
+    )
 
 
 class ExecutorRuntime:
     name = "executor"
 
-    def __init__(self, artifact: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu", top_k: int = 20):
+    def __init__(
+        self,
+        artifact: str | Path,
+        dtype: torch.dtype = torch.float32,
+        device: str = "cpu",
+        top_k: int = 20,
+    ):
         from builder.runtime import TrtllmCheckpointExecutor
 
         self.path = Path(artifact)
@@ -34,13 +44,27 @@ class ExecutorRuntime:
         self.device, self.top_k = device, top_k
         config = self.executor.config
         self.artifact = ArtifactInfo(
-            str(self.path.resolve()), trtllm_kind(config), directory_sha256(self.path),
-            {"tp": self.executor.tp, "pp": self.executor.pp, "kv_cache_fp8": self.executor.kv_cache_fp8},
+            str(self.path.resolve()),
+            trtllm_kind(config),
+            directory_sha256(self.path),
+            {
+                "tp": self.executor.tp,
+                "pp": self.executor.pp,
+                "kv_cache_fp8": self.executor.kv_cache_fp8,
+            },
         )
         self.capabilities = Capabilities(
-            prompt_scores=True, full_distribution=True, greedy=True, localize=True, top_k=top_k,
-            notes=((f"PyTorch executor, tp={self.executor.tp} pp={self.executor.pp}, "
-                    f"{str(dtype).removeprefix('torch.')} compute on {device}"),),
+            prompt_scores=True,
+            full_distribution=True,
+            greedy=True,
+            localize=True,
+            top_k=top_k,
+            notes=(
+                (
+                    f"PyTorch executor, tp={self.executor.tp} pp={self.executor.pp}, "
+                    f"{str(dtype).removeprefix('torch.')} compute on {device}"
+                ),
+            ),
         )
 
     def logits(self, ids: torch.Tensor) -> torch.Tensor:
@@ -79,7 +103,9 @@ class ExecutorLocalizer:
     @torch.no_grad()
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         first = self.ex.stage_ranks(0)[0]
-        return F.embedding(ids.to(self.ex.device), self.ex.weight(first, "transformer.vocab_embedding.weight"))
+        return F.embedding(
+            ids.to(self.ex.device), self.ex.weight(first, "transformer.vocab_embedding.weight")
+        )
 
     @torch.no_grad()
     def block(self, layer: LayerPlan, x: torch.Tensor) -> torch.Tensor:

@@ -59,15 +59,24 @@ def fp8_block(stream: BlockStream, index: int) -> nn.Module:
     ckpt = stream.ckpt
     for name, module in list(layer.named_modules()):
         if isinstance(module, nn.Linear):
-            tensors = {s: _read(ckpt, f"{prefix}{name}.{s}", index) for s in ("weight", "weight_scale", "input_scale")}
+            tensors = {
+                s: _read(ckpt, f"{prefix}{name}.{s}", index)
+                for s in ("weight", "weight_scale", "input_scale")
+            }
             if tensors["weight"].dtype != torch.float8_e4m3fn:
-                raise UserError(f"{ckpt.root}: {prefix}{name}.weight is {tensors['weight'].dtype}, "
-                                "not float8_e4m3fn: not a unified HF FP8 export")
+                raise UserError(
+                    f"{ckpt.root}: {prefix}{name}.weight is {tensors['weight'].dtype}, "
+                    "not float8_e4m3fn: not a unified HF FP8 export"
+                )
             parent_name, leaf = name.rsplit(".", 1)
-            fp8 = Fp8Linear(tensors["weight"], tensors["weight_scale"], tensors["input_scale"]).to(stream.device)
+            fp8 = Fp8Linear(tensors["weight"], tensors["weight_scale"], tensors["input_scale"]).to(
+                stream.device
+            )
             setattr(layer.get_submodule(parent_name), leaf, fp8)
     for module in layer.modules():  # what is left on the meta device: the norms
-        if not isinstance(module, Fp8Linear) and any(p.is_meta for p in module.parameters(recurse=False)):
+        if not isinstance(module, Fp8Linear) and any(
+            p.is_meta for p in module.parameters(recurse=False)
+        ):
             module.to_empty(device=stream.device, recurse=False)
     with torch.no_grad():
         for name, tensor in layer.named_parameters():
@@ -75,14 +84,17 @@ def fp8_block(stream: BlockStream, index: int) -> nn.Module:
     attn = getattr(layer, "self_attn", None)
     if attn is not None and hasattr(attn, "k_proj") and f"{prefix}self_attn.k_proj.k_scale" in ckpt:
         attn.fp8_kv_scales = tuple(
-            _read(ckpt, f"{prefix}self_attn.{p}_proj.{p}_scale", index).float().to(stream.device) for p in "kv"
+            _read(ckpt, f"{prefix}self_attn.{p}_proj.{p}_scale", index).float().to(stream.device)
+            for p in "kv"
         )
     return layer.eval()
 
 
 def _read(ckpt: Any, name: str, index: int) -> torch.Tensor:
     if name not in ckpt:
-        raise UserError(f"{ckpt.root}: tensor {name!r} (layer {index}) is missing: not a unified HF FP8 export?")
+        raise UserError(
+            f"{ckpt.root}: tensor {name!r} (layer {index}) is missing: not a unified HF FP8 export?"
+        )
     return ckpt.read(name)
 
 
@@ -122,30 +134,52 @@ def fp8_kv_attention() -> Iterator[None]:
 
 def check_hf_fp8(path: Path) -> dict[str, Any]:
     config = read_json(path / "config.json")
-    algo = ((config.get("quantization_config") or {}).get("quant_algo")
-            or (read_json(path / "hf_quant_config.json").get("quantization", {}).get("quant_algo")
-                if (path / "hf_quant_config.json").is_file() else None))
+    algo = (config.get("quantization_config") or {}).get("quant_algo") or (
+        read_json(path / "hf_quant_config.json").get("quantization", {}).get("quant_algo")
+        if (path / "hf_quant_config.json").is_file()
+        else None
+    )
     if algo != "FP8":
-        raise UserError(f"{path}: not a unified HF FP8 checkpoint (quant_algo {algo!r}); the hf runtime "
-                        "reads ModelOpt's FP8 export (builder quantize OUT/hf)")
+        raise UserError(
+            f"{path}: not a unified HF FP8 checkpoint (quant_algo {algo!r}); the hf runtime "
+            "reads ModelOpt's FP8 export (builder quantize OUT/hf)"
+        )
     return config
 
 
 class HfFp8Runtime:
     name = "hf"
 
-    def __init__(self, artifact: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu", top_k: int = 20):
+    def __init__(
+        self,
+        artifact: str | Path,
+        dtype: torch.dtype = torch.float32,
+        device: str = "cpu",
+        top_k: int = 20,
+    ):
         self.path = Path(artifact)
         check_hf_fp8(self.path)
-        self.stream = BlockStream(self.path, dtype, device, loader=fp8_block, forward_context=fp8_kv_attention)
+        self.stream = BlockStream(
+            self.path, dtype, device, loader=fp8_block, forward_context=fp8_kv_attention
+        )
         self.device, self.top_k = device, top_k
         self._head = self.stream.head_weights()
         kv = any(n.endswith("k_proj.k_scale") for n in self.stream.ckpt.names())
-        self.artifact = ArtifactInfo(str(self.path.resolve()), "hf-fp8", directory_sha256(self.path), {"kv_cache_fp8": kv})
+        self.artifact = ArtifactInfo(
+            str(self.path.resolve()), "hf-fp8", directory_sha256(self.path), {"kv_cache_fp8": kv}
+        )
         self.capabilities = Capabilities(
-            prompt_scores=True, full_distribution=True, greedy=True, localize=True, top_k=top_k,
-            notes=((f"builder reference model with the export's FP8 weights and scales (dequantized), "
-                    f"{str(dtype).removeprefix('torch.')} on {device}, block-streamed"),),
+            prompt_scores=True,
+            full_distribution=True,
+            greedy=True,
+            localize=True,
+            top_k=top_k,
+            notes=(
+                (
+                    f"builder reference model with the export's FP8 weights and scales (dequantized), "
+                    f"{str(dtype).removeprefix('torch.')} on {device}, block-streamed"
+                ),
+            ),
         )
 
     def logits(self, ids: torch.Tensor) -> torch.Tensor:
@@ -189,7 +223,9 @@ class HfLocalizer:
         return self.stream.run_block(block, x[None].to(self.stream.device, self.stream.dtype))[0]
 
     def logits(self, final: torch.Tensor) -> torch.Tensor:
-        return self.stream.head(final[None].to(self.stream.device, self.stream.dtype), self.runtime._head)
+        return self.stream.head(
+            final[None].to(self.stream.device, self.stream.dtype), self.runtime._head
+        )
 
     def tensor_findings(self, part: int | str, checks) -> list[str]:
         from builder.verify.localize import hf_tensor_findings

@@ -33,4 +33,6 @@ def request_json(url: str, body: dict[str, Any] | None = None, timeout: float = 
     try:
         return json.loads(text)
     except json.JSONDecodeError:
-        raise ServerError(f"{url}: answered with something that is not JSON: {text[:200]!r}") from None
+        raise ServerError(
+            f"{url}: answered with something that is not JSON: {text[:200]!r}"
+        ) from None

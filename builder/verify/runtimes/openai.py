@@ -40,16 +40,24 @@ def scores_from_prompt_logprobs(entries: list[Any], ids: list[int], k: int) -> S
     """vLLM `prompt_logprobs`: entry i (None for i = 0) maps token-id strings to
     {logprob, rank, ...} for the top-k at position i plus the actual token."""
     if len(entries) != len(ids):
-        raise ServerError(f"prompt_logprobs has {len(entries)} entries for {len(ids)} prompt tokens")
+        raise ServerError(
+            f"prompt_logprobs has {len(entries)} entries for {len(ids)} prompt tokens"
+        )
     top_ids, top_lp, target = [], [], []
     for position in range(1, len(ids)):
         entry = entries[position] or {}
-        ranked = sorted(((int(t), float(v["logprob"])) for t, v in entry.items()), key=lambda tv: -tv[1])
+        ranked = sorted(
+            ((int(t), float(v["logprob"])) for t, v in entry.items()), key=lambda tv: -tv[1]
+        )
         actual = entry.get(str(ids[position]))
         target.append(float(actual["logprob"]) if actual else float("nan"))
         top_ids.append(_pad([t for t, _ in ranked[:k]], k, -1))
         top_lp.append(_pad([v for _, v in ranked[:k]], k, float("nan")))
-    return SequenceScore(torch.tensor(top_ids), torch.tensor(top_lp, dtype=torch.float64), torch.tensor(target, dtype=torch.float64))
+    return SequenceScore(
+        torch.tensor(top_ids),
+        torch.tensor(top_lp, dtype=torch.float64),
+        torch.tensor(target, dtype=torch.float64),
+    )
 
 
 def scores_from_echo(logprobs: dict[str, Any], ids: list[int], k: int) -> SequenceScore:
@@ -62,12 +70,20 @@ def scores_from_echo(logprobs: dict[str, Any], ids: list[int], k: int) -> Sequen
     top_ids, top_lp, target = [], [], []
     for position in range(1, len(ids)):
         entry = tops[position] or {}
-        ranked = sorted(((parse_token(t), float(v)) for t, v in entry.items()), key=lambda tv: -tv[1])
+        ranked = sorted(
+            ((parse_token(t), float(v)) for t, v in entry.items()), key=lambda tv: -tv[1]
+        )
         ranked = [(t, v) for t, v in ranked if t is not None]
-        target.append(float(token_lps[position]) if token_lps[position] is not None else float("nan"))
+        target.append(
+            float(token_lps[position]) if token_lps[position] is not None else float("nan")
+        )
         top_ids.append(_pad([t for t, _ in ranked[:k]], k, -1))
         top_lp.append(_pad([v for _, v in ranked[:k]], k, float("nan")))
-    return SequenceScore(torch.tensor(top_ids), torch.tensor(top_lp, dtype=torch.float64), torch.tensor(target, dtype=torch.float64))
+    return SequenceScore(
+        torch.tensor(top_ids),
+        torch.tensor(top_lp, dtype=torch.float64),
+        torch.tensor(target, dtype=torch.float64),
+    )
 
 
 def _pad(values: list, k: int, fill: Any) -> list:
@@ -77,7 +93,14 @@ def _pad(values: list, k: int, fill: Any) -> list:
 class OpenAIRuntime:
     name = "openai"
 
-    def __init__(self, url: str, model: str | None = None, top_k: int = 20, tokenizer: Any = None, timeout: float = 300.0):
+    def __init__(
+        self,
+        url: str,
+        model: str | None = None,
+        top_k: int = 20,
+        tokenizer: Any = None,
+        timeout: float = 300.0,
+    ):
         self.base = url.rstrip("/").removesuffix("/v1")
         self.top_k, self.tokenizer, self.timeout = top_k, tokenizer, timeout
         listing = request_json(f"{self.base}/v1/models", timeout=timeout)
@@ -89,18 +112,31 @@ class OpenAIRuntime:
         self.model = model or names[0]
         self.device = f"server {self.base}"
         self.score_mode, self.ids_mode, self.ignore_eos, notes = self.probe()
-        fingerprint = hashlib.sha256(json.dumps(
-            [m for m in listing["data"] if m.get("id") == self.model], sort_keys=True).encode()).hexdigest()
-        self.artifact = ArtifactInfo(f"{self.base}/v1 model {self.model}", "server", fingerprint,
-                                     {"model": self.model, "score_mode": self.score_mode, "token_ids": self.ids_mode})
+        fingerprint = hashlib.sha256(
+            json.dumps(
+                [m for m in listing["data"] if m.get("id") == self.model], sort_keys=True
+            ).encode()
+        ).hexdigest()
+        self.artifact = ArtifactInfo(
+            f"{self.base}/v1 model {self.model}",
+            "server",
+            fingerprint,
+            {"model": self.model, "score_mode": self.score_mode, "token_ids": self.ids_mode},
+        )
         self.capabilities = Capabilities(
-            prompt_scores=self.score_mode is not None, full_distribution=False, greedy=True,
-            localize=False, top_k=top_k, notes=tuple(notes),
+            prompt_scores=self.score_mode is not None,
+            full_distribution=False,
+            greedy=True,
+            localize=False,
+            top_k=top_k,
+            notes=tuple(notes),
         )
 
     # ---- probing -----------------------------------------------------------------------------------------
     def completions(self, **body: Any) -> dict[str, Any]:
-        return request_json(f"{self.base}/v1/completions", {"model": self.model, **body}, self.timeout)
+        return request_json(
+            f"{self.base}/v1/completions", {"model": self.model, **body}, self.timeout
+        )
 
     def _try(self, **body: Any) -> dict[str, Any] | None:
         try:
@@ -118,39 +154,82 @@ class OpenAIRuntime:
         if answer and answer["choices"][0].get("prompt_logprobs"):
             score_mode = "prompt_logprobs"
         else:
-            answer = self._try(prompt=ids, max_tokens=1, temperature=0, echo=True, logprobs=self.top_k,
-                               return_tokens_as_token_ids=True)
+            answer = self._try(
+                prompt=ids,
+                max_tokens=1,
+                temperature=0,
+                echo=True,
+                logprobs=self.top_k,
+                return_tokens_as_token_ids=True,
+            )
             lp = (answer or {}).get("choices", [{}])[0].get("logprobs") or {}
             tops = lp.get("top_logprobs") or []
-            if len(tops) >= len(ids) and any(parse_token(t) is not None for e in tops[1:] if e for t in e):
+            if len(tops) >= len(ids) and any(
+                parse_token(t) is not None for e in tops[1:] if e for t in e
+            ):
                 score_mode = "echo"
-        notes.append(f"prompt log-probs: {score_mode or 'not offered: KL, top-1 and perplexity are not measured'}")
-        answer = self._try(prompt=ids, max_tokens=2, temperature=0, logprobs=1, return_tokens_as_token_ids=True, ignore_eos=True)
+        notes.append(
+            f"prompt log-probs: {score_mode or 'not offered: KL, top-1 and perplexity are not measured'}"
+        )
+        answer = self._try(
+            prompt=ids,
+            max_tokens=2,
+            temperature=0,
+            logprobs=1,
+            return_tokens_as_token_ids=True,
+            ignore_eos=True,
+        )
         ignore_eos = answer is not None
         if answer is None:
             answer = self.completions(prompt=ids, max_tokens=2, temperature=0, logprobs=1)
         tokens = (answer["choices"][0].get("logprobs") or {}).get("tokens") or []
         ids_mode = bool(tokens) and all(parse_token(t) is not None for t in tokens)
         if not ids_mode and self.tokenizer is None:
-            raise UserError(f"{self.base}: the server returns no token ids and no tokenizer was given")
-        notes.append("greedy token ids: " + ("returned by the server" if ids_mode else "re-tokenized from the text (approximate)"))
-        notes.append("ignore_eos: " + ("accepted (exact continuation length)" if ignore_eos else "refused (continuations may stop at EOS)"))
+            raise UserError(
+                f"{self.base}: the server returns no token ids and no tokenizer was given"
+            )
+        notes.append(
+            "greedy token ids: "
+            + ("returned by the server" if ids_mode else "re-tokenized from the text (approximate)")
+        )
+        notes.append(
+            "ignore_eos: "
+            + (
+                "accepted (exact continuation length)"
+                if ignore_eos
+                else "refused (continuations may stop at EOS)"
+            )
+        )
         return score_mode, ids_mode, ignore_eos, notes
 
     # ---- the interface ---------------------------------------------------------------------------------------
     def score(self, ids: torch.Tensor, golden_top_ids: torch.Tensor | None = None) -> SequenceScore:
         prompt = [int(t) for t in ids]
         if self.score_mode == "prompt_logprobs":
-            answer = self.completions(prompt=prompt, max_tokens=1, temperature=0, prompt_logprobs=self.top_k)
-            return scores_from_prompt_logprobs(answer["choices"][0]["prompt_logprobs"], prompt, self.top_k)
+            answer = self.completions(
+                prompt=prompt, max_tokens=1, temperature=0, prompt_logprobs=self.top_k
+            )
+            return scores_from_prompt_logprobs(
+                answer["choices"][0]["prompt_logprobs"], prompt, self.top_k
+            )
         if self.score_mode == "echo":
-            answer = self.completions(prompt=prompt, max_tokens=1, temperature=0, echo=True,
-                                      logprobs=self.top_k, return_tokens_as_token_ids=True)
+            answer = self.completions(
+                prompt=prompt,
+                max_tokens=1,
+                temperature=0,
+                echo=True,
+                logprobs=self.top_k,
+                return_tokens_as_token_ids=True,
+            )
             return scores_from_echo(answer["choices"][0]["logprobs"], prompt, self.top_k)
         raise UserError(f"{self.base}: the server offers no prompt log-probs")
 
     def greedy(self, prompt_ids: torch.Tensor, n: int) -> list[int]:
-        body: dict[str, Any] = {"prompt": [int(t) for t in prompt_ids], "max_tokens": n, "temperature": 0}
+        body: dict[str, Any] = {
+            "prompt": [int(t) for t in prompt_ids],
+            "max_tokens": n,
+            "temperature": 0,
+        }
         if self.ids_mode:
             body |= {"logprobs": 1, "return_tokens_as_token_ids": True}
         if self.ignore_eos:

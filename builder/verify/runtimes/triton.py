@@ -34,26 +34,44 @@ def interface_of(metadata: dict[str, Any]) -> str:
         return "text"
     if IDS_INPUT in names:
         return "ids"
-    raise UserError(f"model {metadata.get('name')!r} has neither {TEXT_INPUT} nor {IDS_INPUT} inputs "
-                    f"(has {', '.join(sorted(n for n in names if n))})")
+    raise UserError(
+        f"model {metadata.get('name')!r} has neither {TEXT_INPUT} nor {IDS_INPUT} inputs "
+        f"(has {', '.join(sorted(n for n in names if n))})"
+    )
 
 
-def generate_body(interface: str, prompt_text: str, prompt_ids: list[int], n: int) -> dict[str, Any]:
+def generate_body(
+    interface: str, prompt_text: str, prompt_ids: list[int], n: int
+) -> dict[str, Any]:
     if interface == "text":
         return {TEXT_INPUT: prompt_text, "max_tokens": n, "top_k": 1, "return_log_probs": True}
     # The generate extension adds the batch dimension itself: one request's values, unbatched.
-    return {IDS_INPUT: list(prompt_ids), "input_lengths": [len(prompt_ids)], "request_output_len": [n],
-            "runtime_top_k": [1], "return_log_probs": [True]}
+    return {
+        IDS_INPUT: list(prompt_ids),
+        "input_lengths": [len(prompt_ids)],
+        "request_output_len": [n],
+        "runtime_top_k": [1],
+        "return_log_probs": [True],
+    }
 
 
-def parse_generate(interface: str, answer: dict[str, Any], prompt_text: str, prompt_len: int, tokenizer: Any, n: int) -> list[int]:
+def parse_generate(
+    interface: str,
+    answer: dict[str, Any],
+    prompt_text: str,
+    prompt_len: int,
+    tokenizer: Any,
+    n: int,
+) -> list[int]:
     """Greedy token ids out of a generate response."""
     if interface == "text":
         if "text_output" not in answer:
             raise ServerError(f"generate response has no text_output (fields: {', '.join(answer)})")
         text = answer["text_output"]
         text = text[0] if isinstance(text, list) else text
-        text = text.removeprefix(prompt_text)  # backends that do not exclude the input from the output
+        text = text.removeprefix(
+            prompt_text
+        )  # backends that do not exclude the input from the output
         return list(tokenizer(text, add_special_tokens=False)["input_ids"])[:n]
     ids = answer.get("output_ids")
     if ids is None:
@@ -74,7 +92,14 @@ def parse_generate(interface: str, answer: dict[str, Any], prompt_text: str, pro
 class TritonRuntime:
     name = "triton"
 
-    def __init__(self, url: str, model: str | None = None, top_k: int = 20, tokenizer: Any = None, timeout: float = 300.0):
+    def __init__(
+        self,
+        url: str,
+        model: str | None = None,
+        top_k: int = 20,
+        tokenizer: Any = None,
+        timeout: float = 300.0,
+    ):
         self.base = url.rstrip("/")
         self.model = model or "ensemble"
         self.tokenizer, self.timeout = tokenizer, timeout
@@ -84,11 +109,19 @@ class TritonRuntime:
             raise UserError("the triton runtime's text interface needs the golden's tokenizer")
         self.device = f"server {self.base}"
         digest = hashlib.sha256(json.dumps(metadata, sort_keys=True).encode()).hexdigest()
-        self.artifact = ArtifactInfo(f"{self.base}/v2/models/{self.model}", "server", digest, {"interface": self.interface})
+        self.artifact = ArtifactInfo(
+            f"{self.base}/v2/models/{self.model}", "server", digest, {"interface": self.interface}
+        )
         self.capabilities = Capabilities(
-            prompt_scores=False, full_distribution=False, greedy=True, localize=False, top_k=top_k,
-            notes=(f"Triton generate endpoint, model {self.model} ({self.interface} interface), greedy = top_k 1",
-                   "no prompt log-probs on this endpoint: KL, top-1 and perplexity are not measured"),
+            prompt_scores=False,
+            full_distribution=False,
+            greedy=True,
+            localize=False,
+            top_k=top_k,
+            notes=(
+                f"Triton generate endpoint, model {self.model} ({self.interface} interface), greedy = top_k 1",
+                "no prompt log-probs on this endpoint: KL, top-1 and perplexity are not measured",
+            ),
         )
 
     def score(self, ids: torch.Tensor, golden_top_ids: torch.Tensor | None = None):

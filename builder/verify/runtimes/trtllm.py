@@ -42,10 +42,18 @@ class TrtllmRuntime:
         self.sampling = trt.SamplingParams
         self.llm = trt.LLM(model=str(self.path))
         self.device = "cuda"
-        self.artifact = ArtifactInfo(str(self.path.resolve()), "trtllm-llm-api", directory_sha256(self.path),
-                                     {"tensorrt_llm": getattr(trt, "__version__", "unknown")})
+        self.artifact = ArtifactInfo(
+            str(self.path.resolve()),
+            "trtllm-llm-api",
+            directory_sha256(self.path),
+            {"tensorrt_llm": getattr(trt, "__version__", "unknown")},
+        )
         self.capabilities = Capabilities(
-            prompt_scores=True, full_distribution=False, greedy=True, localize=False, top_k=top_k,
+            prompt_scores=True,
+            full_distribution=False,
+            greedy=True,
+            localize=False,
+            top_k=top_k,
             notes=(f"TensorRT-LLM {getattr(trt, '__version__', '?')} LLM API, in-process",),
         )
 
@@ -57,18 +65,25 @@ class TrtllmRuntime:
         top_ids, top_lp, target = [], [], []
         for position in range(1, len(prompt)):
             entry = entries[position - 1 + offset] or {}
-            ranked = sorted(((int(t), _logprob(v)) for t, v in entry.items()), key=lambda tv: -tv[1])[: self.top_k]
+            ranked = sorted(
+                ((int(t), _logprob(v)) for t, v in entry.items()), key=lambda tv: -tv[1]
+            )[: self.top_k]
             pad = self.top_k - len(ranked)
             top_ids.append([t for t, _ in ranked] + [-1] * pad)
             top_lp.append([v for _, v in ranked] + [float("nan")] * pad)
             actual = entry.get(prompt[position])
             target.append(_logprob(actual) if actual is not None else float("nan"))
-        return SequenceScore(torch.tensor(top_ids), torch.tensor(top_lp, dtype=torch.float64),
-                             torch.tensor(target, dtype=torch.float64))
+        return SequenceScore(
+            torch.tensor(top_ids),
+            torch.tensor(top_lp, dtype=torch.float64),
+            torch.tensor(target, dtype=torch.float64),
+        )
 
     def greedy(self, prompt_ids: torch.Tensor, n: int) -> list[int]:
         params = self.sampling(max_tokens=n, temperature=0.0, ignore_eos=True)
-        return list(self.llm.generate([[int(t) for t in prompt_ids]], params)[0].outputs[0].token_ids)[:n]
+        return list(
+            self.llm.generate([[int(t) for t in prompt_ids]], params)[0].outputs[0].token_ids
+        )[:n]
 
     def close(self) -> None:
         shutdown = getattr(getattr(self, "llm", None), "shutdown", None)

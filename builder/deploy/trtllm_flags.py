@@ -40,7 +40,7 @@ class FlagSet:
 
 @lru_cache(maxsize=1)
 def load_flag_set() -> FlagSet:
-    text = resources.files("builder.build").joinpath("data", FLAGS_FILE).read_text()
+    text = resources.files("builder.deploy").joinpath("data", FLAGS_FILE).read_text()
     data = json.loads(text)
     return FlagSet(
         release=data["release"],
@@ -106,5 +106,6 @@ def check_args(args: list[str], where: str = "trtllm-build arguments") -> None:
     if problems:
         release = load_flag_set().release
         raise UserError(
-            f"{where} do not match the pinned trtllm-build {release} flag set: " + "; ".join(problems)
+            f"{where} do not match the pinned trtllm-build {release} flag set: "
+            + "; ".join(problems)
         )

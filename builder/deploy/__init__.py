@@ -14,7 +14,7 @@ Public API:
   `trtllm_status()`
 """
 
-from builder.build.engine import (
+from builder.deploy.engine import (
     BuildResult,
     TrtllmUnavailable,
     build_engines,
@@ -22,18 +22,18 @@ from builder.build.engine import (
     trtllm_build_args,
     trtllm_status,
 )
-from builder.build.planner import TargetPlan, balanced_partition, plan_target, pp_balance
-from builder.build.profiles import (
+from builder.deploy.planner import TargetPlan, balanced_partition, plan_target, pp_balance
+from builder.deploy.profiles import (
     MISSION_TARGETS,
     TargetProfile,
     load_profile,
     parse_override,
     shipped_profiles,
 )
-from builder.build.pytorch import write_pytorch_serve
-from builder.build.render import plan_text, render_plan
-from builder.build.sources import mission_plans, plan_for, plan_of_source
-from builder.build.trtllm_flags import arg_problems, load_flag_set
+from builder.deploy.pytorch import write_pytorch_serve
+from builder.deploy.render import plan_text, render_plan
+from builder.deploy.sources import mission_plans, plan_for, plan_of_source
+from builder.deploy.trtllm_flags import arg_problems, load_flag_set
 
 __all__ = [
     "MISSION_TARGETS",

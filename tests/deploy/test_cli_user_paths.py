@@ -8,8 +8,8 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from builder.build import load_profile
 from builder.cli import main
+from builder.deploy import load_profile
 
 
 def run(*args) -> object:
@@ -49,12 +49,16 @@ def test_plan_header_follows_the_tp_override_and_decode_row_says_why():
 def test_tp_override_carries_to_workers():
     assert load_profile("h100x8-bf16").build.workers == 8
     assert load_profile("h100x8-bf16", [("parallel.tp", 2)]).build.workers == 2
-    assert load_profile("h100x8-bf16", [("parallel.tp", 4), ("build.workers", 1)]).build.workers == 1
+    assert (
+        load_profile("h100x8-bf16", [("parallel.tp", 4), ("build.workers", 1)]).build.workers == 1
+    )
 
 
 def test_dry_run_writes_engines_inside_out_and_workers_follow_tp(trtllm_bf16, tmp_path):
     out = tmp_path / "dry"
-    result = run("build", trtllm_bf16, out, "--target", "h100x8-bf16", "--tp", "2", "--dry-run", "--json")
+    result = run(
+        "build", trtllm_bf16, out, "--target", "h100x8-bf16", "--tp", "2", "--dry-run", "--json"
+    )
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     command = report["command"]
@@ -77,7 +81,9 @@ def test_bf16_tp_mismatch_names_convert(trtllm_bf16, tmp_path):
 
 
 @pytest.mark.parametrize("backend", ["engine", "pytorch"])
-def test_launch_scripts_store_absolute_paths(backend, trtllm_bf16, mixed_ckpt, tmp_path, monkeypatch):
+def test_launch_scripts_store_absolute_paths(
+    backend, trtllm_bf16, mixed_ckpt, tmp_path, monkeypatch
+):
     """Relative paths given on the command line become absolute, resolved ones in scripts."""
     monkeypatch.chdir(tmp_path)
     source = trtllm_bf16 if backend == "engine" else mixed_ckpt
@@ -86,7 +92,10 @@ def test_launch_scripts_store_absolute_paths(backend, trtllm_bf16, mixed_ckpt, t
     result = run(*args, *(["--dry-run"] if backend == "engine" else []))
     assert result.exit_code == 0, result.output
     text = "".join(p.read_text() for p in sorted((tmp_path / "out" / "launch").iterdir()))
-    paths = [line.split(":-", 1)[1].rstrip('}"') for line in text.splitlines()
-             if line.split("=")[0] in {"CKPT_DIR", "ENGINE_DIR", "TOKENIZER_DIR", "MODEL_DIR", "OPTIONS"}]
+    paths = [
+        line.split(":-", 1)[1].rstrip('}"')
+        for line in text.splitlines()
+        if line.split("=")[0] in {"CKPT_DIR", "ENGINE_DIR", "TOKENIZER_DIR", "MODEL_DIR", "OPTIONS"}
+    ]
     assert paths and all(p.startswith("/") for p in paths), paths
     assert str(source.resolve()) in text

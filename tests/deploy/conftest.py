@@ -12,7 +12,11 @@ from builder.convert import convert_checkpoint
 from builder.convert.layout import Fp8Layout
 
 TP = 2
-FP8_QUANTIZATION = {"quant_algo": "FP8", "kv_cache_quant_algo": "FP8", "exclude_modules": ["lm_head"]}
+FP8_QUANTIZATION = {
+    "quant_algo": "FP8",
+    "kv_cache_quant_algo": "FP8",
+    "exclude_modules": ["lm_head"],
+}
 
 
 class WeightScaleFp8(Fp8Layout):
@@ -50,8 +54,13 @@ def trtllm_bf16(mixed_ckpt, tmp_path_factory):
 def trtllm_fp8(mixed_ckpt, tmp_path_factory):
     """FP8 (weights + KV) TensorRT-LLM checkpoint of the mixed model at tp=2."""
     out = tmp_path_factory.mktemp("trtllm") / "mixed-fp8-tp2"
-    convert_checkpoint(mixed_ckpt, out, tp=TP, transform=WeightScaleFp8(FP8_QUANTIZATION),
-                       quantization=FP8_QUANTIZATION)
+    convert_checkpoint(
+        mixed_ckpt,
+        out,
+        tp=TP,
+        transform=WeightScaleFp8(FP8_QUANTIZATION),
+        quantization=FP8_QUANTIZATION,
+    )
     return out
 
 
@@ -64,7 +73,10 @@ def hf_fp8_dir(mixed_ckpt, tmp_path_factory):
     out = tmp_path_factory.mktemp("hf") / "mixed-fp8"
     shutil.copytree(mixed_ckpt, out)
     (out / "manifest.json").unlink(missing_ok=True)
-    quant = {"producer": {"name": "modelopt", "version": "0.47.0"}, "quantization": FP8_QUANTIZATION}
+    quant = {
+        "producer": {"name": "modelopt", "version": "0.47.0"},
+        "quantization": FP8_QUANTIZATION,
+    }
     (out / "hf_quant_config.json").write_text(json.dumps(quant, indent=2))
     return out
 

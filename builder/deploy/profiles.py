@@ -112,11 +112,25 @@ SECTIONS: dict[str, type] = {
 
 # Fields that must be > 0 (counts, sizes, rates) and fractions that must lie in (0, 1].
 _POSITIVE = {
-    "hardware": {"gpus_per_node", "nodes", "gpu_memory_gib", "hbm_bandwidth_tbs", "bf16_tflops",
-                 "host_memory_gib", "disk_read_gbs", "disk_write_gbs"},
+    "hardware": {
+        "gpus_per_node",
+        "nodes",
+        "gpu_memory_gib",
+        "hbm_bandwidth_tbs",
+        "bf16_tflops",
+        "host_memory_gib",
+        "disk_read_gbs",
+        "disk_write_gbs",
+    },
     "parallel": {"tp", "pp"},
-    "build": {"max_batch_size", "max_seq_len", "max_input_len", "max_num_tokens",
-              "tokens_per_block", "workers"},
+    "build": {
+        "max_batch_size",
+        "max_seq_len",
+        "max_input_len",
+        "max_num_tokens",
+        "tokens_per_block",
+        "workers",
+    },
     "runtime": {"isl", "osl", "port"},
     "quantize": {"calib_samples", "calib_seq_len"},
 }
@@ -158,8 +172,14 @@ class TargetProfile:
         """What runs where, from the values in effect (`target.summary` predates overrides)."""
         p = self.parallel
         layout = f"TP{p.tp}" + (f" PP{p.pp}" if p.pp > 1 else "")
-        gpus = f"{self.world_size} of {self.total_gpus}" if self.world_size < self.total_gpus else str(self.world_size)
-        return f"{layout}, {gpus} GPUs ({self.hardware.gpu}), {self.precision.weights.upper()} weights"
+        gpus = (
+            f"{self.world_size} of {self.total_gpus}"
+            if self.world_size < self.total_gpus
+            else str(self.world_size)
+        )
+        return (
+            f"{layout}, {gpus} GPUs ({self.hardware.gpu}), {self.precision.weights.upper()} weights"
+        )
 
     @property
     def fp8_weights(self) -> bool:
@@ -192,7 +212,11 @@ def profile_dirs() -> list[Path]:
         dirs.extend(Path(p) for p in spec.submodule_search_locations)
     seen: list[Path] = []
     for directory in dirs:
-        if directory.is_dir() and directory not in seen and any(directory.glob("*" + PROFILE_SUFFIX)):
+        if (
+            directory.is_dir()
+            and directory not in seen
+            and any(directory.glob("*" + PROFILE_SUFFIX))
+        ):
             seen.append(directory)
     return seen
 
@@ -215,7 +239,9 @@ def _locate(spec: str) -> Path:
     shipped = shipped_profiles()
     if spec not in shipped:
         known = ", ".join(shipped) or "none found (is engines/ installed?)"
-        raise ProfileError(f"unknown target {spec!r}; shipped targets: {known}; or give a .toml path")
+        raise ProfileError(
+            f"unknown target {spec!r}; shipped targets: {known}; or give a .toml path"
+        )
     return shipped[spec]
 
 
@@ -318,9 +344,7 @@ def _check_consistency(profile: TargetProfile) -> None:
             f"{profile.total_gpus} GPUs (hardware.gpus_per_node x hardware.nodes)"
         )
     if b.use_fp8_context_fmha and profile.precision.kv_cache != "fp8":
-        raise ProfileError(
-            f"{where}: build.use_fp8_context_fmha needs precision.kv_cache = \"fp8\""
-        )
+        raise ProfileError(f'{where}: build.use_fp8_context_fmha needs precision.kv_cache = "fp8"')
 
 
 def _raw_profile(spec: str, chain: tuple[str, ...] = ()) -> tuple[str, Path, dict[str, Any]]:
@@ -343,7 +367,9 @@ def parse_override(text: str) -> tuple[str, Any]:
     key, sep, raw = text.partition("=")
     key, raw = key.strip(), raw.strip()
     if not sep or "." not in key or not raw:
-        raise ProfileError(f"--set {text!r}: expected SECTION.FIELD=VALUE, e.g. build.max_batch_size=32")
+        raise ProfileError(
+            f"--set {text!r}: expected SECTION.FIELD=VALUE, e.g. build.max_batch_size=32"
+        )
     try:
         value = tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
@@ -355,7 +381,9 @@ def _apply(data: dict[str, Any], overrides: Iterable[tuple[str, Any]]) -> dict[s
     data = {section: dict(body) for section, body in data.items()}
     for key, value in overrides:
         section, _, name = key.partition(".")
-        if section not in SECTIONS or name not in {f.name for f in dataclasses.fields(SECTIONS[section])}:
+        if section not in SECTIONS or name not in {
+            f.name for f in dataclasses.fields(SECTIONS[section])
+        }:
             known = _known_fields(section) if section in SECTIONS else ", ".join(SECTIONS)
             raise ProfileError(f"--set {key}: unknown field; known: {known}")
         data.setdefault(section, {})[name] = value
@@ -367,14 +395,20 @@ def _world(data: Mapping[str, Any]) -> Any:
     return (parallel.get("tp"), parallel.get("pp"))
 
 
-def _carry_workers(before: dict[str, Any], after: dict[str, Any], overrides: tuple) -> dict[str, Any]:
+def _carry_workers(
+    before: dict[str, Any], after: dict[str, Any], overrides: tuple
+) -> dict[str, Any]:
     """A profile that builds one engine per rank (build.workers = tp x pp) keeps doing so when
     --tp/--pp change the world and build.workers is not overridden itself."""
     keys = {key for key, _ in overrides}
     tp, pp = _world(before)
     workers = before.get("build", {}).get("workers")
-    if ("build.workers" in keys or _world(after) == (tp, pp) or not all(
-            isinstance(v, int) for v in (tp, pp, workers)) or workers != tp * pp):
+    if (
+        "build.workers" in keys
+        or _world(after) == (tp, pp)
+        or not all(isinstance(v, int) for v in (tp, pp, workers))
+        or workers != tp * pp
+    ):
         return after
     new_tp, new_pp = _world(after)
     if isinstance(new_tp, int) and isinstance(new_pp, int):
@@ -386,7 +420,9 @@ def load_profile(spec: str, overrides: Iterable[tuple[str, Any]] = ()) -> Target
     """A shipped target by name, or a user profile by path, with command-line overrides."""
     overrides = tuple(overrides)
     name, path, data = _raw_profile(spec)
-    return _build(name, str(path), _carry_workers(data, _apply(data, overrides), overrides), overrides)
+    return _build(
+        name, str(path), _carry_workers(data, _apply(data, overrides), overrides), overrides
+    )
 
 
 def with_overrides(profile: TargetProfile, overrides: Iterable[tuple[str, Any]]) -> TargetProfile:

@@ -8,9 +8,9 @@ import math
 import pytest
 
 from builder.arch import preset_plan, rank_tensors
-from builder.build import balanced_partition, load_profile, plan_target, pp_balance
-from builder.build.planner import GIB, rank_weights, stage_params
-from builder.build.render import plan_text
+from builder.deploy import balanced_partition, load_profile, plan_target, pp_balance
+from builder.deploy.planner import GIB, rank_weights, stage_params
+from builder.deploy.render import plan_text
 
 TARGETS = ["h100x8-bf16", "h100x4-fp8", "b100x4-fp8", "h200x8-bf16", "h200x4-fp8"]
 
@@ -52,8 +52,16 @@ def test_ultra_tp4_fp8_weights(ultra):
     [
         ("h100x4-fp8", [("parallel.tp", 8), ("hardware.gpus_per_node", 8)], 33.4, 1325),
         ("h100x8-bf16", [("precision.use_parallel_embedding", True)], 59.0, 519),
-        ("h100x4-fp8", [("parallel.tp", 8), ("hardware.gpus_per_node", 8),
-                        ("precision.use_parallel_embedding", True)], 30.0, 1325),
+        (
+            "h100x4-fp8",
+            [
+                ("parallel.tp", 8),
+                ("hardware.gpus_per_node", 8),
+                ("precision.use_parallel_embedding", True),
+            ],
+            30.0,
+            1325,
+        ),
         ("h100x8-bf16", [("parallel.tp", 4)], 120.9, 519),
     ],
 )
@@ -90,14 +98,23 @@ def test_kv_tokens_follow_the_fraction_of_free_memory(ultra):
     result = plan_target(ultra, profile)
     block = profile.build.tokens_per_block
     for m in result.ranks:
-        assert m.free == int(profile.hardware.gpu_memory_gib * GIB) - m.weights - m.activations - m.reserve
+        assert (
+            m.free
+            == int(profile.hardware.gpu_memory_gib * GIB) - m.weights - m.activations - m.reserve
+        )
         assert m.kv_pool == int(profile.runtime.kv_cache_free_gpu_mem_fraction * m.free)
         assert m.kv_tokens % block == 0
-        assert m.kv_tokens * m.kv_bytes_per_token <= m.kv_pool < (m.kv_tokens + block) * m.kv_bytes_per_token
+        assert (
+            m.kv_tokens * m.kv_bytes_per_token
+            <= m.kv_pool
+            < (m.kv_tokens + block) * m.kv_bytes_per_token
+        )
     per_sequence = math.ceil((profile.runtime.isl + profile.runtime.osl) / block) * block
     assert result.sequences_fit == result.kv_tokens // per_sequence
     assert result.concurrency == min(result.sequences_fit, profile.build.max_batch_size)
-    lower = plan_target(ultra, load_profile("h100x4-fp8", [("runtime.kv_cache_free_gpu_mem_fraction", 0.45)]))
+    lower = plan_target(
+        ultra, load_profile("h100x4-fp8", [("runtime.kv_cache_free_gpu_mem_fraction", 0.45)])
+    )
     assert lower.kv_tokens == pytest.approx(result.kv_tokens / 2, rel=0.001)
 
 
@@ -118,14 +135,18 @@ def test_kv_pool_too_small_for_one_sequence_is_a_problem(ultra):
 
 
 def test_impossible_tp_is_a_problem_not_a_crash(ultra):
-    result = plan_target(ultra, load_profile("h100x8-bf16", [("parallel.tp", 3), ("hardware.gpus_per_node", 8)]))
+    result = plan_target(
+        ultra, load_profile("h100x8-bf16", [("parallel.tp", 3), ("hardware.gpus_per_node", 8)])
+    )
     assert not result.fits
     assert "num_attention_heads 128 is not divisible by tp 3" in result.verdict
     assert result.to_dict()["per_rank"] == []
 
 
 def test_workload_beyond_max_seq_len_is_flagged(ultra):
-    result = plan_target(ultra, load_profile("h100x8-bf16", [("runtime.isl", 20000), ("runtime.osl", 2000)]))
+    result = plan_target(
+        ultra, load_profile("h100x8-bf16", [("runtime.isl", 20000), ("runtime.osl", 2000)])
+    )
     assert any("exceeds build.max_seq_len 8192" in w for w in result.warnings)
 
 
@@ -141,7 +162,12 @@ def test_super_on_every_target(super49, target):
     assert {m.kv_bytes_per_token for m in result.ranks} == {kv_total // tp}
     # Sum over ranks, derived independently of rank_tensors: linears split once, lm_head split
     # (128256 divides by tp), embedding and norms replicated on every rank.
-    norms = super49.total_params - super49.linear_params - super49.embedding_params - super49.lm_head_params
+    norms = (
+        super49.total_params
+        - super49.linear_params
+        - super49.embedding_params
+        - super49.lm_head_params
+    )
     replicated = tp * (super49.embedding_params + norms) + super49.lm_head_params
     if profile.fp8_weights:
         linear_tensors = sum(t.rule.linear for t in rank_tensors(super49, tp, 1, 0))
@@ -192,7 +218,9 @@ def test_balanced_partition_is_optimal(pp):
     def worst(starts):
         return max(s["params"] for s in stage_params(plan, list(starts)))
 
-    best = min(worst((0, *cuts)) for cuts in itertools.combinations(range(1, plan.num_layers), pp - 1))
+    best = min(
+        worst((0, *cuts)) for cuts in itertools.combinations(range(1, plan.num_layers), pp - 1)
+    )
     starts = [sum(counts[:s]) for s in range(pp)]
     assert worst(starts) == best
 
@@ -208,11 +236,17 @@ def test_pp2_plan_uses_each_stage_own_kv(ultra):
 
 # ---- parallelism checks, host side, rendering -------------------------------------------------------
 def test_tp_checks_report_duplicated_kv_heads(ultra):
-    result = plan_target(ultra, load_profile("h100x4-fp8", [("parallel.tp", 16), ("parallel.pp", 1),
-                                                              ("hardware.gpus_per_node", 16)]))
+    result = plan_target(
+        ultra,
+        load_profile(
+            "h100x4-fp8", [("parallel.tp", 16), ("parallel.pp", 1), ("hardware.gpus_per_node", 16)]
+        ),
+    )
     assert len(result.tp["layers_with_duplicated_kv_heads"]) == 64
     assert result.tp["kv_heads_per_rank"] == [1]
-    assert gib(result.ranks[0].weights) == pytest.approx(18.8, abs=0.05)  # FP8 TP16 row of the table
+    assert gib(result.ranks[0].weights) == pytest.approx(
+        18.8, abs=0.05
+    )  # FP8 TP16 row of the table
     assert any("duplicated" in w for w in result.warnings)
 
 

@@ -7,9 +7,9 @@ from pathlib import Path
 from typing import Any
 
 from builder.arch import ModelPlan, load_plan, preset_plan
-from builder.build.inputs import is_trtllm_checkpoint, read_trtllm_input, trtllm_mismatches
-from builder.build.planner import TargetPlan, plan_target
-from builder.build.profiles import MISSION_TARGETS, TargetProfile, load_profile, with_overrides
+from builder.deploy.inputs import is_trtllm_checkpoint, read_trtllm_input, trtllm_mismatches
+from builder.deploy.planner import TargetPlan, plan_target
+from builder.deploy.profiles import MISSION_TARGETS, TargetProfile, load_profile, with_overrides
 from builder.errors import UserError
 
 

@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from builder.build.profiles import (
+from builder.deploy.profiles import (
     MISSION_TARGETS,
     ProfileError,
     load_profile,
@@ -32,7 +32,11 @@ def test_shipped_profiles_are_found_and_load():
 
 def test_shipped_profile_parallelism_matches_the_issue():
     assert {n: load_profile(n).parallel.tp for n in SHIPPED} == {
-        "h100x8-bf16": 8, "h100x4-fp8": 4, "b100x4-fp8": 4, "h200x8-bf16": 8, "h200x4-fp8": 4,
+        "h100x8-bf16": 8,
+        "h100x4-fp8": 4,
+        "b100x4-fp8": 4,
+        "h200x8-bf16": 8,
+        "h200x4-fp8": 4,
     }
 
 
@@ -59,7 +63,9 @@ def test_profiles_come_from_the_checkout_engines_directory():
 
 def test_user_profile_with_base_and_its_own_values(tmp_path):
     path = tmp_path / "mine.toml"
-    path.write_text('base = "h100x8-bf16"\n[build]\nmax_batch_size = 16\n[runtime]\nisl = 5000\nosl = 500\n')
+    path.write_text(
+        'base = "h100x8-bf16"\n[build]\nmax_batch_size = 16\n[runtime]\nisl = 5000\nosl = 500\n'
+    )
     profile = load_profile(str(path))
     assert profile.name == "mine" and profile.source == str(path)
     assert profile.build.max_batch_size == 16 and profile.runtime.isl == 5000
@@ -85,14 +91,18 @@ def test_missing_field_and_wrong_type_are_named(tmp_path):
     with pytest.raises(ProfileError, match=r"build\.max_seq_len = '8k': expected int"):
         load_profile(str(path))
     path.write_text('base = "h100x8-bf16"\n[precision]\nweights = "int4"\n')
-    with pytest.raises(ProfileError, match=r"precision\.weights = 'int4': must be one of bf16, fp8"):
+    with pytest.raises(
+        ProfileError, match=r"precision\.weights = 'int4': must be one of bf16, fp8"
+    ):
         load_profile(str(path))
 
 
 def test_overrides_use_toml_literals():
     assert parse_override("build.max_batch_size=32") == ("build.max_batch_size", 32)
     assert parse_override("runtime.kv_cache_free_gpu_mem_fraction = 0.85") == (
-        "runtime.kv_cache_free_gpu_mem_fraction", 0.85)
+        "runtime.kv_cache_free_gpu_mem_fraction",
+        0.85,
+    )
     assert parse_override("build.reduce_fusion=false") == ("build.reduce_fusion", False)
     assert parse_override("build.gemm_plugin=disable") == ("build.gemm_plugin", "disable")
     with pytest.raises(ProfileError, match="SECTION.FIELD=VALUE"):

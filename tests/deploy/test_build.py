@@ -11,7 +11,8 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from builder.build import (
+from builder.cli import main
+from builder.deploy import (
     TrtllmUnavailable,
     arg_problems,
     build_engines,
@@ -20,17 +21,23 @@ from builder.build import (
     trtllm_status,
     write_pytorch_serve,
 )
-from builder.build.engine import run_logged
-from builder.build.inputs import InputError
-from builder.build.pytorch import llm_api_options
-from builder.cli import main
+from builder.deploy.engine import run_logged
+from builder.deploy.inputs import InputError
+from builder.deploy.pytorch import llm_api_options
 from builder.io.manifest import read_manifest, verify_files
 
 BF16_TP2 = [("parallel.tp", 2)]
 DRY_RUN_FILES = {
-    "trtllm-build.sh", "build_config.json", "build_report.json", "plan.json", "manifest.json",
-    "launch/build-engines.sh", "launch/build-engines-mpirun.sh", "launch/serve.sh",
-    "launch/serve-mpirun.sh", "launch/serve-slurm.sh",
+    "trtllm-build.sh",
+    "build_config.json",
+    "build_report.json",
+    "plan.json",
+    "manifest.json",
+    "launch/build-engines.sh",
+    "launch/build-engines-mpirun.sh",
+    "launch/serve.sh",
+    "launch/serve-mpirun.sh",
+    "launch/serve-slurm.sh",
 }
 
 
@@ -43,7 +50,9 @@ def fp8_target():
 
 
 def bash_syntax_ok(path):
-    return subprocess.run(["bash", "-n", str(path)], check=False, capture_output=True).returncode == 0
+    return (
+        subprocess.run(["bash", "-n", str(path)], check=False, capture_output=True).returncode == 0
+    )
 
 
 # ---- dry run --------------------------------------------------------------------------------------
@@ -71,7 +80,12 @@ def test_dry_run_output_is_complete(trtllm_bf16, tmp_path):
     manifest = read_manifest(out)
     assert manifest["kind"] == "trtllm-build-dry-run" and manifest["engine_built"] is False
     assert verify_files(out, manifest) == []
-    for name in DRY_RUN_FILES - {"build_config.json", "build_report.json", "plan.json", "manifest.json"}:
+    for name in DRY_RUN_FILES - {
+        "build_config.json",
+        "build_report.json",
+        "plan.json",
+        "manifest.json",
+    }:
         assert bash_syntax_ok(out / name), name
 
 
@@ -97,19 +111,30 @@ def test_multinode_scripts_use_mpi(trtllm_bf16, tmp_path):
 # ---- refusals --------------------------------------------------------------------------------------
 def test_refuses_tp_mismatch(trtllm_bf16, tmp_path):
     out = tmp_path / "dry"
-    with pytest.raises(InputError, match=r"mapping\.tp_size is 2 but target h100x8-bf16 .* parallel\.tp = 8"):
+    with pytest.raises(
+        InputError, match=r"mapping\.tp_size is 2 but target h100x8-bf16 .* parallel\.tp = 8"
+    ):
         dry_run_build(trtllm_bf16, load_profile("h100x8-bf16"), out)
     assert not out.exists()
 
 
 def test_refuses_quantization_mismatch(trtllm_bf16, trtllm_fp8, tmp_path):
-    with pytest.raises(InputError, match=r"quant_algo is None but target h100x4-fp8 .*precision\.weights = 'fp8'"):
+    with pytest.raises(
+        InputError, match=r"quant_algo is None but target h100x4-fp8 .*precision\.weights = 'fp8'"
+    ):
         dry_run_build(trtllm_bf16, fp8_target(), tmp_path / "a")
-    with pytest.raises(InputError, match=r"quant_algo is 'FP8' but target h100x8-bf16 .*precision\.weights = 'bf16'"):
+    with pytest.raises(
+        InputError,
+        match=r"quant_algo is 'FP8' but target h100x8-bf16 .*precision\.weights = 'bf16'",
+    ):
         dry_run_build(trtllm_fp8, bf16_target(), tmp_path / "b")
-    kv_only = load_profile("h100x4-fp8", BF16_TP2 + [("precision.kv_cache", "bf16"),
-                                                    ("build.use_fp8_context_fmha", False)])
-    with pytest.raises(InputError, match=r"kv_cache_quant_algo is 'FP8' but .*precision\.kv_cache = 'bf16'"):
+    kv_only = load_profile(
+        "h100x4-fp8",
+        BF16_TP2 + [("precision.kv_cache", "bf16"), ("build.use_fp8_context_fmha", False)],
+    )
+    with pytest.raises(
+        InputError, match=r"kv_cache_quant_algo is 'FP8' but .*precision\.kv_cache = 'bf16'"
+    ):
         dry_run_build(trtllm_fp8, kv_only, tmp_path / "c")
 
 
@@ -144,7 +169,10 @@ def test_missing_tensorrt_llm_is_a_clear_error(trtllm_bf16, tmp_path):
         build_engines(trtllm_bf16, bf16_target(), out)
     message = str(err.value)
     assert "not installed" in message and "1.2" in message
-    assert "pip install 'builder[trtllm]'" in message and "nvcr.io/nvidia/tensorrt-llm/release" in message
+    assert (
+        "pip install 'builder[trtllm]'" in message
+        and "nvcr.io/nvidia/tensorrt-llm/release" in message
+    )
     assert "--dry-run" in message
     assert not out.exists()
 
@@ -168,8 +196,11 @@ def test_too_new_tensorrt_llm_refuses_before_any_work(trtllm_bf16, tmp_path):
 
 def test_run_logged_streams_and_keeps_the_log(tmp_path):
     lines = []
-    code = run_logged([sys.executable, "-c", "print('one'); print('two'); raise SystemExit(3)"],
-                      tmp_path / "log", lines.append)
+    code = run_logged(
+        [sys.executable, "-c", "print('one'); print('two'); raise SystemExit(3)"],
+        tmp_path / "log",
+        lines.append,
+    )
     assert code == 3 and lines == ["one", "two"]
     assert (tmp_path / "log").read_text() == "one\ntwo\n"
 
@@ -182,11 +213,23 @@ def test_pytorch_bf16_options_and_scripts(mixed_ckpt, tmp_path):
     options = yaml.safe_load((out / "llm_api_options.yaml").read_text())
     assert options == result.report["options"]
     assert options["tensor_parallel_size"] == 2 and options["pipeline_parallel_size"] == 1
-    assert options["kv_cache_config"] == {"dtype": "auto", "free_gpu_memory_fraction": 0.9, "tokens_per_block": 32}
-    assert options["max_batch_size"] == 64 and options["max_seq_len"] == 8192 and options["dtype"] == "bfloat16"
+    assert options["kv_cache_config"] == {
+        "dtype": "auto",
+        "free_gpu_memory_fraction": 0.9,
+        "tokens_per_block": 32,
+    }
+    assert (
+        options["max_batch_size"] == 64
+        and options["max_seq_len"] == 8192
+        and options["dtype"] == "bfloat16"
+    )
     assert options["trust_remote_code"] is False
     serve = (out / "launch" / "serve.sh").read_text()
-    assert "trtllm-serve" in serve and "--extra_llm_api_options" in serve and "--backend pytorch" in serve
+    assert (
+        "trtllm-serve" in serve
+        and "--extra_llm_api_options" in serve
+        and "--backend pytorch" in serve
+    )
     assert "trtllm-llmapi-launch" in (out / "launch" / "serve-slurm.sh").read_text()
     assert all(bash_syntax_ok(p) for p in (out / "launch").iterdir())
     assert verify_files(out, read_manifest(out)) == []
@@ -209,7 +252,7 @@ def test_pytorch_refuses_precision_mismatch(mixed_ckpt, hf_fp8_dir, trtllm_bf16,
 
 
 def test_pp_partition_only_when_pipelined(mixed_ckpt):
-    from builder.build.inputs import read_hf_input
+    from builder.deploy.inputs import read_hf_input
 
     inp = read_hf_input(mixed_ckpt)
     assert "pp_partition" not in llm_api_options(bf16_target(), inp, [6, 6])
@@ -228,8 +271,19 @@ def test_cli_plan_mission_targets_json():
 
 def test_cli_plan_overrides_and_errors():
     runner = CliRunner()
-    result = runner.invoke(main, ["plan", "--preset", "ultra-253b", "--target", "h100x4-fp8",
-                                  "--max-seq-len", "16384", "--json"])
+    result = runner.invoke(
+        main,
+        [
+            "plan",
+            "--preset",
+            "ultra-253b",
+            "--target",
+            "h100x4-fp8",
+            "--max-seq-len",
+            "16384",
+            "--json",
+        ],
+    )
     assert json.loads(result.output)["plans"][0]["target"]["build"]["max_seq_len"] == 16384
     bad = runner.invoke(main, ["plan", "--preset", "ultra-253b", "--set", "build.bogus=1"])
     assert bad.exit_code == 2 and "build.bogus" in bad.output and "Traceback" not in bad.output
@@ -239,13 +293,35 @@ def test_cli_plan_overrides_and_errors():
 
 def test_cli_build_dry_run_and_missing_trtllm(trtllm_bf16, tmp_path):
     runner = CliRunner()
-    dry = runner.invoke(main, ["build", str(trtllm_bf16), str(tmp_path / "dry"), "--target", "h100x8-bf16",
-                               "--tp", "2", "--dry-run", "--json"])
+    dry = runner.invoke(
+        main,
+        [
+            "build",
+            str(trtllm_bf16),
+            str(tmp_path / "dry"),
+            "--target",
+            "h100x8-bf16",
+            "--tp",
+            "2",
+            "--dry-run",
+            "--json",
+        ],
+    )
     assert dry.exit_code == 0, dry.output
     assert '"engine_built": false' in dry.output
     if not trtllm_status().usable:
-        real = runner.invoke(main, ["build", str(trtllm_bf16), str(tmp_path / "e"), "--target", "h100x8-bf16",
-                                    "--tp", "2"])
+        real = runner.invoke(
+            main,
+            [
+                "build",
+                str(trtllm_bf16),
+                str(tmp_path / "e"),
+                "--target",
+                "h100x8-bf16",
+                "--tp",
+                "2",
+            ],
+        )
         assert real.exit_code == 2 and "TensorRT-LLM is not installed" in real.output
         assert not (tmp_path / "e").exists()
 
@@ -256,7 +332,7 @@ def test_engine_backend_refuses_an_hf_directory(mixed_ckpt, tmp_path):
 
 
 def test_demo_api_mission_plans_and_text():
-    from builder.build import mission_plans, plan_text
+    from builder.deploy import mission_plans, plan_text
 
     plans = mission_plans()
     assert [p.profile.name for p in plans] == ["h100x8-bf16", "h100x4-fp8", "b100x4-fp8"]

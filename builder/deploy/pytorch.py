@@ -20,12 +20,18 @@ import json
 from pathlib import Path
 from typing import Any
 
-from builder.build import launch
-from builder.build.engine import BuildResult, trtllm_status, versions
-from builder.build.inputs import HfInput, InputError, hf_mismatches, read_hf_input, verify_checksums
-from builder.build.planner import plan_target
-from builder.build.profiles import TargetProfile
-from builder.build.yamlio import dump_yaml
+from builder.deploy import launch
+from builder.deploy.engine import BuildResult, trtllm_status, versions
+from builder.deploy.inputs import (
+    HfInput,
+    InputError,
+    hf_mismatches,
+    read_hf_input,
+    verify_checksums,
+)
+from builder.deploy.planner import plan_target
+from builder.deploy.profiles import TargetProfile
+from builder.deploy.yamlio import dump_yaml
 from builder.io.atomic import atomic_dir
 from builder.io.manifest import build_manifest, write_manifest
 
@@ -37,7 +43,9 @@ DOC_SOURCES = [
 ]
 
 
-def llm_api_options(profile: TargetProfile, inp: HfInput, pp_partition: list[int] | None = None) -> dict[str, Any]:
+def llm_api_options(
+    profile: TargetProfile, inp: HfInput, pp_partition: list[int] | None = None
+) -> dict[str, Any]:
     """The extra_llm_api_options mapping for `profile` serving `inp`."""
     b, r = profile.build, profile.runtime
     options: dict[str, Any] = {
@@ -72,14 +80,33 @@ def _header(profile: TargetProfile, inp: HfInput) -> str:
 
 
 def serve_args(profile: TargetProfile) -> list[str]:
-    return ["trtllm-serve", "${MODEL_DIR}", "--backend", "pytorch",
-            "--tp_size", str(profile.parallel.tp), "--pp_size", str(profile.parallel.pp),
-            "--host", "0.0.0.0", "--port", "${PORT}", "--extra_llm_api_options", "${OPTIONS}"]
+    return [
+        "trtllm-serve",
+        "${MODEL_DIR}",
+        "--backend",
+        "pytorch",
+        "--tp_size",
+        str(profile.parallel.tp),
+        "--pp_size",
+        str(profile.parallel.pp),
+        "--host",
+        "0.0.0.0",
+        "--port",
+        "${PORT}",
+        "--extra_llm_api_options",
+        "${OPTIONS}",
+    ]
 
 
 def pytorch_scripts(profile: TargetProfile, inp: HfInput, options_path: str) -> dict[str, str]:
-    env = {"MODEL_DIR": str(inp.root.resolve()), "OPTIONS": options_path, "PORT": str(profile.runtime.port)}
-    return launch.serve_scripts(profile, serve_args(profile), env, f"trtllm-serve (PyTorch backend) for {profile.name}")
+    env = {
+        "MODEL_DIR": str(inp.root.resolve()),
+        "OPTIONS": options_path,
+        "PORT": str(profile.runtime.port),
+    }
+    return launch.serve_scripts(
+        profile, serve_args(profile), env, f"trtllm-serve (PyTorch backend) for {profile.name}"
+    )
 
 
 def _verification(inp: HfInput, verify: bool) -> dict[str, Any]:
@@ -139,7 +166,9 @@ def write_pytorch_serve(
         (stage / "plan.json").write_text(json.dumps(result_plan.to_dict(), indent=2) + "\n")
         (stage / "build_report.json").write_text(json.dumps(report, indent=2) + "\n")
         launch.write_scripts(stage / "launch", pytorch_scripts(profile, inp, options_path))
-        manifest = build_manifest(stage, KIND, target=profile.name, model=str(inp.root.resolve()), engine_built=False)
+        manifest = build_manifest(
+            stage, KIND, target=profile.name, model=str(inp.root.resolve()), engine_built=False
+        )
         write_manifest(stage, manifest)
         files = sorted([*manifest["files"], "manifest.json"])
     return BuildResult(out, False, report, result_plan, files)

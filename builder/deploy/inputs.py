@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from builder.arch import ModelPlan, load_plan
-from builder.build.profiles import TargetProfile
+from builder.deploy.profiles import TargetProfile
 from builder.errors import UserError
 from builder.io.manifest import MANIFEST, read_manifest, verify_files
 
@@ -81,8 +81,16 @@ def read_trtllm_input(directory: str | Path) -> TrtllmInput:
     tp, pp = mapping_of(config, source)
     quant = config.get("quantization") or {}
     manifest = read_manifest(root) if (root / MANIFEST).exists() else None
-    return TrtllmInput(root, config, plan, tp, pp, quant.get("quant_algo"),
-                       quant.get("kv_cache_quant_algo"), manifest)
+    return TrtllmInput(
+        root,
+        config,
+        plan,
+        tp,
+        pp,
+        quant.get("quant_algo"),
+        quant.get("kv_cache_quant_algo"),
+        manifest,
+    )
 
 
 def _want(precision: str) -> str | None:
@@ -91,7 +99,9 @@ def _want(precision: str) -> str | None:
 
 def _remake_command(inp: TrtllmInput, profile: TargetProfile) -> str:
     """How to write the checkpoint again for this layout, with the command that made it."""
-    layout = f"--tp {profile.parallel.tp}" + (f" --pp {profile.parallel.pp}" if profile.parallel.pp > 1 else "")
+    layout = f"--tp {profile.parallel.tp}" + (
+        f" --pp {profile.parallel.pp}" if profile.parallel.pp > 1 else ""
+    )
     if inp.quant_algo == "FP8":
         return f"quantize again with `builder quantize HF_DIR OUT {layout}` (it wrote this FP8 checkpoint)"
     return f"convert again with `builder convert HF_DIR OUT {layout}`"
@@ -103,34 +113,48 @@ def trtllm_mismatches(inp: TrtllmInput, profile: TargetProfile) -> list[str]:
     problems = []
     redo = _remake_command(inp, profile)
     if inp.tp != profile.parallel.tp:
-        problems.append(f"{where}: mapping.tp_size is {inp.tp} but {target} has parallel.tp = "
-                        f"{profile.parallel.tp}; {redo}")
+        problems.append(
+            f"{where}: mapping.tp_size is {inp.tp} but {target} has parallel.tp = "
+            f"{profile.parallel.tp}; {redo}"
+        )
     if inp.pp != profile.parallel.pp:
-        problems.append(f"{where}: mapping.pp_size is {inp.pp} but {target} has parallel.pp = "
-                        f"{profile.parallel.pp}; {redo}")
+        problems.append(
+            f"{where}: mapping.pp_size is {inp.pp} but {target} has parallel.pp = "
+            f"{profile.parallel.pp}; {redo}"
+        )
     if inp.quant_algo != _want(profile.precision.weights):
-        problems.append(f"{where}: quantization.quant_algo is {inp.quant_algo!r} but {target} has "
-                        f"precision.weights = {profile.precision.weights!r}")
+        problems.append(
+            f"{where}: quantization.quant_algo is {inp.quant_algo!r} but {target} has "
+            f"precision.weights = {profile.precision.weights!r}"
+        )
     if inp.kv_cache_quant_algo != _want(profile.precision.kv_cache):
-        problems.append(f"{where}: quantization.kv_cache_quant_algo is {inp.kv_cache_quant_algo!r} "
-                        f"but {target} has precision.kv_cache = {profile.precision.kv_cache!r}")
+        problems.append(
+            f"{where}: quantization.kv_cache_quant_algo is {inp.kv_cache_quant_algo!r} "
+            f"but {target} has precision.kv_cache = {profile.precision.kv_cache!r}"
+        )
     use_parallel = bool(inp.config.get("use_parallel_embedding"))
     if use_parallel != profile.precision.use_parallel_embedding:
-        problems.append(f"{where}: use_parallel_embedding is {use_parallel} but {target} has "
-                        f"precision.use_parallel_embedding = {profile.precision.use_parallel_embedding}")
+        problems.append(
+            f"{where}: use_parallel_embedding is {use_parallel} but {target} has "
+            f"precision.use_parallel_embedding = {profile.precision.use_parallel_embedding}"
+        )
     return problems
 
 
 def check_manifest(inp: TrtllmInput) -> None:
     path = inp.root / MANIFEST
     if inp.manifest is None:
-        raise InputError(f"{path}: missing; build only accepts checkpoints written by builder "
-                         "convert / quantize (their manifest carries every file's sha256)")
+        raise InputError(
+            f"{path}: missing; build only accepts checkpoints written by builder "
+            "convert / quantize (their manifest carries every file's sha256)"
+        )
     kind = inp.manifest.get("kind")
     if kind != TRTLLM_KIND:
         raise InputError(f"{path}: kind is {kind!r}, expected {TRTLLM_KIND!r}")
     if inp.manifest.get("complete") is False:
-        raise InputError(f"{path}: the checkpoint is marked incomplete (a partial or dry-run convert)")
+        raise InputError(
+            f"{path}: the checkpoint is marked incomplete (a partial or dry-run convert)"
+        )
     listed = set(inp.manifest.get("files", {}))
     needed = {"config.json"} | {p.name for p in inp.rank_files()}
     missing = sorted(needed - listed)
@@ -195,8 +219,10 @@ def read_hf_input(directory: str | Path) -> HfInput:
     if not root.is_dir():
         raise InputError(f"{root}: not a directory")
     if is_trtllm_checkpoint(root):
-        raise InputError(f"{root}: this is a TensorRT-LLM checkpoint; --backend pytorch serves the "
-                         "HF checkpoint (BF16) or the unified HF FP8 export of `builder quantize`")
+        raise InputError(
+            f"{root}: this is a TensorRT-LLM checkpoint; --backend pytorch serves the "
+            "HF checkpoint (BF16) or the unified HF FP8 export of `builder quantize`"
+        )
     plan = load_plan(root)
     quantization = None
     quant_path = root / HF_QUANT_CONFIG
@@ -204,7 +230,9 @@ def read_hf_input(directory: str | Path) -> HfInput:
         try:
             quantization = json.loads(quant_path.read_text())["quantization"]
         except (OSError, ValueError, KeyError, TypeError) as err:
-            raise InputError(f"{quant_path}: unreadable or without a 'quantization' entry ({err})") from None
+            raise InputError(
+                f"{quant_path}: unreadable or without a 'quantization' entry ({err})"
+            ) from None
     manifest = read_manifest(root) if (root / MANIFEST).exists() else None
     return HfInput(root, plan, quantization, manifest)
 
@@ -220,9 +248,13 @@ def hf_mismatches(inp: HfInput, profile: TargetProfile) -> list[str]:
             "load: give the unified HF FP8 export of `builder quantize`"
         )
     if not profile.fp8_weights and inp.quant_algo is not None:
-        problems.append(f"{quant}: quant_algo is {inp.quant_algo!r} but {target} has "
-                        "precision.weights = 'bf16'; give the BF16 HF checkpoint")
+        problems.append(
+            f"{quant}: quant_algo is {inp.quant_algo!r} but {target} has "
+            "precision.weights = 'bf16'; give the BF16 HF checkpoint"
+        )
     if profile.precision.kv_cache == "fp8" and inp.kv_cache_quant_algo != "FP8":
-        problems.append(f"{quant}: no calibrated FP8 KV cache (kv_cache_quant_algo "
-                        f"{inp.kv_cache_quant_algo!r}) but {target} has precision.kv_cache = 'fp8'")
+        problems.append(
+            f"{quant}: no calibrated FP8 KV cache (kv_cache_quant_algo "
+            f"{inp.kv_cache_quant_algo!r}) but {target} has precision.kv_cache = 'fp8'"
+        )
     return problems

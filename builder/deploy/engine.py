@@ -31,8 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from builder import __version__
-from builder.build import launch
-from builder.build.inputs import (
+from builder.deploy import launch
+from builder.deploy.inputs import (
     InputError,
     TrtllmInput,
     check_manifest,
@@ -42,9 +42,9 @@ from builder.build.inputs import (
     trtllm_mismatches,
     verify_checksums,
 )
-from builder.build.planner import TargetPlan, plan_target
-from builder.build.profiles import TargetProfile
-from builder.build.trtllm_flags import check_args, load_flag_set
+from builder.deploy.planner import TargetPlan, plan_target
+from builder.deploy.profiles import TargetProfile
+from builder.deploy.trtllm_flags import check_args, load_flag_set
 from builder.errors import UserError
 from builder.io.atomic import atomic_dir
 from builder.io.manifest import build_manifest, write_manifest
@@ -97,13 +97,23 @@ def trtllm_status(version: str | None = None, importable: bool | None = None) ->
     if release is None:
         return TrtllmStatus(version, False, f"TensorRT-LLM {version}: unrecognised version")
     if release > NEWEST:
-        return TrtllmStatus(version, False, (
-            f"TensorRT-LLM {version} is too new: the TensorRT engine backend (trtllm-build, "
-            f"models/nemotron_nas) exists only up to the {NEWEST[0]}.{NEWEST[1]}.x releases"))
+        return TrtllmStatus(
+            version,
+            False,
+            (
+                f"TensorRT-LLM {version} is too new: the TensorRT engine backend (trtllm-build, "
+                f"models/nemotron_nas) exists only up to the {NEWEST[0]}.{NEWEST[1]}.x releases"
+            ),
+        )
     if release < OLDEST:
-        return TrtllmStatus(version, False, (
-            f"TensorRT-LLM {version} is too old for Nemotron-Ultra (needs {OLDEST[0]}.{OLDEST[1]} "
-            f"or later; {PINNED} is the pinned release)"))
+        return TrtllmStatus(
+            version,
+            False,
+            (
+                f"TensorRT-LLM {version} is too old for Nemotron-Ultra (needs {OLDEST[0]}.{OLDEST[1]} "
+                f"or later; {PINNED} is the pinned release)"
+            ),
+        )
     return TrtllmStatus(version, True, f"TensorRT-LLM {version}")
 
 
@@ -136,33 +146,54 @@ def trtllm_build_args(profile: TargetProfile, checkpoint_dir: str, output_dir: s
     flag set. Every limit is explicit: defaults make Ultra OOM (TensorRT-LLM PR 8399)."""
     b = profile.build
     args = [
-        "--checkpoint_dir", checkpoint_dir,
-        "--output_dir", output_dir,
-        "--max_batch_size", str(b.max_batch_size),
-        "--max_input_len", str(b.max_input_len),
-        "--max_seq_len", str(b.max_seq_len),
-        "--max_num_tokens", str(b.max_num_tokens),
-        "--kv_cache_type", b.kv_cache_type,
-        "--tokens_per_block", str(b.tokens_per_block),
-        "--gemm_plugin", b.gemm_plugin,
-        "--use_fp8_context_fmha", _switch(b.use_fp8_context_fmha),
-        "--use_paged_context_fmha", _switch(b.use_paged_context_fmha),
-        "--use_fused_mlp", _switch(b.use_fused_mlp),
-        "--reduce_fusion", _switch(b.reduce_fusion and profile.parallel.tp > 1),
-        "--multiple_profiles", _switch(b.multiple_profiles),
-        "--workers", str(profile.engine_workers),
-        "--log_level", b.log_level,
+        "--checkpoint_dir",
+        checkpoint_dir,
+        "--output_dir",
+        output_dir,
+        "--max_batch_size",
+        str(b.max_batch_size),
+        "--max_input_len",
+        str(b.max_input_len),
+        "--max_seq_len",
+        str(b.max_seq_len),
+        "--max_num_tokens",
+        str(b.max_num_tokens),
+        "--kv_cache_type",
+        b.kv_cache_type,
+        "--tokens_per_block",
+        str(b.tokens_per_block),
+        "--gemm_plugin",
+        b.gemm_plugin,
+        "--use_fp8_context_fmha",
+        _switch(b.use_fp8_context_fmha),
+        "--use_paged_context_fmha",
+        _switch(b.use_paged_context_fmha),
+        "--use_fused_mlp",
+        _switch(b.use_fused_mlp),
+        "--reduce_fusion",
+        _switch(b.reduce_fusion and profile.parallel.tp > 1),
+        "--multiple_profiles",
+        _switch(b.multiple_profiles),
+        "--workers",
+        str(profile.engine_workers),
+        "--log_level",
+        b.log_level,
     ]
     check_args(args, f"trtllm-build arguments from target {profile.name} ({profile.source})")
     return args
 
 
 # ---- running ------------------------------------------------------------------------------------
-def run_logged(command: list[str], log_path: Path, on_line: Callable[[str], None] | None = None) -> int:
+def run_logged(
+    command: list[str], log_path: Path, on_line: Callable[[str], None] | None = None
+) -> int:
     """Run `command`, copying its merged stdout/stderr to `log_path` and `on_line` as it comes."""
-    with open(log_path, "w") as log, subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
-    ) as process:
+    with (
+        open(log_path, "w") as log,
+        subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+        ) as process,
+    ):
         assert process.stdout is not None
         for line in process.stdout:
             log.write(line)
@@ -222,9 +253,11 @@ def _verify(inp: TrtllmInput, verify: bool, progress: Progress | None) -> dict[s
 
 def _check_input(checkpoint: str | Path, profile: TargetProfile) -> tuple[TrtllmInput, TargetPlan]:
     if Path(checkpoint).is_dir() and not is_trtllm_checkpoint(Path(checkpoint)):
-        raise InputError(f"{checkpoint}: not a TensorRT-LLM checkpoint (config.json has no "
-                         "'architecture'/'mapping'); convert it with `builder convert`, or serve an "
-                         "HF checkpoint with --backend pytorch")
+        raise InputError(
+            f"{checkpoint}: not a TensorRT-LLM checkpoint (config.json has no "
+            "'architecture'/'mapping'); convert it with `builder convert`, or serve an "
+            "HF checkpoint with --backend pytorch"
+        )
     inp = read_trtllm_input(checkpoint)
     problems = trtllm_mismatches(inp, profile)
     if problems:
@@ -237,32 +270,61 @@ def _tokenizer_dir(inp: TrtllmInput) -> str:
     return str(source.get("path") or "/path/to/hf-checkpoint")
 
 
-def engine_scripts(profile: TargetProfile, args: list[str], inp: TrtllmInput, engine_dir: str) -> dict[str, str]:
+def engine_scripts(
+    profile: TargetProfile, args: list[str], inp: TrtllmInput, engine_dir: str
+) -> dict[str, str]:
     env = {"CKPT_DIR": str(inp.root.resolve()), "ENGINE_DIR": engine_dir}
     generic = list(args)
     generic[generic.index("--checkpoint_dir") + 1] = "${CKPT_DIR}"
     generic[generic.index("--output_dir") + 1] = "${ENGINE_DIR}"
     mpi = list(generic)
     mpi[mpi.index("--workers") + 1] = "1"  # one engine per MPI rank (build.py parallel_build)
-    serve = ["trtllm-serve", "${ENGINE_DIR}", "--backend", "tensorrt", "--tokenizer", "${TOKENIZER_DIR}",
-             "--tp_size", str(profile.parallel.tp), "--pp_size", str(profile.parallel.pp),
-             "--kv_cache_free_gpu_memory_fraction", str(profile.runtime.kv_cache_free_gpu_mem_fraction),
-             "--host", "0.0.0.0", "--port", "${PORT}"]
-    serve_env = {"ENGINE_DIR": engine_dir, "TOKENIZER_DIR": _tokenizer_dir(inp), "PORT": str(profile.runtime.port)}
+    serve = [
+        "trtllm-serve",
+        "${ENGINE_DIR}",
+        "--backend",
+        "tensorrt",
+        "--tokenizer",
+        "${TOKENIZER_DIR}",
+        "--tp_size",
+        str(profile.parallel.tp),
+        "--pp_size",
+        str(profile.parallel.pp),
+        "--kv_cache_free_gpu_memory_fraction",
+        str(profile.runtime.kv_cache_free_gpu_mem_fraction),
+        "--host",
+        "0.0.0.0",
+        "--port",
+        "${PORT}",
+    ]
+    serve_env = {
+        "ENGINE_DIR": engine_dir,
+        "TOKENIZER_DIR": _tokenizer_dir(inp),
+        "PORT": str(profile.runtime.port),
+    }
     scripts = {
         "build-engines.sh": launch.script(
             f"trtllm-build for target {profile.name}: {profile.world_size} rank engines on one node.",
-            launch.shell_join(["trtllm-build", *generic]), env),
+            launch.shell_join(["trtllm-build", *generic]),
+            env,
+        ),
         "build-engines-mpirun.sh": launch.script(
             f"trtllm-build for target {profile.name} across nodes: MPI rank r builds engine r.",
             launch.shell_join(launch.mpirun_prefix(profile) + ["trtllm-build", *mpi]),
-            {"HOSTFILE": "hostfile", **env}),
+            {"HOSTFILE": "hostfile", **env},
+        ),
     }
-    scripts.update(launch.serve_scripts(profile, serve, serve_env, f"trtllm-serve of the {profile.name} engines"))
+    scripts.update(
+        launch.serve_scripts(
+            profile, serve, serve_env, f"trtllm-serve of the {profile.name} engines"
+        )
+    )
     return scripts
 
 
-def _build_config(profile: TargetProfile, inp: TrtllmInput, args: list[str], executable: list[str]) -> dict:
+def _build_config(
+    profile: TargetProfile, inp: TrtllmInput, args: list[str], executable: list[str]
+) -> dict:
     return {
         "target": profile.to_json(),
         "checkpoint": inp.summary(),
@@ -273,7 +335,9 @@ def _build_config(profile: TargetProfile, inp: TrtllmInput, args: list[str], exe
     }
 
 
-def _write_common(stage: Path, result_plan: TargetPlan, config: dict, scripts: dict[str, str]) -> None:
+def _write_common(
+    stage: Path, result_plan: TargetPlan, config: dict, scripts: dict[str, str]
+) -> None:
     (stage / "plan.json").write_text(json.dumps(result_plan.to_dict(), indent=2) + "\n")
     (stage / "build_config.json").write_text(json.dumps(config, indent=2) + "\n")
     launch.write_scripts(stage / "launch", scripts)
@@ -312,18 +376,26 @@ def dry_run_build(
         "fits": result_plan.fits,
         "verdict": result_plan.verdict,
         "next": "run launch/build-engines.sh where TensorRT-LLM "
-                f"{PINNED} and {profile.world_size} GPUs are available, or `builder build` without --dry-run",
+        f"{PINNED} and {profile.world_size} GPUs are available, or `builder build` without --dry-run",
     }
     scripts = engine_scripts(profile, args, inp, engine_dir)
     with atomic_dir(out, overwrite) as stage:
         _write_common(stage, result_plan, config, scripts)
-        (stage / "trtllm-build.sh").write_text(launch.script(
-            f"The trtllm-build command for target {profile.name} (dry run of `builder build`).",
-            launch.shell_join(["trtllm-build", *args])))
+        (stage / "trtllm-build.sh").write_text(
+            launch.script(
+                f"The trtllm-build command for target {profile.name} (dry run of `builder build`).",
+                launch.shell_join(["trtllm-build", *args]),
+            )
+        )
         (stage / "trtllm-build.sh").chmod(0o755)
         (stage / "build_report.json").write_text(json.dumps(report, indent=2) + "\n")
-        manifest = build_manifest(stage, DRY_RUN_KIND, target=profile.name, checkpoint=str(inp.root.resolve()),
-                                  engine_built=False)
+        manifest = build_manifest(
+            stage,
+            DRY_RUN_KIND,
+            target=profile.name,
+            checkpoint=str(inp.root.resolve()),
+            engine_built=False,
+        )
         write_manifest(stage, manifest)
         files = sorted([*manifest["files"], "manifest.json"])
     return BuildResult(out, True, report, result_plan, files)
@@ -385,10 +457,17 @@ def build_engines(
             "verdict": result_plan.verdict,
         }
         config = _build_config(profile, inp, args, executable)
-        _write_common(stage, result_plan, config, engine_scripts(profile, args, inp, str(out.resolve())))
+        _write_common(
+            stage, result_plan, config, engine_scripts(profile, args, inp, str(out.resolve()))
+        )
         (stage / "build_report.json").write_text(json.dumps(report, indent=2) + "\n")
-        manifest = build_manifest(stage, ENGINE_KIND, target=profile.name, checkpoint=str(inp.root.resolve()),
-                                  engine_built=True)
+        manifest = build_manifest(
+            stage,
+            ENGINE_KIND,
+            target=profile.name,
+            checkpoint=str(inp.root.resolve()),
+            engine_built=True,
+        )
         write_manifest(stage, manifest)
         files = sorted([*manifest["files"], "manifest.json"])
     return BuildResult(out, False, report, result_plan, files)

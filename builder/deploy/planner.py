@@ -47,7 +47,7 @@ from builder.arch.tensors import (
     layer_rules,
     rank_shape,
 )
-from builder.build.profiles import TargetProfile
+from builder.deploy.profiles import TargetProfile
 
 GIB = 1 << 30
 BF16 = 2
@@ -58,20 +58,20 @@ PARALLEL_EMBEDDING_RULE = TensorRule(EMBEDDING_RULE.target, EMBEDDING_RULE.sourc
 
 FORMULAS = {
     "weights": "sum over the rank's tensors (builder.arch.rank_tensors): BF16 2 B/elem; FP8 "
-               "linears 1 B/elem + 2 fp32 scales; FP8 KV adds one fp32 kv scale per attention layer",
+    "linears 1 B/elem + 2 fp32 scales; FP8 KV adds one fp32 kv scale per attention layer",
     "activations": "max_num_tokens x (2 h + widest layer's per-rank linear widths) x 2 B "
-                   "+ last stage: max_batch_size x vocab x 4 B logits (estimate)",
+    "+ last stage: max_batch_size x vocab x 4 B logits (estimate)",
     "kv_pool": "kv_cache_free_gpu_mem_fraction x (GPU memory - weights - activations - reserve)",
     "kv_tokens": "floor(kv_pool / KV bytes per token per rank / tokens_per_block) x tokens_per_block",
     "sequences": "kv_tokens // (ceil((isl + osl) / tokens_per_block) x tokens_per_block)",
     "decode_step": "sum over stages of max rank (weights - embedding + active KV) / HBM bandwidth "
-                   "(lower bound, datasheet bandwidth)",
+    "(lower bound, datasheet bandwidth)",
     "convert_ram": "1 GiB + 2 x largest per-rank BF16 tensor: an upper bound (plain convert streams "
-                   "64 MiB blocks; a rank transform such as FP8 holds one whole rank tensor)",
+    "64 MiB blocks; a rank transform such as FP8 holds one whole rank tensor)",
     "quantize_ram": "1 GiB + largest HF block in BF16 + 2 x calib_samples x calib_seq_len x h x 2 B",
     "build_ram": "workers x 2 x largest rank's weights (estimate)",
     "times": "I/O lower bounds: bytes read / disk_read_gbs + bytes written / disk_write_gbs; "
-             "calibration adds 2 x linear params x calib tokens / bf16_tflops (one GPU)",
+    "calibration adds 2 x linear params x calib tokens / bf16_tflops (one GPU)",
 }
 
 
@@ -94,7 +94,11 @@ def _tensor_shape(plan: ModelPlan, tensor: RankTensor, tp: int, parallel_embeddi
 
 
 def rank_weights(
-    plan: ModelPlan, profile: TargetProfile, rank: int, fp8: bool | None = None, kv_fp8: bool | None = None
+    plan: ModelPlan,
+    profile: TargetProfile,
+    rank: int,
+    fp8: bool | None = None,
+    kv_fp8: bool | None = None,
 ) -> RankWeights:
     """Bytes of rank{rank}.safetensors at the profile's precision; `fp8` / `kv_fp8` override
     the weight and KV-cache precision (e.g. both False: the BF16 checkpoint convert writes)."""
@@ -187,8 +191,19 @@ def rank_memory(plan: ModelPlan, profile: TargetProfile, rank: int) -> RankMemor
     if kv_per_token:
         block = profile.build.tokens_per_block
         tokens = pool // kv_per_token // block * block
-    return RankMemory(rank, pp_rank, weights.tensors, weights.total, weights.embedding,
-                      activations, reserve, free, kv_per_token, pool, tokens)
+    return RankMemory(
+        rank,
+        pp_rank,
+        weights.tensors,
+        weights.total,
+        weights.embedding,
+        activations,
+        reserve,
+        free,
+        kv_per_token,
+        pool,
+        tokens,
+    )
 
 
 # ---- pipeline balance -------------------------------------------------------------------------------
@@ -203,13 +218,17 @@ def stage_params(plan: ModelPlan, boundaries: list[int]) -> list[dict[str, int]]
         extra = plan.embedding_params if s == 0 else 0
         if s == len(boundaries) - 1:
             extra += plan.lm_head_params + plan.hidden_size
-        stages.append({
-            "first_layer": edges[s],
-            "layers": len(layers),
-            "attention_layers": sum(plan.layers[i].attention is AttentionKind.ATTENTION for i in layers),
-            "layer_params": layer_params,
-            "params": layer_params + extra,
-        })
+        stages.append(
+            {
+                "first_layer": edges[s],
+                "layers": len(layers),
+                "attention_layers": sum(
+                    plan.layers[i].attention is AttentionKind.ATTENTION for i in layers
+                ),
+                "layer_params": layer_params,
+                "params": layer_params + extra,
+            }
+        )
     return stages
 
 
@@ -268,9 +287,7 @@ def tp_checks(plan: ModelPlan, tp: int, pp: int) -> dict[str, Any]:
     attention = plan.attention_layers
     mlp_widths = sorted({layer.ffn_width for layer in plan.layers if layer.ffn_width})
     duplicated = [layer.index for layer in attention if tp > layer.kv_heads]
-    block_fp8_misaligned = sorted(
-        {w for w in mlp_widths if w % tp == 0 and (w // tp) % 128}
-    )
+    block_fp8_misaligned = sorted({w for w in mlp_widths if w % tp == 0 and (w // tp) % 128})
     return {
         "problems": parallelism_problems(plan, tp, pp),
         "query_heads_per_rank": plan.num_attention_heads / tp,
@@ -279,19 +296,23 @@ def tp_checks(plan: ModelPlan, tp: int, pp: int) -> dict[str, Any]:
         "ffn_width_per_rank": [w // tp for w in mlp_widths if w % tp == 0],
         "ffn_widths_not_128_aligned_per_rank": block_fp8_misaligned,
         "note": "128x128 block FP8 would need every I/tp to be a multiple of 128; builder's "
-                "per-tensor FP8 does not, so misaligned widths are informational.",
+        "per-tensor FP8 does not, so misaligned widths are informational.",
     }
 
 
 # ---- decode bound -------------------------------------------------------------------------------
-def decode_bound(profile: TargetProfile, memories: list[RankMemory], concurrency: int,
-                 context: int) -> dict[str, Any]:
+def decode_bound(
+    profile: TargetProfile, memories: list[RankMemory], concurrency: int, context: int
+) -> dict[str, Any]:
     bandwidth = profile.hardware.hbm_bandwidth_tbs * 1e12
     stages: dict[int, list[RankMemory]] = {}
     for memory in memories:
         stages.setdefault(memory.pp_rank, []).append(memory)
     weights_read = [max(m.weights - m.embedding for m in ranks) for ranks in stages.values()]
-    kv_read = [max(m.kv_bytes_per_token for m in ranks) * concurrency * context for ranks in stages.values()]
+    kv_read = [
+        max(m.kv_bytes_per_token for m in ranks) * concurrency * context
+        for ranks in stages.values()
+    ]
     step_1 = sum(w / bandwidth for w in weights_read)
     step_c = sum((w + k) / bandwidth for w, k in zip(weights_read, kv_read, strict=True))
     return {
@@ -403,9 +424,13 @@ class TargetPlan:
         if self.problems:
             return "does not fit: " + "; ".join(self.problems)
         worst = max(self.ranks, key=lambda m: m.used_before_kv)
-        kv = "no KV cache needed" if self.kv_tokens is None else (
-            f"{self.kv_tokens:,} KV tokens per rank, {self.concurrency} concurrent "
-            f"{self.profile.runtime.isl}+{self.profile.runtime.osl}-token sequences"
+        kv = (
+            "no KV cache needed"
+            if self.kv_tokens is None
+            else (
+                f"{self.kv_tokens:,} KV tokens per rank, {self.concurrency} concurrent "
+                f"{self.profile.runtime.isl}+{self.profile.runtime.osl}-token sequences"
+            )
         )
         return (
             f"fits: {worst.weights / GIB:.1f} GiB weights + {worst.activations / GIB:.1f} GiB "
@@ -432,7 +457,9 @@ class TargetPlan:
             "per_rank": [dataclasses.asdict(r) for r in self.ranks],
             "worst_rank": worst.rank if worst else None,
             "weights_per_rank_max": max((r.weights for r in self.ranks), default=None),
-            "kv_bytes_per_token_per_rank": max((r.kv_bytes_per_token for r in self.ranks), default=None),
+            "kv_bytes_per_token_per_rank": max(
+                (r.kv_bytes_per_token for r in self.ranks), default=None
+            ),
             "kv_tokens_per_rank": self.kv_tokens,
             "sequences_fit": self.sequences_fit,
             "concurrency": self.concurrency,
@@ -471,7 +498,9 @@ def _workload_warnings(profile: TargetProfile, plan: TargetPlan) -> list[str]:
     b, r = profile.build, profile.runtime
     notes = []
     if r.isl + r.osl > b.max_seq_len:
-        notes.append(f"workload isl+osl = {r.isl + r.osl} exceeds build.max_seq_len {b.max_seq_len}")
+        notes.append(
+            f"workload isl+osl = {r.isl + r.osl} exceeds build.max_seq_len {b.max_seq_len}"
+        )
     if r.isl > b.max_input_len:
         notes.append(f"workload isl {r.isl} exceeds build.max_input_len {b.max_input_len}")
     if b.max_input_len > b.max_num_tokens and not r.enable_chunked_prefill:
@@ -511,7 +540,11 @@ def plan_target(plan: ModelPlan, profile: TargetProfile) -> TargetPlan:
     r = profile.runtime
     per_sequence = _blocks(r.isl + r.osl, profile.build.tokens_per_block)
     sequences = None if kv_tokens is None else kv_tokens // per_sequence
-    concurrency = profile.build.max_batch_size if sequences is None else min(sequences, profile.build.max_batch_size)
+    concurrency = (
+        profile.build.max_batch_size
+        if sequences is None
+        else min(sequences, profile.build.max_batch_size)
+    )
     context = r.isl + r.osl // 2
     result = TargetPlan(
         model=plan,
@@ -535,7 +568,15 @@ def _impossible(plan: ModelPlan, profile: TargetProfile, layout: list[str]) -> T
     more = f" (and {len(layout) - 1} more)" if len(layout) > 1 else ""
     pipeline = pp_balance(plan, pp) if pp <= plan.num_layers else {"pp": pp}
     return TargetPlan(
-        model=plan, profile=profile, ranks=[], kv_tokens=None, sequences_fit=None, concurrency=0,
-        decode={}, tp={"problems": layout}, pipeline=pipeline, host={},
+        model=plan,
+        profile=profile,
+        ranks=[],
+        kv_tokens=None,
+        sequences_fit=None,
+        concurrency=0,
+        decode={},
+        tp={"problems": layout},
+        pipeline=pipeline,
+        host={},
         problems=[f"cannot split tp={tp} pp={pp}: {layout[0]}{more}"],
     )

@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from builder.build import (
+from builder.deploy import (
     arg_problems,
     load_flag_set,
     load_profile,
@@ -38,8 +38,12 @@ def test_every_profile_generates_valid_arguments(name):
     assert arg_problems(args) == []
     values = dict(zip(args[::2], args[1::2], strict=True))
     # limits are always explicit: the defaults make Ultra OOM (TensorRT-LLM PR 8399)
-    for flag, field in [("--max_seq_len", "max_seq_len"), ("--max_num_tokens", "max_num_tokens"),
-                        ("--max_batch_size", "max_batch_size"), ("--workers", "workers")]:
+    for flag, field in [
+        ("--max_seq_len", "max_seq_len"),
+        ("--max_num_tokens", "max_num_tokens"),
+        ("--max_batch_size", "max_batch_size"),
+        ("--workers", "workers"),
+    ]:
         assert values[flag] == str(getattr(profile.build, field))
     assert values["--gemm_plugin"] == ("fp8" if profile.fp8_weights else "auto")
     assert values["--use_fp8_context_fmha"] == ("enable" if profile.fp8_weights else "disable")
@@ -60,7 +64,10 @@ def test_reduce_fusion_is_off_without_tensor_parallelism():
         (["--max_seq_len"], "--max_seq_len: needs a value"),
         (["--workers", "2", "--workers", "4"], "--workers: given twice"),
         (["--paged_kv_cache", "enable"], "deprecated"),
-        (["--multiple_profiles", "enable", "--opt_num_tokens", "256"], "conflicts with --opt_num_tokens"),
+        (
+            ["--multiple_profiles", "enable", "--opt_num_tokens", "256"],
+            "conflicts with --opt_num_tokens",
+        ),
         (["8", "--workers", "2"], "8: stray value"),
     ],
 )
@@ -69,10 +76,17 @@ def test_arg_problems_catch_each_mistake(args, message):
 
 
 def test_switches_and_lists_parse():
-    assert arg_problems(["--strip_plan", "--lora_target_modules", "attn_q", "attn_k", "--workers", "1"]) == []
+    assert (
+        arg_problems(
+            ["--strip_plan", "--lora_target_modules", "attn_q", "attn_k", "--workers", "1"]
+        )
+        == []
+    )
 
 
 def test_profile_with_a_value_the_release_lacks_is_refused(tmp_path):
     profile = load_profile("h100x4-fp8", [("build.gemm_plugin", "fp16")])
-    with pytest.raises(UserError, match=r"pinned trtllm-build 1\.2\.1 flag set: --gemm_plugin 'fp16'"):
+    with pytest.raises(
+        UserError, match=r"pinned trtllm-build 1\.2\.1 flag set: --gemm_plugin 'fp16'"
+    ):
         trtllm_build_args(profile, "/c", "/e")
