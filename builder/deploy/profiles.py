@@ -1,10 +1,9 @@
 """Target profiles: one TOML file per deployment target (hardware, precision, build settings).
 
-The shipped profiles live in the repository's top-level `engines/` directory. pyproject.toml
-installs that directory as a data-only namespace package named `engines`, so a wheel
-install finds the files through the import system and an editable install (what CI uses)
-finds them in the checkout. A user profile is any other TOML file given by path; it may
-start from a shipped one with `base = "NAME"` and change only some fields.
+The shipped profiles live in the repository's top-level `engines/` directory, shipped as
+package data `builder._data/engines` (read with importlib.resources), so a checkout, an
+editable install and a wheel find the same files. A profile (shipped or a user's TOML file
+given by path) may start from another with `base = "NAME"` and change only some fields.
 
 Every field is typed and checked; an unknown or missing field is an error that names the
 field and the file. Command-line overrides use the same dotted names
@@ -14,7 +13,6 @@ field and the file. Command-line overrides use the same dotted names
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import tomllib
 import typing
 from collections.abc import Iterable, Mapping
@@ -22,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from builder._data import PROFILES, data_dir
 from builder.errors import UserError
 
 MISSION_TARGETS = ("h100x8-bf16", "h100x4-fp8", "b100x4-fp8")
@@ -205,20 +204,9 @@ class TargetProfile:
 
 # ---- locating shipped profiles ---------------------------------------------------------------
 def profile_dirs() -> list[Path]:
-    """Directories that may hold the shipped profiles, checkout first, installed copy second."""
-    dirs = [Path(__file__).resolve().parents[2] / "engines"]
-    spec = importlib.util.find_spec("engines")
-    if spec is not None and spec.submodule_search_locations:
-        dirs.extend(Path(p) for p in spec.submodule_search_locations)
-    seen: list[Path] = []
-    for directory in dirs:
-        if (
-            directory.is_dir()
-            and directory not in seen
-            and any(directory.glob("*" + PROFILE_SUFFIX))
-        ):
-            seen.append(directory)
-    return seen
+    """Directories that hold the shipped profiles (the package data; empty if it is missing)."""
+    directory = data_dir(PROFILES)
+    return [directory] if any(directory.glob("*" + PROFILE_SUFFIX)) else []
 
 
 def shipped_profiles() -> dict[str, Path]:
@@ -238,7 +226,7 @@ def _locate(spec: str) -> Path:
         return path
     shipped = shipped_profiles()
     if spec not in shipped:
-        known = ", ".join(shipped) or "none found (is engines/ installed?)"
+        known = ", ".join(shipped) or "none found (is builder/_data/engines installed?)"
         raise ProfileError(
             f"unknown target {spec!r}; shipped targets: {known}; or give a .toml path"
         )
@@ -336,7 +324,8 @@ def _check_consistency(profile: TargetProfile) -> None:
     b, where = profile.build, profile.source
     if b.max_input_len > b.max_seq_len:
         raise ProfileError(
-            f"{where}: build.max_input_len {b.max_input_len} exceeds build.max_seq_len {b.max_seq_len}"
+            f"{where}: build.max_input_len {b.max_input_len} exceeds "
+            f"build.max_seq_len {b.max_seq_len}"
         )
     if profile.world_size > profile.total_gpus:
         raise ProfileError(

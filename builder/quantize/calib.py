@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from builder._data import CALIBRATION, data_dir
 from builder.chat import REASONING_OFF, REASONING_ON, nemotron_template
 from builder.errors import UserError
 from builder.io.jsonl import read_jsonl_objects
@@ -63,17 +64,14 @@ class Sample:
 
 # ---- locating data -------------------------------------------------------------------------
 def calib_dir() -> Path:
-    """The repository's `calib/` directory (prompts, thresholds).
-
-    builder is installed editable (scripts/install.sh), so `calib/` sits next to the
-    `builder/` package; BUILDER_CALIB_DIR overrides this for other layouts.
-    """
+    """The calibration data directory (prompts, thresholds): the repository's `calib/`,
+    shipped as package data `builder._data/calib`; BUILDER_CALIB_DIR overrides it."""
     override = os.environ.get(CALIB_ENV)
-    candidate = Path(override) if override else Path(__file__).resolve().parents[2] / "calib"
+    candidate = Path(override) if override else data_dir(CALIBRATION)
     if not (candidate / "prompts.jsonl").is_file():
         raise CalibrationDataError(
             f"{candidate}: calibration data directory not found (expected prompts.jsonl there); "
-            f"install builder editable from its repository or set {CALIB_ENV}"
+            f"reinstall builder (its package data is missing) or set {CALIB_ENV}"
         )
     return candidate
 

@@ -55,9 +55,9 @@ def test_every_value_has_a_comment_saying_why(name):
             assert commented or "#" in line, f"{name}.toml:{number} has no comment: {line}"
 
 
-def test_profiles_come_from_the_checkout_engines_directory():
+def test_profiles_come_from_the_package_data():
     dirs = profile_dirs()
-    assert dirs and dirs[0].name == "engines"
+    assert dirs and dirs[0].name == "engines" and dirs[0].parent.name == "_data"
     assert (dirs[0] / "h100x8-bf16.toml").is_file()
 
 
