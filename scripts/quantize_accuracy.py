@@ -44,7 +44,8 @@ def main() -> None:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
-    from builder.quantize import evaluate_accuracy, format_table, quantize_checkpoint
+    from builder.quantize import quantize_checkpoint
+    from builder.verify.fp8_accuracy import evaluate_accuracy, format_table
 
     work = args.work or Path(tempfile.mkdtemp(prefix="quantize-accuracy-"))
     src = args.src

@@ -58,7 +58,7 @@ def smollm2_nas_ckpt(tmp_path_factory):
 @pytest.fixture(scope="session")
 def smollm2_fp8(tmp_path_factory, smollm2_ckpt):
     """FP8 SmolLM2 (both exports), calibrated as calib/thresholds.toml [smollm2-ci] says."""
-    from builder.quantize.accuracy import threshold_setup
+    from builder.verify.fp8_accuracy import threshold_setup
     from builder.quantize.pipeline import quantize_checkpoint
 
     setup = threshold_setup("smollm2-ci")

@@ -100,9 +100,9 @@ def peak_memory_bytes(device: str) -> int:
 def roofline(directory: Path, target: str, concurrency: int, context: int) -> dict[str, Any]:
     """The planner's decode bound for this checkpoint's plan, tp/pp and precision on
     `target`'s hardware, at `concurrency` sequences of `context` cached tokens."""
-    from builder.convert.trtllm_config import mapping_of, read_trtllm_config
     from builder.deploy.planner import decode_bound, rank_memory
     from builder.deploy.profiles import load_profile, with_overrides
+    from builder.io.trtllm_checkpoint import mapping_of, read_trtllm_config
 
     config, plan = read_trtllm_config(directory)
     tp, pp = mapping_of(config)

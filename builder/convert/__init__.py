@@ -5,7 +5,7 @@ Public API (other stages call these):
   dry_run=False, overwrite=False, transform=None, quantization=None, progress=None)`
   -> ConvertSummary
 - `write_dry_run(plan, out, tp, pp, dtype, source=..., ...)`: manifest of what would be written
-- `trtllm_config(plan, tp, pp, dtype, quantization)` / `read_trtllm_config(dir)`
+- `trtllm_config(plan, tp, pp, dtype, quantization)` (reading back: builder.io.trtllm_checkpoint)
 - `RankTransform`, `Fp8Layout`, `rank_layout`: the hook quantize uses to write FP8 ranks
 - `write_rank_file(...)`: one rank file, streamed
 - `WorkerPool(workers)`: worker processes, startable before torch is imported
@@ -27,12 +27,9 @@ _EXPORTS = {
     "convert_checkpoint": "pipeline",
     "write_dry_run": "pipeline",
     "RankResult": "rank_writer",
-    "rank_file_name": "rank_writer",
     "write_rank_file": "rank_writer",
     "merge_tensor": "split",
     "split_tensor": "split",
-    "plan_from_trtllm_config": "trtllm_config",
-    "read_trtllm_config": "trtllm_config",
     "trtllm_config": "trtllm_config",
     "WorkerPool": "workers",
 }
@@ -47,10 +44,7 @@ __all__ = [
     "WorkerPool",
     "convert_checkpoint",
     "merge_tensor",
-    "plan_from_trtllm_config",
-    "rank_file_name",
     "rank_layout",
-    "read_trtllm_config",
     "split_tensor",
     "trtllm_config",
     "write_dry_run",

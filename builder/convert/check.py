@@ -21,13 +21,12 @@ from builder.arch.plan import ModelPlan
 from builder.arch.tensors import check_parallelism
 from builder.convert.layout import layout_for, rank_layout, torch_dtype
 from builder.convert.pipeline import DRY_RUN_KIND, ENTRIES, KIND, entry_verifies, read_entry
-from builder.convert.rank_writer import rank_file_name
 from builder.convert.sources import source_fingerprint
-from builder.convert.trtllm_config import mapping_of, read_trtllm_config
 from builder.errors import UserError
 from builder.io.checkpoint import HFCheckpoint
 from builder.io.manifest import MANIFEST, read_manifest, sha256_file
 from builder.io.safetensors_stream import DTYPE_CODES, header_specs, read_header
+from builder.io.trtllm_checkpoint import mapping_of, rank_file_name, read_trtllm_config
 
 
 @dataclass

@@ -40,7 +40,7 @@ from builder.arch.schema import AnyValue, Integer, Number, Object, String, valid
 from builder.arch.tensors import check_parallelism, stage_layers
 from builder.convert.layout import RankLayout, RankTransform, rank_layout, torch_dtype
 from builder.convert.progress import NullProgress, ProgressSink
-from builder.convert.rank_writer import RankResult, rank_file_name, rank_metadata, write_rank_file
+from builder.convert.rank_writer import RankResult, rank_metadata, write_rank_file
 from builder.convert.sources import DEFAULT_BLOCK_BYTES, check_source, source_fingerprint
 from builder.convert.trtllm_config import NO_QUANTIZATION, trtllm_config, write_trtllm_config
 from builder.convert.workers import WorkerPool, worker_progress
@@ -57,6 +57,7 @@ from builder.io.atomic import (
 from builder.io.checkpoint import HFCheckpoint
 from builder.io.manifest import MANIFEST, file_entry, provenance, sha256_file, write_manifest
 from builder.io.safetensors_stream import DTYPE_CODES, encode_header
+from builder.io.trtllm_checkpoint import rank_file_name
 
 KIND = "trtllm-checkpoint"
 DRY_RUN_KIND = "trtllm-checkpoint-dry-run"

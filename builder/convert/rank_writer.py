@@ -18,10 +18,6 @@ from builder.io.safetensors_stream import SafetensorsStreamWriter, SafetensorsWr
 Progress = Callable[[int], None]  # called with the number of bytes just written
 
 
-def rank_file_name(rank: int) -> str:
-    return f"rank{rank}.safetensors"
-
-
 def rank_metadata(rank: int, tp: int, pp: int) -> dict[str, str]:
     """The `__metadata__` of a rank file (part of the header, so part of its exact size)."""
     return {"format": "pt", "producer": "builder", "rank": str(rank), "tp": str(tp), "pp": str(pp)}

@@ -11,10 +11,9 @@ from safetensors import safe_open
 
 from builder.arch.plan import ModelPlan, load_plan
 from builder.arch.tensors import rank_tensors
-from builder.convert.rank_writer import rank_file_name
 from builder.convert.split import merge_tensor
-from builder.convert.trtllm_config import mapping_of, read_trtllm_config
 from builder.io.checkpoint import HFCheckpoint
+from builder.io.trtllm_checkpoint import mapping_of, rank_file_name, read_trtllm_config
 
 
 def unshard(

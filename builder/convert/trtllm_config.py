@@ -1,9 +1,9 @@
-"""TensorRT-LLM checkpoint `config.json` for DeciLMForCausalLM: writing it, and reading it back.
+"""TensorRT-LLM checkpoint `config.json` for DeciLMForCausalLM: writing it.
 
 `trtllm_config` is the one writer (convert uses it with quant_algo null; quantize passes
-its FP8 `quantization` dict). `plan_from_trtllm_config` turns a written config back into a
-`ModelPlan`, so `builder check` and the executor reason about a TensorRT-LLM checkpoint
-with the same tensor table as convert. Field semantics: trtllm-checkpoint.md §2.
+its FP8 `quantization` dict). Reading a written config back into a `ModelPlan` is
+builder.io.trtllm_checkpoint's job, so runtime, deploy and triton never import convert.
+Field semantics: trtllm-checkpoint.md §2.
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ from types import MappingProxyType
 from typing import Any
 
 from builder import __version__
-from builder.arch.plan import ARCHITECTURE, AttentionKind, FfnKind, LayerPlan, ModelPlan
+from builder.arch.plan import ARCHITECTURE, LayerPlan, ModelPlan
 from builder.errors import ConfigError
+from builder.io.trtllm_checkpoint import CONFIG_NAME
 
-CONFIG_NAME = "config.json"
 # Keys TensorRT-LLM's QuantConfig accepts; anything else raises there, so refuse it here.
 QUANT_KEYS = {
     "quant_algo",
@@ -110,86 +110,3 @@ def write_trtllm_config(directory: Path, config: Mapping[str, Any]) -> Path:
     tmp.write_text(json.dumps(config, indent=2) + "\n")
     tmp.replace(path)
     return path
-
-
-# ---- reading back ------------------------------------------------------------------------------
-def _layer_from_config(index: int, entry: Any, config: Mapping[str, Any], where: str) -> LayerPlan:
-    try:
-        attention = AttentionKind(entry["attention"]["impl"])
-        ffn = FfnKind(entry["ffn"]["impl"])
-    except (KeyError, TypeError, ValueError) as err:
-        raise ConfigError(f"{where}: layer_configs[{index}] is malformed ({err})") from None
-    kv = width = None
-    if attention is AttentionKind.ATTENTION:
-        kv = entry["attention"].get("num_key_value_heads") or config.get("num_key_value_heads")
-        if not isinstance(kv, int) or kv <= 0:
-            raise ConfigError(f"{where}: layer_configs[{index}] has no num_key_value_heads")
-    if ffn is FfnKind.MLP:
-        width = entry["ffn"].get("intermediate_size") or config.get("intermediate_size")
-        if not isinstance(width, int) or width <= 0:
-            raise ConfigError(f"{where}: layer_configs[{index}] has no intermediate_size")
-    return LayerPlan(index, attention, ffn, kv, width)
-
-
-def plan_from_trtllm_config(config: Mapping[str, Any], source: str = CONFIG_NAME) -> ModelPlan:
-    """The ModelPlan a TensorRT-LLM DeciLM config.json describes."""
-    if config.get("architecture") != ARCHITECTURE:
-        raise ConfigError(
-            f"{source}: architecture is {config.get('architecture')!r}, expected {ARCHITECTURE!r}"
-        )
-    if "block_configs" in config:
-        raise ConfigError(
-            f"{source}: block_configs (HF form) is not supported here; expected layer_configs"
-        )
-    try:
-        layers = config["layer_configs"]
-        num_layers = int(config["num_hidden_layers"])
-        heads = int(config["num_attention_heads"])
-        hidden = int(config["hidden_size"])
-        vocab = int(config["vocab_size"])
-    except (KeyError, TypeError, ValueError) as err:
-        raise ConfigError(f"{source}: missing or malformed field {err}") from None
-    if not isinstance(layers, list) or len(layers) != num_layers:
-        raise ConfigError(
-            f"{source}: layer_configs must have num_hidden_layers ({num_layers}) entries"
-        )
-    scaling = config.get("rotary_scaling")
-    return ModelPlan(
-        hidden_size=hidden,
-        num_attention_heads=heads,
-        head_dim=int(config.get("head_size") or hidden // heads),
-        vocab_size=vocab,
-        layers=tuple(_layer_from_config(i, e, config, source) for i, e in enumerate(layers)),
-        rms_norm_eps=float(config.get("norm_epsilon", 1e-5)),
-        rope_theta=float(config.get("rotary_base", 10000.0)),
-        rope_scaling=MappingProxyType(dict(scaling)) if scaling else None,
-        max_position_embeddings=int(config.get("max_position_embeddings", 4096)),
-        tie_word_embeddings=False,
-        torch_dtype=str(config.get("dtype", "bfloat16")),
-        source=source,
-        hf_config=MappingProxyType(dict(config)),
-    )
-
-
-def read_trtllm_config(directory: str | Path) -> tuple[dict[str, Any], ModelPlan]:
-    """(config dict, plan) of a TensorRT-LLM checkpoint directory."""
-    path = Path(directory) / CONFIG_NAME
-    try:
-        config = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(
-            f"{path}: missing (is this a TensorRT-LLM checkpoint directory?)"
-        ) from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ConfigError(f"{path}: unreadable ({err})") from None
-    return config, plan_from_trtllm_config(config, str(path))
-
-
-def mapping_of(config: Mapping[str, Any], source: str = CONFIG_NAME) -> tuple[int, int]:
-    """(tp, pp) from a config's mapping, checked against world_size."""
-    mapping = config.get("mapping") or {}
-    tp, pp = int(mapping.get("tp_size", 1)), int(mapping.get("pp_size", 1))
-    world = int(mapping.get("world_size", tp * pp))
-    if world != tp * pp:
-        raise ConfigError(f"{source}: mapping world_size {world} != tp_size {tp} x pp_size {pp}")
-    return tp, pp

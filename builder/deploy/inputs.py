@@ -71,7 +71,7 @@ class TrtllmInput:
 
 
 def read_trtllm_input(directory: str | Path) -> TrtllmInput:
-    from builder.convert.trtllm_config import mapping_of, read_trtllm_config
+    from builder.io.trtllm_checkpoint import mapping_of, read_trtllm_config
 
     root = Path(directory)
     if not root.is_dir():

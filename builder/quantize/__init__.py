@@ -1,12 +1,11 @@
-"""FP8 quantization with NVIDIA ModelOpt: block-by-block calibration, two exports, accuracy.
+"""FP8 quantization with NVIDIA ModelOpt: block-by-block calibration, two exports.
 
 Public API (other stages and the demo call these; ModelOpt is imported lazily):
 - `quantize_checkpoint(src, out, tp=1, pp=1, kv_cache=True, calib="builtin", calib_size=512,
   calib_seq_len=512, formats="both", device="cpu", resume=False, ...)` -> QuantizeSummary
   (paths, timings, peak memory, per-layer amax table; `.to_json()`)
-- `evaluate_accuracy(src, quantized_dir, windows=8, seq_len=256, thresholds="smollm2")`
-  -> AccuracyReport (mean KL(BF16 || FP8), top-1 agreement, perplexity ratio per FP8
-  variant); `format_table(report)` renders it as Markdown
+- FP8 accuracy against BF16 (`evaluate_accuracy`, `format_table`) lives in
+  builder.verify.fp8_accuracy: it runs verify's metrics, a layer above quantize
 - `build_calibration_set(dataset, tokenizer, size, seq_len, seed)` -> CalibrationSet
 - `AmaxTable`, `calibrate_blockwise`, `calibrate_model`, `write_unified_hf`,
   `write_trtllm_fp8`, `Fp8Transform` for finer control
@@ -19,9 +18,6 @@ from typing import Any
 _EXPORTS = {
     "quantize_checkpoint": "builder.quantize.pipeline",
     "QuantizeSummary": "builder.quantize.pipeline",
-    "evaluate_accuracy": "builder.quantize.accuracy",
-    "format_table": "builder.quantize.accuracy",
-    "AccuracyReport": "builder.quantize.accuracy",
     "build_calibration_set": "builder.quantize.calib",
     "CalibrationSet": "builder.quantize.calib",
     "AmaxTable": "builder.quantize.amax",
@@ -34,7 +30,6 @@ _EXPORTS = {
 }
 
 __all__ = [
-    "AccuracyReport",
     "AmaxTable",
     "CalibOptions",
     "CalibrationSet",
@@ -43,8 +38,6 @@ __all__ = [
     "build_calibration_set",
     "calibrate_blockwise",
     "calibrate_model",
-    "evaluate_accuracy",
-    "format_table",
     "quantize_checkpoint",
     "write_trtllm_fp8",
     "write_unified_hf",

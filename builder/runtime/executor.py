@@ -45,9 +45,8 @@ from builder.arch.tensors import (
     kv_heads_per_rank,
     stage_layers,
 )
-from builder.convert.rank_writer import rank_file_name
-from builder.convert.trtllm_config import mapping_of, read_trtllm_config
 from builder.errors import UserError
+from builder.io.trtllm_checkpoint import mapping_of, rank_file_name, read_trtllm_config
 
 FP8_MAX = 448.0
 

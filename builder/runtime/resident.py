@@ -76,9 +76,13 @@ from builder.arch.tensors import (
     kv_heads_per_rank,
     stage_layers,
 )
-from builder.convert.rank_writer import rank_file_name
-from builder.convert.trtllm_config import mapping_of, plan_from_trtllm_config, read_trtllm_config
 from builder.errors import UserError
+from builder.io.trtllm_checkpoint import (
+    mapping_of,
+    plan_from_trtllm_config,
+    rank_file_name,
+    read_trtllm_config,
+)
 from builder.runtime import gemv as matvec
 from builder.runtime.executor import FP8_MAX, fp8_round_trip, rope_inv_freq, rotate
 

@@ -1,6 +1,6 @@
 """Accuracy metrics of an artifact against the BF16 golden: pure functions on tensors.
 
-This is the one implementation: `builder verify` and `builder.quantize.accuracy` both use it.
+This is the one implementation: `builder verify` and `builder.verify.fp8_accuracy` both use it.
 
 Conventions (positions, log-probs):
 - A sequence of L token ids has L - 1 scored positions; position j is the distribution of the

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 
 from builder.arch import AttentionKind, FfnKind, preset_plan
-from builder.convert.trtllm_config import plan_from_trtllm_config, trtllm_config
+from builder.convert.trtllm_config import trtllm_config
 from builder.errors import ConfigError
+from builder.io.trtllm_checkpoint import plan_from_trtllm_config
 
 
 def test_ultra_config_has_every_field_trtllm_needs():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from builder.quantize.accuracy import (
+from builder.verify.fp8_accuracy import (
     AccuracyReport,
     AccuracyRow,
     evaluate_accuracy,

@@ -17,8 +17,7 @@ from safetensors.torch import load_file, save_file
 from builder.arch import AttentionKind
 from builder.arch.tensors import KV_CACHE_SCALE, kv_heads_per_rank, stage_layers
 from builder.convert import convert_checkpoint
-from builder.convert.rank_writer import rank_file_name
-from builder.convert.trtllm_config import read_trtllm_config
+from builder.io.trtllm_checkpoint import rank_file_name, read_trtllm_config
 from builder.runtime import TrtllmCheckpointExecutor
 
 NEW_TOKENS = 6
