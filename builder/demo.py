@@ -43,7 +43,6 @@ SYNTH_HIDDEN = 128  # Ultra's 162-block pattern at hidden 128 (the real model: 1
 # calibration only exercises the pipeline; SmolLM2's is the size the smollm2-ci accuracy
 # thresholds were measured with (calib/thresholds.toml).
 DEMO_CALIBRATION = {"ultra_synth": (4, 32), "smollm2": (8, 128)}
-ACCURACY_WINDOWS = (4, 128)  # held-out windows x tokens, as smollm2-ci
 
 
 def step_synthesize(ctx: DemoContext) -> None:

@@ -82,12 +82,6 @@ def human_bytes(n: float) -> str:
     return units.human_bytes(n, digits=1)
 
 
-def clock_text(seconds: float) -> str:
-    seconds = round(seconds)
-    hours, rest = divmod(seconds, 3600)
-    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
-
-
 @dataclass
 class _Task:
     total: float | None
@@ -210,9 +204,9 @@ class LineReporter:
         done, total = state.done, state.total
         if total is None:  # a phase of unknown size: the heartbeat still shows it is alive
             verb = (
-                f"done in {clock_text(elapsed)}"
+                f"done in {units.clock_text(elapsed)}"
                 if state.finished
-                else f"{clock_text(elapsed)} elapsed"
+                else f"{units.clock_text(elapsed)} elapsed"
             )
             return f"{self.prefix}{task}, {verb}"
         if state.unit == "bytes":
@@ -222,13 +216,13 @@ class LineReporter:
         parts = [f"{self.prefix}{task} {amount}"]
         if total:
             parts[0] += f" ({100 * done / total:.0f}%)"
-        parts.append(f"{clock_text(elapsed)} elapsed")
+        parts.append(f"{units.clock_text(elapsed)} elapsed")
         if state.finished:
-            parts[-1] = f"done in {clock_text(elapsed)}"
+            parts[-1] = f"done in {units.clock_text(elapsed)}"
         elif done and total and elapsed > 0:
             if state.unit == "bytes":
                 parts.append(f"{human_bytes(done / elapsed)}/s")
-            parts.append(f"ETA {clock_text(elapsed * (total - done) / done)}")
+            parts.append(f"ETA {units.clock_text(elapsed * (total - done) / done)}")
         else:
             parts.append("ETA unknown")
         text = ", ".join(parts)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ from builder.errors import UserError
 from builder.io.atomic import atomic_dir
 from builder.io.hf_writer import DEFAULT_SHARD_BYTES, write_hf_weights, write_json
 from builder.io.manifest import MANIFEST, build_manifest, write_manifest
+from builder.units import parse_ranges
 
 HEADS = 16
 DEFAULT_HIDDEN = 256
@@ -52,16 +52,7 @@ class SynthSpec:
 # ---- config ---------------------------------------------------------------------------------
 def parse_layer_spec(spec: str, num_layers: int) -> list[int]:
     """'0-12,120-135,161' -> sorted unique layer indices, each checked against the preset."""
-    indices: set[int] = set()
-    for part in spec.split(","):
-        match = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
-        if not match:
-            raise UserError(f"--layers: cannot read {part!r} (expected e.g. '0-12,120-135')")
-        first, last = int(match[1]), int(match[2] or match[1])
-        if first > last or last >= num_layers:
-            raise UserError(f"--layers: {part.strip()!r} is outside 0-{num_layers - 1}")
-        indices.update(range(first, last + 1))
-    return sorted(indices)
+    return parse_ranges(spec, num_layers, "--layers")
 
 
 def _scale_block(block: dict[str, Any], heads_from: int, heads: int) -> dict[str, Any]:

@@ -25,6 +25,7 @@ from builder.arch.schema import (
     String,
     validate,
 )
+from builder.dtypes import ITEM_BYTES
 from builder.errors import ConfigError
 
 ACCEPTED_MODEL_TYPES = ("nemotron-nas", "deci")
@@ -105,13 +106,7 @@ CONFIG_SCHEMA = Object(
     ),
 )
 
-DTYPE_BYTES = {
-    "float32": 4,
-    "bfloat16": 2,
-    "float16": 2,
-    "fp8": 1,
-    "float8_e4m3fn": 1,
-}
+DTYPE_BYTES = ITEM_BYTES
 
 
 class AttentionKind(str, Enum):

@@ -26,8 +26,8 @@ from builder.bench.metrics import RequestTimeline, run_metrics, to_metrics
 from builder.bench.workload import Workload, synthetic_prompts
 from builder.errors import UserError
 from builder.report.records import Artifact, Metric, RecordKind, RunRecord
+from builder.units import GIB
 
-GIB = float(1 << 30)
 RUNTIME = "executor"
 
 

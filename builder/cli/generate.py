@@ -8,8 +8,9 @@ from __future__ import annotations
 import click
 
 from builder.cli.app import main
+from builder.dtypes import COMPUTE
 
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("float32", *(d for d in COMPUTE if d != "float32"))  # float32 first: the default
 
 
 @main.command()

@@ -2,32 +2,11 @@
 
 from __future__ import annotations
 
-import re
-
 import click
 
 from builder.arch import PRESETS
 from builder.cli.app import main
-from builder.errors import UserError
-
-
-def parse_size(text: str) -> int:
-    match = re.fullmatch(r"\s*([\d.]+)\s*([KMGT]?i?B?)\s*", text, re.IGNORECASE)
-    if not match:
-        raise UserError(f"cannot read size {text!r} (expected e.g. 4GB, 512MiB)")
-    unit = match[2].upper().rstrip("B")
-    scale = {
-        "": 1,
-        "K": 1e3,
-        "M": 1e6,
-        "G": 1e9,
-        "T": 1e12,
-        "KI": 2**10,
-        "MI": 2**20,
-        "GI": 2**30,
-        "TI": 2**40,
-    }[unit]
-    return int(float(match[1]) * scale)
+from builder.units import parse_size
 
 
 @main.command()

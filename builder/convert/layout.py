@@ -12,7 +12,7 @@ and adds `apply`.
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -27,6 +27,7 @@ from builder.arch.tensors import (
     rank_tensors,
     scale_names,
 )
+from builder.dtypes import torch_dtypes
 from builder.errors import ConfigError, UserError
 from builder.io.safetensors_stream import TensorSpec
 
@@ -41,7 +42,7 @@ DEFAULT_FP8_EXCLUDES = (
     "*fused_a",
 )
 
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+DTYPES = torch_dtypes()
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -153,7 +154,3 @@ def layout_for(quantization: Mapping[str, Any] | None) -> Fp8Layout | None:
     if algo in (None, "FP8") and kv in (None, "FP8"):
         return Fp8Layout(quantization) if (algo or kv) else None
     raise ConfigError(f"quantization {dict(quantization)} is not supported (only FP8 per-tensor)")
-
-
-def specs_by_name(specs: Sequence[TensorSpec]) -> dict[str, TensorSpec]:
-    return {spec.name: spec for spec in specs}

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import time
 from collections.abc import Mapping, Sequence
@@ -58,6 +57,7 @@ from builder.io.checkpoint import HFCheckpoint
 from builder.io.manifest import MANIFEST, file_entry, provenance, sha256_file, write_manifest
 from builder.io.safetensors_stream import DTYPE_CODES, encode_header
 from builder.io.trtllm_checkpoint import rank_file_name
+from builder.units import format_ranges, gib, parse_ranges
 
 KIND = "trtllm-checkpoint"
 DRY_RUN_KIND = "trtllm-checkpoint-dry-run"
@@ -120,20 +120,7 @@ def _str(path: Path | None) -> str | None:
 # ---- rank selection -------------------------------------------------------------------------------
 def parse_ranks(text: str | None, world: int) -> list[int]:
     """'0-3' / '5' / '0-1,6-7' -> rank list, each checked against the world size."""
-    if not text:
-        return list(range(world))
-    ranks: set[int] = set()
-    for part in text.split(","):
-        match = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
-        if not match:
-            raise UserError(f"--ranks: cannot read {part!r} (expected e.g. 0-3 or 0-1,6-7)")
-        first, last = int(match[1]), int(match[2] or match[1])
-        if first > last or last >= world:
-            raise UserError(
-                f"--ranks: {part.strip()!r} is outside 0-{world - 1} (world size {world})"
-            )
-        ranks.update(range(first, last + 1))
-    return sorted(ranks)
+    return parse_ranges(text, world, "--ranks") if text else list(range(world))
 
 
 def resolve_dtype(dtype: str, plan: ModelPlan) -> str:
@@ -517,7 +504,7 @@ def _convert(
             ]
             if done:
                 raise type(err)(
-                    f"{err}\n(finished ranks {_ranges(done)} are kept in {stage}; rerun with --resume to keep them)"
+                    f"{err}\n(finished ranks {format_ranges(done)} are kept in {stage}; rerun with --resume to keep them)"
                 ) from None
             raise
     complete = _fill_other_ranks(stage, world, key, fingerprint, statuses, layouts, tp)
@@ -542,7 +529,7 @@ def _convert(
     else:
         missing = [r.rank for r in summary.ranks if r.status == "pending"]
         summary.notes.append(
-            f"{len(missing)} of {world} ranks still missing in {stage} ({_ranges(missing)}); "
+            f"{len(missing)} of {world} ranks still missing in {stage} ({format_ranges(missing)}); "
             "the run that converts the last of them writes the manifest and renames it to "
             f"{out.name}"
         )
@@ -616,8 +603,8 @@ def _check_disk_space(stage: Path, layouts: Sequence[RankLayout]) -> None:
     free = shutil.disk_usage(stage).free
     if need > free:
         raise UserError(
-            f"{stage}: the {len(layouts)} rank file(s) to write need {need / 2**30:,.2f} GiB but only "
-            f"{free / 2**30:,.2f} GiB are free on that filesystem"
+            f"{stage}: the {len(layouts)} rank file(s) to write need {gib(need)} but only "
+            f"{gib(free)} are free on that filesystem"
         )
 
 
@@ -737,14 +724,3 @@ def _finalize(
             f"{out}: cannot rename the finished staging directory {stage} ({err})"
         ) from None
     return out / MANIFEST
-
-
-def _ranges(ranks: Sequence[int]) -> str:
-    parts, start = [], None
-    for i, rank in enumerate(ranks):
-        if start is None:
-            start = rank
-        if i + 1 == len(ranks) or ranks[i + 1] != rank + 1:
-            parts.append(f"{start}" if start == rank else f"{start}-{rank}")
-            start = None
-    return ",".join(parts)

@@ -32,6 +32,7 @@ from typing import Any
 
 from builder import __version__
 from builder.deploy import launch
+from builder.deploy.bundle import Bundle, write_bundle
 from builder.deploy.inputs import (
     InputError,
     TrtllmInput,
@@ -47,7 +48,6 @@ from builder.deploy.profiles import TargetProfile
 from builder.deploy.trtllm_flags import check_args, load_flag_set
 from builder.errors import UserError
 from builder.io.atomic import atomic_dir
-from builder.io.manifest import build_manifest, write_manifest
 
 ENGINE_KIND = "trtllm-engine"
 DRY_RUN_KIND = "trtllm-build-dry-run"
@@ -335,12 +335,12 @@ def _build_config(
     }
 
 
-def _write_common(
-    stage: Path, result_plan: TargetPlan, config: dict, scripts: dict[str, str]
-) -> None:
-    (stage / "plan.json").write_text(json.dumps(result_plan.to_dict(), indent=2) + "\n")
-    (stage / "build_config.json").write_text(json.dumps(config, indent=2) + "\n")
-    launch.write_scripts(stage / "launch", scripts)
+def _json_text(value: Any) -> str:
+    return json.dumps(value, indent=2) + "\n"
+
+
+def _engine_manifest(profile: TargetProfile, inp: TrtllmInput, built: bool) -> dict[str, Any]:
+    return {"target": profile.name, "checkpoint": str(inp.root.resolve()), "engine_built": built}
 
 
 def dry_run_build(
@@ -378,26 +378,21 @@ def dry_run_build(
         "next": "run launch/build-engines.sh where TensorRT-LLM "
         f"{PINNED} and {profile.world_size} GPUs are available, or `builder build` without --dry-run",
     }
-    scripts = engine_scripts(profile, args, inp, engine_dir)
+    command_script = launch.script(
+        f"The trtllm-build command for target {profile.name} (dry run of `builder build`).",
+        launch.shell_join(["trtllm-build", *args]),
+    )
+    bundle = Bundle(
+        kind=DRY_RUN_KIND,
+        plan=result_plan,
+        report=report,
+        scripts=engine_scripts(profile, args, inp, engine_dir),
+        files={"build_config.json": _json_text(config), "trtllm-build.sh": command_script},
+        executables=frozenset({"trtllm-build.sh"}),
+        manifest=_engine_manifest(profile, inp, built=False),
+    )
     with atomic_dir(out, overwrite) as stage:
-        _write_common(stage, result_plan, config, scripts)
-        (stage / "trtllm-build.sh").write_text(
-            launch.script(
-                f"The trtllm-build command for target {profile.name} (dry run of `builder build`).",
-                launch.shell_join(["trtllm-build", *args]),
-            )
-        )
-        (stage / "trtllm-build.sh").chmod(0o755)
-        (stage / "build_report.json").write_text(json.dumps(report, indent=2) + "\n")
-        manifest = build_manifest(
-            stage,
-            DRY_RUN_KIND,
-            target=profile.name,
-            checkpoint=str(inp.root.resolve()),
-            engine_built=False,
-        )
-        write_manifest(stage, manifest)
-        files = sorted([*manifest["files"], "manifest.json"])
+        files = write_bundle(stage, bundle)
     return BuildResult(out, True, report, result_plan, files)
 
 
@@ -456,18 +451,13 @@ def build_engines(
             "target": profile.name,
             "verdict": result_plan.verdict,
         }
-        config = _build_config(profile, inp, args, executable)
-        _write_common(
-            stage, result_plan, config, engine_scripts(profile, args, inp, str(out.resolve()))
+        bundle = Bundle(
+            kind=ENGINE_KIND,
+            plan=result_plan,
+            report=report,
+            scripts=engine_scripts(profile, args, inp, str(out.resolve())),
+            files={"build_config.json": _json_text(_build_config(profile, inp, args, executable))},
+            manifest=_engine_manifest(profile, inp, built=True),
         )
-        (stage / "build_report.json").write_text(json.dumps(report, indent=2) + "\n")
-        manifest = build_manifest(
-            stage,
-            ENGINE_KIND,
-            target=profile.name,
-            checkpoint=str(inp.root.resolve()),
-            engine_built=True,
-        )
-        write_manifest(stage, manifest)
-        files = sorted([*manifest["files"], "manifest.json"])
+        files = write_bundle(stage, bundle)
     return BuildResult(out, False, report, result_plan, files)

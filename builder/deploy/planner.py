@@ -48,8 +48,8 @@ from builder.arch.tensors import (
     rank_shape,
 )
 from builder.deploy.profiles import TargetProfile
+from builder.units import GIB
 
-GIB = 1 << 30
 BF16 = 2
 FP32 = 4
 SCALES_PER_FP8_LINEAR = 2  # weights_scaling_factor and activation_scaling_factor, fp32 [1]

@@ -16,11 +16,11 @@ cuda_graph_config.{enable_padding, max_batch_size}, trust_remote_code, dtype.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from builder.deploy import launch
+from builder.deploy.bundle import Bundle, write_bundle
 from builder.deploy.engine import BuildResult, trtllm_status, versions
 from builder.deploy.inputs import (
     HfInput,
@@ -33,7 +33,6 @@ from builder.deploy.planner import plan_target
 from builder.deploy.profiles import TargetProfile
 from builder.deploy.yamlio import dump_yaml
 from builder.io.atomic import atomic_dir
-from builder.io.manifest import build_manifest, write_manifest
 
 KIND = "trtllm-pytorch-serve"
 OPTIONS_FILE = "llm_api_options.yaml"
@@ -161,14 +160,14 @@ def write_pytorch_serve(
             "the backend duplicates KV heads when tp exceeds a layer's KV heads",
         ],
     }
+    bundle = Bundle(
+        kind=KIND,
+        plan=result_plan,
+        report=report,
+        scripts=pytorch_scripts(profile, inp, options_path),
+        files={OPTIONS_FILE: dump_yaml(options, _header(profile, inp))},
+        manifest={"target": profile.name, "model": str(inp.root.resolve()), "engine_built": False},
+    )
     with atomic_dir(out, overwrite) as stage:
-        (stage / OPTIONS_FILE).write_text(dump_yaml(options, _header(profile, inp)))
-        (stage / "plan.json").write_text(json.dumps(result_plan.to_dict(), indent=2) + "\n")
-        (stage / "build_report.json").write_text(json.dumps(report, indent=2) + "\n")
-        launch.write_scripts(stage / "launch", pytorch_scripts(profile, inp, options_path))
-        manifest = build_manifest(
-            stage, KIND, target=profile.name, model=str(inp.root.resolve()), engine_built=False
-        )
-        write_manifest(stage, manifest)
-        files = sorted([*manifest["files"], "manifest.json"])
+        files = write_bundle(stage, bundle)
     return BuildResult(out, False, report, result_plan, files)

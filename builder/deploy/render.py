@@ -8,29 +8,8 @@ from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
-from builder.deploy.planner import GIB, TargetPlan
-
-
-def gib(n: float) -> str:
-    return f"{n / GIB:,.2f} GiB"
-
-
-def _duration(seconds: float) -> str:
-    if seconds < 120:
-        return f"{seconds:.0f} s"
-    if seconds < 7200:
-        return f"{seconds / 60:.0f} min"
-    return f"{seconds / 3600:.1f} h"
-
-
-def _ranges(ranks: list[int]) -> str:
-    if len(ranks) == 1:
-        return str(ranks[0])
-    return (
-        f"{ranks[0]}-{ranks[-1]}"
-        if ranks == list(range(ranks[0], ranks[-1] + 1))
-        else ",".join(map(str, ranks))
-    )
+from builder.deploy.planner import TargetPlan
+from builder.units import GIB, duration, format_ranges, gib
 
 
 def decode_at_concurrency(result: TargetPlan) -> tuple[str, str]:
@@ -89,7 +68,7 @@ def memory_table(result: TargetPlan) -> Table:
     for key, ranks in groups.items():
         stage, tensors, weights, act, free, kv_b, pool, tokens = key
         table.add_row(
-            _ranges(ranks),
+            format_ranges(ranks),
             *([str(stage)] if staged else []),
             f"{tensors:,}",
             f"{weights / GIB:.2f}",
@@ -200,7 +179,7 @@ def host_table(result: TargetPlan) -> Table:
             f"{step['reads'] / GIB:,.1f}",
             f"{step['disk_written'] / GIB:,.1f}",
             ram,
-            _duration(step["seconds_lower_bound"]),
+            duration(step["seconds_lower_bound"]),
         )
         notes.append(f"{name}: {step['output']}")
     table.caption = (

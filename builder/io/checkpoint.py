@@ -18,6 +18,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from builder.arch.schema import AnyValue, MapOf, Object, String, validate
+from builder.dtypes import code_dtypes
 from builder.errors import UserError
 from builder.io.safetensors_stream import read_header
 
@@ -25,19 +26,7 @@ INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 PICKLE_PATTERNS = ("pytorch_model*.bin", "*.pt", "*.pth", "*.ckpt", "model*.bin")
 
-SAFETENSORS_DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "BF16": torch.bfloat16,
-    "F16": torch.float16,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
+SAFETENSORS_DTYPES = code_dtypes()
 
 
 class CheckpointError(UserError):

@@ -15,9 +15,11 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from builder.dtypes import TABLE
+
 CHUNK_BYTES = 64 << 20
-FLOAT_CODES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
-ITEM_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1}
+FLOAT_CODES = {d.code for d in TABLE if d.floating}
+ITEM_BYTES = {d.code: d.itemsize for d in TABLE}
 
 # (tensor name, bytes scanned) after each tensor
 OnTensor = Callable[[str, int], None]

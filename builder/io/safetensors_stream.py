@@ -25,22 +25,11 @@ from typing import Any, Self
 
 import torch
 
+from builder.dtypes import code_dtypes
 from builder.errors import UserError
 
-# safetensors dtype codes; the reader side lives in builder.io.checkpoint.SAFETENSORS_DTYPES.
-DTYPE_CODES: dict[torch.dtype, str] = {
-    torch.float64: "F64",
-    torch.float32: "F32",
-    torch.bfloat16: "BF16",
-    torch.float16: "F16",
-    torch.float8_e4m3fn: "F8_E4M3",
-    torch.int64: "I64",
-    torch.int32: "I32",
-    torch.int16: "I16",
-    torch.int8: "I8",
-    torch.uint8: "U8",
-    torch.bool: "BOOL",
-}
+# safetensors dtype codes, from the one dtype table (builder.dtypes).
+DTYPE_CODES: dict[torch.dtype, str] = {dtype: code for code, dtype in code_dtypes().items()}
 CODE_DTYPES = {code: dtype for dtype, code in DTYPE_CODES.items()}
 _HEADER_ALIGN = 8  # safetensors' own writer pads the header so the data buffer is 8-aligned
 _MAX_WRITE = 1 << 30  # Linux caps one write() at ~2 GiB; stay well below

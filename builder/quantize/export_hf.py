@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from builder.arch.plan import AttentionKind, ModelPlan
+from builder.arch.plan import ModelPlan
 from builder.arch.tensors import hf_tensor_shapes
 from builder.convert.sources import cast_checked
 from builder.io.checkpoint import INDEX_NAME, HFCheckpoint
@@ -245,7 +245,3 @@ def write_unified_hf(
         if (ckpt.root / name).is_file():
             shutil.copy2(ckpt.root / name, out / name)
     return written
-
-
-def kv_layers(plan: ModelPlan) -> list[int]:
-    return [layer.index for layer in plan.layers if layer.attention is AttentionKind.ATTENTION]

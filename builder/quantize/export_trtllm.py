@@ -29,8 +29,9 @@ from builder.arch.plan import AttentionKind, FfnKind, ModelPlan
 from builder.arch.tensors import RankTensor, Split, kv_cache_scale_name, scale_names
 from builder.convert import ConvertSummary, Fp8Layout, convert_checkpoint
 from builder.convert.progress import ProgressSink
+from builder.dtypes import FP8_MAX
 from builder.quantize.amax import AmaxTable
-from builder.quantize.fp8 import E4M3_MAX, kv_cache_scale, quantize_trtllm, trtllm_scale
+from builder.quantize.fp8 import kv_cache_scale, quantize_trtllm, trtllm_scale
 
 FUSED_FFN = ("gate_proj", "up_proj")
 
@@ -113,7 +114,7 @@ def trtllm_effective_table(table: AmaxTable, plan: ModelPlan) -> AmaxTable:
                 shared = max(values[f"{m}.{kind}"] for m in group)
                 values.update({f"{m}.{kind}": shared for m in group})
         if table.kv_cache and layer.attention is AttentionKind.ATTENTION:
-            kv = float(kv_cache_scale(*table.kv(layer.index))) * E4M3_MAX
+            kv = float(kv_cache_scale(*table.kv(layer.index))) * FP8_MAX
             values[f"{prefix}self_attn.k_bmm_quantizer"] = values[
                 f"{prefix}self_attn.v_bmm_quantizer"
             ] = kv

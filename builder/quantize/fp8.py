@@ -13,14 +13,15 @@ import math
 import numpy as np
 import torch
 
-E4M3_MAX = 448.0
+from builder.dtypes import FP8_MAX
+
 FP8 = torch.float8_e4m3fn
 KV_SCALE_FLOOR = 1.0  # TensorRT-LLM export only: max(amax / 448, 1.0)
 
 
 def scale_from_amax(amax: float) -> torch.Tensor:
     """amax / 448 in fp32 (ModelOpt's `amax.float() / maxbound`), as a 0-dim tensor."""
-    return torch.tensor(amax, dtype=torch.float32) / E4M3_MAX
+    return torch.tensor(amax, dtype=torch.float32) / FP8_MAX
 
 
 def trtllm_scale(amax: float) -> torch.Tensor:

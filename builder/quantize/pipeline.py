@@ -29,6 +29,7 @@ import torch
 
 from builder.arch.plan import LayerPlan, ModelPlan, load_plan
 from builder.arch.tensors import check_parallelism
+from builder.dtypes import torch_dtypes
 from builder.errors import UserError
 from builder.io.atomic import atomic_dir, check_output_location, check_replaceable, lock_stage
 from builder.io.checkpoint import HFCheckpoint
@@ -46,7 +47,7 @@ from builder.quantize.export_hf import modelopt_version, write_unified_hf
 
 FORMATS = ("trtllm", "hf")
 KIND = "fp8-quantization"
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+DTYPES = torch_dtypes()
 
 
 class AlreadyQuantized(UserError):

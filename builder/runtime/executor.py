@@ -45,10 +45,9 @@ from builder.arch.tensors import (
     kv_heads_per_rank,
     stage_layers,
 )
+from builder.dtypes import FP8_MAX
 from builder.errors import UserError
 from builder.io.trtllm_checkpoint import mapping_of, rank_file_name, read_trtllm_config
-
-FP8_MAX = 448.0
 
 
 @dataclass(frozen=True)

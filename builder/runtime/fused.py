@@ -18,7 +18,7 @@ import functools
 
 import torch
 
-from builder.runtime.executor import FP8_MAX
+from builder.dtypes import FP8_MAX
 
 
 @functools.cache

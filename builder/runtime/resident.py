@@ -76,6 +76,7 @@ from builder.arch.tensors import (
     kv_heads_per_rank,
     stage_layers,
 )
+from builder.dtypes import FP8_MAX
 from builder.errors import UserError
 from builder.io.trtllm_checkpoint import (
     mapping_of,
@@ -84,7 +85,7 @@ from builder.io.trtllm_checkpoint import (
     read_trtllm_config,
 )
 from builder.runtime import gemv as matvec
-from builder.runtime.executor import FP8_MAX, fp8_round_trip, rope_inv_freq, rotate
+from builder.runtime.executor import fp8_round_trip, rope_inv_freq, rotate
 
 FP8 = torch.float8_e4m3fn
 FP8_GEMMS = ("scaled-mm", "emulate")

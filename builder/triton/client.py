@@ -41,13 +41,6 @@ def generate_stream_http(
     return events
 
 
-_NUMPY = {
-    "TYPE_STRING": np.object_,
-    "TYPE_INT32": np.int32,
-    "TYPE_BOOL": np.bool_,
-    "TYPE_FP32": np.float32,
-    "TYPE_UINT64": np.uint64,
-}
 _TRITON = {
     np.object_: "BYTES",
     np.int32: "INT32",

@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 from builder.arch.plan import LayerPlan, ModelPlan
+from builder.dtypes import torch_dtypes
 from builder.errors import UserError
 from builder.io.atomic import atomic_dir
 from builder.io.manifest import (
@@ -58,7 +59,7 @@ TOKENIZER_FILES = (
     "special_tokens_map.json",
     "chat_template.jinja",
 )
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+DTYPES = torch_dtypes()
 
 
 @dataclass(frozen=True)

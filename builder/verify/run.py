@@ -293,9 +293,3 @@ def verdict_table(result: VerifyResult, thresholds: dict[str, Threshold]) -> str
         + (": " + "; ".join(result.failures) if result.failures else "")
     )
     return "\n".join(lines)
-
-
-def golden_dtype(golden: Golden) -> torch.dtype:
-    from builder.verify.golden import DTYPES
-
-    return DTYPES[golden.settings["dtype"]]

@@ -10,7 +10,7 @@ import torch
 from builder.arch import preset_plan
 from builder.quantize.amax import AmaxError, AmaxTable, expected_keys, layer_linears, require_amax
 from builder.quantize.fp8 import (
-    E4M3_MAX,
+    FP8_MAX,
     check_amax,
     kv_cache_scale,
     quantize_hf,
@@ -47,7 +47,7 @@ def test_hf_rounds_in_bf16_trtllm_in_fp32():
     scale = scale_from_amax(float(weight.abs().max()))
     hf, trt = quantize_hf(weight, scale), quantize_trtllm(weight, scale)
     assert hf.dtype == trt.dtype == torch.float8_e4m3fn
-    assert hf.float().abs().max() <= E4M3_MAX and trt.float().abs().max() <= E4M3_MAX
+    assert hf.float().abs().max() <= FP8_MAX and trt.float().abs().max() <= FP8_MAX
     in_bf16 = (weight / scale.reshape(())).to(torch.float8_e4m3fn)
     in_fp32 = (weight.float() / scale).to(torch.float8_e4m3fn)
     assert hf.view(torch.uint8).equal(in_bf16.view(torch.uint8))

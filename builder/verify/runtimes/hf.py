@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from builder.arch.plan import AttentionKind, LayerPlan
+from builder.dtypes import FP8_MAX
 from builder.errors import UserError
 from builder.quantize.blockwise import _fill
 from builder.verify.runtimes.base import (
@@ -32,12 +33,10 @@ from builder.verify.runtimes.base import (
 )
 from builder.verify.stream import BlockStream, Sequence
 
-E4M3_MAX = 448.0
-
 
 def e4m3_round_trip(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """x / scale clamped to +-448, rounded to E4M3, times scale (float32)."""
-    return (x.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn).float() * scale
+    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float() * scale
 
 
 class Fp8Linear(nn.Module):
