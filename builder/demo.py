@@ -101,11 +101,11 @@ def step_reference_generation(ctx: DemoContext) -> None:
 
 
 def step_convert(ctx: DemoContext) -> None:
-    from builder.convert import convert_checkpoint
+    from builder.convert import ConvertRequest, convert
     from builder.runtime import compare_with_reference
 
     src, out = ctx.results["ultra_synth"], ctx.path("ultra-trtllm-tp2")
-    summary = convert_checkpoint(src, out, tp=2, overwrite=True, progress=False)
+    summary = convert(ConvertRequest(src, out, tp=2, overwrite=True))
     check = compare_with_reference(out, src, prompt=DEMO_PROMPT)
     ctx.results["convert"] = {"summary": summary.to_json(), "executor": check.to_json()}
     ctx.console.print(
@@ -120,14 +120,14 @@ def step_convert(ctx: DemoContext) -> None:
 
 
 def step_quantize(ctx: DemoContext) -> None:
-    from builder.quantize import quantize_checkpoint
+    from builder.quantize import QuantizeRequest, quantize
 
     # fp32 calibration of small models is several times faster than bf16 on CPUs without
     # native bf16 matmuls; the exported tensors are BF16/FP8 either way.
     for key, tp in (("ultra_synth", 4), ("smollm2", 1)):
         out = ctx.path(f"{key}-fp8")
         size, seq_len = DEMO_CALIBRATION[key]
-        summary = quantize_checkpoint(
+        request = QuantizeRequest(
             ctx.results[key],
             out,
             tp=tp,
@@ -136,6 +136,7 @@ def step_quantize(ctx: DemoContext) -> None:
             dtype="float32",
             overwrite=True,
         )
+        summary = quantize(request)
         ctx.results[f"{key}_fp8"] = out
         ctx.console.print(
             f"FP8 {key}: {out}/trtllm (tp={tp}) and {out}/hf; demo-sized calibration "

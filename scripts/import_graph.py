@@ -29,7 +29,7 @@ PACKAGE = "builder"
 LAYERS: tuple[tuple[str, frozenset[str]], ...] = tuple(
     (name, frozenset(parts.split()))
     for name, parts in (
-        ("foundation", "errors units dtypes _data progress chat"),
+        ("foundation", "errors units dtypes registry _data progress chat"),
         ("architecture", "arch"),
         ("io", "io"),
         ("model", "model builder _autoregister synth smollm2"),

@@ -9,6 +9,7 @@ import click
 from builder.cli.app import main
 from builder.cli.common import echo_json
 from builder.cli.plan import collect_overrides, target_overrides
+from builder.deploy.backends import BACKENDS, BuildRequest
 
 
 def _progress_bar(console):
@@ -44,7 +45,7 @@ def _progress_bar(console):
 )
 @click.option(
     "--backend",
-    type=click.Choice(["engine", "pytorch"]),
+    type=click.Choice(BACKENDS.names()),
     default="engine",
     show_default=True,
     help="engine: SOURCE is a TensorRT-LLM checkpoint, run trtllm-build. pytorch: SOURCE is "
@@ -91,35 +92,24 @@ def build(
     PyTorch backend: SOURCE is an HF checkpoint; OUT gets llm_api_options.yaml for
     `trtllm-serve --extra_llm_api_options`, launch scripts (one node, mpirun, Slurm) and plan.json.
     """
+    from pathlib import Path
+
     from rich.console import Console
 
-    from builder.deploy import build_engines, dry_run_build, load_profile, write_pytorch_serve
+    from builder.deploy import load_profile
     from builder.io.atomic import check_output_location
 
     check_output_location(out, [source])
     profile = load_profile(target, collect_overrides(sets, direct))
+    request = BuildRequest(Path(source), profile, Path(out), dry_run, verify, overwrite)
     console = Console(stderr=True)
-    if backend == "pytorch":
-        result = write_pytorch_serve(source, profile, out, verify=verify, overwrite=overwrite)
-    else:
-        bar, update = _progress_bar(console)
-        with bar:
-            if dry_run:
-                result = dry_run_build(
-                    source, profile, out, verify=verify, overwrite=overwrite, progress=update
-                )
-            else:
-                result = build_engines(
-                    source,
-                    profile,
-                    out,
-                    verify=verify,
-                    overwrite=overwrite,
-                    progress=update,
-                    on_log=lambda line: bar.console.print(
-                        line, style="dim", markup=False, highlight=False
-                    ),
-                )
+    bar, update = _progress_bar(console)
+    with bar:
+        result = BACKENDS.get(backend)(
+            request,
+            progress=update,
+            on_log=lambda line: bar.console.print(line, style="dim", markup=False, highlight=False),
+        )
     if as_json:
         echo_json(result.report)
         return

@@ -193,7 +193,7 @@ def run_convert(
 ) -> None:
     from builder.arch import preset_plan
     from builder.cli.common import echo_json
-    from builder.convert import convert_checkpoint, write_dry_run
+    from builder.convert import ConvertRequest, convert, write_dry_run
     from builder.convert.pipeline import resolve_dtype
     from builder.convert.progress import RankProgress
     from builder.progress import reporter
@@ -212,7 +212,7 @@ def run_convert(
             overwrite=overwrite,
         )
     else:
-        summary = convert_checkpoint(
+        request = ConvertRequest(
             src,
             out,
             tp,
@@ -224,10 +224,10 @@ def run_convert(
             dry_run=dry_run,
             overwrite=overwrite,
             check_finite=not no_finite_check,
-            progress=None if as_json else RankProgress(reporter("convert")),
-            pool=pool,
             allow_pickle=allow_pickle,
         )
+        progress = None if as_json else RankProgress(reporter("convert"))
+        summary = convert(request, progress=progress, pool=pool)
     if as_json:
         echo_json(summary.to_json())
     else:

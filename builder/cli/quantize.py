@@ -7,6 +7,7 @@ import os
 import click
 
 from builder.cli.app import main
+from builder.quantize.exporters import EXPORTERS
 
 HELP = """Calibrate HF_DIR (an HF nemotron-nas checkpoint) for FP8 with NVIDIA ModelOpt and
 write FP8 checkpoints to OUT.
@@ -87,7 +88,7 @@ Several GPUs: torchrun --nproc-per-node N $(which builder) quantize ... --device
 @click.option(
     "--format",
     "formats",
-    type=click.Choice(["trtllm", "hf", "both"]),
+    type=click.Choice([*EXPORTERS.names(), "both"]),
     default="both",
     show_default=True,
 )
@@ -146,13 +147,13 @@ def quantize(
 ) -> None:
     from builder.cli.common import echo_json
     from builder.progress import Phases, reporter
-    from builder.quantize.pipeline import quantize_checkpoint
+    from builder.quantize.pipeline import QuantizeRequest, quantize
     from builder.quantize.report import print_summary
 
     quiet = as_json or os.environ.get("RANK", "0") != "0"  # under torchrun only rank 0 talks
     with reporter("quantize", enabled=not quiet) as report:
         phases = Phases(report)
-        summary = quantize_checkpoint(
+        request = QuantizeRequest(
             hf_dir,
             out,
             tp=tp,
@@ -170,10 +171,9 @@ def quantize(
             save_every=save_every,
             overwrite=overwrite,
             workers=workers,
-            progress=phases,
-            block_progress=BlockProgress(report),
             allow_pickle=allow_pickle,
         )
+        summary = quantize(request, progress=phases, block_progress=BlockProgress(report))
         phases.close()
     if summary.rank != 0:
         return  # torchrun: rank 0 reports for everyone

@@ -1,9 +1,9 @@
 """HF nemotron-nas checkpoint -> TensorRT-LLM checkpoint: split rules, streaming rank files.
 
 Public API (other stages call these):
-- `convert_checkpoint(src, out, tp, pp=1, dtype="auto", workers=1, ranks=None, resume=False,
-  dry_run=False, overwrite=False, transform=None, quantization=None, progress=None)`
-  -> ConvertSummary
+- `convert(ConvertRequest(src, out, tp, pp=1, dtype="auto", workers=1, ranks=None, ...),
+  progress=None, pool=None)` -> ConvertSummary (rank states: `RankState`);
+  `convert_checkpoint(src, out, tp, **fields)` builds the request for scripts and tests
 - `write_dry_run(plan, out, tp, pp, dtype, source=..., ...)`: manifest of what would be written
 - `trtllm_config(plan, tp, pp, dtype, quantization)` (reading back: builder.io.trtllm_checkpoint)
 - `RankTransform`, `Fp8Layout`, `rank_layout`: the hook quantize uses to write FP8 ranks
@@ -22,7 +22,10 @@ _EXPORTS = {
     "RankLayout": "layout",
     "RankTransform": "layout",
     "rank_layout": "layout",
+    "ConvertRequest": "pipeline",
     "ConvertSummary": "pipeline",
+    "RankState": "pipeline",
+    "convert": "pipeline",
     "RankStatus": "pipeline",
     "convert_checkpoint": "pipeline",
     "write_dry_run": "pipeline",
@@ -35,13 +38,16 @@ _EXPORTS = {
 }
 
 __all__ = [
+    "ConvertRequest",
     "ConvertSummary",
     "Fp8Layout",
     "RankLayout",
     "RankResult",
+    "RankState",
     "RankStatus",
     "RankTransform",
     "WorkerPool",
+    "convert",
     "convert_checkpoint",
     "merge_tensor",
     "rank_layout",

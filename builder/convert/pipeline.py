@@ -29,6 +29,7 @@ from concurrent.futures import FIRST_EXCEPTION, wait
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -69,13 +70,54 @@ FINGERPRINT_METHOD = (
 )
 
 
-# ---- results ------------------------------------------------------------------------------------
+# ---- request and results -----------------------------------------------------------------------
+@dataclass(frozen=True)
+class ConvertRequest:
+    """Everything a conversion is asked to do; the CLI, quantize and the demo build one.
+
+    Objects of the running process (the progress sink, a started worker pool) are not part
+    of the request: they are keyword arguments of `convert`.
+    """
+
+    src: Path
+    out: Path
+    tp: int
+    pp: int = 1
+    dtype: str = "auto"  # auto: the checkpoint's torch_dtype
+    workers: int = 1
+    ranks: str | tuple[int, ...] | None = None  # '0-3,6' or indices; None: every rank
+    resume: bool = False
+    dry_run: bool = False
+    overwrite: bool = False
+    transform: RankTransform | None = None  # see builder.convert.layout (used by quantize)
+    quantization: Mapping[str, Any] | None = None  # config.json's `quantization`
+    check_finite: bool = True
+    block_bytes: int = DEFAULT_BLOCK_BYTES
+    allow_pickle: bool = False  # read pytorch_model*.bin (torch.load, weights only)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "src", Path(self.src))
+        object.__setattr__(self, "out", Path(self.out))
+        if self.ranks is not None and not isinstance(self.ranks, str):
+            object.__setattr__(self, "ranks", tuple(self.ranks))
+        if self.workers < 1:
+            raise UserError(f"--workers must be at least 1 (got {self.workers})")
+
+
+class RankState(StrEnum):
+    WRITTEN = "written"  # by this run
+    KEPT = "kept"  # verified from an earlier run (--resume)
+    PLANNED = "planned"  # a dry run's description
+    PRESENT = "present"  # another run's (--ranks), verified
+    PENDING = "pending"  # not yet anywhere
+
+
 @dataclass
 class RankStatus:
     rank: int
     tp_rank: int
     pp_rank: int
-    status: str  # written | kept | planned | present (another run's) | pending (not yet anywhere)
+    status: RankState
     tensors: int
     bytes: int
     seconds: float = 0.0
@@ -100,7 +142,7 @@ class ConvertSummary:
 
     @property
     def written_bytes(self) -> int:
-        return sum(r.bytes for r in self.ranks if r.status == "written")
+        return sum(r.bytes for r in self.ranks if r.status is RankState.WRITTEN)
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -210,7 +252,7 @@ def write_dry_run(
     with atomic_dir(out, overwrite, inputs=inputs) as stage:
         write_manifest(stage, manifest)
     statuses = [
-        RankStatus(r["rank"], r["tp_rank"], r["pp_rank"], "planned", r["tensors"], r["bytes"])
+        RankStatus(r["rank"], r["tp_rank"], r["pp_rank"], RankState.PLANNED, r["tensors"], r["bytes"])
         for r in ranks
     ]
     return ConvertSummary(
@@ -345,6 +387,33 @@ def _verify_job(stage: str, entry: dict[str, Any]) -> bool:
 
 
 # ---- the conversion ------------------------------------------------------------------------------
+def convert(
+    request: ConvertRequest,
+    *,
+    progress: ProgressSink | None = None,
+    pool: WorkerPool | None = None,
+) -> ConvertSummary:
+    """Convert the HF checkpoint `request.src` to a TensorRT-LLM checkpoint in `request.out`
+    (tp x pp ranks).
+
+    Returns a summary; `summary.complete` is False when `request.ranks` left some ranks to
+    other runs. `pool`: worker processes started by the caller
+    (`builder.convert.workers.WorkerPool`, importable without torch, so a CLI can start them
+    first); by default `request.workers` > 1 starts one here.
+    """
+    started = time.perf_counter()
+    check_output_location(request.out, [request.src])
+    with ExitStack() as stack:
+        if not request.dry_run:  # (a dry run locks inside atomic_dir)
+            # Exclusive for a full run; `--ranks` runs own disjoint ranks and may share it.
+            lock = stack.enter_context(lock_stage(request.out, shared=request.ranks is not None))
+            if pool is None and request.workers > 1:
+                # Workers start (and import torch) while this process validates the input.
+                pool = stack.enter_context(WorkerPool(request.workers, inherit=[lock.fd]))
+        stack.enter_context(_torch_threads(1))
+        return _convert(request, pool, progress, started)
+
+
 def convert_checkpoint(
     src: str | Path,
     out: str | Path,
@@ -352,87 +421,33 @@ def convert_checkpoint(
     pp: int = 1,
     dtype: str = "auto",
     *,
-    workers: int = 1,
-    ranks: str | Sequence[int] | None = None,
-    resume: bool = False,
-    dry_run: bool = False,
-    overwrite: bool = False,
-    transform: RankTransform | None = None,
-    quantization: Mapping[str, Any] | None = None,
-    check_finite: bool = True,
-    block_bytes: int = DEFAULT_BLOCK_BYTES,
     progress: ProgressSink | None = None,
     pool: WorkerPool | None = None,
-    allow_pickle: bool = False,
+    **options: Any,
 ) -> ConvertSummary:
-    """Convert the HF checkpoint `src` to a TensorRT-LLM checkpoint in `out` (tp x pp ranks).
-
-    Returns a summary; `summary.complete` is False when `ranks` left some ranks to other runs.
-    `transform`/`quantization`: see `builder.convert.layout.RankTransform` (used by quantize).
-    `pool`: worker processes started by the caller (`builder.convert.workers.WorkerPool`,
-    importable without torch, so a CLI can start them first); by default `workers` > 1
-    starts one here. `allow_pickle`: read pytorch_model*.bin weights (torch.load with
-    weights_only=True) when there are no safetensors; refused by default.
-    """
-    started = time.perf_counter()
-    if workers < 1:
-        raise UserError(f"--workers must be at least 1 (got {workers})")
-    check_output_location(out, [src])
-    with ExitStack() as stack:
-        if not dry_run:  # (a dry run locks inside atomic_dir)
-            # Exclusive for a full run; `--ranks` runs own disjoint ranks and may share it.
-            lock = stack.enter_context(lock_stage(out, shared=ranks is not None))
-            if pool is None and workers > 1:
-                # Workers start (and import torch) while this process validates the input.
-                pool = stack.enter_context(WorkerPool(workers, inherit=[lock.fd]))
-        stack.enter_context(_torch_threads(1))
-        return _convert(
-            Path(src),
-            Path(out),
-            tp,
-            pp,
-            dtype,
-            pool,
-            ranks,
-            resume,
-            dry_run,
-            overwrite,
-            transform,
-            quantization,
-            check_finite,
-            block_bytes,
-            progress,
-            started,
-            allow_pickle,
-        )
+    """`convert(ConvertRequest(src, out, tp, pp, dtype, **options))` for scripts and tests;
+    `options` are ConvertRequest's fields (an unknown one is a TypeError)."""
+    request = ConvertRequest(Path(src), Path(out), tp, pp, dtype, **options)
+    return convert(request, progress=progress, pool=pool)
 
 
 def _convert(
-    src: Path,
-    out: Path,
-    tp: int,
-    pp: int,
-    dtype: str,
+    request: ConvertRequest,
     pool: WorkerPool | None,
-    ranks: str | Sequence[int] | None,
-    resume: bool,
-    dry_run: bool,
-    overwrite: bool,
-    transform: RankTransform | None,
-    quantization: Mapping[str, Any] | None,
-    check_finite: bool,
-    block_bytes: int,
     progress: ProgressSink | None,
     started: float,
-    allow_pickle: bool,
 ) -> ConvertSummary:
-    ckpt = HFCheckpoint(src, allow_pickle=allow_pickle)
+    src, out, tp, pp, dtype = request.src, request.out, request.tp, request.pp, request.dtype
+    ranks, resume, overwrite = request.ranks, request.resume, request.overwrite
+    transform, quantization = request.transform, request.quantization
+    check_finite, block_bytes = request.check_finite, request.block_bytes
+    ckpt = HFCheckpoint(src, allow_pickle=request.allow_pickle)
     plan = load_plan(src)
     dtype = resolve_dtype(dtype, plan)
     check_parallelism(plan, tp, pp)
     check_source(ckpt, plan)
     fingerprint = source_fingerprint(ckpt)
-    if dry_run:
+    if request.dry_run:
         return write_dry_run(
             plan,
             out,
@@ -477,7 +492,7 @@ def _convert(
             block_bytes,
             key,
             fingerprint,
-            allow_pickle,
+            request.allow_pickle,
         )
         for r in todo
     ]
@@ -490,7 +505,7 @@ def _convert(
                     result.rank,
                     result.rank % tp,
                     result.rank // tp,
-                    "written",
+                    RankState.WRITTEN,
                     result.tensors,
                     result.size,
                     result.seconds,
@@ -527,7 +542,7 @@ def _convert(
     elif complete:
         summary.notes.append(f"another run (host) is finalizing {stage} -> {out.name}")
     else:
-        missing = [r.rank for r in summary.ranks if r.status == "pending"]
+        missing = [r.rank for r in summary.ranks if r.status is RankState.PENDING]
         summary.notes.append(
             f"{len(missing)} of {world} ranks still missing in {stage} ({format_ranges(missing)}); "
             "the run that converts the last of them writes the manifest and renames it to "
@@ -589,7 +604,7 @@ def _select_work(
                 rank,
                 rank % tp,
                 rank // tp,
-                "kept",
+                RankState.KEPT,
                 entry["tensors"],
                 entry["size"],
                 0.0,
@@ -613,7 +628,7 @@ def _run_jobs(jobs: Sequence[RankJob], pool: WorkerPool | None, sink: ProgressSi
     if pool is None:
         for job in jobs:
             result = run_rank_job(job, progress=lambda n, r=job.rank: sink.advance(r, n))
-            sink.done(job.rank, "written")
+            sink.done(job.rank, RankState.WRITTEN)
             yield result
         return
     pool.sink = sink
@@ -632,7 +647,7 @@ def _run_jobs(jobs: Sequence[RankJob], pool: WorkerPool | None, sink: ProgressSi
                         f"rank {job.rank}: a worker process died (killed, or out of memory?)"
                     )
                 raise error
-            sink.done(job.rank, "written")
+            sink.done(job.rank, RankState.WRITTEN)
             yield future.result()
 
 
@@ -655,7 +670,7 @@ def _fill_other_ranks(
                 rank,
                 rank % tp,
                 rank // tp,
-                "present",
+                RankState.PRESENT,
                 entry["tensors"],
                 entry["size"],
                 0.0,
@@ -664,9 +679,9 @@ def _fill_other_ranks(
         else:
             lay = layouts[rank]
             statuses[rank] = RankStatus(
-                rank, rank % tp, rank // tp, "pending", len(lay.flat_specs), 0
+                rank, rank % tp, rank // tp, RankState.PENDING, len(lay.flat_specs), 0
             )
-    return all(s.status != "pending" for s in statuses.values())
+    return all(s.status is not RankState.PENDING for s in statuses.values())
 
 
 def _claim_finalization(stage: Path) -> bool:

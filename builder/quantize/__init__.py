@@ -1,8 +1,10 @@
 """FP8 quantization with NVIDIA ModelOpt: block-by-block calibration, two exports.
 
 Public API (other stages and the demo call these; ModelOpt is imported lazily):
-- `quantize_checkpoint(src, out, tp=1, pp=1, kv_cache=True, calib="builtin", calib_size=512,
-  calib_seq_len=512, formats="both", device="cpu", resume=False, ...)` -> QuantizeSummary
+- `quantize(QuantizeRequest(src, out, tp=1, pp=1, kv_cache=True, calib="builtin",
+  calib_size=512, calib_seq_len=512, formats=("trtllm", "hf"), device="cpu", ...),
+  progress=None, block_progress=None)` -> QuantizeSummary; `quantize_checkpoint(src, out,
+  **fields)` builds the request for scripts and tests; EXPORTERS: the export formats
   (paths, timings, peak memory, per-layer amax table; `.to_json()`)
 - FP8 accuracy against BF16 (`evaluate_accuracy`, `format_table`) lives in
   builder.verify.fp8_accuracy: it runs verify's metrics, a layer above quantize
@@ -16,7 +18,10 @@ from __future__ import annotations
 from typing import Any
 
 _EXPORTS = {
+    "quantize": "builder.quantize.pipeline",
     "quantize_checkpoint": "builder.quantize.pipeline",
+    "QuantizeRequest": "builder.quantize.pipeline",
+    "EXPORTERS": "builder.quantize.exporters",
     "QuantizeSummary": "builder.quantize.pipeline",
     "build_calibration_set": "builder.quantize.calib",
     "CalibrationSet": "builder.quantize.calib",
@@ -30,14 +35,17 @@ _EXPORTS = {
 }
 
 __all__ = [
+    "EXPORTERS",
     "AmaxTable",
     "CalibOptions",
     "CalibrationSet",
     "Fp8Transform",
+    "QuantizeRequest",
     "QuantizeSummary",
     "build_calibration_set",
     "calibrate_blockwise",
     "calibrate_model",
+    "quantize",
     "quantize_checkpoint",
     "write_trtllm_fp8",
     "write_unified_hf",

@@ -27,7 +27,7 @@ import torch
 
 from builder.arch.plan import AttentionKind, FfnKind, ModelPlan
 from builder.arch.tensors import RankTensor, Split, kv_cache_scale_name, scale_names
-from builder.convert import ConvertSummary, Fp8Layout, convert_checkpoint
+from builder.convert import ConvertRequest, ConvertSummary, Fp8Layout, convert
 from builder.convert.progress import ProgressSink
 from builder.dtypes import FP8_MAX
 from builder.quantize.amax import AmaxTable
@@ -133,7 +133,7 @@ def write_trtllm_fp8(
     allow_pickle: bool = False,
 ) -> ConvertSummary:
     """Write the FP8 TensorRT-LLM checkpoint of `src` into `out` (convert's atomic protocol)."""
-    return convert_checkpoint(
+    request = ConvertRequest(
         src,
         out,
         tp,
@@ -142,6 +142,6 @@ def write_trtllm_fp8(
         workers=workers,
         transform=Fp8Transform(table),
         quantization=trtllm_quantization(table.kv_cache),
-        progress=progress,
         allow_pickle=allow_pickle,
     )
+    return convert(request, progress=progress)

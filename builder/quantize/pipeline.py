@@ -43,9 +43,10 @@ from builder.quantize.blockwise import (
     dist_info,
 )
 from builder.quantize.calib import CalibrationSet, build_calibration_set, load_tokenizer
-from builder.quantize.export_hf import modelopt_version, write_unified_hf
+from builder.quantize.export_hf import modelopt_version
+from builder.quantize.exporters import EXPORTERS, ExportJob, run_export
 
-FORMATS = ("trtllm", "hf")
+FORMATS = EXPORTERS.names()
 KIND = "fp8-quantization"
 DTYPES = torch_dtypes()
 
@@ -110,7 +111,7 @@ def parse_formats(formats: str | Sequence[str]) -> list[str]:
         formats = FORMATS if formats == "both" else [formats]
     bad = [f for f in formats if f not in FORMATS]
     if bad or not formats:
-        raise UserError(f"unknown export format(s) {bad}; choose trtllm, hf or both")
+        raise UserError(f"unknown export format(s) {bad}; choose {', '.join(FORMATS)} or both")
     return list(formats)
 
 
@@ -156,108 +157,102 @@ def reference_parts(src: Path) -> ModelParts:
 
 
 # ---- the run ------------------------------------------------------------------------------------------
-def quantize_checkpoint(
-    src: str | Path,
-    out: str | Path,
+@dataclass(frozen=True)
+class QuantizeRequest:
+    """Everything a quantization is asked to do; the CLI, scripts and the demo build one.
+
+    Progress callbacks belong to the running process, not the request: they are keyword
+    arguments of `quantize`. A new option is one field here (with its default).
+    """
+
+    src: Path
+    out: Path
+    tp: int = 1
+    pp: int = 1
+    kv_cache: bool = True
+    calib: str = "builtin"  # builtin, wiki, chat or a .txt/.jsonl/.parquet file
+    calib_size: int = 512
+    calib_seq_len: int = 512
+    formats: tuple[str, ...] = FORMATS  # export formats (EXPORTERS keys); "both" is all
+    device: str = "cpu"
+    dtype: str = "bfloat16"
+    batch_size: int = 4
+    seed: int = 0
+    resume: bool = False
+    save_every: int = 0
+    overwrite: bool = False
+    workers: int = 1
+    allow_pickle: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "src", Path(self.src))
+        object.__setattr__(self, "out", Path(self.out))
+        object.__setattr__(self, "formats", tuple(parse_formats(self.formats)))
+        if self.dtype not in DTYPES:
+            raise UserError(f"--dtype {self.dtype!r}: choose one of {', '.join(DTYPES)}")
+
+
+def quantize(
+    request: QuantizeRequest,
     *,
-    tp: int = 1,
-    pp: int = 1,
-    kv_cache: bool = True,
-    calib: str = "builtin",
-    calib_size: int = 512,
-    calib_seq_len: int = 512,
-    formats: str | Sequence[str] = "both",
-    device: str = "cpu",
-    dtype: str = "bfloat16",
-    batch_size: int = 4,
-    seed: int = 0,
-    resume: bool = False,
-    save_every: int = 0,
-    overwrite: bool = False,
-    workers: int = 1,
     progress: Callable[[str], None] | None = None,
     block_progress: Callable[[int, int, LayerPlan | None], None] | None = None,
-    allow_pickle: bool = False,
 ) -> QuantizeSummary:
-    """Calibrate `src` with ModelOpt (FP8 weights/activations, optional FP8 KV) and export.
+    """Calibrate `request.src` with ModelOpt (FP8 weights/activations, optional FP8 KV) and
+    export.
 
     Returns paths, timings, peak memory and the per-layer amax table. Under torchrun every
     rank calibrates its share of the data; rank 0 writes the outputs.
     """
     started = time.perf_counter()
-    src, out = Path(src), Path(out)
+    src, out, device = request.src, request.out, request.device
     say = progress or (lambda message: None)
-    formats = parse_formats(formats)
-    if dtype not in DTYPES:
-        raise UserError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {device}: CUDA is not available on this machine")
     check_output_location(out, [src])
     check_output_location(state_dir_for(out), [src])
     device = init_distributed(device)
     rank, world = dist_info()
-    ckpt, plan, _config = open_source(src, allow_pickle)
-    check_parallelism(plan, tp, pp)
-    check_replaceable(out, overwrite)
+    ckpt, plan, _config = open_source(src, request.allow_pickle)
+    check_parallelism(plan, request.tp, request.pp)
+    check_replaceable(out, request.overwrite)
     with ExitStack() as stack:
         if rank == 0:  # one run per OUT: it owns .OUT.partial and .OUT.calib
             stack.enter_context(lock_stage(out))
-        return _quantize(
-            src,
-            out,
-            ckpt,
-            plan,
-            rank,
-            world,
-            tp,
-            pp,
-            kv_cache,
-            calib,
-            calib_size,
-            calib_seq_len,
-            formats,
-            device,
-            dtype,
-            batch_size,
-            seed,
-            resume,
-            save_every,
-            overwrite,
-            workers,
-            say,
-            block_progress,
-            started,
-            allow_pickle,
-        )
+        return _quantize(request, ckpt, plan, rank, world, device, say, block_progress, started)
+
+
+def quantize_checkpoint(
+    src: str | Path,
+    out: str | Path,
+    *,
+    progress: Callable[[str], None] | None = None,
+    block_progress: Callable[[int, int, LayerPlan | None], None] | None = None,
+    **options: Any,
+) -> QuantizeSummary:
+    """`quantize(QuantizeRequest(src, out, **options))` for scripts and tests; `options` are
+    QuantizeRequest's fields (an unknown one is a TypeError)."""
+    request = QuantizeRequest(Path(src), Path(out), **options)
+    return quantize(request, progress=progress, block_progress=block_progress)
 
 
 def _quantize(
-    src,
-    out,
-    ckpt,
-    plan,
-    rank,
-    world,
-    tp,
-    pp,
-    kv_cache,
-    calib,
-    calib_size,
-    calib_seq_len,
-    formats,
-    device,
-    dtype,
-    batch_size,
-    seed,
-    resume,
-    save_every,
-    overwrite,
-    workers,
-    say,
-    block_progress,
-    started,
-    allow_pickle,
+    request: QuantizeRequest,
+    ckpt: HFCheckpoint,
+    plan: ModelPlan,
+    rank: int,
+    world: int,
+    device: str,
+    say: Callable[[str], None],
+    block_progress: Callable[[int, int, LayerPlan | None], None] | None,
+    started: float,
 ) -> QuantizeSummary:
+    src, out, tp, pp, dtype = request.src, request.out, request.tp, request.pp, request.dtype
+    kv_cache, calib, seed = request.kv_cache, request.calib, request.seed
+    calib_size, calib_seq_len = request.calib_size, request.calib_seq_len
+    formats, batch_size = list(request.formats), request.batch_size
+    resume, save_every = request.resume, request.save_every
+    overwrite, workers = request.overwrite, request.workers
 
     say(f"calibration data: {calib}, {calib_size} x {calib_seq_len} tokens")
     data = build_calibration_set(calib, load_tokenizer(src), calib_size, calib_seq_len, seed)
@@ -372,26 +367,10 @@ def export_all(
     paths = {}
     with atomic_dir(out, overwrite, inputs=[src]) as stage:
         table.save(stage / "amax.json")
-        if "trtllm" in formats:
-            from builder.quantize.export_trtllm import write_trtllm_fp8
-
-            say(f"writing FP8 TensorRT-LLM checkpoint (tp={tp}, pp={pp})")
-            t0 = time.perf_counter()
-            write_trtllm_fp8(
-                src, stage / "trtllm", table, tp, pp, dtype, workers, allow_pickle=ckpt.is_pickle
-            )
-            add_to_manifest(stage / "trtllm", fields)
-            seconds["export_trtllm"] = round(time.perf_counter() - t0, 3)
-            paths["trtllm"] = str(out / "trtllm")
-        if "hf" in formats:
-            say("writing unified HF FP8 checkpoint")
-            t0 = time.perf_counter()
-            hf_dir = stage / "hf"
-            hf_dir.mkdir()
-            written = write_unified_hf(hf_dir, plan, ckpt, table, DTYPES[dtype])
-            write_hf_manifest(hf_dir, src, written, fields)
-            seconds["export_hf"] = round(time.perf_counter() - t0, 3)
-            paths["hf"] = str(out / "hf")
+        job = ExportJob(src, stage, plan, ckpt, table, fields, tp, pp, dtype, workers, say)
+        for name in formats:
+            run_export(name, job, seconds)
+            paths[name] = str(out / name)
         write_manifest(stage, {**provenance(KIND), **fields, "files": files_of(stage)})
     return paths
 
