@@ -122,7 +122,7 @@ def roofline(directory: Path, target: str, concurrency: int, context: int) -> di
         "target": profile.name,
         "gpu": profile.hardware.gpu,
         "hbm_bandwidth_tbs": profile.hardware.hbm_bandwidth_tbs,
-        **bound,
+        **bound.to_dict(),
     }
 
 

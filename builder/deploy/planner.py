@@ -265,45 +265,101 @@ def balanced_partition(plan: ModelPlan, pp: int) -> list[int]:
     return counts[::-1]
 
 
-def pp_balance(plan: ModelPlan, pp: int) -> dict[str, Any]:
+def _present(data: dict[str, Any]) -> dict[str, Any]:
+    """A plan part's JSON: the fields it has (None marks a part an impossible layout lacks)."""
+    return {key: value for key, value in data.items() if value is not None}
+
+
+@dataclass(frozen=True)
+class PipelineBalance:
+    """Equal-layer-count stages (what TensorRT-LLM checkpoints use) vs the balanced suggestion;
+    an impossible layout (pp > layers) has only `pp`."""
+
+    pp: int
+    divides_layers: bool | None = None
+    equal_layers: list[dict[str, int]] | None = None  # only when pp divides the layers
+    suggested_pp_partition: list[int] | None = None
+    suggested: list[dict[str, int]] | None = None
+    note: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return _present(dataclasses.asdict(self))
+
+
+def pp_balance(plan: ModelPlan, pp: int) -> PipelineBalance:
     """Equal-layer-count stages (what TensorRT-LLM checkpoints use) vs the balanced suggestion."""
-    result: dict[str, Any] = {"pp": pp, "divides_layers": plan.num_layers % pp == 0}
-    if result["divides_layers"]:
-        per = plan.num_layers // pp
-        result["equal_layers"] = stage_params(plan, [s * per for s in range(pp)])
+    divides = plan.num_layers % pp == 0
+    per = plan.num_layers // pp
     counts = balanced_partition(plan, pp)
     starts = [sum(counts[:s]) for s in range(pp)]
-    result["suggested_pp_partition"] = counts
-    result["suggested"] = stage_params(plan, starts)
-    result["note"] = (
-        "TensorRT-LLM checkpoints split layers in equal counts; the suggested partition is for "
-        "runtimes that accept an explicit pp_partition (LLM API / PyTorch backend)."
+    return PipelineBalance(
+        pp=pp,
+        divides_layers=divides,
+        equal_layers=stage_params(plan, [s * per for s in range(pp)]) if divides else None,
+        suggested_pp_partition=counts,
+        suggested=stage_params(plan, starts),
+        note="TensorRT-LLM checkpoints split layers in equal counts; the suggested partition is "
+        "for runtimes that accept an explicit pp_partition (LLM API / PyTorch backend).",
     )
-    return result
 
 
 # ---- parallelism checks ----------------------------------------------------------------------------
-def tp_checks(plan: ModelPlan, tp: int, pp: int) -> dict[str, Any]:
+@dataclass(frozen=True)
+class TpChecks:
+    """How tp splits heads and FFN widths; an impossible layout has only `problems`."""
+
+    problems: list[str]
+    query_heads_per_rank: float | None = None
+    kv_heads_per_rank: list[int] | None = None
+    layers_with_duplicated_kv_heads: list[int] = field(default_factory=list)
+    ffn_width_per_rank: list[int] | None = None
+    ffn_widths_not_128_aligned_per_rank: list[int] | None = None
+    note: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        data = _present(dataclasses.asdict(self))
+        if self.kv_heads_per_rank is None:  # impossible layout: the problems are all there is
+            data.pop("layers_with_duplicated_kv_heads")
+        return data
+
+
+def tp_checks(plan: ModelPlan, tp: int, pp: int) -> TpChecks:
     attention = plan.attention_layers
     mlp_widths = sorted({layer.ffn_width for layer in plan.layers if layer.ffn_width})
-    duplicated = [layer.index for layer in attention if tp > layer.kv_heads]
     block_fp8_misaligned = sorted({w for w in mlp_widths if w % tp == 0 and (w // tp) % 128})
-    return {
-        "problems": parallelism_problems(plan, tp, pp),
-        "query_heads_per_rank": plan.num_attention_heads / tp,
-        "kv_heads_per_rank": sorted({math.ceil(layer.kv_heads / tp) for layer in attention}),
-        "layers_with_duplicated_kv_heads": duplicated,
-        "ffn_width_per_rank": [w // tp for w in mlp_widths if w % tp == 0],
-        "ffn_widths_not_128_aligned_per_rank": block_fp8_misaligned,
-        "note": "128x128 block FP8 would need every I/tp to be a multiple of 128; builder's "
+    return TpChecks(
+        problems=parallelism_problems(plan, tp, pp),
+        query_heads_per_rank=plan.num_attention_heads / tp,
+        kv_heads_per_rank=sorted({math.ceil(layer.kv_heads / tp) for layer in attention}),
+        layers_with_duplicated_kv_heads=[layer.index for layer in attention if tp > layer.kv_heads],
+        ffn_width_per_rank=[w // tp for w in mlp_widths if w % tp == 0],
+        ffn_widths_not_128_aligned_per_rank=block_fp8_misaligned,
+        note="128x128 block FP8 would need every I/tp to be a multiple of 128; builder's "
         "per-tensor FP8 does not, so misaligned widths are informational.",
-    }
+    )
 
 
 # ---- decode bound -------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class DecodeBound:
+    """Lower bound of a decode step: the bytes each GPU reads over its HBM bandwidth."""
+
+    bytes_read_per_gpu_per_step: int
+    step_ms_batch1: float
+    tokens_per_s_per_sequence: float
+    concurrency: int
+    context_tokens: int
+    step_ms_at_concurrency: float
+    tokens_per_s_aggregate: float
+    basis: str = "HBM datasheet bandwidth; measured rates are ~70-85% of it (an H200 copies at 87%)"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
 def decode_bound(
     profile: TargetProfile, memories: list[RankMemory], concurrency: int, context: int
-) -> dict[str, Any]:
+) -> DecodeBound:
     bandwidth = profile.hardware.hbm_bandwidth_tbs * 1e12
     stages: dict[int, list[RankMemory]] = {}
     for memory in memories:
@@ -315,16 +371,15 @@ def decode_bound(
     ]
     step_1 = sum(w / bandwidth for w in weights_read)
     step_c = sum((w + k) / bandwidth for w, k in zip(weights_read, kv_read, strict=True))
-    return {
-        "bytes_read_per_gpu_per_step": max(weights_read),
-        "step_ms_batch1": step_1 * 1e3,
-        "tokens_per_s_per_sequence": 1 / step_1,
-        "concurrency": concurrency,
-        "context_tokens": context,
-        "step_ms_at_concurrency": step_c * 1e3,
-        "tokens_per_s_aggregate": concurrency / step_c if concurrency else 0.0,
-        "basis": "HBM datasheet bandwidth; measured rates are ~70-85% of it (an H200 copies at 87%)",
-    }
+    return DecodeBound(
+        bytes_read_per_gpu_per_step=max(weights_read),
+        step_ms_batch1=step_1 * 1e3,
+        tokens_per_s_per_sequence=1 / step_1,
+        concurrency=concurrency,
+        context_tokens=context,
+        step_ms_at_concurrency=step_c * 1e3,
+        tokens_per_s_aggregate=concurrency / step_c if concurrency else 0.0,
+    )
 
 
 # ---- host side: disk, RAM, time ------------------------------------------------------------------
@@ -342,7 +397,39 @@ def _io_seconds(profile: TargetProfile, read: int, written: int) -> float:
     return read / (h.disk_read_gbs * 1e9) + written / (h.disk_write_gbs * 1e9)
 
 
-def host_plan(plan: ModelPlan, profile: TargetProfile) -> dict[str, Any]:
+@dataclass(frozen=True)
+class HostStep:
+    """One pipeline step's disk, host RAM and time lower bound."""
+
+    reads: int
+    disk_written: int
+    host_ram: int
+    seconds_lower_bound: float
+    output: str
+    fits_host_ram: bool
+    details: dict[str, int] = field(default_factory=dict)  # step-specific sizes
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        details = data.pop("details")
+        return {**data, **details}
+
+
+@dataclass(frozen=True)
+class HostPlan:
+    hf_checkpoint_bytes: int
+    steps: dict[str, HostStep]  # convert, quantize, build
+    disk_total_pipeline: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "hf_checkpoint_bytes": self.hf_checkpoint_bytes,
+            "steps": {name: step.to_dict() for name, step in self.steps.items()},
+            "disk_total_pipeline": self.disk_total_pipeline,
+        }
+
+
+def host_plan(plan: ModelPlan, profile: TargetProfile) -> HostPlan:
     world = profile.world_size
     bf16_ranks = [rank_weights(plan, profile, r, fp8=False, kv_fp8=False) for r in range(world)]
     fp8_ranks = [rank_weights(plan, profile, r, fp8=True) for r in range(world)]
@@ -359,42 +446,46 @@ def host_plan(plan: ModelPlan, profile: TargetProfile) -> dict[str, Any]:
     calib_flops = 2 * plan.linear_params * calib_tokens
     engines = sum(r.total for r in target_ranks)
     build_ram = profile.engine_workers * 2 * max(r.total for r in target_ranks)
+    host_ram = profile.hardware.host_memory_gib * GIB
+
+    def step(reads: int, written: int, ram: int, seconds: float, output: str, **details: int):
+        return HostStep(reads, written, ram, seconds, output, ram <= host_ram, details)
+
+    tp, pp = profile.parallel.tp, profile.parallel.pp
     steps = {
-        "convert": {
-            "reads": hf_bytes,
-            "disk_written": bf16_ckpt,
-            "host_ram": RUNTIME_HOST_OVERHEAD + 2 * max(r.largest_tensor for r in bf16_ranks),
-            "seconds_lower_bound": _io_seconds(profile, hf_bytes, bf16_ckpt),
-            "output": f"BF16 TensorRT-LLM checkpoint, tp={profile.parallel.tp} pp={profile.parallel.pp}",
-        },
-        "quantize": {
-            "reads": hf_bytes,
-            "disk_written": fp8_ckpt + hf_fp8 + calib_cache,
-            "fp8_trtllm_checkpoint": fp8_ckpt,
-            "fp8_hf_checkpoint": hf_fp8,
-            "calibration_cache": calib_cache,
-            "calibration_tokens": calib_tokens,
-            "host_ram": RUNTIME_HOST_OVERHEAD + largest_block + 2 * calib_cache,
-            "gpu_memory_one_block": largest_block + 2 * calib_cache,
-            "seconds_lower_bound": _io_seconds(profile, hf_bytes, fp8_ckpt + hf_fp8)
+        "convert": step(
+            hf_bytes,
+            bf16_ckpt,
+            RUNTIME_HOST_OVERHEAD + 2 * max(r.largest_tensor for r in bf16_ranks),
+            _io_seconds(profile, hf_bytes, bf16_ckpt),
+            f"BF16 TensorRT-LLM checkpoint, tp={tp} pp={pp}",
+        ),
+        "quantize": step(
+            hf_bytes,
+            fp8_ckpt + hf_fp8 + calib_cache,
+            RUNTIME_HOST_OVERHEAD + largest_block + 2 * calib_cache,
+            _io_seconds(profile, hf_bytes, fp8_ckpt + hf_fp8)
             + calib_flops / (profile.hardware.bf16_tflops * 1e12),
-            "output": "FP8 TensorRT-LLM checkpoint + unified HF FP8 checkpoint",
-        },
-        "build": {
-            "reads": engines,
-            "disk_written": engines,
-            "host_ram": build_ram,
-            "seconds_lower_bound": _io_seconds(profile, engines, engines),
-            "output": f"{world} engine files (TensorRT compile time not included: measure it)",
-        },
+            "FP8 TensorRT-LLM checkpoint + unified HF FP8 checkpoint",
+            fp8_trtllm_checkpoint=fp8_ckpt,
+            fp8_hf_checkpoint=hf_fp8,
+            calibration_cache=calib_cache,
+            calibration_tokens=calib_tokens,
+            gpu_memory_one_block=largest_block + 2 * calib_cache,
+        ),
+        "build": step(
+            engines,
+            engines,
+            build_ram,
+            _io_seconds(profile, engines, engines),
+            f"{world} engine files (TensorRT compile time not included: measure it)",
+        ),
     }
-    for step in steps.values():
-        step["fits_host_ram"] = step["host_ram"] <= profile.hardware.host_memory_gib * GIB
-    return {
-        "hf_checkpoint_bytes": hf_bytes,
-        "steps": steps,
-        "disk_total_pipeline": hf_bytes + bf16_ckpt + fp8_ckpt + hf_fp8 + calib_cache + engines,
-    }
+    return HostPlan(
+        hf_checkpoint_bytes=hf_bytes,
+        steps=steps,
+        disk_total_pipeline=hf_bytes + bf16_ckpt + fp8_ckpt + hf_fp8 + calib_cache + engines,
+    )
 
 
 # ---- the whole plan -----------------------------------------------------------------------------------
@@ -408,10 +499,10 @@ class TargetPlan:
     kv_tokens: int | None
     sequences_fit: int | None
     concurrency: int
-    decode: dict[str, Any]
-    tp: dict[str, Any]
-    pipeline: dict[str, Any]
-    host: dict[str, Any]
+    decode: DecodeBound | None  # None: the layout is impossible
+    tp: TpChecks
+    pipeline: PipelineBalance
+    host: HostPlan | None  # None: the layout is impossible
     problems: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
 
@@ -463,10 +554,10 @@ class TargetPlan:
             "kv_tokens_per_rank": self.kv_tokens,
             "sequences_fit": self.sequences_fit,
             "concurrency": self.concurrency,
-            "decode": self.decode,
-            "tp_checks": self.tp,
-            "pipeline": self.pipeline,
-            "host": self.host,
+            "decode": self.decode.to_dict() if self.decode else {},
+            "tp_checks": self.tp.to_dict(),
+            "pipeline": self.pipeline.to_dict(),
+            "host": self.host.to_dict() if self.host else {},
             "formulas": FORMULAS,
         }
 
@@ -513,13 +604,13 @@ def _workload_warnings(profile: TargetProfile, plan: TargetPlan) -> list[str]:
             f"the KV cache holds {plan.sequences_fit} sequences of {r.isl}+{r.osl} tokens, "
             f"fewer than build.max_batch_size {b.max_batch_size}"
         )
-    for name, step in plan.host["steps"].items():
-        if not step["fits_host_ram"]:
+    for name, step in plan.host.steps.items():
+        if not step.fits_host_ram:
             notes.append(
-                f"{name} needs ~{step['host_ram'] / GIB:.0f} GiB host RAM, more than "
+                f"{name} needs ~{step.host_ram / GIB:.0f} GiB host RAM, more than "
                 f"hardware.host_memory_gib {profile.hardware.host_memory_gib:.0f}"
             )
-    duplicated = plan.tp["layers_with_duplicated_kv_heads"]
+    duplicated = plan.tp.layers_with_duplicated_kv_heads
     if duplicated:
         notes.append(
             f"tp {profile.parallel.tp} exceeds the KV heads of {len(duplicated)} layers: their KV "
@@ -566,7 +657,7 @@ def plan_target(plan: ModelPlan, profile: TargetProfile) -> TargetPlan:
 def _impossible(plan: ModelPlan, profile: TargetProfile, layout: list[str]) -> TargetPlan:
     tp, pp = profile.parallel.tp, profile.parallel.pp
     more = f" (and {len(layout) - 1} more)" if len(layout) > 1 else ""
-    pipeline = pp_balance(plan, pp) if pp <= plan.num_layers else {"pp": pp}
+    pipeline = pp_balance(plan, pp) if pp <= plan.num_layers else PipelineBalance(pp)
     return TargetPlan(
         model=plan,
         profile=profile,
@@ -574,9 +665,9 @@ def _impossible(plan: ModelPlan, profile: TargetProfile, layout: list[str]) -> T
         kv_tokens=None,
         sequences_fit=None,
         concurrency=0,
-        decode={},
-        tp={"problems": layout},
+        decode=None,
+        tp=TpChecks(layout),
         pipeline=pipeline,
-        host={},
+        host=None,
         problems=[f"cannot split tp={tp} pp={pp}: {layout[0]}{more}"],
     )

@@ -137,7 +137,7 @@ def write_pytorch_serve(
     if not result_plan.fits:
         raise InputError(f"target {profile.name}: {result_plan.verdict}")
     verification = _verification(inp, verify)
-    partition = result_plan.pipeline.get("suggested_pp_partition")
+    partition = result_plan.pipeline.suggested_pp_partition
     options = llm_api_options(profile, inp, partition)
     options_path = str(out.resolve() / OPTIONS_FILE)
     status = trtllm_status()

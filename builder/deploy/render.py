@@ -15,10 +15,10 @@ from builder.units import GIB, duration, format_ranges, gib
 def decode_at_concurrency(result: TargetPlan) -> tuple[str, str]:
     """The aggregate decode row; when no sequence fits it says why instead of '= 0 tok/s'."""
     p, d = result.profile, result.decode
-    if d["concurrency"]:
+    if d.concurrency:
         return (
-            f"decode step >= (batch {d['concurrency']}, ctx {d['context_tokens']})",
-            f"{d['step_ms_at_concurrency']:.1f} ms = {d['tokens_per_s_aggregate']:,.0f} tok/s total",
+            f"decode step >= (batch {d.concurrency}, ctx {d.context_tokens})",
+            f"{d.step_ms_at_concurrency:.1f} ms = {d.tokens_per_s_aggregate:,.0f} tok/s total",
         )
     worst = max(result.ranks, key=lambda m: m.used_before_kv)
     if worst.free <= 0:
@@ -97,13 +97,13 @@ def _stage_rows(table: Table, label: str, stages: list[dict]) -> None:
 
 def pipeline_table(result: TargetPlan) -> Table:
     pipe = result.pipeline
-    table = Table(title=f"Pipeline stages (pp={pipe['pp']}), parameters per stage")
+    table = Table(title=f"Pipeline stages (pp={pipe.pp}), parameters per stage")
     for col in ("partition", "first layer", "layers", "attention", "layer params", "with emb/head"):
         table.add_column(col, justify="right")
-    if "equal_layers" in pipe:
-        _stage_rows(table, "equal counts (TRT-LLM)", pipe["equal_layers"])
-    if "suggested" in pipe:
-        _stage_rows(table, f"suggested {pipe['suggested_pp_partition']}", pipe["suggested"])
+    if pipe.equal_layers is not None:
+        _stage_rows(table, "equal counts (TRT-LLM)", pipe.equal_layers)
+    if pipe.suggested is not None:
+        _stage_rows(table, f"suggested {pipe.suggested_pp_partition}", pipe.suggested)
     return table
 
 
@@ -136,10 +136,7 @@ def summary_table(result: TargetPlan) -> Table:
         ),
         (
             "decode step >= (batch 1)",
-            (
-                f"{d['step_ms_batch1']:.1f} ms = "
-                f"{d['tokens_per_s_per_sequence']:.0f} tok/s per sequence"
-            ),
+            (f"{d.step_ms_batch1:.1f} ms = {d.tokens_per_s_per_sequence:.0f} tok/s per sequence"),
         ),
         decode_at_concurrency(result),
     ]
@@ -147,20 +144,18 @@ def summary_table(result: TargetPlan) -> Table:
     rows.append(
         (
             "heads / KV heads per rank",
-            f"{tp['query_heads_per_rank']:g} / {', '.join(map(str, tp['kv_heads_per_rank']))}",
+            f"{tp.query_heads_per_rank:g} / {', '.join(map(str, tp.kv_heads_per_rank))}",
         )
     )
-    widths = tp["ffn_width_per_rank"]
+    widths = tp.ffn_width_per_rank
     if widths:
         rows.append(
             ("FFN width per rank", f"{min(widths):,} ... {max(widths):,} ({len(widths)} widths)")
         )
-    rows.append(
-        ("per-layer TP/PP problems", str(len(tp["problems"])) if tp["problems"] else "none")
-    )
-    if tp["layers_with_duplicated_kv_heads"]:
+    rows.append(("per-layer TP/PP problems", str(len(tp.problems)) if tp.problems else "none"))
+    if tp.layers_with_duplicated_kv_heads:
         rows.append(
-            ("layers with duplicated KV heads", str(len(tp["layers_with_duplicated_kv_heads"])))
+            ("layers with duplicated KV heads", str(len(tp.layers_with_duplicated_kv_heads)))
         )
     for name, value in rows:
         table.add_row(name, value)
@@ -172,18 +167,18 @@ def host_table(result: TargetPlan) -> Table:
     for col in ("step", "reads GiB", "writes GiB", "host RAM* GiB", "time >="):
         table.add_column(col, justify="right")
     notes = []
-    for name, step in result.host["steps"].items():
-        ram = f"{step['host_ram'] / GIB:,.1f}" + ("" if step["fits_host_ram"] else " (too much)")
+    for name, step in result.host.steps.items():
+        ram = f"{step.host_ram / GIB:,.1f}" + ("" if step.fits_host_ram else " (too much)")
         table.add_row(
             name,
-            f"{step['reads'] / GIB:,.1f}",
-            f"{step['disk_written'] / GIB:,.1f}",
+            f"{step.reads / GIB:,.1f}",
+            f"{step.disk_written / GIB:,.1f}",
             ram,
-            duration(step["seconds_lower_bound"]),
+            duration(step.seconds_lower_bound),
         )
-        notes.append(f"{name}: {step['output']}")
+        notes.append(f"{name}: {step.output}")
     table.caption = (
-        "; ".join(notes) + f". Pipeline disk total {gib(result.host['disk_total_pipeline'])}."
+        "; ".join(notes) + f". Pipeline disk total {gib(result.host.disk_total_pipeline)}."
     )
     return table
 

@@ -88,9 +88,9 @@ def test_ultra_decode_bounds_match_benchmarks(ultra):
     ]
     for target, overrides, gb, ms in cases:
         decode = plan_target(ultra, load_profile(target, overrides)).decode
-        assert decode["bytes_read_per_gpu_per_step"] / 1e9 == pytest.approx(gb, abs=0.06), target
-        assert decode["step_ms_batch1"] == pytest.approx(ms, abs=0.05), target
-        assert decode["step_ms_at_concurrency"] > decode["step_ms_batch1"]
+        assert decode.bytes_read_per_gpu_per_step / 1e9 == pytest.approx(gb, abs=0.06), target
+        assert decode.step_ms_batch1 == pytest.approx(ms, abs=0.05), target
+        assert decode.step_ms_at_concurrency > decode.step_ms_batch1
 
 
 def test_kv_tokens_follow_the_fraction_of_free_memory(ultra):
@@ -199,13 +199,13 @@ def test_super_fp8_tp1_matches_reference(super49):
 # ---- pipeline balance ---------------------------------------------------------------------------
 def test_ultra_pp2_equal_layers_is_unbalanced(ultra):
     balance = pp_balance(ultra, 2)
-    equal = balance["equal_layers"]
+    equal = balance.equal_layers
     assert [s["layers"] for s in equal] == [81, 81]
     assert equal[0]["layer_params"] / 1e9 == pytest.approx(106.7, abs=0.1)
     assert equal[1]["layer_params"] / 1e9 == pytest.approx(142.4, abs=0.1)
     assert [s["attention_layers"] for s in equal] == [41, 23]
-    suggested = balance["suggested"]
-    assert sum(balance["suggested_pp_partition"]) == 162
+    suggested = balance.suggested
+    assert sum(balance.suggested_pp_partition) == 162
     assert max(s["params"] for s in suggested) < max(s["params"] for s in equal)
 
 
@@ -231,7 +231,7 @@ def test_pp2_plan_uses_each_stage_own_kv(ultra):
     per_stage = {m.pp_rank: m.kv_bytes_per_token for m in result.ranks}
     # 41 and 23 attention layers, 2 FP8 KV heads per rank, K and V, head_dim 128
     assert per_stage == {0: 41 * 2 * 2 * 128, 1: 23 * 2 * 2 * 128}
-    assert result.pipeline["suggested_pp_partition"] == balanced_partition(ultra, 2)
+    assert result.pipeline.suggested_pp_partition == balanced_partition(ultra, 2)
 
 
 # ---- parallelism checks, host side, rendering -------------------------------------------------------
@@ -242,8 +242,8 @@ def test_tp_checks_report_duplicated_kv_heads(ultra):
             "h100x4-fp8", [("parallel.tp", 16), ("parallel.pp", 1), ("hardware.gpus_per_node", 16)]
         ),
     )
-    assert len(result.tp["layers_with_duplicated_kv_heads"]) == 64
-    assert result.tp["kv_heads_per_rank"] == [1]
+    assert len(result.tp.layers_with_duplicated_kv_heads) == 64
+    assert result.tp.kv_heads_per_rank == [1]
     assert gib(result.ranks[0].weights) == pytest.approx(
         18.8, abs=0.05
     )  # FP8 TP16 row of the table
@@ -252,7 +252,7 @@ def test_tp_checks_report_duplicated_kv_heads(ultra):
 
 def test_host_plan_formulas(ultra):
     result = plan_target(ultra, load_profile("h100x8-bf16"))
-    steps = result.host["steps"]
+    steps = {name: step.to_dict() for name, step in result.host.steps.items()}
     embedding = 128256 * 16384 * 2  # the replicated embedding is the largest per-rank tensor
     assert steps["convert"]["host_ram"] == GIB + 2 * embedding
     assert steps["convert"]["reads"] == ultra.total_bytes("bfloat16")
