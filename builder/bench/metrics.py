@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from builder.report.records import Metric
+from builder.report.records import Better, Metric
 
 PERCENTILE_METHOD = (
     "linear interpolation between closest ranks (numpy.percentile 'linear', as AIPerf and "
@@ -46,10 +46,13 @@ STATS = ("mean", "std", "p50", "p90", "p99")
 class MetricDef:
     name: str
     unit: str
-    better: str  # "higher" | "lower" | "none"
+    better: Better
     definition: str
     aiperf: str | None = None  # AIPerf profile_export_aiperf.json key
     trtllm_bench: str | None = None  # trtllm-bench report_json key (without unit suffix stats)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "better", Better(self.better))
 
 
 DISTRIBUTIONS: dict[str, MetricDef] = {

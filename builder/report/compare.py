@@ -22,10 +22,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 
 from builder.errors import UserError
-from builder.report.records import Metric, RecordKind, RunRecord, read_record
+from builder.report.records import Better, Metric, RecordKind, RunRecord, read_record
 
 GATED = (
     "request_throughput",
@@ -40,12 +41,22 @@ SHOWN = GATED + ("ttft_p99", "itl_p99", "peak_memory")
 ACCURACY = ("kl_mean", "kl_p99", "top1", "top1_agreement", "ppl_ratio", "greedy_prefix_mean")
 
 
+class Change(StrEnum):
+    """A row's verdict: only a gated metric's regression beyond the noise fails a run."""
+
+    OK = "ok"
+    IMPROVED = "improved"
+    NOISE = "noise"  # worse by more than allowed, but within the measured spread
+    WORSE = "worse"  # an ungated metric's regression
+    REGRESSION = "REGRESSION"
+
+
 @dataclass(frozen=True)
 class Row:
     workload: str
     metric: str
     unit: str
-    better: str
+    better: Better
     base: float
     current: float
     noise: float
@@ -58,20 +69,20 @@ class Row:
     @property
     def worse(self) -> float:
         """Relative change in the bad direction (positive: worse)."""
-        if not self.base or self.better == "none":
+        if not self.base or self.better is Better.NONE:
             return 0.0
         change = (self.current - self.base) / abs(self.base)
-        return -change if self.better == "higher" else change
+        return -change if self.better is Better.HIGHER else change
 
-    def verdict(self, max_regression: float) -> str:
+    def verdict(self, max_regression: float) -> Change:
         beyond_noise = abs(self.current - self.base) > self.noise
         if self.worse > max_regression:
             if not beyond_noise:
-                return "noise"
-            return "REGRESSION" if self.gated else "worse"
+                return Change.NOISE
+            return Change.REGRESSION if self.gated else Change.WORSE
         if -self.worse > max_regression and beyond_noise:
-            return "improved"
-        return "ok"
+            return Change.IMPROVED
+        return Change.OK
 
 
 @dataclass
@@ -83,7 +94,7 @@ class Comparison:
 
     @property
     def regressions(self) -> list[Row]:
-        return [r for r in self.rows if r.verdict(self.max_regression) == "REGRESSION"]
+        return [r for r in self.rows if r.verdict(self.max_regression) is Change.REGRESSION]
 
     def markdown(self) -> str:
         lines = [
@@ -215,7 +226,7 @@ class PrecisionComparison:
         """> 1: the candidate is better by that factor."""
         if not row.base or not row.current:
             return float("nan")
-        return row.current / row.base if row.better == "higher" else row.base / row.current
+        return row.current / row.base if row.better is Better.HIGHER else row.base / row.current
 
     def headline(self) -> str:
         parts = [

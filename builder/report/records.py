@@ -31,6 +31,14 @@ class RecordKind(StrEnum):
     VERIFY = "verify"
 
 
+class Better(StrEnum):
+    """Which direction of a metric is an improvement."""
+
+    HIGHER = "higher"
+    LOWER = "lower"
+    NONE = "none"  # informational: never an improvement or a regression
+
+
 class Verdict(StrEnum):
     PASS = "pass"
     FAIL = "fail"
@@ -43,14 +51,17 @@ class Metric:
 
     `repeats` holds the value of each repeat in order; `spread` is max - min over them (0 for
     a single repeat), the noise a comparison must exceed before it calls a regression.
-    `better` says which direction is an improvement ("higher", "lower" or "none").
+    `better` says which direction is an improvement.
     """
 
     value: float
     unit: str
     definition: str
-    better: str = "none"
+    better: Better = Better.NONE
     repeats: tuple[float, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "better", Better(self.better))  # a bad word is a ValueError
 
     @property
     def spread(self) -> float:
@@ -58,7 +69,7 @@ class Metric:
 
     @classmethod
     def from_repeats(
-        cls, values: list[float], unit: str, definition: str, better: str = "none"
+        cls, values: list[float], unit: str, definition: str, better: Better = Better.NONE
     ) -> Metric:
         return cls(statistics.median(values), unit, definition, better, tuple(values))
 
@@ -71,7 +82,7 @@ class Metric:
             float(data["value"]),
             str(data["unit"]),
             str(data.get("definition", "")),
-            str(data.get("better", "none")),
+            Better(str(data.get("better", "none"))),
             tuple(float(v) for v in data.get("repeats", ())),
         )
 
