@@ -78,10 +78,6 @@ class Reporter(Protocol):
     def __exit__(self, *exc) -> None: ...
 
 
-def human_bytes(n: float) -> str:
-    return units.human_bytes(n, digits=1)
-
-
 @dataclass
 class _Task:
     total: float | None
@@ -210,7 +206,7 @@ class LineReporter:
             )
             return f"{self.prefix}{task}, {verb}"
         if state.unit == "bytes":
-            amount = f"{human_bytes(done)}/{human_bytes(total)}"
+            amount = f"{units.human_bytes(done, digits=1)}/{units.human_bytes(total, digits=1)}"
         else:
             amount = f"{done:,.0f}/{total:,.0f}{' ' + state.unit if state.unit else ''}"
         parts = [f"{self.prefix}{task} {amount}"]
@@ -221,7 +217,7 @@ class LineReporter:
             parts[-1] = f"done in {units.clock_text(elapsed)}"
         elif done and total and elapsed > 0:
             if state.unit == "bytes":
-                parts.append(f"{human_bytes(done / elapsed)}/s")
+                parts.append(f"{units.human_bytes(done / elapsed, digits=1)}/s")
             parts.append(f"ETA {units.clock_text(elapsed * (total - done) / done)}")
         else:
             parts.append("ETA unknown")
@@ -263,9 +259,10 @@ class _AmountColumn(ProgressColumn):
     def render(self, task) -> Text:
         unit = task.fields.get("unit", "")
         if unit == "bytes":
-            text = f"{human_bytes(task.completed)}/{human_bytes(task.total or 0)}"
+            done, total = task.completed, task.total or 0
+            text = f"{units.human_bytes(done, digits=1)}/{units.human_bytes(total, digits=1)}"
             if task.speed:
-                text += f" {human_bytes(task.speed)}/s"
+                text += f" {units.human_bytes(task.speed, digits=1)}/s"
         else:
             text = (
                 ""

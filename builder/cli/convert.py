@@ -239,6 +239,7 @@ def print_summary(summary) -> None:
     from rich.table import Table
 
     from builder.cli.common import human_bytes
+    from builder.units import MIB
 
     console = Console()
     title = "dry run: would write" if summary.dry_run else "TensorRT-LLM checkpoint"
@@ -248,7 +249,7 @@ def print_summary(summary) -> None:
     for col in ("rank", "tp", "pp", "status", "tensors", "bytes", "seconds", "MiB/s", "sha256"):
         table.add_column(col, justify="left" if col in ("status", "sha256") else "right")
     for r in summary.ranks:
-        speed = f"{r.bytes / r.seconds / 2**20:,.0f}" if r.seconds else "-"
+        speed = f"{r.bytes / r.seconds / MIB:,.0f}" if r.seconds else "-"
         table.add_row(
             str(r.rank),
             str(r.tp_rank),

@@ -132,10 +132,12 @@ def reference(
             | {"prompts": len(document["prompts"])}
         )
         return
+    from builder.units import human_bytes
+
     run = document["run"]
     tokens = sum(p["tokens"] for p in document["prompts"])
     click.echo(
         f"golden {path}: {len(document['prompts'])} prompts, {tokens:,} tokens, "
         f"{settings.continuation} greedy tokens each; {run['seconds']['total']:.1f} s, "
-        f"peak RSS {run['peak_rss_bytes'] / 2**20:,.0f} MiB"
+        f"peak RSS {human_bytes(run['peak_rss_bytes'])}"
     )

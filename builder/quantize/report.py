@@ -7,11 +7,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-
-def human(n: float) -> str:
-    from builder.units import human_bytes
-
-    return human_bytes(n)
+from builder.units import human_bytes
 
 
 def print_summary(summary: Any, console: Console | None = None) -> None:
@@ -31,10 +27,11 @@ def print_summary(summary: Any, console: Console | None = None) -> None:
         table.add_row(step, f"{seconds:,.1f}")
     console.print(table)
     memory = (
-        f"peak RSS {human(summary.peak_rss_bytes)} for a {human(summary.model_bytes)} checkpoint"
+        f"peak RSS {human_bytes(summary.peak_rss_bytes)} for a "
+        f"{human_bytes(summary.model_bytes)} checkpoint"
     )
     if summary.peak_gpu_bytes is not None:
-        memory += f", peak GPU {human(summary.peak_gpu_bytes)}"
+        memory += f", peak GPU {human_bytes(summary.peak_gpu_bytes)}"
     console.print(memory)
     for kind, path in summary.paths.items():
         console.print(f"{kind}: {path}")
