@@ -75,12 +75,16 @@ def installed(tmp_path_factory) -> tuple[Path, dict[str, str]]:
 def test_wheel_install_plans_and_quantizes_outside_the_checkout(installed, tmp_path):
     venv, env = installed
     builder = str(venv / "bin" / "builder")
-    where = _run(
-        [str(venv / "bin" / "python"), "-c", "import builder; print(builder.__file__)"],
-        tmp_path,
-        env,
-    ).stdout.strip()
-    assert Path(where).is_relative_to(venv), f"builder imported from {where}, not the wheel"
+    python = str(venv / "bin" / "python")
+    probe = (
+        "import builder; from builder.quantize.calib import calib_dir; "
+        "from builder.deploy.profiles import profile_dirs; "
+        "print(builder.__file__, calib_dir(), *profile_dirs())"
+    )
+    where = _run([python, "-c", probe], tmp_path, env).stdout.split()
+    assert len(where) == 3
+    for path in where:  # the package, its calibration data and its profiles
+        assert Path(path).is_relative_to(venv), f"{path} is not inside the installed wheel"
 
     plan = _run(
         [builder, "plan", "--preset", "ultra-253b", "--target", "h100x4-fp8", "--json"],
