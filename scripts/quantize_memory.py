@@ -87,7 +87,7 @@ def main() -> None:
     parser.add_argument("--calib-seq-len", type=int, default=16)
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
-    from builder.cli.synth import parse_size
+    from builder.units import parse_size
 
     work = args.work or Path(tempfile.mkdtemp(prefix="quantize-memory-"))
     src = args.src or synthetic(work / "synthetic", parse_size(args.size))

@@ -9,8 +9,9 @@ import pytest
 
 from builder.arch import preset_plan, rank_tensors
 from builder.deploy import balanced_partition, load_profile, plan_target, pp_balance
-from builder.deploy.planner import GIB, rank_weights, stage_params
+from builder.deploy.planner import rank_weights, stage_params
 from builder.deploy.render import plan_text
+from builder.units import GIB
 
 TARGETS = ["h100x8-bf16", "h100x4-fp8", "b100x4-fp8", "h200x8-bf16", "h200x4-fp8"]
 
