@@ -32,6 +32,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from builder.report.records import Better
+
 TOP_K = 20
 Q_FLOOR = 1e-12
 PERCENTILE_METHOD = "nearest rank, sorted[min(n-1, int(n*q))], no interpolation"
@@ -41,7 +43,10 @@ PERCENTILE_METHOD = "nearest rank, sorted[min(n-1, int(n*q))], no interpolation"
 class MetricInfo:
     unit: str
     definition: str
-    better: str
+    better: Better
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "better", Better(self.better))
 
 
 METRICS: dict[str, MetricInfo] = {
