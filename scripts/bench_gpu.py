@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""The resident runtime on a GPU at Ultra's real layer shapes: BF16 against FP8, beside the HBM limit.
+"""The resident runtime on a GPU at Ultra's real layer shapes: BF16 against FP8, beside the HBM
+limit.
 
 One run measures, with random weights synthesized on the device (no checkpoint on disk), a
 slice of consecutive Ultra blocks with their real dimensions (hidden 16384, 128 heads, 8 KV
@@ -145,7 +146,8 @@ def relative_error(actual: torch.Tensor, reference: torch.Tensor) -> float:
     return float((actual.double() - reference.double()).norm() / reference.double().norm())
 
 
-# ---- measurements ---------------------------------------------------------------------------------
+# ---- measurements
+# ---------------------------------------------------------------------------------
 def build(config, tensors, device, args, **kwargs) -> ResidentRuntime:
     return ResidentRuntime.from_tensors(
         config,
@@ -473,7 +475,8 @@ def probe_compile(device) -> tuple[bool, str]:
         return False, f"failed: {type(err).__name__}: {str(err)[:300]}"
 
 
-# ---- main -----------------------------------------------------------------------------------------
+# ---- main
+# -----------------------------------------------------------------------------------------
 def run_tp(plan, tp, device, args, copy_bw) -> dict:
     t0 = time.perf_counter()
     bf16 = synth_rank(plan, tp, device, seed=tp)
@@ -485,7 +488,8 @@ def run_tp(plan, tp, device, args, copy_bw) -> dict:
     if args.check and tp in args.check_tp:
         result["check"] = check_fp8(cfgs, bf16, fp8, device, args)
         log(
-            f"tp{tp}: check {json.dumps({k: v for k, v in result['check'].items() if 'greedy' not in k})}"
+            f"tp{tp}: check "
+            f"{json.dumps({k: v for k, v in result['check'].items() if 'greedy' not in k})}"
         )
     for precision, tensors in (("bf16", bf16), ("fp8", fp8)):
         t0 = time.perf_counter()
@@ -499,11 +503,13 @@ def run_tp(plan, tp, device, args, copy_bw) -> dict:
         }
         entry["prefill"] = bench_prefill(rt, device, args.prefill)
         log(
-            f"tp{tp} {precision}: prefill {[round(r['tokens_per_s']) for r in entry['prefill']]} tok/s"
+            f"tp{tp} {precision}: prefill {[round(r['tokens_per_s']) for r in entry['prefill']]} "
+            "tok/s"
         )
         entry["decode"] = bench_decode(rt, device, args.batches, args.prompt, args.steps, copy_bw)
         log(
-            f"tp{tp} {precision}: decode {[round(r['step_ms'], 3) for r in entry['decode']]} ms/step"
+            f"tp{tp} {precision}: decode {[round(r['step_ms'], 3) for r in entry['decode']]} "
+            "ms/step"
         )
         if device.type == "cuda" and tp in args.profile_tp:
             entry["profile_batch1"] = profile_decode(rt, device)
@@ -512,7 +518,8 @@ def run_tp(plan, tp, device, args, copy_bw) -> dict:
             rt.set_gemv(False)
             entry["decode_cublas"] = bench_decode(rt, device, [1], args.prompt, args.steps, copy_bw)
             log(
-                f"tp{tp} {precision}: decode batch 1 on cuBLAS {entry['decode_cublas'][0]['step_ms']:.3f} ms/step"
+                f"tp{tp} {precision}: decode batch 1 on cuBLAS "
+                f"{entry['decode_cublas'][0]['step_ms']:.3f} ms/step"
             )
         entry["gemv"] = "triton one-row kernel" if rt.gemv or "decode_cublas" in entry else "cuBLAS"
         if device.type == "cuda":

@@ -327,7 +327,8 @@ def render_markdown(
 
 
 CSS = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px;color:#222}
-.wide{overflow-x:auto}table{border-collapse:collapse;font-size:12px;margin:1em 0}td,th{border:1px solid #bbb;padding:3px 6px}
+.wide{overflow-x:auto}table{border-collapse:collapse;font-size:12px;margin:1em 0}
+td,th{border:1px solid #bbb;padding:3px 6px}
 th{background:#e8eef7}img{max-width:100%;border:1px solid #ddd}.defs{font-size:12px}"""
 
 
