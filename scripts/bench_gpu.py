@@ -24,7 +24,10 @@ lm_head; its bytes are counted).
 
 Usage: python scripts/bench_gpu.py --out $OUT          (on the GPU machine)
        python scripts/bench_gpu.py --small --out /tmp/x  (CPU smoke test of the same code path)
-Results: OUT/bench_gpu.json; a table is printed last.
+       python scripts/bench_gpu.py --records-from OUT/bench_gpu.json --out DIR
+                                  (run records of a saved result, no GPU needed)
+Results: OUT/bench_gpu.json, and one builder run record per (tp, precision, batch) decode point
+under OUT/records (render with `builder report OUT/records`); a table is printed last.
 """
 
 from __future__ import annotations
@@ -577,6 +580,136 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
+# ---- run records ---------------------------------------------------------------------------------
+def _metric(value: float, unit: str, definition: str, better: str):
+    from builder.report.records import Metric
+
+    return Metric(float(value), unit, definition, better)
+
+
+def run_records(results: dict) -> list:
+    """One bench run record (docs/records.md) per decode point: `builder report` plots them
+    (throughput vs batch with the copy-bandwidth floor as the roofline) and `builder report
+    compare` gates a later run against them. Prefill rates ride along as metrics of the
+    batch-1 point."""
+    import hashlib
+
+    from builder.report.records import Artifact, RecordKind, RunRecord
+
+    env = results["environment"]
+    copy_gbps = results["copy"]["bandwidth_GBps"]
+    model = results["slice"].replace("ultra-253b layers ", "ultra-253b L")
+    records = []
+    for run in results["tp"]:
+        for precision in ("bf16", "fp8"):
+            measured = run[precision]
+            fingerprint = json.dumps(
+                {
+                    "layers": results["layers"],
+                    "hidden": results["hidden"],
+                    "tp": run["tp"],
+                    "precision": precision,
+                },
+                sort_keys=True,
+            )
+            artifact = Artifact(
+                path=f"synthetic:{results['slice']} tp{run['tp']} rank 0",
+                kind=f"slice-{precision}-tp{run['tp']}",
+                sha256=hashlib.sha256(fingerprint.encode()).hexdigest(),
+            )
+            for point in measured["decode"]:
+                batch, step_ms = point["batch"], point["step_ms"]
+                metrics = {
+                    "output_token_throughput": _metric(
+                        batch * 1e3 / step_ms,
+                        "tok/s",
+                        "batch / decode step time (CUDA graph "
+                        "replay, attention, norms and residuals included)",
+                        "higher",
+                    ),
+                    "tpot_p50": _metric(
+                        step_ms,
+                        "ms",
+                        "median decode step time over repeats of "
+                        f"{results['args']['steps']} replayed steps",
+                        "lower",
+                    ),
+                    "decode_speed_per_user": _metric(
+                        1e3 / step_ms, "tok/s/user", "1 / decode step time", "higher"
+                    ),
+                    "roofline_step_ms": _metric(
+                        point["floor_ms"],
+                        "ms",
+                        "bytes read per step (resident linear weights "
+                        f"+ KV span) / measured copy bandwidth ({copy_gbps:.0f} GB/s)",
+                        "lower",
+                    ),
+                    "roofline_output_token_throughput": _metric(
+                        batch * 1e3 / point["floor_ms"],
+                        "tok/s",
+                        "batch / copy-bandwidth floor of the step",
+                        "higher",
+                    ),
+                    "roofline_fraction": _metric(
+                        point["fraction_of_copy_bandwidth"],
+                        "",
+                        "copy-bandwidth floor / measured step time",
+                        "higher",
+                    ),
+                }
+                if batch == 1:
+                    for shape in measured["prefill"]:
+                        name = f"prefill_{shape['batch']}x{shape['seq']}_token_throughput"
+                        metrics[name] = _metric(
+                            shape["tokens_per_s"],
+                            "tok/s",
+                            f"prompt tokens / time of one forward over {shape['batch']} x "
+                            f"{shape['seq']} tokens",
+                            "higher",
+                        )
+                records.append(
+                    RunRecord(
+                        kind=RecordKind.BENCH,
+                        model=model,
+                        artifact=artifact,
+                        runtime="resident",
+                        target=f"tp{run['tp']} rank 0 (one GPU's share, collectives left out)",
+                        device=env.get("gpu", "unknown"),
+                        settings={
+                            "workload": f"decode {results['args']['prompt']}+"
+                            f"{results['args']['steps']} @ batch {batch}",
+                            "isl": results["args"]["prompt"],
+                            "osl": results["args"]["steps"],
+                            "concurrency": batch,
+                            "tp": run["tp"],
+                            "precision": precision,
+                            "kv_cache": "bf16",
+                            "note": "scripts/bench_gpu.py: builder's resident runtime (CUDA "
+                            "graphs), random weights at Ultra's real dimensions; not a "
+                            "TensorRT-LLM engine",
+                        },
+                        metrics=metrics,
+                        details={
+                            "kv_bytes": point["kv_bytes"],
+                            "weight_bytes": point["weight_bytes"],
+                            "profile_batch1": measured.get("profile_batch1"),
+                        },
+                        environment={
+                            "versions": {k: v for k, v in env.items()},
+                            "host": "GPU machine",
+                            "git_commit": "",
+                        },
+                    )
+                )
+    return records
+
+
+def write_run_records(results: dict, directory: Path) -> list[Path]:
+    from builder.report.records import write_record
+
+    return [write_record(directory, record) for record in run_records(results)]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -605,7 +738,17 @@ def main() -> None:
     parser.add_argument(
         "--small", action="store_true", help="hidden 256: a CPU smoke test of this script"
     )
+    parser.add_argument(
+        "--records-from",
+        type=Path,
+        help="write the run records of a saved bench_gpu.json to OUT/records and exit",
+    )
     args = parser.parse_args()
+    if args.records_from is not None:
+        saved = json.loads(args.records_from.read_text())
+        for path in write_run_records(saved, args.out / "records"):
+            print(path)
+        return
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu":
         args.compile = False
@@ -643,6 +786,7 @@ def main() -> None:
     results["skinny_gemm_choices"] = CHOOSER.summary()
     results["table"] = table(results)
     (args.out / "bench_gpu.json").write_text(json.dumps(results, indent=1) + "\n")
+    write_run_records(results, args.out / "records")
     print(results["table"])
 
 
