@@ -58,8 +58,8 @@ def smollm2_nas_ckpt(tmp_path_factory):
 @pytest.fixture(scope="session")
 def smollm2_fp8(tmp_path_factory, smollm2_ckpt):
     """FP8 SmolLM2 (both exports), calibrated as calib/thresholds.toml [smollm2-ci] says."""
-    from builder.verify.fp8_accuracy import threshold_setup
     from builder.quantize.pipeline import quantize_checkpoint
+    from builder.verify.fp8_accuracy import threshold_setup
 
     setup = threshold_setup("smollm2-ci")
     out = tmp_path_factory.mktemp("fp8") / "smollm2-fp8"
@@ -71,7 +71,8 @@ def smollm2_fp8(tmp_path_factory, smollm2_ckpt):
         dtype=setup["dtype"],
     )
     (out.parent / "summary.txt").write_text(
-        f"calibration {summary.seconds['calibration']:.1f} s, peak RSS {summary.peak_rss_bytes / 2**20:,.0f} MiB\n"
+        f"calibration {summary.seconds['calibration']:.1f} s, peak RSS "
+        f"{summary.peak_rss_bytes / 2**20:,.0f} MiB\n"
     )
     return out
 

@@ -159,7 +159,8 @@ def _str(path: Path | None) -> str | None:
     return str(path) if path else None
 
 
-# ---- rank selection -------------------------------------------------------------------------------
+# ---- rank selection
+# -------------------------------------------------------------------------------
 def parse_ranks(text: str | None, world: int) -> list[int]:
     """'0-3' / '5' / '0-1,6-7' -> rank list, each checked against the world size."""
     return parse_ranges(text, world, "--ranks") if text else list(range(world))
@@ -252,7 +253,9 @@ def write_dry_run(
     with atomic_dir(out, overwrite, inputs=inputs) as stage:
         write_manifest(stage, manifest)
     statuses = [
-        RankStatus(r["rank"], r["tp_rank"], r["pp_rank"], RankState.PLANNED, r["tensors"], r["bytes"])
+        RankStatus(
+            r["rank"], r["tp_rank"], r["pp_rank"], RankState.PLANNED, r["tensors"], r["bytes"]
+        )
         for r in ranks
     ]
     return ConvertSummary(
@@ -336,7 +339,8 @@ def entry_verifies(stage: Path, entry: Mapping[str, Any]) -> bool:
     return sha256_file(stage / entry["file"]) == entry["sha256"]
 
 
-# ---- workers ---------------------------------------------------------------------------------------
+# ---- workers
+# ---------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class RankJob:
     src: str
@@ -519,7 +523,8 @@ def _convert(
             ]
             if done:
                 raise type(err)(
-                    f"{err}\n(finished ranks {format_ranges(done)} are kept in {stage}; rerun with --resume to keep them)"
+                    f"{err}\n(finished ranks {format_ranges(done)} are kept in {stage}; rerun with "
+                    "--resume to keep them)"
                 ) from None
             raise
     complete = _fill_other_ranks(stage, world, key, fingerprint, statuses, layouts, tp)

@@ -62,13 +62,15 @@ FORMULAS = {
     "activations": "max_num_tokens x (2 h + widest layer's per-rank linear widths) x 2 B "
     "+ last stage: max_batch_size x vocab x 4 B logits (estimate)",
     "kv_pool": "kv_cache_free_gpu_mem_fraction x (GPU memory - weights - activations - reserve)",
-    "kv_tokens": "floor(kv_pool / KV bytes per token per rank / tokens_per_block) x tokens_per_block",
+    "kv_tokens": "floor(kv_pool / KV bytes per token per rank / tokens_per_block)"
+    " x tokens_per_block",
     "sequences": "kv_tokens // (ceil((isl + osl) / tokens_per_block) x tokens_per_block)",
     "decode_step": "sum over stages of max rank (weights - embedding + active KV) / HBM bandwidth "
     "(lower bound, datasheet bandwidth)",
-    "convert_ram": "1 GiB + 2 x largest per-rank BF16 tensor: an upper bound (plain convert streams "
-    "64 MiB blocks; a rank transform such as FP8 holds one whole rank tensor)",
-    "quantize_ram": "1 GiB + largest HF block in BF16 + 2 x calib_samples x calib_seq_len x h x 2 B",
+    "convert_ram": "1 GiB + 2 x largest per-rank BF16 tensor: an upper bound (plain convert "
+    "streams 64 MiB blocks; a rank transform such as FP8 holds one whole rank tensor)",
+    "quantize_ram": "1 GiB + largest HF block in BF16"
+    " + 2 x calib_samples x calib_seq_len x h x 2 B",
     "build_ram": "workers x 2 x largest rank's weights (estimate)",
     "times": "I/O lower bounds: bytes read / disk_read_gbs + bytes written / disk_write_gbs; "
     "calibration adds 2 x linear params x calib tokens / bf16_tflops (one GPU)",
@@ -206,7 +208,8 @@ def rank_memory(plan: ModelPlan, profile: TargetProfile, rank: int) -> RankMemor
     )
 
 
-# ---- pipeline balance -------------------------------------------------------------------------------
+# ---- pipeline balance
+# -------------------------------------------------------------------------------
 def stage_params(plan: ModelPlan, boundaries: list[int]) -> list[dict[str, int]]:
     """Per-stage parameters for stages starting at `boundaries` (first stage: embedding,
     last stage: final norm and lm_head)."""
@@ -303,7 +306,8 @@ def pp_balance(plan: ModelPlan, pp: int) -> PipelineBalance:
     )
 
 
-# ---- parallelism checks ----------------------------------------------------------------------------
+# ---- parallelism checks
+# ----------------------------------------------------------------------------
 @dataclass(frozen=True)
 class TpChecks:
     """How tp splits heads and FFN widths; an impossible layout has only `problems`."""
@@ -488,7 +492,8 @@ def host_plan(plan: ModelPlan, profile: TargetProfile) -> HostPlan:
     )
 
 
-# ---- the whole plan -----------------------------------------------------------------------------------
+# ---- the whole plan
+# -----------------------------------------------------------------------------------
 @dataclass
 class TargetPlan:
     """The plan of one model on one target: data (`to_dict`) and a verdict."""
@@ -569,7 +574,8 @@ def _memory_problems(profile: TargetProfile, ranks: list[RankMemory]) -> list[st
     if worst.free <= 0:
         problems.append(
             f"rank {worst.rank} needs {worst.weights / GIB:.1f} GiB weights + "
-            f"{worst.activations / GIB:.1f} GiB activations + {worst.reserve / GIB:.1f} GiB reserve "
+            f"{worst.activations / GIB:.1f} GiB activations + {worst.reserve / GIB:.1f} GiB "
+            "reserve "
             f"= {worst.used_before_kv / GIB:.1f} GiB > {gpu:.1f} GiB per GPU"
         )
         return problems

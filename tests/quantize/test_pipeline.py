@@ -151,9 +151,9 @@ def test_executor_fp8_semantics_match_modelopt_fake_quant(tmp_path, quantized, m
       positions. Hence at least 90% below 1e-4.
     """
     from builder.model import load_reference_model
-    from builder.verify.fp8_accuracy import fake_quant_model
     from builder.quantize.export_trtllm import write_trtllm_fp8
     from builder.runtime import TrtllmCheckpointExecutor
+    from builder.verify.fp8_accuracy import fake_quant_model
 
     _, out = quantized
     dtype = torch.float32
