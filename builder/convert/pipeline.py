@@ -55,13 +55,20 @@ from builder.io.atomic import (
     staging_path,
 )
 from builder.io.checkpoint import HFCheckpoint
-from builder.io.manifest import MANIFEST, file_entry, provenance, sha256_file, write_manifest
+from builder.io.manifest import (
+    MANIFEST,
+    ArtifactKind,
+    file_entry,
+    provenance,
+    sha256_file,
+    write_manifest,
+)
 from builder.io.safetensors_stream import DTYPE_CODES, encode_header
 from builder.io.trtllm_checkpoint import rank_file_name
 from builder.units import format_ranges, gib, parse_ranges
 
-KIND = "trtllm-checkpoint"
-DRY_RUN_KIND = "trtllm-checkpoint-dry-run"
+KIND = ArtifactKind.TRTLLM_CHECKPOINT
+DRY_RUN_KIND = ArtifactKind.TRTLLM_CHECKPOINT_DRY_RUN
 ENTRIES = "ranks"
 FINALIZE_LOCK = ".finalizing"
 FINGERPRINT_METHOD = (

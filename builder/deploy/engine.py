@@ -48,9 +48,10 @@ from builder.deploy.profiles import TargetProfile
 from builder.deploy.trtllm_flags import check_args, load_flag_set
 from builder.errors import UserError
 from builder.io.atomic import atomic_dir
+from builder.io.manifest import ArtifactKind
 
-ENGINE_KIND = "trtllm-engine"
-DRY_RUN_KIND = "trtllm-build-dry-run"
+ENGINE_KIND = ArtifactKind.TRTLLM_ENGINE
+DRY_RUN_KIND = ArtifactKind.TRTLLM_BUILD_DRY_RUN
 OLDEST = (0, 19)  # Ultra needs about 0.19 (trtllm-checkpoint.md section 0)
 NEWEST = (1, 2)  # the last release line with trtllm-build and models/nemotron_nas
 PINNED = "1.2.1"

@@ -18,9 +18,9 @@ from typing import Any
 from builder.arch import ModelPlan, load_plan
 from builder.deploy.profiles import TargetProfile
 from builder.errors import UserError
-from builder.io.manifest import MANIFEST, read_manifest, verify_files
+from builder.io.manifest import MANIFEST, ArtifactKind, read_manifest, verify_files
 
-TRTLLM_KIND = "trtllm-checkpoint"
+TRTLLM_KIND = ArtifactKind.TRTLLM_CHECKPOINT
 HF_QUANT_CONFIG = "hf_quant_config.json"
 
 

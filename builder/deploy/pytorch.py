@@ -33,8 +33,9 @@ from builder.deploy.planner import plan_target
 from builder.deploy.profiles import TargetProfile
 from builder.deploy.yamlio import dump_yaml
 from builder.io.atomic import atomic_dir
+from builder.io.manifest import ArtifactKind
 
-KIND = "trtllm-pytorch-serve"
+KIND = ArtifactKind.TRTLLM_PYTORCH_SERVE
 OPTIONS_FILE = "llm_api_options.yaml"
 DOC_SOURCES = [
     "https://nvidia.github.io/TensorRT-LLM/llm-api/reference/TorchLlmArgs.html",

@@ -6,6 +6,7 @@ import hashlib
 import json
 import platform
 import time
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,20 @@ from builder.errors import UserError
 
 MANIFEST = "manifest.json"
 _CHUNK = 16 * 1024 * 1024
+
+
+class ArtifactKind(StrEnum):
+    """What a directory is: every manifest's `kind`, and what readers check it against."""
+
+    HF_CHECKPOINT = "hf-checkpoint"
+    HF_FP8_CHECKPOINT = "hf-fp8-checkpoint"
+    TRTLLM_CHECKPOINT = "trtllm-checkpoint"
+    TRTLLM_CHECKPOINT_DRY_RUN = "trtllm-checkpoint-dry-run"
+    FP8_QUANTIZATION = "fp8-quantization"
+    TRTLLM_ENGINE = "trtllm-engine"
+    TRTLLM_BUILD_DRY_RUN = "trtllm-build-dry-run"
+    TRTLLM_PYTORCH_SERVE = "trtllm-pytorch-serve"
+    TRITON_REPOSITORY = "triton-model-repository"
 
 
 class ManifestError(UserError):

@@ -33,7 +33,14 @@ from builder.dtypes import torch_dtypes
 from builder.errors import UserError
 from builder.io.atomic import atomic_dir, check_output_location, check_replaceable, lock_stage
 from builder.io.checkpoint import HFCheckpoint
-from builder.io.manifest import MANIFEST, file_entry, provenance, read_manifest, write_manifest
+from builder.io.manifest import (
+    MANIFEST,
+    ArtifactKind,
+    file_entry,
+    provenance,
+    read_manifest,
+    write_manifest,
+)
 from builder.quantize.amax import AmaxTable
 from builder.quantize.blockwise import (
     CalibOptions,
@@ -47,7 +54,7 @@ from builder.quantize.export_hf import modelopt_version
 from builder.quantize.exporters import EXPORTERS, ExportJob, run_export
 
 FORMATS = EXPORTERS.names()
-KIND = "fp8-quantization"
+KIND = ArtifactKind.FP8_QUANTIZATION
 DTYPES = torch_dtypes()
 
 
@@ -406,7 +413,7 @@ def write_hf_manifest(directory: Path, src: Path, written: list, fields: dict[st
         if p.is_file() and p.name != MANIFEST
     }
     manifest = {
-        **provenance("hf-fp8-checkpoint"),
+        **provenance(ArtifactKind.HF_FP8_CHECKPOINT),
         "source": {"path": str(src.resolve())},
         **fields,
         "files": files,

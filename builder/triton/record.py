@@ -18,12 +18,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 from builder.errors import UserError
+from builder.io.manifest import ArtifactKind
 
 ENGINE, PYTORCH = "engine", "pytorch"
 DRY_RUN_KIND, ENGINE_KIND, PYTORCH_KIND = (
-    "trtllm-build-dry-run",
-    "trtllm-engine",
-    "trtllm-pytorch-serve",
+    ArtifactKind.TRTLLM_BUILD_DRY_RUN,
+    ArtifactKind.TRTLLM_ENGINE,
+    ArtifactKind.TRTLLM_PYTORCH_SERVE,
 )
 
 

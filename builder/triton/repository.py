@@ -27,12 +27,12 @@ from typing import Any
 from builder.deploy.yamlio import dump_yaml
 from builder.errors import UserError
 from builder.io.atomic import atomic_dir
-from builder.io.manifest import build_manifest, write_manifest
+from builder.io.manifest import ArtifactKind, build_manifest, write_manifest
 from builder.triton import tensors as T
 from builder.triton.pbtxt import Enum, dumps
 from builder.triton.record import ENGINE, BuildRecord
 
-KIND = "triton-model-repository"
+KIND = ArtifactKind.TRITON_REPOSITORY
 RECORD_FILE = "builder_triton.json"
 # Triton reads every directory of its repository as a model, so the models go one level down
 # and the launch scripts beside them.
