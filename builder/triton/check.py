@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -38,15 +39,20 @@ PLACEHOLDER = re.compile(r"\$\{(\w*)\}")
 WORLD_SIZE_LINE = re.compile(r'^WORLD_SIZE="\$\{WORLD_SIZE:-(\d+)\}"', re.MULTILINE)
 
 
+class Level(StrEnum):
+    ERROR = "error"  # the repository would not load or serve: exit 1
+    NOTE = "note"  # worth knowing, not wrong
+
+
 @dataclass(frozen=True)
 class Finding:
-    level: str  # "error" or "note"
+    level: Level
     where: str
     message: str
 
     @property
     def is_error(self) -> bool:
-        return self.level == "error"
+        return self.level is Level.ERROR
 
     def line(self) -> str:
         return f"{self.level}: {self.where}: {self.message}"
@@ -96,10 +102,10 @@ class Checker:
         self.layout = self.record.get("layout")
 
     def error(self, where: Path | str, message: str) -> None:
-        self.findings.append(Finding("error", str(where), message))
+        self.findings.append(Finding(Level.ERROR, str(where), message))
 
     def note(self, where: Path | str, message: str) -> None:
-        self.findings.append(Finding("note", str(where), message))
+        self.findings.append(Finding(Level.NOTE, str(where), message))
 
     # ---- 1. syntax and types
     # --------------------------------------------------------------------------
