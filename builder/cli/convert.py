@@ -6,6 +6,7 @@ import click
 
 from builder.arch import PRESETS
 from builder.cli.app import main
+from builder.dtypes import COMPUTE
 from builder.errors import UserError
 
 HELP = """Convert HF_DIR (an HF nemotron-nas checkpoint) to a TensorRT-LLM checkpoint in OUT.
@@ -76,7 +77,7 @@ def parse_paths(paths: tuple[str, ...], preset: str | None) -> tuple[str | None,
 )
 @click.option(
     "--dtype",
-    type=click.Choice(["auto", "bfloat16", "float16", "float32"]),
+    type=click.Choice(["auto", *COMPUTE]),
     default="auto",
     show_default=True,
     help="Output dtype; auto = the checkpoint's torch_dtype.",

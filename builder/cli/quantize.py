@@ -7,6 +7,7 @@ import os
 import click
 
 from builder.cli.app import main
+from builder.dtypes import COMPUTE
 from builder.quantize.exporters import EXPORTERS
 
 HELP = """Calibrate HF_DIR (an HF nemotron-nas checkpoint) for FP8 with NVIDIA ModelOpt and
@@ -95,7 +96,7 @@ Several GPUs: torchrun --nproc-per-node N $(which builder) quantize ... --device
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda (cuda:N).")
 @click.option(
     "--dtype",
-    type=click.Choice(["bfloat16", "float16", "float32"]),
+    type=click.Choice(COMPUTE),
     default="bfloat16",
     show_default=True,
     help="Model dtype for calibration and unquantized tensors.",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from builder.cli.app import main
+from builder.dtypes import COMPUTE
 
 HELP = """Run the native reference model of HF_DIR (the BF16 source checkpoint) on a prompt set
 and store the golden in OUT.
@@ -71,7 +72,7 @@ then reports the artifact's accuracy and its recovery (artifact / golden).
 )
 @click.option(
     "--dtype",
-    type=click.Choice(["bfloat16", "float16", "float32"]),
+    type=click.Choice(COMPUTE),
     default="bfloat16",
     show_default=True,
     help="Compute dtype of the reference.",

@@ -6,6 +6,7 @@ import click
 
 from builder.arch import PRESETS
 from builder.cli.app import main
+from builder.dtypes import COMPUTE
 from builder.units import parse_size
 
 
@@ -33,7 +34,7 @@ from builder.units import parse_size
 )
 @click.option(
     "--dtype",
-    type=click.Choice(["bfloat16", "float16", "float32"]),
+    type=click.Choice(COMPUTE),
     default="bfloat16",
     show_default=True,
 )

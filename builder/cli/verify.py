@@ -7,6 +7,8 @@ from pathlib import Path
 import click
 
 from builder.cli.app import main
+from builder.dtypes import COMPUTE
+from builder.verify.runtimes import RUNTIMES
 
 HELP = """Check ARTIFACT against the golden written by `builder reference` and write a verdict.
 
@@ -50,7 +52,7 @@ Exit status: 0 pass, 1 fail, 2 bad input.
 @click.option(
     "--runtime",
     "runtime_name",
-    type=click.Choice(["executor", "hf", "openai", "triton", "trtllm"]),
+    type=click.Choice(list(RUNTIMES)),
     default="executor",
     show_default=True,
 )
@@ -61,7 +63,7 @@ Exit status: 0 pass, 1 fail, 2 bad input.
 )
 @click.option(
     "--dtype",
-    type=click.Choice(["auto", "bfloat16", "float16", "float32"]),
+    type=click.Choice(["auto", *COMPUTE]),
     default="auto",
     show_default=True,
     help="Compute dtype of executor/hf (auto: the golden's).",
