@@ -13,10 +13,12 @@ from click.testing import CliRunner
 from builder.cli import main
 from builder.convert.pipeline import ConvertRequest, RankState, convert, convert_checkpoint
 from builder.deploy.backends import BACKENDS
+from builder.dtypes import COMPUTE
 from builder.errors import UserError
 from builder.quantize.exporters import EXPORTERS
 from builder.quantize.pipeline import QuantizeRequest
 from builder.registry import Registry
+from builder.verify.runtimes import RUNTIMES
 
 
 def test_convert_request_is_frozen_and_normalised(tmp_path):
@@ -67,6 +69,8 @@ def test_registry_names_duplicates_and_unknown_keys():
     [
         ("quantize", "--format", [*EXPORTERS.names(), "both"]),
         ("build", "--backend", list(BACKENDS.names())),
+        ("verify", "--runtime", list(RUNTIMES)),
+        ("convert", "--dtype", ["auto", *COMPUTE]),
     ],
 )
 def test_cli_choices_come_from_the_registries(command, option, choices):
