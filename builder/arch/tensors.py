@@ -311,6 +311,15 @@ def parse_hf_name(name: str) -> HfName:
     raise UnknownTensorName(f"tensor {name!r}: no tensor role has this name")
 
 
+def split_hf_layer(name: str) -> tuple[int | None, str]:
+    """(global layer, the name inside the layer), e.g. (3, "self_attn.q_proj.weight"); a
+    model-level name is (None, name). Raises for unmapped names."""
+    layer = parse_hf_name(name).layer
+    if layer is None:
+        return None, name
+    return layer, name.removeprefix(f"{_HF_LAYER.format(i=layer)}.")
+
+
 def hf_layer_of(name: str) -> int | None:
     """The global layer index of an HF name (None: model-level); raises for unmapped names."""
     return parse_hf_name(name).layer
@@ -425,9 +434,12 @@ def hf_tensor_shapes(plan: ModelPlan) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def tied_lm_head_copy(plan: ModelPlan) -> str | None:
-    """The lm_head an HF checkpoint may hold besides a tied embedding (a copy; allowed)."""
-    return hf_weight(Role.LM_HEAD) if plan.tie_word_embeddings else None
+def optional_hf_shapes(plan: ModelPlan) -> dict[str, tuple[int, ...]]:
+    """Tensors an HF checkpoint of this plan may hold besides `hf_tensor_shapes`: an lm_head
+    copy of a tied embedding."""
+    if not plan.tie_word_embeddings:
+        return {}
+    return {hf_weight(Role.LM_HEAD): ROLES[Role.LM_HEAD].shape(plan, None)}
 
 
 # ---- parallel layout ----------------------------------------------------------------------

@@ -36,6 +36,7 @@ import torch
 
 from builder.arch.plan import LayerPlan, ModelPlan
 from builder.arch.schema import AnyValue, Boolean, Integer, MapOf, Number, Object, validate
+from builder.arch.tensors import Role, hf_weight
 from builder.errors import UserError
 from builder.io.checkpoint import CheckpointError, HFCheckpoint
 from builder.quantize import recipe
@@ -59,7 +60,7 @@ class ResumeStateError(UserError):
     """Saved calibration state that cannot be read back (truncated, edited, wrong types)."""
 
 
-EMBEDDING = "model.embed_tokens.weight"
+EMBEDDING = hf_weight(Role.EMBEDDING)
 LOAD_CHUNK_BYTES = 256 << 20
 FULL_GC_BYTES = 16 << 20
 
