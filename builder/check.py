@@ -22,8 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from builder.arch import load_plan
-from builder.arch.plan import AttentionKind, ModelPlan
+from builder.arch.plan import ModelPlan
 from builder.arch.tensors import (
+    HF_SCALE_SUFFIXES,
     ROLES,
     hf_kv_scale_name,
     hf_scale_names,
@@ -50,7 +51,7 @@ HF_FP8_KIND = "hf-fp8-checkpoint"
 QUANTIZE_KIND = "fp8-quantization"
 HF_QUANT_CONFIG = "hf_quant_config.json"
 FP8_DTYPE = "float8_e4m3fn"
-SCALE_SUFFIXES = ("weight_scale", "input_scale", "k_scale", "v_scale")
+SCALE_SUFFIXES = HF_SCALE_SUFFIXES
 
 
 def check_artifact(
@@ -151,7 +152,7 @@ def check_hf(directory: Path, hashes: bool, progress: Reporter | None) -> CheckR
 def hf_fp8_expected(plan: ModelPlan, dtype: str, kv_cache: bool) -> dict[str, tuple[tuple, str]]:
     """Names, shapes and dtypes of the unified HF FP8 export of `plan`."""
     linears = {lin for layer in plan.layers for lin in layer_linears(plan, layer)}
-    attention = {layer.index for layer in plan.layers if layer.attention is AttentionKind.ATTENTION}
+    attention = {layer.index for layer in plan.layers if layer.has_kv_cache}
     expected: dict[str, tuple[tuple, str]] = {}
     for name, shape in hf_tensor_shapes(plan).items():
         module = name.removesuffix(".weight")

@@ -132,6 +132,14 @@ BMM_QUANTIZER = "{cache}_bmm_quantizer"
 HF_WEIGHT_SCALE = "weight_scale"
 HF_INPUT_SCALE = "input_scale"
 HF_KV_SCALE = "{cache}_scale"
+HF_SCALE_SUFFIXES = (
+    HF_WEIGHT_SCALE,
+    HF_INPUT_SCALE,
+    HF_KV_SCALE.format(cache="k"),
+    HF_KV_SCALE.format(cache="v"),
+)
+# What every FP8 scale tensor's name ends with, in either format (finds quantized inputs).
+FP8_SCALE_SUFFIXES = (HF_WEIGHT_SCALE, HF_INPUT_SCALE, "scaling_factor")
 QUANTIZER_KINDS = (
     WEIGHT_QUANTIZER,
     INPUT_QUANTIZER,
@@ -243,6 +251,16 @@ def trtllm_weight(role: Role, local: int | None = None) -> str:
     return ROLES[role].trtllm_weight(local)
 
 
+def hf_layer_prefix(layer: int) -> str:
+    """What every HF name of block `layer` starts with (module paths inside the block follow)."""
+    return f"{_HF_LAYER.format(i=layer)}."
+
+
+def hf_attention_module(layer: int) -> str:
+    """The HF attention module of block `layer` (where ModelOpt puts the k/v bmm quantizers)."""
+    return _HF_ATTENTION.format(i=layer)
+
+
 def hf_lm_head_source(plan: ModelPlan) -> str:
     """The HF tensor lm_head is read from: the embedding when the two are tied."""
     return hf_weight(Role.EMBEDDING if plan.tie_word_embeddings else Role.LM_HEAD)
@@ -251,7 +269,7 @@ def hf_lm_head_source(plan: ModelPlan) -> str:
 # ---- ModelOpt quantizers and scale names ----------------------------------------------------
 def kv_quantizer(cache: str, layer: int | None) -> str:
     """ModelOpt's k/v bmm quantizer of an attention layer (it sits on the attention module)."""
-    return f"{_HF_ATTENTION.format(i=layer)}.{BMM_QUANTIZER.format(cache=cache)}"
+    return f"{hf_attention_module(layer)}.{BMM_QUANTIZER.format(cache=cache)}"
 
 
 def hf_kv_scale_name(role: Role, layer: int) -> str:
@@ -311,18 +329,23 @@ def parse_hf_name(name: str) -> HfName:
     raise UnknownTensorName(f"tensor {name!r}: no tensor role has this name")
 
 
-def split_hf_layer(name: str) -> tuple[int | None, str]:
-    """(global layer, the name inside the layer), e.g. (3, "self_attn.q_proj.weight"); a
-    model-level name is (None, name). Raises for unmapped names."""
-    layer = parse_hf_name(name).layer
-    if layer is None:
-        return None, name
-    return layer, name.removeprefix(f"{_HF_LAYER.format(i=layer)}.")
+_HF_LAYER_PREFIX = re.compile(_pattern(_HF_LAYER) + r"\.")
 
 
 def hf_layer_of(name: str) -> int | None:
-    """The global layer index of an HF name (None: model-level); raises for unmapped names."""
-    return parse_hf_name(name).layer
+    """The global layer index an HF name sits in (None: model-level), mapped by a role or not
+    (so messages about unmapped names can still say which layer they are in)."""
+    match = _HF_LAYER_PREFIX.match(name)
+    return None if match is None else int(match["layer"])
+
+
+def split_hf_layer(name: str) -> tuple[int | None, str]:
+    """(global layer, the name inside the layer), e.g. (3, "self_attn.q_proj.weight"); a
+    model-level name is (None, name)."""
+    layer = hf_layer_of(name)
+    if layer is None:
+        return None, name
+    return layer, name.removeprefix(hf_layer_prefix(layer))
 
 
 # ---- TensorRT-LLM tensors and their HF sources -----------------------------------------------

@@ -38,7 +38,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from builder.arch import AttentionKind, ModelPlan, parallelism_problems, rank_tensors, stage_layers
+from builder.arch import ModelPlan, parallelism_problems, rank_tensors, stage_layers
 from builder.arch.tensors import (
     EMBEDDING_RULE,
     RankTensor,
@@ -116,7 +116,7 @@ def rank_weights(
             count += SCALES_PER_FP8_LINEAR
         if tensor.rule is EMBEDDING_RULE:
             embedding = size
-        if tensor.layer is not None and tensor.layer.attention is AttentionKind.ATTENTION:
+        if tensor.layer is not None and tensor.layer.has_kv_cache:
             attention_layers.add(tensor.layer.index)
         total += size
         largest = max(largest, size)
@@ -222,9 +222,7 @@ def stage_params(plan: ModelPlan, boundaries: list[int]) -> list[dict[str, int]]
             {
                 "first_layer": edges[s],
                 "layers": len(layers),
-                "attention_layers": sum(
-                    plan.layers[i].attention is AttentionKind.ATTENTION for i in layers
-                ),
+                "attention_layers": sum(plan.layers[i].has_kv_cache for i in layers),
                 "layer_params": layer_params,
                 "params": layer_params + extra,
             }

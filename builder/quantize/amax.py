@@ -22,7 +22,6 @@ from builder.arch.tensors import (
     QUANTIZER_KINDS,
     ROLES,
     WEIGHT_QUANTIZER,
-    UnknownTensorName,
     block_roles,
     cache_roles,
     hf_layer_of,
@@ -132,10 +131,7 @@ class AmaxTable:
 
 
 def _layer_order(key: str) -> tuple[int, str]:
-    try:
-        layer = hf_layer_of(key)
-    except UnknownTensorName:
-        layer = None
+    layer = hf_layer_of(key)
     return (-1 if layer is None else layer, key)
 
 

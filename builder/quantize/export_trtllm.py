@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from builder.arch.plan import AttentionKind, ModelPlan
+from builder.arch.plan import ModelPlan
 from builder.arch.tensors import (
     INPUT_QUANTIZER,
     ROLES,
@@ -117,7 +117,7 @@ def trtllm_effective_table(table: AmaxTable, plan: ModelPlan) -> AmaxTable:
             for kind in (WEIGHT_QUANTIZER, INPUT_QUANTIZER):
                 shared = max(values[f"{m}.{kind}"] for m in modules)
                 values.update({f"{m}.{kind}": shared for m in modules})
-        if table.kv_cache and layer.attention is AttentionKind.ATTENTION:
+        if table.kv_cache and layer.has_kv_cache:
             kv = float(kv_cache_scale(*table.kv(layer.index))) * E4M3_MAX
             for role in cache_roles():
                 values[kv_quantizer(ROLES[role].cache, layer.index)] = kv

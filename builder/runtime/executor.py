@@ -144,7 +144,7 @@ class KVCache:
         for pp_rank in range(executor.pp):
             for index in stage_layers(executor.plan, executor.pp, pp_rank):
                 layer = executor.plan.layers[index]
-                if layer.attention is not AttentionKind.ATTENTION:
+                if not layer.has_kv_cache:
                     continue
                 shape = (batch, kv_heads_per_rank(layer.kv_heads, executor.tp), capacity, hd)
                 for rank in executor.stage_ranks(pp_rank):
