@@ -78,10 +78,6 @@ class RoleSpec:
     scale_group: Group | None = None  # members sharing FP8 scales
     cache: str | None = None  # "k" / "v": the KV-cache half this projection fills
 
-    @property
-    def in_layer(self) -> bool:
-        return "{i}" in self.hf
-
     def hf_module(self, layer: int | None = None) -> str:
         return self.hf.format(i=layer)
 
@@ -168,10 +164,6 @@ def _width_in(plan: ModelPlan, layer: LayerPlan | None) -> tuple[int, ...]:
     return (layer.ffn_width, plan.hidden_size)
 
 
-def _spec(role: Role, hf: str, trtllm: str, gguf: str | None, split: Split, shape: Shape, **kw):
-    return RoleSpec(role, hf, trtllm, gguf, split, shape, **kw)
-
-
 _LIN = {"linear": True}
 _QKV = {"linear": True, "fused": Group.QKV, "scale_group": Group.QKV}
 # TensorRT-LLM computes proj(silu(fc(x)) * gate(x)): fc is HF's gate_proj, gate is up_proj.
@@ -180,37 +172,37 @@ _GATE_UP = {"linear": True, "fused": Group.GATE_UP, "scale_group": Group.GATE_UP
 ROLES: dict[Role, RoleSpec] = {
     s.role: s
     for s in (
-        _spec(Role.EMBEDDING, "model.embed_tokens", "transformer.vocab_embedding", "token_embd",
-              Split.REPLICATED, _vocab),
-        _spec(Role.ATTN_NORM, _HF_LAYER + ".input_layernorm", _TRT_LAYER + ".input_layernorm",
-              _GGUF_LAYER + ".attn_norm", Split.REPLICATED, _h),
-        _spec(Role.ATTN_Q, _HF_ATTENTION + ".q_proj", _TRT_ATTENTION + ".qkv",
-              _GGUF_LAYER + ".attn_q", Split.QKV,
-              lambda plan, layer: (plan.q_size, plan.hidden_size), **_QKV),
-        _spec(Role.ATTN_K, _HF_ATTENTION + ".k_proj", _TRT_ATTENTION + ".qkv",
-              _GGUF_LAYER + ".attn_k", Split.QKV, _kv, cache="k", **_QKV),
-        _spec(Role.ATTN_V, _HF_ATTENTION + ".v_proj", _TRT_ATTENTION + ".qkv",
-              _GGUF_LAYER + ".attn_v", Split.QKV, _kv, cache="v", **_QKV),
-        _spec(Role.ATTN_OUT, _HF_ATTENTION + ".o_proj", _TRT_ATTENTION + ".dense",
-              _GGUF_LAYER + ".attn_output", Split.ROW,
-              lambda plan, layer: (plan.hidden_size, plan.q_size), **_LIN),
-        _spec(Role.ATTN_LINEAR, _HF_ATTENTION + ".linear_attn", _TRT_ATTENTION, None,
-              Split.COLUMN, _hh, **_LIN),
-        _spec(Role.FFN_NORM, _HF_LAYER + ".post_attention_layernorm",
-              _TRT_LAYER + ".post_layernorm", _GGUF_LAYER + ".ffn_norm", Split.REPLICATED, _h),
-        _spec(Role.FFN_GATE, _HF_MLP + ".gate_proj", _TRT_FFN + ".fc",
-              _GGUF_LAYER + ".ffn_gate", Split.COLUMN, _width_in, **_GATE_UP),
-        _spec(Role.FFN_UP, _HF_MLP + ".up_proj", _TRT_FFN + ".gate",
-              _GGUF_LAYER + ".ffn_up", Split.COLUMN, _width_in, **_GATE_UP),
-        _spec(Role.FFN_DOWN, _HF_MLP + ".down_proj", _TRT_FFN + ".proj",
-              _GGUF_LAYER + ".ffn_down", Split.ROW,
-              lambda plan, layer: (plan.hidden_size, layer.ffn_width), **_LIN),
-        _spec(Role.FFN_LINEAR, _HF_MLP + ".linear_mlp", _TRT_FFN, None, Split.COLUMN, _hh,
-              **_LIN),
-        _spec(Role.FINAL_NORM, "model.norm", "transformer.ln_f", "output_norm",
-              Split.REPLICATED, _h),
+        RoleSpec(Role.EMBEDDING, "model.embed_tokens", "transformer.vocab_embedding", "token_embd",
+                 Split.REPLICATED, _vocab),
+        RoleSpec(Role.ATTN_NORM, _HF_LAYER + ".input_layernorm", _TRT_LAYER + ".input_layernorm",
+                 _GGUF_LAYER + ".attn_norm", Split.REPLICATED, _h),
+        RoleSpec(Role.ATTN_Q, _HF_ATTENTION + ".q_proj", _TRT_ATTENTION + ".qkv",
+                 _GGUF_LAYER + ".attn_q", Split.QKV,
+                 lambda plan, layer: (plan.q_size, plan.hidden_size), **_QKV),
+        RoleSpec(Role.ATTN_K, _HF_ATTENTION + ".k_proj", _TRT_ATTENTION + ".qkv",
+                 _GGUF_LAYER + ".attn_k", Split.QKV, _kv, cache="k", **_QKV),
+        RoleSpec(Role.ATTN_V, _HF_ATTENTION + ".v_proj", _TRT_ATTENTION + ".qkv",
+                 _GGUF_LAYER + ".attn_v", Split.QKV, _kv, cache="v", **_QKV),
+        RoleSpec(Role.ATTN_OUT, _HF_ATTENTION + ".o_proj", _TRT_ATTENTION + ".dense",
+                 _GGUF_LAYER + ".attn_output", Split.ROW,
+                 lambda plan, layer: (plan.hidden_size, plan.q_size), **_LIN),
+        RoleSpec(Role.ATTN_LINEAR, _HF_ATTENTION + ".linear_attn", _TRT_ATTENTION, None,
+                 Split.COLUMN, _hh, **_LIN),
+        RoleSpec(Role.FFN_NORM, _HF_LAYER + ".post_attention_layernorm",
+                 _TRT_LAYER + ".post_layernorm", _GGUF_LAYER + ".ffn_norm", Split.REPLICATED, _h),
+        RoleSpec(Role.FFN_GATE, _HF_MLP + ".gate_proj", _TRT_FFN + ".fc",
+                 _GGUF_LAYER + ".ffn_gate", Split.COLUMN, _width_in, **_GATE_UP),
+        RoleSpec(Role.FFN_UP, _HF_MLP + ".up_proj", _TRT_FFN + ".gate",
+                 _GGUF_LAYER + ".ffn_up", Split.COLUMN, _width_in, **_GATE_UP),
+        RoleSpec(Role.FFN_DOWN, _HF_MLP + ".down_proj", _TRT_FFN + ".proj",
+                 _GGUF_LAYER + ".ffn_down", Split.ROW,
+                 lambda plan, layer: (plan.hidden_size, layer.ffn_width), **_LIN),
+        RoleSpec(Role.FFN_LINEAR, _HF_MLP + ".linear_mlp", _TRT_FFN, None, Split.COLUMN, _hh,
+                 **_LIN),
+        RoleSpec(Role.FINAL_NORM, "model.norm", "transformer.ln_f", "output_norm",
+                 Split.REPLICATED, _h),
         # lm_head is a linear, but FP8 recipes exclude it: it stays in the model dtype.
-        _spec(Role.LM_HEAD, "lm_head", "lm_head", "output", Split.VOCAB, _vocab),
+        RoleSpec(Role.LM_HEAD, "lm_head", "lm_head", "output", Split.VOCAB, _vocab),
     )
 }  # fmt: skip
 
