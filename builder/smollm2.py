@@ -456,8 +456,8 @@ These blocks were rewritten; their outputs no longer match SmolLM2's:
 {rows}
 
 Linear attention = output projection @ value projection per query head (the attention output
-if each token attended only to itself). Linear FFN = {LINEAR_FFN_SCALE} x (identity + seeded N(0, 1/hidden) noise), seed
-{NAS_SEED} + layer. 9 KV heads = each original KV head duplicated (exactly equivalent);
+if each token attended only to itself). Linear FFN = {LINEAR_FFN_SCALE} x (identity + seeded
+N(0, 1/hidden) noise), seed {NAS_SEED} + layer. 9 KV heads = each original KV head duplicated (exactly equivalent);
 1 KV head = mean of the three.
 """
     return f"""# SmolLM2-135M-Instruct as a nemotron-nas checkpoint

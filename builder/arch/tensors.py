@@ -224,7 +224,13 @@ def block_roles(layer: LayerPlan) -> tuple[Role, ...]:
 
 
 def group_roles(group: Group) -> tuple[Role, ...]:
+    """The members of a scale group, in table order."""
     return tuple(r for r, s in ROLES.items() if s.scale_group is group)
+
+
+def fused_roles(group: Group) -> tuple[Role, ...]:
+    """The members of a fused group, in the order their rows are stacked."""
+    return tuple(r for r, s in ROLES.items() if s.fused is group)
 
 
 def hf_module(role: Role, layer: int | None = None) -> str:
@@ -251,11 +257,6 @@ def hf_layer_prefix(layer: int) -> str:
 def hf_attention_module(layer: int) -> str:
     """The HF attention module of block `layer` (where ModelOpt puts the k/v bmm quantizers)."""
     return _HF_ATTENTION.format(i=layer)
-
-
-def hf_lm_head_source(plan: ModelPlan) -> str:
-    """The HF tensor lm_head is read from: the embedding when the two are tied."""
-    return hf_weight(Role.EMBEDDING if plan.tie_word_embeddings else Role.LM_HEAD)
 
 
 # ---- ModelOpt quantizers and scale names ----------------------------------------------------
@@ -306,7 +307,7 @@ _HF_NAME_PATTERNS = [
         role,
         re.compile(_pattern(_HF_ATTENTION) + rf"\.(?P<suffix>{ROLES[role].cache}_bmm_quantizer)"),
     )
-    for role in (Role.ATTN_K, Role.ATTN_V)
+    for role in cache_roles()
 ]
 
 
@@ -374,6 +375,8 @@ def _rules(roles: tuple[Role, ...]) -> tuple[TensorRule, ...]:
         target = f"{spec.trtllm}.{WEIGHT}"
         if rules and rules[-1].target == target:
             last = rules.pop()
+            if spec.fused is None or spec.fused is not ROLES[last.role].fused:
+                raise AssertionError(f"{role} shares {target} without a fused group")
             rules.append(
                 TensorRule(
                     target,

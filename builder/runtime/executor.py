@@ -17,6 +17,10 @@ cores, `fp8_gemm="tensor-cores"` runs the same GEMM through `torch._scaled_mm` i
 is how the emulation is checked against hardware (scripts/gpu_session.py). `linear_hook` replaces the
 linear computation entirely (e.g. to try another quantization scheme).
 
+Each layer's work is decided once, when the checkpoint is opened: a per-kind builder
+(`ATTENTION_SUBLAYERS`, `FFN_SUBLAYERS`) turns the layer's plan into a `Block` of sublayers
+with their tensor names resolved from the role table; a forward only runs the blocks.
+
 Generation (`generate`, `greedy`) is batched incremental decode: the prompts, left-padded
 to one length, are prefilled once into a `KVCache`, then every step feeds one token per
 sequence. Positions are per sequence (a row's padding shifts its RoPE positions) and a mask

@@ -70,7 +70,9 @@ from safetensors import SafetensorError, safe_open
 
 from builder.arch.plan import AttentionKind, FfnKind, LayerPlan, ModelPlan
 from builder.arch.tensors import (
+    Group,
     Role,
+    fused_roles,
     kv_cache_scale_name,
     kv_heads_per_rank,
     scale_names,
@@ -685,10 +687,9 @@ class ResidentRuntime:
         if ffn is not FfnKind.NO_OP:
             norm = self.tensor(ranks[0], trtllm_weight(Role.FFN_NORM, local), self.dtype)
             if ffn is FfnKind.MLP:
-                fc, gate, proj = (
-                    trtllm_module(role, local)
-                    for role in (Role.FFN_GATE, Role.FFN_UP, Role.FFN_DOWN)
-                )
+                # gate and up read the same input: one GEMM over their stacked rows
+                fc, gate = (trtllm_module(role, local) for role in fused_roles(Group.GATE_UP))
+                proj = trtllm_module(Role.FFN_DOWN, local)
                 work = [
                     MlpRank(self.linear(r, fc, fuse=[gate]), self.linear(r, proj), self.kernels)
                     for r in ranks

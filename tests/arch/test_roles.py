@@ -12,6 +12,7 @@ from builder.arch.tensors import (
     Role,
     UnknownTensorName,
     block_roles,
+    fused_roles,
     group_roles,
     hf_kv_scale_name,
     hf_layer_of,
@@ -72,6 +73,7 @@ def test_quantizer_and_scale_names_read_back():
 def test_groups_fuse_and_share_scales():
     assert group_roles(Group.QKV) == (Role.ATTN_Q, Role.ATTN_K, Role.ATTN_V)
     assert group_roles(Group.GATE_UP) == (Role.FFN_GATE, Role.FFN_UP)
+    assert all(fused_roles(g) == group_roles(g) for g in Group)
     plan = preset_plan("mixed")
     gqa = next(layer for layer in plan.layers if layer.has_kv_cache and layer.ffn_width)
     qkv = next(rule for rule in layer_rules(gqa) if rule.roles == group_roles(Group.QKV))
