@@ -413,7 +413,9 @@ def write_tokenizer(gguf: GgufModel, facts: GgufFacts, directory: Path) -> None:
     types = gguf.ints("tokenizer.ggml.token_type")
     alphabet = set(pre_tokenizers.ByteLevel.alphabet())
     odd = [
-        t for t, kind in zip(tokens, types) if kind != TOKEN_TYPE_CONTROL and not set(t) <= alphabet
+        t
+        for t, kind in zip(tokens, types, strict=True)
+        if kind != TOKEN_TYPE_CONTROL and not set(t) <= alphabet
     ]
     if odd:
         raise SmolLM2Error(f"{gguf.path}: token {odd[0]!r} is not in byte-level form")
@@ -426,7 +428,7 @@ def write_tokenizer(gguf: GgufModel, facts: GgufFacts, directory: Path) -> None:
         ]
     )
     backend.decoder = decoders.ByteLevel()
-    controls = [t for t, kind in zip(tokens, types) if kind == TOKEN_TYPE_CONTROL]
+    controls = [t for t, kind in zip(tokens, types, strict=True) if kind == TOKEN_TYPE_CONTROL]
     backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in controls])
     unk = int(gguf.field("tokenizer.ggml.unknown_token_id"))
     fast = PreTrainedTokenizerFast(
@@ -457,8 +459,8 @@ These blocks were rewritten; their outputs no longer match SmolLM2's:
 
 Linear attention = output projection @ value projection per query head (the attention output
 if each token attended only to itself). Linear FFN = {LINEAR_FFN_SCALE} x (identity + seeded
-N(0, 1/hidden) noise), seed {NAS_SEED} + layer. 9 KV heads = each original KV head duplicated (exactly equivalent);
-1 KV head = mean of the three.
+N(0, 1/hidden) noise), seed {NAS_SEED} + layer. 9 KV heads = each original KV head duplicated
+(exactly equivalent); 1 KV head = mean of the three.
 """
     return f"""# SmolLM2-135M-Instruct as a nemotron-nas checkpoint
 

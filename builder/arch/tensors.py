@@ -16,13 +16,13 @@ import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from enum import Enum
+from enum import Enum, StrEnum
 
 from builder.arch.plan import AttentionKind, FfnKind, LayerPlan, ModelPlan
 from builder.errors import ParallelismError, UserError
 
 
-class Split(str, Enum):
+class Split(StrEnum):
     REPLICATED = "replicated"
     COLUMN = "column"  # dim 0 (output features) in tp equal chunks
     ROW = "row"  # dim 1 (input features) in tp equal chunks

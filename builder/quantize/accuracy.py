@@ -91,7 +91,8 @@ class AccuracyReport:
         return asdict(self) | {"passed": self.passed}
 
 
-# ---- models -----------------------------------------------------------------------------------------------
+# ---- models
+# -----------------------------------------------------------------------------------------------
 def reference_logits(src: Path, dtype: torch.dtype, device: str) -> Logits:
     from builder.model import load_reference_model
 
@@ -156,7 +157,8 @@ def trtllm_logits(directory: Path, dtype: torch.dtype, device: str) -> Logits:
     return lambda ids: executor(ids.to(device)).float().cpu()
 
 
-# ---- evaluation ---------------------------------------------------------------------------------------------
+# ---- evaluation
+# ---------------------------------------------------------------------------------------------
 def evaluate_accuracy(
     src: str | Path,
     quantized: str | Path,
@@ -207,7 +209,8 @@ def evaluate_accuracy(
     return report
 
 
-# ---- thresholds ------------------------------------------------------------------------------------------------
+# ---- thresholds
+# ------------------------------------------------------------------------------------------------
 def load_thresholds(section: str, path: Path | None = None) -> dict[str, float]:
     path = path or calib_dir() / "thresholds.toml"
     try:
@@ -255,7 +258,8 @@ def format_table(report: AccuracyReport) -> str:
     ]
     for row in report.rows:
         lines.append(
-            f"| {row.variant} | {row.kl:.5f} | {row.top1:.4f} | {row.perplexity:.3f} | {row.ppl_ratio:.4f} |"
+            f"| {row.variant} | {row.kl:.5f} | {row.top1:.4f} | {row.perplexity:.3f} | "
+            f"{row.ppl_ratio:.4f} |"
         )
     if report.thresholds:
         lines.append("")
