@@ -355,6 +355,10 @@ class TensorRule:
     linear: bool = False  # a linear weight: FP8-quantized, carries scaling factors
     roles: tuple[Role, ...] = ()  # the roles whose HF tensors `sources` are
 
+    def __post_init__(self) -> None:
+        if not self.roles:
+            raise ValueError(f"{self.target}: a tensor rule needs the roles of its sources")
+
     def target_name(self, local_index: int | None = None) -> str:
         return self.target.format(j=local_index)
 

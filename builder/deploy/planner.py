@@ -43,7 +43,6 @@ from builder.arch.tensors import (
     EMBEDDING_RULE,
     RankTensor,
     Split,
-    TensorRule,
     layer_rules,
     rank_shape,
 )
@@ -54,7 +53,7 @@ BF16 = 2
 FP32 = 4
 SCALES_PER_FP8_LINEAR = 2  # weights_scaling_factor and activation_scaling_factor, fp32 [1]
 RUNTIME_HOST_OVERHEAD = 1 * GIB  # Python, torch, safetensors headers: the "~1 GiB" term
-PARALLEL_EMBEDDING_RULE = TensorRule(EMBEDDING_RULE.target, EMBEDDING_RULE.sources, Split.VOCAB)
+PARALLEL_EMBEDDING_RULE = dataclasses.replace(EMBEDDING_RULE, split=Split.VOCAB)
 
 FORMULAS = {
     "weights": "sum over the rank's tensors (builder.arch.rank_tensors): BF16 2 B/elem; FP8 "
