@@ -22,8 +22,17 @@ from pathlib import Path
 from typing import Any
 
 from builder.arch import load_plan
-from builder.arch.plan import AttentionKind, ModelPlan
-from builder.arch.tensors import hf_tensor_shapes
+from builder.arch.plan import ModelPlan
+from builder.arch.tensors import (
+    HF_SCALE_SUFFIXES,
+    ROLES,
+    hf_kv_scale_name,
+    hf_scale_names,
+    hf_tensor_shapes,
+    layer_linears,
+    optional_hf_shapes,
+    parse_hf_name,
+)
 from builder.convert.check import (
     CheckReport,
     Reporter,
@@ -42,7 +51,7 @@ HF_FP8_KIND = ArtifactKind.HF_FP8_CHECKPOINT
 QUANTIZE_KIND = ArtifactKind.FP8_QUANTIZATION
 HF_QUANT_CONFIG = "hf_quant_config.json"
 FP8_DTYPE = "float8_e4m3fn"
-SCALE_SUFFIXES = ("weight_scale", "input_scale", "k_scale", "v_scale")
+SCALE_SUFFIXES = HF_SCALE_SUFFIXES
 
 
 def check_artifact(
@@ -131,8 +140,9 @@ def check_hf(directory: Path, hashes: bool, progress: Reporter | None) -> CheckR
     plan, ckpt, _config = opened
     report.kv_cache = report.dtype
     expected = {name: (shape, report.dtype) for name, shape in hf_tensor_shapes(plan).items()}
-    if plan.tie_word_embeddings and "lm_head.weight" in ckpt:
-        expected["lm_head.weight"] = ((plan.vocab_size, plan.hidden_size), report.dtype)
+    for name, shape in optional_hf_shapes(plan).items():
+        if name in ckpt:  # a tied lm_head's copy
+            expected[name] = (shape, report.dtype)
     _compare(directory, ckpt, expected, report)
     if hashes and report.ok:
         _scan(report, ckpt, progress)
@@ -141,10 +151,8 @@ def check_hf(directory: Path, hashes: bool, progress: Reporter | None) -> CheckR
 
 def hf_fp8_expected(plan: ModelPlan, dtype: str, kv_cache: bool) -> dict[str, tuple[tuple, str]]:
     """Names, shapes and dtypes of the unified HF FP8 export of `plan`."""
-    from builder.quantize.amax import layer_linears
-
     linears = {lin for layer in plan.layers for lin in layer_linears(plan, layer)}
-    attention = {layer.index for layer in plan.layers if layer.attention is AttentionKind.ATTENTION}
+    attention = {layer.index for layer in plan.layers if layer.has_kv_cache}
     expected: dict[str, tuple[tuple, str]] = {}
     for name, shape in hf_tensor_shapes(plan).items():
         module = name.removesuffix(".weight")
@@ -152,11 +160,11 @@ def hf_fp8_expected(plan: ModelPlan, dtype: str, kv_cache: bool) -> dict[str, tu
             expected[name] = (shape, dtype)
             continue
         expected[name] = (shape, FP8_DTYPE)
-        expected[f"{module}.weight_scale"] = ((), "float32")
-        expected[f"{module}.input_scale"] = ((), "float32")
-        leaf = module.rsplit(".", 1)[1]
-        if kv_cache and leaf in ("k_proj", "v_proj") and int(module.split(".")[2]) in attention:
-            expected[f"{module}.{leaf[0]}_scale"] = ((), "float32")
+        for scale in hf_scale_names(module):
+            expected[scale] = ((), "float32")
+        tensor = parse_hf_name(name)
+        if kv_cache and ROLES[tensor.role].cache and tensor.layer in attention:
+            expected[hf_kv_scale_name(tensor.role, tensor.layer)] = ((), "float32")
     return expected
 
 

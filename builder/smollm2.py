@@ -29,6 +29,7 @@ import torch
 
 from builder.arch import hf_tensor_shapes, intermediate_size, parse_config
 from builder.arch.plan import ARCHITECTURE
+from builder.arch.tensors import ROLES, WEIGHT, Role, UnknownTensorName, hf_weight, parse_hf_name
 from builder.errors import UserError
 from builder.io.atomic import atomic_dir
 from builder.io.hf_writer import write_hf_weights, write_json
@@ -53,22 +54,6 @@ NAS_VARIANT: dict[int, dict[str, Any]] = {
     23: {"attention": {"replace_with_linear": True}, "ffn": {"replace_with_linear": True}},
 }
 
-_LAYER_TENSORS = {
-    "input_layernorm.weight": "attn_norm.weight",
-    "self_attn.q_proj.weight": "attn_q.weight",
-    "self_attn.k_proj.weight": "attn_k.weight",
-    "self_attn.v_proj.weight": "attn_v.weight",
-    "self_attn.o_proj.weight": "attn_output.weight",
-    "post_attention_layernorm.weight": "ffn_norm.weight",
-    "mlp.gate_proj.weight": "ffn_gate.weight",
-    "mlp.up_proj.weight": "ffn_up.weight",
-    "mlp.down_proj.weight": "ffn_down.weight",
-}
-_GLOBAL_TENSORS = {
-    "model.embed_tokens.weight": "token_embd.weight",
-    "model.norm.weight": "output_norm.weight",
-    "lm_head.weight": "token_embd.weight",  # SmolLM2 ties them; we write the copy out
-}
 TOKEN_TYPE_CONTROL = 3
 
 
@@ -215,18 +200,21 @@ class SmolLM2Weights:
         self.facts = facts
 
     def __call__(self, name: str) -> torch.Tensor:
-        if name in _GLOBAL_TENSORS:
-            return self.gguf.tensor(_GLOBAL_TENSORS[name])
-        parts = name.split(".")
-        layer, suffix = (parts[2], ".".join(parts[3:])) if len(parts) > 3 else (None, None)
-        if parts[:2] != ["model", "layers"] or suffix not in _LAYER_TENSORS:
+        try:
+            tensor = parse_hf_name(name)
+        except UnknownTensorName:
+            raise SmolLM2Error(f"no SmolLM2 source for tensor {name!r}") from None
+        role = tensor.role
+        if role is Role.LM_HEAD:
+            role = Role.EMBEDDING  # SmolLM2 ties them; we write the copy out
+        if tensor.suffix != WEIGHT or ROLES[role].gguf is None:
             raise SmolLM2Error(f"no SmolLM2 source for tensor {name!r}")
-        tensor = self.gguf.tensor(f"blk.{layer}.{_LAYER_TENSORS[suffix]}")
-        if suffix == "self_attn.q_proj.weight":
-            tensor = unpermute_rope_rows(tensor, self.facts.heads)
-        elif suffix == "self_attn.k_proj.weight":
-            tensor = unpermute_rope_rows(tensor, self.facts.kv_heads)
-        return tensor
+        weight = self.gguf.tensor(ROLES[role].gguf_weight(tensor.layer))
+        if role is Role.ATTN_Q:
+            weight = unpermute_rope_rows(weight, self.facts.heads)
+        elif role is Role.ATTN_K:
+            weight = unpermute_rope_rows(weight, self.facts.kv_heads)
+        return weight
 
 
 # ---- config ----------------------------------------------------------------------------------
@@ -348,10 +336,9 @@ def linear_attention_weight(
     base: Callable[[str], torch.Tensor], layer: int, facts: GgufFacts
 ) -> torch.Tensor:
     """o_proj @ v_proj (per query head): the layer's attention if every token saw only itself."""
-    prefix = f"model.layers.{layer}.self_attn."
-    v = base(prefix + "v_proj.weight")
+    v = base(hf_weight(Role.ATTN_V, layer))
     v_per_query_head = regroup_kv_heads(v, facts.head_dim, facts.heads)
-    return (base(prefix + "o_proj.weight") @ v_per_query_head).contiguous()
+    return (base(hf_weight(Role.ATTN_OUT, layer)) @ v_per_query_head).contiguous()
 
 
 def linear_ffn_weight(layer: int, hidden: int) -> torch.Tensor:
@@ -364,16 +351,16 @@ def linear_ffn_weight(layer: int, hidden: int) -> torch.Tensor:
 def variant_tensor(
     base: Callable[[str], torch.Tensor], name: str, facts: GgufFacts
 ) -> torch.Tensor:
-    parts = name.split(".")
-    if parts[:2] != ["model", "layers"]:
+    tensor = parse_hf_name(name)
+    layer = tensor.layer
+    if layer is None:
         return base(name)
-    layer, suffix = int(parts[2]), ".".join(parts[3:])
-    if suffix == "self_attn.linear_attn.weight":
+    if tensor.role is Role.ATTN_LINEAR:
         return linear_attention_weight(base, layer, facts)
-    if suffix == "mlp.linear_mlp.weight":
+    if tensor.role is Role.FFN_LINEAR:
         return linear_ffn_weight(layer, facts.hidden)
     group = NAS_VARIANT.get(layer, {}).get("attention", {}).get("n_heads_in_group")
-    if group and suffix in ("self_attn.k_proj.weight", "self_attn.v_proj.weight"):
+    if group and ROLES[tensor.role].cache:
         return regroup_kv_heads(base(name), facts.head_dim, facts.heads // group)
     return base(name)
 
@@ -470,10 +457,10 @@ These blocks were rewritten; their outputs no longer match SmolLM2's:
 |---|---|
 {rows}
 
-Linear attention = o_proj @ v_proj per query head (the attention output if each token attended
-only to itself). Linear FFN = {LINEAR_FFN_SCALE} x (identity + seeded N(0, 1/hidden) noise), seed
-{NAS_SEED} + layer. 9 KV heads = each original KV head duplicated (exactly equivalent);
-1 KV head = mean of the three.
+Linear attention = output projection @ value projection per query head (the attention output
+if each token attended only to itself). Linear FFN = {LINEAR_FFN_SCALE} x (identity + seeded
+N(0, 1/hidden) noise), seed {NAS_SEED} + layer. 9 KV heads = each original KV head duplicated
+(exactly equivalent); 1 KV head = mean of the three.
 """
     return f"""# SmolLM2-135M-Instruct as a nemotron-nas checkpoint
 
@@ -491,7 +478,8 @@ production use.
 
 - Weights: the Q4_1 GGUF (token embedding Q8_0, norms F32) dequantized with `gguf`'s reader to
   fp32; llama.cpp's Q/K RoPE row permutation undone; written in the HF layout under nemotron-nas
-  names. `lm_head.weight` is an explicit copy of the tied embedding (`tie_word_embeddings` false).
+  names. `{hf_weight(Role.LM_HEAD)}` is an explicit copy of the tied embedding
+  (`tie_word_embeddings` false).
 - Config: `DeciLMForCausalLM`, `model_type` nemotron-nas, {facts.layers} blocks, hidden
   {facts.hidden}, {facts.heads} heads, `n_heads_in_group` {facts.heads // facts.kv_heads}
   ({facts.kv_heads} KV heads), `ffn_mult` {facts.ffn_mult} (FFN width {facts.ffn}), rope_theta

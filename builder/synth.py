@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from builder.arch import ModelPlan, hf_tensor_shapes, parse_config, preset_config
+from builder.arch.tensors import Role, hf_weight
 from builder.chat import nemotron_template
 from builder.errors import UserError
 from builder.io.atomic import atomic_dir
@@ -124,7 +125,7 @@ def synth_tensor(name: str, shape: tuple[int, ...], seed: int, dtype: torch.dtyp
     gen = _generator(seed, name)
     if len(shape) == 1:
         return (1.0 + 0.1 * torch.randn(shape, generator=gen)).to(dtype)
-    if "embed_tokens" in name:
+    if name == hf_weight(Role.EMBEDDING):
         return torch.randn(shape, generator=gen).to(dtype)
     std = shape[1] ** -0.5
     return (std * torch.randn(shape, generator=gen)).to(dtype)

@@ -114,11 +114,21 @@ class AttentionKind(StrEnum):
     LINEAR = "linear"
     NO_OP = "no_op"
 
+    @property
+    def has_kv_heads(self) -> bool:
+        """Configured with a KV-head count (and so keeps a KV cache)."""
+        return self is AttentionKind.ATTENTION
+
 
 class FfnKind(StrEnum):
     MLP = "mlp"
     LINEAR = "linear"
     NO_OP = "no_op"
+
+    @property
+    def has_width(self) -> bool:
+        """Configured with an FFN width (intermediate size)."""
+        return self is FfnKind.MLP
 
 
 def intermediate_size(ffn_mult: float, hidden_size: int) -> int:
@@ -147,6 +157,11 @@ class LayerPlan:
     @property
     def is_empty(self) -> bool:
         return self.attention is AttentionKind.NO_OP and self.ffn is FfnKind.NO_OP
+
+    @property
+    def has_kv_cache(self) -> bool:
+        """Keeps keys and values per token: KV-cache buffers, scales and quantizers exist."""
+        return self.attention.has_kv_heads
 
     @property
     def short(self) -> str:
@@ -197,7 +212,7 @@ class ModelPlan:
 
     @property
     def attention_layers(self) -> tuple[LayerPlan, ...]:
-        return tuple(layer for layer in self.layers if layer.attention is AttentionKind.ATTENTION)
+        return tuple(layer for layer in self.layers if layer.has_kv_cache)
 
     @property
     def empty_layers(self) -> tuple[LayerPlan, ...]:
@@ -205,7 +220,7 @@ class ModelPlan:
 
     @property
     def ffn_widths(self) -> tuple[int, ...]:
-        return tuple(sorted({lay.ffn_width for lay in self.layers if lay.ffn is FfnKind.MLP}))
+        return tuple(sorted({lay.ffn_width for lay in self.layers if lay.ffn.has_width}))
 
     @property
     def q_size(self) -> int:

@@ -20,6 +20,7 @@ import torch
 
 from builder.arch.plan import ModelPlan
 from builder.arch.tensors import (
+    TRTLLM_DEFAULT_FP8_EXCLUDES,
     RankTensor,
     Split,
     kv_cache_scale_name,
@@ -32,15 +33,7 @@ from builder.errors import ConfigError, UserError
 from builder.io.safetensors_stream import TensorSpec
 
 # TensorRT-LLM's default exclude list, used when a quantization dict gives none.
-DEFAULT_FP8_EXCLUDES = (
-    "*lm_head",
-    "*router",
-    "*vocab_embedding",
-    "*position_embedding",
-    "*block_embedding",
-    "*shared_expert_gate",
-    "*fused_a",
-)
+DEFAULT_FP8_EXCLUDES = TRTLLM_DEFAULT_FP8_EXCLUDES
 
 DTYPES = torch_dtypes()
 
@@ -139,8 +132,7 @@ class Fp8Layout:
                 TensorSpec(a_scale, (1,), torch.float32),
             ]
         if self.kv_cache_fp8 and item.rule.split is Split.QKV:
-            local = int(item.name.split(".")[2])
-            out.append(TensorSpec(kv_cache_scale_name(local), (1,), torch.float32))
+            out.append(TensorSpec(kv_cache_scale_name(item.local), (1,), torch.float32))
         return out
 
     def apply(self, item: RankTensor, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:

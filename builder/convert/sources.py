@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from builder.arch.plan import ModelPlan
-from builder.arch.tensors import RankTensor, Split, hf_tensor_shapes
+from builder.arch.tensors import RankTensor, Split, hf_layer_of, hf_tensor_shapes
 from builder.convert.split import chunk, head_rows, kv_heads_of_rank, vocab_rows
 from builder.errors import UserError
 from builder.io.checkpoint import INDEX_NAME, CheckpointError, HFCheckpoint
@@ -120,10 +120,8 @@ def source_problems(ckpt: HFCheckpoint, plan: ModelPlan) -> list[str]:
 
 
 def _owner(name: str) -> str:
-    parts = name.split(".")
-    if len(parts) > 2 and parts[1] == "layers" and parts[2].isdigit():
-        return f"(layer {parts[2]})"
-    return "(model-level)"
+    layer = hf_layer_of(name)
+    return "(model-level)" if layer is None else f"(layer {layer})"
 
 
 def check_source(ckpt: HFCheckpoint, plan: ModelPlan) -> None:

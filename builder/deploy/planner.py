@@ -38,12 +38,11 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from builder.arch import AttentionKind, ModelPlan, parallelism_problems, rank_tensors, stage_layers
+from builder.arch import ModelPlan, parallelism_problems, rank_tensors, stage_layers
 from builder.arch.tensors import (
     EMBEDDING_RULE,
     RankTensor,
     Split,
-    TensorRule,
     layer_rules,
     rank_shape,
 )
@@ -54,7 +53,7 @@ BF16 = 2
 FP32 = 4
 SCALES_PER_FP8_LINEAR = 2  # weights_scaling_factor and activation_scaling_factor, fp32 [1]
 RUNTIME_HOST_OVERHEAD = 1 * GIB  # Python, torch, safetensors headers: the "~1 GiB" term
-PARALLEL_EMBEDDING_RULE = TensorRule(EMBEDDING_RULE.target, EMBEDDING_RULE.sources, Split.VOCAB)
+PARALLEL_EMBEDDING_RULE = dataclasses.replace(EMBEDDING_RULE, split=Split.VOCAB)
 
 FORMULAS = {
     "weights": "sum over the rank's tensors (builder.arch.rank_tensors): BF16 2 B/elem; FP8 "
@@ -118,7 +117,7 @@ def rank_weights(
             count += SCALES_PER_FP8_LINEAR
         if tensor.rule is EMBEDDING_RULE:
             embedding = size
-        if tensor.layer is not None and tensor.layer.attention is AttentionKind.ATTENTION:
+        if tensor.layer is not None and tensor.layer.has_kv_cache:
             attention_layers.add(tensor.layer.index)
         total += size
         largest = max(largest, size)
@@ -225,9 +224,7 @@ def stage_params(plan: ModelPlan, boundaries: list[int]) -> list[dict[str, int]]
             {
                 "first_layer": edges[s],
                 "layers": len(layers),
-                "attention_layers": sum(
-                    plan.layers[i].attention is AttentionKind.ATTENTION for i in layers
-                ),
+                "attention_layers": sum(plan.layers[i].has_kv_cache for i in layers),
                 "layer_params": layer_params,
                 "params": layer_params + extra,
             }

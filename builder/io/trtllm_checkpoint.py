@@ -31,11 +31,11 @@ def _layer_from_config(index: int, entry: Any, config: Mapping[str, Any], where:
     except (KeyError, TypeError, ValueError) as err:
         raise ConfigError(f"{where}: layer_configs[{index}] is malformed ({err})") from None
     kv = width = None
-    if attention is AttentionKind.ATTENTION:
+    if attention.has_kv_heads:
         kv = entry["attention"].get("num_key_value_heads") or config.get("num_key_value_heads")
         if not isinstance(kv, int) or kv <= 0:
             raise ConfigError(f"{where}: layer_configs[{index}] has no num_key_value_heads")
-    if ffn is FfnKind.MLP:
+    if ffn.has_width:
         width = entry["ffn"].get("intermediate_size") or config.get("intermediate_size")
         if not isinstance(width, int) or width <= 0:
             raise ConfigError(f"{where}: layer_configs[{index}] has no intermediate_size")

@@ -13,6 +13,7 @@ import torch
 
 from builder import chat
 from builder.arch import ModelPlan, hf_tensor_shapes, load_plan
+from builder.arch.tensors import optional_hf_shapes
 from builder.io.checkpoint import CheckpointError, HFCheckpoint
 from builder.model.modeling import DeciLMForCausalLM
 
@@ -20,8 +21,7 @@ from builder.model.modeling import DeciLMForCausalLM
 def check_checkpoint_tensors(ckpt: HFCheckpoint, plan: ModelPlan) -> None:
     """Every tensor the plan implies is present with its shape, and nothing else is."""
     expected = hf_tensor_shapes(plan)
-    if plan.tie_word_embeddings and "lm_head.weight" in ckpt:
-        expected["lm_head.weight"] = (plan.vocab_size, plan.hidden_size)  # tied copy, allowed
+    expected.update({n: s for n, s in optional_hf_shapes(plan).items() if n in ckpt})
     missing = [name for name in expected if name not in ckpt]
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""

@@ -41,6 +41,7 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from builder.arch import AttentionKind, FfnKind, LayerPlan, ModelPlan
+from builder.arch.tensors import Role, hf_weight
 from builder.model.configuration import DeciLMConfig
 
 __all__ = [
@@ -420,7 +421,9 @@ class DeciLMModel(DeciLMPreTrainedModel):
 class DeciLMForCausalLM(DeciLMPreTrainedModel, GenerationMixin):
     """nemotron-nas causal LM; `save_pretrained` writes architectures ["DeciLMForCausalLM"]."""
 
-    _tied_weights_keys: ClassVar[dict[str, str]] = {"lm_head.weight": "model.embed_tokens.weight"}
+    _tied_weights_keys: ClassVar[dict[str, str]] = {
+        hf_weight(Role.LM_HEAD): hf_weight(Role.EMBEDDING)
+    }
 
     def __init__(self, config: DeciLMConfig):
         super().__init__(config)

@@ -1,7 +1,8 @@
 """The amax table: every calibrated ModelOpt quantizer's amax, keyed by its module path.
 
-Keys are ModelOpt's quantizer paths in a whole HF model, e.g.
-`model.layers.3.self_attn.q_proj.weight_quantizer` or `model.layers.3.self_attn.k_bmm_quantizer`.
+Keys are ModelOpt's quantizer paths in a whole HF model, as the role table names them
+(`RoleSpec.quantizers`): a linear's weight and input quantizers, an attention layer's k/v bmm
+quantizers.
 Values are the quantizer's `_amax` as a Python float: the buffer is bf16 or fp32, both exact
 in a double, so JSON round-trips them bit for bit. Both exporters read scales from here and
 never recompute an amax.
@@ -15,37 +16,39 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from builder.arch.plan import AttentionKind, LayerPlan, ModelPlan
-from builder.arch.tensors import layer_hf_shapes
+from builder.arch.plan import LayerPlan, ModelPlan
+from builder.arch.tensors import (
+    INPUT_QUANTIZER,
+    QUANTIZER_KINDS,
+    ROLES,
+    WEIGHT_QUANTIZER,
+    block_roles,
+    cache_roles,
+    hf_layer_of,
+    kv_quantizer,
+    split_hf_layer,
+)
+from builder.arch.tensors import layer_linears as layer_linears  # callers import it from here
 from builder.errors import UserError
 from builder.quantize.fp8 import check_amax
 
-WEIGHT = "weight_quantizer"
-INPUT = "input_quantizer"
-K_BMM = "k_bmm_quantizer"
-V_BMM = "v_bmm_quantizer"
-KINDS = (WEIGHT, INPUT, K_BMM, V_BMM)
+WEIGHT = WEIGHT_QUANTIZER
+INPUT = INPUT_QUANTIZER
+KINDS = QUANTIZER_KINDS
+K_BMM, V_BMM = KINDS[2:]
 
 
 class AmaxError(UserError):
     """A calibration result that cannot produce valid FP8 scales."""
 
 
-def layer_linears(plan: ModelPlan, layer: LayerPlan) -> list[str]:
-    """Module paths of the block's linears (what FP8 quantizes), in checkpoint order."""
-    return [
-        name[: -len(".weight")]
-        for name, shape in layer_hf_shapes(plan, layer).items()
-        if len(shape) == 2
-    ]
-
-
 def expected_keys(plan: ModelPlan, layer: LayerPlan, kv_cache: bool) -> list[str]:
-    keys = [f"{lin}.{kind}" for lin in layer_linears(plan, layer) for kind in (WEIGHT, INPUT)]
-    if kv_cache and layer.attention is AttentionKind.ATTENTION:
-        attn = f"model.layers.{layer.index}.self_attn"
-        keys += [f"{attn}.{K_BMM}", f"{attn}.{V_BMM}"]
-    return keys
+    """The layer's quantizers: every linear's weight and input ones, then (with an FP8 KV
+    cache) the k and v bmm ones."""
+    quantizers = [q for role in block_roles(layer) for q in ROLES[role].quantizers(layer.index)]
+    linear = [q for q in quantizers if q.endswith((WEIGHT, INPUT))]
+    cache = [q for q in quantizers if q not in linear]
+    return linear + (cache if kv_cache else [])
 
 
 @dataclass
@@ -71,8 +74,8 @@ class AmaxTable:
         return self.get(f"{module}.{INPUT}")
 
     def kv(self, layer_index: int) -> tuple[float, float]:
-        attn = f"model.layers.{layer_index}.self_attn"
-        return self.get(f"{attn}.{K_BMM}"), self.get(f"{attn}.{V_BMM}")
+        k, v = (kv_quantizer(ROLES[role].cache, layer_index) for role in cache_roles())
+        return self.get(k), self.get(v)
 
     # ---- checks --------------------------------------------------------------------------
     def problems(self, plan: ModelPlan, layers: Iterable[LayerPlan] | None = None) -> list[str]:
@@ -96,9 +99,10 @@ class AmaxTable:
         """{"layer 3": {"self_attn.q_proj.weight": 0.08, ...}} for manifests and reports."""
         table: dict[str, dict[str, float]] = {}
         for key in sorted(self.values, key=_layer_order):
-            parts = key.split(".")
-            layer, rest = f"layer {parts[2]}", ".".join(parts[3:])
-            table.setdefault(layer, {})[rest.replace("_quantizer", "")] = self.values[key]
+            layer, rest = split_hf_layer(key)
+            table.setdefault(f"layer {layer}", {})[rest.replace("_quantizer", "")] = self.values[
+                key
+            ]
         return table
 
     def to_json(self) -> dict[str, Any]:
@@ -127,8 +131,8 @@ class AmaxTable:
 
 
 def _layer_order(key: str) -> tuple[int, str]:
-    parts = key.split(".")
-    return (int(parts[2]), key) if len(parts) > 2 and parts[2].isdigit() else (-1, key)
+    layer = hf_layer_of(key)
+    return (-1 if layer is None else layer, key)
 
 
 def quantizer_amax(module: Any, prefix: str = "") -> dict[str, float | None]:

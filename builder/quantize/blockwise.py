@@ -36,6 +36,7 @@ import torch
 
 from builder.arch.plan import LayerPlan, ModelPlan
 from builder.arch.schema import AnyValue, Boolean, Integer, MapOf, Number, Object, validate
+from builder.arch.tensors import Role, hf_layer_prefix, hf_weight
 from builder.errors import UserError
 from builder.io.checkpoint import CheckpointError, HFCheckpoint
 from builder.quantize import recipe
@@ -59,7 +60,7 @@ class ResumeStateError(UserError):
     """Saved calibration state that cannot be read back (truncated, edited, wrong types)."""
 
 
-EMBEDDING = "model.embed_tokens.weight"
+EMBEDDING = hf_weight(Role.EMBEDDING)
 LOAD_CHUNK_BYTES = 256 << 20
 FULL_GC_BYTES = 16 << 20
 
@@ -138,7 +139,7 @@ def load_block(
 ) -> torch.nn.Module:
     """Block `index` with its weights read from the checkpoint in bounded row chunks."""
     layer = parts.layer(index, dtype).to_empty(device=device)
-    prefix = f"model.layers.{index}."
+    prefix = hf_layer_prefix(index)
     with torch.no_grad():
         for name, tensor in [*layer.named_parameters(), *layer.named_buffers()]:
             _fill(tensor, ckpt, prefix + name, index)
@@ -261,7 +262,7 @@ def calibrate_block(
 
     recipe.quantize(layer, opts.kv_cache, forward_loop)
     check_finite(hidden, layer_plan, opts.dtype)
-    values = require_amax(quantizer_amax(layer, f"model.layers.{index}."), f"layer {index}")
+    values = require_amax(quantizer_amax(layer, hf_layer_prefix(index)), f"layer {index}")
     values = all_reduce_max(values, opts.device)
     missing = [k for k in expected_keys(plan, layer_plan, opts.kv_cache) if k not in values]
     if missing:

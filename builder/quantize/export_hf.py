@@ -25,15 +25,24 @@ from typing import Any
 import torch
 
 from builder.arch.plan import ModelPlan
-from builder.arch.tensors import hf_tensor_shapes
+from builder.arch.tensors import (
+    ROLES,
+    group_roles,
+    hf_fp8_excludes,
+    hf_kv_scale_name,
+    hf_module,
+    hf_scale_names,
+    hf_tensor_shapes,
+    layer_linears,
+    parse_hf_name,
+)
 from builder.convert.sources import cast_checked
 from builder.io.checkpoint import INDEX_NAME, HFCheckpoint
 from builder.io.safetensors_stream import SafetensorsStreamWriter, TensorSpec, WrittenFile
 from builder.quantize.amax import AmaxTable
 from builder.quantize.fp8 import FP8, quantize_hf, scale_from_amax
 
-EXCLUDED = ["lm_head", "model.embed_tokens"]
-SHARED_INPUTS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+EXCLUDED = hf_fp8_excludes()
 COPIED_FILES = (
     "generation_config.json",
     "tokenizer.json",
@@ -82,11 +91,11 @@ def quantization_config(kv_cache: bool) -> dict[str, Any]:
 
 def shared_input_amax(table: AmaxTable, module: str) -> float:
     """Input amax of `module`, maxed over the linears that read the same tensor."""
-    parent, leaf = module.rsplit(".", 1)
-    for group in SHARED_INPUTS:
-        if leaf in group:
-            return max(table.input(f"{parent}.{m}") for m in group)
-    return table.input(module)
+    name = parse_hf_name(f"{module}.weight")
+    group = ROLES[name.role].scale_group
+    if group is None:
+        return table.input(module)
+    return max(table.input(hf_module(role, name.layer)) for role in group_roles(group))
 
 
 def _row_blocks(
@@ -120,19 +129,16 @@ def plan_tensors(
             out.append(OutTensor(TensorSpec(name, shape, dtype), _cast_blocks(ckpt, name, dtype)))
             continue
         w_scale = scale_from_amax(table.weight(module))
+        w_name, x_name = hf_scale_names(module)
         out.append(OutTensor(TensorSpec(name, shape, FP8), _fp8_blocks(ckpt, name, dtype, w_scale)))
-        out.append(
-            OutTensor(TensorSpec(f"{module}.weight_scale", (), torch.float32), _scalar(w_scale))
-        )
+        out.append(OutTensor(TensorSpec(w_name, (), torch.float32), _scalar(w_scale)))
         x_scale = scale_from_amax(shared_input_amax(table, module))
-        out.append(
-            OutTensor(TensorSpec(f"{module}.input_scale", (), torch.float32), _scalar(x_scale))
-        )
-        leaf = module.rsplit(".", 1)[1]
-        if table.kv_cache and leaf in ("k_proj", "v_proj"):
-            k_amax, v_amax = table.kv(_layer_index(module))
-            amax = k_amax if leaf == "k_proj" else v_amax
-            kv_name = f"{module}.{leaf[0]}_scale"
+        out.append(OutTensor(TensorSpec(x_name, (), torch.float32), _scalar(x_scale)))
+        role = parse_hf_name(name)
+        if table.kv_cache and ROLES[role.role].cache:
+            k_amax, v_amax = table.kv(role.layer)
+            amax = k_amax if ROLES[role.role].cache == "k" else v_amax
+            kv_name = hf_kv_scale_name(role.role, role.layer)
             out.append(
                 OutTensor(TensorSpec(kv_name, (), torch.float32), _scalar(scale_from_amax(amax)))
             )
@@ -155,13 +161,7 @@ def _fp8_blocks(
     )
 
 
-def _layer_index(module: str) -> int:
-    return int(module.split(".")[2])
-
-
 def _linear_modules(plan: ModelPlan) -> set[str]:
-    from builder.quantize.amax import layer_linears
-
     return {lin for layer in plan.layers for lin in layer_linears(plan, layer)}
 
 

@@ -25,22 +25,34 @@ from typing import Any
 
 import torch
 
-from builder.arch.plan import AttentionKind, FfnKind, ModelPlan
-from builder.arch.tensors import RankTensor, Split, kv_cache_scale_name, scale_names
+from builder.arch.plan import ModelPlan
+from builder.arch.tensors import (
+    INPUT_QUANTIZER,
+    ROLES,
+    WEIGHT_QUANTIZER,
+    RankTensor,
+    Split,
+    block_roles,
+    cache_roles,
+    group_roles,
+    hf_module,
+    kv_cache_scale_name,
+    kv_quantizer,
+    scale_names,
+    trtllm_fp8_excludes,
+)
 from builder.convert import ConvertRequest, ConvertSummary, Fp8Layout, convert
 from builder.convert.progress import ProgressSink
 from builder.dtypes import FP8_MAX
 from builder.quantize.amax import AmaxTable
 from builder.quantize.fp8 import kv_cache_scale, quantize_trtllm, trtllm_scale
 
-FUSED_FFN = ("gate_proj", "up_proj")
-
 
 def trtllm_quantization(kv_cache: bool) -> dict[str, Any]:
     return {
         "quant_algo": "FP8",
         "kv_cache_quant_algo": "FP8" if kv_cache else None,
-        "exclude_modules": ["lm_head"],
+        "exclude_modules": trtllm_fp8_excludes(),
     }
 
 
@@ -62,12 +74,10 @@ class Fp8Transform(Fp8Layout):
         return AmaxTable(dict(self.values), kv_cache=self.kv_cache)
 
     def group(self, item: RankTensor) -> list[str]:
-        """HF modules whose scales this rank tensor shares (q/k/v; gate/up; else itself)."""
-        modules = [s.removesuffix(".weight") for s in item.rule.source_names(item.layer.index)]
-        parent, leaf = modules[0].rsplit(".", 1)
-        if leaf in FUSED_FFN:
-            return [f"{parent}.{m}" for m in FUSED_FFN]
-        return modules
+        """HF modules whose scales this rank tensor shares (its scale group; else itself)."""
+        group = ROLES[item.rule.role].scale_group
+        roles = group_roles(group) if group else item.rule.roles
+        return [hf_module(role, item.layer.index) for role in roles]
 
     def scales(self, item: RankTensor) -> tuple[torch.Tensor, torch.Tensor]:
         table = self._table()
@@ -89,8 +99,7 @@ class Fp8Transform(Fp8Layout):
             ]
         if self.kv_cache_fp8 and item.rule.split is Split.QKV:
             k_amax, v_amax = self._table().kv(item.layer.index)
-            local = int(item.name.split(".")[2])
-            out.append((kv_cache_scale_name(local), kv_cache_scale(k_amax, v_amax)))
+            out.append((kv_cache_scale_name(item.local), kv_cache_scale(k_amax, v_amax)))
         return out
 
 
@@ -103,21 +112,16 @@ def trtllm_effective_table(table: AmaxTable, plan: ModelPlan) -> AmaxTable:
     """
     values = dict(table.values)
     for layer in plan.layers:
-        prefix = f"model.layers.{layer.index}."
-        groups = []
-        if layer.attention is AttentionKind.ATTENTION:
-            groups.append([f"{prefix}self_attn.{p}_proj" for p in "qkv"])
-        if layer.ffn is FfnKind.MLP:
-            groups.append([f"{prefix}mlp.{m}" for m in FUSED_FFN])
-        for group in groups:
-            for kind in ("weight_quantizer", "input_quantizer"):
-                shared = max(values[f"{m}.{kind}"] for m in group)
-                values.update({f"{m}.{kind}": shared for m in group})
-        if table.kv_cache and layer.attention is AttentionKind.ATTENTION:
+        present = dict.fromkeys(ROLES[role].scale_group for role in block_roles(layer))
+        for group in filter(None, present):
+            modules = [hf_module(role, layer.index) for role in group_roles(group)]
+            for kind in (WEIGHT_QUANTIZER, INPUT_QUANTIZER):
+                shared = max(values[f"{m}.{kind}"] for m in modules)
+                values.update({f"{m}.{kind}": shared for m in modules})
+        if table.kv_cache and layer.has_kv_cache:
             kv = float(kv_cache_scale(*table.kv(layer.index))) * FP8_MAX
-            values[f"{prefix}self_attn.k_bmm_quantizer"] = values[
-                f"{prefix}self_attn.v_bmm_quantizer"
-            ] = kv
+            for role in cache_roles():
+                values[kv_quantizer(ROLES[role].cache, layer.index)] = kv
     return AmaxTable(values, kv_cache=table.kv_cache)
 
 

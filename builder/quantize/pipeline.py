@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from builder.arch.plan import LayerPlan, ModelPlan, load_plan
-from builder.arch.tensors import check_parallelism
+from builder.arch.tensors import FP8_SCALE_SUFFIXES, check_parallelism
 from builder.dtypes import torch_dtypes
 from builder.errors import UserError
 from builder.io.atomic import atomic_dir, check_output_location, check_replaceable, lock_stage
@@ -107,7 +107,7 @@ def refuse_quantized(ckpt: HFCheckpoint, config: dict[str, Any]) -> None:
         )
     for info in ckpt.tensors.values():
         if info.dtype in (torch.float8_e4m3fn, torch.int8, torch.uint8) or info.name.endswith(
-            ("weight_scale", "input_scale", "scaling_factor")
+            FP8_SCALE_SUFFIXES
         ):
             raise AlreadyQuantized(
                 f"{info.file}: already quantized (tensor {info.name!r} is {info.dtype})"

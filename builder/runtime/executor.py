@@ -18,6 +18,10 @@ is how the emulation is checked against hardware (scripts/gpu_session.py). `line
 the
 linear computation entirely (e.g. to try another quantization scheme).
 
+Each layer's work is decided once, when the checkpoint is opened: a per-kind builder
+(`ATTENTION_SUBLAYERS`, `FFN_SUBLAYERS`) turns the layer's plan into a `Block` of sublayers
+with their tensor names resolved from the role table; a forward only runs the blocks.
+
 Generation (`generate`, `greedy`) is batched incremental decode: the prompts, left-padded
 to one length, are prefilled once into a `KVCache`, then every step feeds one token per
 sequence. Positions are per sequence (a row's padding shifts its RoPE positions) and a mask
@@ -40,11 +44,13 @@ from safetensors import SafetensorError, safe_open
 
 from builder.arch.plan import AttentionKind, FfnKind, LayerPlan
 from builder.arch.tensors import (
-    ACTIVATION_SCALE,
-    KV_CACHE_SCALE,
-    WEIGHTS_SCALE,
+    Role,
+    kv_cache_scale_name,
     kv_heads_per_rank,
+    scale_names,
     stage_layers,
+    trtllm_module,
+    trtllm_weight,
 )
 from builder.dtypes import FP8_MAX
 from builder.errors import UserError
@@ -53,7 +59,7 @@ from builder.io.trtllm_checkpoint import mapping_of, rank_file_name, read_trtllm
 
 @dataclass(frozen=True)
 class LinearCall:
-    """One rank's linear: `x @ weight.T` for module `name` (e.g. `transformer.layers.3.ffn.fc`)."""
+    """One rank's linear: `x @ weight.T` for TensorRT-LLM module `name` (a role's module)."""
 
     rank: int
     name: str
@@ -141,7 +147,7 @@ class KVCache:
         for pp_rank in range(executor.pp):
             for index in stage_layers(executor.plan, executor.pp, pp_rank):
                 layer = executor.plan.layers[index]
-                if layer.attention is not AttentionKind.ATTENTION:
+                if not layer.has_kv_cache:
                     continue
                 shape = (batch, kv_heads_per_rank(layer.kv_heads, executor.tp), capacity, hd)
                 for rank in executor.stage_ranks(pp_rank):
@@ -223,6 +229,11 @@ class TrtllmCheckpointExecutor:
         self.inv_freq = rope_inv_freq(
             self.plan.head_dim, self.plan.rope_theta, self.plan.rope_scaling
         )
+        self.blocks: dict[int, Block] = {
+            index: self.build_block(self.plan.layers[index], local, self.stage_ranks(pp_rank))
+            for pp_rank in range(self.pp)
+            for local, index in enumerate(stage_layers(self.plan, self.pp, pp_rank))
+        }
 
     def close(self) -> None:
         self._stack.close()
@@ -264,14 +275,16 @@ class TrtllmCheckpointExecutor:
         """x @ W.T for module `name` on `rank` (FP8 weights emulated, see module docstring)."""
         if self.linear_hook is not None:
             return self.linear_hook(LinearCall(rank, name, x, self))
-        weight = self.tensor(rank, f"{name}.weight")
+        weight_name = f"{name}.weight"
+        weight = self.tensor(rank, weight_name)
         if weight.dtype == torch.float8_e4m3fn:
-            w_scale = self.tensor(rank, f"{name}.{WEIGHTS_SCALE}").float()
-            a_scale = self.tensor(rank, f"{name}.{ACTIVATION_SCALE}").float()
+            w_name, a_name = scale_names(weight_name)
+            w_scale = self.tensor(rank, w_name).float()
+            a_scale = self.tensor(rank, a_name).float()
             if self.fp8_gemm is fp8_linear and self._kept is not None:
-                weight = self._held_fp32(rank, f"{name}.weight", weight)  # e4m3 -> fp32 is exact
+                weight = self._held_fp32(rank, weight_name, weight)  # e4m3 -> fp32 is exact
             return self.fp8_gemm(x, weight, w_scale, a_scale).to(self.dtype)
-        return F.linear(x, self.weight(rank, f"{name}.weight"))
+        return F.linear(x, self.weight(rank, weight_name))
 
     def _held_fp32(self, rank: int, name: str, weight: torch.Tensor) -> torch.Tensor:
         """The emulated FP8 GEMM's fp32 copy of an e4m3 weight, converted once (keep_weights)."""
@@ -319,15 +332,15 @@ class TrtllmCheckpointExecutor:
         return self.run_layers(ids, cache.window(1, self))[:, -1]
 
     def run_layers(self, ids: torch.Tensor, window: Window) -> torch.Tensor:
-        first = self.stage_ranks(0)[0]
-        x = F.embedding(ids, self.weight(first, "transformer.vocab_embedding.weight"))
-        for pp_rank in range(self.pp):
-            ranks = self.stage_ranks(pp_rank)
-            for local, index in enumerate(stage_layers(self.plan, self.pp, pp_rank)):
-                x = self.block(x, self.plan.layers[index], local, ranks, window)
+        x = self.embed(ids)
+        for block in self.blocks.values():  # in layer order: stage by stage
+            x = block(x, window)
         if window.cache is not None:
             window.cache.advance(ids.shape[1])
         return self.lm_head(x, self.stage_ranks(self.pp - 1))
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.weight(self.stage_ranks(0)[0], trtllm_weight(Role.EMBEDDING)))
 
     def rope_tables(self, seq: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.rope_at(torch.arange(seq, device=self.device))
@@ -418,54 +431,39 @@ class TrtllmCheckpointExecutor:
         sin: torch.Tensor,
     ) -> torch.Tensor:
         """One decoder block on its own (positions from 0, causal, no cache)."""
-        return self.block(x, layer, local, ranks, Window(cos, sin))
+        block = self.blocks[layer.index]
+        if (local, tuple(ranks)) != (block.local, block.ranks):
+            raise ValueError(
+                f"layer {layer.index} is stage-local layer {block.local} on ranks "
+                f"{list(block.ranks)}, not {local} on {ranks}"
+            )
+        return block(x, Window(cos, sin))
 
-    def block(
-        self, x: torch.Tensor, layer: LayerPlan, local: int, ranks: list[int], window: Window
-    ) -> torch.Tensor:
-        prefix = f"transformer.layers.{local}"
-        if layer.attention is AttentionKind.ATTENTION:
-            x = x + all_reduce([self.attention(r, prefix, layer, x, window) for r in ranks])
-        elif layer.attention is AttentionKind.LINEAR:
-            x = x + all_gather(
-                [
-                    self.linear(
-                        r,
-                        f"{prefix}.attention",
-                        self.norm(r, f"{prefix}.input_layernorm.weight", x),
-                    )
-                    for r in ranks
-                ]
-            )
-        if layer.ffn is FfnKind.MLP:
-            x = x + all_reduce([self.mlp(r, prefix, x) for r in ranks])
-        elif layer.ffn is FfnKind.LINEAR:
-            x = x + all_gather(
-                [
-                    self.linear(
-                        r, f"{prefix}.ffn", self.norm(r, f"{prefix}.post_layernorm.weight", x)
-                    )
-                    for r in ranks
-                ]
-            )
-        return x
+    def build_block(self, layer: LayerPlan, local: int, ranks: list[int]) -> Block:
+        """The block's sublayers, decided here once from the plan (as vLLM's
+        DeciLMDecoderLayer does): each kind's builder returns its sublayer, or None."""
+        sublayers = (
+            ATTENTION_SUBLAYERS[layer.attention](self, layer, local, tuple(ranks)),
+            FFN_SUBLAYERS[layer.ffn](self, layer, local, tuple(ranks)),
+        )
+        return Block(layer, local, tuple(ranks), tuple(s for s in sublayers if s is not None))
 
     def attention(
-        self, rank: int, prefix: str, layer: LayerPlan, x: torch.Tensor, window: Window
+        self, rank: int, names: AttentionNames, layer: LayerPlan, x: torch.Tensor, window: Window
     ) -> torch.Tensor:
         """This rank's partial attention output (its heads through its slice of `dense`)."""
         hd = self.plan.head_dim
         q_heads = self.plan.num_attention_heads // self.tp
         kv_heads = kv_heads_per_rank(layer.kv_heads, self.tp)
-        h = self.norm(rank, f"{prefix}.input_layernorm.weight", x)
-        qkv = self.linear(rank, f"{prefix}.attention.qkv", h)
+        h = self.norm(rank, names.norm, x)
+        qkv = self.linear(rank, names.qkv, h)
         batch, seq, _ = qkv.shape
         q, k, v = qkv.split([q_heads * hd, kv_heads * hd, kv_heads * hd], dim=-1)
         q = q.view(batch, seq, q_heads, hd).transpose(1, 2)
         k = k.view(batch, seq, kv_heads, hd).transpose(1, 2)
         v = v.view(batch, seq, kv_heads, hd).transpose(1, 2)
         q, k = rotate(q, window.cos, window.sin), rotate(k, window.cos, window.sin)
-        scale = self.kv_scale(rank, prefix)
+        scale = self.kv_scale(rank, names.kv_scale)
         if window.cache is not None:
             k, v = window.cache.append(rank, layer.index, k, v, scale)
         elif scale is not None:
@@ -477,31 +475,125 @@ class TrtllmCheckpointExecutor:
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=window.mask, scale=hd**-0.5)
         out = out.transpose(1, 2).reshape(batch, seq, q_heads * hd)
-        return self.linear(rank, f"{prefix}.attention.dense", out)
+        return self.linear(rank, names.dense, out)
 
-    def kv_scale(self, rank: int, prefix: str) -> torch.Tensor | None:
+    def kv_scale(self, rank: int, name: str) -> torch.Tensor | None:
         """The layer's kv_cache_scaling_factor when the checkpoint has an FP8 KV cache."""
         if not self.kv_cache_fp8:
             return None
-        return self.tensor(rank, f"{prefix}.attention.{KV_CACHE_SCALE}").float()
+        return self.tensor(rank, name).float()
 
-    def mlp(self, rank: int, prefix: str, x: torch.Tensor) -> torch.Tensor:
+    def mlp(self, rank: int, names: MlpNames, x: torch.Tensor) -> torch.Tensor:
         """This rank's partial MLP output: proj(silu(fc(x)) * gate(x)) on its slice of the width."""
-        h = self.norm(rank, f"{prefix}.post_layernorm.weight", x)
-        inner = F.silu(self.linear(rank, f"{prefix}.ffn.fc", h)) * self.linear(
-            rank, f"{prefix}.ffn.gate", h
-        )
-        return self.linear(rank, f"{prefix}.ffn.proj", inner)
+        h = self.norm(rank, names.norm, x)
+        inner = F.silu(self.linear(rank, names.fc, h)) * self.linear(rank, names.gate, h)
+        return self.linear(rank, names.proj, inner)
 
     def lm_head(self, x: torch.Tensor, ranks: list[int]) -> torch.Tensor:
-        parts = [
-            self.linear(r, "lm_head", self.norm(r, "transformer.ln_f.weight", x)) for r in ranks
-        ]
+        norm, head = trtllm_weight(Role.FINAL_NORM), trtllm_module(Role.LM_HEAD)
+        parts = [self.linear(r, head, self.norm(r, norm, x)) for r in ranks]
         return all_gather(parts)[..., : self.plan.vocab_size].float()
 
 
-# ---- collectives and numerics
-# -----------------------------------------------------------------------
+# ---- per-kind sublayers, built once per layer ---------------------------------------------------
+Sublayer = Callable[[torch.Tensor, Window], torch.Tensor]  # the residual update of x
+
+
+@dataclass(frozen=True)
+class Block:
+    """One decoder block as the plan decided it: its sublayers, each adding to the residual."""
+
+    layer: LayerPlan
+    local: int
+    ranks: tuple[int, ...]
+    sublayers: tuple[Sublayer, ...]
+
+    def __call__(self, x: torch.Tensor, window: Window) -> torch.Tensor:
+        for sublayer in self.sublayers:
+            x = x + sublayer(x, window)
+        return x
+
+
+@dataclass(frozen=True)
+class AttentionNames:
+    norm: str
+    qkv: str
+    dense: str
+    kv_scale: str
+
+
+@dataclass(frozen=True)
+class MlpNames:
+    norm: str
+    fc: str
+    gate: str
+    proj: str
+
+
+SublayerBuilder = Callable[
+    [TrtllmCheckpointExecutor, LayerPlan, int, tuple[int, ...]], Sublayer | None
+]
+
+
+def gqa_attention(
+    ex: TrtllmCheckpointExecutor, layer: LayerPlan, local: int, ranks: tuple[int, ...]
+) -> Sublayer:
+    """Each rank's heads, partial outputs summed (the all-reduce)."""
+    names = AttentionNames(
+        trtllm_weight(Role.ATTN_NORM, local),
+        trtllm_module(Role.ATTN_Q, local),
+        trtllm_module(Role.ATTN_OUT, local),
+        kv_cache_scale_name(local),
+    )
+    return lambda x, window: all_reduce([ex.attention(r, names, layer, x, window) for r in ranks])
+
+
+def gated_mlp(
+    ex: TrtllmCheckpointExecutor, layer: LayerPlan, local: int, ranks: tuple[int, ...]
+) -> Sublayer:
+    """Each rank's slice of the width, partial outputs summed (the all-reduce)."""
+    names = MlpNames(
+        trtllm_weight(Role.FFN_NORM, local),
+        trtllm_module(Role.FFN_GATE, local),
+        trtllm_module(Role.FFN_UP, local),
+        trtllm_module(Role.FFN_DOWN, local),
+    )
+    return lambda x, window: all_reduce([ex.mlp(r, names, x) for r in ranks])
+
+
+def linear_replacement(norm_role: Role, linear_role: Role) -> SublayerBuilder:
+    """A NAS linear replacement: norm, then a column-parallel linear, outputs all-gathered."""
+
+    def build(
+        ex: TrtllmCheckpointExecutor, layer: LayerPlan, local: int, ranks: tuple[int, ...]
+    ) -> Sublayer:
+        norm, linear = trtllm_weight(norm_role, local), trtllm_module(linear_role, local)
+        return lambda x, window: all_gather(
+            [ex.linear(r, linear, ex.norm(r, norm, x)) for r in ranks]
+        )
+
+    return build
+
+
+def absent(
+    ex: TrtllmCheckpointExecutor, layer: LayerPlan, local: int, ranks: tuple[int, ...]
+) -> None:
+    return None
+
+
+ATTENTION_SUBLAYERS: dict[AttentionKind, SublayerBuilder] = {
+    AttentionKind.ATTENTION: gqa_attention,
+    AttentionKind.LINEAR: linear_replacement(Role.ATTN_NORM, Role.ATTN_LINEAR),
+    AttentionKind.NO_OP: absent,
+}
+FFN_SUBLAYERS: dict[FfnKind, SublayerBuilder] = {
+    FfnKind.MLP: gated_mlp,
+    FfnKind.LINEAR: linear_replacement(Role.FFN_NORM, Role.FFN_LINEAR),
+    FfnKind.NO_OP: absent,
+}
+
+
+# ---- collectives and numerics ---------------------------------------------------------------
 def all_reduce(parts: list[torch.Tensor]) -> torch.Tensor:
     """Sum of the ranks' partial results, in rank order (what the TP all-reduce computes)."""
     total = parts[0]

@@ -70,11 +70,15 @@ from safetensors import SafetensorError, safe_open
 
 from builder.arch.plan import AttentionKind, FfnKind, LayerPlan, ModelPlan
 from builder.arch.tensors import (
-    ACTIVATION_SCALE,
-    KV_CACHE_SCALE,
-    WEIGHTS_SCALE,
+    Group,
+    Role,
+    fused_roles,
+    kv_cache_scale_name,
     kv_heads_per_rank,
+    scale_names,
     stage_layers,
+    trtllm_module,
+    trtllm_weight,
 )
 from builder.dtypes import FP8_MAX
 from builder.errors import UserError
@@ -539,15 +543,15 @@ class ResidentRuntime:
         self._row_multiple: int | None = None
         self.weight_bytes = 0
         first_ranks, last_ranks = self.stage_ranks(0), self.stage_ranks(self.pp - 1)
-        self.embedding = self.tensor(first_ranks[0], "transformer.vocab_embedding.weight", dtype)
+        self.embedding = self.tensor(first_ranks[0], trtllm_weight(Role.EMBEDDING), dtype)
         self.parts: list[Part] = []
         for pp_rank in range(self.pp):
             for local, index in enumerate(stage_layers(self.plan, self.pp, pp_rank)):
                 self.parts += self.build_block(
                     self.plan.layers[index], local, self.stage_ranks(pp_rank)
                 )
-        self.final_norm = self.tensor(last_ranks[0], "transformer.ln_f.weight", dtype)
-        self.lm_head = [self.linear(r, "lm_head") for r in last_ranks]
+        self.final_norm = self.tensor(last_ranks[0], trtllm_weight(Role.FINAL_NORM), dtype)
+        self.lm_head = [self.linear(r, trtllm_module(Role.LM_HEAD)) for r in last_ranks]
         inv_freq = rope_inv_freq(self.plan.head_dim, self.plan.rope_theta, self.plan.rope_scaling)
         angles = torch.arange(max_seq, dtype=torch.float32)[:, None] * inv_freq
         emb = torch.cat([angles, angles], dim=-1)
@@ -644,11 +648,7 @@ class ResidentRuntime:
             weight = weights[0] if len(weights) == 1 else torch.cat(weights)
             return DenseLinear(self.resident(weight.to(self.dtype)), self.gemv)
         scales = [
-            (
-                self.tensor(rank, f"{m}.{WEIGHTS_SCALE}").float(),
-                self.tensor(rank, f"{m}.{ACTIVATION_SCALE}").float(),
-            )
-            for m in names
+            tuple(self.tensor(rank, n).float() for n in scale_names(f"{m}.weight")) for m in names
         ]
         for m, (w_scale, a_scale) in zip(names[1:], scales[1:], strict=True):
             if not (torch.equal(w_scale, scales[0][0]) and torch.equal(a_scale, scales[0][1])):
@@ -677,33 +677,33 @@ class ResidentRuntime:
 
     def build_block(self, layer: LayerPlan, local: int, ranks: list[int]) -> list[Part]:
         """The block's parts, decided here once: attention or its linear, then MLP or linear."""
-        prefix = f"transformer.layers.{local}"
         eps, parts = self.plan.rms_norm_eps, []
         attention, ffn = layer.attention, layer.ffn
         if attention is not AttentionKind.NO_OP:
-            norm = self.tensor(ranks[0], f"{prefix}.input_layernorm.weight", self.dtype)
+            norm = self.tensor(ranks[0], trtllm_weight(Role.ATTN_NORM, local), self.dtype)
             if attention is AttentionKind.ATTENTION:
-                work, combine = [self.attention_rank(layer, prefix, r) for r in ranks], all_reduce
+                work, combine = [self.attention_rank(layer, local, r) for r in ranks], all_reduce
             else:
-                work = [LinearRank(self.linear(r, f"{prefix}.attention")) for r in ranks]
+                linear = trtllm_module(Role.ATTN_LINEAR, local)
+                work = [LinearRank(self.linear(r, linear)) for r in ranks]
                 combine = self.gather_combine(layer)
             parts.append(
                 Part(f"layer {layer.index} attention", norm, work, combine, self.kernels, eps)
             )
         if ffn is not FfnKind.NO_OP:
-            norm = self.tensor(ranks[0], f"{prefix}.post_layernorm.weight", self.dtype)
+            norm = self.tensor(ranks[0], trtllm_weight(Role.FFN_NORM, local), self.dtype)
             if ffn is FfnKind.MLP:
+                # gate and up read the same input: one GEMM over their stacked rows
+                fc, gate = (trtllm_module(role, local) for role in fused_roles(Group.GATE_UP))
+                proj = trtllm_module(Role.FFN_DOWN, local)
                 work = [
-                    MlpRank(
-                        self.linear(r, f"{prefix}.ffn.fc", fuse=[f"{prefix}.ffn.gate"]),
-                        self.linear(r, f"{prefix}.ffn.proj"),
-                        self.kernels,
-                    )
+                    MlpRank(self.linear(r, fc, fuse=[gate]), self.linear(r, proj), self.kernels)
                     for r in ranks
                 ]
                 combine = all_reduce
             else:
-                work = [LinearRank(self.linear(r, f"{prefix}.ffn")) for r in ranks]
+                linear = trtllm_module(Role.FFN_LINEAR, local)
+                work = [LinearRank(self.linear(r, linear)) for r in ranks]
                 combine = self.gather_combine(layer)
             parts.append(Part(f"layer {layer.index} ffn", norm, work, combine, self.kernels, eps))
         for part in parts:
@@ -726,21 +726,21 @@ class ResidentRuntime:
         if scales[0] is not None and any(not torch.equal(s, scales[0]) for s in scales[1:]):
             raise UserError(f"layer {layer.index}: activation_scaling_factor differs between ranks")
 
-    def attention_rank(self, layer: LayerPlan, prefix: str, rank: int) -> AttentionRank:
+    def attention_rank(self, layer: LayerPlan, local: int, rank: int) -> AttentionRank:
         hd = self.plan.head_dim
         q_heads = self.plan.num_attention_heads // self.tp
         kv_heads = kv_heads_per_rank(layer.kv_heads, self.tp)
         kv_scale = None
         if self.kv_cache_fp8:
-            kv_scale = self.tensor(rank, f"{prefix}.attention.{KV_CACHE_SCALE}").float()
+            kv_scale = self.tensor(rank, kv_cache_scale_name(local)).float()
         shape = (self.max_batch, kv_heads, self.max_seq, hd)
         cache = (
             torch.zeros(shape, dtype=self.dtype, device=self.device),
             torch.zeros(shape, dtype=self.dtype, device=self.device),
         )
         return AttentionRank(
-            self.linear(rank, f"{prefix}.attention.qkv"),
-            self.linear(rank, f"{prefix}.attention.dense"),
+            self.linear(rank, trtllm_module(Role.ATTN_Q, local)),
+            self.linear(rank, trtllm_module(Role.ATTN_OUT, local)),
             q_heads,
             kv_heads,
             hd,

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from builder.arch.tensors import WEIGHT_QUANTIZER
 from builder.errors import UserError
 from builder.quantize.amax import AmaxTable, quantizer_amax
 from builder.quantize.calib import calib_dir, load_tokenizer
@@ -139,7 +140,7 @@ def fold_weight_quantizers(model: torch.nn.Module) -> None:
     """Fake-quantize each weight once and switch its quantizer off: the same forward result
     (weight fake quant is deterministic) without redoing it on every call."""
     for module in model.modules():
-        quantizer = getattr(module, "weight_quantizer", None)
+        quantizer = getattr(module, WEIGHT_QUANTIZER, None)
         if quantizer is not None and quantizer.is_enabled:
             module.weight.copy_(quantizer(module.weight))
             quantizer.disable()

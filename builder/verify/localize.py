@@ -29,7 +29,18 @@ from typing import Any, Protocol
 
 import torch
 
-from builder.arch.plan import AttentionKind, LayerPlan, ModelPlan
+from builder.arch.plan import LayerPlan, ModelPlan
+from builder.arch.tensors import (
+    ROLES,
+    WEIGHT,
+    Role,
+    cache_roles,
+    hf_kv_scale_name,
+    hf_layer_prefix,
+    hf_module,
+    hf_scale_names,
+    hf_weight,
+)
 from builder.verify.golden import Golden, block_kind
 
 OUTLIER_RATIO = 4.0
@@ -40,6 +51,7 @@ ABSOLUTE_FLOOR = 0.05
 FP8_WEIGHT_LIMIT = 0.0625
 BF16_WEIGHT_LIMIT = 0.004
 SCALE_RTOL = 1e-5
+LM_HEAD_PART = hf_module(Role.LM_HEAD)  # the part after the last block is named for its tensor
 WORST_DETAILED = 3
 
 
@@ -194,9 +206,9 @@ def localize(
     logits = t["probe.logits"]
     parts.append(
         PartError(
-            "lm_head",
+            LM_HEAD_PART,
             None,
-            "lm_head",
+            LM_HEAD_PART,
             None,
             relative(localizer.logits(t["probe.final"]).cpu(), logits, logits),
         )
@@ -225,9 +237,12 @@ def amax_from_manifest(manifest: dict[str, Any]):
         return None
     values = {}
     for layer, entries in per_layer.items():
-        index = layer.removeprefix("layer ").strip()
+        try:
+            prefix = hf_layer_prefix(int(layer.removeprefix("layer ").strip()))
+        except ValueError:
+            return None
         for rest, value in entries.items():
-            values[f"model.layers.{index}.{rest}_quantizer"] = float(value)
+            values[f"{prefix}{rest}_quantizer"] = float(value)
     kv = (manifest.get("quantization") or {}).get("kv_cache") == "FP8"
     return AmaxTable(values, kv_cache=kv)
 
@@ -275,9 +290,10 @@ def tensor_checks(artifact: Path, golden: Golden) -> TensorChecks:
 def _belongs(item: Any, part: int | str) -> bool:
     if isinstance(part, int):
         return item.layer is not None and item.layer.index == part
+    embedding = item.rule.role is Role.EMBEDDING
     if part == "embedding":
-        return item.name == "transformer.vocab_embedding.weight"
-    return item.layer is None and item.name != "transformer.vocab_embedding.weight"
+        return embedding
+    return item.layer is None and not embedding
 
 
 def _scale_finding(
@@ -333,8 +349,7 @@ def trtllm_tensor_findings(ex: Any, part: int | str, checks: TensorChecks) -> li
                             if finding:
                                 found.append(finding)
                 if ex.kv_cache_fp8 and transform is not None and item.rule.split is Split.QKV:
-                    local = int(item.name.split(".")[2])
-                    kv_name = kv_cache_scale_name(local)
+                    kv_name = kv_cache_scale_name(item.local)
                     expected = kv_cache_scale(*checks.table.kv(item.layer.index))
                     finding = _scale_finding(
                         f"{kv_name} (rank {rank})",
@@ -367,20 +382,14 @@ def hf_tensor_findings(stream: Any, part: int | str, checks: TensorChecks) -> li
     if isinstance(part, int):
         layer = plan.layers[part]
         for module in layer_linears(plan, layer):
-            w = ckpt.read(f"{module}.weight")
-            w_scale, x_scale = (
-                ckpt.read(f"{module}.weight_scale"),
-                ckpt.read(f"{module}.input_scale"),
-            )
+            w = ckpt.read(f"{module}.{WEIGHT}")
+            w_name, x_name = hf_scale_names(module)
+            w_scale, x_scale = ckpt.read(w_name), ckpt.read(x_name)
             if checks.table is not None:
                 for name, stored, expected in (
+                    (w_name, w_scale, scale_from_amax(checks.table.weight(module))),
                     (
-                        f"{module}.weight_scale",
-                        w_scale,
-                        scale_from_amax(checks.table.weight(module)),
-                    ),
-                    (
-                        f"{module}.input_scale",
+                        x_name,
                         x_scale,
                         scale_from_amax(shared_input_amax(checks.table, module)),
                     ),
@@ -390,33 +399,29 @@ def hf_tensor_findings(stream: Any, part: int | str, checks: TensorChecks) -> li
                         found.append(finding)
             if checks.source is not None:
                 finding = _weight_finding(
-                    f"{module}.weight",
+                    f"{module}.{WEIGHT}",
                     w.float() * w_scale.float(),
-                    checks.source.read(f"{module}.weight").float(),
+                    checks.source.read(f"{module}.{WEIGHT}").float(),
                     True,
                 )
                 if finding:
                     found.append(finding)
-        if (
-            layer.attention is AttentionKind.ATTENTION
-            and checks.table is not None
-            and checks.table.kv_cache
-        ):
-            k_amax, v_amax = checks.table.kv(layer.index)
-            for p, amax in (("k", k_amax), ("v", v_amax)):
-                name = f"model.layers.{layer.index}.self_attn.{p}_proj.{p}_scale"
+        if layer.has_kv_cache and checks.table is not None and checks.table.kv_cache:
+            amaxes = checks.table.kv(layer.index)
+            for role, amax in zip(cache_roles(), amaxes, strict=True):
+                name = hf_kv_scale_name(role, layer.index)
                 if name in ckpt:
                     finding = _scale_finding(
-                        name, ckpt.read(name), scale_from_amax(amax), f"{p} amax/448"
+                        name,
+                        ckpt.read(name),
+                        scale_from_amax(amax),
+                        f"{ROLES[role].cache} amax/448",
                     )
                     if finding:
                         found.append(finding)
         return found
-    names = (
-        ["model.embed_tokens.weight"]
-        if part == "embedding"
-        else ["model.norm.weight", "lm_head.weight"]
-    )
+    roles = (Role.EMBEDDING,) if part == "embedding" else (Role.FINAL_NORM, Role.LM_HEAD)
+    names = [hf_weight(role) for role in roles]
     for name in names:
         if checks.source is not None and name in ckpt and name in checks.source:
             finding = _weight_finding(

@@ -28,6 +28,7 @@ import torch
 
 from builder.arch import ModelPlan, load_plan
 from builder.arch.plan import LayerPlan
+from builder.arch.tensors import Role, hf_weight
 from builder.io.checkpoint import HFCheckpoint
 from builder.quantize.blockwise import embed_windows, load_block
 
@@ -143,8 +144,9 @@ class BlockStream:
         return out[0] if isinstance(out, tuple) else out
 
     def head_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        norm = self.ckpt.read("model.norm.weight").to(self.device, self.dtype)
-        name = "lm_head.weight" if "lm_head.weight" in self.ckpt else "model.embed_tokens.weight"
+        norm = self.ckpt.read(hf_weight(Role.FINAL_NORM)).to(self.device, self.dtype)
+        head = hf_weight(Role.LM_HEAD)
+        name = head if head in self.ckpt else hf_weight(Role.EMBEDDING)  # tied
         return norm, self.ckpt.read(name).to(self.device, self.dtype)
 
     def head(

@@ -6,7 +6,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from builder.arch.plan import LayerPlan
 from builder.arch.tensors import stage_layers
@@ -102,10 +101,7 @@ class ExecutorLocalizer:
 
     @torch.no_grad()
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        first = self.ex.stage_ranks(0)[0]
-        return F.embedding(
-            ids.to(self.ex.device), self.ex.weight(first, "transformer.vocab_embedding.weight")
-        )
+        return self.ex.embed(ids.to(self.ex.device))
 
     @torch.no_grad()
     def block(self, layer: LayerPlan, x: torch.Tensor) -> torch.Tensor:

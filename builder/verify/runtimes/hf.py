@@ -20,7 +20,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from builder.arch.plan import AttentionKind, LayerPlan
+from builder.arch.plan import LayerPlan
+from builder.arch.tensors import (
+    HF_INPUT_SCALE,
+    HF_WEIGHT_SCALE,
+    WEIGHT,
+    cache_roles,
+    hf_attention_module,
+    hf_kv_scale_name,
+    hf_layer_prefix,
+)
 from builder.dtypes import FP8_MAX
 from builder.errors import UserError
 from builder.quantize.blockwise import _fill
@@ -45,7 +54,7 @@ class Fp8Linear(nn.Module):
     def __init__(self, weight: torch.Tensor, weight_scale: torch.Tensor, input_scale: torch.Tensor):
         super().__init__()
         self.register_buffer("dequantized", weight.float() * weight_scale.float())
-        self.register_buffer("input_scale", input_scale.float().reshape(()))
+        self.register_buffer(HF_INPUT_SCALE, input_scale.float().reshape(()))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(e4m3_round_trip(x, self.input_scale), self.dequantized).to(x.dtype)
@@ -54,21 +63,21 @@ class Fp8Linear(nn.Module):
 def fp8_block(stream: BlockStream, index: int) -> nn.Module:
     """Block `index` of the export: norms filled, linears replaced by Fp8Linear, KV scales set."""
     layer = stream.parts.layer(index, stream.dtype)
-    prefix = f"model.layers.{index}."
+    prefix = hf_layer_prefix(index)
     ckpt = stream.ckpt
     for name, module in list(layer.named_modules()):
         if isinstance(module, nn.Linear):
             tensors = {
                 s: _read(ckpt, f"{prefix}{name}.{s}", index)
-                for s in ("weight", "weight_scale", "input_scale")
+                for s in (WEIGHT, HF_WEIGHT_SCALE, HF_INPUT_SCALE)
             }
-            if tensors["weight"].dtype != torch.float8_e4m3fn:
+            if tensors[WEIGHT].dtype != torch.float8_e4m3fn:
                 raise UserError(
-                    f"{ckpt.root}: {prefix}{name}.weight is {tensors['weight'].dtype}, "
+                    f"{ckpt.root}: {prefix}{name}.{WEIGHT} is {tensors[WEIGHT].dtype}, "
                     "not float8_e4m3fn: not a unified HF FP8 export"
                 )
             parent_name, leaf = name.rsplit(".", 1)
-            fp8 = Fp8Linear(tensors["weight"], tensors["weight_scale"], tensors["input_scale"]).to(
+            fp8 = Fp8Linear(tensors[WEIGHT], tensors[HF_WEIGHT_SCALE], tensors[HF_INPUT_SCALE]).to(
                 stream.device
             )
             setattr(layer.get_submodule(parent_name), leaf, fp8)
@@ -80,11 +89,12 @@ def fp8_block(stream: BlockStream, index: int) -> nn.Module:
     with torch.no_grad():
         for name, tensor in layer.named_parameters():
             _fill(tensor, ckpt, prefix + name, index)
-    attn = getattr(layer, "self_attn", None)
-    if attn is not None and hasattr(attn, "k_proj") and f"{prefix}self_attn.k_proj.k_scale" in ckpt:
+    kv_scales = [hf_kv_scale_name(role, index) for role in cache_roles()]
+    attention = stream.plan.layers[index].has_kv_cache
+    if attention and kv_scales[0] in ckpt:
+        attn = layer.get_submodule(hf_attention_module(index).removeprefix(prefix))
         attn.fp8_kv_scales = tuple(
-            _read(ckpt, f"{prefix}self_attn.{p}_proj.{p}_scale", index).float().to(stream.device)
-            for p in "kv"
+            _read(ckpt, name, index).float().to(stream.device) for name in kv_scales
         )
     return layer.eval()
 
@@ -163,7 +173,12 @@ class HfFp8Runtime:
         )
         self.device, self.top_k = device, top_k
         self._head = self.stream.head_weights()
-        kv = any(n.endswith("k_proj.k_scale") for n in self.stream.ckpt.names())
+        kv = any(
+            hf_kv_scale_name(role, layer.index) in self.stream.ckpt
+            for layer in self.stream.plan.layers
+            if layer.has_kv_cache
+            for role in cache_roles()
+        )
         self.artifact = ArtifactInfo(
             str(self.path.resolve()), "hf-fp8", directory_sha256(self.path), {"kv_cache_fp8": kv}
         )
@@ -239,4 +254,4 @@ class HfLocalizer:
 
 
 def has_kv(layer: LayerPlan) -> bool:
-    return layer.attention is AttentionKind.ATTENTION
+    return layer.has_kv_cache
