@@ -215,12 +215,12 @@ class TrtllmCheckpointExecutor:
         self.kv_cache_fp8 = quant.get("kv_cache_quant_algo") == "FP8"
         self._kept: dict[tuple[int, str], torch.Tensor] | None = {} if keep_weights else None
         self._stack = ExitStack()
-        self._files = []
-        for rank in range(self.tp * self.pp):
+        self._files: dict[int, Any] = {}
+        for rank in self.local_ranks():
             path = self.directory / rank_file_name(rank)
             if not path.is_file():
                 raise UserError(f"{path}: missing (world size {self.tp * self.pp})")
-            self._files.append(self._stack.enter_context(safe_open(str(path), framework="pt")))
+            self._files[rank] = self._stack.enter_context(safe_open(str(path), framework="pt"))
         self.inv_freq = rope_inv_freq(
             self.plan.head_dim, self.plan.rope_theta, self.plan.rope_scaling
         )
@@ -288,6 +288,17 @@ class TrtllmCheckpointExecutor:
 
     def stage_ranks(self, pp_rank: int) -> list[int]:
         return [pp_rank * self.tp + t for t in range(self.tp)]
+
+    # ---- where ranks live (builder.runtime.distributed overrides these: one rank a process) ----
+    def local_ranks(self) -> list[int]:
+        """The ranks whose files this process opens: all of them, one process plays every rank."""
+        return list(range(self.tp * self.pp))
+
+    def all_reduce(self, parts: list[torch.Tensor]) -> torch.Tensor:
+        return all_reduce(parts)
+
+    def all_gather(self, parts: list[torch.Tensor]) -> torch.Tensor:
+        return all_gather(parts)
 
     # ---- forward ----------------------------------------------------------------------------------
     @torch.no_grad()
@@ -422,9 +433,9 @@ class TrtllmCheckpointExecutor:
     ) -> torch.Tensor:
         prefix = f"transformer.layers.{local}"
         if layer.attention is AttentionKind.ATTENTION:
-            x = x + all_reduce([self.attention(r, prefix, layer, x, window) for r in ranks])
+            x = x + self.all_reduce([self.attention(r, prefix, layer, x, window) for r in ranks])
         elif layer.attention is AttentionKind.LINEAR:
-            x = x + all_gather(
+            x = x + self.all_gather(
                 [
                     self.linear(
                         r,
@@ -435,9 +446,9 @@ class TrtllmCheckpointExecutor:
                 ]
             )
         if layer.ffn is FfnKind.MLP:
-            x = x + all_reduce([self.mlp(r, prefix, x) for r in ranks])
+            x = x + self.all_reduce([self.mlp(r, prefix, x) for r in ranks])
         elif layer.ffn is FfnKind.LINEAR:
-            x = x + all_gather(
+            x = x + self.all_gather(
                 [
                     self.linear(
                         r, f"{prefix}.ffn", self.norm(r, f"{prefix}.post_layernorm.weight", x)
@@ -494,7 +505,7 @@ class TrtllmCheckpointExecutor:
         parts = [
             self.linear(r, "lm_head", self.norm(r, "transformer.ln_f.weight", x)) for r in ranks
         ]
-        return all_gather(parts)[..., : self.plan.vocab_size].float()
+        return self.all_gather(parts)[..., : self.plan.vocab_size].float()
 
 
 # ---- collectives and numerics -----------------------------------------------------------------------
