@@ -16,7 +16,7 @@ Resumable: with a state directory, each block's amax is committed as soon as it 
 the activations entering the next block every `save_every` blocks; a rerun with the same
 source, data and options continues from the last saved activations.
 
-Data parallel: under torch.distributed each rank calibrates its share of the windows and
+Data parallel: under torch.distributed each rank calibrates its share of the batches and
 every block's amax is all-reduced with MAX before it is recorded, so the table equals a
 single process over all windows. Launch with torchrun; rank 0 writes state and exports.
 """
@@ -300,6 +300,23 @@ def all_reduce_max(values: dict[str, float], device: str) -> dict[str, float]:
     return dict(zip(keys, buf.cpu().tolist(), strict=True))
 
 
+def rank_batches(windows: torch.Tensor, batch_size: int, rank: int, world: int) -> list:
+    """This rank's share of the calibration batches: whole batches of the one-process run,
+    dealt round-robin. Each batch is then computed exactly as one process would compute it
+    (same rows, same shapes, so the same kernels), and ModelOpt's max calibration is a pure
+    max over tokens: the MAX all-reduce of the ranks' amax is the one-process amax, bit for
+    bit. (Dealing single windows instead would change the batches' shapes, and a GEMM's
+    rounding may depend on its row count.)"""
+    everything = batches(windows, batch_size)
+    if len(everything) < world:
+        raise UserError(
+            f"{windows.shape[0]} calibration windows in batches of {batch_size} make "
+            f"{len(everything)} batch(es), fewer than the {world} ranks; lower --batch-size "
+            "or raise --calib-size"
+        )
+    return everything[rank::world]
+
+
 def barrier() -> None:
     import torch.distributed as dist
 
@@ -457,9 +474,7 @@ def calibrate_blockwise(
     """
     started = time.perf_counter()
     rank, world = dist_info()
-    local = windows[rank::world].contiguous()
-    if local.shape[0] == 0:
-        raise UserError(f"{windows.shape[0]} calibration windows cannot feed {world} ranks")
+    local = rank_batches(windows, opts.batch_size, rank, world)
     result = CalibResult(AmaxTable(kv_cache=opts.kv_cache))
     state = None
     if opts.state_dir is not None:
@@ -474,9 +489,7 @@ def calibrate_blockwise(
         if state:
             state.reset()
         first = 0
-        hidden = [
-            embed_windows(ckpt, b, opts.dtype, opts.device) for b in batches(local, opts.batch_size)
-        ]
+        hidden = [embed_windows(ckpt, b, opts.dtype, opts.device) for b in local]
     result.activation_bytes = sum(h.numel() * h.element_size() for h in hidden)
     inputs = block_inputs(parts, hidden[0], opts.device) if hidden else None
     since_save, last_save = 0, time.perf_counter()
