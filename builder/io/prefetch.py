@@ -96,12 +96,14 @@ class Loaded(Generic[V]):
 def _load(load: Callable[[K], V], key: K, device: str, stats: StreamStats) -> Loaded[V]:
     start = time.perf_counter()
     if device.startswith("cuda") and torch.cuda.is_available():
-        side = torch.cuda.Stream(device=device)
-        with torch.cuda.stream(side):
-            value = load(key)
-            event = torch.cuda.Event()
-            event.record(side)
-        event.synchronize()  # on the loading thread: the load's time is its copies' time
+        # CUDA's current device is per thread: this thread starts on device 0 whatever rank
+        with torch.cuda.device(torch.device(device)):
+            side = torch.cuda.Stream()
+            with torch.cuda.stream(side):
+                value = load(key)
+                event = torch.cuda.Event()
+                event.record(side)
+            event.synchronize()  # on the loading thread: the load's time is its copies' time
         loaded = Loaded(value, event)
     else:
         value = load(key)

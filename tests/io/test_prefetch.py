@@ -86,3 +86,18 @@ def test_golden_stream_is_bit_identical_with_and_without_prefetch(mixed_ckpt):
         assert weights["blocks"] == 2 * sum(not lay.is_empty for lay in stream.plan.layers)
     for off, on in zip(*outputs, strict=True):
         assert torch.equal(off, on)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (side stream, pinned)")
+def test_cuda_side_stream_prefetch_is_bit_identical(mixed_ckpt):
+    from builder.verify.stream import BlockStream, Sequence
+
+    ids = [torch.tensor([5, 9, 33, 100, 7])]
+    outputs = []
+    for prefetch in (False, True):
+        stream = BlockStream(
+            mixed_ckpt, torch.bfloat16, "cuda", keep_blocks=False, prefetch=prefetch
+        )
+        sequences = [Sequence(torch.empty(0, dtype=torch.long)) for _ in ids]
+        outputs.append(stream.forward(sequences, ids)[0].cpu())
+    assert torch.equal(*outputs)
