@@ -42,6 +42,7 @@ sys.path.insert(0, str(REPO))
 
 from builder.runtime.distributed import (  # noqa: E402
     NO_MULTICAST_ENV,
+    UNIT_ROUNDOFF,
     decode,
     keep_multicast_off,
     launch_local,
@@ -136,6 +137,7 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def bench_decode(args, src: Path, work: Path, cores: int) -> dict:
+    from builder.arch import load_plan
     from builder.convert import convert_checkpoint
     from builder.runtime import TrtllmCheckpointExecutor
 
@@ -165,6 +167,7 @@ def bench_decode(args, src: Path, work: Path, cores: int) -> dict:
         (str(tpn), prompts, args.steps, args.dtype, threads, str(out)),
     )
     distributed = load_run(out)
+    n_layers = len(load_plan(src).layers)
     pairs = list(zip(distributed.logits, single_tpn.logits, strict=True))
     return {
         "batch": args.batch,
@@ -188,8 +191,11 @@ def bench_decode(args, src: Path, work: Path, cores: int) -> dict:
             "threads_per_process": threads,
             "median_step_ms": round(distributed.median_step_seconds() * 1e3, 3),
         },
-        "step_ratio_tp1_over_distributed": round(
-            single_tp1.median_step_seconds() / distributed.median_step_seconds(), 3
+        # against the faster TP1 (on a busy CPU two threads can be slower than one)
+        "step_ratio_best_tp1_over_distributed": round(
+            min(single_tp1.median_step_seconds(), tp1_one_thread.median_step_seconds())
+            / distributed.median_step_seconds(),
+            3,
         ),
         "logits_vs_one_process_same_checkpoint": {
             "bit_identical": all(torch.equal(a, b) for a, b in pairs),
@@ -201,6 +207,10 @@ def bench_decode(args, src: Path, work: Path, cores: int) -> dict:
                 for a, b in zip(distributed.logits, single_tp1.logits, strict=True)
             ),
             "same_tokens": distributed.tokens == single_tp1.tokens,
+            # TP1 and TP N split every GEMM differently: a rounding-level difference bounded
+            # to first order by (14 roundings a block x layers + 2) unit roundoffs (as
+            # tests/runtime/test_executor.py derives it)
+            "first_order_bound": (14 * n_layers + 2) * UNIT_ROUNDOFF[dtype],
         },
     }
 
