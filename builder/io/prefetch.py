@@ -64,6 +64,13 @@ class StreamStats:
         }
 
 
+def prefetch_by_default(device: str) -> bool:
+    """On CUDA: the load is host work beside the GPU's compute. Not on the CPU, where the
+    loading thread takes cores from the compute it should hide behind (measured slower on a
+    busy 2-core machine: scripts/bench_prefetch.py, docs/distributed.md)."""
+    return str(device).startswith("cuda")
+
+
 def module_bytes(value: Any) -> int:
     if isinstance(value, torch.nn.Module):
         tensors = [*value.parameters(), *value.buffers()]

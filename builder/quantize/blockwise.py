@@ -39,7 +39,7 @@ from builder.arch.plan import LayerPlan, ModelPlan
 from builder.arch.schema import AnyValue, Boolean, Integer, MapOf, Number, Object, validate
 from builder.errors import UserError
 from builder.io.checkpoint import CheckpointError, HFCheckpoint
-from builder.io.prefetch import StreamStats, prefetched
+from builder.io.prefetch import StreamStats, prefetch_by_default, prefetched
 from builder.quantize import recipe
 from builder.quantize.amax import AmaxError, AmaxTable, expected_keys, quantizer_amax, require_amax
 from builder.quantize.calib import batches
@@ -79,7 +79,8 @@ class CalibOptions:
     state_dir: Path | None = None  # resume state; None: nothing saved
     resume: bool = False
     save_every: int = 0  # save the activations every N calibrated blocks; 0: auto (see below)
-    prefetch: bool = True  # load block i+1 while block i calibrates (builder.io.prefetch)
+    # load block i+1 while block i calibrates (builder.io.prefetch); None: on CUDA only
+    prefetch: bool | None = None
 
 
 @dataclass
@@ -519,7 +520,7 @@ def calibrate_blockwise(
     loads = prefetched(
         todo,
         lambda layer: load_block(parts, ckpt, layer.index, opts.device, opts.dtype),
-        enabled=opts.prefetch,
+        enabled=prefetch_by_default(opts.device) if opts.prefetch is None else opts.prefetch,
         device=opts.device,
         stats=result.weights,
     )

@@ -30,7 +30,7 @@ import torch
 from builder.arch import ModelPlan, load_plan
 from builder.arch.plan import LayerPlan
 from builder.io.checkpoint import HFCheckpoint
-from builder.io.prefetch import StreamStats, prefetched
+from builder.io.prefetch import StreamStats, prefetch_by_default, prefetched
 from builder.quantize.blockwise import embed_windows, load_block
 
 KEEP_BYTES = 2 << 30
@@ -90,7 +90,7 @@ class BlockStream:
     # keep loaded blocks for later passes (greedy steps): None = when the weights in the
     # compute dtype fit in KEEP_BYTES
     keep_blocks: bool | None = None
-    prefetch: bool = True  # load block i+1 while block i runs (builder.io.prefetch)
+    prefetch: bool | None = None  # load block i+1 while block i runs; None: on CUDA only
     parts: Skeleton = field(init=False)
     weights: StreamStats = field(init=False)  # every pass's block loads
     pass_seconds: float = field(init=False, default=0.0)  # wall time of the passes
@@ -105,6 +105,8 @@ class BlockStream:
             bytes_per = torch.finfo(self.dtype).bits // 8
             self.keep_blocks = self.plan.total_params * bytes_per <= KEEP_BYTES
         self._kept: dict[int, torch.nn.Module] = {}
+        if self.prefetch is None:
+            self.prefetch = prefetch_by_default(self.device)
         self.weights = StreamStats(prefetch=self.prefetch)
 
     def streaming(self) -> dict[str, Any]:
