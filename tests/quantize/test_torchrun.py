@@ -62,6 +62,7 @@ def test_torchrun_two_ranks_equal_one_process(tmp_path, mixed_ckpt, world):
     assert summary["calibration"]["world_size"] == world
     manifest = json.loads((tmp_path / "two" / "manifest.json").read_text())
     assert manifest["run"]["calibration"]["world_size"] == world
+    assert manifest["run"]["blocks"]["weights"]["bytes"] > 0  # weights streamed, recorded
     # rank 0 alone wrote OUT; no rank files or calibration state left behind
     assert not (tmp_path / ".two.calib").exists() and not (tmp_path / ".two.partial").exists()
     one_files = sorted(p.name for p in (tmp_path / "one").rglob("*"))
