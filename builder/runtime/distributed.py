@@ -72,27 +72,21 @@ def world() -> tuple[int, int]:
     return 0, 1
 
 
-def join_group(device: str, init_method: str | None = None, rank=None, size=None) -> str:
-    """Join the process group torchrun (or `launch_local`) set up; returns this rank's device.
-
-    A world of one (no WORLD_SIZE) joins nothing. On CUDA each process takes the GPU of its
-    LOCAL_RANK and NCCL; on the CPU gloo.
-    """
+def join_group(device: str) -> str:
+    """Join the process group torchrun (or `launch_local`) set up in the environment; returns
+    this rank's device. A world of one (no WORLD_SIZE) joins nothing. On CUDA each process
+    takes the GPU of its LOCAL_RANK and NCCL; on the CPU gloo."""
     import torch.distributed as dist
 
-    size = int(os.environ.get("WORLD_SIZE", "1")) if size is None else size
-    if size <= 1:
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return device
     keep_multicast_off()
     if str(device).startswith("cuda"):
-        local = int(os.environ.get("LOCAL_RANK", rank or 0))
+        local = int(os.environ.get("LOCAL_RANK", "0"))
         device = f"cuda:{local}"
         torch.cuda.set_device(local)
     if not dist.is_initialized():
-        kwargs = {} if rank is None else {"rank": rank, "world_size": size}
-        if init_method is not None:
-            kwargs["init_method"] = init_method
-        dist.init_process_group(backend_for(device), **kwargs)
+        dist.init_process_group(backend_for(device))
     return device
 
 
