@@ -145,3 +145,17 @@ def reference(
         f"{settings.continuation} greedy tokens each; {run['seconds']['total']:.1f} s, "
         f"peak RSS {human_bytes(run['peak_rss_bytes'])}"
     )
+    click.echo(weights_line(run["weights"], run.get("peak_gpu_bytes")))
+
+
+def weights_line(weights: dict, peak_gpu_bytes: int | None) -> str:
+    """One line on the block streaming: bytes, GB/s over the passes, time spent waiting."""
+    line = (
+        f"weights streamed: {weights['bytes'] / 1e9:,.2f} GB in {weights['blocks']} block loads, "
+        f"{weights['stream_gb_per_s']} GB/s over {weights['wall_seconds']:.1f} s of passes "
+        f"(loads {weights['load_seconds']:.1f} s, waited {weights['wait_seconds']:.1f} s, "
+        f"prefetch {'on' if weights['prefetch'] else 'off'})"
+    )
+    if peak_gpu_bytes is not None:
+        line += f", peak GPU {peak_gpu_bytes / 2**20:,.0f} MiB"
+    return line

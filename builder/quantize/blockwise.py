@@ -16,7 +16,7 @@ Resumable: with a state directory, each block's amax is committed as soon as it 
 the activations entering the next block every `save_every` blocks; a rerun with the same
 source, data and options continues from the last saved activations.
 
-Data parallel: under torch.distributed each rank calibrates its share of the windows and
+Data parallel: under torch.distributed each rank calibrates its share of the batches and
 every block's amax is all-reduced with MAX before it is recorded, so the table equals a
 single process over all windows. Launch with torchrun; rank 0 writes state and exports.
 """
@@ -28,6 +28,7 @@ import gc
 import json
 import time
 from collections.abc import Callable, Iterable
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,7 @@ from builder.arch.schema import AnyValue, Boolean, Integer, MapOf, Number, Objec
 from builder.arch.tensors import Role, hf_layer_prefix, hf_weight
 from builder.errors import UserError
 from builder.io.checkpoint import CheckpointError, HFCheckpoint
+from builder.io.prefetch import StreamStats, prefetch_by_default, prefetched
 from builder.quantize import recipe
 from builder.quantize.amax import AmaxError, AmaxTable, expected_keys, quantizer_amax, require_amax
 from builder.quantize.calib import batches
@@ -78,6 +80,8 @@ class CalibOptions:
     state_dir: Path | None = None  # resume state; None: nothing saved
     resume: bool = False
     save_every: int = 0  # save the activations every N calibrated blocks; 0: auto (see below)
+    # load block i+1 while block i calibrates (builder.io.prefetch); None: on CUDA only
+    prefetch: bool | None = None
 
 
 @dataclass
@@ -89,6 +93,7 @@ class CalibResult:
     skipped_empty: int = 0
     block_seconds: dict[int, float] = field(default_factory=dict)
     activation_bytes: int = 0  # cached activations held by this rank
+    weights: StreamStats = field(default_factory=StreamStats)  # the blocks' weights streamed
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -97,6 +102,7 @@ class CalibResult:
             "blocks_resumed": len(self.resumed),
             "blocks_empty_skipped": self.skipped_empty,
             "activation_bytes": self.activation_bytes,
+            "weights": self.weights.summary(self.seconds),
         }
 
 
@@ -156,12 +162,21 @@ def _fill(target: torch.Tensor, ckpt: HFCheckpoint, source: str, index: int) -> 
             f"{list(target.shape)}"
         )
     if target.dim() < 2:
-        target.copy_(_finite(ckpt.read(source), info, index))
+        _copy_into(target, _finite(ckpt.read(source), info, index))
     else:
         step = max(1, LOAD_CHUNK_BYTES // (info.shape[1] * 4))
         for start in range(0, info.shape[0], step):
             rows = slice(start, min(start + step, info.shape[0]))
-            target[rows].copy_(_finite(ckpt.read(source, rows=rows), info, index))
+            _copy_into(target[rows], _finite(ckpt.read(source, rows=rows), info, index))
+
+
+def _copy_into(target: torch.Tensor, chunk: torch.Tensor) -> None:
+    """On CUDA through pinned host memory, asynchronous on the current stream (a prefetch's
+    side stream; the caching host allocator keeps the pinned chunk until the copy is done)."""
+    if target.is_cuda:
+        target.copy_(chunk.pin_memory(), non_blocking=True)
+    else:
+        target.copy_(chunk)
 
 
 def _finite(block: torch.Tensor, info: Any, index: int) -> torch.Tensor:
@@ -248,10 +263,14 @@ def calibrate_block(
     hidden: list[torch.Tensor],
     inputs: BlockInputs,
     opts: CalibOptions,
+    block: torch.nn.Module | None = None,
 ) -> dict[str, float]:
-    """ModelOpt-calibrate one block in place of `hidden`; returns its amax values."""
+    """ModelOpt-calibrate one block in place of `hidden`; returns its amax values.
+
+    `block`: the block already loaded (prefetched); None loads it here."""
     index = layer_plan.index
-    layer = load_block(parts, ckpt, index, opts.device, opts.dtype)
+    layer = block if block is not None else load_block(parts, ckpt, index, opts.device, opts.dtype)
+    del block
     calls = []
 
     def forward_loop(module: torch.nn.Module) -> None:
@@ -301,6 +320,23 @@ def all_reduce_max(values: dict[str, float], device: str) -> dict[str, float]:
     buf = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=backend_device)
     dist.all_reduce(buf, op=dist.ReduceOp.MAX)
     return dict(zip(keys, buf.cpu().tolist(), strict=True))
+
+
+def rank_batches(windows: torch.Tensor, batch_size: int, rank: int, world: int) -> list:
+    """This rank's share of the calibration batches: whole batches of the one-process run,
+    dealt round-robin. Each batch is then computed exactly as one process would compute it
+    (same rows, same shapes, so the same kernels), and ModelOpt's max calibration is a pure
+    max over tokens: the MAX all-reduce of the ranks' amax is the one-process amax, bit for
+    bit. (Dealing single windows instead would change the batches' shapes, and a GEMM's
+    rounding may depend on its row count.)"""
+    everything = batches(windows, batch_size)
+    if len(everything) < world:
+        raise UserError(
+            f"{windows.shape[0]} calibration windows in batches of {batch_size} make "
+            f"{len(everything)} batch(es), fewer than the {world} ranks; lower --batch-size "
+            "or raise --calib-size"
+        )
+    return everything[rank::world]
 
 
 def barrier() -> None:
@@ -460,9 +496,7 @@ def calibrate_blockwise(
     """
     started = time.perf_counter()
     rank, world = dist_info()
-    local = windows[rank::world].contiguous()
-    if local.shape[0] == 0:
-        raise UserError(f"{windows.shape[0]} calibration windows cannot feed {world} ranks")
+    local = rank_batches(windows, opts.batch_size, rank, world)
     result = CalibResult(AmaxTable(kv_cache=opts.kv_cache))
     state = None
     if opts.state_dir is not None:
@@ -477,30 +511,38 @@ def calibrate_blockwise(
         if state:
             state.reset()
         first = 0
-        hidden = [
-            embed_windows(ckpt, b, opts.dtype, opts.device) for b in batches(local, opts.batch_size)
-        ]
+        hidden = [embed_windows(ckpt, b, opts.dtype, opts.device) for b in local]
     result.activation_bytes = sum(h.numel() * h.element_size() for h in hidden)
     inputs = block_inputs(parts, hidden[0], opts.device) if hidden else None
     since_save, last_save = 0, time.perf_counter()
     total = sum(not lay.is_empty for lay in plan.layers)
     report = progress or (lambda done, total, layer: None)
     report(len(result.resumed), total, None)
-    for layer in plan.layers[first:]:
-        if layer.is_empty:
-            continue  # no weights, no forward: activations pass through unchanged
-        t0 = time.perf_counter()
-        values = calibrate_block(layer, plan, parts, ckpt, hidden, inputs, opts)
-        result.table.update(values)
-        result.calibrated.append(layer.index)
-        result.block_seconds[layer.index] = time.perf_counter() - t0
-        if state:
-            state.save_block(layer.index, values)
-            since_save += 1
-            if save_due(opts.save_every, since_save, last_save, result.activation_bytes):
-                state.save_inputs(layer.index + 1, hidden)
-                since_save, last_save = 0, time.perf_counter()
-        report(len(result.resumed) + len(result.calibrated), total, layer)
+    # Empty blocks: no weights, no forward; the activations pass through unchanged.
+    todo = [layer for layer in plan.layers[first:] if not layer.is_empty]
+    loads = prefetched(
+        todo,
+        lambda layer: load_block(parts, ckpt, layer.index, opts.device, opts.dtype),
+        enabled=prefetch_by_default(opts.device) if opts.prefetch is None else opts.prefetch,
+        device=opts.device,
+        stats=result.weights,
+    )
+    t0 = time.perf_counter()
+    with closing(loads):  # an error in a block waits for the pending load (no stray thread)
+        for layer, loaded in loads:
+            # taken inline: no reference here, so the block is freed inside calibrate_block
+            values = calibrate_block(layer, plan, parts, ckpt, hidden, inputs, opts, loaded.take())
+            result.table.update(values)
+            result.calibrated.append(layer.index)
+            result.block_seconds[layer.index] = time.perf_counter() - t0
+            if state:
+                state.save_block(layer.index, values)
+                since_save += 1
+                if save_due(opts.save_every, since_save, last_save, result.activation_bytes):
+                    state.save_inputs(layer.index + 1, hidden)
+                    since_save, last_save = 0, time.perf_counter()
+            report(len(result.resumed) + len(result.calibrated), total, layer)
+            t0 = time.perf_counter()
     result.skipped_empty = len(plan.empty_layers)
     result.table.validate(plan)
     if state and result.calibrated:

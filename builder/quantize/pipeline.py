@@ -15,7 +15,6 @@ Calibration state for --resume lives in `.OUT.calib/` beside OUT until the run s
 
 from __future__ import annotations
 
-import os
 import resource
 import shutil
 import time
@@ -144,17 +143,9 @@ def peak_gpu_bytes(device: str) -> int | None:
 # --------------------------------------------------------------------------------------
 def init_distributed(device: str) -> str:
     """Join the torchrun group if launched by it; returns this rank's device."""
-    import torch.distributed as dist
+    from builder.runtime.distributed import join_group
 
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return device
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    if device.startswith("cuda"):
-        device = f"cuda:{local}"
-        torch.cuda.set_device(local)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    return device
+    return join_group(device)  # NCCL on CUDA (NVLink multicast kept off), gloo on the CPU
 
 
 # ---- the reference model's pieces

@@ -34,5 +34,13 @@ def print_summary(summary: Any, console: Console | None = None) -> None:
     if summary.peak_gpu_bytes is not None:
         memory += f", peak GPU {human_bytes(summary.peak_gpu_bytes)}"
     console.print(memory)
+    weights = blocks.get("weights")
+    if weights and weights["blocks"]:
+        console.print(
+            f"weights streamed: {human(weights['bytes'])} in {weights['blocks']} blocks, "
+            f"{weights['stream_gb_per_s']} GB/s over calibration (loads "
+            f"{weights['load_seconds']:.1f} s, waited {weights['wait_seconds']:.1f} s, prefetch "
+            f"{'on' if weights['prefetch'] else 'off'})"
+        )
     for kind, path in summary.paths.items():
         console.print(f"{kind}: {path}")

@@ -220,12 +220,12 @@ class TrtllmCheckpointExecutor:
         self.kv_cache_fp8 = quant.get("kv_cache_quant_algo") == "FP8"
         self._kept: dict[tuple[int, str], torch.Tensor] | None = {} if keep_weights else None
         self._stack = ExitStack()
-        self._files = []
-        for rank in range(self.tp * self.pp):
+        self._files: dict[int, Any] = {}
+        for rank in self.local_ranks():
             path = self.directory / rank_file_name(rank)
             if not path.is_file():
                 raise UserError(f"{path}: missing (world size {self.tp * self.pp})")
-            self._files.append(self._stack.enter_context(safe_open(str(path), framework="pt")))
+            self._files[rank] = self._stack.enter_context(safe_open(str(path), framework="pt"))
         self.inv_freq = rope_inv_freq(
             self.plan.head_dim, self.plan.rope_theta, self.plan.rope_scaling
         )
@@ -301,6 +301,17 @@ class TrtllmCheckpointExecutor:
 
     def stage_ranks(self, pp_rank: int) -> list[int]:
         return [pp_rank * self.tp + t for t in range(self.tp)]
+
+    # ---- where ranks live (builder.runtime.distributed overrides these: one rank a process)
+    def local_ranks(self) -> list[int]:
+        """The ranks whose files this process opens: all of them, one process plays every rank."""
+        return list(range(self.tp * self.pp))
+
+    def all_reduce(self, parts: list[torch.Tensor]) -> torch.Tensor:
+        return all_reduce(parts)
+
+    def all_gather(self, parts: list[torch.Tensor]) -> torch.Tensor:
+        return all_gather(parts)
 
     # ---- forward
     # ----------------------------------------------------------------------------------
@@ -492,7 +503,7 @@ class TrtllmCheckpointExecutor:
     def lm_head(self, x: torch.Tensor, ranks: list[int]) -> torch.Tensor:
         norm, head = trtllm_weight(Role.FINAL_NORM), trtllm_module(Role.LM_HEAD)
         parts = [self.linear(r, head, self.norm(r, norm, x)) for r in ranks]
-        return all_gather(parts)[..., : self.plan.vocab_size].float()
+        return self.all_gather(parts)[..., : self.plan.vocab_size].float()
 
 
 # ---- per-kind sublayers, built once per layer ---------------------------------------------------
@@ -545,7 +556,9 @@ def gqa_attention(
         trtllm_module(Role.ATTN_OUT, local),
         kv_cache_scale_name(local),
     )
-    return lambda x, window: all_reduce([ex.attention(r, names, layer, x, window) for r in ranks])
+    return lambda x, window: ex.all_reduce(
+        [ex.attention(r, names, layer, x, window) for r in ranks]
+    )
 
 
 def gated_mlp(
@@ -558,7 +571,7 @@ def gated_mlp(
         trtllm_module(Role.FFN_UP, local),
         trtllm_module(Role.FFN_DOWN, local),
     )
-    return lambda x, window: all_reduce([ex.mlp(r, names, x) for r in ranks])
+    return lambda x, window: ex.all_reduce([ex.mlp(r, names, x) for r in ranks])
 
 
 def linear_replacement(norm_role: Role, linear_role: Role) -> SublayerBuilder:
@@ -568,7 +581,7 @@ def linear_replacement(norm_role: Role, linear_role: Role) -> SublayerBuilder:
         ex: TrtllmCheckpointExecutor, layer: LayerPlan, local: int, ranks: tuple[int, ...]
     ) -> Sublayer:
         norm, linear = trtllm_weight(norm_role, local), trtllm_module(linear_role, local)
-        return lambda x, window: all_gather(
+        return lambda x, window: ex.all_gather(
             [ex.linear(r, linear, ex.norm(r, norm, x)) for r in ranks]
         )
 

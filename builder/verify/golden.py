@@ -177,7 +177,7 @@ def build_golden(
 ) -> Path:
     """Run the reference on the prompt set and write the golden directory `out`."""
     from builder.quantize.calib import load_tokenizer
-    from builder.quantize.pipeline import peak_rss_bytes
+    from builder.quantize.pipeline import peak_gpu_bytes, peak_rss_bytes
 
     src, out = Path(src), Path(out)
     if settings.dtype not in DTYPES:
@@ -210,7 +210,12 @@ def build_golden(
         },
         "prompts": [p.describe() for p in prompts],
         "blocks": stats.table(),
-        "run": {"seconds": seconds, "peak_rss_bytes": peak_rss_bytes()},
+        "run": {
+            "seconds": seconds,
+            "peak_rss_bytes": peak_rss_bytes(),
+            "peak_gpu_bytes": peak_gpu_bytes(settings.device),
+            "weights": stream.streaming(),
+        },
     }
     if task_results is not None:
         document["tasks"] = task_results

@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import copy
 import gc
+import time
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, closing, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from builder.arch import ModelPlan, load_plan
 from builder.arch.plan import LayerPlan
 from builder.arch.tensors import Role, hf_weight
 from builder.io.checkpoint import HFCheckpoint
+from builder.io.prefetch import StreamStats, prefetch_by_default, prefetched
 from builder.quantize.blockwise import embed_windows, load_block
 
 KEEP_BYTES = 2 << 30
@@ -89,7 +91,10 @@ class BlockStream:
     # keep loaded blocks for later passes (greedy steps): None = when the weights in the
     # compute dtype fit in KEEP_BYTES
     keep_blocks: bool | None = None
+    prefetch: bool | None = None  # load block i+1 while block i runs; None: on CUDA only
     parts: Skeleton = field(init=False)
+    weights: StreamStats = field(init=False)  # every pass's block loads
+    pass_seconds: float = field(init=False, default=0.0)  # wall time of the passes
 
     def __post_init__(self) -> None:
         self.src = Path(self.src)
@@ -101,6 +106,13 @@ class BlockStream:
             bytes_per = torch.finfo(self.dtype).bits // 8
             self.keep_blocks = self.plan.total_params * bytes_per <= KEEP_BYTES
         self._kept: dict[int, torch.nn.Module] = {}
+        if self.prefetch is None:
+            self.prefetch = prefetch_by_default(self.device)
+        self.weights = StreamStats(prefetch=self.prefetch)
+
+    def streaming(self) -> dict[str, Any]:
+        """Weights streamed over all passes so far: bytes, GB/s, load and wait seconds."""
+        return self.weights.summary(self.pass_seconds)
 
     # ---- pieces
     # ------------------------------------------------------------------------------------
@@ -109,20 +121,33 @@ class BlockStream:
         return embed_windows(self.ckpt, ids[None], self.dtype, self.device)
 
     def blocks(self) -> Iterator[tuple[LayerPlan, torch.nn.Module | None]]:
-        """(layer, block) in order, one block alive at a time; empty blocks yield None."""
-        for layer in self.plan.layers:
-            if layer.is_empty:
-                yield layer, None
-                continue
-            block = self._kept.get(layer.index) or self.loader(self, layer.index)
-            if self.keep_blocks:
-                self._kept[layer.index] = block
-            yield layer, block
-            if not self.keep_blocks:
-                del block
-                gc.collect(1)
-                if self.device.startswith("cuda"):
-                    torch.cuda.empty_cache()
+        """(layer, block) in order, empty blocks yielding None; one block alive at a time, two
+        with `prefetch` (the next one loading while the caller runs this one)."""
+        todo = [lay for lay in self.plan.layers if not lay.is_empty and lay.index not in self._kept]
+        loads = prefetched(
+            todo,
+            lambda lay: self.loader(self, lay.index),
+            enabled=self.prefetch,
+            device=self.device,
+            stats=self.weights,
+        )
+        with closing(loads):
+            for layer in self.plan.layers:
+                if layer.is_empty:
+                    yield layer, None
+                    continue
+                block = self._kept.get(layer.index)
+                if block is None:
+                    _, loaded = next(loads)
+                    block = loaded.take()
+                if self.keep_blocks:
+                    self._kept[layer.index] = block
+                yield layer, block
+                if not self.keep_blocks:
+                    del block
+                    gc.collect(1)
+                    if self.device.startswith("cuda"):
+                        torch.cuda.empty_cache()
 
     def position_embeddings(self, hidden: torch.Tensor, start: int) -> Any:
         positions = torch.arange(start, start + hidden.shape[1], device=self.device)[None]
@@ -174,6 +199,7 @@ class BlockStream:
         sequence's final hidden states of the new positions ([1, n, hidden])."""
         from transformers.cache_utils import DynamicCache
 
+        started = time.perf_counter()
         hidden = [self.embed(ids.to(self.device)) for ids in new_ids]
         for seq in sequences:
             if use_cache and seq.cache is None:
@@ -195,4 +221,5 @@ class BlockStream:
         for seq, ids in zip(sequences, new_ids, strict=True):
             seq.seen += len(ids) if use_cache else 0
             seq.ids = torch.cat([seq.ids, ids.cpu()]) if seq.ids.numel() else ids.cpu()
+        self.pass_seconds += time.perf_counter() - started
         return hidden

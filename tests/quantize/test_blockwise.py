@@ -155,7 +155,7 @@ def calibrate_model_half(ckpt_dir: Path) -> dict[str, float]:
     from builder.model import load_reference_model
 
     model = load_reference_model(ckpt_dir, dtype=torch.bfloat16)
-    return calibrate_model(model, WINDOWS[0::2], kv_cache=True, batch_size=4).values
+    return calibrate_model(model, WINDOWS[:4], kv_cache=True, batch_size=4).values  # rank 0
 
 
 def test_save_policy_counts_blocks_or_time():

@@ -78,6 +78,9 @@ def test_golden_records_settings_source_and_tokenizer(synth_golden, mixed_ckpt_f
         and (synth_golden / "tokenizer" / "tokenizer.json").is_file()
     )
     assert not (synth_golden.parent / f".{synth_golden.name}.partial").exists()
+    weights = doc["run"]["weights"]  # the block streaming, for the golden's own record
+    assert weights["bytes"] > 0 and weights["blocks"] > 0 and weights["prefetch"] is False
+    assert doc["run"]["peak_rss_bytes"] > 0 and doc["run"]["peak_gpu_bytes"] is None
 
 
 def test_tampered_golden_is_refused(synth_golden, tmp_path):
