@@ -16,8 +16,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
-import torch
-
 from builder.arch.plan import ModelPlan
 from builder.arch.tensors import (
     RankTensor,
@@ -28,6 +26,7 @@ from builder.arch.tensors import (
     scale_names,
 )
 from builder.errors import ConfigError, UserError
+from builder.io.dtypes import BF16, F8_E4M3, F16, F32, Dtype
 from builder.io.safetensors_stream import TensorSpec
 
 # TensorRT-LLM's default exclude list, used when a quantization dict gives none.
@@ -41,10 +40,10 @@ DEFAULT_FP8_EXCLUDES = (
     "*fused_a",
 )
 
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+DTYPES = {d.name: d for d in (BF16, F16, F32)}
 
 
-def torch_dtype(name: str) -> torch.dtype:
+def output_dtype(name: str) -> Dtype:
     try:
         return DTYPES[name]
     except KeyError:
@@ -67,12 +66,12 @@ class RankTransform(Protocol):
     streamed in blocks like a plain conversion (never assembled whole, `apply` not called).
     """
 
-    def specs(self, item: RankTensor, dtype: torch.dtype) -> list[TensorSpec]: ...
+    def specs(self, item: RankTensor, dtype: Dtype) -> list[TensorSpec]: ...
 
-    def apply(self, item: RankTensor, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]: ...
+    def apply(self, item: RankTensor, tensor: Any) -> list[tuple[str, Any]]: ...
 
 
-def plain_specs(item: RankTensor, dtype: torch.dtype) -> list[TensorSpec]:
+def plain_specs(item: RankTensor, dtype: Dtype) -> list[TensorSpec]:
     return [TensorSpec(item.name, item.shape, dtype)]
 
 
@@ -98,7 +97,7 @@ def rank_layout(
     tp: int,
     pp: int,
     rank: int,
-    dtype: torch.dtype,
+    dtype: Dtype,
     transform: RankTransform | None = None,
 ) -> RankLayout:
     items = tuple(rank_tensors(plan, tp, pp, rank))
@@ -127,22 +126,22 @@ class Fp8Layout:
         """Excluded linears, norms, embedding: written as they are (streamed, not assembled)."""
         return not self.quantized(item) and not (self.kv_cache_fp8 and item.rule.split is Split.QKV)
 
-    def specs(self, item: RankTensor, dtype: torch.dtype) -> list[TensorSpec]:
+    def specs(self, item: RankTensor, dtype: Dtype) -> list[TensorSpec]:
         if not self.quantized(item):
             out = [TensorSpec(item.name, item.shape, dtype)]
         else:
             w_scale, a_scale = scale_names(item.name)
             out = [
-                TensorSpec(item.name, item.shape, torch.float8_e4m3fn),
-                TensorSpec(w_scale, (1,), torch.float32),
-                TensorSpec(a_scale, (1,), torch.float32),
+                TensorSpec(item.name, item.shape, F8_E4M3),
+                TensorSpec(w_scale, (1,), F32),
+                TensorSpec(a_scale, (1,), F32),
             ]
         if self.kv_cache_fp8 and item.rule.split is Split.QKV:
             local = int(item.name.split(".")[2])
-            out.append(TensorSpec(kv_cache_scale_name(local), (1,), torch.float32))
+            out.append(TensorSpec(kv_cache_scale_name(local), (1,), F32))
         return out
 
-    def apply(self, item: RankTensor, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+    def apply(self, item: RankTensor, tensor: Any) -> list[tuple[str, Any]]:
         raise NotImplementedError("Fp8Layout only declares specs; subclass it to quantize")
 
 

@@ -7,13 +7,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from builder.arch.plan import ModelPlan
 from builder.convert.layout import RankTransform, rank_layout
 from builder.convert.sources import DEFAULT_BLOCK_BYTES, SourceReader, read_plan
 from builder.io.checkpoint import HFCheckpoint
-from builder.io.safetensors_stream import SafetensorsStreamWriter, SafetensorsWriteError
+from builder.io.dtypes import Dtype
+from builder.io.safetensors_stream import (
+    FileSpan,
+    SafetensorsStreamWriter,
+    SafetensorsWriteError,
+)
 
 Progress = Callable[[int], None]  # called with the number of bytes just written
 
@@ -43,7 +46,7 @@ def write_rank_file(
     tp: int,
     pp: int,
     rank: int,
-    dtype: torch.dtype,
+    dtype: Dtype,
     path: Path,
     *,
     transform: RankTransform | None = None,
@@ -72,7 +75,7 @@ def write_rank_file(
                 writer.start(item.name)
                 for block in reader.blocks(rp):
                     writer.append(block)
-                    report(block.nbytes if isinstance(block, torch.Tensor) else len(block))
+                    report(len(block) if isinstance(block, FileSpan) else block.nbytes)
                 writer.finish()
                 continue
             outputs = transform.apply(item, reader.assemble(rp))

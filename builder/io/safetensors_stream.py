@@ -16,6 +16,7 @@ import json
 import math
 import os
 import struct
+import sys
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -23,25 +24,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Self
 
-import torch
+import numpy as np
 
 from builder.errors import UserError
+from builder.io.dtypes import BY_CODE, Dtype, dtype_of
 
-# safetensors dtype codes; the reader side lives in builder.io.checkpoint.SAFETENSORS_DTYPES.
-DTYPE_CODES: dict[torch.dtype, str] = {
-    torch.float64: "F64",
-    torch.float32: "F32",
-    torch.bfloat16: "BF16",
-    torch.float16: "F16",
-    torch.float8_e4m3fn: "F8_E4M3",
-    torch.int64: "I64",
-    torch.int32: "I32",
-    torch.int16: "I16",
-    torch.int8: "I8",
-    torch.uint8: "U8",
-    torch.bool: "BOOL",
-}
-CODE_DTYPES = {code: dtype for dtype, code in DTYPE_CODES.items()}
 _HEADER_ALIGN = 8  # safetensors' own writer pads the header so the data buffer is 8-aligned
 _MAX_WRITE = 1 << 30  # Linux caps one write() at ~2 GiB; stay well below
 _OVERLAP_MIN = 1 << 20  # below this a hashing thread costs more than it saves
@@ -53,28 +40,35 @@ class SafetensorsWriteError(UserError):
 
 @dataclass(frozen=True)
 class TensorSpec:
-    """One tensor of a file to be written: everything the header needs."""
+    """One tensor of a file to be written: everything the header needs.
+
+    `dtype` may be given as a torch dtype or a name; it is kept as a `Dtype`.
+    """
 
     name: str
     shape: tuple[int, ...]
-    dtype: torch.dtype
+    dtype: Dtype
 
-    @property
-    def nbytes(self) -> int:
-        return math.prod(self.shape) * dtype_size(self.dtype)
-
-    @property
-    def code(self) -> str:
+    def __post_init__(self) -> None:
         try:
-            return DTYPE_CODES[self.dtype]
+            object.__setattr__(self, "dtype", dtype_of(self.dtype))
         except KeyError:
             raise SafetensorsWriteError(
                 f"{self.name}: dtype {self.dtype} has no safetensors code"
             ) from None
+        object.__setattr__(self, "shape", tuple(self.shape))
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+    @property
+    def code(self) -> str:
+        return self.dtype.code
 
 
-def dtype_size(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
+def dtype_size(dtype: Any) -> int:
+    return dtype_of(dtype).itemsize
 
 
 def encode_header(specs: Sequence[TensorSpec], metadata: Mapping[str, str] | None = None) -> bytes:
@@ -134,18 +128,31 @@ def header_specs(header: Mapping[str, Any]) -> list[TensorSpec]:
     )
     specs = []
     for name, entry in entries:
-        if entry["dtype"] not in CODE_DTYPES:
+        if entry["dtype"] not in BY_CODE:
             raise UserError(f"tensor {name!r} has unsupported dtype {entry['dtype']}")
-        specs.append(TensorSpec(name, tuple(entry["shape"]), CODE_DTYPES[entry["dtype"]]))
+        specs.append(TensorSpec(name, tuple(entry["shape"]), BY_CODE[entry["dtype"]]))
     return specs
 
 
-def as_bytes(tensor: torch.Tensor) -> memoryview:
-    """The tensor's bytes in C order, without a copy when it is already contiguous."""
-    flat = tensor.detach().contiguous().reshape(-1)
-    if flat.dtype is torch.bool:
-        flat = flat.view(torch.uint8)
-    return memoryview(flat.view(torch.uint8).numpy()).cast("B")
+def is_torch_tensor(value: Any) -> bool:
+    """True for a torch.Tensor, without importing torch (a caller that has none has none)."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(value, torch.Tensor)
+
+
+def as_bytes(tensor: Any) -> memoryview:
+    """The bytes of a torch tensor, numpy array or buffer in C order, without a copy when it
+    is already contiguous."""
+    if is_torch_tensor(tensor):
+        import torch
+
+        flat = tensor.detach().contiguous().reshape(-1)
+        if flat.dtype is torch.bool:
+            flat = flat.view(torch.uint8)
+        return memoryview(flat.view(torch.uint8).numpy()).cast("B")
+    if isinstance(tensor, np.ndarray):
+        return memoryview(np.ascontiguousarray(tensor).reshape(-1).view(np.uint8))
+    return memoryview(tensor).cast("B")
 
 
 @dataclass(frozen=True)
@@ -315,7 +322,7 @@ class SafetensorsStreamWriter:
         self._next += 1
         return spec
 
-    def append(self, data: memoryview | bytes | torch.Tensor | FileSpan) -> None:
+    def append(self, data: memoryview | bytes | np.ndarray | Any | FileSpan) -> None:
         """Append bytes (a tensor's bytes, which must have the header's dtype, or a FileSpan)."""
         spec = self._current
         if spec is None:
@@ -328,13 +335,11 @@ class SafetensorsStreamWriter:
             self._emit_span(data)
             self._left -= len(data)
             return
-        if isinstance(data, torch.Tensor):
-            if data.dtype != spec.dtype:
-                raise SafetensorsWriteError(
-                    f"{self.path}: {spec.name}: got {data.dtype}, header says {spec.dtype}"
-                )
-            data = as_bytes(data)
-        view = memoryview(data).cast("B")
+        if is_torch_tensor(data) and spec.dtype != data.dtype:
+            raise SafetensorsWriteError(
+                f"{self.path}: {spec.name}: got {data.dtype}, header says {spec.dtype}"
+            )
+        view = as_bytes(data)
         if len(view) > self._left:
             raise SafetensorsWriteError(
                 f"{self.path}: {spec.name}: {len(view) - self._left} bytes more than its shape holds"
@@ -350,10 +355,10 @@ class SafetensorsStreamWriter:
             raise SafetensorsWriteError(f"{self.path}: {spec.name}: {self._left} bytes short")
         self._current = None
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
-        """Write one whole tensor; its shape and dtype must match the header."""
+    def write(self, name: str, tensor: Any) -> None:
+        """Write one whole tensor (torch); its shape and dtype must match the header."""
         spec = self.start(name)
-        if tuple(tensor.shape) != spec.shape or tensor.dtype != spec.dtype:
+        if tuple(tensor.shape) != spec.shape or spec.dtype != tensor.dtype:
             raise SafetensorsWriteError(
                 f"{self.path}: {name}: got {tuple(tensor.shape)} {tensor.dtype}, "
                 f"header says {spec.shape} {spec.dtype}"
@@ -362,7 +367,7 @@ class SafetensorsStreamWriter:
         self.finish()
 
     def write_blocks(
-        self, name: str, blocks: Iterable[memoryview | torch.Tensor | FileSpan]
+        self, name: str, blocks: Iterable[memoryview | np.ndarray | Any | FileSpan]
     ) -> None:
         self.start(name)
         for block in blocks:
