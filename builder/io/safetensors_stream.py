@@ -18,7 +18,8 @@ import os
 import struct
 import sys
 from collections.abc import Iterable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,7 @@ from builder.io.dtypes import BY_CODE, Dtype, dtype_of
 _HEADER_ALIGN = 8  # safetensors' own writer pads the header so the data buffer is 8-aligned
 _MAX_WRITE = 1 << 30  # Linux caps one write() at ~2 GiB; stay well below
 _OVERLAP_MIN = 1 << 20  # below this a hashing thread costs more than it saves
+_HASH_LAG = 128 << 20  # source bytes whose hash may trail their copy (mapped, so in RSS)
 
 
 class SafetensorsWriteError(UserError):
@@ -203,6 +205,8 @@ class SafetensorsStreamWriter:
         self._written = 0
         self._fd: int | None = None
         self._hasher: ThreadPoolExecutor | None = None
+        self._lagging: deque[tuple[Future, int]] = deque()  # span hashes not yet waited for
+        self._lag = 0
         self.result: WrittenFile | None = None
 
     @property
@@ -231,6 +235,8 @@ class SafetensorsStreamWriter:
             raise SafetensorsWriteError(
                 f"{self.path}: closed before tensor {missing!r} was written"
             )
+        for pending, _ in self._lagging:
+            pending.result()  # (raises what the hasher raised)
         self._stop_hasher()
         os.close(self._fd)
         self._fd = None
@@ -254,26 +260,53 @@ class SafetensorsStreamWriter:
     @contextmanager
     def _hashing(self, data: memoryview):
         """Hash `data` in a helper thread while the caller writes it: both release the GIL,
-        so sha256 (the largest CPU cost) overlaps the kernel copy instead of adding to it."""
-        if len(data) < _OVERLAP_MIN:
+        so sha256 (the largest CPU cost) overlaps the kernel copy instead of adding to it.
+        The caller may reuse `data`'s buffer afterwards, so this waits for its hash."""
+        if len(data) < _OVERLAP_MIN and not self._lagging:
             self._digest.update(data)
             yield
             return
-        if self._hasher is None:
-            self._hasher = ThreadPoolExecutor(1, thread_name_prefix="sha256")
-        pending = self._hasher.submit(self._digest.update, data)
+        pending = self._hash_later(data)
         try:
             yield
         finally:
             pending.result()  # the digest sees blocks in order; `data` stays valid until here
+            self._lagging.clear()  # (and so has every block queued before it)
+            self._lag = 0
+
+    def _hash_later(self, data: memoryview) -> Future:
+        if self._hasher is None:
+            self._hasher = ThreadPoolExecutor(1, thread_name_prefix="sha256")
+        return self._hasher.submit(self._digest.update, data)
 
     def _emit(self, data: memoryview) -> None:
         with self._hashing(data):
             self._emit_tail(data)
 
     def _emit_span(self, span: FileSpan) -> None:
-        with self._hashing(span.view):
-            self._copy_piece(span.fd, span.offset, span.view)
+        """Copy a span in the kernel and leave its hash to the helper thread, which may lag
+        by up to _HASH_LAG bytes. The span's bytes are a mapping of the source, which stays
+        valid (and unchanged) while the hasher holds its own view of it: the reader's unmap
+        is deferred until that view is released."""
+        view, size = memoryview(span.view), len(span.view)
+        self._lagging.append((self._hash_later_and_release(view), size))
+        self._lag += size
+        self._copy_piece(span.fd, span.offset, span.view)
+        while self._lag > _HASH_LAG:
+            pending, size = self._lagging.popleft()
+            pending.result()
+            self._lag -= size
+
+    def _hash_later_and_release(self, view: memoryview) -> Future:
+        def update() -> None:
+            try:
+                self._digest.update(view)
+            finally:
+                view.release()
+
+        if self._hasher is None:
+            self._hasher = ThreadPoolExecutor(1, thread_name_prefix="sha256")
+        return self._hasher.submit(update)
 
     def _copy_piece(self, fd: int, offset: int, data: memoryview) -> None:
         done = 0
