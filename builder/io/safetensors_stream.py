@@ -17,8 +17,8 @@ import math
 import os
 import struct
 import sys
-from collections.abc import Iterable, Mapping, Sequence
 from collections import deque
+from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
