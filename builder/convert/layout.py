@@ -64,6 +64,11 @@ class RankTransform(Protocol):
 
     Optional `passthrough(item) -> bool`: True when `item` is written unchanged; it is then
     streamed in blocks like a plain conversion (never assembled whole, `apply` not called).
+    Optional `blockwise(item, dtype) -> (convert, extras) | None`: for an elementwise change,
+    `convert(raw)` maps the raw bytes of any row block of the rank tensor (in the output
+    dtype) to the bytes of the same rows of its first output, and `extras` are the
+    remaining `(name, tensor)` outputs; the tensor is then streamed, never assembled, and
+    must give the same bytes as `apply` would.
     """
 
     def specs(self, item: RankTensor, dtype: Dtype) -> list[TensorSpec]: ...

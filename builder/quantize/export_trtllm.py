@@ -23,14 +23,22 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from builder.arch.plan import AttentionKind, FfnKind, ModelPlan
 from builder.arch.tensors import RankTensor, Split, kv_cache_scale_name, scale_names
 from builder.convert import ConvertSummary, Fp8Layout, convert_checkpoint
 from builder.convert.progress import ProgressSink
+from builder.io.dtypes import BF16, F16, Dtype
 from builder.quantize.amax import AmaxTable
-from builder.quantize.fp8 import E4M3_MAX, kv_cache_scale, quantize_trtllm, trtllm_scale
+from builder.quantize.fp8 import (
+    E4M3_MAX,
+    e4m3_table,
+    kv_cache_scale,
+    quantize_trtllm,
+    trtllm_scale,
+)
 
 FUSED_FFN = ("gate_proj", "up_proj")
 
@@ -77,19 +85,55 @@ class Fp8Transform(Fp8Layout):
 
     def apply(self, item: RankTensor, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
         if not self.quantized(item):
-            out = [(item.name, tensor)]
-        else:
-            w_scale, x_scale = self.scales(item)
-            w_name, x_name = scale_names(item.name)
-            out = [
-                (item.name, quantize_trtllm(tensor, w_scale)),
-                (w_name, w_scale),
-                (x_name, x_scale),
-            ]
-        if self.kv_cache_fp8 and item.rule.split is Split.QKV:
-            k_amax, v_amax = self._table().kv(item.layer.index)
-            local = int(item.name.split(".")[2])
-            out.append((kv_cache_scale_name(local), kv_cache_scale(k_amax, v_amax)))
+            return [(item.name, tensor), *self._kv_scale(item)]
+        w_scale, x_scale = self.scales(item)
+        return [
+            (item.name, quantize_trtllm(tensor, w_scale)),
+            *self._scales(item, w_scale, x_scale),
+        ]
+
+    def blockwise(self, item: RankTensor, dtype: Dtype):
+        """A quantized 16-bit linear streams through a table lookup, block by block (the
+        bits of `apply`, which uses the same table on the whole tensor), so the export runs
+        at copy speed and holds no whole tensor; the scales follow the weight."""
+        if not self.quantized(item) or dtype not in (BF16, F16):
+            return None
+        w_scale, x_scale = self.scales(item)
+        return TableQuantizer(e4m3_table(dtype.torch, w_scale)), self._scales(
+            item, w_scale, x_scale
+        )
+
+    def _scales(self, item: RankTensor, w_scale, x_scale) -> list[tuple[str, torch.Tensor]]:
+        w_name, x_name = scale_names(item.name)
+        return [(w_name, w_scale), (x_name, x_scale), *self._kv_scale(item)]
+
+    def _kv_scale(self, item: RankTensor) -> list[tuple[str, torch.Tensor]]:
+        if not (self.kv_cache_fp8 and item.rule.split is Split.QKV):
+            return []
+        k_amax, v_amax = self._table().kv(item.layer.index)
+        local = int(item.name.split(".")[2])
+        return [(kv_cache_scale_name(local), kv_cache_scale(k_amax, v_amax))]
+
+
+class TableQuantizer:
+    """Raw 16-bit weight bytes -> their e4m3 bytes by `table` (65,536 entries), into a buffer
+    reused block after block (the writer has written and hashed a block before it asks for
+    the next)."""
+
+    CHUNK = 1 << 20  # elements per np.take: keeps its 8-byte index temporary in cache
+
+    def __init__(self, table: np.ndarray):
+        self.table = table
+        self._out = np.empty(0, dtype=np.uint8)
+
+    def __call__(self, raw) -> np.ndarray:
+        bits = np.frombuffer(raw, dtype=np.uint16)
+        if self._out.size < bits.size:
+            self._out = np.empty(bits.size, dtype=np.uint8)
+        out = self._out[: bits.size]
+        for start in range(0, bits.size, self.CHUNK):
+            stop = start + self.CHUNK
+            np.take(self.table, bits[start:stop], out=out[start:stop], mode="clip")
         return out
 
 
