@@ -212,6 +212,10 @@ class SourceReader:
             for start in range(0, rp.pad_rows, rows):
                 yield np.zeros(min(rows, rp.pad_rows - start) * row_bytes, dtype=np.uint8)
 
+    def piece_blocks(self, piece: Piece) -> Iterator[Block]:
+        """The bytes of one piece of an HF tensor, as `blocks` yields them."""
+        return self._piece_blocks(piece)
+
     def assemble(self, rp: ReadPlan) -> Any:
         """The whole rank tensor as a torch tensor (for transforms that compute on it, e.g.
         FP8 quantization); the only reader path that needs torch for a same-dtype source."""

@@ -23,7 +23,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from builder.arch.plan import AttentionKind, FfnKind, ModelPlan
@@ -34,6 +33,7 @@ from builder.io.dtypes import BF16, F16, Dtype
 from builder.quantize.amax import AmaxTable
 from builder.quantize.fp8 import (
     E4M3_MAX,
+    TableQuantizer,
     e4m3_table,
     kv_cache_scale,
     quantize_trtllm,
@@ -113,28 +113,6 @@ class Fp8Transform(Fp8Layout):
         k_amax, v_amax = self._table().kv(item.layer.index)
         local = int(item.name.split(".")[2])
         return [(kv_cache_scale_name(local), kv_cache_scale(k_amax, v_amax))]
-
-
-class TableQuantizer:
-    """Raw 16-bit weight bytes -> their e4m3 bytes by `table` (65,536 entries), into a buffer
-    reused block after block (the writer has written and hashed a block before it asks for
-    the next)."""
-
-    CHUNK = 1 << 20  # elements per np.take: keeps its 8-byte index temporary in cache
-
-    def __init__(self, table: np.ndarray):
-        self.table = table
-        self._out = np.empty(0, dtype=np.uint8)
-
-    def __call__(self, raw) -> np.ndarray:
-        bits = np.frombuffer(raw, dtype=np.uint16)
-        if self._out.size < bits.size:
-            self._out = np.empty(bits.size, dtype=np.uint8)
-        out = self._out[: bits.size]
-        for start in range(0, bits.size, self.CHUNK):
-            stop = start + self.CHUNK
-            np.take(self.table, bits[start:stop], out=out[start:stop], mode="clip")
-        return out
 
 
 def trtllm_effective_table(table: AmaxTable, plan: ModelPlan) -> AmaxTable:
