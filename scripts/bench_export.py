@@ -9,7 +9,10 @@ host has to back again, so every command must find the same state):
   TensorRT-LLM FP8 checkpoint at --tp (`write_trtllm_fp8`)   vs  cp -r of its output
   unified HF FP8 checkpoint (`write_unified_hf`)             vs  cp -r of its output
 
-Every timing ends with `sync`. Once, outside the timed rounds, the TensorRT-LLM export is
+Every timing ends with an fsync of each file the command wrote (not a global `sync`, which
+on a shared machine waits for everyone's dirty pages). ModelOpt is imported before the
+timings, as `quantize` has it loaded from calibration when it exports. Once, outside the
+timed rounds, the TensorRT-LLM export is
 also run the previous way (each quantized tensor assembled whole, then divided in fp32:
 `quantize_by_division`) and the two outputs must be byte-identical. Amax values are
 constants: only speed is measured. The 1-minute load average is printed beside each figure.
@@ -51,17 +54,30 @@ def constant_table(src: Path) -> AmaxTable:
     return table
 
 
-def synced(run) -> float:
+def fsync_tree(root: Path) -> None:
+    """fsync every file and folder under `root`: this command's bytes on disk, not every
+    dirty page of the (shared) machine as a global `sync` would wait for."""
+    for path in [root, *root.rglob("*")]:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def synced(run, out: Path) -> float:
     os.sync()
     start = time.perf_counter()
     run()
-    subprocess.run(["sync"], check=True)
+    fsync_tree(out)
     return time.perf_counter() - start
 
 
 def export_trt(src: Path, out: Path, table: AmaxTable, tp: int, workers: int) -> float:
     shutil.rmtree(out, ignore_errors=True)
-    return synced(lambda: export_trtllm.write_trtllm_fp8(src, out, table, tp=tp, workers=workers))
+    return synced(
+        lambda: export_trtllm.write_trtllm_fp8(src, out, table, tp=tp, workers=workers), out
+    )
 
 
 def export_unified(src: Path, out: Path, table: AmaxTable) -> float:
@@ -72,12 +88,12 @@ def export_unified(src: Path, out: Path, table: AmaxTable) -> float:
         out.mkdir(parents=True)
         export_hf.write_unified_hf(out, plan, ckpt, table)
 
-    return synced(run)
+    return synced(run, out)
 
 
 def timed_cp(src: Path, dst: Path) -> float:
     shutil.rmtree(dst, ignore_errors=True)
-    return synced(lambda: subprocess.run(["cp", "-r", str(src), str(dst)], check=True))
+    return synced(lambda: subprocess.run(["cp", "-r", str(src), str(dst)], check=True), dst)
 
 
 def previous_trt(src: Path, out: Path, table: AmaxTable, tp: int, workers: int) -> float:
@@ -158,6 +174,10 @@ def main() -> None:
             SynthSpec(preset="ultra-253b", layers="14-17", target_bytes=int(args.size_gb * 1e9)),
         )
     table = constant_table(src)
+    # The HF export's config step uses ModelOpt's sanitizer; `quantize` has ModelOpt loaded
+    # from calibration by then, so its import (seconds) is not part of the export here either.
+    import modelopt.torch.export.plugins  # noqa: F401
+
     trt_out, hf_out, copy = args.work / "fp8-trtllm", args.work / "fp8-hf", args.work / "cp"
     result = {"tp": args.tp, "workers": args.workers, "cpus": os.cpu_count()}
     result["trtllm"] = side_by_side(
