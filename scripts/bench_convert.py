@@ -10,8 +10,9 @@ posix_fadvise DONTNEED, which needs no root and touches no one else's pages):
   cp -r SRC COPY                                   (the floor: read + write every byte)
   builder convert SRC OUT --tp T --workers W       (read slices, write rank files, sha256)
 
-Each timing starts after a `sync` and includes a final `sync`, so both pay for getting their
-bytes to disk; times without the final sync are printed too. Peak RSS is the largest
+Each timing starts after a `sync` and ends with an fsync of every file the command wrote (not
+a global `sync`, which on a shared machine waits for everyone's dirty pages), so both pay
+for getting their bytes to disk; times without it are kept in the JSON too. Peak RSS is the largest
 resident set of any single convert process and the largest proportional set size (PSS,
 shared library pages counted once) summed over the convert process tree (main process,
 fork server, workers; psutil, sampled every 250 ms). The 1-minute load average before each
@@ -115,7 +116,20 @@ class TreeSampler:
         return self.peak_one, self.peak
 
 
-def timed(cmd: list[str], sample: bool = False) -> tuple[float, float, tuple[int, int], str]:
+def fsync_tree(root: Path) -> None:
+    """fsync every file and folder under `root`: this command's bytes on disk, not every
+    dirty page of the (shared) machine as a global `sync` would wait for."""
+    for path in [root, *root.rglob("*")]:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def timed(
+    cmd: list[str], out: Path, sample: bool = False
+) -> tuple[float, float, tuple[int, int], str]:
     """(seconds without final sync, seconds with it, (peak RSS of one process, peak PSS of
     the tree), stdout)."""
     os.sync()
@@ -127,7 +141,7 @@ def timed(cmd: list[str], sample: bool = False) -> tuple[float, float, tuple[int
     peak = sampler.stop() if sampler else (0, 0)
     if proc.returncode:
         raise SystemExit(f"{' '.join(cmd)} failed with exit code {proc.returncode}")
-    os.sync()
+    fsync_tree(out)
     return ran, time.perf_counter() - started, peak, out
 
 
@@ -180,9 +194,9 @@ def bench_size(args, size: str) -> dict:
             prepare(src, args.cache)
             load = os.getloadavg()[0]
             if what == "cp":
-                results["cp"] = (*timed(["cp", "-r", str(src), str(copy)]), load)
+                results["cp"] = (*timed(["cp", "-r", str(src), str(copy)], copy), load)
             else:
-                results["convert"] = (*timed(convert_cmd, sample=True), load)
+                results["convert"] = (*timed(convert_cmd, out, sample=True), load)
         cp, cv = results["cp"], results["convert"]
         summary = json.loads(cv[3])
         rows.append(
@@ -264,7 +278,7 @@ def main() -> None:
     print(
         f"convert --tp {args.tp} --workers {args.workers} against cp -r of the same source, "
         f"{os.cpu_count()} CPUs, source {args.cache} in the page cache before each command, "
-        "each timing ends with sync"
+        "each timing ends with an fsync of what it wrote"
     )
     print(
         "| size | cp s | convert s | convert / cp (median, best) | peak RSS one process | "
