@@ -130,19 +130,19 @@ def fsync_tree(root: Path) -> None:
 def timed(
     cmd: list[str], out: Path, sample: bool = False
 ) -> tuple[float, float, tuple[int, int], str]:
-    """(seconds without final sync, seconds with it, (peak RSS of one process, peak PSS of
-    the tree), stdout)."""
+    """(seconds without the final fsync of `out`, seconds with it, (peak RSS of one process,
+    peak PSS of the tree), stdout)."""
     os.sync()
     started = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     sampler = TreeSampler(proc.pid) if sample else None
-    out, _ = proc.communicate()
+    stdout, _ = proc.communicate()
     ran = time.perf_counter() - started
     peak = sampler.stop() if sampler else (0, 0)
     if proc.returncode:
         raise SystemExit(f"{' '.join(cmd)} failed with exit code {proc.returncode}")
     fsync_tree(out)
-    return ran, time.perf_counter() - started, peak, out
+    return ran, time.perf_counter() - started, peak, stdout
 
 
 def evict(src: Path) -> None:
