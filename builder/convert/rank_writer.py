@@ -7,6 +7,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from builder.arch.plan import ModelPlan
 from builder.convert.layout import RankTransform, rank_layout
 from builder.convert.sources import DEFAULT_BLOCK_BYTES, SourceReader, read_plan
@@ -80,7 +82,7 @@ def write_rank_file(
             if blockwise is not None:  # elementwise: no whole tensor in memory
                 convert, extras = blockwise
                 _check_outputs(item.name, [(item.name, None), *extras], specs, path)
-                _stream(writer, item.name, reader.blocks(rp), convert, report)
+                _stream(writer, item.name, reader.blocks(rp, strided=True), convert, report)
                 outputs = extras
             else:
                 outputs = transform.apply(item, reader.assemble(rp))
@@ -99,8 +101,10 @@ def _stream(writer, name: str, blocks, convert, report: Progress) -> None:
     writer.start(name)
     for block in blocks:
         size = len(block) if isinstance(block, FileSpan) else block.nbytes
+        if isinstance(block, FileSpan):
+            block = block.view
         if convert is not None:
-            block = convert(block.view if isinstance(block, FileSpan) else as_bytes(block))
+            block = convert(block if isinstance(block, np.ndarray) else as_bytes(block))
         writer.append(block)
         report(size)
     writer.finish()

@@ -200,12 +200,16 @@ class SourceReader:
         self.close()
 
     # ---- public -------------------------------------------------------------------------------
-    def blocks(self, rp: ReadPlan) -> Iterator[Block]:
+    def blocks(self, rp: ReadPlan, strided: bool = False) -> Iterator[Block]:
         """The bytes of `rp.item` in order: FileSpans of source bytes that need no change
         (valid until the next block is requested), numpy arrays of bytes already in
-        `out_dtype`, or torch tensors of `out_dtype` where a cast was needed."""
+        `out_dtype`, or torch tensors of `out_dtype` where a cast was needed.
+
+        `strided`: column ranges come as 2-D uint8 views (rows x bytes) of the mapped
+        source, valid until the next block is requested, instead of gathered copies: for a
+        consumer that reads them once (a table lookup) the gather would be a wasted pass."""
         for piece in rp.pieces:
-            yield from self._piece_blocks(piece)
+            yield from self._piece_blocks(piece, strided)
         if rp.pad_rows:
             width = rp.item.shape[1]
             row_bytes = width * self.out_dtype.itemsize
@@ -231,7 +235,7 @@ class SourceReader:
         return torch.from_numpy(out).view(self.out_dtype.torch).view(rp.item.shape)
 
     # ---- pieces -----------------------------------------------------------------------------
-    def _piece_blocks(self, piece: Piece) -> Iterator[Block]:
+    def _piece_blocks(self, piece: Piece, strided: bool = False) -> Iterator[Block]:
         info = self.ckpt.info(piece.source)
         location = self.ckpt.data_location(piece.source)  # None for a (trusted) pickle file
         if piece.rows is None:
@@ -256,6 +260,9 @@ class SourceReader:
                 continue
             elif piece.cols is None:
                 block = self._rows(piece.source, location, info, start, stop)
+            elif strided and info.dtype == self.out_dtype:
+                yield from self._column_view(piece.source, location, info, start, stop, piece.cols)
+                continue
             else:
                 block = self._columns(location, info, start, stop, piece.cols)
             yield self._checked(piece.source, info, block, start, first_col, width)
@@ -358,6 +365,32 @@ class SourceReader:
             del rows  # no view may outlive the mapping
         return picked.reshape(-1)
 
+    def _column_view(
+        self, name: str, location: tuple[Path, int, int], info, start: int, stop: int, cols: slice
+    ) -> Iterator[np.ndarray]:
+        """Rows start..stop, columns `cols`, as a 2-D view of a short-lived mapping (checked)."""
+        file, offset, _ = location
+        elt = info.dtype.itemsize
+        row_bytes = info.shape[1] * elt
+        begin = offset + start * row_bytes
+        aligned = begin - begin % mmap.ALLOCATIONGRANULARITY
+        length = (stop - start) * row_bytes
+        mm = mmap.mmap(
+            self._fd(file), length + begin - aligned, offset=aligned, access=mmap.ACCESS_READ
+        )
+        try:
+            rows = np.frombuffer(mm, dtype=np.uint8, count=length, offset=begin - aligned)
+            view = rows.reshape(stop - start, row_bytes)[:, cols.start * elt : cols.stop * elt]
+            del rows
+            self._check(name, info.dtype, view, start, cols.start, cols.stop - cols.start)
+            yield view
+            del view  # no view may outlive the mapping
+        finally:
+            try:
+                mm.close()
+            except BufferError:  # a consumer kept a view; the mapping goes when it does
+                pass
+
     def _gather_buffer(self, size: int) -> np.ndarray:
         """A reused output buffer for column gathers (fresh pages per block cost more than the
         copy)."""
@@ -387,8 +420,8 @@ class SourceReader:
     ) -> None:
         if not self.check_finite or dtype not in FLOAT_DTYPES:
             return
-        data = np.frombuffer(raw, dtype=np.uint8)
-        scratch = self._scratch_buffer(len(data)).view(dtype.bits)
+        data = raw if isinstance(raw, np.ndarray) else np.frombuffer(raw, dtype=np.uint8)
+        scratch = self._scratch_buffer(data.size).view(dtype.bits)
         bad = first_nonfinite(data, dtype, scratch)
         if bad is None:
             return
@@ -413,11 +446,12 @@ def first_nonfinite(
     over the block (memory speed, no float conversion). `scratch`: a reused buffer of the
     block's length in `dtype.bits`, so a 64 MiB block costs no fresh pages.
     """
-    bits = data.view(dtype.bits)
+    bits = data.view(dtype.bits)  # (a 2-D strided view of rows works too)
     if not bits.size:
         return None
     mask = dtype.bits.type(dtype.exponent_mask)
-    out = np.bitwise_and(bits, mask, out=scratch[: bits.size] if scratch is not None else None)
+    into = scratch[: bits.size].reshape(bits.shape) if scratch is not None else None
+    out = np.bitwise_and(bits, mask, out=into)
     if out.max() != mask:
         return None
     return int(np.flatnonzero(out == mask)[0])
@@ -425,7 +459,7 @@ def first_nonfinite(
 
 def element_value(data: np.ndarray, dtype: Dtype, index: int) -> float:
     """Element `index` of raw bytes `data` of float type `dtype`, as a Python float."""
-    raw = int(data.view(dtype.bits)[index])
+    raw = int(data.view(dtype.bits).reshape(-1)[index])
     if dtype == BF16:
         return float(np.array([raw << 16], dtype=np.uint32).view(np.float32)[0])
     if dtype in (F16, F32, F64):

@@ -130,11 +130,21 @@ class TableQuantizer:
         self._out = np.empty(0, dtype=np.uint8)
 
     def __call__(self, raw) -> np.ndarray:
-        bits = np.frombuffer(raw, dtype=np.uint16)
+        """`raw`: bytes, or a 2-D uint8 array of rows (a strided view of column ranges)."""
+        data = raw if isinstance(raw, np.ndarray) else np.frombuffer(raw, dtype=np.uint8)
+        bits = data.view(np.uint16)
+        if bits.ndim == 1:
+            bits = bits.reshape(1, -1)
         if self._out.size < bits.size:
             self._out = np.empty(bits.size, dtype=np.uint8)
-        out = self._out[: bits.size]
-        for start in range(0, bits.size, self.CHUNK):
-            stop = start + self.CHUNK
-            np.take(self.table, bits[start:stop], out=out[start:stop], mode="clip")
-        return out
+        out = self._out[: bits.size].reshape(bits.shape)
+        rows = max(1, self.CHUNK // max(1, bits.shape[1]))
+        if bits.shape[0] == 1:  # one long row (contiguous bytes): chunk along it
+            for start in range(0, bits.shape[1], self.CHUNK):
+                stop = start + self.CHUNK
+                np.take(self.table, bits[0, start:stop], out=out[0, start:stop], mode="clip")
+        else:
+            for start in range(0, bits.shape[0], rows):
+                stop = start + rows
+                np.take(self.table, bits[start:stop], out=out[start:stop], mode="clip")
+        return out.reshape(-1)
