@@ -442,18 +442,21 @@ def first_nonfinite(
 ) -> int | None:
     """Index of the first NaN/Inf element of `data` (raw bytes of `dtype`), or None.
 
-    A float is NaN or Inf exactly when its exponent bits are all ones: one AND and one max
-    over the block (memory speed, no float conversion). `scratch`: a reused buffer of the
-    block's length in `dtype.bits`, so a 64 MiB block costs no fresh pages.
+    A float is NaN or Inf exactly when its exponent bits are all ones. Read as a signed
+    integer, a positive one is then >= the exponent mask; read as unsigned, a negative one
+    is >= sign bit | mask; no finite value reaches either. So two max reductions, which only
+    read the block, clear it; the position is searched only in a block that has one.
+    `scratch`: a reused buffer of the block's size for that search.
     """
     bits = data.view(dtype.bits)  # (a 2-D strided view of rows works too)
     if not bits.size:
         return None
     mask = dtype.bits.type(dtype.exponent_mask)
+    negative = dtype.bits.type(dtype.exponent_mask | (1 << (8 * dtype.itemsize - 1)))
+    if data.view(f"<i{dtype.itemsize}").max() < mask and bits.max() < negative:
+        return None
     into = scratch[: bits.size].reshape(bits.shape) if scratch is not None else None
     out = np.bitwise_and(bits, mask, out=into)
-    if out.max() != mask:
-        return None
     return int(np.flatnonzero(out == mask)[0])
 
 

@@ -63,9 +63,10 @@ def count_nonfinite(data: np.ndarray, dtype: Dtype, scratch: np.ndarray) -> int:
     if not bits.size:
         return 0
     mask = dtype.bits.type(dtype.exponent_mask)
+    negative = dtype.bits.type(dtype.exponent_mask | (1 << (8 * dtype.itemsize - 1)))
+    if data.view(f"<i{dtype.itemsize}").max() < mask and bits.max() < negative:
+        return 0  # (see builder.convert.sources.first_nonfinite: two read-only maxima)
     exponents = np.bitwise_and(bits, mask, out=scratch[: data.size].view(dtype.bits))
-    if exponents.max() != mask:
-        return 0
     return int(np.count_nonzero(exponents == mask))
 
 

@@ -131,7 +131,9 @@ def test_missing_and_unused_tensors_are_named(tmp_path, mixed_copy):
     )
 
 
-@pytest.mark.parametrize("value, shown", [(float("nan"), "nan"), (float("inf"), "inf")])
+@pytest.mark.parametrize(
+    "value, shown", [(float("nan"), "nan"), (float("inf"), "inf"), (float("-inf"), "-inf")]
+)
 def test_nan_or_inf_in_a_weight_names_the_tensor(tmp_path, mixed_copy, value, shown):
     def change(tensors):
         tensors["model.layers.11.mlp.up_proj.weight"][4000, 17] = value
