@@ -1,22 +1,26 @@
 #!/usr/bin/env python
 """Benchmark `builder convert` against a plain `cp -r` of the same source bytes.
 
-Builds (or reuses) a synthetic Ultra-pattern checkpoint of --size bytes with `builder synth
---target-size`, reads it once so the page cache is warm, then runs, --repeat times (in
-alternating order, each after deleting its own previous output):
+For each of --sizes (default 0.5, 2 and 8 GB) builds (or reuses) a synthetic Ultra-pattern
+checkpoint with `builder synth --target-size`, then runs, --repeat times in alternating
+order (A B, B A, ...), each after deleting its own previous output and after putting the
+source in the same page-cache state (--cache warm: read whole; cold: evicted with
+posix_fadvise DONTNEED, which needs no root and touches no one else's pages):
 
   cp -r SRC COPY                                   (the floor: read + write every byte)
   builder convert SRC OUT --tp T --workers W       (read slices, write rank files, sha256)
 
-Each timing starts after a `sync` and includes a final `sync`, so both pay for getting their
-bytes to disk; times without the final sync are printed too. Peak RSS is the largest
+Each timing starts after a `sync` and ends with an fsync of every file the command wrote (not
+a global `sync`, which on a shared machine waits for everyone's dirty pages), so both pay
+for getting their bytes to disk; times without it are kept in the JSON too. Peak RSS is the largest
 resident set of any single convert process and the largest proportional set size (PSS,
 shared library pages counted once) summed over the convert process tree (main process,
-fork server, workers; psutil, sampled every 250 ms). Goal (issue 3): median
-convert/cp <= 1.3 and peak RSS <= 1 GiB + 2 x the largest output tensor.
+fork server, workers; psutil, sampled every 250 ms). The 1-minute load average before each
+command is printed beside it (the machine may be shared). Goal (issue 15): convert/cp <= 1.3
+at 2 GB on 2 cores and peak RSS <= 1 GiB + 2 x the largest output tensor.
 
-Usage: .venv/bin/python scripts/bench_convert.py [--work /tmp/bench] [--size 4GB] [--tp 2]
-       [--workers 2] [--repeat 3] [--json]
+Usage: .venv/bin/python scripts/bench_convert.py [--work /tmp/bench] [--sizes 0.5GB,2GB,8GB]
+       [--tp 2] [--workers 2] [--repeat 2] [--cache warm|cold] [--json]
 """
 
 from __future__ import annotations
@@ -112,38 +116,59 @@ class TreeSampler:
         return self.peak_one, self.peak
 
 
-def timed(cmd: list[str], sample: bool = False) -> tuple[float, float, tuple[int, int], str]:
-    """(seconds without final sync, seconds with it, (peak RSS of one process, of the tree),
-    stdout)."""
+def fsync_tree(root: Path) -> None:
+    """fsync every file and folder under `root`: this command's bytes on disk, not every
+    dirty page of the (shared) machine as a global `sync` would wait for."""
+    for path in [root, *root.rglob("*")]:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def timed(
+    cmd: list[str], out: Path, sample: bool = False
+) -> tuple[float, float, tuple[int, int], str]:
+    """(seconds without the final fsync of `out`, seconds with it, (peak RSS of one process,
+    peak PSS of the tree), stdout)."""
     os.sync()
     started = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     sampler = TreeSampler(proc.pid) if sample else None
-    out, _ = proc.communicate()
+    stdout, _ = proc.communicate()
     ran = time.perf_counter() - started
     peak = sampler.stop() if sampler else (0, 0)
     if proc.returncode:
         raise SystemExit(f"{' '.join(cmd)} failed with exit code {proc.returncode}")
-    os.sync()
-    return ran, time.perf_counter() - started, peak, out
+    fsync_tree(out)
+    return ran, time.perf_counter() - started, peak, stdout
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--work", type=Path, default=Path("/tmp/bench_convert"))
-    parser.add_argument("--size", default="4GB")
-    parser.add_argument("--tp", type=int, default=2)
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--json", action="store_true", help="print one JSON object at the end")
-    args = parser.parse_args()
-    args.work.mkdir(parents=True, exist_ok=True)
-    src = ensure_source(args.work, args.size)
+def evict(src: Path) -> None:
+    """Drop the source's pages from the page cache (its own clean pages only: no root, and
+    nothing of other processes is touched)."""
+    for path in weight_files(src):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def prepare(src: Path, cache: str) -> None:
+    """The same page-cache state of the source before every timed command."""
+    if cache == "warm":
+        warm(src)
+    else:
+        os.sync()
+        evict(src)
+
+
+def bench_size(args, size: str) -> dict:
+    src = ensure_source(args.work, size)
     source_bytes = sum(p.stat().st_size for p in weight_files(src))
-    warm(src)
-    copy, out = args.work / "cp-copy", args.work / "converted"
+    copy, out = args.work / f"cp-copy-{size}", args.work / f"converted-{size}"
     rows = []
     summary = {}
     convert_cmd = [
@@ -158,95 +183,130 @@ def main() -> None:
         "--json",
     ]
     for run in range(args.repeat):
-        # Alternate the order and free each command's previous output just before it runs: on
-        # a VM, writing into freshly freed page-cache pages is much cheaper than into pages the
-        # host has to back again, which otherwise favours whichever command runs first.
+        # A B A B: alternate the order, and free each command's previous output just before
+        # it runs: on a VM, writing into freshly freed page-cache pages is much cheaper than
+        # into pages the host has to back again, which otherwise favours whichever runs first.
         results = {}
         for what in ("cp", "convert") if run % 2 == 0 else ("convert", "cp"):
+            target = copy if what == "cp" else out
+            shutil.rmtree(target, ignore_errors=True)
+            os.sync()
+            prepare(src, args.cache)
+            load = os.getloadavg()[0]
             if what == "cp":
-                shutil.rmtree(copy, ignore_errors=True)
-                results["cp"] = timed(["cp", "-r", str(src), str(copy)])
+                results["cp"] = (*timed(["cp", "-r", str(src), str(copy)], copy), load)
             else:
-                shutil.rmtree(out, ignore_errors=True)
-                results["convert"] = timed(convert_cmd, sample=True)
+                results["convert"] = (*timed(convert_cmd, out, sample=True), load)
         cp, cv = results["cp"], results["convert"]
         summary = json.loads(cv[3])
         rows.append(
             {
                 "run": run,
+                "order": "cp,convert" if run % 2 == 0 else "convert,cp",
                 "cp_s": cp[1],
                 "convert_s": cv[1],
                 "cp_nosync_s": cp[0],
                 "convert_nosync_s": cv[0],
                 "convert_inner_s": summary["seconds"],
                 "process_rss": cv[2][0],
-                "tree_rss": cv[2][1],
+                "tree_pss": cv[2][1],
+                "load_before_cp": cp[4],
+                "load_before_convert": cv[4],
             }
         )
         print(
-            f"run {run}: cp {cp[1]:.2f} s ({cp[0]:.2f} before sync), convert {cv[1]:.2f} s "
-            f"({cv[0]:.2f} before sync, {summary['seconds']:.2f} after start-up), "
-            f"ratio {cv[1] / cp[1]:.2f}",
+            f"  {size} run {run}: cp {cp[1]:.2f} s (load {cp[4]:.1f}), convert {cv[1]:.2f} s "
+            f"(load {cv[4]:.1f}; {summary['seconds']:.2f} s inside), ratio {cv[1] / cp[1]:.2f}",
             flush=True,
         )
     check = subprocess.run(
         [*BUILDER, "check", str(out), "--quick"], capture_output=True, text=True, check=False
     )
-    peak_process = max(r["process_rss"] for r in rows)
+    shutil.rmtree(copy, ignore_errors=True)
+    if not args.keep:
+        shutil.rmtree(out, ignore_errors=True)
     largest = summary["largest_slice_bytes"]
-    written = sum(r["bytes"] for r in summary["ranks"])
     ratios = [r["convert_s"] / r["cp_s"] for r in rows]
-    ratios_nosync = [r["convert_nosync_s"] / r["cp_nosync_s"] for r in rows]
-    result = {
+    return {
+        "size": size,
         "source_bytes": source_bytes,
-        "written_bytes": written,
-        "tp": args.tp,
-        "workers": args.workers,
+        "written_bytes": sum(r["bytes"] for r in summary["ranks"]),
         "runs": rows,
         "ratio_median": statistics.median(ratios),
         "ratio_min": min(ratios),
-        "ratio_median_without_final_sync": statistics.median(ratios_nosync),
-        # start-up (interpreter, torch import in the CLI and the workers' fork server) excluded
-        "ratio_median_after_startup": statistics.median(
-            r["convert_inner_s"] / r["cp_s"] for r in rows
+        "ratio_median_without_final_sync": statistics.median(
+            r["convert_nosync_s"] / r["cp_nosync_s"] for r in rows
         ),
-        "cp_GBps_median": source_bytes / statistics.median(r["cp_s"] for r in rows) / 1e9,
-        "convert_GBps_median": written / statistics.median(r["convert_s"] for r in rows) / 1e9,
-        "peak_rss_one_process": peak_process,
-        "peak_pss_process_tree": max(r["tree_rss"] for r in rows),
+        "cp_s_median": statistics.median(r["cp_s"] for r in rows),
+        "convert_s_median": statistics.median(r["convert_s"] for r in rows),
+        "peak_rss_one_process": max(r["process_rss"] for r in rows),
+        "peak_pss_process_tree": max(r["tree_pss"] for r in rows),
         "largest_output_tensor_bytes": largest,
         "rss_goal_bytes": GIB + 2 * largest,
+        "load_average": [
+            min(r["load_before_cp"] for r in rows),
+            max(r["load_before_convert"] for r in rows),
+        ],
         "check_ok": check.returncode == 0,
-        "cpus": os.cpu_count(),
     }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--work", type=Path, default=Path("/tmp/bench_convert"))
+    parser.add_argument("--sizes", default="0.5GB,2GB,8GB", help="comma-separated sizes")
+    parser.add_argument("--tp", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--repeat", type=int, default=2, help="rounds per size (A B, then B A)")
+    parser.add_argument(
+        "--cache",
+        choices=["warm", "cold"],
+        default="warm",
+        help="source state before every timed command: read into the page cache, or evicted "
+        "from it (posix_fadvise DONTNEED); the same for cp and convert",
+    )
+    parser.add_argument("--keep", action="store_true", help="keep the converted outputs")
+    parser.add_argument("--json", action="store_true", help="print one JSON object at the end")
+    args = parser.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    results = []
+    for size in args.sizes.split(","):
+        results.append(bench_size(args, size.strip()))
     print()
     print(
-        f"source {source_bytes / 1e9:.2f} GB -> {written / 1e9:.2f} GB in {args.tp} rank files, "
-        f"{args.workers} workers"
+        f"convert --tp {args.tp} --workers {args.workers} against cp -r of the same source, "
+        f"{os.cpu_count()} CPUs, source {args.cache} in the page cache before each command, "
+        "each timing ends with an fsync of what it wrote"
     )
     print(
-        f"convert / cp wall time (with final sync): median {result['ratio_median']:.2f}, best "
-        f"{result['ratio_min']:.2f}"
-        "   (goal <= 1.3); without final sync: median "
-        f"{result['ratio_median_without_final_sync']:.2f}"
+        "| size | cp s | convert s | convert / cp (median, best) | peak RSS one process | "
+        "RSS goal | load avg |"
     )
-    print(
-        "excluding convert's start-up (Python + torch imports, ~2-5 s): median "
-        f"{result['ratio_median_after_startup']:.2f}"
-    )
-    print(
-        f"throughput: cp {result['cp_GBps_median']:.2f} GB/s, convert "
-        f"{result['convert_GBps_median']:.2f} GB/s"
-    )
-    print(
-        f"peak RSS: largest process {peak_process / 2**20:.0f} MiB; whole tree (PSS) "
-        f"{result['peak_pss_process_tree'] / 2**20:.0f} MiB;"
-        f" goal <= 1 GiB + 2 x {largest / 2**20:.0f} MiB = {result['rss_goal_bytes'] / 2**20:.0f} "
-        "MiB"
-    )
-    print(f"builder check --quick: {'ok' if result['check_ok'] else 'FAILED'}")
+    print("|---|---|---|---|---|---|---|")
+    for r in results:
+        print(
+            f"| {r['source_bytes'] / 1e9:.2f} GB | {r['cp_s_median']:.2f} | "
+            f"{r['convert_s_median']:.2f} | {r['ratio_median']:.2f}, {r['ratio_min']:.2f} | "
+            f"{r['peak_rss_one_process'] / 2**20:.0f} MiB | "
+            f"{r['rss_goal_bytes'] / 2**20:.0f} MiB | "
+            f"{r['load_average'][0]:.1f}-{r['load_average'][1]:.1f} |"
+        )
+    failed = [r["size"] for r in results if not r["check_ok"]]
+    print(f"builder check --quick: {'ok' if not failed else 'FAILED for ' + ', '.join(failed)}")
     if args.json:
-        print(json.dumps(result))
+        print(
+            json.dumps(
+                {
+                    "tp": args.tp,
+                    "workers": args.workers,
+                    "cpus": os.cpu_count(),
+                    "cache": args.cache,
+                    "sizes": results,
+                }
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -19,13 +19,13 @@ from typing import Any
 
 from builder.arch.plan import ModelPlan
 from builder.arch.tensors import check_parallelism
-from builder.convert.layout import layout_for, rank_layout, torch_dtype
+from builder.convert.layout import layout_for, output_dtype, rank_layout
 from builder.convert.pipeline import DRY_RUN_KIND, ENTRIES, KIND, entry_verifies, read_entry
 from builder.convert.sources import source_fingerprint
 from builder.errors import UserError
 from builder.io.checkpoint import HFCheckpoint
 from builder.io.manifest import MANIFEST, read_manifest, sha256_file
-from builder.io.safetensors_stream import DTYPE_CODES, header_specs, read_header
+from builder.io.safetensors_stream import header_specs, read_header
 from builder.io.trtllm_checkpoint import mapping_of, rank_file_name, read_trtllm_config
 
 
@@ -198,7 +198,7 @@ def _check_headers(directory: Path, plan: ModelPlan, manifest: dict, report: Che
     """Header problems per rank; returns the FP8 scale tensors of each rank file."""
     config = json.loads((directory / "config.json").read_text())
     tp, pp = report.tp, report.pp
-    dtype = torch_dtype(config.get("dtype", "bfloat16"))
+    dtype = output_dtype(config.get("dtype", "bfloat16"))
     transform = layout_for(config.get("quantization"))
     scales = []
     for rank in range(tp * pp):
@@ -236,8 +236,8 @@ def _header_problems(path: Path, expected: dict) -> list[str]:
         want = expected.get(name)
         if want is not None and (want.shape, want.dtype) != (spec.shape, spec.dtype):
             problems.append(
-                f"{path}: tensor {name!r} is {list(spec.shape)} {DTYPE_CODES.get(spec.dtype)}, "
-                f"the plan says {list(want.shape)} {DTYPE_CODES.get(want.dtype)}"
+                f"{path}: tensor {name!r} is {list(spec.shape)} {spec.code}, "
+                f"the plan says {list(want.shape)} {want.code}"
             )
     end = max((e["data_offsets"][1] for k, e in header.items() if k != "__metadata__"), default=0)
     if start + end != path.stat().st_size:

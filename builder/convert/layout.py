@@ -16,8 +16,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
-import torch
-
 from builder.arch.plan import ModelPlan
 from builder.arch.tensors import (
     TRTLLM_DEFAULT_FP8_EXCLUDES,
@@ -28,17 +26,17 @@ from builder.arch.tensors import (
     rank_tensors,
     scale_names,
 )
-from builder.dtypes import torch_dtypes
+from builder.dtypes import BF16, F8_E4M3, F16, F32, Dtype
 from builder.errors import ConfigError, UserError
 from builder.io.safetensors_stream import TensorSpec
 
 # TensorRT-LLM's default exclude list, used when a quantization dict gives none.
 DEFAULT_FP8_EXCLUDES = TRTLLM_DEFAULT_FP8_EXCLUDES
 
-DTYPES = torch_dtypes()
+DTYPES = {d.name: d for d in (BF16, F16, F32)}
 
 
-def torch_dtype(name: str) -> torch.dtype:
+def output_dtype(name: str) -> Dtype:
     try:
         return DTYPES[name]
     except KeyError:
@@ -59,14 +57,19 @@ class RankTransform(Protocol):
 
     Optional `passthrough(item) -> bool`: True when `item` is written unchanged; it is then
     streamed in blocks like a plain conversion (never assembled whole, `apply` not called).
+    Optional `blockwise(item, dtype) -> (convert, extras) | None`: for an elementwise change,
+    `convert(raw)` maps the raw bytes of any row block of the rank tensor (in the output
+    dtype) to the bytes of the same rows of its first output, and `extras` are the
+    remaining `(name, tensor)` outputs; the tensor is then streamed, never assembled, and
+    must give the same bytes as `apply` would.
     """
 
-    def specs(self, item: RankTensor, dtype: torch.dtype) -> list[TensorSpec]: ...
+    def specs(self, item: RankTensor, dtype: Dtype) -> list[TensorSpec]: ...
 
-    def apply(self, item: RankTensor, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]: ...
+    def apply(self, item: RankTensor, tensor: Any) -> list[tuple[str, Any]]: ...
 
 
-def plain_specs(item: RankTensor, dtype: torch.dtype) -> list[TensorSpec]:
+def plain_specs(item: RankTensor, dtype: Dtype) -> list[TensorSpec]:
     return [TensorSpec(item.name, item.shape, dtype)]
 
 
@@ -92,7 +95,7 @@ def rank_layout(
     tp: int,
     pp: int,
     rank: int,
-    dtype: torch.dtype,
+    dtype: Dtype,
     transform: RankTransform | None = None,
 ) -> RankLayout:
     items = tuple(rank_tensors(plan, tp, pp, rank))
@@ -121,21 +124,21 @@ class Fp8Layout:
         """Excluded linears, norms, embedding: written as they are (streamed, not assembled)."""
         return not self.quantized(item) and not (self.kv_cache_fp8 and item.rule.split is Split.QKV)
 
-    def specs(self, item: RankTensor, dtype: torch.dtype) -> list[TensorSpec]:
+    def specs(self, item: RankTensor, dtype: Dtype) -> list[TensorSpec]:
         if not self.quantized(item):
             out = [TensorSpec(item.name, item.shape, dtype)]
         else:
             w_scale, a_scale = scale_names(item.name)
             out = [
-                TensorSpec(item.name, item.shape, torch.float8_e4m3fn),
-                TensorSpec(w_scale, (1,), torch.float32),
-                TensorSpec(a_scale, (1,), torch.float32),
+                TensorSpec(item.name, item.shape, F8_E4M3),
+                TensorSpec(w_scale, (1,), F32),
+                TensorSpec(a_scale, (1,), F32),
             ]
         if self.kv_cache_fp8 and item.rule.split is Split.QKV:
-            out.append(TensorSpec(kv_cache_scale_name(item.local), (1,), torch.float32))
+            out.append(TensorSpec(kv_cache_scale_name(item.local), (1,), F32))
         return out
 
-    def apply(self, item: RankTensor, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+    def apply(self, item: RankTensor, tensor: Any) -> list[tuple[str, Any]]:
         raise NotImplementedError("Fp8Layout only declares specs; subclass it to quantize")
 
 

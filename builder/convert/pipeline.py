@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import FIRST_EXCEPTION, wait
@@ -33,12 +34,10 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from builder.arch.plan import ModelPlan, load_plan
 from builder.arch.schema import AnyValue, Integer, Number, Object, String, validate
 from builder.arch.tensors import check_parallelism, stage_layers
-from builder.convert.layout import RankLayout, RankTransform, rank_layout, torch_dtype
+from builder.convert.layout import RankLayout, RankTransform, output_dtype, rank_layout
 from builder.convert.progress import NullProgress, ProgressSink
 from builder.convert.rank_writer import RankResult, rank_metadata, write_rank_file
 from builder.convert.sources import DEFAULT_BLOCK_BYTES, check_source, source_fingerprint
@@ -63,7 +62,7 @@ from builder.io.manifest import (
     sha256_file,
     write_manifest,
 )
-from builder.io.safetensors_stream import DTYPE_CODES, encode_header
+from builder.io.safetensors_stream import encode_header
 from builder.io.trtllm_checkpoint import rank_file_name
 from builder.units import format_ranges, gib, parse_ranges
 
@@ -175,7 +174,7 @@ def parse_ranks(text: str | None, world: int) -> list[int]:
 
 def resolve_dtype(dtype: str, plan: ModelPlan) -> str:
     name = plan.torch_dtype if dtype == "auto" else dtype
-    torch_dtype(name)  # raises for unsupported names
+    output_dtype(name)  # raises for unsupported names
     return name
 
 
@@ -208,8 +207,7 @@ def rank_description(plan: ModelPlan, tp: int, pp: int, layout: RankLayout) -> d
         "bytes": len(header) + layout.data_bytes,  # the exact rank file size
         "data_bytes": layout.data_bytes,
         "tensor_specs": {
-            s.name: {"dtype": DTYPE_CODES[s.dtype], "shape": list(s.shape), "bytes": s.nbytes}
-            for s in specs
+            s.name: {"dtype": s.code, "shape": list(s.shape), "bytes": s.nbytes} for s in specs
         },
     }
 
@@ -235,7 +233,7 @@ def write_dry_run(
     """Write OUT/manifest.json describing every rank file that would be produced; no weights."""
     started = time.perf_counter()
     check_parallelism(plan, tp, pp)
-    layouts = [rank_layout(plan, tp, pp, r, torch_dtype(dtype), transform) for r in range(tp * pp)]
+    layouts = [rank_layout(plan, tp, pp, r, output_dtype(dtype), transform) for r in range(tp * pp)]
     ranks = [rank_description(plan, tp, pp, lay) for lay in layouts]
     manifest = {
         **provenance(DRY_RUN_KIND),
@@ -373,24 +371,29 @@ def run_rank_job(job: RankJob, progress=None) -> RankResult:
     ckpt, plan = HFCheckpoint(job.src, allow_pickle=job.allow_pickle), load_plan(job.src)
     stage = Path(job.stage)
     tmp = stage / (rank_file_name(job.rank) + ".tmp")
-    result = write_rank_file(
+    with _torch_threads(1):
+        result = _write_job(job, ckpt, plan, tmp, progress)
+    final = rank_file_name(job.rank)
+    os.replace(tmp, stage / final)
+    result = RankResult(job.rank, final, result.size, result.sha256, result.tensors, result.seconds)
+    write_entry(stage, result, job.key, job.fingerprint)
+    return result
+
+
+def _write_job(job: RankJob, ckpt: HFCheckpoint, plan: ModelPlan, tmp: Path, progress):
+    return write_rank_file(
         ckpt,
         plan,
         job.tp,
         job.pp,
         job.rank,
-        torch_dtype(job.dtype),
+        output_dtype(job.dtype),
         tmp,
         transform=job.transform,
         progress=progress,
         block_bytes=job.block_bytes,
         check_finite=job.check_finite,
     )
-    final = rank_file_name(job.rank)
-    os.replace(tmp, stage / final)
-    result = RankResult(job.rank, final, result.size, result.sha256, result.tensors, result.seconds)
-    write_entry(stage, result, job.key, job.fingerprint)
-    return result
 
 
 def _verify_job(stage: str, entry: dict[str, Any]) -> bool:
@@ -419,8 +422,12 @@ def convert(
             # Exclusive for a full run; `--ranks` runs own disjoint ranks and may share it.
             lock = stack.enter_context(lock_stage(request.out, shared=request.ranks is not None))
             if pool is None and request.workers > 1:
-                # Workers start (and import torch) while this process validates the input.
-                pool = stack.enter_context(WorkerPool(request.workers, inherit=[lock.fd]))
+                # Workers start while this process validates the input.
+                transform = request.transform
+                preload = [type(transform).__module__] if transform is not None else []
+                pool = stack.enter_context(
+                    WorkerPool(request.workers, inherit=[lock.fd], preload=preload)
+                )
         stack.enter_context(_torch_threads(1))
         return _convert(request, pool, progress, started)
 
@@ -480,7 +487,9 @@ def _convert(
         raise UserError(f"ranks {selected} are outside 0-{world - 1}")
     check_replaceable(out, overwrite)
     key = layout_key(tp, pp, dtype, quantization, transform)
-    layouts = {r: rank_layout(plan, tp, pp, r, torch_dtype(dtype), transform) for r in range(world)}
+    layouts = {
+        r: rank_layout(plan, tp, pp, r, output_dtype(dtype), transform) for r in range(world)
+    }
     stage = _prepare_stage(out, keep=resume or ranks is not None)
     if resume and ranks is None:  # a lone --resume run owns the stage: a lock is stale
         (stage / FINALIZE_LOCK).unlink(missing_ok=True)
@@ -567,7 +576,12 @@ def _convert(
 @contextmanager
 def _torch_threads(count: int):
     """Conversion is memcpy/IO bound: one intra-op thread per rank. A second OpenMP thread only
-    adds barrier waits, which cost 10x on a busy machine (measured on 2 cores)."""
+    adds barrier waits, which cost 10x on a busy machine (measured on 2 cores). Plain
+    conversions never import torch; a transform that computes with it (quantize) has."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        yield
+        return
     before = torch.get_num_threads()
     torch.set_num_threads(count)
     try:

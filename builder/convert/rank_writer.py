@@ -7,13 +7,19 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
+import numpy as np
 
 from builder.arch.plan import ModelPlan
 from builder.convert.layout import RankTransform, rank_layout
 from builder.convert.sources import DEFAULT_BLOCK_BYTES, SourceReader, read_plan
+from builder.dtypes import Dtype
 from builder.io.checkpoint import HFCheckpoint
-from builder.io.safetensors_stream import SafetensorsStreamWriter, SafetensorsWriteError
+from builder.io.safetensors_stream import (
+    FileSpan,
+    SafetensorsStreamWriter,
+    SafetensorsWriteError,
+    as_bytes,
+)
 
 Progress = Callable[[int], None]  # called with the number of bytes just written
 
@@ -39,7 +45,7 @@ def write_rank_file(
     tp: int,
     pp: int,
     rank: int,
-    dtype: torch.dtype,
+    dtype: Dtype,
     path: Path,
     *,
     transform: RankTransform | None = None,
@@ -50,9 +56,10 @@ def write_rank_file(
     """Write rank `rank` of the tp x pp layout to `path` (deleted again if anything fails).
 
     Without a transform each tensor is streamed in row blocks of at most `block_bytes`;
-    with one, each rank tensor it changes is assembled whole (bounded by the largest rank
-    slice), given to `transform.apply`, and its outputs are written; tensors it passes
-    through unchanged are streamed.
+    with one, tensors it passes through unchanged are streamed, tensors it changes
+    elementwise (`transform.blockwise`) are streamed through its block function, and the
+    rest are assembled whole (bounded by the largest rank slice), given to
+    `transform.apply`, and its outputs are written.
     """
     started = time.perf_counter()
     layout = rank_layout(plan, tp, pp, rank, dtype, transform)
@@ -65,14 +72,17 @@ def write_rank_file(
         for item, specs in zip(layout.items, layout.specs, strict=True):
             rp = read_plan(plan, item, tp, rank % tp)
             if transform is None or _passes_through(transform, item):
-                writer.start(item.name)
-                for block in reader.blocks(rp):
-                    writer.append(block)
-                    report(block.nbytes if isinstance(block, torch.Tensor) else len(block))
-                writer.finish()
+                _stream(writer, item.name, reader.blocks(rp), None, report)
                 continue
-            outputs = transform.apply(item, reader.assemble(rp))
-            _check_outputs(item.name, outputs, specs, path)
+            blockwise = _blockwise(transform, item, dtype)
+            if blockwise is not None:  # elementwise: no whole tensor in memory
+                convert, extras = blockwise
+                _check_outputs(item.name, [(item.name, None), *extras], specs, path)
+                _stream(writer, item.name, reader.blocks(rp, strided=True), convert, report)
+                outputs = extras
+            else:
+                outputs = transform.apply(item, reader.assemble(rp))
+                _check_outputs(item.name, outputs, specs, path)
             for name, tensor in outputs:
                 writer.write(name, tensor)
                 report(tensor.nbytes)
@@ -80,6 +90,25 @@ def write_rank_file(
     return RankResult(
         rank, path.name, result.size, result.sha256, result.tensors, time.perf_counter() - started
     )
+
+
+def _stream(writer, name: str, blocks, convert, report: Progress) -> None:
+    """Write tensor `name` from `blocks`, each passed through `convert` if given."""
+    writer.start(name)
+    for block in blocks:
+        size = len(block) if isinstance(block, FileSpan) else block.nbytes
+        if convert is not None:  # (without one, a FileSpan is copied in the kernel)
+            if isinstance(block, FileSpan):
+                block = block.view
+            block = convert(block if isinstance(block, np.ndarray) else as_bytes(block))
+        writer.append(block)
+        report(size)
+    writer.finish()
+
+
+def _blockwise(transform: RankTransform, item, dtype: Dtype):
+    check = getattr(transform, "blockwise", None)
+    return check(item, dtype) if check else None
 
 
 def _passes_through(transform: RankTransform, item) -> bool:

@@ -6,34 +6,36 @@ pieces from the same index helpers as the pure split rules; `SourceReader.blocks
 them as row blocks of at most `block_bytes`, so no step holds a whole tensor. Same-dtype row
 ranges that need no change are handed to the writer as FileSpans, copied in the kernel
 (copy_file_range, as `cp` does) and hashed from a short-lived mmap; column ranges are one
-strided copy out of an mmap of just those rows into a reused buffer; dtype changes convert
-the block. Offsets come from `HFCheckpoint.data_location` (the
-safetensors header). Pickle checkpoints, which have no offsets, go through
-`HFCheckpoint.read(rows=..., cols=...)`; the result is the same bytes.
+strided numpy copy out of an mmap of just those rows into a reused buffer. All of that is
+byte slicing: a conversion that keeps the dtype imports no tensor library (the NaN/Inf scan
+tests exponent bits with numpy). Only a dtype change (torch casts, with range checks) and
+pickle checkpoints, which have no offsets (`HFCheckpoint.read(rows=..., cols=...)`), import
+torch. Offsets come from `HFCheckpoint.data_location` (the safetensors header).
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 import mmap
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Self
+from typing import Any, Self
 
 import numpy as np
-import torch
 
 from builder.arch.plan import ModelPlan
 from builder.arch.tensors import RankTensor, Split, hf_layer_of, hf_tensor_shapes
 from builder.convert.split import chunk, head_rows, kv_heads_of_rank, vocab_rows
+from builder.dtypes import BF16, BY_NAME, F16, F32, F64, Dtype, dtype_of
 from builder.errors import UserError
 from builder.io.checkpoint import INDEX_NAME, CheckpointError, HFCheckpoint
-from builder.io.safetensors_stream import FileSpan, as_bytes
+from builder.io.safetensors_stream import FileSpan, as_bytes, is_torch_tensor
 
 DEFAULT_BLOCK_BYTES = 64 << 20
-FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+FLOAT_DTYPES = (F32, BF16, F16, F64)
 
 
 class UnrepresentableWeight(UserError):
@@ -91,7 +93,7 @@ def read_plan(plan: ModelPlan, item: RankTensor, tp: int, tp_rank: int) -> ReadP
 def source_problems(ckpt: HFCheckpoint, plan: ModelPlan) -> list[str]:
     """Every disagreement between the checkpoint's tensors and what the plan needs."""
     expected = hf_tensor_shapes(plan)
-    want_dtype = getattr(torch, plan.torch_dtype, None)
+    want_dtype = BY_NAME.get(plan.torch_dtype)
     problems = []
     for name, shape in expected.items():
         if name not in ckpt:
@@ -158,6 +160,9 @@ def _raw_header(file: Path) -> bytes:
 
 
 # ---- reading ------------------------------------------------------------------------------------
+Block = FileSpan | np.ndarray | Any  # Any: a torch.Tensor (dtype changes, pickle checkpoints)
+
+
 class SourceReader:
     """Streams the pieces of rank tensors from one HF checkpoint in bounded row blocks.
 
@@ -168,16 +173,17 @@ class SourceReader:
     def __init__(
         self,
         ckpt: HFCheckpoint,
-        out_dtype: torch.dtype,
+        out_dtype: Dtype | Any,
         block_bytes: int = DEFAULT_BLOCK_BYTES,
         check_finite: bool = True,
     ):
         self.ckpt = ckpt
-        self.out_dtype = out_dtype
+        self.out_dtype = dtype_of(out_dtype)
         self.block_bytes = block_bytes
         self.check_finite = check_finite
         self._buffer: bytearray | None = None
         self._gather: np.ndarray | None = None
+        self._scratch: np.ndarray | None = None
         self._fds: dict[Path, int] = {}
 
     def close(self) -> None:
@@ -192,44 +198,55 @@ class SourceReader:
         self.close()
 
     # ---- public -------------------------------------------------------------------------------
-    def blocks(self, rp: ReadPlan) -> Iterator[FileSpan | torch.Tensor]:
-        """The bytes of `rp.item` in order: tensors of `out_dtype`, or FileSpans of source bytes
-        that need no change (valid until the next block is requested)."""
+    def blocks(self, rp: ReadPlan, strided: bool = False) -> Iterator[Block]:
+        """The bytes of `rp.item` in order: FileSpans of source bytes that need no change
+        (valid until the next block is requested), numpy arrays of bytes already in
+        `out_dtype`, or torch tensors of `out_dtype` where a cast was needed.
+
+        `strided`: column ranges come as 2-D uint8 views (rows x bytes) of the mapped
+        source, valid until the next block is requested, instead of gathered copies: for a
+        consumer that reads them once (a table lookup) the gather would be a wasted pass."""
         for piece in rp.pieces:
-            yield from self._piece_blocks(piece)
+            yield from self._piece_blocks(piece, strided)
         if rp.pad_rows:
             width = rp.item.shape[1]
-            rows = max(1, self.block_bytes // (width * _size(self.out_dtype)))
+            row_bytes = width * self.out_dtype.itemsize
+            rows = max(1, self.block_bytes // row_bytes)
             for start in range(0, rp.pad_rows, rows):
-                yield torch.zeros((min(rows, rp.pad_rows - start), width), dtype=self.out_dtype)
+                yield np.zeros(min(rows, rp.pad_rows - start) * row_bytes, dtype=np.uint8)
 
-    def assemble(self, rp: ReadPlan) -> torch.Tensor:
-        """The whole rank tensor (for transforms that need it, e.g. FP8 quantization)."""
-        out = torch.empty(rp.item.shape, dtype=self.out_dtype)
-        flat = out.view(-1).view(torch.uint8)
+    def piece_blocks(self, piece: Piece) -> Iterator[Block]:
+        """The bytes of one piece of an HF tensor, as `blocks` yields them."""
+        return self._piece_blocks(piece)
+
+    def assemble(self, rp: ReadPlan) -> Any:
+        """The whole rank tensor as a torch tensor (for transforms that compute on it, e.g.
+        FP8 quantization); the only reader path that needs torch for a same-dtype source."""
+        import torch
+
+        out = np.empty(math.prod(rp.item.shape) * self.out_dtype.itemsize, dtype=np.uint8)
         offset = 0
         for block in self.blocks(rp):
             raw = block.view if isinstance(block, FileSpan) else as_bytes(block)
-            flat[offset : offset + len(raw)] = torch.frombuffer(raw, dtype=torch.uint8)
+            out[offset : offset + len(raw)] = np.frombuffer(raw, dtype=np.uint8)
             offset += len(raw)
-        return out
+        return torch.from_numpy(out).view(self.out_dtype.torch).view(rp.item.shape)
 
     # ---- pieces -----------------------------------------------------------------------------
-    def _piece_blocks(self, piece: Piece) -> Iterator[FileSpan | torch.Tensor]:
+    def _piece_blocks(self, piece: Piece, strided: bool = False) -> Iterator[Block]:
         info = self.ckpt.info(piece.source)
         location = self.ckpt.data_location(piece.source)  # None for a (trusted) pickle file
         if piece.rows is None:
             if location is None:
-                tensor = self.ckpt.read(piece.source)
+                block = self.ckpt.read(piece.source)
             else:
-                tensor = torch.frombuffer(
-                    bytearray(self._read(piece.source, location, 0, location[2])), dtype=info.dtype
-                )
-            self._check(piece.source, tensor.view(info.shape), 0)
-            yield self._cast(piece.source, tensor.view(info.shape), 0)
+                raw = self._read(piece.source, location, 0, location[2])
+                block = np.frombuffer(raw, dtype=np.uint8).copy()
+            yield self._checked(piece.source, info, block, 0)
             return
         width = (piece.cols.stop - piece.cols.start) if piece.cols else info.shape[1]
-        step = max(1, self.block_bytes // (width * max(_size(info.dtype), _size(self.out_dtype))))
+        itemsize = max(info.dtype.itemsize, self.out_dtype.itemsize)
+        step = max(1, self.block_bytes // (width * itemsize))
         first_col = piece.cols.start if piece.cols else 0
         for start in range(piece.rows.start, piece.rows.stop, step):
             stop = min(start + step, piece.rows.stop)
@@ -240,12 +257,37 @@ class SourceReader:
                 yield from self._span(piece.source, location, info, start, stop)
                 continue
             elif piece.cols is None:
-                raw = self._rows(piece.source, location, info, start, stop)
-                block = torch.frombuffer(raw, dtype=info.dtype).view(stop - start, -1)
+                block = self._rows(piece.source, location, info, start, stop)
+            elif strided and info.dtype == self.out_dtype:
+                yield from self._column_view(piece.source, location, info, start, stop, piece.cols)
+                continue
             else:
                 block = self._columns(location, info, start, stop, piece.cols)
-            self._check(piece.source, block, start, first_col)
-            yield self._cast(piece.source, block, start, first_col)
+            yield self._checked(piece.source, info, block, start, first_col, width)
+
+    def _checked(
+        self,
+        name: str,
+        info,
+        block: np.ndarray | Any,
+        first_row: int,
+        first_col: int = 0,
+        width: int | None = None,
+    ) -> Block:
+        """`block` (bytes of `info.dtype`, or a torch tensor from a pickle) scanned for
+        NaN/Inf and, if the output dtype differs, cast with range checks."""
+        if is_torch_tensor(block):  # a pickle checkpoint's slice
+            self._check(name, info.dtype, as_bytes(block), first_row, first_col, width)
+            return self._cast(name, block, first_row, first_col)
+        self._check(name, info.dtype, block, first_row, first_col, width)
+        if info.dtype == self.out_dtype:
+            return block
+        import torch
+
+        tensor = torch.from_numpy(block).view(info.dtype.torch)
+        if width is not None:
+            tensor = tensor.view(-1, width)
+        return self._cast(name, tensor, first_row, first_col)
 
     def _read(
         self, name: str, location: tuple[Path, int, int], begin: int, size: int
@@ -268,21 +310,18 @@ class SourceReader:
     def _span(
         self, name: str, location: tuple[Path, int, int], info, start: int, stop: int
     ) -> Iterator[FileSpan]:
-        """Rows start..stop as a FileSpan over a short-lived private mapping (checked first)."""
+        """Rows start..stop as a FileSpan over a short-lived mapping (checked first)."""
         file, offset, _ = location
-        row_bytes = info.shape[1] * _size(info.dtype)
+        row_bytes = info.shape[1] * info.dtype.itemsize
         begin = offset + start * row_bytes
         size = (stop - start) * row_bytes
         aligned = begin - begin % mmap.ALLOCATIONGRANULARITY
         fd = self._fd(file)
-        # ACCESS_COPY: private and nominally writable (torch.frombuffer wants that); never written
-        mm = mmap.mmap(fd, size + begin - aligned, offset=aligned, access=mmap.ACCESS_COPY)
+        mm = mmap.mmap(fd, size + begin - aligned, offset=aligned, access=mmap.ACCESS_READ)
         view = memoryview(mm)[begin - aligned : begin - aligned + size]
         try:
             if self.check_finite:
-                block = torch.frombuffer(view, dtype=info.dtype).view(stop - start, -1)
-                self._check(name, block, start)
-                del block
+                self._check(name, info.dtype, view, start, 0, info.shape[1])
             yield FileSpan(fd, begin, view)
         finally:
             view.release()
@@ -293,27 +332,28 @@ class SourceReader:
 
     def _rows(
         self, name: str, location: tuple[Path, int, int], info, start: int, stop: int
-    ) -> memoryview:
-        row_bytes = info.shape[1] * _size(info.dtype)
-        return self._read(name, location, start * row_bytes, (stop - start) * row_bytes)
+    ) -> np.ndarray:
+        row_bytes = info.shape[1] * info.dtype.itemsize
+        raw = self._read(name, location, start * row_bytes, (stop - start) * row_bytes)
+        return np.frombuffer(raw, dtype=np.uint8)
 
     def _columns(
         self, location: tuple[Path, int, int], info, start: int, stop: int, cols: slice
-    ) -> torch.Tensor:
+    ) -> np.ndarray:
         """Rows start..stop, columns `cols` of a 2-D tensor: a strided copy out of a short-lived
         mmap of just those rows (unmapped at once, so the source never counts in our RSS)."""
         file, offset, _ = location
-        elt = _size(info.dtype)
+        elt = info.dtype.itemsize
         row_bytes = info.shape[1] * elt
         begin = offset + start * row_bytes
         aligned = begin - begin % mmap.ALLOCATIONGRANULARITY
         length = (stop - start) * row_bytes
+        width = (cols.stop - cols.start) * elt
+        picked = self._gather_buffer((stop - start) * width).reshape(stop - start, width)
         with mmap.mmap(
             self._fd(file), length + begin - aligned, offset=aligned, access=mmap.ACCESS_READ
         ) as mm:
             rows = np.frombuffer(mm, dtype=np.uint8, count=length, offset=begin - aligned)
-            width = (cols.stop - cols.start) * elt
-            picked = self._gather_buffer((stop - start) * width).reshape(stop - start, width)
             np.copyto(
                 picked,
                 rows.reshape(stop - start, row_bytes)[
@@ -321,7 +361,33 @@ class SourceReader:
                 ],
             )
             del rows  # no view may outlive the mapping
-        return torch.from_numpy(picked).view(info.dtype).view(stop - start, cols.stop - cols.start)
+        return picked.reshape(-1)
+
+    def _column_view(
+        self, name: str, location: tuple[Path, int, int], info, start: int, stop: int, cols: slice
+    ) -> Iterator[np.ndarray]:
+        """Rows start..stop, columns `cols`, as a 2-D view of a short-lived mapping (checked)."""
+        file, offset, _ = location
+        elt = info.dtype.itemsize
+        row_bytes = info.shape[1] * elt
+        begin = offset + start * row_bytes
+        aligned = begin - begin % mmap.ALLOCATIONGRANULARITY
+        length = (stop - start) * row_bytes
+        mm = mmap.mmap(
+            self._fd(file), length + begin - aligned, offset=aligned, access=mmap.ACCESS_READ
+        )
+        try:
+            rows = np.frombuffer(mm, dtype=np.uint8, count=length, offset=begin - aligned)
+            view = rows.reshape(stop - start, row_bytes)[:, cols.start * elt : cols.stop * elt]
+            del rows
+            self._check(name, info.dtype, view, start, cols.start, cols.stop - cols.start)
+            yield view
+            del view  # no view may outlive the mapping
+        finally:
+            try:
+                mm.close()
+            except BufferError:  # a consumer kept a view; the mapping goes when it does
+                pass
 
     def _gather_buffer(self, size: int) -> np.ndarray:
         """A reused output buffer for column gathers (fresh pages per block cost more than the
@@ -330,43 +396,89 @@ class SourceReader:
             self._gather = np.empty(-(-size // (1 << 20)) * (1 << 20), dtype=np.uint8)
         return self._gather[:size]
 
+    def _scratch_buffer(self, size: int) -> np.ndarray:
+        if self._scratch is None or self._scratch.size < size:
+            self._scratch = np.empty(-(-size // (1 << 20)) * (1 << 20), dtype=np.uint8)
+        return self._scratch[:size]
+
     def _fd(self, file: Path) -> int:
         if file not in self._fds:
             self._fds[file] = os.open(file, os.O_RDONLY)
             os.posix_fadvise(self._fds[file], 0, 0, os.POSIX_FADV_SEQUENTIAL)
         return self._fds[file]
 
-    def _check(self, name: str, block: torch.Tensor, first_row: int, first_col: int = 0) -> None:
-        if not self.check_finite or block.dtype not in FLOAT_DTYPES or block.numel() == 0:
+    def _check(
+        self,
+        name: str,
+        dtype: Dtype,
+        raw: Any,
+        first_row: int,
+        first_col: int = 0,
+        width: int | None = None,
+    ) -> None:
+        if not self.check_finite or dtype not in FLOAT_DTYPES:
             return
-        low, high = torch.aminmax(
-            block
-        )  # propagates NaN and shows +-Inf; ~10x faster than isfinite
-        if torch.isfinite(low) and torch.isfinite(high):
+        data = raw if isinstance(raw, np.ndarray) else np.frombuffer(raw, dtype=np.uint8)
+        scratch = self._scratch_buffer(data.size).view(dtype.bits)
+        bad = first_nonfinite(data, dtype, scratch)
+        if bad is None:
             return
-        flat = block.reshape(-1)
-        bad = int(torch.nonzero(~torch.isfinite(flat))[0])
-        where = _position(block, bad, first_row, first_col)
+        value = element_value(data, dtype, bad)
+        where = _position(width, bad, first_row, first_col)
         info = self.ckpt.info(name)
-        raise NonFiniteWeight(f"{info.file}: tensor {name!r} holds {flat[bad].item()} at {where}")
+        raise NonFiniteWeight(f"{info.file}: tensor {name!r} holds {value} at {where}")
 
-    def _cast(
-        self, name: str, block: torch.Tensor, first_row: int, first_col: int = 0
-    ) -> torch.Tensor:
+    def _cast(self, name: str, block: Any, first_row: int, first_col: int = 0) -> Any:
         return cast_checked(
             block, self.out_dtype, name, self.ckpt.info(name).file, first_row, first_col
         )
 
 
+# ---- bits ---------------------------------------------------------------------------------------
+def first_nonfinite(
+    data: np.ndarray, dtype: Dtype, scratch: np.ndarray | None = None
+) -> int | None:
+    """Index of the first NaN/Inf element of `data` (raw bytes of `dtype`), or None.
+
+    A float is NaN or Inf exactly when its exponent bits are all ones. Read as a signed
+    integer, a positive one is then >= the exponent mask; read as unsigned, a negative one
+    is >= sign bit | mask; no finite value reaches either. So two max reductions, which only
+    read the block, clear it; the position is searched only in a block that has one.
+    `scratch`: a reused buffer of the block's size for that search.
+    """
+    bits = data.view(dtype.bits)  # (a 2-D strided view of rows works too)
+    if not bits.size:
+        return None
+    mask = dtype.bits.type(dtype.exponent_mask)
+    negative = dtype.bits.type(dtype.exponent_mask | (1 << (8 * dtype.itemsize - 1)))
+    if data.view(f"<i{dtype.itemsize}").max() < mask and bits.max() < negative:
+        return None
+    into = scratch[: bits.size].reshape(bits.shape) if scratch is not None else None
+    out = np.bitwise_and(bits, mask, out=into)
+    return int(np.flatnonzero(out == mask)[0])
+
+
+def element_value(data: np.ndarray, dtype: Dtype, index: int) -> float:
+    """Element `index` of raw bytes `data` of float type `dtype`, as a Python float."""
+    raw = int(data.view(dtype.bits).reshape(-1)[index])
+    if dtype == BF16:
+        return float(np.array([raw << 16], dtype=np.uint32).view(np.float32)[0])
+    if dtype in (F16, F32, F64):
+        numpy_type = {2: np.float16, 4: np.float32, 8: np.float64}[dtype.itemsize]
+        return float(np.array([raw], dtype=dtype.bits).view(numpy_type)[0])
+    return float("nan") if raw & dtype.exponent_mask == dtype.exponent_mask else 0.0
+
+
 def cast_checked(
-    block: torch.Tensor,
-    dtype: torch.dtype,
+    block: Any,
+    dtype: Dtype | Any,
     name: str,
     file: Path,
     first_row: int = 0,
     first_col: int = 0,
-) -> torch.Tensor:
-    """`block` (rows from `first_row`, columns from `first_col` of tensor `name`) in `dtype`.
+) -> Any:
+    """`block` (a torch tensor: rows from `first_row`, columns from `first_col` of tensor
+    `name`) in `dtype`.
 
     A finite value that becomes +-Inf, or a value that becomes 0 and mattered, is an error
     naming the file, the tensor, the position and the value. "Mattered": larger than the
@@ -375,6 +487,9 @@ def cast_checked(
     zero in float16 than those lose by rounding (real checkpoints hold millions of such
     values); a block whose values all flush is lost.
     """
+    import torch
+
+    dtype = dtype_of(dtype).torch
     out = block.to(dtype)
     if block.dtype == dtype or not narrows_range(block.dtype, dtype) or not out.numel():
         return out
@@ -412,33 +527,35 @@ def cast_checked(
 
 
 def _cast_error(block, mask, name, file, first_row, first_col, what) -> None:
+    import torch
+
     bad = int(torch.nonzero(mask.reshape(-1))[0])
     value = block.reshape(-1)[bad].item()
-    where = _position(block, bad, first_row, first_col)
+    width = block.shape[1] if block.dim() == 2 else None
+    where = _position(width, bad, first_row, first_col)
     raise UnrepresentableWeight(
         f"{file}: tensor {name!r} holds {value:g} at {where}, which {what}; "
         f"keep the checkpoint's dtype ({dtype_name(block.dtype)}) or fix the weight"
     )
 
 
-def narrows_range(source: torch.dtype, target: torch.dtype) -> bool:
-    """True if some finite non-zero `source` value overflows or flushes to zero in `target`."""
+def narrows_range(source: Any, target: Any) -> bool:
+    """True if some finite non-zero `source` value overflows or flushes to zero in `target`
+    (torch dtypes)."""
+    import torch
+
     if not (source.is_floating_point and target.is_floating_point):
         return False
     s, t = torch.finfo(source), torch.finfo(target)
     return t.max < s.max or t.tiny * t.eps > s.tiny * s.eps
 
 
-def dtype_name(dtype: torch.dtype) -> str:
+def dtype_name(dtype: Any) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _position(block: torch.Tensor, flat_index: int, first_row: int, first_col: int) -> str:
-    if block.dim() == 1:
+def _position(width: int | None, flat_index: int, first_row: int, first_col: int) -> str:
+    """Where element `flat_index` of a block (rows of `width`; None: a 1-D tensor) lies."""
+    if width is None:
         return f"element {flat_index}"
-    width = block.shape[1]
     return f"row {first_row + flat_index // width}, column {first_col + flat_index % width}"
-
-
-def _size(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()

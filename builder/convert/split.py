@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-
-import torch
+from typing import TYPE_CHECKING
 
 from builder.arch.tensors import Split, TensorRule
 from builder.errors import ParallelismError, UserError
+
+if TYPE_CHECKING:
+    import torch
 
 
 class ShardMismatch(UserError):
@@ -72,6 +74,8 @@ def split_row(tensor: torch.Tensor, tp: int, rank: int) -> torch.Tensor:
 
 
 def split_vocab(tensor: torch.Tensor, tp: int, rank: int) -> torch.Tensor:
+    import torch
+
     rows, pad = vocab_rows(tensor.shape[0], tp, rank)
     part = tensor[rows]
     if not pad:
@@ -83,6 +87,8 @@ def split_qkv(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tp: int, rank: int, head_dim: int
 ) -> torch.Tensor:
     """Rank `rank`'s [q | k | v] block: its query heads, then its (possibly duplicated) KV heads."""
+    import torch
+
     heads, kv_heads = q.shape[0] // head_dim, k.shape[0] // head_dim
     q_part = q[head_rows(chunk(heads, tp, rank, "attention heads"), head_dim)]
     kv = head_rows(kv_heads_of_rank(kv_heads, tp, rank), head_dim)
@@ -109,6 +115,8 @@ _SPLITS = {
 
 # ---- merge (exact inverses) ------------------------------------------------------------------
 def merge_replicated(parts: Sequence[torch.Tensor], name: str = "tensor") -> torch.Tensor:
+    import torch
+
     for rank, part in enumerate(parts[1:], start=1):
         if not torch.equal(part, parts[0]):
             raise ShardMismatch(f"{name}: replicated copy on rank {rank} differs from rank 0")
@@ -116,14 +124,20 @@ def merge_replicated(parts: Sequence[torch.Tensor], name: str = "tensor") -> tor
 
 
 def merge_column(parts: Sequence[torch.Tensor], name: str = "tensor") -> torch.Tensor:
+    import torch
+
     return torch.cat(list(parts), dim=0)
 
 
 def merge_row(parts: Sequence[torch.Tensor], name: str = "tensor") -> torch.Tensor:
+    import torch
+
     return torch.cat(list(parts), dim=1)
 
 
 def merge_vocab(parts: Sequence[torch.Tensor], vocab: int, name: str = "tensor") -> torch.Tensor:
+    import torch
+
     full = torch.cat(list(parts), dim=0)
     if full.shape[0] != math.ceil(vocab / len(parts)) * len(parts):
         raise ShardMismatch(
@@ -140,6 +154,8 @@ def merge_qkv(
     parts: Sequence[torch.Tensor], heads: int, kv_heads: int, head_dim: int, name: str = "qkv"
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(q, k, v) from every rank's [q | k | v]; duplicated KV heads must be identical copies."""
+    import torch
+
     tp = len(parts)
     q_rows = heads // tp * head_dim
     kv_rows = len(kv_heads_of_rank(kv_heads, tp, 0)) * head_dim
@@ -159,6 +175,8 @@ def merge_qkv(
 
 
 def _merge_kv(parts: list[torch.Tensor], kv_heads: int, name: str) -> torch.Tensor:
+    import torch
+
     tp = len(parts)
     if tp <= kv_heads:
         return torch.cat(parts)

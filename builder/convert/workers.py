@@ -1,9 +1,9 @@
 """Worker processes for converting ranks in parallel; importable without torch.
 
-The pool forks its workers from a fork server that imports the converter (and torch) once.
-Plain fork from the caller is unsafe once torch or progress threads run; spawn would import
-torch again in every worker. Because this module is light, a CLI can start the pool before
-it imports torch itself, so the two imports run side by side on different cores.
+The pool forks its workers from a fork server that imports the converter once (a plain
+conversion imports no tensor library, so workers start in milliseconds; a transform's module,
+e.g. quantize's with torch, is preloaded there too). Plain fork from the caller is unsafe
+once torch or progress threads run; spawn would import everything again in every worker.
 """
 
 from __future__ import annotations
@@ -83,9 +83,9 @@ def _init_worker(queue, owner: int, inherited: Sequence[Any]) -> None:
     die_with_parent(owner)
     _QUEUE = queue
     _INHERITED.extend(item.detach() for item in inherited)
-    import torch
-
-    torch.set_num_threads(1)  # ranks run in parallel; each is copy and hash bound
+    torch = sys.modules.get("torch")  # only a transform (quantize) brings it
+    if torch is not None:
+        torch.set_num_threads(1)  # ranks run in parallel; each is copy and hash bound
 
 
 def _warm_up() -> None:
@@ -107,15 +107,15 @@ class WorkerPool:
     Workers die with this process (see die_with_parent).
     """
 
-    def __init__(self, workers: int, inherit: Sequence[int] = ()):
+    def __init__(self, workers: int, inherit: Sequence[int] = (), preload: Sequence[str] = ()):
         ctx = multiprocessing.get_context("forkserver")
-        ctx.set_forkserver_preload([PRELOAD])
+        ctx.set_forkserver_preload([PRELOAD, *preload])
         self.queue = ctx.Queue()
         self.sink: ProgressSink = NullProgress()
         self._executor: ProcessPoolExecutor | None = None
         self._error: BaseException | None = None
-        # Starting the server blocks until it has imported torch: do it beside the caller's
-        # own imports and input validation, not before them.
+        # Starting the server blocks until it has imported `preload`: do it beside the
+        # caller's own imports and input validation, not before them.
         self._inherit = [_SharedFd(fd) for fd in inherit]
         self._starting = threading.Thread(target=self._start, args=(ctx, workers), daemon=True)
         self._starting.start()

@@ -2,23 +2,21 @@
 
 Nothing here loads a whole model: callers ask for one tensor or one slice at a time and
 safetensors memory-maps the shard. Pickle weights are refused unless explicitly allowed,
-because unpickling can execute code.
+because unpickling can execute code. Opening a checkpoint parses the JSON headers only, so
+callers that work on bytes (`data_location`) never import torch; `read` does.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterator
-from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-from safetensors import SafetensorError, safe_open
-
 from builder.arch.schema import AnyValue, MapOf, Object, String, validate
-from builder.dtypes import code_dtypes
+from builder.dtypes import BY_CODE, Dtype, dtype_of
 from builder.errors import UserError
 from builder.io.safetensors_stream import read_header
 
@@ -26,7 +24,7 @@ INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 PICKLE_PATTERNS = ("pytorch_model*.bin", "*.pt", "*.pth", "*.ckpt", "model*.bin")
 
-SAFETENSORS_DTYPES = code_dtypes()
+SAFETENSORS_DTYPES: dict[str, Dtype] = BY_CODE  # header code -> Dtype (== the torch dtype)
 
 
 class CheckpointError(UserError):
@@ -45,7 +43,7 @@ class TensorInfo:
     name: str
     file: Path
     shape: tuple[int, ...]
-    dtype: torch.dtype
+    dtype: Dtype
 
 
 HUB_REPO_PREFIX = "models--"  # huggingface_hub cache: models--ORG--NAME/{blobs,refs,snapshots}
@@ -106,7 +104,7 @@ class HFCheckpoint:
         self.root = Path(directory)
         if not self.root.is_dir():
             raise CheckpointError(f"{self.root}: not a directory")
-        self._pickle: dict[str, torch.Tensor] | None = None
+        self._pickle: dict[str, Any] | None = None  # name -> torch.Tensor
         self._data_starts: dict[Path, tuple[int, dict[str, Any]]] = {}
         self.tensors: dict[str, TensorInfo] = {}
         if (self.root / INDEX_NAME).exists():
@@ -152,6 +150,8 @@ class HFCheckpoint:
                 "arbitrary code; convert them to safetensors, or pass --allow-pickle if you "
                 "trust this file"
             )
+        import torch
+
         self._pickle = {}
         for file in pickles:
             try:
@@ -160,7 +160,8 @@ class HFCheckpoint:
                 raise CheckpointError(f"{file}: unreadable pickle checkpoint ({err})") from None
             for name, tensor in state.items():
                 self._pickle[name] = tensor
-                self.tensors[name] = TensorInfo(name, file, tuple(tensor.shape), tensor.dtype)
+                info = TensorInfo(name, file, tuple(tensor.shape), dtype_of(tensor.dtype))
+                self.tensors[name] = info
 
     # ---- access ---------------------------------------------------------------------------
     @property
@@ -186,7 +187,7 @@ class HFCheckpoint:
     def total_bytes(self) -> int:
         return sum(f.stat().st_size for f in self.files())
 
-    def read(self, name: str, rows: slice | None = None, cols: slice | None = None) -> torch.Tensor:
+    def read(self, name: str, rows: slice | None = None, cols: slice | None = None) -> Any:
         """One tensor, or a row/column slice of it, read from disk without the rest."""
         info = self.info(name)
         if self._pickle is not None:
@@ -216,7 +217,7 @@ class HFCheckpoint:
         return info.file, start + begin, end - begin
 
 
-def _apply(tensor: torch.Tensor, rows: slice | None, cols: slice | None) -> torch.Tensor:
+def _apply(tensor: Any, rows: slice | None, cols: slice | None) -> Any:
     if rows is not None:
         tensor = tensor[rows]
     if cols is not None:
@@ -225,18 +226,40 @@ def _apply(tensor: torch.Tensor, rows: slice | None, cols: slice | None) -> torc
 
 
 def _open(file: Path) -> Any:
+    from safetensors import SafetensorError, safe_open
+
     try:
         return safe_open(str(file), framework="pt")
     except (SafetensorError, OSError) as err:
         raise CheckpointError(f"{file}: unreadable safetensors file ({err})") from None
 
 
-def _header(file: Path) -> Iterator[tuple[str, tuple[int, ...], torch.dtype]]:
-    with ExitStack() as stack:
-        handle = stack.enter_context(_open(file))
-        for name in handle.keys():  # noqa: SIM118 (a safe_open handle, not a dict)
-            view = handle.get_slice(name)
-            code = view.get_dtype()
-            if code not in SAFETENSORS_DTYPES:
-                raise CheckpointError(f"{file}: tensor {name!r} has unsupported dtype {code}")
-            yield name, tuple(view.get_shape()), SAFETENSORS_DTYPES[code]
+def _header(file: Path) -> Iterator[tuple[str, tuple[int, ...], Dtype]]:
+    """(name, shape, dtype) of every tensor of a safetensors file, from its JSON header,
+    which must describe data that fits the file."""
+    try:
+        start, header = read_header(file)
+    except UserError as err:
+        raise CheckpointError(str(err)) from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{file}: unreadable safetensors file (header is not an object)")
+    size = file.stat().st_size - start
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            code, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
+            shape = tuple(int(n) for n in shape)
+        except (TypeError, KeyError, ValueError):
+            raise CheckpointError(
+                f"{file}: unreadable safetensors file (bad header entry for {name!r})"
+            ) from None
+        if code not in SAFETENSORS_DTYPES:
+            raise CheckpointError(f"{file}: tensor {name!r} has unsupported dtype {code}")
+        need = math.prod(shape) * SAFETENSORS_DTYPES[code].itemsize
+        if not (0 <= begin <= end <= size) or end - begin != need:
+            raise CheckpointError(
+                f"{file}: unreadable safetensors file (tensor {name!r}: data offsets "
+                f"[{begin}, {end}] do not fit its shape or the file)"
+            )
+        yield name, shape, SAFETENSORS_DTYPES[code]

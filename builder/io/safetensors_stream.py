@@ -16,24 +16,24 @@ import json
 import math
 import os
 import struct
+import sys
+from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Self
 
-import torch
+import numpy as np
 
-from builder.dtypes import code_dtypes
+from builder.dtypes import BY_CODE, Dtype, dtype_of
 from builder.errors import UserError
 
-# safetensors dtype codes, from the one dtype table (builder.dtypes).
-DTYPE_CODES: dict[torch.dtype, str] = {dtype: code for code, dtype in code_dtypes().items()}
-CODE_DTYPES = {code: dtype for dtype, code in DTYPE_CODES.items()}
 _HEADER_ALIGN = 8  # safetensors' own writer pads the header so the data buffer is 8-aligned
 _MAX_WRITE = 1 << 30  # Linux caps one write() at ~2 GiB; stay well below
 _OVERLAP_MIN = 1 << 20  # below this a hashing thread costs more than it saves
+_HASH_LAG = 128 << 20  # source bytes whose hash may trail their copy (mapped, so in RSS)
 
 
 class SafetensorsWriteError(UserError):
@@ -42,28 +42,35 @@ class SafetensorsWriteError(UserError):
 
 @dataclass(frozen=True)
 class TensorSpec:
-    """One tensor of a file to be written: everything the header needs."""
+    """One tensor of a file to be written: everything the header needs.
+
+    `dtype` may be given as a torch dtype or a name; it is kept as a `Dtype`.
+    """
 
     name: str
     shape: tuple[int, ...]
-    dtype: torch.dtype
+    dtype: Dtype
 
-    @property
-    def nbytes(self) -> int:
-        return math.prod(self.shape) * dtype_size(self.dtype)
-
-    @property
-    def code(self) -> str:
+    def __post_init__(self) -> None:
         try:
-            return DTYPE_CODES[self.dtype]
+            object.__setattr__(self, "dtype", dtype_of(self.dtype))
         except KeyError:
             raise SafetensorsWriteError(
                 f"{self.name}: dtype {self.dtype} has no safetensors code"
             ) from None
+        object.__setattr__(self, "shape", tuple(self.shape))
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+    @property
+    def code(self) -> str:
+        return self.dtype.code
 
 
-def dtype_size(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
+def dtype_size(dtype: Any) -> int:
+    return dtype_of(dtype).itemsize
 
 
 def encode_header(specs: Sequence[TensorSpec], metadata: Mapping[str, str] | None = None) -> bytes:
@@ -123,18 +130,31 @@ def header_specs(header: Mapping[str, Any]) -> list[TensorSpec]:
     )
     specs = []
     for name, entry in entries:
-        if entry["dtype"] not in CODE_DTYPES:
+        if entry["dtype"] not in BY_CODE:
             raise UserError(f"tensor {name!r} has unsupported dtype {entry['dtype']}")
-        specs.append(TensorSpec(name, tuple(entry["shape"]), CODE_DTYPES[entry["dtype"]]))
+        specs.append(TensorSpec(name, tuple(entry["shape"]), BY_CODE[entry["dtype"]]))
     return specs
 
 
-def as_bytes(tensor: torch.Tensor) -> memoryview:
-    """The tensor's bytes in C order, without a copy when it is already contiguous."""
-    flat = tensor.detach().contiguous().reshape(-1)
-    if flat.dtype is torch.bool:
-        flat = flat.view(torch.uint8)
-    return memoryview(flat.view(torch.uint8).numpy()).cast("B")
+def is_torch_tensor(value: Any) -> bool:
+    """True for a torch.Tensor, without importing torch (a caller that has none has none)."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(value, torch.Tensor)
+
+
+def as_bytes(tensor: Any) -> memoryview:
+    """The bytes of a torch tensor, numpy array or buffer in C order, without a copy when it
+    is already contiguous."""
+    if is_torch_tensor(tensor):
+        import torch
+
+        flat = tensor.detach().contiguous().reshape(-1)
+        if flat.dtype is torch.bool:
+            flat = flat.view(torch.uint8)
+        return memoryview(flat.view(torch.uint8).numpy()).cast("B")
+    if isinstance(tensor, np.ndarray):
+        return memoryview(np.ascontiguousarray(tensor).reshape(-1).view(np.uint8))
+    return memoryview(tensor).cast("B")
 
 
 @dataclass(frozen=True)
@@ -185,6 +205,8 @@ class SafetensorsStreamWriter:
         self._written = 0
         self._fd: int | None = None
         self._hasher: ThreadPoolExecutor | None = None
+        self._lagging: deque[tuple[Future, int]] = deque()  # span hashes not yet waited for
+        self._lag = 0
         self.result: WrittenFile | None = None
 
     @property
@@ -213,6 +235,8 @@ class SafetensorsStreamWriter:
             raise SafetensorsWriteError(
                 f"{self.path}: closed before tensor {missing!r} was written"
             )
+        for pending, _ in self._lagging:
+            pending.result()  # (raises what the hasher raised)
         self._stop_hasher()
         os.close(self._fd)
         self._fd = None
@@ -236,26 +260,53 @@ class SafetensorsStreamWriter:
     @contextmanager
     def _hashing(self, data: memoryview):
         """Hash `data` in a helper thread while the caller writes it: both release the GIL,
-        so sha256 (the largest CPU cost) overlaps the kernel copy instead of adding to it."""
-        if len(data) < _OVERLAP_MIN:
+        so sha256 (the largest CPU cost) overlaps the kernel copy instead of adding to it.
+        The caller may reuse `data`'s buffer afterwards, so this waits for its hash."""
+        if len(data) < _OVERLAP_MIN and not self._lagging:
             self._digest.update(data)
             yield
             return
-        if self._hasher is None:
-            self._hasher = ThreadPoolExecutor(1, thread_name_prefix="sha256")
-        pending = self._hasher.submit(self._digest.update, data)
+        pending = self._hash_later(data)
         try:
             yield
         finally:
             pending.result()  # the digest sees blocks in order; `data` stays valid until here
+            self._lagging.clear()  # (and so has every block queued before it)
+            self._lag = 0
+
+    def _hash_later(self, data: memoryview) -> Future:
+        if self._hasher is None:
+            self._hasher = ThreadPoolExecutor(1, thread_name_prefix="sha256")
+        return self._hasher.submit(self._digest.update, data)
 
     def _emit(self, data: memoryview) -> None:
         with self._hashing(data):
             self._emit_tail(data)
 
     def _emit_span(self, span: FileSpan) -> None:
-        with self._hashing(span.view):
-            self._copy_piece(span.fd, span.offset, span.view)
+        """Copy a span in the kernel and leave its hash to the helper thread, which may lag
+        by up to _HASH_LAG bytes. The span's bytes are a mapping of the source, which stays
+        valid (and unchanged) while the hasher holds its own view of it: the reader's unmap
+        is deferred until that view is released."""
+        view, size = memoryview(span.view), len(span.view)
+        self._lagging.append((self._hash_later_and_release(view), size))
+        self._lag += size
+        self._copy_piece(span.fd, span.offset, span.view)
+        while self._lag > _HASH_LAG:
+            pending, size = self._lagging.popleft()
+            pending.result()
+            self._lag -= size
+
+    def _hash_later_and_release(self, view: memoryview) -> Future:
+        def update() -> None:
+            try:
+                self._digest.update(view)
+            finally:
+                view.release()
+
+        if self._hasher is None:
+            self._hasher = ThreadPoolExecutor(1, thread_name_prefix="sha256")
+        return self._hasher.submit(update)
 
     def _copy_piece(self, fd: int, offset: int, data: memoryview) -> None:
         done = 0
@@ -305,7 +356,7 @@ class SafetensorsStreamWriter:
         self._next += 1
         return spec
 
-    def append(self, data: memoryview | bytes | torch.Tensor | FileSpan) -> None:
+    def append(self, data: memoryview | bytes | np.ndarray | Any | FileSpan) -> None:
         """Append bytes (a tensor's bytes, which must have the header's dtype, or a FileSpan)."""
         spec = self._current
         if spec is None:
@@ -319,13 +370,11 @@ class SafetensorsStreamWriter:
             self._emit_span(data)
             self._left -= len(data)
             return
-        if isinstance(data, torch.Tensor):
-            if data.dtype != spec.dtype:
-                raise SafetensorsWriteError(
-                    f"{self.path}: {spec.name}: got {data.dtype}, header says {spec.dtype}"
-                )
-            data = as_bytes(data)
-        view = memoryview(data).cast("B")
+        if is_torch_tensor(data) and spec.dtype != data.dtype:
+            raise SafetensorsWriteError(
+                f"{self.path}: {spec.name}: got {data.dtype}, header says {spec.dtype}"
+            )
+        view = as_bytes(data)
         if len(view) > self._left:
             raise SafetensorsWriteError(
                 f"{self.path}: {spec.name}: {len(view) - self._left} bytes more than its shape "
@@ -342,10 +391,10 @@ class SafetensorsStreamWriter:
             raise SafetensorsWriteError(f"{self.path}: {spec.name}: {self._left} bytes short")
         self._current = None
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
-        """Write one whole tensor; its shape and dtype must match the header."""
+    def write(self, name: str, tensor: Any) -> None:
+        """Write one whole tensor (torch); its shape and dtype must match the header."""
         spec = self.start(name)
-        if tuple(tensor.shape) != spec.shape or tensor.dtype != spec.dtype:
+        if tuple(tensor.shape) != spec.shape or spec.dtype != tensor.dtype:
             raise SafetensorsWriteError(
                 f"{self.path}: {name}: got {tuple(tensor.shape)} {tensor.dtype}, "
                 f"header says {spec.shape} {spec.dtype}"
@@ -354,7 +403,7 @@ class SafetensorsStreamWriter:
         self.finish()
 
     def write_blocks(
-        self, name: str, blocks: Iterable[memoryview | torch.Tensor | FileSpan]
+        self, name: str, blocks: Iterable[memoryview | np.ndarray | Any | FileSpan]
     ) -> None:
         self.start(name)
         for block in blocks:

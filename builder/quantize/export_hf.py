@@ -36,11 +36,17 @@ from builder.arch.tensors import (
     layer_linears,
     parse_hf_name,
 )
-from builder.convert.sources import cast_checked
+from builder.convert.sources import Piece, SourceReader, cast_checked
 from builder.io.checkpoint import INDEX_NAME, HFCheckpoint
-from builder.io.safetensors_stream import SafetensorsStreamWriter, TensorSpec, WrittenFile
+from builder.io.safetensors_stream import (
+    FileSpan,
+    SafetensorsStreamWriter,
+    TensorSpec,
+    WrittenFile,
+    as_bytes,
+)
 from builder.quantize.amax import AmaxTable
-from builder.quantize.fp8 import FP8, quantize_hf, scale_from_amax
+from builder.quantize.fp8 import FP8, TableQuantizer, hf_e4m3_table, quantize_hf, scale_from_amax
 
 EXCLUDED = hf_fp8_excludes()
 COPIED_FILES = (
@@ -145,9 +151,32 @@ def plan_tensors(
     return out
 
 
+def _byte_path(ckpt: HFCheckpoint, name: str, dtype: torch.dtype) -> bool:
+    """True when `name` is stored in `dtype` at a known offset: its bytes can be streamed
+    (kernel copies, or a table lookup) instead of read and converted as tensors."""
+    return ckpt.info(name).dtype == dtype and ckpt.data_location(name) is not None
+
+
+def _stream_blocks(
+    ckpt: HFCheckpoint, name: str, dtype: torch.dtype, convert: TableQuantizer | None = None
+) -> Iterator[Any]:
+    """Row blocks of `name` straight from the file (convert's reader; no NaN scan, as the
+    tensor path has none for an unchanged dtype), each through `convert` if given."""
+    info = ckpt.info(name)
+    piece = Piece(name, slice(0, info.shape[0]) if len(info.shape) > 1 else None)
+    with SourceReader(ckpt, dtype, CHUNK_BYTES, check_finite=False) as reader:
+        for block in reader.piece_blocks(piece):
+            if convert is None:
+                yield block
+            else:
+                yield convert(block.view if isinstance(block, FileSpan) else as_bytes(block))
+
+
 def _cast_blocks(
     ckpt: HFCheckpoint, name: str, dtype: torch.dtype
 ) -> Callable[[], Iterator[torch.Tensor]]:
+    if _byte_path(ckpt, name, dtype):
+        return lambda: _stream_blocks(ckpt, name, dtype)
     file = ckpt.info(name).file
     return lambda: _row_blocks(ckpt, name, lambda t, row: cast_checked(t, dtype, name, file, row))
 
@@ -155,6 +184,9 @@ def _cast_blocks(
 def _fp8_blocks(
     ckpt: HFCheckpoint, name: str, dtype: torch.dtype, scale: torch.Tensor
 ) -> Callable[[], Iterator[torch.Tensor]]:
+    if _byte_path(ckpt, name, dtype) and dtype in (torch.bfloat16, torch.float16):
+        table = hf_e4m3_table(dtype, scale)  # quantize_hf's bits for every 16-bit pattern
+        return lambda: _stream_blocks(ckpt, name, dtype, TableQuantizer(table))
     file = ckpt.info(name).file
     return lambda: _row_blocks(
         ckpt, name, lambda t, row: quantize_hf(cast_checked(t, dtype, name, file, row), scale)

@@ -43,9 +43,15 @@ from builder.arch.tensors import (
 )
 from builder.convert import ConvertRequest, ConvertSummary, Fp8Layout, convert
 from builder.convert.progress import ProgressSink
-from builder.dtypes import FP8_MAX
+from builder.dtypes import BF16, F16, FP8_MAX, Dtype
 from builder.quantize.amax import AmaxTable
-from builder.quantize.fp8 import kv_cache_scale, quantize_trtllm, trtllm_scale
+from builder.quantize.fp8 import (
+    TableQuantizer,
+    e4m3_table,
+    kv_cache_scale,
+    quantize_trtllm,
+    trtllm_scale,
+)
 
 
 def trtllm_quantization(kv_cache: bool) -> dict[str, Any]:
@@ -88,19 +94,33 @@ class Fp8Transform(Fp8Layout):
 
     def apply(self, item: RankTensor, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
         if not self.quantized(item):
-            out = [(item.name, tensor)]
-        else:
-            w_scale, x_scale = self.scales(item)
-            w_name, x_name = scale_names(item.name)
-            out = [
-                (item.name, quantize_trtllm(tensor, w_scale)),
-                (w_name, w_scale),
-                (x_name, x_scale),
-            ]
-        if self.kv_cache_fp8 and item.rule.split is Split.QKV:
-            k_amax, v_amax = self._table().kv(item.layer.index)
-            out.append((kv_cache_scale_name(item.local), kv_cache_scale(k_amax, v_amax)))
-        return out
+            return [(item.name, tensor), *self._kv_scale(item)]
+        w_scale, x_scale = self.scales(item)
+        return [
+            (item.name, quantize_trtllm(tensor, w_scale)),
+            *self._scales(item, w_scale, x_scale),
+        ]
+
+    def blockwise(self, item: RankTensor, dtype: Dtype):
+        """A quantized 16-bit linear streams through a table lookup, block by block (the
+        bits of `apply`, which uses the same table on the whole tensor), so the export runs
+        at copy speed and holds no whole tensor; the scales follow the weight."""
+        if not self.quantized(item) or dtype not in (BF16, F16):
+            return None
+        w_scale, x_scale = self.scales(item)
+        return TableQuantizer(e4m3_table(dtype.torch, w_scale)), self._scales(
+            item, w_scale, x_scale
+        )
+
+    def _scales(self, item: RankTensor, w_scale, x_scale) -> list[tuple[str, torch.Tensor]]:
+        w_name, x_name = scale_names(item.name)
+        return [(w_name, w_scale), (x_name, x_scale), *self._kv_scale(item)]
+
+    def _kv_scale(self, item: RankTensor) -> list[tuple[str, torch.Tensor]]:
+        if not (self.kv_cache_fp8 and item.rule.split is Split.QKV):
+            return []
+        k_amax, v_amax = self._table().kv(item.layer.index)
+        return [(kv_cache_scale_name(item.local), kv_cache_scale(k_amax, v_amax))]
 
 
 def trtllm_effective_table(table: AmaxTable, plan: ModelPlan) -> AmaxTable:

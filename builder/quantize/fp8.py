@@ -111,3 +111,41 @@ def check_amax(amax: float | None, where: str) -> str | None:
     if amax <= 0:
         return f"{where}: amax is {amax} (all-zero data?)"
     return None
+
+
+def hf_e4m3_table(dtype: torch.dtype, scale: torch.Tensor) -> np.ndarray:
+    """`e4m3_table` for `quantize_hf` (division by a 0-dim scale, in the weight's dtype)."""
+    values = torch.arange(1 << 16, dtype=torch.int32).to(torch.int16).view(dtype)
+    return quantize_hf(values, scale).view(torch.uint8).numpy()
+
+
+class TableQuantizer:
+    """Raw 16-bit weight bytes -> their e4m3 bytes by `table` (65,536 entries), into a buffer
+    reused block after block (the writer has written and hashed a block before it asks for
+    the next)."""
+
+    CHUNK = 1 << 20  # elements per np.take: keeps its 8-byte index temporary in cache
+
+    def __init__(self, table: np.ndarray):
+        self.table = table
+        self._out = np.empty(0, dtype=np.uint8)
+
+    def __call__(self, raw) -> np.ndarray:
+        """`raw`: bytes, or a 2-D uint8 array of rows (a strided view of column ranges)."""
+        data = raw if isinstance(raw, np.ndarray) else np.frombuffer(raw, dtype=np.uint8)
+        bits = data.view(np.uint16)
+        if bits.ndim == 1:
+            bits = bits.reshape(1, -1)
+        if self._out.size < bits.size:
+            self._out = np.empty(bits.size, dtype=np.uint8)
+        out = self._out[: bits.size].reshape(bits.shape)
+        rows = max(1, self.CHUNK // max(1, bits.shape[1]))
+        if bits.shape[0] == 1:  # one long row (contiguous bytes): chunk along it
+            for start in range(0, bits.shape[1], self.CHUNK):
+                stop = start + self.CHUNK
+                np.take(self.table, bits[0, start:stop], out=out[0, start:stop], mode="clip")
+        else:
+            for start in range(0, bits.shape[0], rows):
+                stop = start + rows
+                np.take(self.table, bits[start:stop], out=out[start:stop], mode="clip")
+        return out.reshape(-1)

@@ -37,7 +37,7 @@ def print_summary(summary: Any, console: Console | None = None) -> None:
     weights = blocks.get("weights")
     if weights and weights["blocks"]:
         console.print(
-            f"weights streamed: {human(weights['bytes'])} in {weights['blocks']} blocks, "
+            f"weights streamed: {human_bytes(weights['bytes'])} in {weights['blocks']} blocks, "
             f"{weights['stream_gb_per_s']} GB/s over calibration (loads "
             f"{weights['load_seconds']:.1f} s, waited {weights['wait_seconds']:.1f} s, prefetch "
             f"{'on' if weights['prefetch'] else 'off'})"

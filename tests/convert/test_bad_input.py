@@ -131,7 +131,9 @@ def test_missing_and_unused_tensors_are_named(tmp_path, mixed_copy):
     )
 
 
-@pytest.mark.parametrize("value, shown", [(float("nan"), "nan"), (float("inf"), "inf")])
+@pytest.mark.parametrize(
+    "value, shown", [(float("nan"), "nan"), (float("inf"), "inf"), (float("-inf"), "-inf")]
+)
 def test_nan_or_inf_in_a_weight_names_the_tensor(tmp_path, mixed_copy, value, shown):
     def change(tensors):
         tensors["model.layers.11.mlp.up_proj.weight"][4000, 17] = value
@@ -599,3 +601,26 @@ def test_pickle_refusal_names_a_flag_that_exists(tmp_path, mixed_ckpt):
     assert result.exit_code == 0, result.output
     assert run_convert(mixed_ckpt, plain, "--tp", "2").exit_code == 0
     assert (out / "rank0.safetensors").read_bytes() == (plain / "rank0.safetensors").read_bytes()
+
+
+def test_nan_in_a_column_slice_of_an_fp8_export_reports_global_column(tmp_path, mixed_copy):
+    """The FP8 export streams column slices as strided views through its e4m3 table; the
+    NaN scan on those views reports the same position as the plain conversion."""
+    from builder.arch import load_plan
+    from builder.errors import UserError
+    from builder.quantize.amax import AmaxTable, expected_keys
+    from builder.quantize.export_trtllm import write_trtllm_fp8
+
+    def change(tensors):
+        tensors["model.layers.0.self_attn.o_proj.weight"][3, 200] = float("nan")
+
+    rewrite_shard(mixed_copy, change)
+    table = AmaxTable(kv_cache=False)
+    for layer in load_plan(mixed_copy).layers:
+        keys = expected_keys(load_plan(mixed_copy), layer, False)
+        table.update({k: 0.05 if k.endswith("weight_quantizer") else 4.0 for k in keys})
+    with pytest.raises(UserError) as raised:
+        write_trtllm_fp8(mixed_copy, tmp_path / "out", table, tp=2)
+    assert "'model.layers.0.self_attn.o_proj.weight'" in str(raised.value)
+    assert "row 3, column 200" in str(raised.value)
+    assert not (tmp_path / "out").exists()

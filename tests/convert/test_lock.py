@@ -20,9 +20,44 @@ from builder.io import atomic
 PROCESS_TIMEOUT = 60  # seconds; a bound on a stuck run, never reached when things work
 
 
-def builder_process(*args: str) -> subprocess.Popen:
-    """`python -m builder ARGS` of this worktree, in its own process group."""
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+# Installed as sitecustomize.py: the converting process stops itself (SIGSTOP) on entering
+# builder.convert.pipeline._run_jobs, i.e. while it holds the stage lock and (with workers)
+# once every worker has started, so a test can act at that point however fast the
+# conversion would be.
+STOP_HOOK = """
+import functools, os, signal, time
+import builder.convert.pipeline as pipeline
+
+original = pipeline._run_jobs
+
+@functools.wraps(original)
+def stopped(jobs, pool, sink):
+    if pool is not None:  # every worker up (a pool starts them in the background)
+        for _ in range(2):
+            [f.result() for f in [pool.executor.submit(time.sleep, 0.1) for _ in range(4)]]
+    os.kill(os.getpid(), signal.SIGSTOP)
+    return original(jobs, pool, sink)
+
+pipeline._run_jobs = stopped
+"""
+
+
+def stop_hook(tmp_path: Path) -> Path:
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(STOP_HOOK)
+    return hook
+
+
+def stopped(process: subprocess.Popen) -> bool:
+    return psutil.Process(process.pid).status() == psutil.STATUS_STOPPED
+
+
+def builder_process(*args: str, hook: Path | None = None) -> subprocess.Popen:
+    """`python -m builder ARGS` of this worktree, in its own process group (`hook`: a folder
+    holding a sitecustomize.py to load first)."""
+    path = [str(hook)] if hook else []
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([*path, str(Path(__file__).parents[2])])}
     return subprocess.Popen(
         [sys.executable, "-m", "builder", *args],
         env=env,
@@ -81,12 +116,16 @@ def test_workers_die_with_a_killed_conversion_and_resume_completes(tmp_path, ult
     stage = tmp_path / ".out.partial"
     source_before = tree_hash(ultra_ckpt)
     parent = builder_process(
-        "convert", str(ultra_ckpt), str(out), "--tp", "4", "--pp", "2", "--workers", "2", "--json"
+        *("convert", str(ultra_ckpt), str(out), "--tp", "4", "--pp", "2", "--workers", "2"),
+        "--json",
+        hook=stop_hook(tmp_path),
     )
     try:
         me = psutil.Process(parent.pid)
 
         def workers():  # the fork server's children, holding the stage lock
+            if not stopped(parent):
+                return None
             found = [p for p in me.children(recursive=True) if p.ppid() != parent.pid]
             return found if len(found) >= 2 and {p.pid for p in found} <= holders(stage) else None
 
@@ -119,14 +158,15 @@ def test_workers_die_with_a_killed_conversion_and_resume_completes(tmp_path, ult
 
 
 def test_a_second_conversion_on_the_same_out_is_refused(tmp_path, mixed_ckpt, short_lock_wait):
-    """The first run is stopped (SIGSTOP) while it holds the lock; the second is refused
+    """The first run stops itself (SIGSTOP) while it holds the lock; the second is refused
     naming it; the first then finishes normally."""
     out = tmp_path / "out"
     stage = tmp_path / ".out.partial"
-    first = builder_process("convert", str(mixed_ckpt), str(out), "--tp", "2", "--json")
+    hook = stop_hook(tmp_path)
+    first = builder_process("convert", str(mixed_ckpt), str(out), "--tp", "2", "--json", hook=hook)
     try:
-        wait_for(lambda: first.pid in holders(stage), "the first run to lock the stage")
-        os.kill(first.pid, signal.SIGSTOP)
+        wait_for(lambda: stopped(first), "the first run to stop holding the lock")
+        assert first.pid in holders(stage)
         line = one_error_line(run_convert(mixed_ckpt, out, "--tp", "2", "--overwrite"))
         assert f"error: {stage}: another run is writing this output (pid {first.pid}:" in line
         assert "builder convert" in line
