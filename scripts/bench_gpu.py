@@ -149,8 +149,7 @@ def relative_error(actual: torch.Tensor, reference: torch.Tensor) -> float:
     return float((actual.double() - reference.double()).norm() / reference.double().norm())
 
 
-# ---- measurements
-# ---------------------------------------------------------------------------------
+# ---- measurements --------------------------------------------------------------------------------
 def build(config, tensors, device, args, **kwargs) -> ResidentRuntime:
     return ResidentRuntime.from_tensors(
         config,
@@ -478,8 +477,7 @@ def probe_compile(device) -> tuple[bool, str]:
         return False, f"failed: {type(err).__name__}: {str(err)[:300]}"
 
 
-# ---- main
-# -----------------------------------------------------------------------------------------
+# ---- main ----------------------------------------------------------------------------------------
 def run_tp(plan, tp, device, args, copy_bw) -> dict:
     t0 = time.perf_counter()
     bf16 = synth_rank(plan, tp, device, seed=tp)

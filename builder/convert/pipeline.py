@@ -165,8 +165,7 @@ def _str(path: Path | None) -> str | None:
     return str(path) if path else None
 
 
-# ---- rank selection
-# -------------------------------------------------------------------------------
+# ---- rank selection ------------------------------------------------------------------------------
 def parse_ranks(text: str | None, world: int) -> list[int]:
     """'0-3' / '5' / '0-1,6-7' -> rank list, each checked against the world size."""
     return parse_ranges(text, world, "--ranks") if text else list(range(world))
@@ -344,8 +343,7 @@ def entry_verifies(stage: Path, entry: Mapping[str, Any]) -> bool:
     return sha256_file(stage / entry["file"]) == entry["sha256"]
 
 
-# ---- workers
-# ---------------------------------------------------------------------------------------
+# ---- workers -------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class RankJob:
     src: str

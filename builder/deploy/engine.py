@@ -218,8 +218,7 @@ def trtllm_build_executable() -> list[str]:
     return [found] if found else [sys.executable, "-m", "tensorrt_llm.commands.build"]
 
 
-# ---- results
-# ---------------------------------------------------------------------------------------
+# ---- results -------------------------------------------------------------------------------------
 @dataclass
 class BuildResult:
     out: Path

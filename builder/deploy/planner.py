@@ -207,8 +207,7 @@ def rank_memory(plan: ModelPlan, profile: TargetProfile, rank: int) -> RankMemor
     )
 
 
-# ---- pipeline balance
-# -------------------------------------------------------------------------------
+# ---- pipeline balance ----------------------------------------------------------------------------
 def stage_params(plan: ModelPlan, boundaries: list[int]) -> list[dict[str, int]]:
     """Per-stage parameters for stages starting at `boundaries` (first stage: embedding,
     last stage: final norm and lm_head)."""
@@ -303,8 +302,7 @@ def pp_balance(plan: ModelPlan, pp: int) -> PipelineBalance:
     )
 
 
-# ---- parallelism checks
-# ----------------------------------------------------------------------------
+# ---- parallelism checks --------------------------------------------------------------------------
 @dataclass(frozen=True)
 class TpChecks:
     """How tp splits heads and FFN widths; an impossible layout has only `problems`."""
@@ -489,8 +487,7 @@ def host_plan(plan: ModelPlan, profile: TargetProfile) -> HostPlan:
     )
 
 
-# ---- the whole plan
-# -----------------------------------------------------------------------------------
+# ---- the whole plan ------------------------------------------------------------------------------
 @dataclass
 class TargetPlan:
     """The plan of one model on one target: data (`to_dict`) and a verdict."""

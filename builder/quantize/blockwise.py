@@ -212,8 +212,7 @@ def embed_windows(
     return table[torch.searchsorted(used, windows)].to(device)
 
 
-# ---- one block
-# ------------------------------------------------------------------------------------
+# ---- one block -----------------------------------------------------------------------------------
 @dataclass
 class BlockInputs:
     """What every block's forward needs besides the hidden states."""

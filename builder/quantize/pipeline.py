@@ -92,8 +92,7 @@ class QuantizeSummary:
         }
 
 
-# ---- input checks
-# ----------------------------------------------------------------------------------
+# ---- input checks --------------------------------------------------------------------------------
 def refuse_quantized(ckpt: HFCheckpoint, config: dict[str, Any]) -> None:
     """Calibrating FP8 weights again would quantize twice; refuse with the evidence."""
     root = ckpt.root
@@ -126,8 +125,7 @@ def state_dir_for(out: Path) -> Path:
     return out.with_name(f".{out.name}.calib")
 
 
-# ---- memory
-# -----------------------------------------------------------------------------------------
+# ---- memory --------------------------------------------------------------------------------------
 def peak_rss_bytes() -> int:
     """Peak resident memory of this process so far (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -139,8 +137,7 @@ def peak_gpu_bytes(device: str) -> int | None:
     return None
 
 
-# ---- distributed
-# --------------------------------------------------------------------------------------
+# ---- distributed ---------------------------------------------------------------------------------
 def init_distributed(device: str) -> str:
     """Join the torchrun group if launched by it; returns this rank's device."""
     from builder.runtime.distributed import join_group
@@ -148,8 +145,7 @@ def init_distributed(device: str) -> str:
     return join_group(device)  # NCCL on CUDA (NVLink multicast kept off), gloo on the CPU
 
 
-# ---- the reference model's pieces
-# --------------------------------------------------------------------
+# ---- the reference model's pieces ----------------------------------------------------------------
 def reference_parts(src: Path) -> ModelParts:
     from builder.model import DeciLMConfig, DeciLMForCausalLM
 
@@ -158,8 +154,7 @@ def reference_parts(src: Path) -> ModelParts:
     return ModelParts(DeciLMForCausalLM, config)
 
 
-# ---- the run
-# ------------------------------------------------------------------------------------------
+# ---- the run -------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class QuantizeRequest:
     """Everything a quantization is asked to do; the CLI, scripts and the demo build one.

@@ -269,8 +269,7 @@ class TrtllmCheckpointExecutor:
             self._kept[key] = tensor
         return tensor
 
-    # ---- building blocks
-    # --------------------------------------------------------------------------
+    # ---- building blocks -------------------------------------------------------------------------
     def linear(self, rank: int, name: str, x: torch.Tensor) -> torch.Tensor:
         """x @ W.T for module `name` on `rank` (FP8 weights emulated, see module docstring)."""
         if self.linear_hook is not None:
@@ -313,8 +312,7 @@ class TrtllmCheckpointExecutor:
     def all_gather(self, parts: list[torch.Tensor]) -> torch.Tensor:
         return all_gather(parts)
 
-    # ---- forward
-    # ----------------------------------------------------------------------------------
+    # ---- forward ---------------------------------------------------------------------------------
     @torch.no_grad()
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Logits [batch, seq, vocab] (float32) for token ids [batch, seq] (or [seq]), every
@@ -364,8 +362,7 @@ class TrtllmCheckpointExecutor:
             emb = emb[:, None]
         return emb.cos().to(self.dtype), emb.sin().to(self.dtype)
 
-    # ---- generation
-    # -------------------------------------------------------------------------------
+    # ---- generation ------------------------------------------------------------------------------
     def new_cache(self, batch: int, capacity: int, pad: list[int] | None = None) -> KVCache:
         return KVCache(self, batch, capacity, pad)
 
@@ -430,8 +427,7 @@ class TrtllmCheckpointExecutor:
         """Greedy continuations (new tokens only, each ending at its first `eos_id`)."""
         return self.greedy(prompts, max_new_tokens, eos_id).tokens
 
-    # ---- layers
-    # -----------------------------------------------------------------------------------
+    # ---- layers ----------------------------------------------------------------------------------
     def layer(
         self,
         x: torch.Tensor,

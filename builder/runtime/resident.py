@@ -99,8 +99,7 @@ TensorSource = Callable[[int, str], torch.Tensor]
 """(rank, tensor name) -> the tensor as the rank file stores it; KeyError if it has none."""
 
 
-# ---- fused elementwise chains
-# ---------------------------------------------------------------------
+# ---- fused elementwise chains --------------------------------------------------------------------
 # Plain functions with the executor's order of operations; `Kernels` compiles them on CUDA so
 # that each chain (and the FP8 quantization at its end) is one kernel.
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -107,8 +107,7 @@ class Checker:
     def note(self, where: Path | str, message: str) -> None:
         self.findings.append(Finding(Level.NOTE, str(where), message))
 
-    # ---- 1. syntax and types
-    # --------------------------------------------------------------------------
+    # ---- 1. syntax and types ---------------------------------------------------------------------
     def parse_all(self) -> None:
         from google.protobuf import text_format
 
@@ -169,8 +168,7 @@ class Checker:
             )
         return f"not a valid ModelConfig: {err}"
 
-    # ---- 2. cross-model checks
-    # -------------------------------------------------------------------------
+    # ---- 2. cross-model checks -------------------------------------------------------------------
     def check_engine_layout(self) -> None:
         missing = [
             m
@@ -511,8 +509,7 @@ class Checker:
                     f"the engine ({engine['where']}); the backend fails with 'mpiSize == tp * pp'",
                 )
 
-    # ---- the LLM-API layout
-    # ----------------------------------------------------------------------------
+    # ---- the LLM-API layout ----------------------------------------------------------------------
     def check_llmapi_layout(self) -> None:
         model = self.models.get("tensorrt_llm")
         if model is None:

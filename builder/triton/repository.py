@@ -67,8 +67,7 @@ class TritonOptions:
     metrics_port: int = 8002
 
 
-# ---- checks of the request against the build
-# ---------------------------------------------------------
+# ---- checks of the request against the build -----------------------------------------------------
 def tokenizer_problem(directory: Path) -> str | None:
     """Why `directory` is not a local tokenizer directory (None if it is one)."""
     if not directory.is_absolute():
@@ -154,8 +153,7 @@ def resolved_settings(record: BuildRecord, options: TritonOptions, out: Path) ->
     }
 
 
-# ---- the engine repository
-# ------------------------------------------------------------------------------
+# ---- the engine repository -----------------------------------------------------------------------
 def _dtypes(record: BuildRecord) -> dict[str, str]:
     return {
         T.LOGITS: LOGITS_DTYPES[record.logits_dtype],
@@ -304,8 +302,7 @@ def pymodel_source(name: str) -> str:
     return importlib.resources.files("builder.triton.pymodels").joinpath(name).read_text()
 
 
-# ---- launch scripts
-# ------------------------------------------------------------------------------------------
+# ---- launch scripts ------------------------------------------------------------------------------
 def _script(description: str, env: Mapping[str, str], body: str) -> str:
     lines = [
         "#!/usr/bin/env bash",
@@ -431,8 +428,7 @@ def llmapi_launch_scripts(record: BuildRecord, options: TritonOptions, out: Path
     }
 
 
-# ---- the LLM-API repository
-# ------------------------------------------------------------------------------
+# ---- the LLM-API repository ----------------------------------------------------------------------
 def llmapi_model_yaml(
     record: BuildRecord, options: TritonOptions, settings: dict[str, Any]
 ) -> dict[str, Any]:
@@ -500,8 +496,7 @@ LLMAPI_SAMPLING = (
 )
 
 
-# ---- writing
-# ------------------------------------------------------------------------------------------------
+# ---- writing -------------------------------------------------------------------------------------
 def repository_files(
     record: BuildRecord, options: TritonOptions, out: Path
 ) -> tuple[dict[str, str], dict[str, Any]]:

@@ -91,8 +91,7 @@ class AccuracyReport:
         return asdict(self) | {"passed": self.passed}
 
 
-# ---- models
-# -----------------------------------------------------------------------------------------------
+# ---- models --------------------------------------------------------------------------------------
 def reference_logits(src: Path, dtype: torch.dtype, device: str) -> Logits:
     from builder.model import load_reference_model
 
@@ -157,8 +156,7 @@ def trtllm_logits(directory: Path, dtype: torch.dtype, device: str) -> Logits:
     return lambda ids: executor(ids.to(device)).float().cpu()
 
 
-# ---- evaluation
-# ---------------------------------------------------------------------------------------------
+# ---- evaluation ----------------------------------------------------------------------------------
 def evaluate_accuracy(
     src: str | Path,
     quantized: str | Path,
@@ -209,8 +207,7 @@ def evaluate_accuracy(
     return report
 
 
-# ---- thresholds
-# ------------------------------------------------------------------------------------------------
+# ---- thresholds ----------------------------------------------------------------------------------
 def load_thresholds(section: str, path: Path | None = None) -> dict[str, float]:
     path = path or calib_dir() / "thresholds.toml"
     try:

@@ -77,8 +77,7 @@ class GoldenSettings:
     task_max_tokens: int = 64
 
 
-# ---- per-block statistics
-# ------------------------------------------------------------------------------
+# ---- per-block statistics ------------------------------------------------------------------------
 @dataclass
 class BlockStats:
     """Output statistics of every block over all prompts (and the probe's block inputs)."""
@@ -132,8 +131,7 @@ def block_kind(layer: LayerPlan) -> str:
     return "+".join(parts) or "empty"
 
 
-# ---- building
-# ---------------------------------------------------------------------------------------------
+# ---- building ------------------------------------------------------------------------------------
 def scored(logits: torch.Tensor, ids: torch.Tensor, k: int) -> dict[str, torch.Tensor]:
     """Top-k and target log-probs of positions 0..L-2 from logits [L, V]."""
     lp = metrics.log_probs(logits[:-1])
@@ -308,8 +306,7 @@ def run_tasks(
     }
 
 
-# ---- reading
-# --------------------------------------------------------------------------------------------
+# ---- reading -------------------------------------------------------------------------------------
 @dataclass
 class Golden:
     path: Path

@@ -226,8 +226,7 @@ def localize(
     return Localization(parts, median, outliers, findings, localizer.integrity(), checks.notes)
 
 
-# ---- what the tensors are checked against
-# ---------------------------------------------------------------
+# ---- what the tensors are checked against --------------------------------------------------------
 def amax_from_manifest(manifest: dict[str, Any]):
     """The calibrated amax table recorded in a quantize export's manifest (None if absent)."""
     from builder.quantize.amax import AmaxTable
@@ -285,8 +284,7 @@ def tensor_checks(artifact: Path, golden: Golden) -> TensorChecks:
     return checks
 
 
-# ---- TensorRT-LLM checkpoints
-# --------------------------------------------------------------------------------
+# ---- TensorRT-LLM checkpoints --------------------------------------------------------------------
 def _belongs(item: Any, part: int | str) -> bool:
     if isinstance(part, int):
         return item.layer is not None and item.layer.index == part
@@ -370,8 +368,7 @@ def trtllm_tensor_findings(ex: Any, part: int | str, checks: TensorChecks) -> li
     return found
 
 
-# ---- unified HF FP8 exports
-# ------------------------------------------------------------------------------------
+# ---- unified HF FP8 exports ----------------------------------------------------------------------
 def hf_tensor_findings(stream: Any, part: int | str, checks: TensorChecks) -> list[str]:
     from builder.quantize.amax import layer_linears
     from builder.quantize.export_hf import shared_input_amax
@@ -432,8 +429,7 @@ def hf_tensor_findings(stream: Any, part: int | str, checks: TensorChecks) -> li
     return found
 
 
-# ---- files against the manifest
-# --------------------------------------------------------------------------------
+# ---- files against the manifest ------------------------------------------------------------------
 def manifest_findings(directory: Path) -> list[str]:
     """Files whose bytes differ from the artifact's manifest; swapped files named as such."""
     from builder.errors import UserError

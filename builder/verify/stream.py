@@ -114,8 +114,7 @@ class BlockStream:
         """Weights streamed over all passes so far: bytes, GB/s, load and wait seconds."""
         return self.weights.summary(self.pass_seconds)
 
-    # ---- pieces
-    # ------------------------------------------------------------------------------------
+    # ---- pieces ----------------------------------------------------------------------------------
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """[1, L, hidden] embeddings of ids [L]."""
         return embed_windows(self.ckpt, ids[None], self.dtype, self.device)
@@ -184,8 +183,7 @@ class BlockStream:
         normed = norm * x32.to(hidden.dtype)
         return torch.nn.functional.linear(normed, lm_head)[0].float()
 
-    # ---- passes
-    # ---------------------------------------------------------------------------------------
+    # ---- passes ----------------------------------------------------------------------------------
     @torch.no_grad()
     def forward(
         self,

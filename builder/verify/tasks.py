@@ -81,8 +81,7 @@ def load_tasks(path: str | Path) -> list[Task]:
     return tasks
 
 
-# ---- answer extraction
-# ----------------------------------------------------------------------------------
+# ---- answer extraction ---------------------------------------------------------------------------
 def last_boxed(text: str) -> str | None:
     """Contents of the last \\boxed{...}, with nested braces balanced."""
     start = text.rfind("\\boxed{")

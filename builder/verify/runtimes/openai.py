@@ -132,8 +132,7 @@ class OpenAIRuntime:
             notes=tuple(notes),
         )
 
-    # ---- probing
-    # -----------------------------------------------------------------------------------------
+    # ---- probing ---------------------------------------------------------------------------------
     def completions(self, **body: Any) -> dict[str, Any]:
         return request_json(
             f"{self.base}/v1/completions", {"model": self.model, **body}, self.timeout
@@ -204,8 +203,7 @@ class OpenAIRuntime:
         )
         return score_mode, ids_mode, ignore_eos, notes
 
-    # ---- the interface
-    # ---------------------------------------------------------------------------------------
+    # ---- the interface ---------------------------------------------------------------------------
     def score(self, ids: torch.Tensor, golden_top_ids: torch.Tensor | None = None) -> SequenceScore:
         prompt = [int(t) for t in ids]
         if self.score_mode == "prompt_logprobs":
