@@ -5,7 +5,8 @@ never import torch.
 
 A `Dtype` equals the torch dtype of the same name (`BF16 == torch.bfloat16`), so code that
 holds either compares correctly; `dtype.torch` (or `torch_dtype(name)`) gives the torch dtype
-where a tensor has to be made.
+where a tensor has to be made. A Dtype hashes by its name, not as the torch dtype does: keep
+sets and dict keys of one kind.
 """
 
 from __future__ import annotations
