@@ -28,6 +28,7 @@ from builder.errors import UserError
 from builder.io.checkpoint import HFCheckpoint
 from builder.io.manifest import MANIFEST, read_manifest, sha256_file
 from builder.io.safetensors_stream import DTYPE_CODES, header_specs, read_header
+from builder.quantize.formats import trtllm_layout_for as recipe_layout
 
 
 @dataclass
@@ -198,7 +199,7 @@ def _check_headers(directory: Path, plan: ModelPlan, manifest: dict, report: Che
     config = json.loads((directory / "config.json").read_text())
     tp, pp = report.tp, report.pp
     dtype = torch_dtype(config.get("dtype", "bfloat16"))
-    transform = layout_for(config.get("quantization"))
+    transform = recipe_layout(directory, config) or layout_for(config.get("quantization"))
     scales = []
     for rank in range(tp * pp):
         path = directory / rank_file_name(rank)

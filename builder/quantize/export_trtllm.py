@@ -29,7 +29,18 @@ from builder.arch.plan import AttentionKind, FfnKind, ModelPlan
 from builder.arch.tensors import RankTensor, Split, kv_cache_scale_name, scale_names
 from builder.convert import ConvertSummary, Fp8Layout, convert_checkpoint
 from builder.convert.progress import ProgressSink
+from builder.io.checkpoint import HFCheckpoint
 from builder.quantize.amax import AmaxTable
+from builder.quantize.formats import (
+    PER_CHANNEL_SCALE,
+    QUANT_CFG,
+    LinearFormat,
+    Recipe,
+    RecipeLayout,
+    channel_scales,
+    model_units,
+    quantize_channels,
+)
 from builder.quantize.fp8 import E4M3_MAX, kv_cache_scale, quantize_trtllm, trtllm_scale
 
 FUSED_FFN = ("gate_proj", "up_proj")
@@ -144,3 +155,112 @@ def write_trtllm_fp8(
         progress=progress,
         allow_pickle=allow_pickle,
     )
+
+
+# ---- per-linear formats (builder.quantize.formats) ---------------------------------------------
+class RecipeTransform:
+    """The rank transform of a recipe: per-tensor FP8 linears as `Fp8Transform` writes them,
+    per-channel ones as E4M3 + `per_channel_scale`, BF16 ones unchanged.
+
+    A row-parallel slice (o_proj, down_proj) holds part of every row, so its channel scales
+    come from the whole rows in the source checkpoint: every rank stores the same [out]
+    vector, as TensorRT-LLM's row-parallel FP8 rowwise linear expects.
+    """
+
+    def __init__(
+        self, table: AmaxTable, recipe: Recipe, plan: ModelPlan, ckpt: HFCheckpoint, pp: int
+    ):
+        quantization = recipe.trtllm_quantization(plan, table.kv_cache)
+        formats = {}
+        if recipe.is_mixed(plan):
+            recipe.trtllm_layer_config(plan, table.kv_cache, pp)  # refuses pp > 1
+            formats = {
+                m.format(j=u.layer): recipe.format_of(u)
+                for u in model_units(plan)
+                for m in u.trtllm_modules
+            }
+        default = next(iter(recipe.formats_used(plan)), recipe.default)
+        self.layout = RecipeLayout(quantization, default, formats)
+        self.fp8 = Fp8Transform(table)
+        self.ckpt = ckpt
+        self.fingerprint = f"recipe:{table_digest(table)}:{json.dumps(recipe.to_json())}"
+
+    def passthrough(self, item: RankTensor) -> bool:
+        return self.layout.passthrough(item)
+
+    def specs(self, item: RankTensor, dtype: torch.dtype) -> list:
+        return self.layout.specs(item, dtype)
+
+    def quantized(self, item: RankTensor) -> bool:
+        return self.layout.quantized(item)
+
+    def apply(self, item: RankTensor, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+        fmt = self.layout.format_of(item)
+        if fmt is LinearFormat.FP8:
+            return self.fp8.apply(item, tensor)
+        if fmt is LinearFormat.FP8_PC_PT:
+            module = item.name.removesuffix(".weight")
+            scales = self.channel_scales(item, tensor)
+            out = [
+                (item.name, quantize_channels(tensor, scales)),
+                (f"{module}.{PER_CHANNEL_SCALE}", scales),
+            ]
+        else:
+            out = [(item.name, tensor)]
+        if self.layout.kv_cache_fp8 and item.rule.split is Split.QKV:
+            k_amax, v_amax = self.fp8._table().kv(item.layer.index)
+            local = int(item.name.split(".")[2])
+            out.append((kv_cache_scale_name(local), kv_cache_scale(k_amax, v_amax)))
+        return out
+
+    def channel_scales(self, item: RankTensor, tensor: torch.Tensor) -> torch.Tensor:
+        if item.rule.split is not Split.ROW:
+            return channel_scales(tensor)
+        (source,) = item.rule.source_names(item.layer.index)
+        info = self.ckpt.info(source)
+        step = max(1, (64 << 20) // (4 * info.shape[1]))
+        blocks = [
+            channel_scales(self.ckpt.read(source, rows=slice(r, min(r + step, info.shape[0]))))
+            for r in range(0, info.shape[0], step)
+        ]
+        return torch.cat(blocks)
+
+
+def write_trtllm_recipe(
+    src: Path,
+    out: Path,
+    table: AmaxTable,
+    recipe: Recipe,
+    plan: ModelPlan,
+    ckpt: HFCheckpoint,
+    tp: int = 1,
+    pp: int = 1,
+    dtype: str = "bfloat16",
+    workers: int = 1,
+    allow_pickle: bool = False,
+) -> ConvertSummary:
+    """The TensorRT-LLM checkpoint of `recipe`; a mixed recipe also gets quant_cfg.json."""
+    if recipe.formats_used(plan) == {LinearFormat.FP8}:
+        return write_trtllm_fp8(src, out, table, tp, pp, dtype, workers, allow_pickle=allow_pickle)
+    transform = RecipeTransform(table, recipe, plan, ckpt, pp)
+    summary = convert_checkpoint(
+        src,
+        out,
+        tp,
+        pp,
+        dtype,
+        workers=workers,
+        transform=transform,
+        quantization=transform.layout.quantization,
+        allow_pickle=allow_pickle,
+    )
+    layer_config = recipe.trtllm_layer_config(plan, table.kv_cache, pp)
+    if layer_config is not None:
+        from builder.io.manifest import file_entry, read_manifest, write_manifest
+
+        path = out / QUANT_CFG
+        path.write_text(json.dumps(layer_config, indent=2) + "\n")
+        manifest = read_manifest(out)
+        manifest.setdefault("files", {})[QUANT_CFG] = file_entry(path)
+        write_manifest(out, manifest)
+    return summary

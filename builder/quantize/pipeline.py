@@ -43,6 +43,7 @@ from builder.quantize.blockwise import (
 )
 from builder.quantize.calib import CalibrationSet, build_calibration_set, load_tokenizer
 from builder.quantize.export_hf import modelopt_version, write_unified_hf
+from builder.quantize.formats import Recipe
 
 FORMATS = ("trtllm", "hf")
 KIND = "fp8-quantization"
@@ -177,6 +178,7 @@ def quantize_checkpoint(
     progress: Callable[[str], None] | None = None,
     block_progress: Callable[[int, int, LayerPlan | None], None] | None = None,
     allow_pickle: bool = False,
+    recipe: Recipe | None = None,
 ) -> QuantizeSummary:
     """Calibrate `src` with ModelOpt (FP8 weights/activations, optional FP8 KV) and export.
 
@@ -197,6 +199,9 @@ def quantize_checkpoint(
     rank, world = dist_info()
     ckpt, plan, _config = open_source(src, allow_pickle)
     check_parallelism(plan, tp, pp)
+    if recipe is not None:  # before hours of calibration, not after
+        recipe.validate(plan)
+        recipe.trtllm_layer_config(plan, kv_cache, pp if "trtllm" in formats else 1)
     check_replaceable(out, overwrite)
     with ExitStack() as stack:
         if rank == 0:  # one run per OUT: it owns .OUT.partial and .OUT.calib
@@ -227,6 +232,7 @@ def quantize_checkpoint(
             block_progress,
             started,
             allow_pickle,
+            recipe=recipe,
         )
 
 
@@ -256,6 +262,7 @@ def _quantize(
     block_progress,
     started,
     allow_pickle,
+    recipe=None,
 ) -> QuantizeSummary:
 
     say(f"calibration data: {calib}, {calib_size} x {calib_seq_len} tokens")
@@ -297,6 +304,7 @@ def _quantize(
             overwrite,
             seconds,
             say,
+            recipe=recipe,
         )
         shutil.rmtree(opts.state_dir, ignore_errors=True)
     seconds["total"] = round(time.perf_counter() - started, 3)
@@ -364,20 +372,33 @@ def export_all(
     overwrite: bool,
     seconds: dict[str, float],
     say: Callable[[str], None],
+    recipe: Recipe | None = None,
 ) -> dict[str, str]:
     """Write both exports into one staging directory; OUT appears only when all are done."""
     table = result.table
-    fields = calibration_fields(table, data)
+    recipe = recipe or Recipe()
+    recipe.validate(plan)
+    fields = calibration_fields(table, data, recipe)
     paths = {}
     with atomic_dir(out, overwrite, inputs=[src]) as stage:
         table.save(stage / "amax.json")
         if "trtllm" in formats:
-            from builder.quantize.export_trtllm import write_trtllm_fp8
+            from builder.quantize.export_trtllm import write_trtllm_recipe
 
             say(f"writing FP8 TensorRT-LLM checkpoint (tp={tp}, pp={pp})")
             t0 = time.perf_counter()
-            write_trtllm_fp8(
-                src, stage / "trtllm", table, tp, pp, dtype, workers, allow_pickle=ckpt.is_pickle
+            write_trtllm_recipe(
+                src,
+                stage / "trtllm",
+                table,
+                recipe,
+                plan,
+                ckpt,
+                tp,
+                pp,
+                dtype,
+                workers,
+                allow_pickle=ckpt.is_pickle,
             )
             add_to_manifest(stage / "trtllm", fields)
             seconds["export_trtllm"] = round(time.perf_counter() - t0, 3)
@@ -387,7 +408,7 @@ def export_all(
             t0 = time.perf_counter()
             hf_dir = stage / "hf"
             hf_dir.mkdir()
-            written = write_unified_hf(hf_dir, plan, ckpt, table, DTYPES[dtype])
+            written = write_unified_hf(hf_dir, plan, ckpt, table, DTYPES[dtype], recipe=recipe)
             write_hf_manifest(hf_dir, src, written, fields)
             seconds["export_hf"] = round(time.perf_counter() - t0, 3)
             paths["hf"] = str(out / "hf")
@@ -395,10 +416,14 @@ def export_all(
     return paths
 
 
-def calibration_fields(table: AmaxTable, data: CalibrationSet) -> dict[str, Any]:
+def calibration_fields(
+    table: AmaxTable, data: CalibrationSet, recipe: Recipe | None = None
+) -> dict[str, Any]:
+    recipe = recipe or Recipe()
     return {
         "quantization": {
-            "algorithm": "FP8 per-tensor (E4M3), max calibration",
+            "algorithm": recipe.describe(),
+            "recipe": recipe.to_json(),
             "kv_cache": "FP8" if table.kv_cache else None,
             "producer": {"name": "nvidia-modelopt", "version": modelopt_version()},
         },

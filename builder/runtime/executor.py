@@ -15,7 +15,10 @@ weight, scaled by weights_scaling_factor x activation_scaling_factor). With an F
 k and v are rounded through e4m3 with `kv_cache_scaling_factor`. On a GPU with FP8 tensor
 cores, `fp8_gemm="tensor-cores"` runs the same GEMM through `torch._scaled_mm` instead, which
 is how the emulation is checked against hardware (scripts/gpu_session.py). `linear_hook` replaces the
-linear computation entirely (e.g. to try another quantization scheme).
+linear computation entirely (e.g. to try another quantization scheme). A linear with a
+`per_channel_scale` is TensorRT-LLM's per-channel-per-token FP8 (activations scaled per token
+at run time), and a 16-bit weight is a linear left unquantized: a mixed-precision checkpoint
+runs linear by linear (builder.quantize.formats).
 
 Generation (`generate`, `greedy`) is batched incremental decode: the prompts, left-padded
 to one length, are prefilled once into a `KVCache`, then every step feeds one token per
@@ -48,6 +51,7 @@ from builder.arch.tensors import (
 from builder.convert.rank_writer import rank_file_name
 from builder.convert.trtllm_config import mapping_of, read_trtllm_config
 from builder.errors import UserError
+from builder.quantize.formats import PER_CHANNEL_SCALE, fp8_rowwise_linear
 
 FP8_MAX = 448.0
 
@@ -249,6 +253,13 @@ class TrtllmCheckpointExecutor:
             self._kept[rank, name] = tensor
         return tensor
 
+    def has(self, rank: int, name: str) -> bool:
+        """Whether rank `rank`'s file stores `name` (a per-channel FP8 linear stores
+        per_channel_scale: builder.quantize.formats)."""
+        if not hasattr(self, "_names"):
+            self._names = [set(f.keys()) for f in self._files]
+        return name in self._names[rank]
+
     def weight(self, rank: int, name: str) -> torch.Tensor:
         """A tensor in the compute dtype (held converted when `keep_weights`)."""
         key = (rank, name + "@compute")
@@ -265,6 +276,9 @@ class TrtllmCheckpointExecutor:
         if self.linear_hook is not None:
             return self.linear_hook(LinearCall(rank, name, x, self))
         weight = self.tensor(rank, f"{name}.weight")
+        if weight.dtype == torch.float8_e4m3fn and self.has(rank, f"{name}.{PER_CHANNEL_SCALE}"):
+            channel_scale = self.tensor(rank, f"{name}.{PER_CHANNEL_SCALE}")
+            return fp8_rowwise_linear(x, weight, channel_scale).to(self.dtype)
         if weight.dtype == torch.float8_e4m3fn:
             w_scale = self.tensor(rank, f"{name}.{WEIGHTS_SCALE}").float()
             a_scale = self.tensor(rank, f"{name}.{ACTIVATION_SCALE}").float()

@@ -52,6 +52,41 @@ class Fp8Linear(nn.Module):
         return F.linear(e4m3_round_trip(x, self.input_scale), self.dequantized).to(x.dtype)
 
 
+class RowwiseFp8Linear(nn.Module):
+    """Per-channel weights, per-token activations (ModelOpt FP8_PER_CHANNEL_PER_TOKEN fake
+    quant): y = round_e4m3(x / s_tok) * s_tok @ (W_e4m3 * weight_scale[:, None]).T, with
+    s_tok = amax(|x|) / 448 over each token's row."""
+
+    def __init__(self, weight: torch.Tensor, weight_scale: torch.Tensor):
+        super().__init__()
+        self.register_buffer("dequantized", weight.float() * weight_scale.float()[:, None])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s_tok = x.float().abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) / E4M3_MAX
+        return F.linear(e4m3_round_trip(x, s_tok), self.dequantized).to(x.dtype)
+
+
+QUANTIZED = (Fp8Linear, RowwiseFp8Linear)
+
+
+def export_linear(ckpt: Any, module: str, index: int) -> nn.Module | None:
+    """The export's linear `module` by what it stores: E4M3 with a scalar weight_scale and an
+    input_scale (per-tensor FP8), E4M3 with a [out] weight_scale and no input_scale
+    (per-channel per-token), or a plain weight (left unquantized: None, filled as usual)."""
+    weight = _read(ckpt, f"{module}.weight", index)
+    if weight.dtype != torch.float8_e4m3fn:
+        return None
+    w_scale = _read(ckpt, f"{module}.weight_scale", index)
+    if w_scale.dim() == 1 and w_scale.shape[0] == weight.shape[0]:
+        return RowwiseFp8Linear(weight, w_scale)
+    if w_scale.numel() != 1:
+        raise UserError(
+            f"{ckpt.root}: {module}.weight_scale has shape {list(w_scale.shape)}; expected a "
+            f"scalar (per-tensor) or [{weight.shape[0]}] (per-channel)"
+        )
+    return Fp8Linear(weight, w_scale, _read(ckpt, f"{module}.input_scale", index))
+
+
 def fp8_block(stream: BlockStream, index: int) -> nn.Module:
     """Block `index` of the export: norms filled, linears replaced by Fp8Linear, KV scales set."""
     layer = stream.parts.layer(index, stream.dtype)
@@ -59,22 +94,12 @@ def fp8_block(stream: BlockStream, index: int) -> nn.Module:
     ckpt = stream.ckpt
     for name, module in list(layer.named_modules()):
         if isinstance(module, nn.Linear):
-            tensors = {
-                s: _read(ckpt, f"{prefix}{name}.{s}", index)
-                for s in ("weight", "weight_scale", "input_scale")
-            }
-            if tensors["weight"].dtype != torch.float8_e4m3fn:
-                raise UserError(
-                    f"{ckpt.root}: {prefix}{name}.weight is {tensors['weight'].dtype}, "
-                    "not float8_e4m3fn: not a unified HF FP8 export"
-                )
-            parent_name, leaf = name.rsplit(".", 1)
-            fp8 = Fp8Linear(tensors["weight"], tensors["weight_scale"], tensors["input_scale"]).to(
-                stream.device
-            )
-            setattr(layer.get_submodule(parent_name), leaf, fp8)
+            replacement = export_linear(ckpt, f"{prefix}{name}", index)
+            if replacement is not None:
+                parent_name, leaf = name.rsplit(".", 1)
+                setattr(layer.get_submodule(parent_name), leaf, replacement.to(stream.device))
     for module in layer.modules():  # what is left on the meta device: the norms
-        if not isinstance(module, Fp8Linear) and any(
+        if not isinstance(module, QUANTIZED) and any(
             p.is_meta for p in module.parameters(recurse=False)
         ):
             module.to_empty(device=stream.device, recurse=False)
@@ -132,6 +157,10 @@ def fp8_kv_attention() -> Iterator[None]:
         modeling.ALL_ATTENTION_FUNCTIONS = original
 
 
+# Per-tensor, per-channel-per-token and ModelOpt's MIXED_PRECISION (builder.quantize.formats).
+HF_ALGOS = ("FP8", "FP8_PER_CHANNEL_PER_TOKEN", "MIXED_PRECISION")
+
+
 def check_hf_fp8(path: Path) -> dict[str, Any]:
     config = read_json(path / "config.json")
     algo = (config.get("quantization_config") or {}).get("quant_algo") or (
@@ -139,7 +168,7 @@ def check_hf_fp8(path: Path) -> dict[str, Any]:
         if (path / "hf_quant_config.json").is_file()
         else None
     )
-    if algo != "FP8":
+    if algo not in HF_ALGOS:
         raise UserError(
             f"{path}: not a unified HF FP8 checkpoint (quant_algo {algo!r}); the hf runtime "
             "reads ModelOpt's FP8 export (builder quantize OUT/hf)"
