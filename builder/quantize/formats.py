@@ -229,8 +229,11 @@ class Recipe:
         kv = "FP8" if kv_cache else None
         if self.is_mixed(plan):
             return {"quant_algo": MIXED_PRECISION, "kv_cache_quant_algo": kv}
-        return {"quant_algo": _only(self, plan), "kv_cache_quant_algo": kv,
-                "exclude_modules": ["lm_head"]}  # fmt: skip
+        return {
+            "quant_algo": _only(self, plan),
+            "kv_cache_quant_algo": kv,
+            "exclude_modules": ["lm_head"],
+        }
 
     def trtllm_layer_config(self, plan: ModelPlan, kv_cache: bool, pp: int) -> dict | None:
         """quant_cfg.json's content for MIXED_PRECISION (None when one format covers all).

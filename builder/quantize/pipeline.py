@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -44,6 +44,9 @@ from builder.quantize.blockwise import (
 from builder.quantize.calib import CalibrationSet, build_calibration_set, load_tokenizer
 from builder.quantize.export_hf import modelopt_version, write_unified_hf
 from builder.quantize.formats import Recipe
+
+if TYPE_CHECKING:
+    from builder.quantize.auto import AutoOptions
 
 FORMATS = ("trtllm", "hf")
 KIND = "fp8-quantization"
@@ -68,9 +71,13 @@ class QuantizeSummary:
     blocks: dict[str, int]
     paths: dict[str, str] = field(default_factory=dict)
     rank: int = 0  # under torchrun: this process's rank (only rank 0 writes outputs)
+    recipe: dict[str, Any] | None = None  # each linear's format (builder.quantize.formats)
+    auto: dict[str, Any] | None = None  # --recipe auto: sensitivity, choice, probes
 
     def to_json(self) -> dict[str, Any]:
         return {
+            "recipe": self.recipe,
+            "auto": self.auto,
             "out": str(self.out),
             "source": str(self.source),
             "formats": self.formats,
@@ -179,6 +186,7 @@ def quantize_checkpoint(
     block_progress: Callable[[int, int, LayerPlan | None], None] | None = None,
     allow_pickle: bool = False,
     recipe: Recipe | None = None,
+    auto: AutoOptions | None = None,
 ) -> QuantizeSummary:
     """Calibrate `src` with ModelOpt (FP8 weights/activations, optional FP8 KV) and export.
 
@@ -233,6 +241,7 @@ def quantize_checkpoint(
             started,
             allow_pickle,
             recipe=recipe,
+            auto=auto,
         )
 
 
@@ -263,6 +272,7 @@ def _quantize(
     started,
     allow_pickle,
     recipe=None,
+    auto=None,
 ) -> QuantizeSummary:
 
     say(f"calibration data: {calib}, {calib_size} x {calib_seq_len} tokens")
@@ -288,6 +298,12 @@ def _quantize(
     paths: dict[str, str] = {}
     # Only rank 0 exports; the others are done (no barrier: an export can outlast any
     # collective timeout).
+    auto_record = None
+    if rank == 0 and auto is not None:
+        recipe, auto_record, table_md = choose_recipe(
+            src, plan, result, data, auto, device, dtype, say
+        )
+        seconds["auto"] = auto_record["seconds"]
     if rank == 0:
         paths = export_all(
             src,
@@ -305,6 +321,7 @@ def _quantize(
             seconds,
             say,
             recipe=recipe,
+            auto_record=auto_record,
         )
         shutil.rmtree(opts.state_dir, ignore_errors=True)
     seconds["total"] = round(time.perf_counter() - started, 3)
@@ -321,10 +338,32 @@ def _quantize(
         blocks=result.summary() | {"layers": plan.num_layers},
         paths=paths,
         rank=rank,
+        recipe=(recipe or Recipe()).to_json(),
+        auto=auto_record,
     )
     if rank == 0:
         finish_manifest(out, summary)
     return summary
+
+
+def choose_recipe(
+    src: Path,
+    plan: ModelPlan,
+    result: CalibResult,
+    data: CalibrationSet,
+    auto: AutoOptions,
+    device: str,
+    dtype: str,
+    say: Callable[[str], None],
+) -> tuple[Recipe, dict[str, Any], str]:
+    """--recipe auto: measure, choose, print the chosen table (builder.quantize.auto)."""
+    from builder.quantize.auto import auto_recipe
+
+    recipe, record, table_md = auto_recipe(
+        src, plan, result.table, data.windows, auto, DTYPES[dtype], device, say
+    )
+    record["table_markdown"] = table_md
+    return recipe, record, table_md
 
 
 def open_source(
@@ -373,12 +412,15 @@ def export_all(
     seconds: dict[str, float],
     say: Callable[[str], None],
     recipe: Recipe | None = None,
+    auto_record: dict[str, Any] | None = None,
 ) -> dict[str, str]:
     """Write both exports into one staging directory; OUT appears only when all are done."""
     table = result.table
     recipe = recipe or Recipe()
     recipe.validate(plan)
     fields = calibration_fields(table, data, recipe)
+    if auto_record is not None:
+        fields["quantization"]["auto"] = auto_record
     paths = {}
     with atomic_dir(out, overwrite, inputs=[src]) as stage:
         table.save(stage / "amax.json")
