@@ -48,6 +48,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--target", default="h100x4-fp8")
     p.add_argument("--max-kl", type=float, default=0.015, help="the goal row's budget")
     p.add_argument("--skip-autoquant", action="store_true")
+    p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", action="store_true")
     return p.parse_args()
 
@@ -193,6 +194,8 @@ def recipe_from_model(model):
 def main() -> None:
     args = parse()
     torch.manual_seed(0)
+    # one thread: on a shared machine two OpenMP threads spend most of each matmul waiting
+    torch.set_num_threads(args.threads)
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
     src = args.src
