@@ -21,6 +21,7 @@ text the golden scores, so verifying the result against the golden is an honest 
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -505,3 +506,50 @@ def recipe_request(
         pp=profile.parallel.pp,
         target=target,
     )
+
+
+# ---- builder plan --recipe ----------------------------------------------------------------
+def load_recipe_source(path: Path) -> Recipe:
+    """A recipe JSON file, or the recipe a `builder quantize` OUT (or its manifest) records."""
+    from builder.errors import UserError
+
+    path = Path(path)
+    manifest = path / "manifest.json" if path.is_dir() else path
+    try:
+        data = json.loads(manifest.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise UserError(f"{manifest}: unreadable recipe ({err})") from None
+    if "quantization" in data:
+        data = (data["quantization"] or {}).get("recipe") or {"default": "fp8"}
+    return Recipe.from_json(data.get("recipe", data), str(manifest))
+
+
+def recipe_memory(target_plan: Any, recipe: Recipe) -> dict[str, Any]:
+    """What the recipe's weights cost per rank on the planned target, next to the plan's own
+    precision (the rest of the plan, activations and reserve, does not depend on it)."""
+    plan, profile = target_plan.model, target_plan.profile
+    recipe.validate(plan)
+    tp, pp = profile.parallel.tp, profile.parallel.pp
+    weights = rank_bytes(plan, recipe, tp, pp)
+    planned = [r.weights for r in target_plan.ranks] or weights
+    free = [r.free + p - w for r, p, w in zip(target_plan.ranks, planned, weights, strict=False)]
+    return {
+        "recipe": recipe.to_json(),
+        "bf16_fraction": bf16_fraction(plan, recipe),
+        "weights_per_rank": weights,
+        "planned_weights_per_rank": planned,
+        "free_per_rank": free,
+    }
+
+
+def format_recipe_memory(name: str, memory: dict[str, Any]) -> str:
+    gib = 1 << 30
+    w, p = max(memory["weights_per_rank"]), max(memory["planned_weights_per_rank"])
+    free = min(memory["free_per_rank"]) if memory["free_per_rank"] else None
+    line = (
+        f"{name}: recipe ({memory['bf16_fraction']:.1%} of decoder linears BF16) weights "
+        f"{w / gib:,.2f} GiB per rank (plan's precision: {p / gib:,.2f} GiB)"
+    )
+    if free is not None:
+        line += f"; free after weights, activations and reserve {free / gib:,.2f} GiB"
+    return line
