@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from builder.arch.plan import ModelPlan
-from builder.arch.tensors import layer_hf_shapes, rank_tensors
+from builder.arch.tensors import Split, layer_hf_shapes, rank_tensors
 from builder.quantize.amax import AmaxTable
 from builder.quantize.formats import LinearFormat, Recipe, Unit, linear_bytes, model_units
 from builder.quantize.sensitivity import Sensitivity, StreamScore, candidates, score_recipes
@@ -68,7 +68,9 @@ def bf16_fraction(plan: ModelPlan, recipe: Recipe) -> float:
     return bf16 / decoder_linear_params(plan)
 
 
-def rank_bytes(plan: ModelPlan, recipe: Recipe, tp: int, pp: int) -> list[int]:
+def rank_bytes(
+    plan: ModelPlan, recipe: Recipe, tp: int, pp: int, kv_fp8: bool = False
+) -> list[int]:
     """Weight bytes of each rank file under `recipe` (embedding, norms and lm_head in BF16).
 
     A model the layout cannot split (SmolLM2's 9 heads on tp 4) gets the ideal split: the
@@ -77,13 +79,13 @@ def rank_bytes(plan: ModelPlan, recipe: Recipe, tp: int, pp: int) -> list[int]:
     from builder.errors import ParallelismError
 
     try:
-        return _rank_bytes(plan, recipe, tp, pp)
+        return _rank_bytes(plan, recipe, tp, pp, kv_fp8)
     except ParallelismError:
-        whole = _rank_bytes(plan, recipe, 1, 1)[0]
+        whole = _rank_bytes(plan, recipe, 1, 1, kv_fp8)[0]
         return [whole // (tp * pp)] * (tp * pp)
 
 
-def _rank_bytes(plan: ModelPlan, recipe: Recipe, tp: int, pp: int) -> list[int]:
+def _rank_bytes(plan: ModelPlan, recipe: Recipe, tp: int, pp: int, kv_fp8: bool) -> list[int]:
     formats = recipe.by_hf_module(plan)
     out = []
     for rank in range(tp * pp):
@@ -103,6 +105,8 @@ def _rank_bytes(plan: ModelPlan, recipe: Recipe, tp: int, pp: int) -> list[int]:
                 total += numel + 4 * tensor.shape[0]
             else:
                 total += numel + 8
+            if kv_fp8 and tensor.rule.split is Split.QKV:
+                total += 4  # kv_cache_scaling_factor, fp32 [1]
         out.append(total)
     return out
 
@@ -530,7 +534,7 @@ def recipe_memory(target_plan: Any, recipe: Recipe) -> dict[str, Any]:
     plan, profile = target_plan.model, target_plan.profile
     recipe.validate(plan)
     tp, pp = profile.parallel.tp, profile.parallel.pp
-    weights = rank_bytes(plan, recipe, tp, pp)
+    weights = rank_bytes(plan, recipe, tp, pp, profile.precision.kv_cache == "fp8")
     planned = [r.weights for r in target_plan.ranks] or weights
     free = [r.free + p - w for r, p, w in zip(target_plan.ranks, planned, weights, strict=False)]
     return {

@@ -8,7 +8,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from builder.arch import load_plan
+from builder.arch import load_plan, preset_plan
 from builder.quantize.auto import Option, bf16_fraction, hull, upgrade_path
 from builder.quantize.formats import LinearFormat, Recipe, block_units, quantized_linear
 from builder.quantize.sensitivity import measure_sensitivity, score_recipes
@@ -155,3 +155,36 @@ def test_cli_refuses_bad_recipe_options(tmp_path, mixed_ckpt, extra, message):
     result = CliRunner().invoke(main, ["quantize", str(mixed_ckpt), str(tmp_path / "o"), *extra])
     assert result.exit_code == 2 and message in result.output
     assert not (tmp_path / "o").exists()
+
+
+def test_plan_recipe_memory_matches_the_planner_for_uniform_fp8(tmp_path):
+    """All-FP8 per-tensor must cost exactly what the planner counts for an FP8 target; three
+    blocks in BF16 cost one byte more per parameter they hold (per rank)."""
+    from builder.cli.app import main
+
+    def memory(recipe):
+        path = tmp_path / "r.json"
+        path.write_text(json.dumps(recipe))
+        args = [
+            "plan",
+            "--preset",
+            "ultra-253b",
+            "--target",
+            "h100x4-fp8",
+            "--recipe",
+            str(path),
+            "--json",
+        ]
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code in (0, 1), result.output
+        return json.loads(result.output)["plans"][0]["recipe_memory"]
+
+    fp8 = memory({"default": "fp8"})
+    assert fp8["weights_per_rank"] == fp8["planned_weights_per_rank"]
+    mixed = memory({"default": "fp8", "overrides": {"0.down": "bf16"}})
+    plan = preset_plan("ultra-253b")
+    hidden, width = plan.hidden_size, plan.layers[0].ffn_width
+    extra = hidden * width // 4 - 8  # 1 more byte per parameter on each of the 4 ranks
+    assert [
+        m - f for m, f in zip(mixed["weights_per_rank"], fp8["weights_per_rank"], strict=True)
+    ] == [extra] * 4
