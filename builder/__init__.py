@@ -1,4 +1,5 @@
-"""builder: Llama-3.1-Nemotron-Ultra (nemotron-nas) from HF checkpoint to verified TensorRT-LLM artifacts.
+"""builder: Llama-3.1-Nemotron-Ultra (nemotron-nas) from HF checkpoint to verified TensorRT-LLM
+artifacts.
 
 `import builder` is enough for transformers to load nemotron-nas checkpoints without remote
 code (`AutoModelForCausalLM.from_pretrained(dir)`, `transformers.pipeline(...)`): the Auto

@@ -426,7 +426,9 @@ def write_tokenizer(gguf: GgufModel, facts: GgufFacts, directory: Path) -> None:
     types = gguf.ints("tokenizer.ggml.token_type")
     alphabet = set(pre_tokenizers.ByteLevel.alphabet())
     odd = [
-        t for t, kind in zip(tokens, types) if kind != TOKEN_TYPE_CONTROL and not set(t) <= alphabet
+        t
+        for t, kind in zip(tokens, types, strict=True)
+        if kind != TOKEN_TYPE_CONTROL and not set(t) <= alphabet
     ]
     if odd:
         raise SmolLM2Error(f"{gguf.path}: token {odd[0]!r} is not in byte-level form")
@@ -439,7 +441,7 @@ def write_tokenizer(gguf: GgufModel, facts: GgufFacts, directory: Path) -> None:
         ]
     )
     backend.decoder = decoders.ByteLevel()
-    controls = [t for t, kind in zip(tokens, types) if kind == TOKEN_TYPE_CONTROL]
+    controls = [t for t, kind in zip(tokens, types, strict=True) if kind == TOKEN_TYPE_CONTROL]
     backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in controls])
     unk = int(gguf.field("tokenizer.ggml.unknown_token_id"))
     fast = PreTrainedTokenizerFast(

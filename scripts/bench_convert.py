@@ -113,7 +113,8 @@ class TreeSampler:
 
 
 def timed(cmd: list[str], sample: bool = False) -> tuple[float, float, tuple[int, int], str]:
-    """(seconds without final sync, seconds with it, (peak RSS of one process, of the tree), stdout)."""
+    """(seconds without final sync, seconds with it, (peak RSS of one process, of the tree),
+    stdout)."""
     os.sync()
     started = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
@@ -220,21 +221,28 @@ def main() -> None:
     }
     print()
     print(
-        f"source {source_bytes / 1e9:.2f} GB -> {written / 1e9:.2f} GB in {args.tp} rank files, {args.workers} workers"
+        f"source {source_bytes / 1e9:.2f} GB -> {written / 1e9:.2f} GB in {args.tp} rank files, "
+        f"{args.workers} workers"
     )
     print(
-        f"convert / cp wall time (with final sync): median {result['ratio_median']:.2f}, best {result['ratio_min']:.2f}"
-        f"   (goal <= 1.3); without final sync: median {result['ratio_median_without_final_sync']:.2f}"
+        f"convert / cp wall time (with final sync): median {result['ratio_median']:.2f}, best "
+        f"{result['ratio_min']:.2f}"
+        "   (goal <= 1.3); without final sync: median "
+        f"{result['ratio_median_without_final_sync']:.2f}"
     )
     print(
-        f"excluding convert's start-up (Python + torch imports, ~2-5 s): median {result['ratio_median_after_startup']:.2f}"
+        "excluding convert's start-up (Python + torch imports, ~2-5 s): median "
+        f"{result['ratio_median_after_startup']:.2f}"
     )
     print(
-        f"throughput: cp {result['cp_GBps_median']:.2f} GB/s, convert {result['convert_GBps_median']:.2f} GB/s"
+        f"throughput: cp {result['cp_GBps_median']:.2f} GB/s, convert "
+        f"{result['convert_GBps_median']:.2f} GB/s"
     )
     print(
-        f"peak RSS: largest process {peak_process / 2**20:.0f} MiB; whole tree (PSS) {result['peak_pss_process_tree'] / 2**20:.0f} MiB;"
-        f" goal <= 1 GiB + 2 x {largest / 2**20:.0f} MiB = {result['rss_goal_bytes'] / 2**20:.0f} MiB"
+        f"peak RSS: largest process {peak_process / 2**20:.0f} MiB; whole tree (PSS) "
+        f"{result['peak_pss_process_tree'] / 2**20:.0f} MiB;"
+        f" goal <= 1 GiB + 2 x {largest / 2**20:.0f} MiB = {result['rss_goal_bytes'] / 2**20:.0f} "
+        "MiB"
     )
     print(f"builder check --quick: {'ok' if result['check_ok'] else 'FAILED'}")
     if args.json:

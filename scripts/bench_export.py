@@ -103,7 +103,8 @@ def main() -> None:
     (args.work / "bench_export.json").write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result, indent=1))
     print(
-        f"| export of {nbytes / 1e6:,.0f} MB at tp {args.tp} | seconds | MB/s | / cp |\n|---|---|---|---|"
+        f"| export of {nbytes / 1e6:,.0f} MB at tp {args.tp} | seconds | MB/s | / cp "
+        "|\n|---|---|---|---|"
     )
     for name, seconds in (
         ("cp -r", cp),

@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""The resident runtime on a GPU at Ultra's real layer shapes: BF16 against FP8, beside the HBM limit.
+"""The resident runtime on a GPU at Ultra's real layer shapes: BF16 against FP8, beside the HBM
+limit.
 
 One run measures, with random weights synthesized on the device (no checkpoint on disk), a
 slice of consecutive Ultra blocks with their real dimensions (hidden 16384, 128 heads, 8 KV
@@ -23,7 +24,10 @@ lm_head; its bytes are counted).
 
 Usage: python scripts/bench_gpu.py --out $OUT          (on the GPU machine)
        python scripts/bench_gpu.py --small --out /tmp/x  (CPU smoke test of the same code path)
-Results: OUT/bench_gpu.json; a table is printed last.
+       python scripts/bench_gpu.py --records-from OUT/bench_gpu.json --out DIR
+                                  (run records of a saved result, no GPU needed)
+Results: OUT/bench_gpu.json, and one builder run record per (tp, precision, batch) decode point
+under OUT/records (render with `builder report OUT/records`); a table is printed last.
 """
 
 from __future__ import annotations
@@ -145,7 +149,8 @@ def relative_error(actual: torch.Tensor, reference: torch.Tensor) -> float:
     return float((actual.double() - reference.double()).norm() / reference.double().norm())
 
 
-# ---- measurements ---------------------------------------------------------------------------------
+# ---- measurements
+# ---------------------------------------------------------------------------------
 def build(config, tensors, device, args, **kwargs) -> ResidentRuntime:
     return ResidentRuntime.from_tensors(
         config,
@@ -473,7 +478,8 @@ def probe_compile(device) -> tuple[bool, str]:
         return False, f"failed: {type(err).__name__}: {str(err)[:300]}"
 
 
-# ---- main -----------------------------------------------------------------------------------------
+# ---- main
+# -----------------------------------------------------------------------------------------
 def run_tp(plan, tp, device, args, copy_bw) -> dict:
     t0 = time.perf_counter()
     bf16 = synth_rank(plan, tp, device, seed=tp)
@@ -485,7 +491,8 @@ def run_tp(plan, tp, device, args, copy_bw) -> dict:
     if args.check and tp in args.check_tp:
         result["check"] = check_fp8(cfgs, bf16, fp8, device, args)
         log(
-            f"tp{tp}: check {json.dumps({k: v for k, v in result['check'].items() if 'greedy' not in k})}"
+            f"tp{tp}: check "
+            f"{json.dumps({k: v for k, v in result['check'].items() if 'greedy' not in k})}"
         )
     for precision, tensors in (("bf16", bf16), ("fp8", fp8)):
         t0 = time.perf_counter()
@@ -499,11 +506,13 @@ def run_tp(plan, tp, device, args, copy_bw) -> dict:
         }
         entry["prefill"] = bench_prefill(rt, device, args.prefill)
         log(
-            f"tp{tp} {precision}: prefill {[round(r['tokens_per_s']) for r in entry['prefill']]} tok/s"
+            f"tp{tp} {precision}: prefill {[round(r['tokens_per_s']) for r in entry['prefill']]} "
+            "tok/s"
         )
         entry["decode"] = bench_decode(rt, device, args.batches, args.prompt, args.steps, copy_bw)
         log(
-            f"tp{tp} {precision}: decode {[round(r['step_ms'], 3) for r in entry['decode']]} ms/step"
+            f"tp{tp} {precision}: decode {[round(r['step_ms'], 3) for r in entry['decode']]} "
+            "ms/step"
         )
         if device.type == "cuda" and tp in args.profile_tp:
             entry["profile_batch1"] = profile_decode(rt, device)
@@ -512,7 +521,8 @@ def run_tp(plan, tp, device, args, copy_bw) -> dict:
             rt.set_gemv(False)
             entry["decode_cublas"] = bench_decode(rt, device, [1], args.prompt, args.steps, copy_bw)
             log(
-                f"tp{tp} {precision}: decode batch 1 on cuBLAS {entry['decode_cublas'][0]['step_ms']:.3f} ms/step"
+                f"tp{tp} {precision}: decode batch 1 on cuBLAS "
+                f"{entry['decode_cublas'][0]['step_ms']:.3f} ms/step"
             )
         entry["gemv"] = "triton one-row kernel" if rt.gemv or "decode_cublas" in entry else "cuBLAS"
         if device.type == "cuda":
@@ -570,6 +580,136 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
+# ---- run records ---------------------------------------------------------------------------------
+def _metric(value: float, unit: str, definition: str, better: str):
+    from builder.report.records import Metric
+
+    return Metric(float(value), unit, definition, better)
+
+
+def run_records(results: dict) -> list:
+    """One bench run record (docs/records.md) per decode point: `builder report` plots them
+    (throughput vs batch with the copy-bandwidth floor as the roofline) and `builder report
+    compare` gates a later run against them. Prefill rates ride along as metrics of the
+    batch-1 point."""
+    import hashlib
+
+    from builder.report.records import Artifact, RecordKind, RunRecord
+
+    env = results["environment"]
+    copy_gbps = results["copy"]["bandwidth_GBps"]
+    model = results["slice"].replace("ultra-253b layers ", "ultra-253b L")
+    records = []
+    for run in results["tp"]:
+        for precision in ("bf16", "fp8"):
+            measured = run[precision]
+            fingerprint = json.dumps(
+                {
+                    "layers": results["layers"],
+                    "hidden": results["hidden"],
+                    "tp": run["tp"],
+                    "precision": precision,
+                },
+                sort_keys=True,
+            )
+            artifact = Artifact(
+                path=f"synthetic:{results['slice']} tp{run['tp']} rank 0",
+                kind=f"slice-{precision}-tp{run['tp']}",
+                sha256=hashlib.sha256(fingerprint.encode()).hexdigest(),
+            )
+            for point in measured["decode"]:
+                batch, step_ms = point["batch"], point["step_ms"]
+                metrics = {
+                    "output_token_throughput": _metric(
+                        batch * 1e3 / step_ms,
+                        "tok/s",
+                        "batch / decode step time (CUDA graph "
+                        "replay, attention, norms and residuals included)",
+                        "higher",
+                    ),
+                    "tpot_p50": _metric(
+                        step_ms,
+                        "ms",
+                        "median decode step time over repeats of "
+                        f"{results['args']['steps']} replayed steps",
+                        "lower",
+                    ),
+                    "decode_speed_per_user": _metric(
+                        1e3 / step_ms, "tok/s/user", "1 / decode step time", "higher"
+                    ),
+                    "roofline_step_ms": _metric(
+                        point["floor_ms"],
+                        "ms",
+                        "bytes read per step (resident linear weights "
+                        f"+ KV span) / measured copy bandwidth ({copy_gbps:.0f} GB/s)",
+                        "lower",
+                    ),
+                    "roofline_output_token_throughput": _metric(
+                        batch * 1e3 / point["floor_ms"],
+                        "tok/s",
+                        "batch / copy-bandwidth floor of the step",
+                        "higher",
+                    ),
+                    "roofline_fraction": _metric(
+                        point["fraction_of_copy_bandwidth"],
+                        "",
+                        "copy-bandwidth floor / measured step time",
+                        "higher",
+                    ),
+                }
+                if batch == 1:
+                    for shape in measured["prefill"]:
+                        name = f"prefill_{shape['batch']}x{shape['seq']}_token_throughput"
+                        metrics[name] = _metric(
+                            shape["tokens_per_s"],
+                            "tok/s",
+                            f"prompt tokens / time of one forward over {shape['batch']} x "
+                            f"{shape['seq']} tokens",
+                            "higher",
+                        )
+                records.append(
+                    RunRecord(
+                        kind=RecordKind.BENCH,
+                        model=model,
+                        artifact=artifact,
+                        runtime="resident",
+                        target=f"tp{run['tp']} rank 0 (one GPU's share, collectives left out)",
+                        device=env.get("gpu", "unknown"),
+                        settings={
+                            "workload": f"decode {results['args']['prompt']}+"
+                            f"{results['args']['steps']} @ batch {batch}",
+                            "isl": results["args"]["prompt"],
+                            "osl": results["args"]["steps"],
+                            "concurrency": batch,
+                            "tp": run["tp"],
+                            "precision": precision,
+                            "kv_cache": "bf16",
+                            "note": "scripts/bench_gpu.py: builder's resident runtime (CUDA "
+                            "graphs), random weights at Ultra's real dimensions; not a "
+                            "TensorRT-LLM engine",
+                        },
+                        metrics=metrics,
+                        details={
+                            "kv_bytes": point["kv_bytes"],
+                            "weight_bytes": point["weight_bytes"],
+                            "profile_batch1": measured.get("profile_batch1"),
+                        },
+                        environment={
+                            "versions": {k: v for k, v in env.items()},
+                            "host": "GPU machine",
+                            "git_commit": "",
+                        },
+                    )
+                )
+    return records
+
+
+def write_run_records(results: dict, directory: Path) -> list[Path]:
+    from builder.report.records import write_record
+
+    return [write_record(directory, record) for record in run_records(results)]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -598,7 +738,17 @@ def main() -> None:
     parser.add_argument(
         "--small", action="store_true", help="hidden 256: a CPU smoke test of this script"
     )
+    parser.add_argument(
+        "--records-from",
+        type=Path,
+        help="write the run records of a saved bench_gpu.json to OUT/records and exit",
+    )
     args = parser.parse_args()
+    if args.records_from is not None:
+        saved = json.loads(args.records_from.read_text())
+        for path in write_run_records(saved, args.out / "records"):
+            print(path)
+        return
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu":
         args.compile = False
@@ -636,6 +786,7 @@ def main() -> None:
     results["skinny_gemm_choices"] = CHOOSER.summary()
     results["table"] = table(results)
     (args.out / "bench_gpu.json").write_text(json.dumps(results, indent=1) + "\n")
+    write_run_records(results, args.out / "records")
     print(results["table"])
 
 

@@ -30,7 +30,8 @@ def main() -> None:
         e_ref = compare_logits(ref16, ref32).relative_error
         ulp = 2.0**-8
         print(
-            f"e_ref {e_ref:.5f}   bounds: e_exec <= {2 * e_ref + ulp:.5f}, e_pair <= {3 * e_ref + ulp:.5f}"
+            f"e_ref {e_ref:.5f}   bounds: e_exec <= {2 * e_ref + ulp:.5f}, e_pair <= "
+            f"{3 * e_ref + ulp:.5f}"
         )
         for tp, pp in [(1, 1), (2, 1), (4, 2)]:
             out = Path(tmp) / f"trt-{tp}-{pp}"

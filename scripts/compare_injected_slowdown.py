@@ -3,7 +3,8 @@
 
 Benches a TensorRT-LLM checkpoint with the executor in one process: as is (BASE), with every
 linear delayed by --delay-us microseconds (CURRENT-slow: a real slowdown, measured, not edited
-into the records), and as is again (CURRENT-clean), in interleaved rounds of one repeat each. Then runs `builder report compare BASE CURRENT --max-regression 5%`
+into the records), and as is again (CURRENT-clean), in interleaved rounds of one repeat each. Then
+runs `builder report compare BASE CURRENT --max-regression 5%`
 and prints its table and exit code (1: the gate caught it), plus the same compare of BASE
 against a second clean run (CURRENT-clean), which must pass.
 

@@ -90,8 +90,10 @@ def main() -> None:
         return
     print(format_table(report))
     print(
-        f"\ncalibration {summary.seconds['calibration']:.1f} s, total {summary.seconds['total']:.1f} s, "
-        f"peak RSS {summary.peak_rss_bytes / 2**20:,.0f} MiB for a {summary.model_bytes / 2**20:,.0f} MiB "
+        f"\ncalibration {summary.seconds['calibration']:.1f} s, total "
+        f"{summary.seconds['total']:.1f} s, "
+        f"peak RSS {summary.peak_rss_bytes / 2**20:,.0f} MiB for a "
+        f"{summary.model_bytes / 2**20:,.0f} MiB "
         f"checkpoint; evaluation {eval_seconds:.1f} s"
     )
 

@@ -70,7 +70,8 @@ def main() -> None:
             ]
             print(f"ensemble (HTTP generate_stream): {stream!r}")
         print(
-            f"executor directly: {expected!r}; identical: {whole == expected and ''.join(stream) == expected}"
+            f"executor directly: {expected!r}; identical: "
+            f"{whole == expected and ''.join(stream) == expected}"
         )
 
 

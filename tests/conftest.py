@@ -71,7 +71,8 @@ def smollm2_fp8(tmp_path_factory, smollm2_ckpt):
         dtype=setup["dtype"],
     )
     (out.parent / "summary.txt").write_text(
-        f"calibration {summary.seconds['calibration']:.1f} s, peak RSS {summary.peak_rss_bytes / 2**20:,.0f} MiB\n"
+        f"calibration {summary.seconds['calibration']:.1f} s, peak RSS "
+        f"{summary.peak_rss_bytes / 2**20:,.0f} MiB\n"
     )
     return out
 

@@ -7,7 +7,8 @@ own venv, `.venv-vllm/` of the repository, made by scripts/install.sh) on a free
     from tests.servers import vllm_available, vllm_server
 
 `--enforce-eager`: without it vLLM's CPU warm-up compiles the model (measured 390 s of an
-831 s start on a loaded 2-core machine, 1 s with it). The server runs in its own process group; on exit (also on failure or Ctrl-C) the group is
+831 s start on a loaded 2-core machine, 1 s with it). The server runs in its own process group; on
+exit (also on failure or Ctrl-C) the group is
 sent SIGTERM, then SIGKILL after a grace period, so no server outlives the tests.
 """
 

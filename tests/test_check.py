@@ -122,7 +122,8 @@ def test_quick_skips_hashes_and_scan(mixed_ckpt):
     assert "(sizes)" in line and "all finite" not in line
 
 
-# ---- failures name the tensor ----------------------------------------------------------------------
+# ---- failures name the tensor
+# ----------------------------------------------------------------------
 def test_nan_in_hf_checkpoint_is_named(mixed_ckpt, tmp_path):
     ckpt = copy(mixed_ckpt, tmp_path / "nan")
     shard = next(ckpt.glob("model-*.safetensors"))

@@ -70,7 +70,8 @@ def test_bytes_show_rate_and_rank_tasks_stay_out_of_the_log():
         sink.done(1, "written")
     assert lines(out) == [
         "convert: all ranks 10.0 MiB/200.0 MiB (5%), 0:00 elapsed, ETA unknown - 0/2 ranks done",
-        "convert: all ranks 110.0 MiB/200.0 MiB (55%), 0:10 elapsed, 11.0 MiB/s, ETA 0:08 - 0/2 ranks done",
+        "convert: all ranks 110.0 MiB/200.0 MiB (55%), 0:10 elapsed, 11.0 MiB/s, ETA 0:08 - 0/2 "
+        "ranks done",
         "convert: all ranks 200.0 MiB/200.0 MiB (100%), done in 0:18 - 2/2 ranks done",
     ]  # per-rank tasks are bars only: in a log the total says it all
 

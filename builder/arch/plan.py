@@ -10,7 +10,7 @@ import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -114,13 +114,13 @@ DTYPE_BYTES = {
 }
 
 
-class AttentionKind(str, Enum):
+class AttentionKind(StrEnum):
     ATTENTION = "attention"
     LINEAR = "linear"
     NO_OP = "no_op"
 
 
-class FfnKind(str, Enum):
+class FfnKind(StrEnum):
     MLP = "mlp"
     LINEAR = "linear"
     NO_OP = "no_op"
@@ -358,7 +358,8 @@ def parse_config(config: Any, source: str = "<config>") -> ModelPlan:
     blocks = config["block_configs"]
     if len(blocks) != num_layers:
         raise ConfigError(
-            f"{source}: block_configs has {len(blocks)} entries but num_hidden_layers is {num_layers}"
+            f"{source}: block_configs has {len(blocks)} entries but num_hidden_layers is "
+            f"{num_layers}"
         )
     head_dim = config.get("head_dim") or hidden // heads
     if head_dim * heads != hidden and not config.get("head_dim"):

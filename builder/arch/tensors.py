@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 
 from builder.arch.plan import AttentionKind, FfnKind, LayerPlan, ModelPlan
 from builder.errors import ParallelismError
 
 
-class Split(str, Enum):
+class Split(StrEnum):
     REPLICATED = "replicated"
     COLUMN = "column"  # dim 0 (output features) in tp equal chunks
     ROW = "row"  # dim 1 (input features) in tp equal chunks
@@ -288,7 +288,8 @@ KV_CACHE_SCALE = "kv_cache_scaling_factor"
 
 
 def linear_module(weight_name: str) -> str:
-    """`transformer.layers.3.ffn.fc.weight` -> `transformer.layers.3.ffn.fc` (what exclude_modules matches)."""
+    """`transformer.layers.3.ffn.fc.weight` -> `transformer.layers.3.ffn.fc` (what exclude_modules
+    matches)."""
     return weight_name.removesuffix(".weight")
 
 

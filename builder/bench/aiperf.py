@@ -210,7 +210,10 @@ def bench_server(
         record = import_reports(
             exports,
             concurrency=point.concurrency,
-            runtime=f"aiperf against {'Triton' if endpoint == 'triton' else 'an OpenAI-compatible server'}",
+            runtime=(
+                "aiperf against "
+                f"{'Triton' if endpoint == 'triton' else 'an OpenAI-compatible server'}"
+            ),
         )
         settings = {
             **record.settings,

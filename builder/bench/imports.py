@@ -193,7 +193,8 @@ def aiperf_record(
 ) -> tuple[RunRecord, dict[str, float]]:
     values = aiperf_values(data, source)
     config = data.get("input_config") or {}
-    # 0.13 writes models.items[].name and phases[] (warmup, profiling); older: endpoint.model_names, loadgen
+    # 0.13 writes models.items[].name and phases[] (warmup, profiling); older: endpoint.model_names,
+    # loadgen
     items = _dig(config, "models", "items") or []
     models = (
         [i.get("name") for i in items if isinstance(i, dict)]
@@ -229,8 +230,8 @@ def aiperf_record(
         "imported_from": str(source),
         "aiperf_version": data.get("aiperf_version"),
         "aiperf_schema_version": data.get("schema_version"),
-        "osl_enforced": "AIPerf output-token mean with stddev 0 plus ignore_eos/min_tokens extra inputs, "
-        "if the run set them; osl is the measured mean",
+        "osl_enforced": "AIPerf output-token mean with stddev 0 plus ignore_eos/min_tokens extra "
+        "inputs, if the run set them; osl is the measured mean",
     }
     record = RunRecord(
         kind=RecordKind.BENCH,

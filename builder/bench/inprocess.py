@@ -44,7 +44,8 @@ def checkpoint_artifact(directory: Path, config: dict[str, Any]) -> tuple[str, A
         except (KeyError, TypeError, ValueError):
             pass
     quant = (config.get("quantization") or {}).get("quant_algo")
-    kind = f"trtllm-{'fp8' if quant == 'FP8' else str(config.get('dtype', 'bf16')).replace('bfloat16', 'bf16')}"
+    dtype = str(config.get("dtype", "bf16")).replace("bfloat16", "bf16")
+    kind = f"trtllm-{'fp8' if quant == 'FP8' else dtype}"
     digest = hashlib.sha256(source.read_bytes()).hexdigest()
     return model, Artifact(str(directory.resolve()), kind, digest)
 

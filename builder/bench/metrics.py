@@ -24,7 +24,7 @@ With one token per chunk, the mean of tpot and itl coincide; their percentiles d
 
 Distributions are summarized as mean, std (population, ddof 0), p50, p90, p99 with
 `PERCENTILE_METHOD`; record keys are `<metric>_<stat>` (e.g. `ttft_p99`), in milliseconds.
-"""
+"""  # noqa: E501 (the Markdown table above does not wrap)
 
 from __future__ import annotations
 

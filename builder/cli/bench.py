@@ -143,7 +143,10 @@ def _summary_table(records) -> None:
     "--threads",
     type=click.IntRange(1),
     default=None,
-    help="Executor: torch CPU threads [default: torch's]; 1 is fastest for small models on a busy machine.",
+    help=(
+        "Executor: torch CPU threads [default: torch's]; 1 is fastest for small models on a busy "
+        "machine."
+    ),
 )
 @click.option(
     "--roofline-target",

@@ -1,4 +1,5 @@
-"""`builder build`: TensorRT engines (trtllm-build, TensorRT-LLM <= 1.2.x) or PyTorch-backend options."""
+"""`builder build`: TensorRT engines (trtllm-build, TensorRT-LLM <= 1.2.x) or PyTorch-backend
+options."""
 
 from __future__ import annotations
 

@@ -13,7 +13,10 @@ from builder.errors import UserError
 @click.option(
     "--source",
     type=click.Path(file_okay=False),
-    help="TensorRT-LLM checkpoints: also check that this HF checkpoint is the one it was converted from (fingerprint).",
+    help=(
+        "TensorRT-LLM checkpoints: also check that this HF checkpoint is the one it was converted "
+        "from (fingerprint)."
+    ),
 )
 @click.option(
     "--quick",
@@ -23,7 +26,10 @@ from builder.errors import UserError
 @click.option(
     "--roundtrip",
     is_flag=True,
-    help="With --source: un-shard every tensor with the inverse split rules and compare it bit for bit with the source (holds one whole tensor at a time).",
+    help=(
+        "With --source: un-shard every tensor with the inverse split rules and compare it bit for "
+        "bit with the source (holds one whole tensor at a time)."
+    ),
 )
 @click.option(
     "--json", "as_json", is_flag=True, help="Machine-readable report (no progress output)."

@@ -105,7 +105,10 @@ def parse_paths(paths: tuple[str, ...], preset: str | None) -> tuple[str | None,
 @click.option(
     "--allow-pickle",
     is_flag=True,
-    help="Read pytorch_model*.bin weights if HF_DIR has no safetensors (torch.load, weights only). Refused by default: unpickling can run code.",
+    help=(
+        "Read pytorch_model*.bin weights if HF_DIR has no safetensors (torch.load, weights only). "
+        "Refused by default: unpickling can run code."
+    ),
 )
 @click.option(
     "--json", "as_json", is_flag=True, help="Print the summary as JSON (no progress bars)."

@@ -118,7 +118,10 @@ Several GPUs: torchrun --nproc-per-node N $(which builder) quantize ... --device
     type=int,
     default=0,
     show_default=True,
-    help="Save resume activations every N blocks (0: every block while they are under 256 MiB, else every 5 minutes).",
+    help=(
+        "Save resume activations every N blocks (0: every block while they are under 256 MiB, "
+        "else every 5 minutes)."
+    ),
 )
 @click.option(
     "--workers",
@@ -131,7 +134,10 @@ Several GPUs: torchrun --nproc-per-node N $(which builder) quantize ... --device
 @click.option(
     "--allow-pickle",
     is_flag=True,
-    help="Read pytorch_model*.bin weights if HF_DIR has no safetensors (torch.load, weights only). Refused by default: unpickling can run code.",
+    help=(
+        "Read pytorch_model*.bin weights if HF_DIR has no safetensors (torch.load, weights only). "
+        "Refused by default: unpickling can run code."
+    ),
 )
 @click.option(
     "--recipe",

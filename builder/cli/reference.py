@@ -80,7 +80,10 @@ then reports the artifact's accuracy and its recovery (artifact / golden).
 @click.option(
     "--tasks",
     type=click.Path(dir_okay=False),
-    help="Task JSONL (math with \\boxed answers, multiple choice): golden answers for verify's task accuracy.",
+    help=(
+        "Task JSONL (math with \\boxed answers, multiple choice): golden answers for verify's "
+        "task accuracy."
+    ),
 )
 @click.option(
     "--task-max-tokens", type=int, default=64, show_default=True, help="Reply length for --tasks."

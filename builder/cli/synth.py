@@ -63,7 +63,8 @@ def synth(out, preset, hidden, heads, layers, seed, target_size, dtype, overwrit
     """Write a synthetic HF nemotron-nas checkpoint to OUT.
 
     Keeps the preset's block-kind pattern, KV-head counts and ffn_mult values at a reduced
-    hidden size (16 heads unless --heads), with seeded random weights, a byte-level tokenizer with the
+    hidden size (16 heads unless --heads), with seeded random weights, a byte-level tokenizer with
+    the
     Nemotron chat template, sharded safetensors and an index. Small by default (seconds);
     --target-size makes multi-GB checkpoints for benchmarks.
     """

@@ -1,4 +1,5 @@
-"""`builder triton BUILD_DIR OUT` (write a Triton model repository) and `builder triton check OUT`."""
+"""`builder triton BUILD_DIR OUT` (write a Triton model repository) and `builder triton check
+OUT`."""
 
 from __future__ import annotations
 
@@ -46,7 +47,10 @@ def triton() -> None:
     "tokenizer",
     required=True,
     type=click.Path(exists=True, file_okay=False),
-    help="HF tokenizer directory (usually the HF checkpoint); referenced by absolute path, not copied.",
+    help=(
+        "HF tokenizer directory (usually the HF checkpoint); referenced by absolute path, not "
+        "copied."
+    ),
 )
 @click.option(
     "--max-batch-size",

@@ -149,7 +149,8 @@ def check_checkpoint(
     report = CheckReport(str(directory), manifest.get("kind", "?"), hashes_checked=hashes)
     if report.kind == DRY_RUN_KIND:
         report.problem(
-            f"{directory / MANIFEST}: a --dry-run manifest: it describes rank files but none were written"
+            f"{directory / MANIFEST}: a --dry-run manifest: it describes rank files but none were "
+            "written"
         )
         return report
     if report.kind != KIND:
@@ -186,7 +187,8 @@ def _check_config(directory: Path, manifest: dict, report: CheckReport) -> Model
     layout = manifest.get("layout", {})
     if (layout.get("tp"), layout.get("pp"), layout.get("dtype")) != (tp, pp, config.get("dtype")):
         report.problem(
-            f"{directory / 'config.json'}: tp={tp} pp={pp} dtype={config.get('dtype')} but the manifest "
+            f"{directory / 'config.json'}: tp={tp} pp={pp} dtype={config.get('dtype')} but the "
+            "manifest "
             f"says tp={layout.get('tp')} pp={layout.get('pp')} dtype={layout.get('dtype')}"
         )
     if config.get("quantization") != layout.get("quantization"):
@@ -242,7 +244,8 @@ def _header_problems(path: Path, expected: dict) -> list[str]:
     end = max((e["data_offsets"][1] for k, e in header.items() if k != "__metadata__"), default=0)
     if start + end != path.stat().st_size:
         problems.append(
-            f"{path}: header describes {start + end:,} bytes but the file has {path.stat().st_size:,}"
+            f"{path}: header describes {start + end:,} bytes but the file has "
+            f"{path.stat().st_size:,}"
         )
     return problems
 
@@ -252,7 +255,8 @@ def _check_source(source: Path, manifest: dict, report: CheckReport) -> None:
     actual = source_fingerprint(HFCheckpoint(source))
     if recorded != actual:
         report.problem(
-            f"{source}: fingerprint {actual[:12]} differs from the one recorded at conversion ({str(recorded)[:12]})"
+            f"{source}: fingerprint {actual[:12]} differs from the one recorded at conversion "
+            f"({str(recorded)[:12]})"
         )
 
 

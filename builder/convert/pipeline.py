@@ -116,7 +116,8 @@ def _str(path: Path | None) -> str | None:
     return str(path) if path else None
 
 
-# ---- rank selection -------------------------------------------------------------------------------
+# ---- rank selection
+# -------------------------------------------------------------------------------
 def parse_ranks(text: str | None, world: int) -> list[int]:
     """'0-3' / '5' / '0-1,6-7' -> rank list, each checked against the world size."""
     if not text:
@@ -306,7 +307,8 @@ def entry_verifies(stage: Path, entry: Mapping[str, Any]) -> bool:
     return sha256_file(stage / entry["file"]) == entry["sha256"]
 
 
-# ---- workers ---------------------------------------------------------------------------------------
+# ---- workers
+# ---------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class RankJob:
     src: str
@@ -516,7 +518,8 @@ def _convert(
             ]
             if done:
                 raise type(err)(
-                    f"{err}\n(finished ranks {_ranges(done)} are kept in {stage}; rerun with --resume to keep them)"
+                    f"{err}\n(finished ranks {_ranges(done)} are kept in {stage}; rerun with "
+                    "--resume to keep them)"
                 ) from None
             raise
     complete = _fill_other_ranks(stage, world, key, fingerprint, statuses, layouts, tp)
@@ -615,7 +618,8 @@ def _check_disk_space(stage: Path, layouts: Sequence[RankLayout]) -> None:
     free = shutil.disk_usage(stage).free
     if need > free:
         raise UserError(
-            f"{stage}: the {len(layouts)} rank file(s) to write need {need / 2**30:,.2f} GiB but only "
+            f"{stage}: the {len(layouts)} rank file(s) to write need {need / 2**30:,.2f} GiB but "
+            "only "
             f"{free / 2**30:,.2f} GiB are free on that filesystem"
         )
 

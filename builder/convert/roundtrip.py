@@ -1,4 +1,5 @@
-"""Un-sharding a TensorRT-LLM checkpoint with the inverse rules, and comparing it with its source."""
+"""Un-sharding a TensorRT-LLM checkpoint with the inverse rules, and comparing it with its
+source."""
 
 from __future__ import annotations
 

@@ -113,7 +113,8 @@ def source_problems(ckpt: HFCheckpoint, plan: ModelPlan) -> list[str]:
     for name in ckpt.names():
         if name not in expected:
             problems.append(
-                f"tensor {name!r} in {ckpt.info(name).file.name} is not used by the plan {_owner(name)}"
+                f"tensor {name!r} in {ckpt.info(name).file.name} is not used by the plan "
+                f"{_owner(name)}"
             )
     return problems
 
@@ -325,7 +326,8 @@ class SourceReader:
         return torch.from_numpy(picked).view(info.dtype).view(stop - start, cols.stop - cols.start)
 
     def _gather_buffer(self, size: int) -> np.ndarray:
-        """A reused output buffer for column gathers (fresh pages per block cost more than the copy)."""
+        """A reused output buffer for column gathers (fresh pages per block cost more than the
+        copy)."""
         if self._gather is None or self._gather.size < size:
             self._gather = np.empty(-(-size // (1 << 20)) * (1 << 20), dtype=np.uint8)
         return self._gather[:size]

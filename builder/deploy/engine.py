@@ -57,7 +57,8 @@ PINNED = "1.2.1"
 INSTALL_HINT = (
     f"install the pinned release: pip install 'builder[trtllm]' (tensorrt_llm {PINNED}; the "
     "PyPI entry fetches the wheel from NVIDIA's index, https://pypi.nvidia.com; Python 3.10 or "
-    f"3.12, Linux, CUDA 13), or run inside the NGC container nvcr.io/nvidia/tensorrt-llm/release:{PINNED}. "
+    "3.12, Linux, CUDA 13), or run inside the NGC container "
+    f"nvcr.io/nvidia/tensorrt-llm/release:{PINNED}. "
     "Without it: `--dry-run` writes the command, or `--backend pytorch` serves the HF checkpoint"
 )
 
@@ -110,7 +111,8 @@ def trtllm_status(version: str | None = None, importable: bool | None = None) ->
             version,
             False,
             (
-                f"TensorRT-LLM {version} is too old for Nemotron-Ultra (needs {OLDEST[0]}.{OLDEST[1]} "
+                f"TensorRT-LLM {version} is too old for Nemotron-Ultra (needs "
+                f"{OLDEST[0]}.{OLDEST[1]} "
                 f"or later; {PINNED} is the pinned release)"
             ),
         )
@@ -215,7 +217,8 @@ def trtllm_build_executable() -> list[str]:
     return [found] if found else [sys.executable, "-m", "tensorrt_llm.commands.build"]
 
 
-# ---- results ---------------------------------------------------------------------------------------
+# ---- results
+# ---------------------------------------------------------------------------------------
 @dataclass
 class BuildResult:
     out: Path
@@ -304,7 +307,8 @@ def engine_scripts(
     }
     scripts = {
         "build-engines.sh": launch.script(
-            f"trtllm-build for target {profile.name}: {profile.world_size} rank engines on one node.",
+            f"trtllm-build for target {profile.name}: {profile.world_size} rank engines on one "
+            "node.",
             launch.shell_join(["trtllm-build", *generic]),
             env,
         ),
@@ -376,7 +380,8 @@ def dry_run_build(
         "fits": result_plan.fits,
         "verdict": result_plan.verdict,
         "next": "run launch/build-engines.sh where TensorRT-LLM "
-        f"{PINNED} and {profile.world_size} GPUs are available, or `builder build` without --dry-run",
+        f"{PINNED} and {profile.world_size} GPUs are available, or `builder build` without "
+        "--dry-run",
     }
     scripts = engine_scripts(profile, args, inp, engine_dir)
     with atomic_dir(out, overwrite) as stage:

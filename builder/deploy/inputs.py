@@ -103,7 +103,10 @@ def _remake_command(inp: TrtllmInput, profile: TargetProfile) -> str:
         f" --pp {profile.parallel.pp}" if profile.parallel.pp > 1 else ""
     )
     if inp.quant_algo == "FP8":
-        return f"quantize again with `builder quantize HF_DIR OUT {layout}` (it wrote this FP8 checkpoint)"
+        return (
+            f"quantize again with `builder quantize HF_DIR OUT {layout}` (it wrote this FP8 "
+            "checkpoint)"
+        )
     return f"convert again with `builder convert HF_DIR OUT {layout}`"
 
 
@@ -243,7 +246,8 @@ def hf_mismatches(inp: HfInput, profile: TargetProfile) -> list[str]:
     problems = []
     if profile.fp8_weights and inp.quant_algo != "FP8":
         problems.append(
-            f"{quant}: {'missing' if inp.quantization is None else 'quant_algo is ' + repr(inp.quant_algo)}"
+            f"{quant}: "
+            f"{'missing' if inp.quantization is None else 'quant_algo is ' + repr(inp.quant_algo)}"
             f", but {target} has precision.weights = 'fp8'; the PyTorch backend cannot quantize on "
             "load: give the unified HF FP8 export of `builder quantize`"
         )

@@ -114,7 +114,8 @@ def serve_scripts(
         if single
         else (
             f"echo 'tp x pp = {profile.world_size} ranks exceed one node "
-            f"({profile.hardware.gpus_per_node} GPUs): use serve-mpirun.sh or serve-slurm.sh' >&2\nexit 2"
+            f"({profile.hardware.gpus_per_node} GPUs): use serve-mpirun.sh or serve-slurm.sh' "
+            ">&2\nexit 2"
         )
     )
     launched = ["trtllm-llmapi-launch", *serve_args]

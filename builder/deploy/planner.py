@@ -62,13 +62,15 @@ FORMULAS = {
     "activations": "max_num_tokens x (2 h + widest layer's per-rank linear widths) x 2 B "
     "+ last stage: max_batch_size x vocab x 4 B logits (estimate)",
     "kv_pool": "kv_cache_free_gpu_mem_fraction x (GPU memory - weights - activations - reserve)",
-    "kv_tokens": "floor(kv_pool / KV bytes per token per rank / tokens_per_block) x tokens_per_block",
+    "kv_tokens": "floor(kv_pool / KV bytes per token per rank / tokens_per_block)"
+    " x tokens_per_block",
     "sequences": "kv_tokens // (ceil((isl + osl) / tokens_per_block) x tokens_per_block)",
     "decode_step": "sum over stages of max rank (weights - embedding + active KV) / HBM bandwidth "
     "(lower bound, datasheet bandwidth)",
-    "convert_ram": "1 GiB + 2 x largest per-rank BF16 tensor: an upper bound (plain convert streams "
-    "64 MiB blocks; a rank transform such as FP8 holds one whole rank tensor)",
-    "quantize_ram": "1 GiB + largest HF block in BF16 + 2 x calib_samples x calib_seq_len x h x 2 B",
+    "convert_ram": "1 GiB + 2 x largest per-rank BF16 tensor: an upper bound (plain convert "
+    "streams 64 MiB blocks; a rank transform such as FP8 holds one whole rank tensor)",
+    "quantize_ram": "1 GiB + largest HF block in BF16"
+    " + 2 x calib_samples x calib_seq_len x h x 2 B",
     "build_ram": "workers x 2 x largest rank's weights (estimate)",
     "times": "I/O lower bounds: bytes read / disk_read_gbs + bytes written / disk_write_gbs; "
     "calibration adds 2 x linear params x calib tokens / bf16_tflops (one GPU)",
@@ -206,7 +208,8 @@ def rank_memory(plan: ModelPlan, profile: TargetProfile, rank: int) -> RankMemor
     )
 
 
-# ---- pipeline balance -------------------------------------------------------------------------------
+# ---- pipeline balance
+# -------------------------------------------------------------------------------
 def stage_params(plan: ModelPlan, boundaries: list[int]) -> list[dict[str, int]]:
     """Per-stage parameters for stages starting at `boundaries` (first stage: embedding,
     last stage: final norm and lm_head)."""
@@ -282,7 +285,8 @@ def pp_balance(plan: ModelPlan, pp: int) -> dict[str, Any]:
     return result
 
 
-# ---- parallelism checks ----------------------------------------------------------------------------
+# ---- parallelism checks
+# ----------------------------------------------------------------------------
 def tp_checks(plan: ModelPlan, tp: int, pp: int) -> dict[str, Any]:
     attention = plan.attention_layers
     mlp_widths = sorted({layer.ffn_width for layer in plan.layers if layer.ffn_width})
@@ -323,7 +327,8 @@ def decode_bound(
         "context_tokens": context,
         "step_ms_at_concurrency": step_c * 1e3,
         "tokens_per_s_aggregate": concurrency / step_c if concurrency else 0.0,
-        "basis": "HBM datasheet bandwidth; measured rates are ~70-85% of it (an H200 copies at 87%)",
+        "basis": "HBM datasheet bandwidth; measured rates are ~70-85% of it"
+        " (an H200 copies at 87%)",
     }
 
 
@@ -365,7 +370,9 @@ def host_plan(plan: ModelPlan, profile: TargetProfile) -> dict[str, Any]:
             "disk_written": bf16_ckpt,
             "host_ram": RUNTIME_HOST_OVERHEAD + 2 * max(r.largest_tensor for r in bf16_ranks),
             "seconds_lower_bound": _io_seconds(profile, hf_bytes, bf16_ckpt),
-            "output": f"BF16 TensorRT-LLM checkpoint, tp={profile.parallel.tp} pp={profile.parallel.pp}",
+            "output": (
+                f"BF16 TensorRT-LLM checkpoint, tp={profile.parallel.tp} pp={profile.parallel.pp}"
+            ),
         },
         "quantize": {
             "reads": hf_bytes,
@@ -397,7 +404,8 @@ def host_plan(plan: ModelPlan, profile: TargetProfile) -> dict[str, Any]:
     }
 
 
-# ---- the whole plan -----------------------------------------------------------------------------------
+# ---- the whole plan
+# -----------------------------------------------------------------------------------
 @dataclass
 class TargetPlan:
     """The plan of one model on one target: data (`to_dict`) and a verdict."""
@@ -478,7 +486,8 @@ def _memory_problems(profile: TargetProfile, ranks: list[RankMemory]) -> list[st
     if worst.free <= 0:
         problems.append(
             f"rank {worst.rank} needs {worst.weights / GIB:.1f} GiB weights + "
-            f"{worst.activations / GIB:.1f} GiB activations + {worst.reserve / GIB:.1f} GiB reserve "
+            f"{worst.activations / GIB:.1f} GiB activations + {worst.reserve / GIB:.1f} GiB "
+            "reserve "
             f"= {worst.used_before_kv / GIB:.1f} GiB > {gpu:.1f} GiB per GPU"
         )
         return problems

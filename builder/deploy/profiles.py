@@ -336,7 +336,8 @@ def _check_consistency(profile: TargetProfile) -> None:
     b, where = profile.build, profile.source
     if b.max_input_len > b.max_seq_len:
         raise ProfileError(
-            f"{where}: build.max_input_len {b.max_input_len} exceeds build.max_seq_len {b.max_seq_len}"
+            f"{where}: build.max_input_len {b.max_input_len} exceeds build.max_seq_len "
+            f"{b.max_seq_len}"
         )
     if profile.world_size > profile.total_gpus:
         raise ProfileError(

@@ -39,7 +39,8 @@ def decode_at_concurrency(result: TargetPlan) -> tuple[str, str]:
     if d["concurrency"]:
         return (
             f"decode step >= (batch {d['concurrency']}, ctx {d['context_tokens']})",
-            f"{d['step_ms_at_concurrency']:.1f} ms = {d['tokens_per_s_aggregate']:,.0f} tok/s total",
+            f"{d['step_ms_at_concurrency']:.1f} ms = {d['tokens_per_s_aggregate']:,.0f} tok/s "
+            "total",
         )
     worst = max(result.ranks, key=lambda m: m.used_before_kv)
     if worst.free <= 0:

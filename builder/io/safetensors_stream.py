@@ -297,7 +297,8 @@ class SafetensorsStreamWriter:
 
     def _failure(self, done: int, err: OSError) -> SafetensorsWriteError:
         return SafetensorsWriteError(
-            f"{self.path}: write failed after {self._written + done:,} bytes ({err.strerror or err})"
+            f"{self.path}: write failed after {self._written + done:,} bytes "
+            f"({err.strerror or err})"
         )
 
     def start(self, name: str) -> TensorSpec:
@@ -323,7 +324,8 @@ class SafetensorsStreamWriter:
         if isinstance(data, FileSpan):
             if len(data) > self._left:
                 raise SafetensorsWriteError(
-                    f"{self.path}: {spec.name}: {len(data) - self._left} bytes more than its shape holds"
+                    f"{self.path}: {spec.name}: {len(data) - self._left} bytes more than its "
+                    "shape holds"
                 )
             self._emit_span(data)
             self._left -= len(data)
@@ -337,7 +339,8 @@ class SafetensorsStreamWriter:
         view = memoryview(data).cast("B")
         if len(view) > self._left:
             raise SafetensorsWriteError(
-                f"{self.path}: {spec.name}: {len(view) - self._left} bytes more than its shape holds"
+                f"{self.path}: {spec.name}: {len(view) - self._left} bytes more than its shape "
+                "holds"
             )
         self._emit(view)
         self._left -= len(view)

@@ -90,7 +90,8 @@ class AccuracyReport:
         return asdict(self) | {"passed": self.passed}
 
 
-# ---- models -----------------------------------------------------------------------------------------------
+# ---- models
+# -----------------------------------------------------------------------------------------------
 def reference_logits(src: Path, dtype: torch.dtype, device: str) -> Logits:
     from builder.model import load_reference_model
 
@@ -155,7 +156,8 @@ def trtllm_logits(directory: Path, dtype: torch.dtype, device: str) -> Logits:
     return lambda ids: executor(ids.to(device)).float().cpu()
 
 
-# ---- evaluation ---------------------------------------------------------------------------------------------
+# ---- evaluation
+# ---------------------------------------------------------------------------------------------
 def evaluate_accuracy(
     src: str | Path,
     quantized: str | Path,
@@ -206,7 +208,8 @@ def evaluate_accuracy(
     return report
 
 
-# ---- thresholds ------------------------------------------------------------------------------------------------
+# ---- thresholds
+# ------------------------------------------------------------------------------------------------
 def load_thresholds(section: str, path: Path | None = None) -> dict[str, float]:
     path = path or calib_dir() / "thresholds.toml"
     try:
@@ -254,7 +257,8 @@ def format_table(report: AccuracyReport) -> str:
     ]
     for row in report.rows:
         lines.append(
-            f"| {row.variant} | {row.kl:.5f} | {row.top1:.4f} | {row.perplexity:.3f} | {row.ppl_ratio:.4f} |"
+            f"| {row.variant} | {row.kl:.5f} | {row.top1:.4f} | {row.perplexity:.3f} | "
+            f"{row.ppl_ratio:.4f} |"
         )
     if report.thresholds:
         lines.append("")

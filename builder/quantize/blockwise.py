@@ -196,7 +196,8 @@ def embed_windows(
     return table[torch.searchsorted(used, windows)].to(device)
 
 
-# ---- one block ------------------------------------------------------------------------------------
+# ---- one block
+# ------------------------------------------------------------------------------------
 @dataclass
 class BlockInputs:
     """What every block's forward needs besides the hidden states."""
@@ -233,7 +234,8 @@ def check_finite(hidden: Iterable[torch.Tensor], layer: LayerPlan, dtype: torch.
         if not (torch.isfinite(low) and torch.isfinite(high)):
             raise NonFiniteActivations(
                 f"layer {layer.index}: calibration batch {b} produced NaN or Inf activations in "
-                f"{str(dtype).removeprefix('torch.')} (corrupt weights, or values beyond the dtype's range)"
+                f"{str(dtype).removeprefix('torch.')} (corrupt weights, or values beyond the "
+                "dtype's range)"
             )
 
 

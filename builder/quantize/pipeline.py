@@ -92,7 +92,8 @@ class QuantizeSummary:
         }
 
 
-# ---- input checks ----------------------------------------------------------------------------------
+# ---- input checks
+# ----------------------------------------------------------------------------------
 def refuse_quantized(ckpt: HFCheckpoint, config: dict[str, Any]) -> None:
     """Calibrating FP8 weights again would quantize twice; refuse with the evidence."""
     root = ckpt.root
@@ -125,7 +126,8 @@ def state_dir_for(out: Path) -> Path:
     return out.with_name(f".{out.name}.calib")
 
 
-# ---- memory -----------------------------------------------------------------------------------------
+# ---- memory
+# -----------------------------------------------------------------------------------------
 def peak_rss_bytes() -> int:
     """Peak resident memory of this process so far (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -137,7 +139,8 @@ def peak_gpu_bytes(device: str) -> int | None:
     return None
 
 
-# ---- distributed --------------------------------------------------------------------------------------
+# ---- distributed
+# --------------------------------------------------------------------------------------
 def init_distributed(device: str) -> str:
     """Join the torchrun group if launched by it; returns this rank's device."""
     import torch.distributed as dist
@@ -153,7 +156,8 @@ def init_distributed(device: str) -> str:
     return device
 
 
-# ---- the reference model's pieces --------------------------------------------------------------------
+# ---- the reference model's pieces
+# --------------------------------------------------------------------
 def reference_parts(src: Path) -> ModelParts:
     from builder.model import DeciLMConfig, DeciLMForCausalLM
 
@@ -162,7 +166,8 @@ def reference_parts(src: Path) -> ModelParts:
     return ModelParts(DeciLMForCausalLM, config)
 
 
-# ---- the run ------------------------------------------------------------------------------------------
+# ---- the run
+# ------------------------------------------------------------------------------------------
 def quantize_checkpoint(
     src: str | Path,
     out: str | Path,

@@ -24,7 +24,8 @@ def print_summary(summary: Any, console: Console | None = None) -> None:
     )
     cal = summary.calibration
     console.print(
-        f"data {cal['dataset']}: {cal['size']} x {cal['seq_len']} tokens, sha256 {cal['sha256'][:16]}..."
+        f"data {cal['dataset']}: {cal['size']} x {cal['seq_len']} tokens, sha256 "
+        f"{cal['sha256'][:16]}..."
     )
     table = Table("step", "seconds")
     for step, seconds in summary.seconds.items():

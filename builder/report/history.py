@@ -109,7 +109,8 @@ class History:
         a = record.artifact
         with self.db:
             cursor = self.db.execute(
-                "INSERT INTO runs (record_sha256, created, kind, model, artifact_path, artifact_kind,"
+                "INSERT INTO runs (record_sha256, created, kind, model, artifact_path, "
+                "artifact_kind,"
                 " artifact_sha256, runtime, target, device, workload, git_commit, verdict, record)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (

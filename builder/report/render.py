@@ -109,7 +109,7 @@ def throughput_plot(series: dict[str, list[RunRecord]]) -> Plot:
     if any(_values(p, "roofline_output_token_throughput")[0] for p in series.values()):
         ax.set_yscale("log")
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
     return Plot(
         "Throughput vs concurrency",
         "Output tokens/s (median over repeats, bars: spread) at each concurrency; dashed: the "
@@ -162,7 +162,7 @@ def throughput_latency_plot(series: dict[str, list[RunRecord]]) -> Plot:
         title="Throughput-latency curve",
     )
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
     return Plot(
         "Throughput-latency curve",
         "System output tokens/s against the median time per output token each user sees; "
@@ -327,7 +327,8 @@ def render_markdown(
 
 
 CSS = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px;color:#222}
-.wide{overflow-x:auto}table{border-collapse:collapse;font-size:12px;margin:1em 0}td,th{border:1px solid #bbb;padding:3px 6px}
+.wide{overflow-x:auto}table{border-collapse:collapse;font-size:12px;margin:1em 0}
+td,th{border:1px solid #bbb;padding:3px 6px}
 th{background:#e8eef7}img{max-width:100%;border:1px solid #ddd}.defs{font-size:12px}"""
 
 

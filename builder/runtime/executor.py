@@ -14,8 +14,8 @@ divided by `activation_scaling_factor`, rounded to e4m3, multiplied in fp32 with
 weight, scaled by weights_scaling_factor x activation_scaling_factor). With an FP8 KV cache,
 k and v are rounded through e4m3 with `kv_cache_scaling_factor`. On a GPU with FP8 tensor
 cores, `fp8_gemm="tensor-cores"` runs the same GEMM through `torch._scaled_mm` instead, which
-is how the emulation is checked against hardware (scripts/gpu_session.py). `linear_hook` replaces the
-linear computation entirely (e.g. to try another quantization scheme). A linear with a
+is how the emulation is checked against hardware (scripts/gpu_session.py). `linear_hook` replaces
+the linear computation entirely (e.g. to try another quantization scheme). A linear with a
 `per_channel_scale` is TensorRT-LLM's per-channel-per-token FP8 (activations scaled per token
 at run time), and a 16-bit weight is a linear left unquantized: a mixed-precision checkpoint
 runs linear by linear (builder.quantize.formats).
@@ -270,7 +270,8 @@ class TrtllmCheckpointExecutor:
             self._kept[key] = tensor
         return tensor
 
-    # ---- building blocks --------------------------------------------------------------------------
+    # ---- building blocks
+    # --------------------------------------------------------------------------
     def linear(self, rank: int, name: str, x: torch.Tensor) -> torch.Tensor:
         """x @ W.T for module `name` on `rank` (FP8 weights emulated, see module docstring)."""
         if self.linear_hook is not None:
@@ -303,7 +304,8 @@ class TrtllmCheckpointExecutor:
     def stage_ranks(self, pp_rank: int) -> list[int]:
         return [pp_rank * self.tp + t for t in range(self.tp)]
 
-    # ---- forward ----------------------------------------------------------------------------------
+    # ---- forward
+    # ----------------------------------------------------------------------------------
     @torch.no_grad()
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Logits [batch, seq, vocab] (float32) for token ids [batch, seq] (or [seq]), every
@@ -353,7 +355,8 @@ class TrtllmCheckpointExecutor:
             emb = emb[:, None]
         return emb.cos().to(self.dtype), emb.sin().to(self.dtype)
 
-    # ---- generation -------------------------------------------------------------------------------
+    # ---- generation
+    # -------------------------------------------------------------------------------
     def new_cache(self, batch: int, capacity: int, pad: list[int] | None = None) -> KVCache:
         return KVCache(self, batch, capacity, pad)
 
@@ -418,7 +421,8 @@ class TrtllmCheckpointExecutor:
         """Greedy continuations (new tokens only, each ending at its first `eos_id`)."""
         return self.greedy(prompts, max_new_tokens, eos_id).tokens
 
-    # ---- layers -----------------------------------------------------------------------------------
+    # ---- layers
+    # -----------------------------------------------------------------------------------
     def layer(
         self,
         x: torch.Tensor,
@@ -511,7 +515,8 @@ class TrtllmCheckpointExecutor:
         return all_gather(parts)[..., : self.plan.vocab_size].float()
 
 
-# ---- collectives and numerics -----------------------------------------------------------------------
+# ---- collectives and numerics
+# -----------------------------------------------------------------------
 def all_reduce(parts: list[torch.Tensor]) -> torch.Tensor:
     """Sum of the ranks' partial results, in rank order (what the TP all-reduce computes)."""
     total = parts[0]
@@ -570,7 +575,8 @@ def fp8_round_trip(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 def fp8_linear(
     x: torch.Tensor, weight: torch.Tensor, w_scale: torch.Tensor, a_scale: torch.Tensor
 ) -> torch.Tensor:
-    """Per-tensor FP8 GEMM emulated: e4m3(x / a_scale) @ e4m3(W).T * (w_scale * a_scale), float32."""
+    """Per-tensor FP8 GEMM emulated: e4m3(x / a_scale) @ e4m3(W).T * (w_scale * a_scale),
+    float32."""
     xq = (x.float() / a_scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float()
     return F.linear(xq, weight.float()) * (w_scale * a_scale)
 

@@ -91,7 +91,8 @@ def _kernel():
 def skinny_gemm(
     x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, out_dtype: torch.dtype
 ) -> torch.Tensor:
-    """x [M <= 16, K] (same dtype as the weight) @ weight [N, K]^T x scale (0-dim fp32) -> [M, N]."""
+    """x [M <= 16, K] (same dtype as the weight) @ weight [N, K]^T x scale (0-dim fp32) -> [M,
+    N]."""
     import triton
 
     m, k = x.shape

@@ -90,7 +90,8 @@ TensorSource = Callable[[int, str], torch.Tensor]
 """(rank, tensor name) -> the tensor as the rank file stores it; KeyError if it has none."""
 
 
-# ---- fused elementwise chains ---------------------------------------------------------------------
+# ---- fused elementwise chains
+# ---------------------------------------------------------------------
 # Plain functions with the executor's order of operations; `Kernels` compiles them on CUDA so
 # that each chain (and the FP8 quantization at its end) is one kernel.
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -714,7 +715,8 @@ class ResidentRuntime:
 
     @staticmethod
     def check_shared_scales(part: Part, layer: LayerPlan) -> None:
-        """The ranks share one quantized input: their first linears' activation scales must agree."""
+        """The ranks share one quantized input: their first linears' activation scales must
+        agree."""
         scales = [w.first.a_scale for w in part.ranks]
         if scales[0] is not None and any(not torch.equal(s, scales[0]) for s in scales[1:]):
             raise UserError(f"layer {layer.index}: activation_scaling_factor differs between ranks")
@@ -753,7 +755,8 @@ class ResidentRuntime:
         return sum(lin.nbytes for lin in linears)
 
     def set_gemv(self, enabled: bool) -> None:
-        """Route one-row linears through the Triton kernel (True) or cuBLAS; drops captured graphs."""
+        """Route one-row linears through the Triton kernel (True) or cuBLAS; drops captured
+        graphs."""
         enabled = enabled and matvec.available()
         for lin in [
             *self.lm_head,
@@ -799,7 +802,8 @@ class ResidentRuntime:
 
     @torch.no_grad()
     def prefill(self, ids: torch.Tensor) -> torch.Tensor:
-        """Logits [batch, seq, vocab] of the prompts `ids` [batch, seq]; the cache then holds them."""
+        """Logits [batch, seq, vocab] of the prompts `ids` [batch, seq]; the cache then holds
+        them."""
         ids = ids.to(self.device)
         batch, seq = ids.shape
         if batch > self.max_batch or seq >= self.max_seq:

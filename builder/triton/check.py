@@ -101,7 +101,8 @@ class Checker:
     def note(self, where: Path | str, message: str) -> None:
         self.findings.append(Finding("note", str(where), message))
 
-    # ---- 1. syntax and types --------------------------------------------------------------------------
+    # ---- 1. syntax and types
+    # --------------------------------------------------------------------------
     def parse_all(self) -> None:
         from google.protobuf import text_format
 
@@ -119,7 +120,8 @@ class Checker:
                 self.error(
                     directory,
                     "a directory without config.pbtxt inside the model repository: Triton reads "
-                    f"every directory as a model and fails with 'failed to open {path}' (keep tokenizers "
+                    f"every directory as a model and fails with 'failed to open {path}' (keep "
+                    "tokenizers "
                     "and other files outside the repository)",
                 )
                 continue
@@ -140,7 +142,8 @@ class Checker:
                 if found:
                     self.error(
                         path,
-                        f"parameters {key}: unfilled placeholder ${{{found[1]}}} (the backend would "
+                        f"parameters {key}: unfilled placeholder ${{{found[1]}}} (the backend "
+                        "would "
                         "silently use its default)",
                     )
 
@@ -154,12 +157,14 @@ class Checker:
         )
         if found:
             return (
-                f"line {line}: unfilled placeholder ${{{found[1]}}} in a typed field; Triton refuses the file "
+                f"line {line}: unfilled placeholder ${{{found[1]}}} in a typed field; Triton "
+                "refuses the file "
                 f'("failed to read text proto ... Expected ..., got: $"); parser: {err}'
             )
         return f"not a valid ModelConfig: {err}"
 
-    # ---- 2. cross-model checks -------------------------------------------------------------------------
+    # ---- 2. cross-model checks
+    # -------------------------------------------------------------------------
     def check_engine_layout(self) -> None:
         missing = [
             m
@@ -202,8 +207,10 @@ class Checker:
         ):
             self.error(
                 where,
-                f"tokenizer_dir {value}: inside the model repository; Triton reads that directory as "
-                "a model ('failed to open .../config.pbtxt'); move it outside and give its absolute path",
+                f"tokenizer_dir {value}: inside the model repository; Triton reads that directory "
+                "as "
+                "a model ('failed to open .../config.pbtxt'); move it outside and give its "
+                "absolute path",
             )
             return
         problem = tokenizer_problem(directory)
@@ -260,7 +267,8 @@ class Checker:
                 if key not in inputs:
                     self.error(
                         where,
-                        f"input_map {key!r}: {step.model_name} has no input {key!r} ({member.path})",
+                        f"input_map {key!r}: {step.model_name} has no input {key!r} "
+                        f"({member.path})",
                     )
                 elif value not in produced:
                     self.error(
@@ -285,7 +293,8 @@ class Checker:
                 if key not in outputs:
                     self.error(
                         where,
-                        f"output_map {key!r}: {step.model_name} has no output {key!r} ({member.path})",
+                        f"output_map {key!r}: {step.model_name} has no output {key!r} "
+                        f"({member.path})",
                     )
                 else:
                     produced[value] = (outputs[key], f"{step.model_name}.{key}")
@@ -311,7 +320,7 @@ class Checker:
             self.error(where, f"{what}: data_type {dtype(source)} ({origin}) != {dtype(target)}")
         dims_a, dims_b = list(source.dims), list(target.dims)
         if len(dims_a) != len(dims_b) or any(
-            a != b and -1 not in (a, b) for a, b in zip(dims_a, dims_b)
+            a != b and -1 not in (a, b) for a, b in zip(dims_a, dims_b, strict=True)
         ):
             self.error(where, f"{what}: dims {dims_a} ({origin}) do not match {dims_b}")
 
@@ -326,7 +335,8 @@ class Checker:
                 self.error(
                     model.path,
                     "model_transaction_policy.decoupled is false but the repository was generated "
-                    "for streaming (--decoupled): stream requests fail with 'Streaming is only supported if "
+                    "for streaming (--decoupled): stream requests fail with 'Streaming is only "
+                    "supported if "
                     "model is deployed using decoupled mode' or return only the last token",
                 )
         if llm is not None and bls is not None:
@@ -337,7 +347,8 @@ class Checker:
             if a != b:
                 self.error(
                     bls.path,
-                    f"model_transaction_policy.decoupled {str(b).lower()} differs from tensorrt_llm's "
+                    f"model_transaction_policy.decoupled {str(b).lower()} differs from "
+                    "tensorrt_llm's "
                     f"{str(a).lower()} ({llm.path}); both must be decoupled for streaming",
                 )
 
@@ -363,14 +374,16 @@ class Checker:
             self.error(
                 model.path,
                 f"max_batch_size {model.config.max_batch_size} is above the engine's built "
-                f"max_batch_size {built_batch} ({engine['where']}); the engine's limit wins, larger batches "
+                f"max_batch_size {built_batch} ({engine['where']}); the engine's limit wins, "
+                "larger batches "
                 "never happen",
             )
         self.check_kv(model, engine)
         self.check_world_size(engine)
 
     def engine_facts(self, model: Model) -> dict[str, Any] | None:
-        """tp, pp, max_batch_size, max_seq_len of the engine at gpt_model_path (or of the build record)."""
+        """tp, pp, max_batch_size, max_seq_len of the engine at gpt_model_path (or of the build
+        record)."""
         value = model.parameter("gpt_model_path")
         if not value:
             self.error(model.path, "parameters gpt_model_path (engine_dir): not set")
@@ -445,8 +458,10 @@ class Checker:
                     self.error(
                         model.path,
                         f"parameters kv_cache_free_gpu_mem_fraction {value}: the plan gives "
-                        f"{tokens:,} KV tokens per rank, less than one max_seq_len {engine['max_seq_len']:,} "
-                        "sequence ('maxTokensInPagedKvCache must be large enough to process at least 1 "
+                        f"{tokens:,} KV tokens per rank, less than one max_seq_len "
+                        f"{engine['max_seq_len']:,} "
+                        "sequence ('maxTokensInPagedKvCache must be large enough to process at "
+                        "least 1 "
                         "sequence')",
                     )
         cap = model.parameter("max_tokens_in_paged_kv_cache")
@@ -458,7 +473,8 @@ class Checker:
             self.error(
                 model.path,
                 f"parameters max_tokens_in_paged_kv_cache {cap}: below the engine's max_seq_len "
-                f"{engine['max_seq_len']}; the backend fails with 'maxTokensInPagedKvCache must be large "
+                f"{engine['max_seq_len']}; the backend fails with 'maxTokensInPagedKvCache must "
+                "be large "
                 "enough to process at least 1 sequence'",
             )
 
@@ -476,18 +492,21 @@ class Checker:
         if not scripts:
             self.note(
                 self.root,
-                f"no launch scripts; start {world} MPI ranks (tp {engine['tp']} x pp {engine['pp']})",
+                f"no launch scripts; start {world} MPI ranks (tp {engine['tp']} x pp "
+                f"{engine['pp']})",
             )
         for script in scripts:
             found = WORLD_SIZE_LINE.search(script.read_text())
             if found and int(found[1]) != world:
                 self.error(
                     script,
-                    f"WORLD_SIZE {found[1]} != tp x pp = {engine['tp']} x {engine['pp']} = {world} of "
+                    f"WORLD_SIZE {found[1]} != tp x pp = {engine['tp']} x {engine['pp']} = "
+                    f"{world} of "
                     f"the engine ({engine['where']}); the backend fails with 'mpiSize == tp * pp'",
                 )
 
-    # ---- the LLM-API layout ----------------------------------------------------------------------------
+    # ---- the LLM-API layout
+    # ----------------------------------------------------------------------------
     def check_llmapi_layout(self) -> None:
         model = self.models.get("tensorrt_llm")
         if model is None:
@@ -503,7 +522,8 @@ class Checker:
             self.error(
                 model.path,
                 "max_batch_size / model_transaction_policy set in config.pbtxt: they belong in "
-                "1/model.yaml triton_config (set through auto-complete; values in config.pbtxt cannot be "
+                "1/model.yaml triton_config (set through auto-complete; values in config.pbtxt "
+                "cannot be "
                 "overridden there)",
             )
         path = model.path.parent / "1" / "model.yaml"
@@ -525,7 +545,8 @@ class Checker:
         ):
             self.error(
                 path,
-                "triton_config: expected a mapping with integer max_batch_size and boolean decoupled",
+                "triton_config: expected a mapping with integer max_batch_size and boolean "
+                "decoupled",
             )
             return
         wanted = (self.record.get("options") or {}).get("decoupled")
@@ -533,7 +554,8 @@ class Checker:
             self.error(
                 path,
                 "triton_config.decoupled is false but the repository was generated for streaming "
-                "(--decoupled): 'Streaming is only supported if model is deployed using decoupled mode'",
+                "(--decoupled): 'Streaming is only supported if model is deployed using decoupled "
+                "mode'",
             )
         llm_batch = options.get("max_batch_size")
         if isinstance(llm_batch, int) and triton["max_batch_size"] > llm_batch:

@@ -219,7 +219,8 @@ def read_build_record(build_dir: str | Path) -> BuildRecord:
         backend = ENGINE
     else:
         raise RecordError(
-            f"{build_dir}: not a build (expected the output of `builder build` — an engine directory "
+            f"{build_dir}: not a build (expected the output of `builder build` — an engine "
+            "directory "
             "with config.json, a --dry-run record or a --backend pytorch bundle)"
         )
     plan = _plan_fields(build_dir)

@@ -67,14 +67,19 @@ class TritonOptions:
     metrics_port: int = 8002
 
 
-# ---- checks of the request against the build ---------------------------------------------------------
+# ---- checks of the request against the build
+# ---------------------------------------------------------
 def tokenizer_problem(directory: Path) -> str | None:
     """Why `directory` is not a local tokenizer directory (None if it is one)."""
     if not directory.is_absolute():
-        return f"tokenizer_dir {directory}: not an absolute path (the server resolves it from its own cwd)"
+        return (
+            f"tokenizer_dir {directory}: not an absolute path (the server resolves it from its "
+            "own cwd)"
+        )
     if not directory.is_dir():
         return (
-            f"tokenizer_dir {directory}: no such directory (transformers would take it for a Hub id and "
+            f"tokenizer_dir {directory}: no such directory (transformers would take it for a Hub "
+            "id and "
             "try to download it)"
         )
     if not any((directory / name).is_file() for name in TOKENIZER_FILES):
@@ -87,7 +92,8 @@ def load_tokenizer(directory: str | Path) -> Any:
     from transformers import AutoTokenizer, PreTrainedConfig
 
     # An explicit empty config: AutoTokenizer would otherwise read config.json, whose
-    # nemotron-nas model type needs remote code; the tokenizer class comes from tokenizer_config.json.
+    # nemotron-nas model type needs remote code; the tokenizer class comes from
+    # tokenizer_config.json.
     return AutoTokenizer.from_pretrained(
         str(directory), config=PreTrainedConfig(), local_files_only=True, trust_remote_code=False
     )
@@ -101,7 +107,8 @@ def resolved_settings(record: BuildRecord, options: TritonOptions, out: Path) ->
         raise UserError(f"--tokenizer: {problem}")
     if tokenizer.is_relative_to(out.resolve()):
         raise UserError(
-            f"--tokenizer {tokenizer}: inside the output repository; Triton would read it as a model"
+            f"--tokenizer {tokenizer}: inside the output repository; Triton would read it as a "
+            "model"
         )
     batch = options.max_batch_size or record.max_batch_size
     if batch < 1 or batch > record.max_batch_size:
@@ -119,7 +126,8 @@ def resolved_settings(record: BuildRecord, options: TritonOptions, out: Path) ->
     tokens = record.kv_tokens_at(fraction)
     if tokens is not None and tokens < record.max_seq_len:
         raise UserError(
-            f"--kv-fraction {fraction}: the plan gives {tokens:,} KV tokens per rank, less than one "
+            f"--kv-fraction {fraction}: the plan gives {tokens:,} KV tokens per rank, less than "
+            "one "
             f"sequence of max_seq_len {record.max_seq_len:,}"
         )
     if options.max_kv_tokens is not None and options.max_kv_tokens < record.max_seq_len:
@@ -135,7 +143,8 @@ def resolved_settings(record: BuildRecord, options: TritonOptions, out: Path) ->
         )
     if record.logits_dtype not in LOGITS_DTYPES:
         raise UserError(
-            f"{record.source}: logits_dtype {record.logits_dtype!r} is not one of {', '.join(LOGITS_DTYPES)}"
+            f"{record.source}: logits_dtype {record.logits_dtype!r} is not one of "
+            f"{', '.join(LOGITS_DTYPES)}"
         )
     return {
         "tokenizer_dir": str(tokenizer),
@@ -145,7 +154,8 @@ def resolved_settings(record: BuildRecord, options: TritonOptions, out: Path) ->
     }
 
 
-# ---- the engine repository ------------------------------------------------------------------------------
+# ---- the engine repository
+# ------------------------------------------------------------------------------
 def _dtypes(record: BuildRecord) -> dict[str, str]:
     return {
         T.LOGITS: LOGITS_DTYPES[record.logits_dtype],
@@ -274,9 +284,10 @@ def engine_configs(
 
 
 WHAT = {
-    "preprocessing": "Tokenizes text_input with the HF tokenizer at tokenizer_dir (builder/triton/pymodels).",
-    "tensorrt_llm": "The TensorRT-LLM C++ in-flight batching backend over the engine at gpt_model_path; "
-    "world size (tp x pp) comes from the engine and the MPI launch (launch/).",
+    "preprocessing": "Tokenizes text_input with the HF tokenizer at tokenizer_dir"
+    " (builder/triton/pymodels).",
+    "tensorrt_llm": "The TensorRT-LLM C++ in-flight batching backend over the engine at "
+    "gpt_model_path; world size (tp x pp) comes from the engine and the MPI launch (launch/).",
     "postprocessing": "Detokenizes output_ids with the HF tokenizer at tokenizer_dir.",
     "ensemble": "preprocessing -> tensorrt_llm -> postprocessing; text in, text out.",
     "tensorrt_llm_bls": "The same text interface as the ensemble, as Python business logic (BLS).",
@@ -293,7 +304,8 @@ def pymodel_source(name: str) -> str:
     return importlib.resources.files("builder.triton.pymodels").joinpath(name).read_text()
 
 
-# ---- launch scripts ------------------------------------------------------------------------------------------
+# ---- launch scripts
+# ------------------------------------------------------------------------------------------
 def _script(description: str, env: Mapping[str, str], body: str) -> str:
     lines = [
         "#!/usr/bin/env bash",
@@ -306,8 +318,8 @@ def _script(description: str, env: Mapping[str, str], body: str) -> str:
     return "\n".join(lines) + "\n\n" + body.rstrip() + "\n"
 
 
-RANK_BODY = r"""# One tritonserver per MPI rank. Rank 0 serves HTTP/gRPC/metrics and every model; the other
-# ranks load only tensorrt_llm (the backend's leader mode keeps them in the MPI world).
+RANK_BODY = r"""# One tritonserver per MPI rank. Rank 0 serves HTTP/gRPC/metrics and every model;
+# the other ranks load only tensorrt_llm (the backend's leader mode keeps them in the MPI world).
 rank="${OMPI_COMM_WORLD_RANK:-${PMIX_RANK:-${SLURM_PROCID:-}}}"
 size="${OMPI_COMM_WORLD_SIZE:-${SLURM_NTASKS:-}}"
 if [ -z "$rank" ] || [ -z "$size" ]; then
@@ -346,19 +358,22 @@ def engine_launch_scripts(record: BuildRecord, options: TritonOptions, out: Path
         f'{exports} bash "$HERE/triton-rank.sh"'
     )
     local = (
-        f'mpirun --allow-run-as-root -np "$WORLD_SIZE" --bind-to none -x PATH -x LD_LIBRARY_PATH {exports} '
+        'mpirun --allow-run-as-root -np "$WORLD_SIZE" --bind-to none -x PATH -x LD_LIBRARY_PATH '
+        f"{exports} "
         f'bash "$HERE/triton-rank.sh"'
     )
     single = (
         local
         if world <= per_node
         else (
-            f"echo 'tp x pp = {world} ranks exceed one node ({per_node} GPUs): use serve-mpirun.sh or "
+            f"echo 'tp x pp = {world} ranks exceed one node ({per_node} GPUs): use "
+            "serve-mpirun.sh or "
             "serve-slurm.sh' >&2\nexit 2"
         )
     )
     srun = (
-        f'srun --mpi=pmix --nodes={nodes} --ntasks="$WORLD_SIZE" --ntasks-per-node={min(world, per_node)} '
+        f'srun --mpi=pmix --nodes={nodes} --ntasks="$WORLD_SIZE" '
+        f"--ntasks-per-node={min(world, per_node)} "
         f'--gpus-per-task=1 --export=ALL bash "$HERE/triton-rank.sh"'
     )
     what = (
@@ -393,7 +408,10 @@ def llmapi_launch_scripts(record: BuildRecord, options: TritonOptions, out: Path
         '"$TRITONSERVER" --model-repository="$REPOSITORY" --http-port="$HTTP_PORT" '
         '--grpc-port="$GRPC_PORT" --metrics-port="$METRICS_PORT"'
     )
-    what = f"tritonserver with the LLM-API model ({record.target or 'PyTorch backend'}, tp {record.tp} x pp {record.pp})"
+    what = (
+        f"tritonserver with the LLM-API model ({record.target or 'PyTorch backend'}, tp "
+        f"{record.tp} x pp {record.pp})"
+    )
     return {
         # On one node the LLM API spawns its own MPI workers from tensor/pipeline_parallel_size.
         "serve.sh": _script(
@@ -406,13 +424,15 @@ def llmapi_launch_scripts(record: BuildRecord, options: TritonOptions, out: Path
         "serve-slurm.sh": _script(
             f"{what} under Slurm: trtllm-llmapi-launch joins the {world} ranks into one LLM.",
             env,
-            f'srun --mpi=pmix --nodes={nodes} --ntasks="$WORLD_SIZE" --ntasks-per-node={min(world, per_node)} '
+            f'srun --mpi=pmix --nodes={nodes} --ntasks="$WORLD_SIZE" '
+            f"--ntasks-per-node={min(world, per_node)} "
             f"--gpus-per-task=1 --export=ALL trtllm-llmapi-launch {server}",
         ),
     }
 
 
-# ---- the LLM-API repository ------------------------------------------------------------------------------
+# ---- the LLM-API repository
+# ------------------------------------------------------------------------------
 def llmapi_model_yaml(
     record: BuildRecord, options: TritonOptions, settings: dict[str, Any]
 ) -> dict[str, Any]:
@@ -480,7 +500,8 @@ LLMAPI_SAMPLING = (
 )
 
 
-# ---- writing ---------------------------------------------------------------------------------------------------
+# ---- writing
+# ------------------------------------------------------------------------------------------------
 def repository_files(
     record: BuildRecord, options: TritonOptions, out: Path
 ) -> tuple[dict[str, str], dict[str, Any]]:
@@ -506,7 +527,10 @@ def repository_files(
             llmapi_config(),
             HEADER.format(
                 source=source,
-                what="LLM-API model; max_batch_size and decoupled are in 1/model.yaml (triton_config).",
+                what=(
+                    "LLM-API model; max_batch_size and decoupled are in 1/model.yaml "
+                    "(triton_config)."
+                ),
             ),
         )
         files[f"{MODELS_DIR}/tensorrt_llm/1/model.py"] = pymodel_source("llmapi.py")

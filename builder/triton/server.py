@@ -240,7 +240,8 @@ class TritonServer:
                 )
                 error = ServerUnavailable if cannot_run else ServerFailed
                 raise error(
-                    f"tritonserver exited with code {self.process.returncode} before it was ready:\n"
+                    f"tritonserver exited with code {self.process.returncode} before it was "
+                    "ready:\n"
                     f"{self.errors()}"
                 )
             try:

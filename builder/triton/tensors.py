@@ -55,7 +55,8 @@ def _opt_scalar(name: str, dtype: str) -> Tensor:
     return Tensor(name, dtype, (1,), optional=True, scalar=True)
 
 
-# ---- the public text interface (ensemble and tensorrt_llm_bls) -------------------------------------
+# ---- the public text interface (ensemble and tensorrt_llm_bls)
+# -------------------------------------
 TEXT_INPUTS = (
     _t("text_input", "TYPE_STRING", 1),
     _t("max_tokens", "TYPE_INT32", 1),
@@ -90,7 +91,8 @@ TEXT_OUTPUTS = (
     _t("sequence_index", "TYPE_INT32", 1),
 )
 
-# ---- preprocessing: text -> token ids ------------------------------------------------------------------
+# ---- preprocessing: text -> token ids
+# ------------------------------------------------------------------
 PREPROCESSING_INPUTS = (
     _t("QUERY", "TYPE_STRING", 1),
     _t("REQUEST_OUTPUT_LEN", "TYPE_INT32", 1),
@@ -109,7 +111,8 @@ PREPROCESSING_OUTPUTS = (
     _t("OUT_PAD_ID", "TYPE_INT32", 1),
 )
 
-# ---- tensorrt_llm: the in-flight batching executor over the engine -----------------------------------------
+# ---- tensorrt_llm: the in-flight batching executor over the engine
+# -----------------------------------------
 TENSORRT_LLM_INPUTS = (
     _t("input_ids", "TYPE_INT32", -1, ragged=True),
     _t("input_lengths", "TYPE_INT32", 1, scalar=True),
@@ -152,7 +155,8 @@ TENSORRT_LLM_OUTPUTS = (
     _t("sequence_index", "TYPE_INT32", 1),
 )
 
-# ---- postprocessing: token ids -> text ---------------------------------------------------------------------
+# ---- postprocessing: token ids -> text
+# ---------------------------------------------------------------------
 POSTPROCESSING_INPUTS = (
     _t("TOKENS_BATCH", "TYPE_INT32", -1, -1),
     _t("SEQUENCE_LENGTH", "TYPE_INT32", -1),

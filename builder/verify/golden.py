@@ -76,7 +76,8 @@ class GoldenSettings:
     task_max_tokens: int = 64
 
 
-# ---- per-block statistics ------------------------------------------------------------------------------
+# ---- per-block statistics
+# ------------------------------------------------------------------------------
 @dataclass
 class BlockStats:
     """Output statistics of every block over all prompts (and the probe's block inputs)."""
@@ -130,7 +131,8 @@ def block_kind(layer: LayerPlan) -> str:
     return "+".join(parts) or "empty"
 
 
-# ---- building ---------------------------------------------------------------------------------------------
+# ---- building
+# ---------------------------------------------------------------------------------------------
 def scored(logits: torch.Tensor, ids: torch.Tensor, k: int) -> dict[str, torch.Tensor]:
     """Top-k and target log-probs of positions 0..L-2 from logits [L, V]."""
     lp = metrics.log_probs(logits[:-1])
@@ -238,7 +240,7 @@ def run_reference(
     head = stream.head_weights()
     tensors: dict[str, torch.Tensor] = {}
     nexts = []
-    for j, prompt in enumerate(prompts):
+    for j in range(len(prompts)):
         logits = stream.head(hidden[j], head)
         ids = new_ids[j]
         for key, value in scored(logits, ids, k).items():
@@ -300,7 +302,8 @@ def run_tasks(
     }
 
 
-# ---- reading --------------------------------------------------------------------------------------------
+# ---- reading
+# --------------------------------------------------------------------------------------------
 @dataclass
 class Golden:
     path: Path
@@ -315,7 +318,8 @@ class Golden:
         path = Path(path)
         if not (path / GOLDEN_JSON).is_file():
             raise UserError(
-                f"{path}: not a golden directory (no {GOLDEN_JSON}; write one with `builder reference`)"
+                f"{path}: not a golden directory (no {GOLDEN_JSON}; write one with `builder "
+                "reference`)"
             )
         problems = verify_files(path, read_manifest(path))
         if problems:

@@ -103,7 +103,10 @@ class Localization:
             ratio = (
                 part.error / self.median_block_error if self.median_block_error else float("inf")
             )
-            line = f"{part.label()}: output error {part.error:.3g} ({ratio:.0f}x the median block's {self.median_block_error:.3g})"
+            line = (
+                f"{part.label()}: output error {part.error:.3g} ({ratio:.0f}x the median block's "
+                f"{self.median_block_error:.3g})"
+            )
             details = self.findings.get(part.label()) or []
             out.append(
                 line
@@ -123,7 +126,10 @@ class Localization:
     def to_json(self) -> dict[str, Any]:
         ranked = sorted(self.parts, key=lambda p: -p.error)
         return {
-            "method": "each part on the golden's own inputs; error = ||artifact - golden|| / ||golden update||",
+            "method": (
+                "each part on the golden's own inputs; error = ||artifact - golden|| / ||golden "
+                "update||"
+            ),
             "median_block_error": self.median_block_error,
             "outlier_rule": f"error > {OUTLIER_RATIO} x median block error and > {ABSOLUTE_FLOOR}",
             "worst": self.worst.label(),
@@ -208,7 +214,8 @@ def localize(
     return Localization(parts, median, outliers, findings, localizer.integrity(), checks.notes)
 
 
-# ---- what the tensors are checked against ---------------------------------------------------------------
+# ---- what the tensors are checked against
+# ---------------------------------------------------------------
 def amax_from_manifest(manifest: dict[str, Any]):
     """The calibrated amax table recorded in a quantize export's manifest (None if absent)."""
     from builder.quantize.amax import AmaxTable
@@ -263,7 +270,8 @@ def tensor_checks(artifact: Path, golden: Golden) -> TensorChecks:
     return checks
 
 
-# ---- TensorRT-LLM checkpoints --------------------------------------------------------------------------------
+# ---- TensorRT-LLM checkpoints
+# --------------------------------------------------------------------------------
 def _belongs(item: Any, part: int | str) -> bool:
     if isinstance(part, int):
         return item.layer is not None and item.layer.index == part
@@ -347,7 +355,8 @@ def trtllm_tensor_findings(ex: Any, part: int | str, checks: TensorChecks) -> li
     return found
 
 
-# ---- unified HF FP8 exports ------------------------------------------------------------------------------------
+# ---- unified HF FP8 exports
+# ------------------------------------------------------------------------------------
 def hf_tensor_findings(stream: Any, part: int | str, checks: TensorChecks) -> list[str]:
     from builder.quantize.amax import layer_linears
     from builder.quantize.export_hf import shared_input_amax
@@ -418,7 +427,8 @@ def hf_tensor_findings(stream: Any, part: int | str, checks: TensorChecks) -> li
     return found
 
 
-# ---- files against the manifest --------------------------------------------------------------------------------
+# ---- files against the manifest
+# --------------------------------------------------------------------------------
 def manifest_findings(directory: Path) -> list[str]:
     """Files whose bytes differ from the artifact's manifest; swapped files named as such."""
     from builder.errors import UserError
@@ -442,7 +452,8 @@ def manifest_findings(directory: Path) -> list[str]:
         other = owner.get(actual)
         if other:
             found.append(
-                f"{name} holds the bytes the manifest records for {other} (files swapped or renamed)"
+                f"{name} holds the bytes the manifest records for {other} (files swapped or "
+                "renamed)"
             )
         else:
             found.append(

@@ -89,7 +89,8 @@ METRICS: dict[str, MetricInfo] = {
 }
 
 
-# ---- distributions ----------------------------------------------------------------------------------
+# ---- distributions
+# ----------------------------------------------------------------------------------
 def log_probs(logits: torch.Tensor) -> torch.Tensor:
     """log-softmax over the vocabulary in float32 (float64 stays float64)."""
     return F.log_softmax(logits if logits.dtype == torch.float64 else logits.float(), dim=-1)
@@ -176,7 +177,8 @@ def percentile(values: torch.Tensor, q: float) -> float:
     return float(ordered[min(len(ordered) - 1, int(len(ordered) * q))])
 
 
-# ---- one comparison ------------------------------------------------------------------------------------
+# ---- one comparison
+# ------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class SequenceScore:
     """What is compared per sequence: [T, k] top ids/log-probs, [T] target log-probs, and the

@@ -262,7 +262,8 @@ def verdict_table(result: VerifyResult, thresholds: dict[str, Threshold]) -> str
         f"### verify: {r.artifact.kind} `{r.artifact.path}` on `{r.runtime}` ({r.device})",
         "",
         (
-            f"golden `{r.settings['golden']}`, {r.settings['prompts']} prompts; KL over the golden top-"
+            f"golden `{r.settings['golden']}`, {r.settings['prompts']} prompts; KL over the "
+            "golden top-"
             f"{r.settings['golden_settings']['top_k']} + other bucket; p99: nearest rank"
         ),
         "",

@@ -101,7 +101,8 @@ class BlockStream:
             self.keep_blocks = self.plan.total_params * bytes_per <= KEEP_BYTES
         self._kept: dict[int, torch.nn.Module] = {}
 
-    # ---- pieces ------------------------------------------------------------------------------------
+    # ---- pieces
+    # ------------------------------------------------------------------------------------
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """[1, L, hidden] embeddings of ids [L]."""
         return embed_windows(self.ckpt, ids[None], self.dtype, self.device)
@@ -156,7 +157,8 @@ class BlockStream:
         normed = norm * x32.to(hidden.dtype)
         return torch.nn.functional.linear(normed, lm_head)[0].float()
 
-    # ---- passes ---------------------------------------------------------------------------------------
+    # ---- passes
+    # ---------------------------------------------------------------------------------------
     @torch.no_grad()
     def forward(
         self,

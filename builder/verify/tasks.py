@@ -7,7 +7,8 @@ Each line: {"question": ..., "answer": ..., "type": "math" | "choice", "choices"
           of \\boxed{X}, "answer is X" / "Answer: X", else the last standalone A-D.
 The card's settings are reasoning on: "detailed thinking on" at temperature 0.6 / top_p 0.95,
 reasoning off: greedy (builder.chat). Verify scores reasoning off (greedy, every runtime can);
-sampled reasoning-on scoring needs a sampling entry point in the runtimes (not there yet). The score is the share of correct answers; `recovery` = artifact score
+sampled reasoning-on scoring needs a sampling entry point in the runtimes (not there yet). The score
+is the share of correct answers; `recovery` = artifact score
 / golden score (llm-compressor's convention, threshold `task_recovery_min`).
 """
 
@@ -80,7 +81,8 @@ def load_tasks(path: str | Path) -> list[Task]:
     return tasks
 
 
-# ---- answer extraction ----------------------------------------------------------------------------------
+# ---- answer extraction
+# ----------------------------------------------------------------------------------
 def last_boxed(text: str) -> str | None:
     """Contents of the last \\boxed{...}, with nested braces balanced."""
     start = text.rfind("\\boxed{")

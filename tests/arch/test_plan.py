@@ -248,7 +248,8 @@ def test_schema_names_the_field_path(change, message):
 
 
 def test_null_optional_fields_mean_the_default():
-    """HF configs write null for "use the default" (Ultra: num_key_value_heads, intermediate_size)."""
+    """HF configs write null for "use the default" (Ultra: num_key_value_heads,
+    intermediate_size)."""
     config = _mixed() | {
         "head_dim": None,
         "rope_scaling": None,

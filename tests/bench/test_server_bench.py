@@ -1,4 +1,5 @@
-"""`builder bench --url`: AIPerf (its own venv) drives a real vLLM server; its export becomes a record."""
+"""`builder bench --url`: AIPerf (its own venv) drives a real vLLM server; its export becomes a
+record."""
 
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ def aiperf():
         pytest.skip(str(err))
 
 
-@pytest.mark.slow  # the session's vLLM start (~2 min on 2 cores, shared with verify's tests) + ~30 s AIPerf
+# The session's vLLM start (~2 min on 2 cores, shared with verify's tests) + ~30 s AIPerf.
+@pytest.mark.slow
 def test_bench_a_real_server_with_aiperf(
     aiperf, openai_server, smollm2_llama_dir, tmp_path, capsys
 ):

@@ -1,4 +1,5 @@
-"""`builder build`: checks against the target, the dry run, the TensorRT-LLM gate, the PyTorch path."""
+"""`builder build`: checks against the target, the dry run, the TensorRT-LLM gate, the PyTorch
+path."""
 
 from __future__ import annotations
 
@@ -55,7 +56,8 @@ def bash_syntax_ok(path):
     )
 
 
-# ---- dry run --------------------------------------------------------------------------------------
+# ---- dry run
+# --------------------------------------------------------------------------------------
 def test_dry_run_output_is_complete(trtllm_bf16, tmp_path):
     out = tmp_path / "dry"
     result = dry_run_build(trtllm_bf16, bf16_target(), out)
@@ -108,7 +110,8 @@ def test_multinode_scripts_use_mpi(trtllm_bf16, tmp_path):
     assert "trtllm-build" in build_mpi and "--workers 1" in build_mpi
 
 
-# ---- refusals --------------------------------------------------------------------------------------
+# ---- refusals
+# --------------------------------------------------------------------------------------
 def test_refuses_tp_mismatch(trtllm_bf16, tmp_path):
     out = tmp_path / "dry"
     with pytest.raises(
@@ -160,7 +163,8 @@ def test_refuses_truncated_and_unmanifested_checkpoints(trtllm_bf16, tmp_path):
         dry_run_build(ckpt, bf16_target(), tmp_path / "dry")
 
 
-# ---- the TensorRT-LLM gate --------------------------------------------------------------------------
+# ---- the TensorRT-LLM gate
+# --------------------------------------------------------------------------
 def test_missing_tensorrt_llm_is_a_clear_error(trtllm_bf16, tmp_path):
     if trtllm_status().usable:
         pytest.skip("TensorRT-LLM is installed here")
@@ -205,7 +209,8 @@ def test_run_logged_streams_and_keeps_the_log(tmp_path):
     assert (tmp_path / "log").read_text() == "one\ntwo\n"
 
 
-# ---- PyTorch backend --------------------------------------------------------------------------------
+# ---- PyTorch backend
+# --------------------------------------------------------------------------------
 def test_pytorch_bf16_options_and_scripts(mixed_ckpt, tmp_path):
     out = tmp_path / "serve"
     profile = bf16_target()
@@ -260,7 +265,8 @@ def test_pp_partition_only_when_pipelined(mixed_ckpt):
     assert llm_api_options(piped, inp, [7, 5])["pp_partition"] == [7, 5]
 
 
-# ---- CLI ---------------------------------------------------------------------------------------------
+# ---- CLI
+# ---------------------------------------------------------------------------------------------
 def test_cli_plan_mission_targets_json():
     result = CliRunner().invoke(main, ["plan", "--preset", "ultra-253b", "--json"])
     assert result.exit_code == 0, result.output

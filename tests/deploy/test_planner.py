@@ -1,4 +1,5 @@
-"""Plan figures against the reference (trtllm-checkpoint.md 9, nemotron-nas.md 7-10, benchmarks.md 5)."""
+"""Plan figures against the reference (trtllm-checkpoint.md 9, nemotron-nas.md 7-10, benchmarks.md
+5)."""
 
 from __future__ import annotations
 
@@ -234,7 +235,8 @@ def test_pp2_plan_uses_each_stage_own_kv(ultra):
     assert result.pipeline["suggested_pp_partition"] == balanced_partition(ultra, 2)
 
 
-# ---- parallelism checks, host side, rendering -------------------------------------------------------
+# ---- parallelism checks, host side, rendering
+# -------------------------------------------------------
 def test_tp_checks_report_duplicated_kv_heads(ultra):
     result = plan_target(
         ultra,

@@ -96,7 +96,10 @@ def test_enabled_quantizer_without_amax(tmp_path, mixed_ckpt, monkeypatch):
     out = tmp_path / "out"
     with pytest.raises(
         AmaxError,
-        match=r"layer 0: model.layers.0.self_attn.q_proj.input_quantizer: enabled quantizer has no amax",
+        match=(
+            r"layer 0: model.layers.0.self_attn.q_proj.input_quantizer: enabled quantizer has no "
+            r"amax"
+        ),
     ):
         quantize_checkpoint(mixed_ckpt, out, calib_size=2, calib_seq_len=16)
     assert_nothing_written(out)
@@ -253,7 +256,8 @@ def test_a_second_run_on_the_same_out_is_refused(tmp_path, mixed_ckpt, monkeypat
     monkeypatch.setattr(atomic, "LOCK_WAIT_SECONDS", 0.3)
     out = tmp_path / "out"
     holder = (
-        "import sys, time\nfrom builder.io.atomic import lock_stage\nwith lock_stage(sys.argv[1]):\n"
+        "import sys, time\nfrom builder.io.atomic import lock_stage\nwith "
+        "lock_stage(sys.argv[1]):\n"
         "    print('locked', flush=True)\n    time.sleep(60)\n"
     )
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}

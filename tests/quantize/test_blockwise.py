@@ -98,7 +98,8 @@ DP_SCRIPT = textwrap.dedent(
     """
     import json, sys, torch, torch.distributed as dist
     from pathlib import Path
-    rank, world, ckpt, init, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
+    rank, world = int(sys.argv[1]), int(sys.argv[2])
+    ckpt, init, out = sys.argv[3:6]
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     torch.set_num_threads(1)
     from builder.arch import load_plan

@@ -103,6 +103,9 @@ def test_table_validation_and_round_trip(tmp_path):
     missing.pop("model.layers.1.mlp.down_proj.input_quantizer")
     with pytest.raises(
         AmaxError,
-        match=r"layer 1: model.layers.1.mlp.down_proj.input_quantizer: enabled quantizer has no amax",
+        match=(
+            r"layer 1: model.layers.1.mlp.down_proj.input_quantizer: "
+            r"enabled quantizer has no amax"
+        ),
     ):
         AmaxTable(missing).validate(plan)

@@ -88,9 +88,8 @@ def test_fp8_beside_bf16_with_accuracy(records):
     }
     assert speedups["isl=128,osl=128,concurrency=1"] == pytest.approx(1.8)
     assert speedups["isl=128,osl=128,concurrency=64"] == pytest.approx(1.4)
-    assert (
-        table.headline()
-        == "trtllm-fp8 vs trtllm-bf16 output tokens/s: 1.80x at concurrency 1, 1.40x at concurrency 64"
+    assert table.headline() == (
+        "trtllm-fp8 vs trtllm-bf16 output tokens/s: 1.80x at concurrency 1, 1.40x at concurrency 64"
     )
     text = table.markdown()
     assert "kl_mean" in text and "0.012" in text and len(table.accuracy) == 2

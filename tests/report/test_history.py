@@ -42,7 +42,8 @@ def test_append_query_and_sql(tmp_path, records):
     sql = sqlite3.connect(db)
     value, repeats = sql.execute(
         "SELECT m.value, m.repeats FROM metrics m JOIN runs r ON r.id = m.run_id "
-        "WHERE r.artifact_sha256 = ? AND r.workload LIKE '%concurrency=4' AND m.name = 'output_token_throughput'",
+        "WHERE r.artifact_sha256 = ? AND r.workload LIKE '%concurrency=4' AND m.name = "
+        "'output_token_throughput'",
         ("a" * 64,),
     ).fetchone()
     assert value == pytest.approx(400.0) and len(json.loads(repeats)) == 3

@@ -77,7 +77,8 @@ def test_chromium_renders_the_report(report, tmp_path):
     result = screenshot(report["html"], png, tmp_path / "profile")
     if isinstance(result, str) or not png.is_file():
         pytest.skip(
-            f"Chromium could not start here: {result if isinstance(result, str) else result.stdout[-300:]}"
+            "Chromium could not start here: "
+            f"{result if isinstance(result, str) else result.stdout[-300:]}"
         )
     image = Image.open(png).convert("RGB")
     assert image.size == (1200, 2600)

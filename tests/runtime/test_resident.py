@@ -69,7 +69,8 @@ def calibrated_table(trt_dir, ids) -> AmaxTable:
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory, mixed_ckpt):
-    """The mixed preset (every block kind, KV heads 1-8) converted at tp 1 and 2, and FP8 at tp 1."""
+    """The mixed preset (every block kind, KV heads 1-8) converted at tp 1 and 2, and FP8 at tp
+    1."""
     root = tmp_path_factory.mktemp("resident")
     for tp in (1, 2):
         convert_checkpoint(mixed_ckpt, root / f"bf16-tp{tp}", tp)
@@ -176,7 +177,8 @@ def test_fp8_paths_match_the_emulation(checkpoints):
 
 
 def test_plan_decides_parts_and_caches(checkpoints):
-    """No-op halves build nothing; each GQA layer's cache has that layer's KV heads (ceil at tp 2)."""
+    """No-op halves build nothing; each GQA layer's cache has that layer's KV heads (ceil at tp
+    2)."""
     rt = runtime(checkpoints / "bf16-tp2", torch.bfloat16)
     plan = rt.plan
     halves = sum(

@@ -41,7 +41,8 @@ def set_parameter(root: Path, name: str, key: str, value: str) -> None:
     edit(
         model(root, name),
         f'  key: "{key}"\n  value {{ string_value: ',
-        f'  key: "{key}"\n  value {{ string_value: "{value}" }}\n}}\nparameters {{\n  key: "unused_{key}"\n'
+        f'  key: "{key}"\n  value {{ string_value: "{value}" }}\n}}\nparameters {{\n  key: '
+        f'"unused_{key}"\n'
         "  value { string_value: ",
     )
 
@@ -91,7 +92,8 @@ MISTAKES: list[tuple[str, Callable[[Path], None], str]] = [
             'name: "encoder_input_features"\n    data_type: ${encoder_input_features_data_type}',
         ),
         (
-            r"tensorrt_llm/config.pbtxt: line \d+: unfilled placeholder \$\{encoder_input_features_data_type\} in a typed "
+            r"tensorrt_llm/config.pbtxt: line \d+: unfilled placeholder "
+            r"\$\{encoder_input_features_data_type\} in a typed "
             r"field; Triton refuses the file"
         ),
     ),
@@ -100,12 +102,14 @@ MISTAKES: list[tuple[str, Callable[[Path], None], str]] = [
         lambda r: set_parameter(
             r, "tensorrt_llm", "batch_scheduler_policy", "${batch_scheduler_policy}"
         ),
-        r"tensorrt_llm/config.pbtxt: parameters batch_scheduler_policy: unfilled placeholder \$\{batch_scheduler_policy\}",
+        r"tensorrt_llm/config.pbtxt: parameters batch_scheduler_policy: unfilled placeholder "
+        r"\$\{batch_scheduler_policy\}",
     ),
     (
         "misspelled-field",
         lambda r: edit(model(r, "preprocessing"), "max_batch_size: 4", "max_batch_sise: 4"),
-        r'preprocessing/config.pbtxt: not a valid ModelConfig: .*has no field named "max_batch_sise"',
+        r"preprocessing/config.pbtxt: not a valid ModelConfig: .*has no field named "
+        r'"max_batch_sise"',
     ),
     (
         "unknown-dtype",
@@ -119,34 +123,40 @@ MISTAKES: list[tuple[str, Callable[[Path], None], str]] = [
             'WORLD_SIZE="${WORLD_SIZE:-1}"',
             'WORLD_SIZE="${WORLD_SIZE:-8}"',
         ),
-        r"launch/serve.sh: WORLD_SIZE 8 != tp x pp = 1 x 1 = 1 of the engine .*'mpiSize == tp \* pp'",
+        r"launch/serve.sh: WORLD_SIZE 8 != tp x pp = 1 x 1 = 1 of the engine .*'mpiSize == tp \* "
+        r"pp'",
     ),
     (
         "streaming-without-decoupled",
         lambda r: edit(model(r, "tensorrt_llm"), "decoupled: true", "decoupled: false"),
         (
-            r"tensorrt_llm/config.pbtxt: model_transaction_policy.decoupled is false but the repository was generated for "
-            r"streaming \(--decoupled\): stream requests fail with 'Streaming is only supported if model is deployed using "
+            r"tensorrt_llm/config.pbtxt: model_transaction_policy.decoupled is false but the "
+            r"repository was generated for "
+            r"streaming \(--decoupled\): stream requests fail with 'Streaming is only supported "
+            r"if model is deployed using "
             r"decoupled mode'"
         ),
     ),
     (
         "bls-decoupled-differs",
         lambda r: edit(model(r, "tensorrt_llm_bls"), "decoupled: true", "decoupled: false"),
-        r"tensorrt_llm_bls/config.pbtxt: model_transaction_policy.decoupled false differs from tensorrt_llm's true",
+        r"tensorrt_llm_bls/config.pbtxt: model_transaction_policy.decoupled false differs from "
+        r"tensorrt_llm's true",
     ),
     (
         "tokenizer-hub-id",
         lambda r: set_parameter(
             r, "preprocessing", "tokenizer_dir", "nvidia/Llama-3_1-Nemotron-Ultra-253B-v1"
         ),
-        r"preprocessing/config.pbtxt: tokenizer_dir nvidia/Llama-3_1-Nemotron-Ultra-253B-v1: not an absolute path",
+        r"preprocessing/config.pbtxt: tokenizer_dir nvidia/Llama-3_1-Nemotron-Ultra-253B-v1: not "
+        r"an absolute path",
     ),
     (
         "tokenizer-missing",
         lambda r: set_parameter(r, "postprocessing", "tokenizer_dir", "/nonexistent/tokenizer"),
         (
-            r"postprocessing/config.pbtxt: tokenizer_dir /nonexistent/tokenizer: no such directory \(transformers would take "
+            r"postprocessing/config.pbtxt: tokenizer_dir /nonexistent/tokenizer: no such "
+            r"directory \(transformers would take "
             r"it for a Hub id and try to download it\)"
         ),
     ),
@@ -154,7 +164,8 @@ MISTAKES: list[tuple[str, Callable[[Path], None], str]] = [
         "tokenizer-inside-repository",
         _tokenizer_inside,
         (
-            r"model_repository/tokenizer: a directory without config.pbtxt inside the model repository: Triton reads every "
+            r"model_repository/tokenizer: a directory without config.pbtxt inside the model "
+            r"repository: Triton reads every "
             r"directory as a model and fails with 'failed to open .*/tokenizer/config.pbtxt'"
         ),
     ),
@@ -167,7 +178,8 @@ MISTAKES: list[tuple[str, Callable[[Path], None], str]] = [
         "kv-token-cap-below-one-sequence",
         lambda r: add_parameter(r, "tensorrt_llm", "max_tokens_in_paged_kv_cache", "128"),
         (
-            r"parameters max_tokens_in_paged_kv_cache 128: below the engine's max_seq_len 8192; the backend fails with "
+            r"parameters max_tokens_in_paged_kv_cache 128: below the engine's max_seq_len 8192; "
+            r"the backend fails with "
             r"'maxTokensInPagedKvCache must be large enough to process at least 1 sequence'"
         ),
     ),
@@ -175,7 +187,8 @@ MISTAKES: list[tuple[str, Callable[[Path], None], str]] = [
         "kv-fraction-too-small",
         lambda r: set_parameter(r, "tensorrt_llm", "kv_cache_free_gpu_mem_fraction", "1e-06"),
         (
-            r"parameters kv_cache_free_gpu_mem_fraction 1e-06: the plan gives [\d,]+ KV tokens per rank, less than one "
+            r"parameters kv_cache_free_gpu_mem_fraction 1e-06: the plan gives [\d,]+ KV tokens "
+            r"per rank, less than one "
             r"max_seq_len 8,192 sequence"
         ),
     ),
@@ -183,7 +196,8 @@ MISTAKES: list[tuple[str, Callable[[Path], None], str]] = [
         "engine-dir-without-config-json",
         _engine_dir_without_config,
         (
-            r"parameters gpt_model_path .*-not-an-engine: no engine config.json there; the backend fails with "
+            r"parameters gpt_model_path .*-not-an-engine: no engine config.json there; the "
+            r"backend fails with "
             r"'\[json.exception.parse_error.101\]"
         ),
     ),
@@ -191,7 +205,8 @@ MISTAKES: list[tuple[str, Callable[[Path], None], str]] = [
         "ensemble-batch-above-member",
         lambda r: edit(model(r, "preprocessing"), "max_batch_size: 4", "max_batch_size: 2"),
         (
-            r"ensemble/config.pbtxt: max_batch_size 4 is above preprocessing's 2 .*'ensemble allows maximum batch size 4, but "
+            r"ensemble/config.pbtxt: max_batch_size 4 is above preprocessing's 2 .*'ensemble "
+            r"allows maximum batch size 4, but "
             r"preprocessing only allows 2'"
         ),
     ),
@@ -203,14 +218,16 @@ MISTAKES: list[tuple[str, Callable[[Path], None], str]] = [
             'name: "INPUT_ID"\n    data_type: TYPE_INT64',
         ),
         (
-            r"ensemble/config.pbtxt \(step tensorrt_llm\): '_INPUT_ID' -> tensorrt_llm.input_ids: data_type TYPE_INT64 "
+            r"ensemble/config.pbtxt \(step tensorrt_llm\): '_INPUT_ID' -> tensorrt_llm.input_ids: "
+            r"data_type TYPE_INT64 "
             r"\(preprocessing.INPUT_ID\) != TYPE_INT32"
         ),
     ),
     (
         "ensemble-unknown-tensor",
         lambda r: edit(model(r, "ensemble"), 'value: "_TOKENS_BATCH"', 'value: "_TOKEN_BATCH"'),
-        r"input_map 'TOKENS_BATCH' <- '_TOKENS_BATCH': no ensemble input or earlier step output named '_TOKENS_BATCH'",
+        r"input_map 'TOKENS_BATCH' <- '_TOKENS_BATCH': no ensemble input or earlier step output "
+        r"named '_TOKENS_BATCH'",
     ),
 ]
 
@@ -244,7 +261,8 @@ def test_check_llmapi_batching_belongs_in_model_yaml(generated, tmp_path):
     )
     found = errors(copy)
     assert any(
-        "max_batch_size / model_transaction_policy set in config.pbtxt: they belong in 1/model.yaml "
+        "max_batch_size / model_transaction_policy set in config.pbtxt: they belong in "
+        "1/model.yaml "
         "triton_config" in line
         for line in found
     ), found

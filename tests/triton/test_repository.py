@@ -1,4 +1,5 @@
-"""`builder triton`: repositories generated from build records, for engines and the PyTorch backend."""
+"""`builder triton`: repositories generated from build records, for engines and the PyTorch
+backend."""
 
 from __future__ import annotations
 

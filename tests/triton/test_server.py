@@ -72,7 +72,8 @@ def test_text_matches_the_executor_over_http_and_grpc(triton_server, expected, m
     ("model", "kind"), [("ensemble", "chunks"), ("tensorrt_llm_bls", "accumulated")]
 )
 def test_streaming_sends_one_response_per_token(triton_server, expected, model, kind, capsys):
-    """The ensemble streams each new token's text; the BLS model (accumulate_tokens) the text so far."""
+    """The ensemble streams each new token's text; the BLS model (accumulate_tokens) the text so
+    far."""
     prompt = "What is the capital of France?"
     answer = expected[prompt]
     fields = {"text_input": prompt, "max_tokens": MAX_TOKENS, "stream": True}

@@ -59,7 +59,7 @@ def words_layout(rows):
     length = max(1, *(len(ids) for ids in flat), *(len(ends) for ends in offsets))
     out = np.zeros((len(rows), 2, length), dtype=np.int32)
     out[:, 1, :] = -1
-    for row, (ids, ends) in enumerate(zip(flat, offsets)):
+    for row, (ids, ends) in enumerate(zip(flat, offsets, strict=True)):
         out[row, 0, : len(ids)] = ids
         out[row, 1, : len(ends)] = ends
     return out

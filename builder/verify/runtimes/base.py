@@ -83,7 +83,8 @@ class Runtime(Protocol):
     def close(self) -> None: ...
 
 
-# ---- helpers for runtimes that produce full logits ----------------------------------------------------------
+# ---- helpers for runtimes that produce full logits
+# ----------------------------------------------------------
 def scores_from_logits(
     logits: torch.Tensor, ids: torch.Tensor, k: int, golden_top_ids: torch.Tensor | None
 ) -> SequenceScore:

@@ -205,7 +205,8 @@ class HfFp8Runtime:
             top_k=top_k,
             notes=(
                 (
-                    f"builder reference model with the export's FP8 weights and scales (dequantized), "
+                    "builder reference model with the export's FP8 weights and scales "
+                    "(dequantized), "
                     f"{str(dtype).removeprefix('torch.')} on {device}, block-streamed"
                 ),
             ),

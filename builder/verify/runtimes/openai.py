@@ -132,7 +132,8 @@ class OpenAIRuntime:
             notes=tuple(notes),
         )
 
-    # ---- probing -----------------------------------------------------------------------------------------
+    # ---- probing
+    # -----------------------------------------------------------------------------------------
     def completions(self, **body: Any) -> dict[str, Any]:
         return request_json(
             f"{self.base}/v1/completions", {"model": self.model, **body}, self.timeout
@@ -169,7 +170,8 @@ class OpenAIRuntime:
             ):
                 score_mode = "echo"
         notes.append(
-            f"prompt log-probs: {score_mode or 'not offered: KL, top-1 and perplexity are not measured'}"
+            "prompt log-probs: "
+            f"{score_mode or 'not offered: KL, top-1 and perplexity are not measured'}"
         )
         answer = self._try(
             prompt=ids,
@@ -202,7 +204,8 @@ class OpenAIRuntime:
         )
         return score_mode, ids_mode, ignore_eos, notes
 
-    # ---- the interface ---------------------------------------------------------------------------------------
+    # ---- the interface
+    # ---------------------------------------------------------------------------------------
     def score(self, ids: torch.Tensor, golden_top_ids: torch.Tensor | None = None) -> SequenceScore:
         prompt = [int(t) for t in ids]
         if self.score_mode == "prompt_logprobs":

@@ -119,7 +119,8 @@ class TritonRuntime:
             localize=False,
             top_k=top_k,
             notes=(
-                f"Triton generate endpoint, model {self.model} ({self.interface} interface), greedy = top_k 1",
+                f"Triton generate endpoint, model {self.model} ({self.interface} interface), "
+                "greedy = top_k 1",
                 "no prompt log-probs on this endpoint: KL, top-1 and perplexity are not measured",
             ),
         )

@@ -23,7 +23,8 @@ def import_llm_api() -> Any:
     except ImportError as err:
         raise UserError(
             f"the trtllm runtime needs TensorRT-LLM ({err}); install it on a GPU host "
-            "(pip install 'builder[trtllm]' or NVIDIA's container), or use --runtime executor/hf/openai"
+            "(pip install 'builder[trtllm]' or NVIDIA's container), or use --runtime "
+            "executor/hf/openai"
         ) from None
     return tensorrt_llm
 
