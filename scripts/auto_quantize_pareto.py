@@ -5,10 +5,11 @@ against ModelOpt's `auto_quantize` (whole model resident, gradient scores), side
 Both get the same data (calibration windows of the builtin set; ours scores sensitivity on
 the first --sens-windows of them, auto_quantize calibrates and scores on all of them) and
 the same byte budget: for each BF16 fraction f of the decoder linear weights, ours takes the
-cheapest assignment of the greedy path with at most f in BF16, auto_quantize gets
-effective_bits = 8 (1 - f) + 16 f over the decoder linears (lm_head is excluded from both
-searches). Every choice is then scored in one block-streamed pass on the held-out text
-(`builder reference`'s wiki windows, disjoint from calibration) against the BF16 reference:
+cheapest assignment of the greedy path with at most f in BF16, auto_quantize gets the
+effective bits of that fraction (8 (1 - f) + 16 f over the decoder linears; lm_head is
+excluded from both searches, and ModelOpt counts it at 16 bits, so its bits are weighted in).
+Every choice is then scored in one block-streamed pass on the held-out text (`builder
+reference`'s wiki windows, disjoint from calibration) against the BF16 reference:
 mean KL(BF16 || recipe) over the full vocabulary, p99, top-1 agreement, and the weight bytes
 per rank for the target (h100x4-fp8: tp 4; SmolLM2's 9 heads do not split 4 ways, so the
 tp=1 bytes are divided evenly).
@@ -49,6 +50,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--max-kl", type=float, default=0.015, help="the goal row's budget")
     p.add_argument("--skip-autoquant", action="store_true")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--stop-after-sensitivity", action="store_true")
     p.add_argument("--json", action="store_true")
     return p.parse_args()
 
@@ -85,7 +87,7 @@ def sensitivity(src: Path, work: Path, table, windows, args):
     from builder.quantize.sensitivity import Sensitivity, StreamScore, measure_sensitivity
 
     formats = tuple(LinearFormat(f) for f in args.formats.split(","))
-    path = work / f"sensitivity-{args.granularity}-{args.formats}-{args.sens_windows}.json"
+    path = work / f"sensitivity-{args.granularity}-{args.formats}-{args.sens_windows}-floor.json"
     if path.is_file():
         data = json.loads(path.read_text())
         sens = Sensitivity(
@@ -98,6 +100,7 @@ def sensitivity(src: Path, work: Path, table, windows, args):
         )
         from builder.quantize.formats import Recipe
 
+        sens.floor = {int(k): v for k, v in data.get("floor", {}).items()}
         for f, s in data["uniform"].items():
             sens.base[f] = StreamScore(
                 s["name"], Recipe.from_json(s["recipe"]), s["kl"], s["kl_p99"], s["top1"]
@@ -207,7 +210,13 @@ def main() -> None:
             import_smollm2(src)
     from builder.arch import load_plan
     from builder.deploy.profiles import load_profile
-    from builder.quantize.auto import bf16_fraction, choose, rank_bytes, upgrade_path
+    from builder.quantize.auto import (
+        bf16_fraction,
+        choose,
+        decoder_linear_params,
+        rank_bytes,
+        upgrade_path,
+    )
     from builder.quantize.calib import load_tokenizer
     from builder.quantize.sensitivity import score_recipes
     from builder.verify.prompts import heldout_windows
@@ -217,14 +226,19 @@ def main() -> None:
     tp, pp = profile.parallel.tp, profile.parallel.pp
     table, calib = calibrate(src, work, args)
     sens = sensitivity(src, work, table, calib, args)
+    if args.stop_after_sensitivity:
+        return
     fractions = [float(f) for f in args.fractions.split(",")]
     recipes = {}
     for f in fractions:
         steps, _, _ = upgrade_path(plan, sens, tp, f)
         recipes[f"ours {f:.2f}"] = steps[-1].recipe
     if not args.skip_autoquant:
+        # ModelOpt counts the (excluded, BF16) lm_head in effective bits: the minimum is
+        # (8 D + 16 L) / (D + L) with D the decoder linears' and L lm_head's parameters.
+        decoder, head = decoder_linear_params(plan), plan.vocab_size * plan.hidden_size
         for f in fractions:
-            bits = 8 * (1 - f) + 16 * f
+            bits = (decoder * (8 + 8 * f) + 16 * head) / (decoder + head) + 1e-6
             say(f"auto_quantize ({args.aq_method}) at {bits:.2f} effective bits")
             recipes[f"autoq {f:.2f}"] = autoquant_recipe(src, work, calib, bits, args)
     # the auto recipe for the goal's budget (what `builder quantize --recipe auto` picks)

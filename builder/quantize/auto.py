@@ -188,8 +188,12 @@ def options_of(
     out = {}
     for key, us in units.items():
         opts = [
-            Option(LinearFormat(f), kl, sum(unit_bytes(plan, u, LinearFormat(f), tp) for u in us))
-            for f, kl in sens.kl[key].items()
+            Option(
+                LinearFormat(f),
+                sens.own(key, f),
+                sum(unit_bytes(plan, u, LinearFormat(f), tp) for u in us),
+            )
+            for f in sens.kl[key]
         ]
         opts.append(
             Option(
@@ -320,7 +324,7 @@ def choice_rows(
     total_kl = 0.0
     for key, us in units.items():
         fmt = recipe.format_of(us[0])
-        kl = 0.0 if fmt is LinearFormat.BF16 else sens.kl[key].get(fmt.value, math.nan)
+        kl = 0.0 if fmt is LinearFormat.BF16 else sens.own(key, fmt.value)
         total_kl += 0.0 if math.isnan(kl) else kl
         layer = plan.layers[us[0].layer]
         rows.append(

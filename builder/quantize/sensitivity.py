@@ -84,6 +84,35 @@ def quantized_block(
 class _Stream:
     score: StreamScore
     hidden: torch.Tensor | None = None  # None: still equal to the reference
+    floor_at: int | None = None  # a floor stream: perturbed at this block by rounding only
+
+
+class RoundingLinear(torch.nn.Module):
+    """The same linear computed in fp32 and rounded back: a perturbation of rounding size.
+
+    In a 16-bit stream any change to the residual makes the later blocks' roundings
+    independent of the reference's, which costs KL by itself (SmolLM2 in bf16: about 0.001,
+    the floor the issue measured for a bf16 cast). A stream perturbed only this way measures
+    that floor at its block; a candidate's own KL is its excess over it.
+    """
+
+    def __init__(self, linear: torch.nn.Linear):
+        super().__init__()
+        self.weight32 = linear.weight.detach().float()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(x.float(), self.weight32).to(x.dtype)
+
+
+def rounding_block(block: torch.nn.Module, layer: LayerPlan) -> torch.nn.Module:
+    out = copy.deepcopy(block)
+    prefix = f"model.layers.{layer.index}."
+    for unit in block_units(layer):
+        for module in unit.hf_modules:
+            parent, leaf = module.removeprefix(prefix).rsplit(".", 1)
+            linear = out.get_submodule(f"{parent}.{leaf}")
+            setattr(out.get_submodule(parent), leaf, RoundingLinear(linear))
+    return out
 
 
 @torch.no_grad()
@@ -96,13 +125,18 @@ def score_recipes(
     device: str = "cpu",
     progress: Progress | None = None,
     batch: int = 4,
+    floors: Sequence[int] = (),
 ) -> dict[str, StreamScore]:
-    """KL(ref || recipe) and top-1 agreement of every recipe on token `windows` [n, L]."""
+    """KL(ref || recipe) and top-1 agreement of every recipe on token `windows` [n, L];
+    `floors`: block indices whose rounding floor is measured too (streams "floor N")."""
     from builder.verify.stream import BlockStream
 
     stream = BlockStream(Path(src), dtype=dtype, device=device, keep_blocks=False)
     plan = stream.plan
     streams = {name: _Stream(StreamScore(name, r)) for name, r in recipes.items()}
+    for index in floors:
+        bf16 = Recipe.uniform(LinearFormat.BF16)
+        streams[f"floor {index}"] = _Stream(StreamScore(f"floor {index}", bf16), floor_at=index)
     for r in recipes.values():
         r.validate(plan)
     ids = windows.to(device)
@@ -117,6 +151,9 @@ def score_recipes(
         units = block_units(layer)
         variants: dict[tuple, torch.nn.Module] = {}
         for s in streams.values():
+            if s.floor_at == layer.index:
+                s.hidden = _run(stream, rounding_block(block, layer), ref, batch)
+                continue
             formats = {u: s.score.recipe.format_of(u) for u in units}
             quantized = {u: f for u, f in formats.items() if f.quantized}
             if not quantized and s.hidden is None:
@@ -177,7 +214,15 @@ class Sensitivity:
     kl: dict[str, dict[str, float]] = field(default_factory=dict)  # key -> format -> KL
     top1: dict[str, dict[str, float]] = field(default_factory=dict)
     base: dict[str, StreamScore] = field(default_factory=dict)
+    floor: dict[int, float] = field(default_factory=dict)  # block -> rounding floor KL
     seconds: float = 0.0
+
+    def own(self, key: str, fmt: str) -> float:
+        """The candidate's KL in `fmt` less the rounding floor at its block (at least a
+        hundredth of the raw value, so a candidate never looks free)."""
+        raw = self.kl[key][fmt]
+        block = int(key.split()[-1]) if key.startswith("block") else int(key.split(".")[0])
+        return max(raw - self.floor.get(block, 0.0), raw / 100)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -187,6 +232,7 @@ class Sensitivity:
             "kl": self.kl,
             "top1": self.top1,
             "uniform": {k: v.to_json() for k, v in self.base.items()},
+            "floor": {str(k): v for k, v in self.floor.items()},
             "seconds": round(self.seconds, 3),
         }
 
@@ -216,9 +262,11 @@ def measure_sensitivity(
     dtype: torch.dtype = torch.bfloat16,
     device: str = "cpu",
     progress: Progress | None = None,
+    floor: bool = True,
 ) -> Sensitivity:
     """One block-streamed pass: every candidate alone in every format, plus the uniform
-    recipes (all units in one format) as reference points."""
+    recipes (all units in one format) as reference points, plus (`floor`) each block's
+    rounding floor in 16-bit dtypes (see RoundingLinear)."""
     from builder.arch import load_plan
 
     started = time.perf_counter()
@@ -230,9 +278,14 @@ def measure_sensitivity(
             recipes[f"{key}|{fmt.value}"] = Recipe(LinearFormat.BF16, {u.key: fmt for u in units})
     for fmt in formats:
         recipes[f"uniform|{fmt.value}"] = Recipe.uniform(fmt)
-    scores = score_recipes(src, recipes, windows, table, dtype, device, progress)
+    blocks = sorted({units[0].layer for units in cands.values()})
+    floors = blocks if floor and torch.finfo(dtype).bits <= 16 else []
+    scores = score_recipes(src, recipes, windows, table, dtype, device, progress, floors=floors)
     result = Sensitivity(granularity, int(windows.shape[0]), int(windows.shape[1]))
     for name, score in scores.items():
+        if name.startswith("floor "):
+            result.floor[int(name.split()[1])] = score.kl
+            continue
         key, fmt = name.split("|")
         if key == "uniform":
             result.base[fmt] = score

@@ -188,3 +188,16 @@ def test_plan_recipe_memory_matches_the_planner_for_uniform_fp8(tmp_path):
     assert [
         m - f for m, f in zip(mixed["weights_per_rank"], fp8["weights_per_rank"], strict=True)
     ] == [extra] * 4
+
+
+def test_bf16_sensitivity_measures_and_removes_the_rounding_floor(ultra_ckpt, windows):
+    """In bf16 any perturbation decorrelates the later roundings; the floor stream of a block
+    (its linears computed in fp32 and rounded back: no quantization) costs KL by itself, and
+    a candidate's own KL is what it adds beyond that."""
+    sens = measure_sensitivity(ultra_ckpt, windows, None, (PC,), "block", torch.bfloat16)
+    blocks = {int(k.split()[1]) for k in sens.kl}
+    assert set(sens.floor) == blocks
+    assert all(v >= 0 for v in sens.floor.values())
+    for key in sens.kl:
+        raw = sens.kl[key]["fp8-pc-pt"]
+        assert raw / 100 <= sens.own(key, "fp8-pc-pt") <= raw
