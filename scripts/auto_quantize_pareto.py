@@ -245,6 +245,10 @@ def main() -> None:
     say(f"--recipe auto --max-kl {args.max_kl} --max-bf16-fraction 0.2 (probes on calibration)")
     choice = choose(src, plan, sens, calib[: args.sens_windows], table, args.max_kl, 0.2, tp, pp)
     recipes["auto (max-kl, 20%)"] = choice.recipe
+    (work / "auto-recipe.json").write_text(json.dumps(choice.recipe.to_json(), indent=1))
+    for name, recipe in recipes.items():  # reusable: builder quantize --recipe FILE
+        slug = name.replace(" ", "-").replace("(", "").replace(")", "").replace(",", "")
+        (work / f"recipe-{slug}.json").write_text(json.dumps(recipe.to_json(), indent=1))
     heldout = heldout_windows(load_tokenizer(src), args.windows, args.seq_len)
     say(f"scoring {len(recipes)} recipes on {args.windows} x {args.seq_len} held-out tokens")
     scores = score_recipes(src, recipes, heldout, table)
@@ -277,7 +281,9 @@ def main() -> None:
             f"| {r['recipe']} | {r['bf16_fraction']:.1%} | {r['kl']:.4f} | {r['kl_p99']:.3f} | "
             f"{r['top1']:.4f} | {r['bytes_per_rank']:,} | {', '.join(r['formats'])} |"
         )
-    print("\nauto choice (probes on calibration windows):")
+    bf16 = [k for k, v in choice.recipe.overrides.items() if v.value == "bf16"]
+    print(f"\nauto choice: BF16 units {', '.join(bf16)}; recipe in {work / 'auto-recipe.json'}")
+    print("auto choice (probes on calibration windows):")
     for p in choice.probes:
         print(
             f"  step {p['step']}: BF16 {p['bf16_fraction']:.1%}, predicted {p['predicted_kl']:.4f}"

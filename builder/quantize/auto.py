@@ -347,7 +347,7 @@ def choice_rows(
 def format_choice(choice: AutoChoice) -> str:
     """The chosen table as Markdown."""
     lines = [
-        "| candidate | block | kind | width | format | KL alone | KL share | bytes/rank |",
+        "| candidate | block | kind | width | format | own KL | KL share | bytes/rank |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in choice.rows:
