@@ -17,7 +17,6 @@ from builder.verify.runtimes.base import (
     scores_from_logits,
 )
 
-
 # quant_algo -> artifact kind; per-channel and mixed checkpoints come from builder.quantize.formats
 QUANT_KINDS = {"FP8": "fp8", "FP8_PER_CHANNEL_PER_TOKEN": "fp8-pc-pt", "MIXED_PRECISION": "mixed"}
 
