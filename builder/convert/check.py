@@ -19,7 +19,7 @@ from typing import Any
 
 from builder.arch.plan import ModelPlan
 from builder.arch.tensors import check_parallelism
-from builder.convert.layout import layout_for, output_dtype, rank_layout
+from builder.convert.layout import layout_for, output_dtype, rank_layout, recipe_layout_for
 from builder.convert.pipeline import DRY_RUN_KIND, ENTRIES, KIND, entry_verifies, read_entry
 from builder.convert.sources import source_fingerprint
 from builder.errors import UserError
@@ -199,7 +199,7 @@ def _check_headers(directory: Path, plan: ModelPlan, manifest: dict, report: Che
     config = json.loads((directory / "config.json").read_text())
     tp, pp = report.tp, report.pp
     dtype = output_dtype(config.get("dtype", "bfloat16"))
-    transform = layout_for(config.get("quantization"))
+    transform = recipe_layout_for(directory, config) or layout_for(config.get("quantization"))
     scales = []
     for rank in range(tp * pp):
         path = directory / rank_file_name(rank)
