@@ -231,6 +231,7 @@ class TrtllmCheckpointExecutor:
             if not path.is_file():
                 raise UserError(f"{path}: missing (world size {self.tp * self.pp})")
             self._files[rank] = self._stack.enter_context(safe_open(str(path), framework="pt"))
+        self._names = {rank: set(f.keys()) for rank, f in self._files.items()}
         self.inv_freq = rope_inv_freq(
             self.plan.head_dim, self.plan.rope_theta, self.plan.rope_scaling
         )
@@ -265,10 +266,8 @@ class TrtllmCheckpointExecutor:
         return tensor
 
     def has(self, rank: int, name: str) -> bool:
-        """Whether rank `rank`'s file stores `name` (a per-channel FP8 linear stores
-        per_channel_scale: builder.quantize.formats)."""
-        if not hasattr(self, "_names"):
-            self._names = [set(f.keys()) for f in self._files]
+        """Whether rank `rank`'s file stores `name` (a per-channel FP8 linear stores a
+        per-channel scale: builder.arch.formats)."""
         return name in self._names[rank]
 
     def weight(self, rank: int, name: str) -> torch.Tensor:
