@@ -172,6 +172,35 @@ def test_mixed_trtllm_tensors(mixed_out, mixed_ckpt, plan):
     assert seen == {FP8, PC, BF16}
 
 
+def test_mixed_trtllm_export_streams_only_per_tensor_linears(mixed_out, mixed_ckpt, plan):
+    """io15's blockwise path (the e4m3 table, block by block) is per-tensor FP8 only: a
+    per-channel linear needs its rows' amax first and a BF16 one stays as it is. Every
+    linear of rank 0 holds exactly what the whole-tensor `apply` of its format gives."""
+    from builder.arch.tensors import rank_tensors
+    from builder.convert.split import split_tensor
+    from builder.dtypes import BF16 as BF16_DTYPE
+    from builder.io.checkpoint import HFCheckpoint
+    from builder.quantize.amax import AmaxTable
+    from builder.quantize.export_trtllm import RecipeTransform
+
+    table = AmaxTable.load(mixed_out / "amax.json")
+    source = load_file(str(next(mixed_ckpt.glob("*.safetensors"))))
+    transform = RecipeTransform(table, every_format(plan), plan, HFCheckpoint(mixed_ckpt), 1)
+    rank0 = load_file(str(mixed_out / "trtllm" / "rank0.safetensors"))
+    seen = set()
+    for item in rank_tensors(plan, 2, 1, 0):
+        if not item.rule.linear or item.layer is None:
+            continue
+        fmt = transform.layout.format_of(item)
+        assert (transform.blockwise(item, BF16_DTYPE) is not None) == (fmt is FP8), item.name
+        sources = [source[s] for s in item.rule.source_names(item.layer.index)]
+        whole = split_tensor(item.rule, sources, 2, 0, plan.head_dim)
+        for name, tensor in transform.apply(item, whole):
+            assert torch.equal(rank0[name].view(torch.uint8), tensor.view(torch.uint8)), name
+        seen.add(fmt)
+    assert seen == {FP8, PC, BF16}
+
+
 def test_mixed_hf_tensors(mixed_out, plan):
     hf = json.loads((mixed_out / "hf" / "hf_quant_config.json").read_text())["quantization"]
     assert hf["quant_algo"] == "MIXED_PRECISION"
