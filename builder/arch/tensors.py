@@ -138,6 +138,8 @@ HF_SCALE_SUFFIXES = (
     HF_KV_SCALE.format(cache="k"),
     HF_KV_SCALE.format(cache="v"),
 )
+# What every TensorRT-LLM FP8 scale's name ends with (per-tensor and per-channel).
+TRTLLM_SCALE_SUFFIXES = ("scaling_factor", PER_CHANNEL_SCALE)
 # What every FP8 scale tensor's name ends with, in either format (finds quantized inputs).
 FP8_SCALE_SUFFIXES = (HF_WEIGHT_SCALE, HF_INPUT_SCALE, "scaling_factor", PER_CHANNEL_SCALE)
 QUANTIZER_KINDS = (

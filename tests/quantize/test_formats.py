@@ -201,6 +201,28 @@ def test_mixed_trtllm_export_streams_only_per_tensor_linears(mixed_out, mixed_ck
     assert seen == {FP8, PC, BF16}
 
 
+def test_zero_per_channel_scale_in_trtllm_export_is_named(mixed_out, tmp_path):
+    import shutil
+
+    from click.testing import CliRunner
+    from safetensors.torch import save_file
+
+    from builder.cli.app import main
+    from builder.io.manifest import build_manifest, read_manifest, write_manifest
+
+    ckpt = tmp_path / "trtllm"
+    shutil.copytree(mixed_out / "trtllm", ckpt)
+    tensors = load_file(str(ckpt / "rank0.safetensors"))
+    name = next(n for n in tensors if n.endswith(".per_channel_scale"))
+    tensors[name] = torch.zeros_like(tensors[name])
+    save_file(tensors, str(ckpt / "rank0.safetensors"), metadata={"format": "pt"})
+    old = read_manifest(ckpt)
+    fields = {k: v for k, v in old.items() if k not in ("files", "kind", "tool", "created")}
+    write_manifest(ckpt, build_manifest(ckpt, old["kind"], **fields))
+    result = CliRunner().invoke(main, ["check", str(ckpt)])
+    assert result.exit_code == 2 and f"scale {name!r} is not positive" in result.output
+
+
 def test_mixed_hf_tensors(mixed_out, plan):
     hf = json.loads((mixed_out / "hf" / "hf_quant_config.json").read_text())["quantization"]
     assert hf["quant_algo"] == "MIXED_PRECISION"
