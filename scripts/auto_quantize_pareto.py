@@ -210,14 +210,9 @@ def main() -> None:
             import_smollm2(src)
     from builder.arch import load_plan
     from builder.deploy.profiles import load_profile
+    from builder.deploy.recipe_memory import bf16_fraction, decoder_linear_params, rank_bytes
     from builder.quantize.calib import load_tokenizer
-    from builder.verify.auto import (
-        bf16_fraction,
-        choose,
-        decoder_linear_params,
-        rank_bytes,
-        upgrade_path,
-    )
+    from builder.verify.auto import choose, upgrade_path
     from builder.verify.prompts import heldout_windows
     from builder.verify.sensitivity import score_recipes
 

@@ -129,7 +129,7 @@ def plan(
     results = [plan_for(t, checkpoint, preset, overrides) for t in (targets or MISSION_TARGETS)]
     memory = [None] * len(results)
     if recipe_path is not None:
-        from builder.verify.auto import load_recipe_source, recipe_memory
+        from builder.deploy.recipe_memory import load_recipe_source, recipe_memory
 
         recipe = load_recipe_source(recipe_path)
         memory = [recipe_memory(r, recipe) if r.ranks else None for r in results]
@@ -140,7 +140,7 @@ def plan(
         ]
         echo_json({"source": checkpoint or f"preset {preset}", "plans": plans})
     else:
-        from builder.verify.auto import format_recipe_memory
+        from builder.deploy.recipe_memory import format_recipe_memory
 
         console = Console()
         for result, mem in zip(results, memory, strict=True):

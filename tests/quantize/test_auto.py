@@ -9,9 +9,10 @@ import torch
 from click.testing import CliRunner
 
 from builder.arch import load_plan, preset_plan
+from builder.deploy.recipe_memory import bf16_fraction
 from builder.quantize.formats import LinearFormat, Recipe, block_units, quantized_linear
 from builder.verify import metrics
-from builder.verify.auto import Option, bf16_fraction, hull, upgrade_path
+from builder.verify.auto import Option, hull, upgrade_path
 from builder.verify.sensitivity import measure_sensitivity, score_recipes
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
