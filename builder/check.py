@@ -22,14 +22,15 @@ from pathlib import Path
 from typing import Any
 
 from builder.arch import load_plan
+from builder.arch.formats import LinearFormat, Recipe, recipe_from_hf_quantization
 from builder.arch.plan import ModelPlan
 from builder.arch.tensors import (
     HF_SCALE_SUFFIXES,
     ROLES,
+    hf_channel_scale_name,
     hf_kv_scale_name,
     hf_scale_names,
     hf_tensor_shapes,
-    layer_linears,
     optional_hf_shapes,
     parse_hf_name,
 )
@@ -149,19 +150,29 @@ def check_hf(directory: Path, hashes: bool, progress: Reporter | None) -> CheckR
     return report
 
 
-def hf_fp8_expected(plan: ModelPlan, dtype: str, kv_cache: bool) -> dict[str, tuple[tuple, str]]:
-    """Names, shapes and dtypes of the unified HF FP8 export of `plan`."""
-    linears = {lin for layer in plan.layers for lin in layer_linears(plan, layer)}
+def hf_fp8_expected(
+    plan: ModelPlan, dtype: str, kv_cache: bool, recipe: Recipe | None = None
+) -> dict[str, tuple[tuple, str]]:
+    """Names, shapes and dtypes of the unified HF FP8 export of `plan` (`recipe`: the format
+    of each linear, builder.arch.formats; default per-tensor FP8)."""
+    formats = (recipe or Recipe()).by_hf_module(plan)
     attention = {layer.index for layer in plan.layers if layer.has_kv_cache}
     expected: dict[str, tuple[tuple, str]] = {}
     for name, shape in hf_tensor_shapes(plan).items():
         module = name.removesuffix(".weight")
-        if module not in linears:
+        if module not in formats:
             expected[name] = (shape, dtype)
             continue
-        expected[name] = (shape, FP8_DTYPE)
-        for scale in hf_scale_names(module):
-            expected[scale] = ((), "float32")
+        fmt = formats[module]
+        if fmt is LinearFormat.BF16:
+            expected[name] = (shape, dtype)
+        elif fmt is LinearFormat.FP8_PC_PT:
+            expected[name] = (shape, FP8_DTYPE)
+            expected[hf_channel_scale_name(module)] = ((shape[0],), "float32")
+        else:
+            expected[name] = (shape, FP8_DTYPE)
+            for scale in hf_scale_names(module):
+                expected[scale] = ((), "float32")
         tensor = parse_hf_name(name)
         if kv_cache and ROLES[tensor.role].cache and tensor.layer in attention:
             expected[hf_kv_scale_name(tensor.role, tensor.layer)] = ((), "float32")
@@ -180,8 +191,9 @@ def _quant_declarations(
     except (OSError, ValueError, KeyError, TypeError) as err:
         report.problem(f"{path}: missing or unreadable ({err})")
         return None
-    if algo != "FP8":
-        report.problem(f"{path}: quant_algo is {algo!r}, expected 'FP8'")
+    if algo not in HF_ALGOS:
+        expected = ", ".join(repr(a) for a in HF_ALGOS)
+        report.problem(f"{path}: quant_algo is {algo!r}, expected one of {expected}")
     kv = kv_algo == "FP8"
     qconfig = config.get("quantization_config")
     if not isinstance(qconfig, dict):
@@ -206,6 +218,22 @@ def _quant_declarations(
     return kv
 
 
+HF_ALGOS = ("FP8", "FP8_PER_CHANNEL_PER_TOKEN", "MIXED_PRECISION")
+
+
+def _declared_recipe(directory: Path, plan: ModelPlan, report: CheckReport) -> Recipe | None:
+    """The per-linear formats hf_quant_config.json declares (None, with a problem, if bad)."""
+    path = directory / HF_QUANT_CONFIG
+    try:
+        quantization = json.loads(path.read_text())["quantization"]
+        return recipe_from_hf_quantization(plan, quantization, str(path))
+    except UserError as err:
+        report.problem(str(err))
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        report.problem(f"{path}: unreadable ({err})")
+    return None
+
+
 def check_hf_fp8(directory: Path, hashes: bool, progress: Reporter | None) -> CheckReport:
     manifest = read_manifest(directory)
     report = CheckReport(str(directory), HF_FP8_KIND, hashes_checked=hashes, fp8=True)
@@ -218,7 +246,10 @@ def check_hf_fp8(directory: Path, hashes: bool, progress: Reporter | None) -> Ch
     if kv is None:
         return report
     report.kv_cache = "fp8" if kv else report.dtype
-    _compare(directory, ckpt, hf_fp8_expected(plan, report.dtype, kv), report)
+    recipe = _declared_recipe(directory, plan, report)
+    if recipe is None:
+        return report
+    _compare(directory, ckpt, hf_fp8_expected(plan, report.dtype, kv, recipe), report)
     if hashes and report.ok:
         _scan(report, ckpt, progress)
     return report

@@ -121,6 +121,10 @@ _GGUF_LAYER = "blk.{i}"
 WEIGHTS_SCALE = "weights_scaling_factor"
 ACTIVATION_SCALE = "activation_scaling_factor"
 KV_CACHE_SCALE = "kv_cache_scaling_factor"
+# TensorRT-LLM per-channel FP8 (Fp8RowwiseLinear, FP8_PER_CHANNEL_PER_TOKEN): one fp32 [out]
+# weight scale per linear instead of the two [1] scales; activations are scaled per token at
+# run time. The unified HF checkpoint stores it as `weight_scale` of shape [out].
+PER_CHANNEL_SCALE = "per_channel_scale"
 # ModelOpt's quantizers and the unified HF checkpoint's 0-dim scales.
 WEIGHT_QUANTIZER = "weight_quantizer"
 INPUT_QUANTIZER = "input_quantizer"
@@ -134,8 +138,10 @@ HF_SCALE_SUFFIXES = (
     HF_KV_SCALE.format(cache="k"),
     HF_KV_SCALE.format(cache="v"),
 )
+# What every TensorRT-LLM FP8 scale's name ends with (per-tensor and per-channel).
+TRTLLM_SCALE_SUFFIXES = ("scaling_factor", PER_CHANNEL_SCALE)
 # What every FP8 scale tensor's name ends with, in either format (finds quantized inputs).
-FP8_SCALE_SUFFIXES = (HF_WEIGHT_SCALE, HF_INPUT_SCALE, "scaling_factor")
+FP8_SCALE_SUFFIXES = (HF_WEIGHT_SCALE, HF_INPUT_SCALE, "scaling_factor", PER_CHANNEL_SCALE)
 QUANTIZER_KINDS = (
     WEIGHT_QUANTIZER,
     INPUT_QUANTIZER,
@@ -249,6 +255,38 @@ def trtllm_weight(role: Role, local: int | None = None) -> str:
     return ROLES[role].trtllm_weight(local)
 
 
+# ---- GEMM units: the linears one GEMM runs (what a per-linear format is assigned to) --------
+# A fused group (qkv, gate+up) is one GEMM in TensorRT-LLM and the runtimes, so its members
+# take one format; every other linear is a unit of its own, named here.
+UNIT_NAMES: dict[Role, str] = {
+    Role.ATTN_OUT: "o",
+    Role.ATTN_LINEAR: "linear_attn",
+    Role.FFN_DOWN: "down",
+    Role.FFN_LINEAR: "linear_mlp",
+}
+
+
+def layer_units(layer: LayerPlan) -> list[tuple[str, tuple[Role, ...]]]:
+    """(unit name, its roles) for each GEMM of the block, in execution order."""
+    units: list[tuple[str, tuple[Role, ...]]] = []
+    for role in block_roles(layer):
+        spec = ROLES[role]
+        if not spec.linear:
+            continue
+        if spec.fused is not None:
+            if not units or units[-1][0] != spec.fused.value:
+                units.append((spec.fused.value, fused_roles(spec.fused)))
+            continue
+        units.append((UNIT_NAMES[role], (role,)))
+    return units
+
+
+def trtllm_module_templates(roles: tuple[Role, ...]) -> tuple[str, ...]:
+    """The TensorRT-LLM modules of `roles` with the stage-local index left as {j}, in order,
+    each once (q, k and v share one)."""
+    return tuple(dict.fromkeys(ROLES[r].trtllm for r in roles))
+
+
 def hf_layer_prefix(layer: int) -> str:
     """What every HF name of block `layer` starts with (module paths inside the block follow)."""
     return f"{_HF_LAYER.format(i=layer)}."
@@ -274,6 +312,12 @@ def hf_kv_scale_name(role: Role, layer: int) -> str:
 def hf_scale_names(module: str) -> tuple[str, str]:
     """(weight_scale, input_scale) of an HF linear module in the unified FP8 checkpoint."""
     return f"{module}.{HF_WEIGHT_SCALE}", f"{module}.{HF_INPUT_SCALE}"
+
+
+def hf_channel_scale_name(module: str) -> str:
+    """The per-channel weight scale (fp32 [out]) of an HF linear module: ModelOpt's
+    FP8_PER_CHANNEL_PER_TOKEN export keeps the name `weight_scale` and stores no input scale."""
+    return f"{module}.{HF_WEIGHT_SCALE}"
 
 
 def cache_roles() -> tuple[Role, ...]:
@@ -598,6 +642,11 @@ def scale_names(weight_name: str) -> tuple[str, str]:
     """(weights_scaling_factor, activation_scaling_factor) names of a linear weight."""
     module = linear_module(weight_name)
     return f"{module}.{WEIGHTS_SCALE}", f"{module}.{ACTIVATION_SCALE}"
+
+
+def per_channel_scale_name(weight_name: str) -> str:
+    """TensorRT-LLM's per-channel FP8 weight scale of a linear weight (fp32 [out])."""
+    return f"{linear_module(weight_name)}.{PER_CHANNEL_SCALE}"
 
 
 def kv_cache_scale_name(local_index: int) -> str:

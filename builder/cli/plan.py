@@ -82,6 +82,14 @@ def collect_overrides(sets: tuple[str, ...], direct: dict[str, Any]) -> list[tup
 )
 @target_overrides
 @click.option(
+    "--recipe",
+    "recipe_path",
+    type=click.Path(exists=True),
+    default=None,
+    help="A per-linear recipe (JSON, or a `builder quantize` OUT whose manifest records one): "
+    "also show what its weights cost per rank on each target.",
+)
+@click.option(
     "--json", "as_json", is_flag=True, help="Machine-readable output (every figure, in bytes)."
 )
 def plan(
@@ -89,6 +97,7 @@ def plan(
     preset: str | None,
     targets: tuple[str, ...],
     sets: tuple[str, ...],
+    recipe_path: str | None,
     as_json: bool,
     **direct: Any,
 ) -> None:
@@ -118,14 +127,26 @@ def plan(
 
     overrides = collect_overrides(sets, direct)
     results = [plan_for(t, checkpoint, preset, overrides) for t in (targets or MISSION_TARGETS)]
+    memory = [None] * len(results)
+    if recipe_path is not None:
+        from builder.deploy.recipe_memory import load_recipe_source, recipe_memory
+
+        recipe = load_recipe_source(recipe_path)
+        memory = [recipe_memory(r, recipe) if r.ranks else None for r in results]
     if as_json:
-        echo_json(
-            {"source": checkpoint or f"preset {preset}", "plans": [r.to_dict() for r in results]}
-        )
+        plans = [
+            r.to_dict() | ({"recipe_memory": m} if m else {})
+            for r, m in zip(results, memory, strict=True)
+        ]
+        echo_json({"source": checkpoint or f"preset {preset}", "plans": plans})
     else:
+        from builder.deploy.recipe_memory import format_recipe_memory
+
         console = Console()
-        for result in results:
+        for result, mem in zip(results, memory, strict=True):
             console.print(render_plan(result))
+            if mem:
+                console.print(format_recipe_memory(result.profile.name, mem))
             console.print()
     if not all(r.fits for r in results):
         raise SystemExit(EXIT_DOES_NOT_FIT)

@@ -41,6 +41,17 @@ Output (appears only when complete; .OUT.partial/ while writing):
                 version, per-layer amax table, timings, peak memory)
 
 \b
+Formats (--recipe): each decoder GEMM (qkv, o, gate+up, down, or a linear block's one
+linear) is fp8 (per-tensor, static activation scale), fp8-pc-pt (per-channel weight
+scales, per-token activation scales at run time) or bf16. A mix is written as TensorRT-LLM's
+MIXED_PRECISION (config.json + quant_cfg.json) and ModelOpt's MIXED_PRECISION
+hf_quant_config.json (quantized_layers). --recipe auto --max-kl X [--max-bf16-fraction F]
+measures, block-streamed on calibration windows, the KL each block (--sensitivity unit:
+each GEMM) causes alone in each FP8 format, and picks the cheapest assignment (bytes per
+rank under --target's tp/pp) whose measured KL meets X; the chosen table and every
+measurement go into OUT/manifest.json. With --golden G both exports are then verified.
+
+\b
 --resume continues an interrupted calibration from .OUT.calib/ (per-block amax and the
 activations entering the next block, saved every --save-every blocks or, by default, after
 every block while they are small and every 5 minutes otherwise).
@@ -130,6 +141,48 @@ Several GPUs: torchrun --nproc-per-node N $(which builder) quantize ... --device
         "Refused by default: unpickling can run code."
     ),
 )
+@click.option(
+    "--recipe",
+    default="fp8",
+    show_default=True,
+    metavar="RECIPE",
+    help="Format of the decoder linears: fp8 (per-tensor), fp8-pc-pt (per-channel weights, "
+    "per-token activations), bf16, a recipe JSON file ({'default': F, 'overrides': {'3.qkv': F}}), "
+    "or auto: the cheapest per-block mix meeting --max-kl, chosen by measured sensitivity.",
+)
+@click.option("--max-kl", type=float, default=None, help="--recipe auto: mean KL budget.")
+@click.option(
+    "--max-bf16-fraction",
+    type=float,
+    default=None,
+    help="--recipe auto: at most this share of decoder linear weights left in BF16.",
+)
+@click.option(
+    "--sensitivity",
+    type=click.Choice(["block", "unit"]),
+    default="block",
+    show_default=True,
+    help="--recipe auto: measure each block alone, or each GEMM (qkv, o, gate_up, down) alone.",
+)
+@click.option(
+    "--sensitivity-windows",
+    type=int,
+    default=8,
+    show_default=True,
+    help="--recipe auto: calibration windows the sensitivity is measured on.",
+)
+@click.option(
+    "--target",
+    default="h100x4-fp8",
+    show_default=True,
+    help="--recipe auto: target profile whose tp/pp the bytes per rank are counted under.",
+)
+@click.option(
+    "--golden",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Verify both exports against this golden (builder reference) and record the result.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def quantize(
     hf_dir,
@@ -150,13 +203,24 @@ def quantize(
     workers,
     overwrite,
     allow_pickle,
+    recipe,
+    max_kl,
+    max_bf16_fraction,
+    sensitivity,
+    sensitivity_windows,
+    target,
+    golden,
     as_json,
 ) -> None:
     from builder.cli.common import echo_json
     from builder.progress import Phases, reporter
     from builder.quantize.pipeline import QuantizeRequest, quantize
     from builder.quantize.report import print_summary
+    from builder.verify.auto import auto_recipe, recipe_request
 
+    fixed, auto = recipe_request(
+        recipe, max_kl, max_bf16_fraction, sensitivity, sensitivity_windows, target
+    )
     quiet = as_json or os.environ.get("RANK", "0") != "0"  # under torchrun only rank 0 talks
     with reporter("quantize", enabled=not quiet) as report:
         phases = Phases(report)
@@ -179,15 +243,34 @@ def quantize(
             overwrite=overwrite,
             workers=workers,
             allow_pickle=allow_pickle,
+            recipe=fixed,
+            auto=auto,
         )
-        summary = quantize(request, progress=phases, block_progress=BlockProgress(report))
+        summary = quantize(
+            request,
+            progress=phases,
+            block_progress=BlockProgress(report),
+            recipe_search=auto_recipe,
+        )
+        verified = None
+        if golden is not None and summary.rank == 0:
+            from builder.verify.auto import verify_choice
+
+            phases("verifying both exports against the golden")
+            verified = verify_choice(summary.out, golden)
         phases.close()
     if summary.rank != 0:
         return  # torchrun: rank 0 reports for everyone
     if as_json:
-        echo_json(summary.to_json())
+        echo_json(summary.to_json() | ({"verify": verified["results"]} if verified else {}))
     else:
         print_summary(summary)
+        if summary.auto:
+            click.echo("\n" + summary.auto["table_markdown"])
+        if verified:
+            click.echo("\n" + verified["table"])
+    if verified and any(r["verdict"] == "fail" for r in verified["results"].values()):
+        raise SystemExit(1)  # as `builder verify`: the artifacts are written, the check failed
 
 
 class BlockProgress:

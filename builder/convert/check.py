@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from builder.arch.plan import ModelPlan
-from builder.arch.tensors import check_parallelism
-from builder.convert.layout import layout_for, output_dtype, rank_layout
+from builder.arch.tensors import TRTLLM_SCALE_SUFFIXES, check_parallelism
+from builder.convert.layout import layout_for, output_dtype, rank_layout, recipe_layout_for
 from builder.convert.pipeline import DRY_RUN_KIND, ENTRIES, KIND, entry_verifies, read_entry
 from builder.convert.sources import source_fingerprint
 from builder.errors import UserError
@@ -199,7 +199,7 @@ def _check_headers(directory: Path, plan: ModelPlan, manifest: dict, report: Che
     config = json.loads((directory / "config.json").read_text())
     tp, pp = report.tp, report.pp
     dtype = output_dtype(config.get("dtype", "bfloat16"))
-    transform = layout_for(config.get("quantization"))
+    transform = recipe_layout_for(directory, config) or layout_for(config.get("quantization"))
     scales = []
     for rank in range(tp * pp):
         path = directory / rank_file_name(rank)
@@ -213,7 +213,7 @@ def _check_headers(directory: Path, plan: ModelPlan, manifest: dict, report: Che
         problems = _header_problems(path, expected)
         row.update(tensors=len(expected), bytes=path.stat().st_size, ok=not problems)
         report.tensors += len(expected)
-        scales.append((path, [name for name in expected if name.endswith("scaling_factor")]))
+        scales.append((path, [name for name in expected if name.endswith(TRTLLM_SCALE_SUFFIXES)]))
         for text in problems:
             report.problem(text)
     return scales

@@ -14,8 +14,10 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
+from builder.arch.formats import LinearFormat, trtllm_formats
 from builder.arch.plan import ModelPlan
 from builder.arch.tensors import (
     TRTLLM_DEFAULT_FP8_EXCLUDES,
@@ -23,6 +25,7 @@ from builder.arch.tensors import (
     Split,
     kv_cache_scale_name,
     linear_module,
+    per_channel_scale_name,
     rank_tensors,
     scale_names,
 )
@@ -149,3 +152,57 @@ def layout_for(quantization: Mapping[str, Any] | None) -> Fp8Layout | None:
     if algo in (None, "FP8") and kv in (None, "FP8"):
         return Fp8Layout(quantization) if (algo or kv) else None
     raise ConfigError(f"quantization {dict(quantization)} is not supported (only FP8 per-tensor)")
+
+
+class RecipeLayout(Fp8Layout):
+    """Spec side of a TensorRT-LLM checkpoint whose linears each have a format
+    (builder.arch.formats).
+
+    `formats` maps TensorRT-LLM module names (as in the rank files) to their format; a module
+    not in it takes `default`. Per-tensor FP8 modules get Fp8Layout's specs; per-channel ones
+    an E4M3 weight plus an fp32 per-channel scale [out of this rank]; BF16 ones stay in the
+    checkpoint dtype. The KV-cache scale follows the KV cache, not qkv's format.
+    """
+
+    def __init__(
+        self,
+        quantization: Mapping[str, Any],
+        default: LinearFormat,
+        formats: Mapping[str, LinearFormat] | None = None,
+    ):
+        super().__init__(quantization)
+        self.default = default
+        self.formats = dict(formats or {})
+
+    def format_of(self, item: RankTensor) -> LinearFormat:
+        if not super().quantized(item):
+            return LinearFormat.BF16
+        return self.formats.get(linear_module(item.name), self.default)
+
+    def quantized(self, item: RankTensor) -> bool:
+        return self.format_of(item).quantized
+
+    def specs(self, item: RankTensor, dtype: Dtype) -> list[TensorSpec]:
+        fmt = self.format_of(item)
+        if fmt is LinearFormat.FP8:
+            return super().specs(item, dtype)
+        if fmt is LinearFormat.FP8_PC_PT:
+            out = [
+                TensorSpec(item.name, item.shape, F8_E4M3),
+                TensorSpec(per_channel_scale_name(item.name), (item.shape[0],), F32),
+            ]
+        else:
+            out = [TensorSpec(item.name, item.shape, dtype)]
+        if self.kv_cache_fp8 and item.rule.split is Split.QKV:
+            out.append(TensorSpec(kv_cache_scale_name(item.local), (1,), F32))
+        return out
+
+
+def recipe_layout_for(directory: Path, config: Mapping[str, Any]) -> RecipeLayout | None:
+    """The RecipeLayout a TensorRT-LLM config implies when it is per-channel or mixed (None for
+    plain or per-tensor checkpoints, which `layout_for` covers)."""
+    found = trtllm_formats(directory, config)
+    if found is None:
+        return None
+    default, formats = found
+    return RecipeLayout(config.get("quantization") or {}, default, formats)

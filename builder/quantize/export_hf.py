@@ -28,12 +28,13 @@ from builder.arch.plan import ModelPlan
 from builder.arch.tensors import (
     ROLES,
     group_roles,
+    hf_channel_scale_name,
     hf_fp8_excludes,
     hf_kv_scale_name,
     hf_module,
     hf_scale_names,
     hf_tensor_shapes,
-    layer_linears,
+    linear_module,
     parse_hf_name,
 )
 from builder.convert.sources import Piece, SourceReader, cast_checked
@@ -46,6 +47,7 @@ from builder.io.safetensors_stream import (
     as_bytes,
 )
 from builder.quantize.amax import AmaxTable
+from builder.quantize.formats import LinearFormat, Recipe, channel_scales, quantize_channels
 from builder.quantize.fp8 import FP8, TableQuantizer, hf_e4m3_table, quantize_hf, scale_from_amax
 
 EXCLUDED = hf_fp8_excludes()
@@ -74,25 +76,35 @@ def modelopt_version() -> str:
     return version("nvidia-modelopt")
 
 
-def hf_quant_config(kv_cache: bool) -> dict[str, Any]:
-    return {
-        "producer": {"name": "modelopt", "version": modelopt_version()},
-        "quantization": {
+def hf_quant_config(
+    kv_cache: bool, recipe: Recipe | None = None, plan: ModelPlan | None = None
+) -> dict[str, Any]:
+    """hf_quant_config.json; a recipe with several formats writes ModelOpt's MIXED_PRECISION
+    layout (builder.arch.formats)."""
+    if recipe is None or plan is None:
+        quantization = {
             "quant_algo": "FP8",
             "kv_cache_quant_algo": "FP8" if kv_cache else None,
             "exclude_modules": list(EXCLUDED),
-        },
+        }
+    else:
+        quantization = recipe.hf_quantization(plan, kv_cache, list(EXCLUDED))
+    return {
+        "producer": {"name": "modelopt", "version": modelopt_version()},
+        "quantization": quantization,
     }
 
 
-def quantization_config(kv_cache: bool) -> dict[str, Any]:
+def quantization_config(
+    kv_cache: bool, recipe: Recipe | None = None, plan: ModelPlan | None = None
+) -> dict[str, Any]:
     """config.json's `quantization_config`, as ModelOpt converts hf_quant_config.json."""
     from builder.quantize.recipe import quiet
 
     with quiet():
         from modelopt.torch.export.convert_hf_config import convert_hf_quant_config_format
 
-        return convert_hf_quant_config_format(hf_quant_config(kv_cache))
+        return convert_hf_quant_config_format(hf_quant_config(kv_cache, recipe, plan))
 
 
 def shared_input_amax(table: AmaxTable, module: str) -> float:
@@ -124,22 +136,25 @@ def _scalar(value: torch.Tensor) -> Callable[[], Iterator[torch.Tensor]]:
 
 
 def plan_tensors(
-    plan: ModelPlan, ckpt: HFCheckpoint, table: AmaxTable, dtype: torch.dtype
+    plan: ModelPlan,
+    ckpt: HFCheckpoint,
+    table: AmaxTable,
+    dtype: torch.dtype,
+    recipe: Recipe | None = None,
 ) -> list[OutTensor]:
-    """Every tensor of the export, in model order, with its producer."""
-    linears = _linear_modules(plan)
+    """Every tensor of the export, in model order, with its producer (`recipe`: each linear's
+    format, default per-tensor FP8 everywhere)."""
+    formats = (recipe or Recipe()).by_hf_module(plan)
     out: list[OutTensor] = []
     for name, shape in hf_tensor_shapes(plan).items():
         module = name.removesuffix(".weight")
-        if module not in linears:
+        fmt = formats.get(module, LinearFormat.BF16)
+        if fmt is LinearFormat.BF16:
             out.append(OutTensor(TensorSpec(name, shape, dtype), _cast_blocks(ckpt, name, dtype)))
-            continue
-        w_scale = scale_from_amax(table.weight(module))
-        w_name, x_name = hf_scale_names(module)
-        out.append(OutTensor(TensorSpec(name, shape, FP8), _fp8_blocks(ckpt, name, dtype, w_scale)))
-        out.append(OutTensor(TensorSpec(w_name, (), torch.float32), _scalar(w_scale)))
-        x_scale = scale_from_amax(shared_input_amax(table, module))
-        out.append(OutTensor(TensorSpec(x_name, (), torch.float32), _scalar(x_scale)))
+        elif fmt is LinearFormat.FP8_PC_PT:
+            out.extend(_channel_tensors(ckpt, name, shape, dtype))
+        else:
+            out.extend(_tensor_fp8_tensors(ckpt, table, name, shape, dtype))
         role = parse_hf_name(name)
         if table.kv_cache and ROLES[role.role].cache:
             k_amax, v_amax = table.kv(role.layer)
@@ -172,6 +187,48 @@ def _stream_blocks(
                 yield convert(block.view if isinstance(block, FileSpan) else as_bytes(block))
 
 
+def _tensor_fp8_tensors(
+    ckpt: HFCheckpoint, table: AmaxTable, name: str, shape: tuple, dtype: torch.dtype
+) -> list[OutTensor]:
+    """Per-tensor FP8: the weight through quantize_hf's e4m3 table (streamed from the file
+    when it is stored in the export dtype), 0-dim `weight_scale` and `input_scale`."""
+    module = linear_module(name)
+    w_scale = scale_from_amax(table.weight(module))
+    x_scale = scale_from_amax(shared_input_amax(table, module))
+    w_name, x_name = hf_scale_names(module)
+    return [
+        OutTensor(TensorSpec(name, shape, FP8), _fp8_blocks(ckpt, name, dtype, w_scale)),
+        OutTensor(TensorSpec(w_name, (), torch.float32), _scalar(w_scale)),
+        OutTensor(TensorSpec(x_name, (), torch.float32), _scalar(x_scale)),
+    ]
+
+
+def _channel_tensors(
+    ckpt: HFCheckpoint, name: str, shape: tuple, dtype: torch.dtype
+) -> list[OutTensor]:
+    """Per-channel FP8 (ModelOpt's FP8_PC_PT export): E4M3 weight, a weight scale fp32 [out],
+    no input scale (activations are scaled per token at run time). Row blocks hold whole
+    rows, so each block's scales are final."""
+    module = linear_module(name)
+    file = ckpt.info(name).file
+
+    def cast(t: torch.Tensor, row: int) -> torch.Tensor:
+        return cast_checked(t, dtype, name, file, row)
+
+    def weights() -> Iterator[torch.Tensor]:
+        for block in _row_blocks(ckpt, name, cast):
+            yield quantize_channels(block, channel_scales(block))
+
+    def scales() -> Iterator[torch.Tensor]:
+        for block in _row_blocks(ckpt, name, cast):
+            yield channel_scales(block)
+
+    return [
+        OutTensor(TensorSpec(name, shape, FP8), weights),
+        OutTensor(TensorSpec(hf_channel_scale_name(module), (shape[0],), torch.float32), scales),
+    ]
+
+
 def _cast_blocks(
     ckpt: HFCheckpoint, name: str, dtype: torch.dtype
 ) -> Callable[[], Iterator[torch.Tensor]]:
@@ -191,10 +248,6 @@ def _fp8_blocks(
     return lambda: _row_blocks(
         ckpt, name, lambda t, row: quantize_hf(cast_checked(t, dtype, name, file, row), scale)
     )
-
-
-def _linear_modules(plan: ModelPlan) -> set[str]:
-    return {lin for layer in plan.layers for lin in layer_linears(plan, layer)}
 
 
 def shard_tensors(tensors: list[OutTensor], shard_bytes: int) -> list[list[OutTensor]]:
@@ -217,7 +270,11 @@ def shard_names(count: int) -> list[str]:
 
 
 def export_config(
-    source_config: dict[str, Any], kv_cache: bool, dtype: torch.dtype
+    source_config: dict[str, Any],
+    kv_cache: bool,
+    dtype: torch.dtype,
+    recipe: Recipe | None = None,
+    plan: ModelPlan | None = None,
 ) -> dict[str, Any]:
     """The source config.json plus `quantization_config`, with ModelOpt's deployment fixes."""
     from builder.quantize.recipe import quiet
@@ -231,7 +288,7 @@ def export_config(
         sanitize_hf_config_for_deployment(
             config, None
         )  # e.g. rope_theta inside llama3 rope_scaling
-    config["quantization_config"] = quantization_config(kv_cache)
+    config["quantization_config"] = quantization_config(kv_cache, recipe, plan)
     return config
 
 
@@ -243,13 +300,15 @@ def write_unified_hf(
     dtype: torch.dtype = torch.bfloat16,
     shard_bytes: int = DEFAULT_SHARD_BYTES,
     progress: Callable[[str], None] | None = None,
+    recipe: Recipe | None = None,
 ) -> list[WrittenFile]:
-    """Write the unified HF FP8 checkpoint into the (staging) directory `out`.
+    """Write the unified HF FP8 checkpoint into the (staging) directory `out` (`recipe`: the
+    format of each linear; default per-tensor FP8).
 
     Returns the weight files written, with their sha256 computed while writing.
     """
     table.validate(plan)
-    tensors = plan_tensors(plan, ckpt, table, dtype)
+    tensors = plan_tensors(plan, ckpt, table, dtype, recipe)
     shards = shard_tensors(tensors, shard_bytes)
     names = shard_names(len(shards))
     written: list[WrittenFile] = []
@@ -269,9 +328,9 @@ def write_unified_hf(
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (out / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
     (out / "hf_quant_config.json").write_text(
-        json.dumps(hf_quant_config(table.kv_cache), indent=4) + "\n"
+        json.dumps(hf_quant_config(table.kv_cache, recipe, plan), indent=4) + "\n"
     )
-    config = export_config(dict(plan.hf_config), table.kv_cache, dtype)
+    config = export_config(dict(plan.hf_config), table.kv_cache, dtype, recipe, plan)
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     for name in COPIED_FILES:
         if (ckpt.root / name).is_file():

@@ -38,13 +38,23 @@ from builder.arch.tensors import (
     hf_module,
     kv_cache_scale_name,
     kv_quantizer,
+    per_channel_scale_name,
     scale_names,
     trtllm_fp8_excludes,
 )
 from builder.convert import ConvertRequest, ConvertSummary, Fp8Layout, convert
 from builder.convert.progress import ProgressSink
 from builder.dtypes import BF16, F16, FP8_MAX, Dtype
+from builder.io.checkpoint import HFCheckpoint
 from builder.quantize.amax import AmaxTable
+from builder.quantize.formats import (
+    QUANT_CFG,
+    LinearFormat,
+    Recipe,
+    RecipeLayout,
+    channel_scales,
+    quantize_channels,
+)
 from builder.quantize.fp8 import (
     TableQuantizer,
     e4m3_table,
@@ -169,3 +179,115 @@ def write_trtllm_fp8(
         allow_pickle=allow_pickle,
     )
     return convert(request, progress=progress)
+
+
+# ---- per-linear formats (builder.quantize.formats) ---------------------------------------------
+class RecipeTransform:
+    """The rank transform of a recipe: per-tensor FP8 linears as `Fp8Transform` writes them,
+    per-channel ones as E4M3 + `per_channel_scale`, BF16 ones unchanged.
+
+    A row-parallel slice (o_proj, down_proj) holds part of every row, so its channel scales
+    come from the whole rows in the source checkpoint: every rank stores the same [out]
+    vector, as TensorRT-LLM's row-parallel FP8 rowwise linear expects.
+    """
+
+    def __init__(
+        self, table: AmaxTable, recipe: Recipe, plan: ModelPlan, ckpt: HFCheckpoint, pp: int
+    ):
+        quantization = recipe.trtllm_quantization(plan, table.kv_cache)
+        formats = {}
+        if recipe.is_mixed(plan):
+            recipe.trtllm_layer_config(plan, table.kv_cache, pp)  # refuses pp > 1
+            formats = recipe.by_trtllm_module(plan)
+        default = next(iter(recipe.formats_used(plan)), recipe.default)
+        self.layout = RecipeLayout(quantization, default, formats)
+        self.fp8 = Fp8Transform(table)
+        self.ckpt = ckpt
+        self.fingerprint = f"recipe:{table_digest(table)}:{json.dumps(recipe.to_json())}"
+
+    def passthrough(self, item: RankTensor) -> bool:
+        return self.layout.passthrough(item)
+
+    def specs(self, item: RankTensor, dtype: torch.dtype) -> list:
+        return self.layout.specs(item, dtype)
+
+    def quantized(self, item: RankTensor) -> bool:
+        return self.layout.quantized(item)
+
+    def apply(self, item: RankTensor, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+        fmt = self.layout.format_of(item)
+        if fmt is LinearFormat.FP8:
+            return self.fp8.apply(item, tensor)
+        if fmt is LinearFormat.FP8_PC_PT:
+            scales = self.channel_scales(item, tensor)
+            out = [
+                (item.name, quantize_channels(tensor, scales)),
+                (per_channel_scale_name(item.name), scales),
+            ]
+        else:
+            out = [(item.name, tensor)]
+        return out + self.fp8._kv_scale(item)
+
+    def blockwise(self, item: RankTensor, dtype: Dtype):
+        """Per-tensor FP8 linears stream through Fp8Transform's e4m3 table; a per-channel
+        linear needs its rows' amax first and a BF16 one is unchanged, so neither does (a
+        BF16 linear without a KV-cache scale is a passthrough, streamed by convert)."""
+        if self.layout.format_of(item) is not LinearFormat.FP8:
+            return None
+        return self.fp8.blockwise(item, dtype)
+
+    def channel_scales(self, item: RankTensor, tensor: torch.Tensor) -> torch.Tensor:
+        if item.rule.split is not Split.ROW:
+            return channel_scales(tensor)
+        (source,) = item.rule.source_names(item.layer.index)
+        info = self.ckpt.info(source)
+        step = max(1, (64 << 20) // (4 * info.shape[1]))
+        blocks = [
+            channel_scales(self.ckpt.read(source, rows=slice(r, min(r + step, info.shape[0]))))
+            for r in range(0, info.shape[0], step)
+        ]
+        return torch.cat(blocks)
+
+
+def write_trtllm_recipe(
+    src: Path,
+    out: Path,
+    table: AmaxTable,
+    recipe: Recipe,
+    plan: ModelPlan,
+    ckpt: HFCheckpoint,
+    tp: int = 1,
+    pp: int = 1,
+    dtype: str = "bfloat16",
+    workers: int = 1,
+    progress: ProgressSink | None = None,
+    allow_pickle: bool = False,
+) -> ConvertSummary:
+    """The TensorRT-LLM checkpoint of `recipe`; a mixed recipe also gets quant_cfg.json."""
+    if recipe.formats_used(plan) == {LinearFormat.FP8}:
+        return write_trtllm_fp8(
+            src, out, table, tp, pp, dtype, workers, progress, allow_pickle=allow_pickle
+        )
+    transform = RecipeTransform(table, recipe, plan, ckpt, pp)
+    request = ConvertRequest(
+        src,
+        out,
+        tp,
+        pp,
+        dtype,
+        workers=workers,
+        transform=transform,
+        quantization=transform.layout.quantization,
+        allow_pickle=allow_pickle,
+    )
+    summary = convert(request, progress=progress)
+    layer_config = recipe.trtllm_layer_config(plan, table.kv_cache, pp)
+    if layer_config is not None:
+        from builder.io.manifest import file_entry, read_manifest, write_manifest
+
+        path = out / QUANT_CFG
+        path.write_text(json.dumps(layer_config, indent=2) + "\n")
+        manifest = read_manifest(out)
+        manifest.setdefault("files", {})[QUANT_CFG] = file_entry(path)
+        write_manifest(out, manifest)
+    return summary

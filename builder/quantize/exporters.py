@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from builder.arch.plan import ModelPlan
     from builder.io.checkpoint import HFCheckpoint
     from builder.quantize.amax import AmaxTable
+    from builder.quantize.formats import Recipe
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,7 @@ class ExportJob:
     dtype: str
     workers: int
     say: Callable[[str], None]
+    recipe: Recipe  # each linear's format (builder.quantize.formats)
 
 
 Exporter = Callable[[ExportJob], None]
@@ -42,16 +44,20 @@ EXPORTERS: Registry[Exporter] = Registry("export format")
 
 @EXPORTERS.register("trtllm")
 def export_trtllm(job: ExportJob) -> None:
-    """FP8 TensorRT-LLM checkpoint (tp x pp rank files) for trtllm-build."""
-    from builder.quantize.export_trtllm import write_trtllm_fp8
+    """FP8 TensorRT-LLM checkpoint (tp x pp rank files) for trtllm-build; a mixed recipe
+    adds quant_cfg.json."""
+    from builder.quantize.export_trtllm import write_trtllm_recipe
     from builder.quantize.pipeline import add_to_manifest
 
     job.say(f"writing FP8 TensorRT-LLM checkpoint (tp={job.tp}, pp={job.pp})")
     out = job.stage / "trtllm"
-    write_trtllm_fp8(
+    write_trtllm_recipe(
         job.src,
         out,
         job.table,
+        job.recipe,
+        job.plan,
+        job.ckpt,
         job.tp,
         job.pp,
         job.dtype,
@@ -71,7 +77,8 @@ def export_hf(job: ExportJob) -> None:
     job.say("writing unified HF FP8 checkpoint")
     hf_dir = job.stage / "hf"
     hf_dir.mkdir()
-    written = write_unified_hf(hf_dir, job.plan, job.ckpt, job.table, torch_dtype(job.dtype))
+    dtype = torch_dtype(job.dtype)
+    written = write_unified_hf(hf_dir, job.plan, job.ckpt, job.table, dtype, recipe=job.recipe)
     write_hf_manifest(hf_dir, job.src, written, job.fields)
 
 

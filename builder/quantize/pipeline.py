@@ -51,6 +51,12 @@ from builder.quantize.blockwise import (
 from builder.quantize.calib import CalibrationSet, build_calibration_set, load_tokenizer
 from builder.quantize.export_hf import modelopt_version
 from builder.quantize.exporters import EXPORTERS, ExportJob, run_export
+from builder.quantize.formats import AutoOptions, Recipe
+
+# --recipe auto's search (builder.verify.auto.auto_recipe: it scores recipes with verify's
+# block stream, a layer above quantize, so the caller hands it in): (src, plan, amax table,
+# calibration windows, options, dtype, device, say) -> (recipe, manifest record, Markdown).
+RecipeSearch = Callable[..., tuple[Recipe, dict[str, Any], str]]
 
 FORMATS = EXPORTERS.names()
 KIND = ArtifactKind.FP8_QUANTIZATION
@@ -75,9 +81,13 @@ class QuantizeSummary:
     blocks: dict[str, int]
     paths: dict[str, str] = field(default_factory=dict)
     rank: int = 0  # under torchrun: this process's rank (only rank 0 writes outputs)
+    recipe: dict[str, Any] | None = None  # each linear's format (builder.quantize.formats)
+    auto: dict[str, Any] | None = None  # --recipe auto: sensitivity, choice, probes
 
     def to_json(self) -> dict[str, Any]:
         return {
+            "recipe": self.recipe,
+            "auto": self.auto,
             "out": str(self.out),
             "source": str(self.source),
             "formats": self.formats,
@@ -181,6 +191,8 @@ class QuantizeRequest:
     overwrite: bool = False
     workers: int = 1
     allow_pickle: bool = False
+    recipe: Recipe | None = None  # each linear's format (None: FP8 per-tensor everywhere)
+    auto: AutoOptions | None = None  # --recipe auto: the search's options (recipe then chosen)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "src", Path(self.src))
@@ -195,6 +207,7 @@ def quantize(
     *,
     progress: Callable[[str], None] | None = None,
     block_progress: Callable[[int, int, LayerPlan | None], None] | None = None,
+    recipe_search: RecipeSearch | None = None,
 ) -> QuantizeSummary:
     """Calibrate `request.src` with ModelOpt (FP8 weights/activations, optional FP8 KV) and
     export.
@@ -213,11 +226,17 @@ def quantize(
     rank, world = dist_info()
     ckpt, plan, _config = open_source(src, request.allow_pickle)
     check_parallelism(plan, request.tp, request.pp)
+    if request.recipe is not None:  # before hours of calibration, not after
+        request.recipe.validate(plan)
+        pp = request.pp if "trtllm" in request.formats else 1
+        request.recipe.trtllm_layer_config(plan, request.kv_cache, pp)
     check_replaceable(out, request.overwrite)
     with ExitStack() as stack:
         if rank == 0:  # one run per OUT: it owns .OUT.partial and .OUT.calib
             stack.enter_context(lock_stage(out))
-        return _quantize(request, ckpt, plan, rank, world, device, say, block_progress, started)
+        return _quantize(
+            request, ckpt, plan, rank, world, device, say, block_progress, started, recipe_search
+        )
 
 
 def quantize_checkpoint(
@@ -226,12 +245,15 @@ def quantize_checkpoint(
     *,
     progress: Callable[[str], None] | None = None,
     block_progress: Callable[[int, int, LayerPlan | None], None] | None = None,
+    recipe_search: RecipeSearch | None = None,
     **options: Any,
 ) -> QuantizeSummary:
     """`quantize(QuantizeRequest(src, out, **options))` for scripts and tests; `options` are
     QuantizeRequest's fields (an unknown one is a TypeError)."""
     request = QuantizeRequest(Path(src), Path(out), **options)
-    return quantize(request, progress=progress, block_progress=block_progress)
+    return quantize(
+        request, progress=progress, block_progress=block_progress, recipe_search=recipe_search
+    )
 
 
 def _quantize(
@@ -244,6 +266,7 @@ def _quantize(
     say: Callable[[str], None],
     block_progress: Callable[[int, int, LayerPlan | None], None] | None,
     started: float,
+    recipe_search: RecipeSearch | None = None,
 ) -> QuantizeSummary:
     src, out, tp, pp, dtype = request.src, request.out, request.tp, request.pp, request.dtype
     kv_cache, calib, seed = request.kv_cache, request.calib, request.seed
@@ -251,6 +274,7 @@ def _quantize(
     formats, batch_size = list(request.formats), request.batch_size
     resume, save_every = request.resume, request.save_every
     overwrite, workers = request.overwrite, request.workers
+    recipe, auto = request.recipe, request.auto
 
     say(f"calibration data: {calib}, {calib_size} x {calib_seq_len} tokens")
     data = build_calibration_set(calib, load_tokenizer(src), calib_size, calib_seq_len, seed)
@@ -275,6 +299,12 @@ def _quantize(
     paths: dict[str, str] = {}
     # Only rank 0 exports; the others are done (no barrier: an export can outlast any
     # collective timeout).
+    auto_record = None
+    if rank == 0 and auto is not None:
+        recipe, auto_record = choose_recipe(
+            recipe_search, src, plan, result, data, auto, device, dtype, say
+        )
+        seconds["auto"] = auto_record["seconds"]
     if rank == 0:
         paths = export_all(
             src,
@@ -291,6 +321,8 @@ def _quantize(
             overwrite,
             seconds,
             say,
+            recipe=recipe,
+            auto_record=auto_record,
         )
         shutil.rmtree(opts.state_dir, ignore_errors=True)
     seconds["total"] = round(time.perf_counter() - started, 3)
@@ -307,10 +339,33 @@ def _quantize(
         blocks=result.summary() | {"layers": plan.num_layers},
         paths=paths,
         rank=rank,
+        recipe=(recipe or Recipe()).to_json(),
+        auto=auto_record,
     )
     if rank == 0:
         finish_manifest(out, summary)
     return summary
+
+
+def choose_recipe(
+    search: RecipeSearch | None,
+    src: Path,
+    plan: ModelPlan,
+    result: CalibResult,
+    data: CalibrationSet,
+    auto: AutoOptions,
+    device: str,
+    dtype: str,
+    say: Callable[[str], None],
+) -> tuple[Recipe, dict[str, Any]]:
+    """--recipe auto: measure and choose (the record keeps the chosen table as Markdown)."""
+    if search is None:
+        raise ValueError("a request with `auto` options needs quantize(..., recipe_search=...)")
+    recipe, record, table_md = search(
+        src, plan, result.table, data.windows, auto, DTYPES[dtype], device, say
+    )
+    record["table_markdown"] = table_md
+    return recipe, record
 
 
 def open_source(
@@ -358,14 +413,20 @@ def export_all(
     overwrite: bool,
     seconds: dict[str, float],
     say: Callable[[str], None],
+    recipe: Recipe | None = None,
+    auto_record: dict[str, Any] | None = None,
 ) -> dict[str, str]:
     """Write both exports into one staging directory; OUT appears only when all are done."""
     table = result.table
-    fields = calibration_fields(table, data)
+    recipe = recipe or Recipe()
+    recipe.validate(plan)
+    fields = calibration_fields(table, data, recipe)
+    if auto_record is not None:
+        fields["quantization"]["auto"] = auto_record
     paths = {}
     with atomic_dir(out, overwrite, inputs=[src]) as stage:
         table.save(stage / "amax.json")
-        job = ExportJob(src, stage, plan, ckpt, table, fields, tp, pp, dtype, workers, say)
+        job = ExportJob(src, stage, plan, ckpt, table, fields, tp, pp, dtype, workers, say, recipe)
         for name in formats:
             run_export(name, job, seconds)
             paths[name] = str(out / name)
@@ -373,10 +434,14 @@ def export_all(
     return paths
 
 
-def calibration_fields(table: AmaxTable, data: CalibrationSet) -> dict[str, Any]:
+def calibration_fields(
+    table: AmaxTable, data: CalibrationSet, recipe: Recipe | None = None
+) -> dict[str, Any]:
+    recipe = recipe or Recipe()
     return {
         "quantization": {
-            "algorithm": "FP8 per-tensor (E4M3), max calibration",
+            "algorithm": recipe.describe(),
+            "recipe": recipe.to_json(),
             "kv_cache": "FP8" if table.kv_cache else None,
             "producer": {"name": "nvidia-modelopt", "version": modelopt_version()},
         },

@@ -15,8 +15,10 @@ weight, scaled by weights_scaling_factor x activation_scaling_factor). With an F
 k and v are rounded through e4m3 with `kv_cache_scaling_factor`. On a GPU with FP8 tensor
 cores, `fp8_gemm="tensor-cores"` runs the same GEMM through `torch._scaled_mm` instead, which
 is how the emulation is checked against hardware (scripts/gpu_session.py). `linear_hook` replaces
-the
-linear computation entirely (e.g. to try another quantization scheme).
+the linear computation entirely (e.g. to try another quantization scheme). A linear with a
+`per_channel_scale` is TensorRT-LLM's per-channel-per-token FP8 (activations scaled per token
+at run time), and a 16-bit weight is a linear left unquantized: a mixed-precision checkpoint
+runs linear by linear (builder.arch.formats).
 
 Each layer's work is decided once, when the checkpoint is opened: a per-kind builder
 (`ATTENTION_SUBLAYERS`, `FFN_SUBLAYERS`) turns the layer's plan into a `Block` of sublayers
@@ -47,6 +49,7 @@ from builder.arch.tensors import (
     Role,
     kv_cache_scale_name,
     kv_heads_per_rank,
+    per_channel_scale_name,
     scale_names,
     stage_layers,
     trtllm_module,
@@ -55,6 +58,8 @@ from builder.arch.tensors import (
 from builder.dtypes import FP8_MAX
 from builder.errors import UserError
 from builder.io.trtllm_checkpoint import mapping_of, rank_file_name, read_trtllm_config
+
+TOKEN_SCALE_FLOOR = 1e-12  # an all-zero token row gets a harmless scale, not a division by 0
 
 
 @dataclass(frozen=True)
@@ -226,6 +231,7 @@ class TrtllmCheckpointExecutor:
             if not path.is_file():
                 raise UserError(f"{path}: missing (world size {self.tp * self.pp})")
             self._files[rank] = self._stack.enter_context(safe_open(str(path), framework="pt"))
+        self._names = {rank: set(f.keys()) for rank, f in self._files.items()}
         self.inv_freq = rope_inv_freq(
             self.plan.head_dim, self.plan.rope_theta, self.plan.rope_scaling
         )
@@ -259,6 +265,11 @@ class TrtllmCheckpointExecutor:
             self._kept[rank, name] = tensor
         return tensor
 
+    def has(self, rank: int, name: str) -> bool:
+        """Whether rank `rank`'s file stores `name` (a per-channel FP8 linear stores a
+        per-channel scale: builder.arch.formats)."""
+        return name in self._names[rank]
+
     def weight(self, rank: int, name: str) -> torch.Tensor:
         """A tensor in the compute dtype (held converted when `keep_weights`)."""
         key = (rank, name + "@compute")
@@ -276,6 +287,10 @@ class TrtllmCheckpointExecutor:
             return self.linear_hook(LinearCall(rank, name, x, self))
         weight_name = f"{name}.weight"
         weight = self.tensor(rank, weight_name)
+        channel_name = per_channel_scale_name(weight_name)
+        if weight.dtype == torch.float8_e4m3fn and self.has(rank, channel_name):
+            channel_scale = self.tensor(rank, channel_name)
+            return fp8_rowwise_linear(x, weight, channel_scale).to(self.dtype)
         if weight.dtype == torch.float8_e4m3fn:
             w_name, a_name = scale_names(weight_name)
             w_scale = self.tensor(rank, w_name).float()
@@ -656,6 +671,22 @@ def fp8_dequantize(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 def fp8_round_trip(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """x quantized to e4m3 with `scale` and dequantized, in float32."""
     return fp8_dequantize(fp8_quantize(x, scale), scale)
+
+
+def token_scales(x: torch.Tensor) -> torch.Tensor:
+    """Dynamic per-token activation scales (amax of each token's row / 448), fp32 [..., 1]."""
+    amax = x.detach().float().abs().amax(dim=-1, keepdim=True)
+    return (amax / FP8_MAX).clamp(min=TOKEN_SCALE_FLOOR)
+
+
+def fp8_rowwise_linear(
+    x: torch.Tensor, weight: torch.Tensor, channel_scale: torch.Tensor
+) -> torch.Tensor:
+    """Per-channel-per-token FP8 GEMM emulated in fp32: e4m3(x / s_tok) @ W_e4m3.T * s_tok *
+    s_chan (what TensorRT-LLM's FP8 rowwise GEMM computes, up to accumulation order)."""
+    scale = token_scales(x)
+    xq = (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float()
+    return F.linear(xq, weight.float()) * scale * channel_scale.float().reshape(-1)
 
 
 def fp8_linear(

@@ -84,6 +84,21 @@ def test_help_info_plan_and_errors_import_no_torch(guarded, mixed_ckpt, tmp_path
     assert guarded("convert", "--help").returncode == 0
     assert guarded("info", str(mixed_ckpt)).returncode == 0
     assert guarded("plan", "--preset", "ultra-253b", "--json").returncode in (0, 1)
+    recipe = tmp_path / "recipe.json"
+    recipe.write_text(json.dumps({"default": "fp8-pc-pt", "overrides": {"0.qkv": "bf16"}}))
+    planned = guarded(
+        "plan",
+        "--preset",
+        "ultra-253b",
+        "--target",
+        "h100x4-fp8",
+        "--recipe",
+        str(recipe),
+        "--json",
+    )
+    assert planned.returncode in (0, 1), planned.stderr
+    (target,) = json.loads(planned.stdout)["plans"]
+    assert target["recipe_memory"]["recipe"]["default"] == "fp8-pc-pt"
     missing = guarded("convert", str(tmp_path / "absent"), str(tmp_path / "out"), "--tp", "1")
     assert missing.returncode == 2 and "not a directory" in missing.stderr
     assert "Traceback" not in missing.stderr

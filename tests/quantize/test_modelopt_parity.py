@@ -197,3 +197,64 @@ def test_hf_export_equals_export_hf_checkpoint_on_every_block_kind(tmp_path, mix
     our_config = json.loads((tmp_path / "ours" / "config.json").read_text())
     for key in ("quantization_config", "block_configs", "rope_scaling"):
         assert our_config[key] == ref_config[key], key
+
+
+def test_mixed_precision_hf_export_equals_export_hf_checkpoint(tmp_path, twin):
+    """Block 0 per-tensor FP8, block 1's MLP per-channel-per-token, block 1's attention BF16:
+    ModelOpt quantizes the twin that way (its FP8_PER_CHANNEL_PER_TOKEN_CFG quantizer settings
+    per module) and exports; our streaming writer with the same recipe writes the same bits,
+    hf_quant_config.json (MIXED_PRECISION, quantized_layers) and quantization_config."""
+    from modelopt.torch.export import export_hf_checkpoint
+
+    from builder.quantize.formats import LinearFormat, Recipe
+    from builder.quantize.recipe import mtq
+
+    model, ckpt_dir = twin
+    quant = mtq()
+    per_channel = next(
+        e["cfg"]
+        for e in quant.FP8_PER_CHANNEL_PER_TOKEN_CFG["quant_cfg"]
+        if e.get("quantizer_name") == "*weight_quantizer"
+    )
+    per_token = next(
+        e["cfg"]
+        for e in quant.FP8_PER_CHANNEL_PER_TOKEN_CFG["quant_cfg"]
+        if e.get("quantizer_name") == "*input_quantizer"
+    )
+    config = copy.deepcopy(quant.FP8_DEFAULT_CFG)
+    config["quant_cfg"] = list(config["quant_cfg"]) + [
+        {"quantizer_name": "*layers.1.mlp*weight_quantizer", "cfg": per_channel},
+        {"quantizer_name": "*layers.1.mlp*input_quantizer", "cfg": per_token},
+        {"quantizer_name": "*layers.1.self_attn*", "enable": False},
+    ]
+    data = windows()
+    mixed = copy.deepcopy(model)
+    with quiet(), torch.no_grad():
+        quant.quantize(mixed, config, lambda m: [m(b[None], use_cache=False) for b in data])
+        export_hf_checkpoint(mixed, dtype=torch.bfloat16, export_dir=tmp_path / "modelopt")
+    table = calibrate_model(copy.deepcopy(model), data, kv_cache=False, batch_size=1)
+    recipe = Recipe(
+        LinearFormat.FP8,
+        {
+            "1.qkv": LinearFormat.BF16,
+            "1.o": LinearFormat.BF16,
+            "1.gate_up": LinearFormat.FP8_PC_PT,
+            "1.down": LinearFormat.FP8_PC_PT,
+        },
+    )
+    ours = tmp_path / "ours"
+    ours.mkdir()
+    write_unified_hf(ours, load_plan(ckpt_dir), HFCheckpoint(ckpt_dir), table, recipe=recipe)
+    ref = load_file(tmp_path / "modelopt" / "model.safetensors")
+    got = load_file(ours / "model.safetensors")
+    assert set(ref) == set(got)
+    assert [name for name in ref if not same(ref[name], got[name])] == []
+    assert got["model.layers.1.mlp.down_proj.weight_scale"].shape == (
+        ref["model.layers.1.mlp.down_proj.weight"].shape[0],
+    )
+    ref_q = json.loads((tmp_path / "modelopt" / "hf_quant_config.json").read_text())
+    our_q = json.loads((ours / "hf_quant_config.json").read_text())
+    assert our_q == ref_q
+    ref_config = json.loads((tmp_path / "modelopt" / "config.json").read_text())
+    our_config = json.loads((ours / "config.json").read_text())
+    assert our_config["quantization_config"] == ref_config["quantization_config"]

@@ -16,14 +16,15 @@ from builder.verify.runtimes.base import (
     scores_from_logits,
 )
 
+# quant_algo -> artifact kind; per-channel and mixed checkpoints come from builder.quantize.formats
+QUANT_KINDS = {"FP8": "fp8", "FP8_PER_CHANNEL_PER_TOKEN": "fp8-pc-pt", "MIXED_PRECISION": "mixed"}
+
 
 def trtllm_kind(config: dict) -> str:
     algo = (config.get("quantization") or {}).get("quant_algo")
-    return (
-        "trtllm-fp8"
-        if algo == "FP8"
-        else f"trtllm-{config.get('dtype', 'bfloat16')}".replace("bfloat16", "bf16")
-    )
+    if algo in QUANT_KINDS:
+        return f"trtllm-{QUANT_KINDS[algo]}"
+    return f"trtllm-{config.get('dtype', 'bfloat16')}".replace("bfloat16", "bf16")
 
 
 class ExecutorRuntime:

@@ -23,12 +23,12 @@ from torch import nn
 from builder.arch.plan import LayerPlan
 from builder.arch.tensors import (
     HF_INPUT_SCALE,
-    HF_WEIGHT_SCALE,
     WEIGHT,
     cache_roles,
     hf_attention_module,
     hf_kv_scale_name,
     hf_layer_prefix,
+    hf_scale_names,
 )
 from builder.dtypes import FP8_MAX
 from builder.errors import UserError
@@ -41,6 +41,8 @@ from builder.verify.runtimes.base import (
     scores_from_logits,
 )
 from builder.verify.stream import BlockStream, Sequence
+
+TOKEN_AMAX_FLOOR = 1e-12  # an all-zero token row gets a harmless scale, not a division by 0
 
 
 def e4m3_round_trip(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -60,6 +62,42 @@ class Fp8Linear(nn.Module):
         return F.linear(e4m3_round_trip(x, self.input_scale), self.dequantized).to(x.dtype)
 
 
+class RowwiseFp8Linear(nn.Module):
+    """Per-channel weights, per-token activations (ModelOpt FP8_PER_CHANNEL_PER_TOKEN fake
+    quant): y = round_e4m3(x / s_tok) * s_tok @ (W_e4m3 * weight_scale[:, None]).T, with
+    s_tok = amax(|x|) / 448 over each token's row."""
+
+    def __init__(self, weight: torch.Tensor, weight_scale: torch.Tensor):
+        super().__init__()
+        self.register_buffer("dequantized", weight.float() * weight_scale.float()[:, None])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s_tok = x.float().abs().amax(dim=-1, keepdim=True).clamp(min=TOKEN_AMAX_FLOOR) / FP8_MAX
+        return F.linear(e4m3_round_trip(x, s_tok), self.dequantized).to(x.dtype)
+
+
+QUANTIZED = (Fp8Linear, RowwiseFp8Linear)
+
+
+def export_linear(ckpt: Any, module: str, index: int) -> nn.Module | None:
+    """The export's linear `module` by what it stores: E4M3 with a scalar weight scale and an
+    input scale (per-tensor FP8), E4M3 with an [out] weight scale and no input scale
+    (per-channel per-token), or a plain weight (left unquantized: None, filled as usual)."""
+    weight = _read(ckpt, f"{module}.{WEIGHT}", index)
+    if weight.dtype != torch.float8_e4m3fn:
+        return None
+    w_name, x_name = hf_scale_names(module)
+    w_scale = _read(ckpt, w_name, index)
+    if w_scale.dim() == 1 and w_scale.shape[0] == weight.shape[0]:
+        return RowwiseFp8Linear(weight, w_scale)
+    if w_scale.numel() != 1:
+        raise UserError(
+            f"{ckpt.root}: {w_name} has shape {list(w_scale.shape)}; expected a "
+            f"scalar (per-tensor) or [{weight.shape[0]}] (per-channel)"
+        )
+    return Fp8Linear(weight, w_scale, _read(ckpt, x_name, index))
+
+
 def fp8_block(stream: BlockStream, index: int) -> nn.Module:
     """Block `index` of the export: norms filled, linears replaced by Fp8Linear, KV scales set."""
     layer = stream.parts.layer(index, stream.dtype)
@@ -67,22 +105,12 @@ def fp8_block(stream: BlockStream, index: int) -> nn.Module:
     ckpt = stream.ckpt
     for name, module in list(layer.named_modules()):
         if isinstance(module, nn.Linear):
-            tensors = {
-                s: _read(ckpt, f"{prefix}{name}.{s}", index)
-                for s in (WEIGHT, HF_WEIGHT_SCALE, HF_INPUT_SCALE)
-            }
-            if tensors[WEIGHT].dtype != torch.float8_e4m3fn:
-                raise UserError(
-                    f"{ckpt.root}: {prefix}{name}.{WEIGHT} is {tensors[WEIGHT].dtype}, "
-                    "not float8_e4m3fn: not a unified HF FP8 export"
-                )
-            parent_name, leaf = name.rsplit(".", 1)
-            fp8 = Fp8Linear(tensors[WEIGHT], tensors[HF_WEIGHT_SCALE], tensors[HF_INPUT_SCALE]).to(
-                stream.device
-            )
-            setattr(layer.get_submodule(parent_name), leaf, fp8)
+            replacement = export_linear(ckpt, f"{prefix}{name}", index)
+            if replacement is not None:
+                parent_name, leaf = name.rsplit(".", 1)
+                setattr(layer.get_submodule(parent_name), leaf, replacement.to(stream.device))
     for module in layer.modules():  # what is left on the meta device: the norms
-        if not isinstance(module, Fp8Linear) and any(
+        if not isinstance(module, QUANTIZED) and any(
             p.is_meta for p in module.parameters(recurse=False)
         ):
             module.to_empty(device=stream.device, recurse=False)
@@ -141,6 +169,10 @@ def fp8_kv_attention() -> Iterator[None]:
         modeling.ALL_ATTENTION_FUNCTIONS = original
 
 
+# Per-tensor, per-channel-per-token and ModelOpt's MIXED_PRECISION (builder.arch.formats).
+HF_ALGOS = ("FP8", "FP8_PER_CHANNEL_PER_TOKEN", "MIXED_PRECISION")
+
+
 def check_hf_fp8(path: Path) -> dict[str, Any]:
     config = read_json(path / "config.json")
     algo = (config.get("quantization_config") or {}).get("quant_algo") or (
@@ -148,7 +180,7 @@ def check_hf_fp8(path: Path) -> dict[str, Any]:
         if (path / "hf_quant_config.json").is_file()
         else None
     )
-    if algo != "FP8":
+    if algo not in HF_ALGOS:
         raise UserError(
             f"{path}: not a unified HF FP8 checkpoint (quant_algo {algo!r}); the hf runtime "
             "reads ModelOpt's FP8 export (builder quantize OUT/hf)"
