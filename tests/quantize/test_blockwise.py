@@ -110,6 +110,7 @@ DP_SCRIPT = textwrap.dedent(
     result = calibrate_blockwise(HFCheckpoint(ckpt), load_plan(ckpt), reference_parts(Path(ckpt)),
                                  windows, CalibOptions(batch_size=4))
     Path(out).write_text(json.dumps(result.table.values))
+    dist.barrier()  # both ranks tear gloo down together (a lone peer's teardown can abort)
     dist.destroy_process_group()
     """
 )
