@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextlib import ExitStack
+
 import click
 
 from builder.arch import PRESETS
@@ -130,35 +132,18 @@ def convert(
     as_json,
 ) -> None:
     src, out = parse_paths(paths, preset)
-    if workers > 1 and not dry_run:
-        # No torch in these two: the workers start importing it first. They hold OUT's stage
-        # lock with this process, so a resume cannot start while any of them lives.
-        from builder.convert.workers import WorkerPool
-        from builder.io.atomic import check_output_location, lock_stage
+    with ExitStack() as stack:
+        pool = None
+        if workers > 1 and not dry_run:
+            # Started before the input is read, so they are ready when the rank jobs are.
+            # They hold OUT's stage lock with this process, so a resume cannot start while
+            # any of them lives.
+            from builder.convert.workers import WorkerPool
+            from builder.io.atomic import check_output_location, lock_stage
 
-        check_output_location(out, [src])
-        with (
-            lock_stage(out, shared=ranks is not None) as lock,
-            WorkerPool(workers, inherit=[lock.fd]) as pool,
-        ):
-            run_convert(
-                src,
-                out,
-                tp,
-                pp,
-                dtype,
-                workers,
-                ranks,
-                dry_run,
-                preset,
-                resume,
-                overwrite,
-                no_finite_check,
-                allow_pickle,
-                as_json,
-                pool,
-            )
-    else:
+            check_output_location(out, [src])
+            lock = stack.enter_context(lock_stage(out, shared=ranks is not None))
+            pool = stack.enter_context(WorkerPool(workers, inherit=[lock.fd]))
         run_convert(
             src,
             out,
@@ -174,7 +159,7 @@ def convert(
             no_finite_check,
             allow_pickle,
             as_json,
-            None,
+            pool,
         )
 
 

@@ -203,6 +203,7 @@ class RecipeTransform:
         self.layout = RecipeLayout(quantization, default, formats)
         self.fp8 = Fp8Transform(table)
         self.ckpt = ckpt
+        self._row_scales: dict[str, torch.Tensor] = {}
         self.fingerprint = f"recipe:{table_digest(table)}:{json.dumps(recipe.to_json())}"
 
     def passthrough(self, item: RankTensor) -> bool:
@@ -240,13 +241,15 @@ class RecipeTransform:
         if item.rule.split is not Split.ROW:
             return channel_scales(tensor)
         (source,) = item.rule.source_names(item.layer.index)
-        info = self.ckpt.info(source)
-        step = max(1, (64 << 20) // (4 * info.shape[1]))
-        blocks = [
-            channel_scales(self.ckpt.read(source, rows=slice(r, min(r + step, info.shape[0]))))
-            for r in range(0, info.shape[0], step)
-        ]
-        return torch.cat(blocks)
+        if source not in self._row_scales:  # every rank's slice needs the same whole rows
+            info = self.ckpt.info(source)
+            step = max(1, (64 << 20) // (4 * info.shape[1]))
+            blocks = [
+                channel_scales(self.ckpt.read(source, rows=slice(r, min(r + step, info.shape[0]))))
+                for r in range(0, info.shape[0], step)
+            ]
+            self._row_scales[source] = torch.cat(blocks)
+        return self._row_scales[source]
 
 
 def write_trtllm_recipe(
