@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -108,6 +109,22 @@ def run(cmd: list[str], log: Path) -> float:
     return time.perf_counter() - started
 
 
+def exports_beside_cp(out: Path, seconds: dict, work: Path) -> dict:
+    """`cp -r` of each export's output right after quantize wrote it (neither side fsyncs:
+    quantize's export seconds do not include one): export seconds / cp seconds."""
+    ratios = {}
+    for name in ("trtllm", "hf"):
+        copy = work / f"cp-{name}"
+        shutil.rmtree(copy, ignore_errors=True)
+        started = time.perf_counter()
+        subprocess.run(["cp", "-r", str(out / name), str(copy)], check=True)
+        cp_s = time.perf_counter() - started
+        shutil.rmtree(copy)
+        export_s = seconds[f"export_{name}"]
+        ratios[name] = {"export_s": export_s, "cp_s": round(cp_s, 3), "ratio": export_s / cp_s}
+    return ratios
+
+
 def step_realsize(args) -> dict:
     from builder.arch import load_plan
     from builder.runtime import compare_logits
@@ -159,6 +176,28 @@ def step_realsize(args) -> dict:
     )
     manifest = json.loads((out / "manifest.json").read_text())
     result["quantize_manifest"] = {k: v for k, v in manifest.items() if k not in ("files", "amax")}
+    result["export_vs_cp"] = exports_beside_cp(out, manifest["run"]["seconds"], work)
+    golden = work / "golden"
+    result["reference_s"] = run(
+        [
+            *BUILDER,
+            "reference",
+            str(src),
+            str(golden),
+            "--device",
+            args.device,
+            "--prompts",
+            "wiki",
+            "--windows",
+            "4",
+            "--continuation",
+            "4",
+            "--overwrite",
+        ],
+        Path(args.out) / "reference.log",
+    )
+    golden_json = json.loads((golden / "golden.json").read_text())
+    result["reference_run"] = golden_json.get("run", golden_json.get("settings"))
     ids = torch.randint(0, plan.vocab_size, (1, 64), generator=torch.Generator().manual_seed(0))
     logits = {}
     for gemm in ("emulate", "tensor-cores") if args.device != "cpu" else ("emulate",):

@@ -195,6 +195,7 @@ def embed_windows(
     """Embeddings of `windows` reading only the embedding rows their tokens use."""
     info = ckpt.info(EMBEDDING)
     vocab, hidden = info.shape
+    windows = windows.cpu()  # the rows are gathered on the host, then moved as one table
     if int(windows.max()) >= vocab or int(windows.min()) < 0:
         raise UserError(
             f"calibration token ids reach {int(windows.max())} but {EMBEDDING} has {vocab} rows "

@@ -245,14 +245,14 @@ def run_reference(
     tensors: dict[str, torch.Tensor] = {}
     nexts = []
     for j in range(len(prompts)):
-        logits = stream.head(hidden[j], head)
+        logits = stream.head(hidden[j], head).cpu()
         ids = new_ids[j]
         for key, value in scored(logits, ids, k).items():
             tensors[f"prompt.{j}.{key}"] = value
         tensors[f"prompt.{j}.ids"] = ids
         nexts.append(logits[-1].argmax())
     tensors["probe.ids"] = probe_ids
-    tensors["probe.logits"] = stream.head(hidden[-1], head)
+    tensors["probe.logits"] = stream.head(hidden[-1], head).cpu()
     tensors.update(stats.probe)
     seconds["prefill"] = round(time.perf_counter() - t0, 3)
     t0 = time.perf_counter()
