@@ -674,7 +674,7 @@ def run_records(results: dict) -> list:
                         target=f"tp{run['tp']} rank 0 (one GPU's share, collectives left out)",
                         device=env.get("gpu", "unknown"),
                         settings={
-                            "workload": f"decode {results['args']['prompt']}+"
+                            "workload": f"tp{run['tp']} decode {results['args']['prompt']}+"
                             f"{results['args']['steps']} @ batch {batch}",
                             "isl": results["args"]["prompt"],
                             "osl": results["args"]["steps"],

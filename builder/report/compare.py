@@ -1,6 +1,7 @@
 """Comparing bench records: the regression gate and the FP8-vs-BF16 table.
 
-Records are matched by workload (settings["workload"]: ISL, OSL, concurrency). For each gated
+The gate matches records by artifact kind and workload (settings["workload"]: ISL, OSL,
+concurrency), not by sha256: the current build is a new artifact of the same kind. For each gated
 metric the change is measured in the metric's bad direction (throughput down, latency up),
 relative to the base median:
 
@@ -20,7 +21,7 @@ the accuracy of both artifacts from verify records.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -150,13 +151,34 @@ def load_records(spec: str | Path, history: str | Path | None = None) -> list[Ru
     raise UserError(f"{path}: no such record file or directory")
 
 
-def latest_by_workload(
-    records: Iterable[RunRecord], kind: RecordKind = RecordKind.BENCH
+def latest_by_key(
+    records: Iterable[RunRecord], key: Callable[[RunRecord], str], warnings: list[str]
 ) -> dict[str, RunRecord]:
+    """The newest bench record per key. Two different artifacts under one key would make the
+    comparison pick one of them silently: that is said in `warnings`."""
     out: dict[str, RunRecord] = {}
-    for record in sorted((r for r in records if r.kind is kind), key=lambda r: r.created):
-        out[str(record.settings.get("workload", ""))] = record
+    for record in sorted(
+        (r for r in records if r.kind is RecordKind.BENCH), key=lambda r: r.created
+    ):
+        name = key(record)
+        if name in out and out[name].artifact.sha256 != record.artifact.sha256:
+            warnings.append(
+                f"{name}: records of two artifacts ({out[name].artifact.kind} "
+                f"{out[name].artifact.sha256[:10]}, {record.artifact.kind} "
+                f"{record.artifact.sha256[:10]}): only the newest is compared"
+            )
+        out[name] = record
     return out
+
+
+def workload_of(record: RunRecord) -> str:
+    return str(record.settings.get("workload", ""))
+
+
+def kind_and_workload(record: RunRecord) -> str:
+    """The gate's key: the same kind of artifact (a new build of it: the sha256 changes) on
+    the same workload."""
+    return f"{record.artifact.kind} · {workload_of(record)}"
 
 
 def _noise(a: Metric, b: Metric) -> float:
@@ -172,8 +194,9 @@ def compare(
 ) -> Comparison:
     gated = tuple(metrics) if metrics else GATED
     shown = gated + tuple(m for m in SHOWN if m not in gated)
-    old, new = latest_by_workload(base), latest_by_workload(current)
     result = Comparison([], max_regression)
+    old = latest_by_key(base, kind_and_workload, result.warnings)
+    new = latest_by_key(current, kind_and_workload, result.warnings)
     for workload in sorted(set(old) | set(new), key=_workload_order):
         if workload not in old or workload not in new:
             side = "base" if workload in old else "current"
@@ -206,8 +229,10 @@ def compare(
 
 
 def _workload_order(key: str) -> tuple:
-    parts = dict(item.split("=", 1) for item in key.split(",") if "=" in item)
-    return tuple(
+    """Artifact kind (if the key has one), then ISL, OSL and concurrency as numbers."""
+    kind, _, workload = key.rpartition(" · ")
+    parts = dict(item.split("=", 1) for item in workload.split(",") if "=" in item)
+    return (kind,) + tuple(
         int(parts.get(k, 0)) if str(parts.get(k, "0")).isdigit() else 0
         for k in ("isl", "osl", "concurrency")
     )
@@ -283,8 +308,10 @@ def compare_precision(
     reference: list[RunRecord], candidate: list[RunRecord], extra: Iterable[RunRecord] = ()
 ) -> PrecisionComparison:
     """`candidate` (e.g. FP8) beside `reference` (its BF16 source), per workload and metric."""
-    old, new = latest_by_workload(reference), latest_by_workload(candidate)
-    rows, warnings = [], []
+    rows: list[Row] = []
+    warnings: list[str] = []
+    old = latest_by_key(reference, workload_of, warnings)
+    new = latest_by_key(candidate, workload_of, warnings)
     for workload in sorted(set(old) & set(new), key=_workload_order):
         a, b = old[workload], new[workload]
         if (a.runtime, a.device) != (b.runtime, b.device):

@@ -42,6 +42,27 @@ def test_improvements_and_unmatched_workloads(records):
     assert any("concurrency=8 only in the base" in note for note in result.unmatched)
 
 
+def test_two_artifacts_in_one_directory_are_each_gated(records):
+    """A run that benches a BF16 and an FP8 artifact on the same workload (bench_gpu does) is
+    compared kind by kind: a regression of either one is caught, and new builds (other
+    sha256s) of the same kinds still match."""
+    bench, _ = records
+    base = [bench("trtllm-bf16", "a" * 64), bench("trtllm-fp8", "b" * 64)]
+    current = [bench("trtllm-bf16", "c" * 64), bench("trtllm-fp8", "d" * 64, slowdown=0.10)]
+    result = compare(base, current, 0.05)
+    by_kind = {(r.workload.split(" · ")[0], r.metric): r for r in result.rows}
+    assert by_kind["trtllm-bf16", "output_token_throughput"].verdict(0.05) == "ok"
+    assert by_kind["trtllm-fp8", "output_token_throughput"].verdict(0.05) == "REGRESSION"
+    assert not result.unmatched and not result.warnings
+
+
+def test_two_artifacts_under_one_key_are_said(records):
+    bench, _ = records
+    side = [bench("trtllm-fp8", "a" * 64), bench("trtllm-fp8", "b" * 64, created="2026-12-02")]
+    result = compare(side, [bench("trtllm-fp8", "c" * 64)], 0.05)
+    assert any("two artifacts" in w and "only the newest" in w for w in result.warnings)
+
+
 def test_threshold_parsing():
     assert parse_threshold("5%") == pytest.approx(0.05) and parse_threshold("0.2") == pytest.approx(
         0.2
