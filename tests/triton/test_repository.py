@@ -169,6 +169,10 @@ def test_pytorch_backend_gets_the_llmapi_repository(tiny_build, tmp_path):
         assert options[key] == built[key]
     assert options["kv_cache_config"]["free_gpu_memory_fraction"] == 0.8
     assert options["triton_config"] == {"max_batch_size": 0, "decoupled": True}
+    # Every option trtllm-serve would get from the build, with only --kv-fraction changed.
+    serve = yaml.safe_load((tiny_build.pytorch_dir / "llm_api_options.yaml").read_text())
+    serve["kv_cache_config"]["free_gpu_memory_fraction"] = 0.8
+    assert {k: options[k] for k in serve} == serve
     assert [f.line() for f in check_repository(out) if f.is_error] == []
 
 
