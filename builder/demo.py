@@ -9,6 +9,7 @@ its BF16 golden.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -202,7 +203,7 @@ def step_triton(ctx: DemoContext) -> None:
             answer = generate_http(
                 server.http_url,
                 "ensemble",
-                {"text_input": DEMO_PROMPT, "max_tokens": TRITON_TOKENS},
+                {"text_input": DEMO_PROMPT, "max_tokens": TRITON_TOKENS, "return_log_probs": True},
                 timeout=300,
             )
             started = server.startup_seconds
@@ -223,16 +224,34 @@ def step_triton(ctx: DemoContext) -> None:
     finally:
         torch.set_num_threads(threads)
     expected = tokenizer.decode(direct.tokens, skip_special_tokens=True)
-    if answer["text_output"] != expected:
-        raise RuntimeError(f"Triton answered {answer['text_output']!r}, the executor {expected!r}")
-    ctx.results["triton"].update(served=True, startup_seconds=started, answer=answer["text_output"])
+    # The text alone can be empty (the synthetic vocabulary is larger than its byte tokenizer),
+    # so the chosen tokens' log-probabilities are compared too: the same fp32 computation in
+    # both processes, equal to fp32 rounding (as tests/triton/test_server.py).
+    served_log_probs = [float(x) for x in answer["output_log_probs"]]
+    same_log_probs = len(served_log_probs) == len(direct.log_probs) and all(
+        math.isclose(a, b, rel_tol=1e-4, abs_tol=1e-5)
+        for a, b in zip(served_log_probs, direct.log_probs, strict=True)
+    )
+    if answer["text_output"] != expected or not same_log_probs:
+        raise RuntimeError(
+            f"Triton answered {answer['text_output']!r} with log-probs {served_log_probs}, the "
+            f"executor {expected!r} with {direct.log_probs}"
+        )
+    ctx.results["triton"].update(
+        served=True,
+        startup_seconds=started,
+        answer=answer["text_output"],
+        tokens=direct.tokens,
+        log_probs=served_log_probs,
+    )
     ctx.console.print(
         f"  tritonserver (nvidia-pytriton, CPU; tensorrt_llm = builder's executor on {checkpoint}) "
         f"ready in {started:.1f} s"
     )
     ctx.console.print(
         f"  > {DEMO_PROMPT}\n  {answer['text_output']!r}: the executor's own greedy answer "
-        "(synthetic weights, so noise)"
+        f"(synthetic weights, so noise: token ids {direct.tokens}, log-probs through Triton "
+        f"{', '.join(f'{x:.4f}' for x in served_log_probs)}, the same as the executor's)"
     )
 
 

@@ -36,7 +36,11 @@ from builder.triton.repository import (
 
 ENSEMBLE_MEMBERS_REQUIRED = ("preprocessing", "tensorrt_llm", "postprocessing")
 PLACEHOLDER = re.compile(r"\$\{(\w*)\}")
-WORLD_SIZE_LINE = re.compile(r'^WORLD_SIZE="\$\{WORLD_SIZE:-(\d+)\}"', re.MULTILINE)
+# The launch scripts' default WORLD_SIZE and the rank script's fixed ENGINE_WORLD_SIZE.
+WORLD_SIZE_LINES = (
+    re.compile(r'^(WORLD_SIZE)="\$\{WORLD_SIZE:-(\d+)\}"', re.MULTILINE),
+    re.compile(r"^(ENGINE_WORLD_SIZE)=(\d+)", re.MULTILINE),
+)
 
 
 class Level(StrEnum):
@@ -500,14 +504,15 @@ class Checker:
                 f"{engine['pp']})",
             )
         for script in scripts:
-            found = WORLD_SIZE_LINE.search(script.read_text())
-            if found and int(found[1]) != world:
-                self.error(
-                    script,
-                    f"WORLD_SIZE {found[1]} != tp x pp = {engine['tp']} x {engine['pp']} = "
-                    f"{world} of "
-                    f"the engine ({engine['where']}); the backend fails with 'mpiSize == tp * pp'",
-                )
+            text = script.read_text()
+            for found in filter(None, (pattern.search(text) for pattern in WORLD_SIZE_LINES)):
+                if int(found[2]) != world:
+                    self.error(
+                        script,
+                        f"{found[1]} {found[2]} != tp x pp = {engine['tp']} x {engine['pp']} = "
+                        f"{world} of the engine ({engine['where']}); the backend fails with "
+                        "'mpiSize == tp * pp'",
+                    )
 
     # ---- the LLM-API layout ----------------------------------------------------------------------
     def check_llmapi_layout(self) -> None:

@@ -322,8 +322,9 @@ size="${OMPI_COMM_WORLD_SIZE:-${SLURM_NTASKS:-}}"
 if [ -z "$rank" ] || [ -z "$size" ]; then
   echo "triton-rank.sh: start me with mpirun or srun (serve-mpirun.sh, serve-slurm.sh)" >&2; exit 2
 fi
-if [ "$size" != "$WORLD_SIZE" ]; then
-  echo "triton-rank.sh: MPI world size $size != tp x pp = $WORLD_SIZE of the engine" >&2; exit 2
+if [ "$size" != "$ENGINE_WORLD_SIZE" ]; then
+  echo "triton-rank.sh: MPI world size $size != tp x pp = $ENGINE_WORLD_SIZE of the engine" \
+       "(WORLD_SIZE=$WORLD_SIZE); the backend would fail with 'mpiSize == tp * pp'" >&2; exit 2
 fi
 args=(--model-repository="$REPOSITORY" --disable-auto-complete-config
       --backend-config=python,shm-region-prefix-name="prefix${rank}_")
@@ -377,7 +378,13 @@ def engine_launch_scripts(record: BuildRecord, options: TritonOptions, out: Path
         f"tritonserver for the {record.target or 'engine'} engine (tp {record.tp} x pp {record.pp})"
     )
     return {
-        "triton-rank.sh": _script(f"{what}: the command of one MPI rank.", env, RANK_BODY),
+        # The engine's world size is fixed here, not taken from WORLD_SIZE, which launchers
+        # and containers often export for their own purposes.
+        "triton-rank.sh": _script(
+            f"{what}: the command of one MPI rank.",
+            env,
+            f"ENGINE_WORLD_SIZE={world}  # tp x pp of the engine; not an override\n{RANK_BODY}",
+        ),
         "serve.sh": _script(f"{what} on one node: {world} MPI ranks, one GPU each.", env, single),
         "serve-mpirun.sh": _script(
             f"{what} across nodes; HOSTFILE lists them ({per_node} GPUs each).",

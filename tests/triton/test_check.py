@@ -77,6 +77,13 @@ def _engine_dir_without_config(root: Path) -> None:
     set_parameter(root, "tensorrt_llm", "gpt_model_path", str(empty))
 
 
+def _tokenizer_unloadable(root: Path) -> None:
+    broken = root.parent / f"{root.name}-broken-tokenizer"
+    shutil.copytree(Path(_tokenizer_inside.hf_dir), broken)
+    (broken / "tokenizer.json").write_text('{"version": "1.0", "model": ')  # truncated
+    set_parameter(root, "preprocessing", "tokenizer_dir", str(broken))
+
+
 def _batch_above_engine(root: Path) -> None:
     for name in ("preprocessing", "tensorrt_llm", "postprocessing", "ensemble", "tensorrt_llm_bls"):
         edit(model(root, name), "max_batch_size: 4", "max_batch_size: 8")
@@ -115,6 +122,25 @@ MISTAKES: list[tuple[str, Callable[[Path], None], str]] = [
         "unknown-dtype",
         lambda r: edit(model(r, "postprocessing"), "TYPE_STRING", "TYPE_FP99"),
         r"postprocessing/config.pbtxt: not a valid ModelConfig: .*TYPE_FP99",
+    ),
+    (
+        "quoted-integer",
+        lambda r: edit(model(r, "ensemble"), "max_batch_size: 4", 'max_batch_size: "4"'),
+        r"ensemble/config.pbtxt: not a valid ModelConfig: .*max_batch_size.*integer",
+    ),
+    (
+        "batching-strategy-unknown",
+        lambda r: set_parameter(r, "tensorrt_llm", "gpt_model_type", "inflight_batcher"),
+        r"tensorrt_llm/config.pbtxt: parameters gpt_model_type 'inflight_batcher' "
+        r"\(batching_strategy\): expected one of inflight_fused_batching, inflight_batching, V1",
+    ),
+    (
+        "rank-script-world-size-not-tp-x-pp",
+        lambda r: edit(
+            r / "launch" / "triton-rank.sh", "ENGINE_WORLD_SIZE=1 ", "ENGINE_WORLD_SIZE=8 "
+        ),
+        r"launch/triton-rank.sh: ENGINE_WORLD_SIZE 8 != tp x pp = 1 x 1 = 1 of the engine "
+        r".*'mpiSize == tp \* pp'",
     ),
     (
         "world-size-not-tp-x-pp",
@@ -159,6 +185,12 @@ MISTAKES: list[tuple[str, Callable[[Path], None], str]] = [
             r"directory \(transformers would take "
             r"it for a Hub id and try to download it\)"
         ),
+    ),
+    (
+        "tokenizer-unloadable",
+        _tokenizer_unloadable,
+        r"preprocessing/config.pbtxt: tokenizer_dir .*-broken-tokenizer: does not load with "
+        r"AutoTokenizer \(local files only, no remote code\): ",
     ),
     (
         "tokenizer-inside-repository",
@@ -222,6 +254,24 @@ MISTAKES: list[tuple[str, Callable[[Path], None], str]] = [
             r"data_type TYPE_INT64 "
             r"\(preprocessing.INPUT_ID\) != TYPE_INT32"
         ),
+    ),
+    (
+        "ensemble-dims-mismatch",
+        lambda r: edit(
+            model(r, "preprocessing"),
+            'name: "REQUEST_INPUT_LEN"\n    data_type: TYPE_INT32\n    dims: [ 1 ]',
+            'name: "REQUEST_INPUT_LEN"\n    data_type: TYPE_INT32\n    dims: [ 1, 1 ]',
+        ),
+        r"ensemble/config.pbtxt \(step tensorrt_llm\): '_REQUEST_INPUT_LEN' -> "
+        r"tensorrt_llm.input_lengths: dims \[1, 1\] \(preprocessing.REQUEST_INPUT_LEN\) do not "
+        r"match \[1\]",
+    ),
+    (
+        "ensemble-step-unknown-model",
+        lambda r: edit(
+            model(r, "ensemble"), 'model_name: "postprocessing"', 'model_name: "postproc"'
+        ),
+        r"ensemble/config.pbtxt: step postproc: no such model in the repository",
     ),
     (
         "ensemble-unknown-tensor",

@@ -4,6 +4,7 @@ backend."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -168,6 +169,10 @@ def test_pytorch_backend_gets_the_llmapi_repository(tiny_build, tmp_path):
         assert options[key] == built[key]
     assert options["kv_cache_config"]["free_gpu_memory_fraction"] == 0.8
     assert options["triton_config"] == {"max_batch_size": 0, "decoupled": True}
+    # Every option trtllm-serve would get from the build, with only --kv-fraction changed.
+    serve = yaml.safe_load((tiny_build.pytorch_dir / "llm_api_options.yaml").read_text())
+    serve["kv_cache_config"]["free_gpu_memory_fraction"] = 0.8
+    assert {k: options[k] for k in serve} == serve
     assert [f.line() for f in check_repository(out) if f.is_error] == []
 
 
@@ -202,3 +207,73 @@ def test_cli_writes_and_checks_with_exit_codes(tiny_build, tmp_path):
     assert (
         bad.returncode == 2 and bad.stderr.startswith("error: ") and "Traceback" not in bad.stderr
     )
+
+
+# Shims for the launchers this machine lacks: each starts its -np / --ntasks copies of the
+# command one after the other, with the rank variables the real launcher sets. The generated
+# scripts themselves run unmodified; the fake tritonserver records its arguments per rank.
+MPIRUN = r"""#!/usr/bin/env bash
+np=
+while [ $# -gt 2 ]; do case "$1" in -np) np="$2"; shift 2 ;; *) shift ;; esac; done
+for ((i = 0; i < np; i++)); do OMPI_COMM_WORLD_RANK=$i OMPI_COMM_WORLD_SIZE=$np "$@" || exit; done
+"""
+SRUN = r"""#!/usr/bin/env bash
+n=
+while [ $# -gt 2 ]; do case "$1" in --ntasks=*) n="${1#--ntasks=}" ;; esac; shift; done
+for ((i = 0; i < n; i++)); do SLURM_PROCID=$i SLURM_NTASKS=$n "$@" || exit; done
+"""
+TRITONSERVER = r"""#!/usr/bin/env bash
+printf '%s\n' "$@" > "$ARGS_DIR/rank${OMPI_COMM_WORLD_RANK:-$SLURM_PROCID}"
+"""
+
+
+@pytest.fixture
+def launchers(tmp_path) -> dict[str, str]:
+    bin_dir, args = tmp_path / "bin", tmp_path / "args"
+    bin_dir.mkdir()
+    args.mkdir()
+    for name, text in (("mpirun", MPIRUN), ("srun", SRUN), ("tritonserver", TRITONSERVER)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OMPI_", "SLURM_", "PMIX_"))}
+    env.pop("WORLD_SIZE", None)
+    return {
+        **env,
+        "PATH": f"{bin_dir}{os.pathsep}{env['PATH']}",
+        "TRITONSERVER": str(bin_dir / "tritonserver"),
+        "ARGS_DIR": str(args),
+    }
+
+
+@pytest.mark.parametrize("script", ["serve.sh", "serve-mpirun.sh", "serve-slurm.sh"])
+def test_launch_scripts_start_one_server_per_rank(tiny_build, tmp_path, launchers, script):
+    """tp 2 x pp 2: four ranks; rank 0 serves every model on the ports, ranks 1-3 load only
+    tensorrt_llm with no endpoints; a world size other than the engine's is refused."""
+    record = read_build_record(write_engine_dir(tmp_path / "engine", tp=2, pp=2, max_batch_size=8))
+    out = tmp_path / "repo"
+    write_repository(record, TritonOptions(tokenizer_dir=tiny_build.hf_dir), out)
+    launch = out / "launch" / script
+    assert subprocess.run(["bash", "-n", str(launch)], check=False).returncode == 0
+    run = subprocess.run(["bash", str(launch)], env=launchers, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    args = Path(launchers["ARGS_DIR"])
+    ranks = {p.name: p.read_text().split() for p in sorted(args.iterdir())}
+    assert sorted(ranks) == ["rank0", "rank1", "rank2", "rank3"]
+    repository = f"--model-repository={(out / MODELS_DIR).resolve()}"
+    assert repository in ranks["rank0"] and "--http-port=8000" in ranks["rank0"]
+    assert "--load-model=tensorrt_llm" not in ranks["rank0"]
+    for rank in ("rank1", "rank2", "rank3"):
+        assert repository in ranks[rank]
+        assert {"--model-control-mode=explicit", "--load-model=tensorrt_llm"} <= set(ranks[rank])
+        assert {"--allow-http=false", "--allow-grpc=false"} <= set(ranks[rank])
+        assert not any(a.startswith("--http-port") for a in ranks[rank])
+    for path in args.iterdir():
+        path.unlink()
+    # WORLD_SIZE is often exported by other tools: it sizes the launch but cannot change
+    # what the engine needs.
+    wrong = subprocess.run(
+        ["bash", str(launch)], env={**launchers, "WORLD_SIZE": "8"}, capture_output=True, text=True
+    )
+    assert wrong.returncode == 2
+    assert "MPI world size 8 != tp x pp = 4 of the engine" in wrong.stderr, wrong.stderr
+    assert list(args.iterdir()) == []  # no tritonserver was started

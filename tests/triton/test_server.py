@@ -136,3 +136,38 @@ def test_llmapi_repository_loads_up_to_the_missing_tensorrt_llm(tiny_build, tmp_
         if "model configuration" in line and "tensorrt_llm" in line
     )
     assert re.search(r'decoupled\\?": true', completed), completed
+
+
+def test_only_tensorrt_llm_is_replaced_in_the_served_repository(triton_server):
+    """What the server loaded is the generated repository byte for byte except tensorrt_llm,
+    whose tensors, batch size and decoupled mode are the generated ones too."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    from builder.triton.repository import MODELS_DIR
+
+    generated, served = triton_server.out / MODELS_DIR, triton_server.served
+
+    def files(root):  # the server's Python backend adds __pycache__ to what it loads
+        found = (p.relative_to(root) for p in root.rglob("*") if p.is_file())
+        return {p for p in found if "__pycache__" not in p.parts}
+
+    kept = {p for p in files(generated) if p.parts[0] != "tensorrt_llm"}
+    assert kept == {p for p in files(served) if p.parts[0] != "tensorrt_llm"}
+    assert {p.parts[0] for p in kept} == {
+        "preprocessing",
+        "postprocessing",
+        "ensemble",
+        "tensorrt_llm_bls",
+    }
+    for path in kept:
+        assert (served / path).read_bytes() == (generated / path).read_bytes(), path
+
+    def config(root):
+        text = (root / "tensorrt_llm" / "config.pbtxt").read_text()
+        return text_format.Parse(text, model_config_pb2.ModelConfig())
+
+    original, standin = config(generated), config(served)
+    assert (original.backend, standin.backend) == ("tensorrtllm", "python")
+    for field in ("input", "output", "max_batch_size", "model_transaction_policy", "name"):
+        assert getattr(standin, field) == getattr(original, field), field
