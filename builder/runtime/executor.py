@@ -367,7 +367,7 @@ class TrtllmCheckpointExecutor:
             x = block(x, window)
         if window.cache is not None:
             window.cache.advance(ids.shape[1])
-        return self.lm_head(x)
+        return self.lm_head(x, self.stage_ranks(self.pp - 1))
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         return F.embedding(ids, self.weight(self.stage_ranks(0)[0], trtllm_weight(Role.EMBEDDING)))
@@ -517,7 +517,10 @@ class TrtllmCheckpointExecutor:
     def normed_linear(self, part: NormedLinear, x: torch.Tensor) -> torch.Tensor:
         return part.linear(self.norm(part.rank, part.norm, x))
 
-    def lm_head(self, x: torch.Tensor) -> torch.Tensor:
+    def lm_head(self, x: torch.Tensor, ranks: list[int]) -> torch.Tensor:
+        """Logits [..., vocab] (float32) of the last stage's `ranks` (those it was built on)."""
+        if tuple(ranks) != tuple(part.rank for part in self.head):
+            raise ValueError(f"lm_head is on ranks {[p.rank for p in self.head]}, not {ranks}")
         parts = [self.normed_linear(part, x) for part in self.head]
         return self.all_gather(parts)[..., : self.plan.vocab_size].float()
 
