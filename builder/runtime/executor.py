@@ -8,21 +8,23 @@ stages run in order, each from its own rank files with stage-local layer indices
 (rope_gpt_neox, llama3 scaling) and GQA follow each layer's `layer_configs` entry; lm_head's
 padded vocabulary rows are dropped.
 
-Linears go through one method, `linear`, so quantized checkpoints run too: a
-float8_e4m3fn weight is executed as TensorRT-LLM's per-tensor FP8 GEMM, emulated (activation
-divided by `activation_scaling_factor`, rounded to e4m3, multiplied in fp32 with the e4m3
-weight, scaled by weights_scaling_factor x activation_scaling_factor). With an FP8 KV cache,
-k and v are rounded through e4m3 with `kv_cache_scaling_factor`. On a GPU with FP8 tensor
-cores, `fp8_gemm="tensor-cores"` runs the same GEMM through `torch._scaled_mm` instead, which
-is how the emulation is checked against hardware (scripts/gpu_session.py). `linear_hook` replaces
-the linear computation entirely (e.g. to try another quantization scheme). A linear with a
+Each linear runs in its own format, so quantized and mixed-precision checkpoints run too
+(builder.arch.formats): its format is read from its stored tensors when the checkpoint is
+opened (`stored_format`) and picks its implementation from `LINEARS`. A float8_e4m3fn weight is
+TensorRT-LLM's per-tensor FP8 GEMM, emulated (activation divided by
+`activation_scaling_factor`, rounded to e4m3, multiplied in fp32 with the e4m3 weight, scaled
+by weights_scaling_factor x activation_scaling_factor); on a GPU with FP8 tensor cores,
+`fp8_gemm="tensor-cores"` runs the same GEMM through `torch._scaled_mm` instead, which is how
+the emulation is checked against hardware (scripts/gpu_session.py). An e4m3 weight with a
 `per_channel_scale` is TensorRT-LLM's per-channel-per-token FP8 (activations scaled per token
-at run time), and a 16-bit weight is a linear left unquantized: a mixed-precision checkpoint
-runs linear by linear (builder.arch.formats).
+at run time), and a 16-bit weight is a linear left unquantized. `linear_hook` replaces every
+linear's computation (e.g. to try another quantization scheme). With an FP8 KV cache, k and v
+are rounded through e4m3 with `kv_cache_scaling_factor`.
 
 Each layer's work is decided once, when the checkpoint is opened: a per-kind builder
 (`ATTENTION_SUBLAYERS`, `FFN_SUBLAYERS`) turns the layer's plan into a `Block` of sublayers
-with their tensor names resolved from the role table; a forward only runs the blocks.
+with their tensor names resolved from the role table and each linear's implementation bound;
+a forward only runs the blocks.
 
 Generation (`generate`, `greedy`) is batched incremental decode: the prompts, left-padded
 to one length, are prefilled once into a `KVCache`, then every step feeds one token per
@@ -44,6 +46,7 @@ import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 
+from builder.arch.formats import LinearFormat
 from builder.arch.plan import AttentionKind, FfnKind, LayerPlan
 from builder.arch.tensors import (
     Role,
@@ -55,7 +58,7 @@ from builder.arch.tensors import (
     trtllm_module,
     trtllm_weight,
 )
-from builder.dtypes import FP8_MAX
+from builder.dtypes import F8_E4M3, FP8_MAX
 from builder.errors import UserError
 from builder.io.trtllm_checkpoint import mapping_of, rank_file_name, read_trtllm_config
 
@@ -240,6 +243,7 @@ class TrtllmCheckpointExecutor:
             for pp_rank in range(self.pp)
             for local, index in enumerate(stage_layers(self.plan, self.pp, pp_rank))
         }
+        self.head = self.build_lm_head(self.stage_ranks(self.pp - 1))
 
     def close(self) -> None:
         self._stack.close()
@@ -270,42 +274,44 @@ class TrtllmCheckpointExecutor:
         per-channel scale: builder.arch.formats)."""
         return name in self._names[rank]
 
-    def weight(self, rank: int, name: str) -> torch.Tensor:
-        """A tensor in the compute dtype (held converted when `keep_weights`)."""
-        key = (rank, name + "@compute")
+    def stored_code(self, rank: int, name: str) -> str:
+        """The safetensors dtype code of a stored tensor ("BF16", "F8_E4M3"), from the header."""
+        try:
+            return self._files[rank].get_slice(name).get_dtype()
+        except SafetensorError as err:
+            raise UserError(
+                f"{self.directory / rank_file_name(rank)}: tensor {name!r} unavailable ({err})"
+            ) from None
+
+    def weight(self, rank: int, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """A tensor in `dtype` (default: the compute dtype), held converted when
+        `keep_weights`."""
+        dtype = dtype or self.dtype
+        key = (rank, f"{name}@{dtype}")
         if self._kept is not None and key in self._kept:
             return self._kept[key]
-        tensor = self.tensor(rank, name).to(self.dtype)
+        tensor = self.tensor(rank, name).to(dtype)
         if self._kept is not None:
             self._kept[key] = tensor
         return tensor
 
     # ---- building blocks -------------------------------------------------------------------------
-    def linear(self, rank: int, name: str, x: torch.Tensor) -> torch.Tensor:
-        """x @ W.T for module `name` on `rank` (FP8 weights emulated, see module docstring)."""
+    def linear(self, rank: int, module: str) -> Linear:
+        """Module `module`'s linear on `rank`, its implementation chosen here once: the
+        hook's, or its stored format's from `LINEARS`."""
         if self.linear_hook is not None:
-            return self.linear_hook(LinearCall(rank, name, x, self))
-        weight_name = f"{name}.weight"
-        weight = self.tensor(rank, weight_name)
-        channel_name = per_channel_scale_name(weight_name)
-        if weight.dtype == torch.float8_e4m3fn and self.has(rank, channel_name):
-            channel_scale = self.tensor(rank, channel_name)
-            return fp8_rowwise_linear(x, weight, channel_scale).to(self.dtype)
-        if weight.dtype == torch.float8_e4m3fn:
-            w_name, a_name = scale_names(weight_name)
-            w_scale = self.tensor(rank, w_name).float()
-            a_scale = self.tensor(rank, a_name).float()
-            if self.fp8_gemm is fp8_linear and self._kept is not None:
-                weight = self._held_fp32(rank, weight_name, weight)  # e4m3 -> fp32 is exact
-            return self.fp8_gemm(x, weight, w_scale, a_scale).to(self.dtype)
-        return F.linear(x, self.weight(rank, weight_name))
+            return HookedLinear(self, rank, module, self.linear_hook)
+        return LINEARS[self.stored_format(rank, module)](self, rank, module)
 
-    def _held_fp32(self, rank: int, name: str, weight: torch.Tensor) -> torch.Tensor:
-        """The emulated FP8 GEMM's fp32 copy of an e4m3 weight, converted once (keep_weights)."""
-        key = (rank, name + "@fp32")
-        if key not in self._kept:
-            self._kept[key] = weight.float()
-        return self._kept[key]
+    def stored_format(self, rank: int, module: str) -> LinearFormat:
+        """The format `module`'s tensors on `rank` are stored in: an e4m3 weight is FP8,
+        per-channel when a per_channel_scale sits beside it; any other weight is unquantized."""
+        weight = f"{module}.weight"
+        if self.stored_code(rank, weight) != F8_E4M3.code:
+            return LinearFormat.BF16
+        if self.has(rank, per_channel_scale_name(weight)):
+            return LinearFormat.FP8_PC_PT
+        return LinearFormat.FP8
 
     def norm(self, rank: int, name: str, x: torch.Tensor) -> torch.Tensor:
         """RMSNorm in fp32, cast back, then scaled by the weight (Llama's order)."""
@@ -470,22 +476,26 @@ class TrtllmCheckpointExecutor:
         )
         return Block(layer, local, tuple(ranks), tuple(s for s in sublayers if s is not None))
 
+    def build_lm_head(self, ranks: list[int]) -> tuple[NormedLinear, ...]:
+        norm, head = trtllm_weight(Role.FINAL_NORM), trtllm_module(Role.LM_HEAD)
+        return tuple(NormedLinear(r, norm, self.linear(r, head)) for r in ranks)
+
     def attention(
-        self, rank: int, names: AttentionNames, layer: LayerPlan, x: torch.Tensor, window: Window
+        self, part: AttentionRank, layer: LayerPlan, x: torch.Tensor, window: Window
     ) -> torch.Tensor:
         """This rank's partial attention output (its heads through its slice of `dense`)."""
         hd = self.plan.head_dim
         q_heads = self.plan.num_attention_heads // self.tp
         kv_heads = kv_heads_per_rank(layer.kv_heads, self.tp)
-        h = self.norm(rank, names.norm, x)
-        qkv = self.linear(rank, names.qkv, h)
+        rank = part.rank
+        qkv = part.qkv(self.norm(rank, part.norm, x))
         batch, seq, _ = qkv.shape
         q, k, v = qkv.split([q_heads * hd, kv_heads * hd, kv_heads * hd], dim=-1)
         q = q.view(batch, seq, q_heads, hd).transpose(1, 2)
         k = k.view(batch, seq, kv_heads, hd).transpose(1, 2)
         v = v.view(batch, seq, kv_heads, hd).transpose(1, 2)
         q, k = rotate(q, window.cos, window.sin), rotate(k, window.cos, window.sin)
-        scale = self.kv_scale(rank, names.kv_scale)
+        scale = None if part.kv_scale is None else self.tensor(rank, part.kv_scale).float()
         if window.cache is not None:
             k, v = window.cache.append(rank, layer.index, k, v, scale)
         elif scale is not None:
@@ -497,23 +507,21 @@ class TrtllmCheckpointExecutor:
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=window.mask, scale=hd**-0.5)
         out = out.transpose(1, 2).reshape(batch, seq, q_heads * hd)
-        return self.linear(rank, names.dense, out)
+        return part.dense(out)
 
-    def kv_scale(self, rank: int, name: str) -> torch.Tensor | None:
-        """The layer's kv_cache_scaling_factor when the checkpoint has an FP8 KV cache."""
-        if not self.kv_cache_fp8:
-            return None
-        return self.tensor(rank, name).float()
-
-    def mlp(self, rank: int, names: MlpNames, x: torch.Tensor) -> torch.Tensor:
+    def mlp(self, part: MlpRank, x: torch.Tensor) -> torch.Tensor:
         """This rank's partial MLP output: proj(silu(fc(x)) * gate(x)) on its slice of the width."""
-        h = self.norm(rank, names.norm, x)
-        inner = F.silu(self.linear(rank, names.fc, h)) * self.linear(rank, names.gate, h)
-        return self.linear(rank, names.proj, inner)
+        h = self.norm(part.rank, part.norm, x)
+        return part.proj(F.silu(part.fc(h)) * part.gate(h))
+
+    def normed_linear(self, part: NormedLinear, x: torch.Tensor) -> torch.Tensor:
+        return part.linear(self.norm(part.rank, part.norm, x))
 
     def lm_head(self, x: torch.Tensor, ranks: list[int]) -> torch.Tensor:
-        norm, head = trtllm_weight(Role.FINAL_NORM), trtllm_module(Role.LM_HEAD)
-        parts = [self.linear(r, head, self.norm(r, norm, x)) for r in ranks]
+        """Logits [..., vocab] (float32) of the last stage's `ranks` (those it was built on)."""
+        if tuple(ranks) != tuple(part.rank for part in self.head):
+            raise ValueError(f"lm_head is on ranks {[p.rank for p in self.head]}, not {ranks}")
+        parts = [self.normed_linear(part, x) for part in self.head]
         return self.all_gather(parts)[..., : self.plan.vocab_size].float()
 
 
@@ -537,19 +545,35 @@ class Block:
 
 
 @dataclass(frozen=True)
-class AttentionNames:
+class AttentionRank:
+    """One rank's share of a GQA layer: its norm weight, its linears, and its KV-cache scale
+    (None: the KV cache is not FP8)."""
+
+    rank: int
     norm: str
-    qkv: str
-    dense: str
-    kv_scale: str
+    qkv: Linear
+    dense: Linear
+    kv_scale: str | None
 
 
 @dataclass(frozen=True)
-class MlpNames:
+class MlpRank:
+    """One rank's slice of a gated MLP: its norm weight and its three linears."""
+
+    rank: int
     norm: str
-    fc: str
-    gate: str
-    proj: str
+    fc: Linear
+    gate: Linear
+    proj: Linear
+
+
+@dataclass(frozen=True)
+class NormedLinear:
+    """One rank's RMSNorm then linear (a linear replacement's, or lm_head's)."""
+
+    rank: int
+    norm: str
+    linear: Linear
 
 
 SublayerBuilder = Callable[
@@ -561,28 +585,32 @@ def gqa_attention(
     ex: TrtllmCheckpointExecutor, layer: LayerPlan, local: int, ranks: tuple[int, ...]
 ) -> Sublayer:
     """Each rank's heads, partial outputs summed (the all-reduce)."""
-    names = AttentionNames(
+    norm, qkv, dense = (
         trtllm_weight(Role.ATTN_NORM, local),
         trtllm_module(Role.ATTN_Q, local),
         trtllm_module(Role.ATTN_OUT, local),
-        kv_cache_scale_name(local),
     )
-    return lambda x, window: ex.all_reduce(
-        [ex.attention(r, names, layer, x, window) for r in ranks]
-    )
+    kv_scale = kv_cache_scale_name(local) if ex.kv_cache_fp8 else None
+    parts = [
+        AttentionRank(r, norm, ex.linear(r, qkv), ex.linear(r, dense), kv_scale) for r in ranks
+    ]
+    return lambda x, window: ex.all_reduce([ex.attention(p, layer, x, window) for p in parts])
 
 
 def gated_mlp(
     ex: TrtllmCheckpointExecutor, layer: LayerPlan, local: int, ranks: tuple[int, ...]
 ) -> Sublayer:
     """Each rank's slice of the width, partial outputs summed (the all-reduce)."""
-    names = MlpNames(
-        trtllm_weight(Role.FFN_NORM, local),
+    norm = trtllm_weight(Role.FFN_NORM, local)
+    fc, gate, proj = (
         trtllm_module(Role.FFN_GATE, local),
         trtllm_module(Role.FFN_UP, local),
         trtllm_module(Role.FFN_DOWN, local),
     )
-    return lambda x, window: ex.all_reduce([ex.mlp(r, names, x) for r in ranks])
+    parts = [
+        MlpRank(r, norm, ex.linear(r, fc), ex.linear(r, gate), ex.linear(r, proj)) for r in ranks
+    ]
+    return lambda x, window: ex.all_reduce([ex.mlp(p, x) for p in parts])
 
 
 def linear_replacement(norm_role: Role, linear_role: Role) -> SublayerBuilder:
@@ -592,9 +620,8 @@ def linear_replacement(norm_role: Role, linear_role: Role) -> SublayerBuilder:
         ex: TrtllmCheckpointExecutor, layer: LayerPlan, local: int, ranks: tuple[int, ...]
     ) -> Sublayer:
         norm, linear = trtllm_weight(norm_role, local), trtllm_module(linear_role, local)
-        return lambda x, window: ex.all_gather(
-            [ex.linear(r, linear, ex.norm(r, norm, x)) for r in ranks]
-        )
+        parts = [NormedLinear(r, norm, ex.linear(r, linear)) for r in ranks]
+        return lambda x, window: ex.all_gather([ex.normed_linear(p, x) for p in parts])
 
     return build
 
@@ -614,6 +641,91 @@ FFN_SUBLAYERS: dict[FfnKind, SublayerBuilder] = {
     FfnKind.MLP: gated_mlp,
     FfnKind.LINEAR: linear_replacement(Role.FFN_NORM, Role.FFN_LINEAR),
     FfnKind.NO_OP: absent,
+}
+
+
+# ---- linears: one implementation per format, bound to its tensors at load ---------------------
+Linear = Callable[[torch.Tensor], torch.Tensor]  # one rank's x @ W.T
+
+
+@dataclass(frozen=True)
+class DenseLinear:
+    """A linear left in the checkpoint dtype, run in the compute dtype."""
+
+    ex: TrtllmCheckpointExecutor
+    rank: int
+    weight: str
+
+    @classmethod
+    def build(cls, ex: TrtllmCheckpointExecutor, rank: int, module: str) -> Self:
+        return cls(ex, rank, f"{module}.weight")
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.ex.weight(self.rank, self.weight))
+
+
+@dataclass(frozen=True)
+class PerTensorFp8Linear:
+    """TensorRT-LLM's per-tensor FP8 GEMM, through the executor's `fp8_gemm`."""
+
+    ex: TrtllmCheckpointExecutor
+    rank: int
+    weight: str
+    w_scale: str
+    a_scale: str
+    gemm: Fp8Gemm
+
+    @classmethod
+    def build(cls, ex: TrtllmCheckpointExecutor, rank: int, module: str) -> Self:
+        weight = f"{module}.weight"
+        return cls(ex, rank, weight, *scale_names(weight), ex.fp8_gemm)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        ex, rank = self.ex, self.rank
+        weight = ex.weight(rank, self.weight, self.gemm.weight_dtype)
+        w_scale = ex.tensor(rank, self.w_scale).float()
+        a_scale = ex.tensor(rank, self.a_scale).float()
+        return self.gemm.run(x, weight, w_scale, a_scale).to(ex.dtype)
+
+
+@dataclass(frozen=True)
+class PerChannelFp8Linear:
+    """TensorRT-LLM's per-channel-per-token FP8 GEMM, emulated (`fp8_rowwise_linear`)."""
+
+    ex: TrtllmCheckpointExecutor
+    rank: int
+    weight: str
+    channel_scale: str
+
+    @classmethod
+    def build(cls, ex: TrtllmCheckpointExecutor, rank: int, module: str) -> Self:
+        weight = f"{module}.weight"
+        return cls(ex, rank, weight, per_channel_scale_name(weight))
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        ex, rank = self.ex, self.rank
+        weight = ex.weight(rank, self.weight, torch.float32)  # e4m3 -> fp32 is exact
+        scale = ex.tensor(rank, self.channel_scale)
+        return fp8_rowwise_linear(x, weight, scale).to(ex.dtype)
+
+
+@dataclass(frozen=True)
+class HookedLinear:
+    """A linear computed by the executor's `linear_hook` instead of its format's GEMM."""
+
+    ex: TrtllmCheckpointExecutor
+    rank: int
+    module: str
+    hook: LinearHook
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.hook(LinearCall(self.rank, self.module, x, self.ex))
+
+
+LINEARS: dict[LinearFormat, Callable[[TrtllmCheckpointExecutor, int, str], Linear]] = {
+    LinearFormat.BF16: DenseLinear.build,
+    LinearFormat.FP8: PerTensorFp8Linear.build,
+    LinearFormat.FP8_PC_PT: PerChannelFp8Linear.build,
 }
 
 
@@ -721,4 +833,16 @@ def fp8_linear_tensor_cores(
     return out[: rows.shape[0]].reshape(*x.shape[:-1], weight.shape[0])
 
 
-FP8_GEMMS = {"emulate": fp8_linear, "tensor-cores": fp8_linear_tensor_cores}
+@dataclass(frozen=True)
+class Fp8Gemm:
+    """A per-tensor FP8 GEMM and the dtype it takes the e4m3 weight in (the emulation
+    multiplies in fp32: e4m3 -> fp32 is exact, and `keep_weights` holds that copy)."""
+
+    run: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+    weight_dtype: torch.dtype
+
+
+FP8_GEMMS = {
+    "emulate": Fp8Gemm(fp8_linear, torch.float32),
+    "tensor-cores": Fp8Gemm(fp8_linear_tensor_cores, torch.float8_e4m3fn),
+}

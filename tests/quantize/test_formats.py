@@ -172,6 +172,32 @@ def test_mixed_trtllm_tensors(mixed_out, mixed_ckpt, plan):
     assert seen == {FP8, PC, BF16}
 
 
+def test_executor_binds_each_linear_of_a_mixed_checkpoint_to_its_format_at_load(mixed_out, plan):
+    """Every linear's implementation is chosen once, when the checkpoint is opened, from what
+    its rank files store: the recipe's format on every rank, lm_head (excluded) unquantized."""
+    from builder.arch.tensors import Role, trtllm_module
+    from builder.runtime.executor import (
+        DenseLinear,
+        PerChannelFp8Linear,
+        PerTensorFp8Linear,
+        TrtllmCheckpointExecutor,
+    )
+
+    expected = {BF16: DenseLinear, FP8: PerTensorFp8Linear, PC: PerChannelFp8Linear}
+    recipe = every_format(plan)
+    with TrtllmCheckpointExecutor(mixed_out / "trtllm") as ex:
+        for unit in model_units(plan):
+            fmt = recipe.format_of(unit)
+            for module in unit.trtllm_modules:
+                name = module.format(j=unit.layer)
+                for rank in range(ex.tp):
+                    assert ex.stored_format(rank, name) is fmt, (rank, name)
+                    assert isinstance(ex.linear(rank, name), expected[fmt])
+        head = trtllm_module(Role.LM_HEAD)
+        assert [type(p.linear) for p in ex.head] == [DenseLinear] * ex.tp
+        assert all(ex.stored_format(r, head) is BF16 for r in range(ex.tp))
+
+
 def test_mixed_trtllm_export_streams_only_per_tensor_linears(mixed_out, mixed_ckpt, plan):
     """io15's blockwise path (the e4m3 table, block by block) is per-tensor FP8 only: a
     per-channel linear needs its rows' amax first and a BF16 one stays as it is. Every

@@ -168,6 +168,24 @@ def test_smollm2_refuses_a_tp_that_does_not_divide_its_heads(tmp_path, smollm2_c
         convert_checkpoint(smollm2_ckpt, tmp_path / "trt", tp=2)
 
 
+def test_a_missing_linear_weight_is_named_when_the_checkpoint_is_opened(tmp_path, mixed_ckpt):
+    """Each linear's format is read from its stored tensors at load, so a rank file without a
+    linear's weight is refused then, naming the file and the tensor (not mid-forward)."""
+    from safetensors.torch import load_file, save_file
+
+    from builder.errors import UserError
+
+    out = tmp_path / "trt"
+    convert_checkpoint(mixed_ckpt, out, tp=2)
+    rank1 = out / "rank1.safetensors"
+    tensors = load_file(str(rank1))
+    name = next(n for n in sorted(tensors) if n.endswith("ffn.proj.weight"))
+    del tensors[name]
+    save_file(tensors, str(rank1))
+    with pytest.raises(UserError, match=rf"rank1\.safetensors: tensor '{name}' unavailable"):
+        TrtllmCheckpointExecutor(out)
+
+
 def test_llama3_rope_frequencies_match_transformers():
     from transformers import LlamaConfig
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
