@@ -10,7 +10,7 @@ prints its table and exit code: CURRENT-slow must fail (1: the gate caught it), 
 and CURRENT-clean must pass (0).
 
 Usage: python scripts/compare_injected_slowdown.py CHECKPOINT [--out /tmp/gate] [--delay-us 50]
-       [--small-delay-us 2] [--isl 12] [--osl 4] [--concurrency 1,4] [--repeat 3]
+       [--small-delay-us 0.5] [--isl 12] [--osl 4] [--concurrency 1,4] [--repeat 3]
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ def main() -> int:
     parser.add_argument("checkpoint", type=Path)
     parser.add_argument("--out", type=Path, default=Path("/tmp/gate"))
     parser.add_argument("--delay-us", type=float, default=50.0)
-    parser.add_argument("--small-delay-us", type=float, default=2.0)
+    parser.add_argument("--small-delay-us", type=float, default=0.5)
     parser.add_argument("--isl", type=int, default=12)
     parser.add_argument("--osl", type=int, default=4)
     parser.add_argument("--concurrency", default="1,4")
