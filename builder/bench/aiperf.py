@@ -199,7 +199,9 @@ def run_profile(command: list[str], artifact_dir: Path, timeout: float, log: Pat
             os.killpg(process.pid, 9)
             process.wait()
             raise
-    exports = sorted(artifact_dir.rglob(EXPORT_NAME))
+    # 0.13 also writes phases/warmup/ and phases/profiling/ exports; the top-level one is the run
+    top = artifact_dir / EXPORT_NAME
+    exports = [top] if top.is_file() else sorted(artifact_dir.rglob(f"profiling/{EXPORT_NAME}"))
     if code != 0 or not exports:
         tail = log.read_text(errors="replace").strip().splitlines()[-5:]
         raise UserError(
@@ -255,7 +257,8 @@ def bench_server(
             "endpoint": endpoint,
             "url": url,
             "tokenizer": str(Path(tokenizer).resolve()),
-            "measured_isl": record.settings["isl"],
+            # AIPerf 0.13's template endpoint (Triton) reports no input_sequence_length
+            "measured_isl": record.settings["isl"] or None,
             "measured_osl": record.settings["osl"],
             "engine": None,
         }
