@@ -3,13 +3,14 @@
 
 Benches a TensorRT-LLM checkpoint with the executor in one process: as is (BASE), with every
 linear delayed by --delay-us microseconds (CURRENT-slow: a real slowdown, measured, not edited
-into the records), and as is again (CURRENT-clean), in interleaved rounds of one repeat each. Then
-runs `builder report compare BASE CURRENT --max-regression 5%`
-and prints its table and exit code (1: the gate caught it), plus the same compare of BASE
-against a second clean run (CURRENT-clean), which must pass.
+into the records), with every linear delayed by --small-delay-us (CURRENT-small: a slowdown
+below the 5% threshold) and as is again (CURRENT-clean), in interleaved rounds of one repeat
+each. Then runs `builder report compare BASE CURRENT --max-regression 5%` for each CURRENT and
+prints its table and exit code: CURRENT-slow must fail (1: the gate caught it), CURRENT-small
+and CURRENT-clean must pass (0).
 
 Usage: python scripts/compare_injected_slowdown.py CHECKPOINT [--out /tmp/gate] [--delay-us 50]
-       [--isl 12] [--osl 4] [--concurrency 1,4] [--repeat 3]
+       [--small-delay-us 0.5] [--isl 12] [--osl 4] [--concurrency 1,4] [--repeat 3]
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ def main() -> int:
     parser.add_argument("checkpoint", type=Path)
     parser.add_argument("--out", type=Path, default=Path("/tmp/gate"))
     parser.add_argument("--delay-us", type=float, default=50.0)
+    parser.add_argument("--small-delay-us", type=float, default=0.5)
     parser.add_argument("--isl", type=int, default=12)
     parser.add_argument("--osl", type=int, default=4)
     parser.add_argument("--concurrency", default="1,4")
@@ -48,15 +50,23 @@ def main() -> int:
     )
     original = TrtllmCheckpointExecutor.linear
 
-    def delayed(self, rank, name, x):
-        end = time.perf_counter() + args.delay_us * 1e-6
-        while time.perf_counter() < end:  # busy wait: sleep() granularity is too coarse
-            pass
-        return original(self, rank, name, x)
+    def delayed_by(microseconds: float):
+        def delayed(self, rank, name, x):
+            end = time.perf_counter() + microseconds * 1e-6
+            while time.perf_counter() < end:  # busy wait: sleep() granularity is too coarse
+                pass
+            return original(self, rank, name, x)
 
-    # Rounds alternate base / slow / clean, one repeat each, so a load change on a shared
-    # machine hits all three alike instead of landing between two runs.
-    runs = {"base": original, "current-slow": delayed, "current-clean": original}
+        return delayed
+
+    # Rounds alternate base / slow / small / clean, one repeat each, so a load change on a
+    # shared machine hits all of them alike instead of landing between two runs.
+    runs = {
+        "base": original,
+        "current-slow": delayed_by(args.delay_us),
+        "current-small": delayed_by(args.small_delay_us),
+        "current-clean": original,
+    }
     rounds: dict[str, list] = {name: [] for name in runs}
     for _ in range(args.repeat):
         for name, linear in runs.items():
@@ -81,7 +91,7 @@ def main() -> int:
                 args.out / name, dataclasses.replace(first, metrics=metrics, settings=settings)
             )
     codes = {}
-    for current in ("current-slow", "current-clean"):
+    for current in ("current-slow", "current-small", "current-clean"):
         command = [
             sys.executable,
             "-m",
@@ -98,7 +108,8 @@ def main() -> int:
         )
         codes[current] = subprocess.run(command, check=False).returncode
         print(f"exit code {codes[current]}\n")
-    return 0 if codes == {"current-slow": 1, "current-clean": 0} else 1
+    expected = {"current-slow": 1, "current-small": 0, "current-clean": 0}
+    return 0 if codes == expected else 1
 
 
 if __name__ == "__main__":

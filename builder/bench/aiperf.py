@@ -10,8 +10,12 @@ Workload: synthetic prompts of ISL tokens of the given tokenizer (stddev 0), OSL
 `max_tokens` = OSL with stddev 0 plus, for OpenAI servers, `ignore_eos: true` and
 `min_tokens: OSL` as extra inputs (vLLM and TensorRT-LLM servers honour them), streaming,
 seeded. The record keeps the measured mean ISL/OSL, so a server that stopped early shows it.
-The Triton path (AIPerf's template endpoint on generate_stream) is built from the documented
-endpoint but has not been run against a live Triton server in this repository's tests.
+The Triton path is AIPerf's template endpoint on generate_stream (tested against the real
+tritonserver serving the generated repository, tests/bench/test_server_bench.py).
+
+AIPerf is given a tokenizer-only copy of --tokenizer (`tokenizer_only`): through a model
+directory, transformers' AutoTokenizer also reads config.json, and a nemotron-nas config (the
+Ultra's own) does not load without its remote code, so AIPerf would refuse the directory.
 """
 
 from __future__ import annotations
@@ -49,6 +53,42 @@ def find_aiperf(explicit: str | None = None) -> Path:
         "AIPerf not found: run scripts/install.sh (it creates .venv-aiperf), set "
         "BUILDER_AIPERF, or pass --aiperf PATH"
     )
+
+
+# Files AutoTokenizer reads; config.json (the model's, possibly remote code) is left out.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+
+
+def tokenizer_only(tokenizer: str | Path, out_dir: Path) -> Path:
+    """A copy of the tokenizer files of `tokenizer` under out_dir/aiperf/tokenizer (the input
+    directory is only read)."""
+    source = Path(tokenizer)
+    if (
+        not (source / "tokenizer_config.json").is_file()
+        and not (source / "tokenizer.json").is_file()
+    ):
+        raise UserError(
+            f"--tokenizer {tokenizer}: not a local tokenizer directory (nothing is downloaded)"
+        )
+    target = out_dir / "aiperf" / "tokenizer"
+    if target.exists():
+        shutil.rmtree(target)
+    target.mkdir(parents=True)
+    for name in TOKENIZER_FILES:
+        if (source / name).is_file():
+            shutil.copyfile(source / name, target / name)
+    return target
 
 
 TRITON_PAYLOAD = '{"text_input": {{ text|tojson }}, "max_tokens": {{ max_tokens }}, "stream": true}'
@@ -159,7 +199,9 @@ def run_profile(command: list[str], artifact_dir: Path, timeout: float, log: Pat
             os.killpg(process.pid, 9)
             process.wait()
             raise
-    exports = sorted(artifact_dir.rglob(EXPORT_NAME))
+    # 0.13 also writes phases/warmup/ and phases/profiling/ exports; the top-level one is the run
+    top = artifact_dir / EXPORT_NAME
+    exports = [top] if top.is_file() else sorted(artifact_dir.rglob(f"profiling/{EXPORT_NAME}"))
     if code != 0 or not exports:
         tail = log.read_text(errors="replace").strip().splitlines()[-5:]
         raise UserError(
@@ -181,13 +223,7 @@ def bench_server(
 ) -> list[RunRecord]:
     """One record per point; AIPerf's artifacts stay under out_dir/aiperf/."""
     executable = find_aiperf(aiperf)
-    if (
-        not (Path(tokenizer) / "tokenizer_config.json").is_file()
-        and not (Path(tokenizer) / "tokenizer.json").is_file()
-    ):
-        raise UserError(
-            f"--tokenizer {tokenizer}: not a local tokenizer directory (nothing is downloaded)"
-        )
+    staged = str(tokenizer_only(tokenizer, out_dir))
     records = []
     for number, point in enumerate(points, start=1):
         exports = []
@@ -204,7 +240,7 @@ def bench_server(
                     f"aiperf -> {directory}"
                 )
             command = profile_command(
-                executable, url, model, tokenizer, point, directory, repeat, endpoint
+                executable, url, model, staged, point, directory, repeat, endpoint
             )
             exports.append(run_profile(command, directory, timeout, directory.with_suffix(".log")))
         record = import_reports(
@@ -220,7 +256,9 @@ def bench_server(
             **point.settings(),
             "endpoint": endpoint,
             "url": url,
-            "measured_isl": record.settings["isl"],
+            "tokenizer": str(Path(tokenizer).resolve()),
+            # AIPerf 0.13's template endpoint (Triton) reports no input_sequence_length
+            "measured_isl": record.settings["isl"] or None,
             "measured_osl": record.settings["osl"],
             "engine": None,
         }

@@ -36,7 +36,8 @@ part, its kind and width, and its tensors (FP8 scales not matching the calibrate
 weights far from the source, files swapped against the manifest).
 
 \b
---report DIR gets the run record (JSON, builder.report.records schema) and the Markdown table.
+--report DIR gets the run record (JSON, builder.report.records schema) and the Markdown table;
+--history DB also appends it to the SQLite history `builder bench` writes (docs/records.md).
 Exit status: 0 pass, 1 fail, 2 bad input.
 """
 
@@ -93,6 +94,11 @@ Exit status: 0 pass, 1 fail, 2 bad input.
     help="Directory for the run record and the Markdown table.",
 )
 @click.option(
+    "--history",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Also append the record to this SQLite history (e.g. runs/history.sqlite).",
+)
+@click.option(
     "--json", "as_json", is_flag=True, help="Print the run record as JSON instead of the table."
 )
 @click.pass_context
@@ -111,6 +117,7 @@ def verify(
     max_prompts,
     timeout,
     report,
+    history,
     as_json,
 ) -> None:
     from builder.verify.golden import DTYPES, Golden
@@ -148,6 +155,10 @@ def verify(
         result = run_verify(golden, runtime, opts, say)
     finally:
         runtime.close()
+    if history is not None:
+        from builder.report.history import append_records
+
+        append_records(history, [result.record])
     if as_json:
         from builder.cli.common import echo_json
 

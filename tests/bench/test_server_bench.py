@@ -77,3 +77,79 @@ def test_bench_a_real_server_with_aiperf(
     assert list(
         out.rglob("profile_export_aiperf.json")
     )  # AIPerf's own export kept beside the record
+
+
+# tritonserver start (~30-60 s on 2 cores) + AIPerf against the generate_stream endpoint.
+@pytest.mark.slow
+def test_bench_a_real_triton_server_with_aiperf(aiperf, triton_server, tmp_path, capsys):
+    """`--triton`: AIPerf's template endpoint on /v2/models/ensemble/generate_stream of the real
+    tritonserver (the generated repository, tensorrt_llm = the executor stand-in)."""
+    out = tmp_path / "bench"
+    main(
+        [
+            "bench",
+            "--triton",
+            f"http://{triton_server.http_url}",
+            "--model",
+            "ensemble",
+            "--tokenizer",
+            str(triton_server.build.hf_dir),
+            "--isl",
+            "16",
+            "--osl",
+            "4",
+            "--concurrency",
+            "2",
+            "--requests",
+            "4",
+            "--warmup",
+            "1",
+            "--repeat",
+            "1",
+            "--out",
+            str(out),
+            "--history",
+            str(tmp_path / "h.sqlite"),
+            "--json",
+        ],
+        standalone_mode=False,
+    )
+    records = json.loads(capsys.readouterr().out)
+    assert len(records) == 1
+    record = read_record(next(out.glob("bench-*.json")))
+    m, s = record.metrics, record.settings
+    assert "Triton" in record.runtime and s["endpoint"] == "triton"
+    assert s["requests"] == 4 and s["concurrency"] == 2
+    # max_tokens alone bounds OSL on Triton (no ignore_eos field). AIPerf counts output tokens by
+    # re-tokenizing the streamed text: random bytes of this synthetic model decode to U+FFFD and
+    # re-encode as 3 bytes, so the measured OSL may exceed max_tokens here (not with real text).
+    assert s["measured_osl"] >= 1
+    assert s["measured_isl"] is None  # the template endpoint's export has no ISL: not invented
+    for key in ("ttft_p50", "e2e_latency_p50", "request_throughput", "output_token_throughput"):
+        assert m[key].value > 0, key
+    assert m["e2e_latency_p50"].value >= m["ttft_p50"].value
+    assert list(out.rglob("profile_export_aiperf.json"))
+    with capsys.disabled():
+        print(
+            f"\n  triton via AIPerf: measured ISL/OSL {s['measured_isl']}/{s['measured_osl']}, "
+            + ", ".join(f"{k} {m[k].value:.4g} {m[k].unit}" for k in sorted(m) if "p50" in k)
+            + f", output {m['output_token_throughput'].value:.4g} tok/s"
+        )
+
+
+def test_aiperf_gets_a_tokenizer_only_copy(mixed_ckpt, tmp_path):
+    """A nemotron-nas model directory (the Ultra's layout) as --tokenizer: AIPerf's
+    AutoTokenizer would read its config.json, which does not load without remote code; AIPerf
+    gets the tokenizer files alone and the input directory is untouched."""
+    from builder.bench.aiperf import tokenizer_only
+
+    before = {p.name: p.stat().st_mtime_ns for p in mixed_ckpt.iterdir()}
+    staged = tokenizer_only(mixed_ckpt, tmp_path)
+    names = {p.name for p in staged.iterdir()}
+    assert "tokenizer_config.json" in names and "tokenizer.json" in names
+    assert "config.json" not in names and not any(n.endswith(".safetensors") for n in names)
+    for name in names:
+        assert (staged / name).read_bytes() == (mixed_ckpt / name).read_bytes()
+    assert {p.name: p.stat().st_mtime_ns for p in mixed_ckpt.iterdir()} == before
+    with pytest.raises(UserError, match="not a local tokenizer directory"):
+        tokenizer_only(tmp_path / "nothing", tmp_path / "out")
