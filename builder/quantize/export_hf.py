@@ -10,6 +10,10 @@ same files from the source checkpoint plus the amax table, one row block at a ti
   - `hf_quant_config.json` and `config.json` with `quantization_config` (converted by
     ModelOpt's own `convert_hf_quant_config_format`), `block_configs` unchanged.
 tests/quantize prove the tensors and quantization configs equal `export_hf_checkpoint`'s.
+
+Every tensor is a tuple of independent row-block jobs (each maps or reads its own rows), run
+in file order by one writer, with `workers` threads computing up to 2 x workers blocks ahead
+(the e4m3 lookups were single-threaded: 23 s for 6 GB on a 16-core host, 4.1x cp).
 """
 
 from __future__ import annotations
