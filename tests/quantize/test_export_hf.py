@@ -104,3 +104,31 @@ def test_a_failing_block_stops_the_export_and_its_threads(tmp_path, mixed_ckpt, 
         )
     assert threading.active_count() == threads
     assert not list(out.glob("*.safetensors"))
+
+
+def test_auto_workers_follow_cpus_and_available_memory(monkeypatch):
+    from builder.quantize import exporters
+
+    def machine(cpus: int, memory: int) -> int:
+        monkeypatch.setattr(exporters.os, "sched_getaffinity", lambda pid: set(range(cpus)))
+        monkeypatch.setattr(exporters, "available_memory", lambda: memory)
+        return exporters.default_workers()
+
+    assert machine(32, 512 << 30) == exporters.MAX_WORKERS
+    assert machine(2, 512 << 30) == 2
+    assert machine(32, 5 * exporters.WORKER_MEMORY + 1) == 5
+    assert machine(32, 1 << 20) == 1
+
+
+@pytest.mark.parametrize("value", ["0", "many"])
+def test_bad_workers_is_one_error_line(tmp_path, mixed_ckpt, value):
+    from click.testing import CliRunner
+
+    from builder.cli import main
+
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["quantize", str(mixed_ckpt), str(out), "--workers", value])
+    assert result.exit_code == 2
+    lines = result.output.strip().splitlines()
+    assert lines == [f"error: --workers: expected a count of at least 1 or auto, got '{value}'"]
+    assert not out.exists()
