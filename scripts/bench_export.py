@@ -17,8 +17,14 @@ also run the previous way (each quantized tensor assembled whole, then divided i
 `quantize_by_division`) and the two outputs must be byte-identical. Amax values are
 constants: only speed is measured. The 1-minute load average is printed beside each figure.
 
+With --baseline TREE, each round also times both exports by another checkout's `builder`
+(e.g. main's, from before a change; in a child process, imports done before its clock
+starts; its HF export with 1 worker, as a tree from before HF export workers has none) in
+the same alternating order, and the outputs must be byte-identical. --workers applies to
+both exports of this tree.
+
 Usage: python scripts/bench_export.py --work /tmp/export-bench [--size-gb 1] [--tp 8]
-       [--workers 1] [--repeat 2]
+       [--workers 1] [--repeat 2] [--baseline /work/main] [--skip-trtllm]
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ import os
 import shutil
 import statistics
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -80,15 +87,28 @@ def export_trt(src: Path, out: Path, table: AmaxTable, tp: int, workers: int) ->
     )
 
 
-def export_unified(src: Path, out: Path, table: AmaxTable) -> float:
+def export_unified(src: Path, out: Path, table: AmaxTable, workers: int) -> float:
     shutil.rmtree(out, ignore_errors=True)
     plan, ckpt = load_plan(src), HFCheckpoint(src)
+    # a tree from before export workers (--hf-baseline) has no such parameter
+    options = {"workers": workers} if workers > 1 else {}
 
     def run() -> None:
         out.mkdir(parents=True)
-        export_hf.write_unified_hf(out, plan, ckpt, table)
+        export_hf.write_unified_hf(out, plan, ckpt, table, **options)
 
     return synced(run, out)
+
+
+def export_in(tree: Path, args: argparse.Namespace, kind: str, out: Path) -> float:
+    """`export_trt` or `export_unified` timed the same way by `builder` from source tree
+    `tree`, in a child process (its imports, ModelOpt's included, happen before its clock
+    starts)."""
+    command = [sys.executable, __file__, "--work", str(args.work), "--tp", str(args.tp)]
+    command += ["--workers", str(args.workers), "--time-into", kind, str(out)]
+    env = {**os.environ, "PYTHONPATH": str(tree)}
+    done = subprocess.run(command, env=env, check=True, capture_output=True, text=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])["seconds"]
 
 
 def timed_cp(src: Path, dst: Path) -> float:
@@ -108,8 +128,8 @@ def previous_trt(src: Path, out: Path, table: AmaxTable, tp: int, workers: int) 
         export_trtllm.quantize_trtllm = quantize
 
 
-def same_files(a: Path, b: Path) -> bool:
-    names = sorted(p.name for p in a.glob("rank*.safetensors"))
+def same_files(a: Path, b: Path, pattern: str = "rank*.safetensors") -> bool:
+    names = sorted(p.name for p in a.glob(pattern))
     return bool(names) and all(filecmp.cmp(a / n, b / n, shallow=False) for n in names)
 
 
@@ -117,41 +137,56 @@ def size_of(directory: Path) -> int:
     return sum(p.stat().st_size for p in directory.rglob("*") if p.is_file())
 
 
-def side_by_side(name: str, export, out: Path, copy: Path, repeat: int) -> dict:
+def side_by_side(name: str, export, out: Path, copy: Path, repeat: int, baseline=None) -> dict:
+    """`export` and `cp` of its output (and `baseline`, another export into its own folder,
+    if given) in an order reversed every round; ratios are to the same round's cp."""
     rows = []
+    commands = ["export", "cp"] + (["baseline"] if baseline else [])
     for run in range(repeat):
         times = {}
-        for what in ("export", "cp") if run % 2 == 0 else ("cp", "export"):
+        for what in commands if run % 2 == 0 else commands[::-1]:
             load = os.getloadavg()[0]
             if what == "export":
                 times["export"] = (export(), load)
+            elif what == "baseline":
+                times["baseline"] = (baseline(), load)
             else:
                 if not out.exists():  # cp first in round 0 of a B A order: needs the output
                     export()
                 times["cp"] = (timed_cp(out, copy), load)
-        rows.append(
-            {
-                "export_s": times["export"][0],
-                "cp_s": times["cp"][0],
-                "ratio": times["export"][0] / times["cp"][0],
-                "load_export": times["export"][1],
-                "load_cp": times["cp"][1],
-            }
-        )
-        print(
+        row = {
+            "export_s": times["export"][0],
+            "cp_s": times["cp"][0],
+            "ratio": times["export"][0] / times["cp"][0],
+            "load_export": times["export"][1],
+            "load_cp": times["cp"][1],
+        }
+        line = (
             f"  {name} round {run}: export {times['export'][0]:.2f} s (load "
             f"{times['export'][1]:.1f}), cp {times['cp'][0]:.2f} s (load {times['cp'][1]:.1f}), "
-            f"ratio {rows[-1]['ratio']:.2f}",
-            flush=True,
+            f"ratio {row['ratio']:.2f}"
         )
+        if baseline:
+            row["baseline_s"], row["load_baseline"] = times["baseline"]
+            row["baseline_ratio"] = row["baseline_s"] / row["cp_s"]
+            line += (
+                f"; baseline {row['baseline_s']:.2f} s (load {row['load_baseline']:.1f}), "
+                f"ratio {row['baseline_ratio']:.2f}"
+            )
+        rows.append(row)
+        print(line, flush=True)
     shutil.rmtree(copy, ignore_errors=True)
-    return {
+    result = {
         "bytes": size_of(out),
         "rounds": rows,
         "ratio_median": statistics.median(r["ratio"] for r in rows),
         "export_s_median": statistics.median(r["export_s"] for r in rows),
         "cp_s_median": statistics.median(r["cp_s"] for r in rows),
     }
+    if baseline:
+        result["baseline_s_median"] = statistics.median(r["baseline_s"] for r in rows)
+        result["baseline_ratio_median"] = statistics.median(r["baseline_ratio"] for r in rows)
+    return result
 
 
 def main() -> None:
@@ -166,6 +201,14 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--skip-previous", action="store_true", help="skip the old-path check")
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        help="a builder source tree (e.g. main's checkout) whose exports are timed beside this "
+        "one's in every round; outputs must be byte-identical",
+    )
+    parser.add_argument("--skip-trtllm", action="store_true", help="time the HF export only")
+    parser.add_argument("--time-into", nargs=2, help=argparse.SUPPRESS)  # --baseline's child
     args = parser.parse_args()
     src = args.work / "src"
     if not (src / "config.json").exists():
@@ -178,19 +221,56 @@ def main() -> None:
     # from calibration by then, so its import (seconds) is not part of the export here either.
     import modelopt.torch.export.plugins  # noqa: F401
 
+    if args.time_into:  # the child of --baseline, running another tree's builder
+        kind, into = args.time_into[0], Path(args.time_into[1])
+        if kind == "trtllm":
+            seconds = export_trt(src, into, table, args.tp, args.workers)
+        else:  # a tree from before HF export workers takes none
+            seconds = export_unified(src, into, table, 1)
+        print(json.dumps({"seconds": seconds}))
+        return
+
     trt_out, hf_out, copy = args.work / "fp8-trtllm", args.work / "fp8-hf", args.work / "cp"
     result = {"tp": args.tp, "workers": args.workers, "cpus": os.cpu_count()}
-    result["trtllm"] = side_by_side(
-        "TensorRT-LLM",
-        lambda: export_trt(src, trt_out, table, args.tp, args.workers),
-        trt_out,
+    baseline_out = args.work / "fp8-baseline"
+    if args.baseline:
+        result["baseline_tree"] = str(args.baseline.resolve())
+
+    def baseline(kind: str):
+        if not args.baseline:
+            return None
+
+        def run() -> float:
+            shutil.rmtree(baseline_out, ignore_errors=True)
+            return export_in(args.baseline, args, kind, baseline_out)
+
+        return run
+
+    def compare(key: str, out: Path, pattern: str) -> None:
+        if args.baseline:
+            result[key]["identical_to_baseline"] = same_files(out, baseline_out, pattern)
+            shutil.rmtree(baseline_out, ignore_errors=True)
+
+    if not args.skip_trtllm:
+        result["trtllm"] = side_by_side(
+            "TensorRT-LLM",
+            lambda: export_trt(src, trt_out, table, args.tp, args.workers),
+            trt_out,
+            copy,
+            args.repeat,
+            baseline("trtllm"),
+        )
+        compare("trtllm", trt_out, "rank*.safetensors")
+    result["hf"] = side_by_side(
+        "unified HF",
+        lambda: export_unified(src, hf_out, table, args.workers),
+        hf_out,
         copy,
         args.repeat,
+        baseline("hf"),
     )
-    result["hf"] = side_by_side(
-        "unified HF", lambda: export_unified(src, hf_out, table), hf_out, copy, args.repeat
-    )
-    if not args.skip_previous:
+    compare("hf", hf_out, "*")
+    if not args.skip_previous and not args.skip_trtllm:
         previous = args.work / "fp8-previous"
         load = os.getloadavg()[0]
         seconds = previous_trt(src, previous, table, args.tp, args.workers)
@@ -206,11 +286,24 @@ def main() -> None:
     print(f"| export (tp {args.tp}, {args.workers} worker(s)) | MB | export s | cp s | / cp |")
     print("|---|---|---|---|---|")
     for key, name in (("trtllm", "TensorRT-LLM FP8"), ("hf", "unified HF FP8")):
+        if key not in result:
+            continue
         r = result[key]
         print(
             f"| {name} | {r['bytes'] / 1e6:,.0f} | {r['export_s_median']:.2f} | "
             f"{r['cp_s_median']:.2f} | {r['ratio_median']:.2f} |"
         )
+    for key, name in (("trtllm", "TensorRT-LLM FP8"), ("hf", "unified HF FP8")):
+        if args.baseline and key in result:
+            r = result[key]
+            workers = args.workers if key == "trtllm" else 1
+            print(
+                f"| {name}, baseline {args.baseline} ({workers} worker(s)) | | "
+                f"{r['baseline_s_median']:.2f} | | {r['baseline_ratio_median']:.2f} |"
+            )
+    for key in ("trtllm", "hf"):
+        if args.baseline and key in result:
+            print(f"{key}: baseline byte-identical: {result[key]['identical_to_baseline']}")
     if "trtllm_previous_path" in result:
         r = result["trtllm_previous_path"]
         print(

@@ -127,10 +127,12 @@ Several GPUs: torchrun --nproc-per-node N $(which builder) quantize ... --device
 )
 @click.option(
     "--workers",
-    type=int,
-    default=1,
+    default="auto",
     show_default=True,
-    help="TensorRT-LLM ranks written in parallel.",
+    metavar="N|auto",
+    help="Export parallelism: TensorRT-LLM ranks written by N processes at once (at most one "
+    "per rank), and the HF export's blocks quantized by N threads ahead of its writer. auto: "
+    "one per usable CPU, at most 8, and at most one per 2 GiB of available memory.",
 )
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 @click.option(
@@ -218,6 +220,7 @@ def quantize(
     from builder.quantize.report import print_summary
     from builder.verify.auto import auto_recipe, recipe_request
 
+    workers = parse_workers(workers)
     fixed, auto = recipe_request(
         recipe, max_kl, max_bf16_fraction, sensitivity, sensitivity_windows, target
     )
@@ -291,3 +294,19 @@ class BlockProgress:
             self.report.finish(self.TASK, note=note)
         else:
             self.report.update(self.TASK, done, note=note)
+
+
+def parse_workers(value: str) -> int:
+    """--workers: a count of at least 1, or auto (builder.quantize.exporters.default_workers)."""
+    from builder.errors import UserError
+    from builder.quantize.exporters import default_workers
+
+    if value == "auto":
+        return default_workers()
+    try:
+        workers = int(value)
+    except ValueError:
+        workers = 0
+    if workers < 1:
+        raise UserError(f"--workers: expected a count of at least 1 or auto, got {value!r}")
+    return workers
