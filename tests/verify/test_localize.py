@@ -1,6 +1,6 @@
 """Broken FP8 artifacts fail with exit 1, and localization names the part and the tensor.
 
-A 24-block slice of Ultra's pattern (every block kind, FFN widths from 125 to 5 x hidden)
+A 26-block slice of Ultra's pattern (every block kind, FFN widths from 125 to 5 x hidden)
 quantized at tp=2; each test breaks a copy the way real artifacts break.
 """
 
