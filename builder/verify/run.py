@@ -147,6 +147,7 @@ def verify(
 ) -> VerifyResult:
     started = time.perf_counter()
     golden = Golden.load(golden_dir)
+    check_same_model(golden, runtime)
     thresholds = load_thresholds(opts.thresholds, opts.section)
     caps = runtime.capabilities
     say(f"runtime {runtime.name}: metrics possible: {', '.join(caps.metrics()) or 'none'}")
@@ -211,6 +212,25 @@ def verify(
             result.table + "\n"
         )
     return result
+
+
+def check_same_model(golden: Golden, runtime: Any) -> None:
+    """Refuse (bad input, exit 2) an artifact whose shape is not the golden's model: scored, it
+    would fail like a broken artifact; localized, its blocks cannot take the golden's states.
+    Runtimes that run our own code know their plan; servers show only their answers."""
+    plan = getattr(runtime, "plan", None)
+    if plan is None:
+        return
+    want = golden.document["model"]
+    have = {"layers": plan.num_layers, "hidden": plan.hidden_size, "vocab": plan.vocab_size}
+    differ = [
+        f"{key} {have[key]} (golden {want.get(key)})" for key in have if have[key] != want.get(key)
+    ]
+    if differ:
+        raise UserError(
+            f"{runtime.artifact.path}: not the golden's model ({', '.join(differ)}; golden "
+            f"{golden.path} is of {golden.document['source']['path']})"
+        )
 
 
 def score_tasks(golden: Golden, runtime: Any, say) -> tuple[dict[str, float], list[dict[str, Any]]]:

@@ -202,7 +202,10 @@ class BlockStream:
         for seq in sequences:
             if use_cache and seq.cache is None:
                 seq.cache = DynamicCache()
-        for done, (layer, block) in enumerate(self.blocks(), start=1):
+        # No enumerate(): its result tuple would hold the previous block while the next loads.
+        done = 0
+        for layer, block in self.blocks():
+            done += 1
             if block is not None:
                 for j, seq in enumerate(sequences):
                     out = self.run_block(
@@ -216,6 +219,7 @@ class BlockStream:
                     observe(layer, j, hidden[j], hidden[j])
             if progress is not None:
                 progress(done, self.plan.num_layers)
+            del block  # before the generator frees its own reference and loads the next one
         for seq, ids in zip(sequences, new_ids, strict=True):
             seq.seen += len(ids) if use_cache else 0
             seq.ids = torch.cat([seq.ids, ids.cpu()]) if seq.ids.numel() else ids.cpu()

@@ -109,3 +109,36 @@ def test_smollm2_golden_prompt_sets(smollm2_golden):
     assert all(is_heldout(s.source.removeprefix("wiki:")) for s in wiki_samples(heldout=True)[:3])
     ppl = torch.exp(-torch.cat([golden.score(j).target_logprobs for j in range(2)]).mean())
     assert 5 < float(ppl) < 60  # a trained model on English text (vocab 49152)
+
+
+def test_the_stream_holds_one_block_at_a_time(mixed_ckpt_fp32):
+    """What lets Ultra's golden run on one GPU: without prefetch, no block is alive while the
+    next one loads (the pass's loop must not keep the last one), and streaming computes what
+    the kept blocks of a small model compute, bit for bit."""
+    import weakref
+
+    from builder.verify import stream
+
+    alive: weakref.WeakSet = weakref.WeakSet()
+    most = []
+
+    def counting_loader(s, index):
+        most.append(len(alive))  # blocks still alive when this one starts loading
+        block = stream.bf16_block(s, index)
+        alive.add(block)
+        return block
+
+    ids = [torch.tensor([5, 9, 33, 100, 7]), torch.tensor([44, 2, 250])]
+    outputs = []
+    for keep in (False, True):
+        s = stream.BlockStream(
+            mixed_ckpt_fp32, torch.float32, keep_blocks=keep, prefetch=False, loader=counting_loader
+        )
+        sequences = [stream.Sequence(torch.empty(0, dtype=torch.long)) for _ in ids]
+        first = s.forward(sequences, ids, use_cache=True)
+        outputs.append([*first, *s.forward(sequences, [torch.tensor([3])] * 2, use_cache=True)])
+        if not keep:
+            assert len(most) == 2 * sum(not lay.is_empty for lay in s.plan.layers)
+            assert max(most) == 0
+    for streamed, kept in zip(*outputs, strict=True):
+        assert torch.equal(streamed, kept)

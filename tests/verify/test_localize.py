@@ -1,6 +1,6 @@
 """Broken FP8 artifacts fail with exit 1, and localization names the part and the tensor.
 
-A 24-block slice of Ultra's pattern (every block kind, FFN widths from 125 to 5 x hidden)
+A 26-block slice of Ultra's pattern (every block kind, FFN widths from 125 to 5 x hidden)
 quantized at tp=2; each test breaks a copy the way real artifacts break.
 """
 
@@ -167,3 +167,65 @@ def test_a_replaced_block_weight_is_named(ultra_fp8, ultra_golden, ffn_block, tm
     assert all(not f for k, f in found.findings.items() if k != label)
     result = verify(ultra_golden, runtime, VerifyOptions(localize=True, report=tmp_path / "r"))
     assert result.exit_code == 1 and "localization: integrity" in result.failures[-1]
+
+
+def test_an_input_scale_out_of_line_in_the_hf_export_is_named(
+    ultra_fp8, ultra_golden, thresholds, ffn_block, tmp_path
+):
+    """The hf runtime's localizer: each block of the unified HF export alone on the golden's
+    inputs, its scales checked against the amax table under the HF exporter's rules."""
+    module = f"model.layers.{ffn_block.index}.mlp.down_proj"
+    art = tmp_path / "hf"
+    shutil.copytree(ultra_fp8 / "hf", art)
+    (path,) = art.glob("*.safetensors")
+    tensors = load_file(str(path))
+    tensors[f"{module}.input_scale"] = tensors[f"{module}.input_scale"] * 0.05  # clips inputs
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    runtime = make_runtime("hf", RuntimeArgs(artifact=str(art), dtype=torch.float32))
+    opts = VerifyOptions(thresholds=thresholds, localize=True, report=tmp_path / "r")
+    result = verify(ultra_golden, runtime, opts)
+    assert result.exit_code == 1
+    label = f"block {ffn_block.index} (ffn, width {ffn_block.ffn_width})"
+    assert result.localization.worst.label() == label
+    assert [p.label() for p in result.localization.outliers][:1] == [label]
+    (finding,) = result.localization.findings[label]
+    assert (
+        finding.startswith(f"{module}.input_scale = ") and "is 0.05x what the calibrated" in finding
+    )
+    assert any("sha256 differs from the manifest" in line for line in result.localization.integrity)
+
+
+def test_a_bf16_checkpoint_at_tp2_pp2_reproduces_the_golden(ultra_ckpt, ultra_golden, tmp_path):
+    """The executor runtime on a plain (BF16) TensorRT-LLM checkpoint split over 2 x 2 ranks,
+    computed in fp32 like the golden: the same function evaluated by other code, so only fp32
+    rounding separates them (KL ~1e-10 nats, far below FP8's ~0.05), and no part is out of line
+    when localization has to find each block in its pipeline stage."""
+    from builder.convert.pipeline import convert_checkpoint
+
+    out = tmp_path / "bf16"
+    convert_checkpoint(ultra_ckpt, out, tp=2, pp=2)
+    runtime = make_runtime("executor", RuntimeArgs(artifact=str(out), dtype=torch.float32))
+    result = verify(ultra_golden, runtime, VerifyOptions(localize=True, report=tmp_path / "r"))
+    assert runtime.artifact.kind == "trtllm-bf16" and runtime.artifact.details["pp"] == 2
+    m = result.metrics
+    assert m["kl_mean"] < 1e-6 and abs(m["ppl_ratio"] - 1) < 1e-5
+    assert m["top1_agreement"] == 1.0 and m["greedy_exact_match"] == 1.0
+    loc = result.localization
+    assert not loc.outliers and not loc.integrity and max(p.error for p in loc.parts) < 1e-3
+    assert len(loc.parts) == 2 + sum(not b.is_empty for b in load_plan(ultra_ckpt).layers)
+    assert result.exit_code == 0, result.failures
+
+
+def test_a_golden_of_another_model_is_bad_input(ultra_fp8, mixed_ckpt_fp32, thresholds, tmp_path):
+    settings = GoldenSettings(
+        prompts="wiki", windows=1, seq_len=16, continuation=0, probe_len=4, dtype="float32"
+    )
+    other = build_golden(mixed_ckpt_fp32, tmp_path / "golden", settings)
+    result = run_cli(ultra_fp8 / "trtllm", other, thresholds, tmp_path / "report")
+    assert result.exit_code == 2, result.output
+    (line,) = result.output.splitlines()
+    assert line.startswith(f"error: {(ultra_fp8 / 'trtllm').resolve()}: not the golden's model (")
+    assert "hidden 128 (golden 256)" in line and line.endswith(
+        f"is of {mixed_ckpt_fp32.resolve()})"
+    )
+    assert not (tmp_path / "report").exists()

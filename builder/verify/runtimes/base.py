@@ -6,7 +6,8 @@ A runtime answers two questions about token ids:
                               it has the whole distribution, its log-probs at the golden's top ids;
   greedy(prompt_ids, n)       its greedy continuation of exactly n tokens (EOS not special).
 `capabilities` says which of these it can answer and therefore which metrics a run reports.
-Runtimes that run our own code block by block (executor, hf) also offer `localizer()`.
+Runtimes that run our own code block by block (executor, hf) also offer `localizer()`, and
+`plan` (the artifact's ModelPlan, checked against the golden's model before anything runs).
 """
 
 from __future__ import annotations

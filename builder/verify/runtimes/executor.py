@@ -41,6 +41,7 @@ class ExecutorRuntime:
 
         self.path = Path(artifact)
         self.executor = TrtllmCheckpointExecutor(self.path, dtype=dtype, device=device)
+        self.plan = self.executor.plan
         self.device, self.top_k = device, top_k
         config = self.executor.config
         self.artifact = ArtifactInfo(

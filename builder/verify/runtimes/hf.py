@@ -203,6 +203,7 @@ class HfFp8Runtime:
         self.stream = BlockStream(
             self.path, dtype, device, loader=fp8_block, forward_context=fp8_kv_attention
         )
+        self.plan = self.stream.plan
         self.device, self.top_k = device, top_k
         self._head = self.stream.head_weights()
         kv = any(
