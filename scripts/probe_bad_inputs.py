@@ -119,9 +119,12 @@ def bad_input(
     guard: Iterable[Path] = (),
     prefix: Iterable[str] = (),
     out_before: dict[str, str] | None = None,
+    report: bool = False,
 ) -> Run:
     """Run a bad input; check exit 2, one error line naming `names`, no traceback, no output
-    that looks complete, every `guard` path unchanged."""
+    that looks complete, every `guard` path unchanged. `report`: a report command (check)
+    that lists its findings on stdout and ends with one error line; names are looked for in
+    both."""
     guard = [Path(g) for g in guard]
     before = {g: tree_hash(g) for g in guard}
     run = cli(*args, prefix=prefix)
@@ -133,8 +136,9 @@ def bad_input(
     if "Traceback" in run.stdout + run.stderr:
         problems.append("a Traceback was printed")
     line = run.error_lines[0] if run.error_lines else run.stderr.strip()[-300:]
+    named = line + ("\n" + run.stdout if report else "")
     for fragment in names:
-        if fragment not in line:
+        if fragment not in named:
             problems.append(f"error line does not name {fragment!r}")
     if out is not None:
         if out_before is None and (out.exists() or out.is_symlink()):
@@ -147,6 +151,8 @@ def bad_input(
     for g in guard:
         if not g.exists() or tree_hash(g) != before[g]:
             problems.append(f"input {g} was modified or deleted")
+    if report:
+        line = " | ".join([*run.stdout.strip().splitlines()[-1:], line])
     record(section, name, problems, run.seconds, line, kind="bad input")
     return run
 
@@ -279,7 +285,12 @@ def probe_read_only_and_file_out(work: Path, mixed: Path) -> None:
             guard=[mixed],
             prefix=[*namespace, "sh"],
         )
-    for command, extra in (("convert", ["--tp", "2"]), ("quantize", SMALL_CALIB)):
+    for command, extra in (
+        ("convert", ["--tp", "2"]),
+        ("quantize", SMALL_CALIB),
+        ("build", ["--target", "h100x8-bf16", "--backend", "pytorch"]),
+        ("reference", []),
+    ):
         out = work / f"notes-{command}.txt"
         out.write_text("my notes\n")
         before = tree_hash(out)
@@ -612,6 +623,7 @@ def probe_casts_and_check(work: Path, mixed: Path) -> None:
         ["check", out],
         [name, "non-finite"],
         guard=[out],
+        report=True,
     )
 
 
@@ -840,14 +852,14 @@ def probe_section5(work: Path, mixed: Path, trtllm: Path) -> None:
         next((line for line in gen.stderr.splitlines() if "random" in line), "")[:150],
     )
     modes = {}
-    for directory in (mixed, smollm2):
+    for directory in (mixed, smollm2, trtllm, fp8, fp8 / "trtllm", fp8 / "hf", out):
         for p in directory.iterdir():
             if p.is_file():
-                modes[f"{directory.name}/{p.name}"] = stat.S_IMODE(p.stat().st_mode)
+                modes[str(p.relative_to(work))] = stat.S_IMODE(p.stat().st_mode)
     odd = {k: oct(v) for k, v in modes.items() if v != 0o644}
     expect(
         "5",
-        "synth and import-smollm2 write every file 0644",
+        "synth, import-smollm2, convert, quantize, build: every file 0644",
         [(imported.rc == 0, f"import exit {imported.rc}"), (not odd, f"not 0644: {odd}")],
         imported.seconds,
         f"{len(modes)} files, modes {sorted({oct(v) for v in modes.values()})}",
