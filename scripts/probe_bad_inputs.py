@@ -768,7 +768,7 @@ def probe_section5(work: Path, mixed: Path, trtllm: Path) -> None:
         stamps.append(time.monotonic() - started)
         lines.append(line.rstrip())
     q.wait()
-    progress = [s for s, line in zip(stamps, lines, strict=True) if "ETA" in line or "/" in line]
+    progress = [s for s, line in zip(stamps, lines, strict=True) if line.startswith("quantize:")]
     gaps = [b - a for a, b in zip(progress, progress[1:], strict=False)]
     calib = next((line for line in lines if "calibrating" in line), "")
     expect(
@@ -781,6 +781,7 @@ def probe_section5(work: Path, mixed: Path, trtllm: Path) -> None:
         ],
         stamps[-1] if stamps else 0,
         f"{len(progress)} progress lines in {stamps[-1] if stamps else 0:.0f} s, largest gap "
+        "between two "
         f"{max(gaps) if gaps else 0:.1f} s; e.g. {calib[:110]!r}",
     )
     fp8_mismatch = cli(
