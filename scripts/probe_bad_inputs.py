@@ -857,10 +857,10 @@ def probe_section5(work: Path, mixed: Path, trtllm: Path) -> None:
         for p in directory.iterdir():
             if p.is_file():
                 modes[str(p.relative_to(work))] = stat.S_IMODE(p.stat().st_mode)
-    odd = {k: oct(v) for k, v in modes.items() if v != 0o644}
+    odd = {k: oct(v) for k, v in modes.items() if v != (0o755 if k.endswith(".sh") else 0o644)}
     expect(
         "5",
-        "synth, import-smollm2, convert, quantize, build: every file 0644",
+        "synth, import-smollm2, convert, quantize, build: files 0644 (scripts 0755)",
         [(imported.rc == 0, f"import exit {imported.rc}"), (not odd, f"not 0644: {odd}")],
         imported.seconds,
         f"{len(modes)} files, modes {sorted({oct(v) for v in modes.values()})}",
