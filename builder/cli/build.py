@@ -37,7 +37,7 @@ def _progress_bar(console):
 
 @main.command()
 @click.argument("source", type=click.Path(exists=True, file_okay=False))
-@click.argument("out", type=click.Path(file_okay=False))
+@click.argument("out", type=click.Path())  # a file at OUT: refused by check_replaceable
 @click.option(
     "--target",
     required=True,
@@ -98,9 +98,10 @@ def build(
     from rich.console import Console
 
     from builder.deploy import load_profile
-    from builder.io.atomic import check_output_location
+    from builder.io.atomic import check_output_location, check_replaceable
 
     check_output_location(out, [source])
+    check_replaceable(Path(out), overwrite)  # before an engine build, not after it
     profile = load_profile(target, collect_overrides(sets, direct))
     request = BuildRequest(Path(source), profile, Path(out), dry_run, verify, overwrite)
     console = Console(stderr=True)

@@ -62,7 +62,7 @@ Several GPUs: torchrun --nproc-per-node N $(which builder) quantize ... --device
 
 @main.command(help=HELP)
 @click.argument("hf_dir", type=click.Path(file_okay=False))
-@click.argument("out", type=click.Path(file_okay=False))
+@click.argument("out", type=click.Path())  # a file at OUT: refused by check_replaceable
 @click.option(
     "--tp",
     type=int,

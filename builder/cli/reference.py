@@ -39,7 +39,7 @@ then reports the artifact's accuracy and its recovery (artifact / golden).
 
 @main.command(help=HELP)
 @click.argument("hf_dir", type=click.Path(file_okay=False))
-@click.argument("out", type=click.Path(file_okay=False))
+@click.argument("out", type=click.Path())  # a file at OUT: refused by check_replaceable
 @click.option(
     "--prompts",
     "prompt_set",

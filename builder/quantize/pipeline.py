@@ -108,8 +108,9 @@ def refuse_quantized(ckpt: HFCheckpoint, config: dict[str, Any]) -> None:
     root = ckpt.root
     if (root / "hf_quant_config.json").exists():
         raise AlreadyQuantized(f"{root}: already quantized (hf_quant_config.json is present)")
-    if config.get("quantization_config"):
-        method = config["quantization_config"].get("quant_method", "?")
+    qconfig = config.get("quantization_config")
+    if qconfig:
+        method = qconfig.get("quant_method", "?") if isinstance(qconfig, dict) else "?"
         raise AlreadyQuantized(
             f"{root / 'config.json'}: already quantized (quantization_config, {method})"
         )
@@ -375,9 +376,9 @@ def open_source(
     from builder.convert.sources import check_source
 
     ckpt = HFCheckpoint(src, allow_pickle=allow_pickle)
+    plan = load_plan(src)  # first: the schema names a malformed config.json's field
     config = read_config(src)
     refuse_quantized(ckpt, config)
-    plan = load_plan(src)
     check_source(ckpt, plan)
     return ckpt, plan, config
 

@@ -26,7 +26,7 @@ from typing import Any
 
 from builder.deploy.yamlio import dump_yaml
 from builder.errors import UserError
-from builder.io.atomic import atomic_dir
+from builder.io.atomic import atomic_dir, check_output_location
 from builder.io.manifest import ArtifactKind, build_manifest, write_manifest
 from builder.triton import tensors as T
 from builder.triton.pbtxt import Enum, dumps
@@ -561,8 +561,10 @@ def write_repository(
 ) -> dict[str, Any]:
     """Write the repository to OUT (atomically, with a manifest); returns the generation record."""
     out = Path(out)
+    inputs = [record.source, options.tokenizer_dir]  # --overwrite would delete them under OUT
+    check_output_location(out, inputs)
     files, generated = repository_files(record, options, out)
-    with atomic_dir(out, overwrite) as stage:
+    with atomic_dir(out, overwrite, inputs=inputs) as stage:
         for name, text in files.items():
             path = stage / name
             path.parent.mkdir(parents=True, exist_ok=True)

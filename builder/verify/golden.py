@@ -37,7 +37,7 @@ import torch
 from builder.arch.plan import LayerPlan, ModelPlan
 from builder.dtypes import torch_dtypes
 from builder.errors import UserError
-from builder.io.atomic import atomic_dir
+from builder.io.atomic import atomic_dir, check_output_location, check_replaceable
 from builder.io.manifest import (
     build_manifest,
     read_manifest,
@@ -178,6 +178,9 @@ def build_golden(
     from builder.quantize.pipeline import peak_gpu_bytes, peak_rss_bytes
 
     src, out = Path(src), Path(out)
+    # before the reference runs (minutes to hours): OUT over SRC would be replaced by it
+    check_output_location(out, [src])
+    check_replaceable(out, overwrite)
     if settings.dtype not in DTYPES:
         raise UserError(f"--dtype {settings.dtype}: expected one of {', '.join(DTYPES)}")
     if settings.continuation < 0 or settings.top_k < 1 or settings.probe_len < 2:
@@ -219,8 +222,9 @@ def build_golden(
         document["tasks"] = task_results
     from safetensors.torch import save_file
 
-    with atomic_dir(out, overwrite) as stage:
+    with atomic_dir(out, overwrite, inputs=[src]) as stage:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(stage / TENSORS))
+        (stage / TENSORS).chmod(0o644)  # save_file writes mode 0600; outputs are 0644
         (stage / GOLDEN_JSON).write_text(json.dumps(document, indent=1) + "\n")
         (stage / "tokenizer").mkdir()
         for name in TOKENIZER_FILES:

@@ -232,13 +232,12 @@ def test_truncated_activation_cache_on_resume(tmp_path, mixed_ckpt, monkeypatch)
 
 
 def test_output_that_is_a_regular_file_is_not_replaced(tmp_path, mixed_ckpt):
-    """Refused as a usage error by the OUT argument's own type (click: exit 2, no traceback),
-    before anything runs; the library refuses it too (check_replaceable)."""
+    """One error line, as from convert (check_replaceable), before anything runs."""
     out = tmp_path / "out"
     out.write_text("my notes")
-    result = run_cli(str(mixed_ckpt), str(out), "--overwrite", *SMALL)
-    assert result.exit_code == 2 and "Traceback" not in result.output
-    assert f"Directory '{out}' is a file" in result.stderr and out.read_text() == "my notes"
+    line = one_error_line(run_cli(str(mixed_ckpt), str(out), "--overwrite", *SMALL))
+    assert line.startswith(f"error: {out}: is a file, not a directory")
+    assert out.read_text() == "my notes"
     with pytest.raises(UserError, match="is a file, not a directory"):
         quantize_checkpoint(mixed_ckpt, out, overwrite=True, calib_size=2, calib_seq_len=16)
     assert out.read_text() == "my notes" and not (tmp_path / ".out.partial").exists()
@@ -290,3 +289,28 @@ def test_export_cast_that_changes_a_weight_is_an_error(tmp_path, mixed_ckpt):
     )
     assert "'model.norm.weight' holds 99840 at element 7, which overflows float16" in line
     assert_nothing_written(out)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda c: [c], "config.json: expected an object, got an array of 1"),
+        (lambda c: c | {"hidden_size": "256"}, 'hidden_size: expected integer >= 1, got "256"'),
+        (lambda c: c | {"quantization_config": "fp8"}, "already quantized (quantization_config"),
+    ],
+    ids=["config not an object", "numeric field as a string", "quantization_config a string"],
+)
+def test_bad_config_is_one_error_line(tmp_path, mixed_ckpt, change, message):
+    """quantize reads config.json through the same schema as convert, before anything else
+    looks into it (a JSON array used to reach refuse_quantized's dict lookups)."""
+    import json
+
+    src = Path(shutil.copytree(mixed_ckpt, tmp_path / "src"))
+    config = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps(change(config)))
+    before = tree_hash(src)
+    out = tmp_path / "out"
+    line = one_error_line(run_cli(str(src), str(out), *SMALL))
+    assert str(src / "config.json") in line and message in line
+    assert_nothing_written(out)
+    assert tree_hash(src) == before
