@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import click
 
 from builder import __version__
@@ -34,6 +36,30 @@ class BuilderGroup(click.Group):
     that vanished) is the environment's, not a bug: it too becomes one line naming the path.
     Every other exception is a bug in builder and keeps its traceback.
     """
+
+    def main(self, *args, **kwargs):
+        """Click's own usage errors (unknown option, bad choice, missing argument, a path that
+        does not exist) are bad input too: one `error:` line naming the command, exit 2,
+        instead of click's usage block."""
+        if not kwargs.get("standalone_mode", True):
+            return super().main(*args, **kwargs)
+        try:
+            code = super().main(*args, **{**kwargs, "standalone_mode": False})
+        except click.exceptions.NoArgsIsHelpError as err:  # `builder` alone: the overview
+            click.echo(err.ctx.get_help())
+            sys.exit(2)
+        except click.UsageError as err:
+            command = err.ctx.command_path if err.ctx else "builder"
+            message = err.format_message().replace("\n", " ")
+            click.secho(f"error: {command}: {message} (see `{command} --help`)", err=True, fg="red")
+            sys.exit(2)
+        except click.ClickException as err:
+            click.secho(f"error: {err.format_message()}", err=True, fg="red")
+            sys.exit(err.exit_code)
+        except click.Abort:
+            click.echo("Aborted!", err=True)
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
 
     def invoke(self, ctx: click.Context):
         try:
