@@ -15,6 +15,7 @@ from builder.cli import main
 from builder.io.manifest import read_manifest, verify_files
 from builder.model import generate_text, load_reference_model
 from builder.smollm2 import NAS_VARIANT
+from tests.tolerances import FP32_UNIT_ROUNDOFF, ROUNDINGS_PER_BLOCK
 
 # Numeric comparisons run on one torch thread, so summation order does not depend on the
 # machine's core count (see one_torch_thread in tests/conftest.py).
@@ -23,8 +24,6 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 # SmolLM2-135M-Instruct as its GGUF metadata states it (shared/reference/small-real-model.md).
 HIDDEN, LAYERS, HEADS, KV_HEADS, FFN, VOCAB = 576, 30, 9, 3, 1536, 49152
 ROPE_THETA, RMS_EPS, CONTEXT = 1e5, 1e-5, 8192
-FP32_UNIT_ROUNDOFF = 2.0**-24
-ROUNDINGS_PER_BLOCK = 14  # rounded operations along the longest path through one block
 
 
 def tensors(directory) -> dict[str, torch.Tensor]:

@@ -9,17 +9,11 @@ import torch
 
 from builder.arch import AttentionKind, hf_tensor_shapes, load_plan
 from builder.model import DeciLMForCausalLM, load_reference_model
+from tests.tolerances import BF16_UNIT_ROUNDOFF, FP32_UNIT_ROUNDOFF, ROUNDINGS_PER_BLOCK
 
 # Numeric comparisons run on one torch thread, so summation order does not depend on the
 # machine's core count (see one_torch_thread in tests/conftest.py).
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-# Rounded operations along the longest path through one block (attention: norm, q/k/v, rope,
-# scores, softmax, weighted sum, o_proj, residual add; FFN: norm, gate/up, SiLU, product,
-# down_proj, residual add).
-ROUNDINGS_PER_BLOCK = 14
-FP32_UNIT_ROUNDOFF = 2.0**-24
-BF16_UNIT_ROUNDOFF = 2.0**-9
 
 
 def fp32_error_bound(model_or_plan, scale: float) -> float:

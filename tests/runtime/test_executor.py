@@ -15,28 +15,12 @@ from builder.runtime import (
     rope_inv_freq,
 )
 from builder.runtime.compare import prompt_ids, reference_logits
-
-# Tolerances are derived from rounding, not measured (CPUs differ in their GEMM kernels).
-# Rounded operations along the longest path through one block: attention (norm, q/k/v
-# projection, rope, scores, softmax, weighted sum, o_proj, residual add) and FFN (norm,
-# gate/up, SiLU, product, down_proj, residual add).
-ROUNDINGS_PER_BLOCK = 14
-FP32_UNIT_ROUNDOFF = 2.0**-24  # one fp32 rounding moves a value by at most 2^-24 of itself
-# bf16's unit roundoff: rounding to 8 significant bits moves a value by at most 2^-9 of itself.
-BF16_UNIT_ROUNDOFF = 2.0**-9
-
-
-def fp32_tolerance(num_layers: int) -> float:
-    """Relative logit error (max |a - b| / max |b|) allowed between two fp32 evaluations of
-    the same model on the same weights (executor vs reference).
-
-    They differ only in rounding: the same operations in another summation order (TP partial
-    sums, fused q/k/v). Each rounded operation contributes at most one unit roundoff and the
-    errors add at most linearly along the path: blocks x ROUNDINGS_PER_BLOCK, plus the final
-    norm and lm_head, times 2^-24 (1.0e-5 for 12 blocks). A real mistake (a wrong KV head, a
-    missing rope scaling, a misplaced TP shard) moves logits by O(0.1) or more.
-    """
-    return (num_layers * ROUNDINGS_PER_BLOCK + 2) * FP32_UNIT_ROUNDOFF
+from tests.tolerances import (
+    BF16_UNIT_ROUNDOFF,
+    FP32_UNIT_ROUNDOFF,
+    ROUNDINGS_PER_BLOCK,
+    fp32_tolerance,
+)
 
 
 def layers_of(checkpoint) -> int:

@@ -9,6 +9,7 @@ import torch
 
 from builder.errors import UserError
 from builder.verify.golden import Golden, GoldenSettings, build_golden
+from tests.tolerances import fp32_tolerance
 
 
 @pytest.fixture(scope="module")
@@ -37,13 +38,18 @@ def test_streamed_golden_equals_the_whole_reference_model(synth_golden, mixed_ck
         ids = golden.ids(j)
         with torch.no_grad():
             out = model(ids[None], use_cache=False, output_hidden_states=True)
-        lp = torch.log_softmax(out.logits[0, :-1].float(), -1)
+        logits = out.logits[0, :-1].float()
+        lp = torch.log_softmax(logits, -1)
         ref_lp, ref_ids = torch.topk(lp, 8)
         score = golden.score(j)
-        # fp32 both ways, same kernels, different batching of the same ops: rounding only
-        assert torch.allclose(score.top_logprobs, ref_lp, atol=1e-4)
+        # fp32 both ways, the same ops batched differently: rounding only. A logit moves by at
+        # most fp32_tolerance x max|logit|; a log-prob is a logit minus logsumexp, which is
+        # 1-Lipschitz in the max norm, so it moves by at most twice that.
+        atol = 2 * fp32_tolerance(model.plan.num_layers) * float(logits.abs().max())
+        assert torch.allclose(score.top_logprobs, ref_lp, rtol=0, atol=atol)
         assert torch.equal(score.top_ids[:, 0], ref_ids[:, 0])
-        assert torch.allclose(score.target_logprobs, lp.gather(-1, ids[1:, None])[:, 0], atol=1e-4)
+        target = lp.gather(-1, ids[1:, None])[:, 0]
+        assert torch.allclose(score.target_logprobs, target, rtol=0, atol=atol)
         seq, expected = ids.clone(), []
         for _ in range(5):  # greedy by full forwards (no cache) vs the golden's cached one
             with torch.no_grad():
@@ -55,10 +61,10 @@ def test_streamed_golden_equals_the_whole_reference_model(synth_golden, mixed_ck
     with torch.no_grad():
         states = model(probe[None], use_cache=False, output_hidden_states=True).hidden_states
     for layer in model.plan.layers:
-        if not layer.is_empty:
-            assert torch.allclose(
-                golden.probe_hidden(layer.index), states[layer.index][0], atol=1e-4
-            )
+        if not layer.is_empty:  # the state entering block i has been through i blocks
+            state = states[layer.index][0]
+            atol = fp32_tolerance(layer.index) * float(state.abs().max())
+            assert torch.allclose(golden.probe_hidden(layer.index), state, rtol=0, atol=atol)
     blocks = golden.document["blocks"]
     assert len(blocks) == model.plan.num_layers and {b["kind"] for b in blocks} >= {
         "empty",
