@@ -65,7 +65,8 @@ READS = {
     "mlp.up_proj": "mlp.gate_proj",
 }
 FORMATS = ("fp8", "fp8-pc-pt", "wonly", "bf16")
-DAMP = 0.01
+DAMP = 0.01  # GPTQ's damping, a fraction of the mean diagonal of H (--damp)
+ACT_ORDER = False  # GPTQ columns in decreasing diag(H) (--act-order)
 
 
 @dataclass(frozen=True)
@@ -207,6 +208,8 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, scale: torch.Tensor, block
     H[dead, dead] = 1
     W[:, dead] = 0
     H += DAMP * torch.diag(H).mean() * torch.eye(n)
+    order = torch.argsort(torch.diag(H), descending=True) if ACT_ORDER else torch.arange(n)
+    W, H = W[:, order], H[order][:, order]
     Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
     s = scale.reshape(-1, 1) if scale.dim() else scale
     Q = torch.zeros_like(W)
@@ -224,7 +227,7 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, scale: torch.Tensor, block
             E1[:, i : i + 1] = e
         Q[:, i1:i2] = Q1
         W[:, i2:] -= E1 @ Hinv[i1:i2, i2:]
-    return Q
+    return Q[:, torch.argsort(order)]
 
 
 class DequantizedLinear(nn.Module):
@@ -354,6 +357,7 @@ def measure(src: Path, specs: list[StreamSpec], calib: torch.Tensor, heldout: to
 
 
 def main() -> None:
+    global DAMP, ACT_ORDER
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -365,8 +369,11 @@ def main() -> None:
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--streams", default="fp8-pc-pt:none,fp8-pc-pt:smooth=0.5,fp8-pc-pt:gptq")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--damp", type=float, default=DAMP, help="GPTQ damping (of mean diag H)")
+    p.add_argument("--act-order", action="store_true", help="GPTQ in decreasing diag(H)")
     p.add_argument("--json", type=Path, help="also write the rows here")
     args = p.parse_args()
+    DAMP, ACT_ORDER = args.damp, args.act_order
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
     args.work.mkdir(parents=True, exist_ok=True)
@@ -406,6 +413,8 @@ def main() -> None:
             "calib_size": args.calib_size,
             "calib_seq_len": args.calib_seq_len,
             "seconds": round(seconds, 1),
+            "gptq_damp": DAMP,
+            "gptq_act_order": ACT_ORDER,
         }
         args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
 
