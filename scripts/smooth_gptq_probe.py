@@ -1,0 +1,423 @@
+#!/usr/bin/env python
+"""Do SmoothQuant-style channel scaling or GPTQ rounding lower the FP8 error on SmolLM2?
+
+Both keep the two export formats standard: smoothing folds into the checkpoint (no new
+tensor), GPTQ only picks other E4M3 values at the format's own scales. This script measures
+them before anything is wired in: one block-streamed pass, as calibration runs, where each
+*stream* is a format plus a transform of every block:
+
+  none           the format as `builder quantize` applies it today (round to nearest);
+  smooth=ALPHA   SmoothQuant (Xiao et al. 2023): for a linear's input channel j,
+                 s_j = max|x_j|^alpha / max|W[:, j]|^(1 - alpha) over the calibration
+                 activations, x_j / s_j and W[:, j] * s_j, the 1/s folded into the op before:
+                 input_layernorm gamma for q/k/v, post_attention_layernorm gamma for
+                 gate/up (one s for the linears reading that norm), up_proj rows for
+                 down_proj (silu(gate) * up is linear in up), v_proj rows for o_proj; with
+                 GQA one v channel feeds `groups` o_proj channels, so s is taken over them
+                 (max of the activation and weight maxima over the group) and shared;
+  placebo=SEED   the same fold with random scales 2^U(-1/2, 1/2) per channel: E4M3 rounding
+                 is scale-invariant up to the grid position, so a smoothing gain smaller
+                 than the placebo's spread is no gain;
+  gptq           GPTQ (Frantar et al. 2022) rounding of each linear's weight at the format's
+                 fixed scales (per-channel row amax / 448, or the per-tensor amax / 448),
+                 H = X^T X from the calibration activations entering the linear (1% damping);
+  smooth=ALPHA+gptq  both.
+
+Formats: fp8 (per-tensor W and static A), fp8-pc-pt (per-channel W, per-token A), wonly
+(per-channel FP8 weights, activations left in BF16: the share of the error that is weights),
+bf16 (the transform alone: the fold's own bf16 rounding).
+
+At each block the calibration states run through the BF16 reference block, whose hooks give
+every linear's per-channel input maxima (and Hessians for gptq); then each stream's block is
+loaded in fp32, transformed, cast to bf16, quantized and run on that stream's held-out
+states. Scores as scripts/auto_quantize_pareto.py's: mean KL(BF16 || stream) over the full
+vocabulary, p99, top-1 agreement, on `builder reference`'s held-out windows.
+
+  nice .venv/bin/python scripts/smooth_gptq_probe.py --work /tmp/probe \\
+      --streams fp8-pc-pt:none,fp8-pc-pt:smooth=0.5,fp8-pc-pt:gptq --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+LINEARS = (
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+)
+# linears reading one tensor share its statistics (and a per-tensor input scale)
+READS = {
+    "self_attn.k_proj": "self_attn.q_proj",
+    "self_attn.v_proj": "self_attn.q_proj",
+    "mlp.up_proj": "mlp.gate_proj",
+}
+FORMATS = ("fp8", "fp8-pc-pt", "wonly", "bf16")
+DAMP = 0.01  # GPTQ's damping, a fraction of the mean diagonal of H (--damp)
+ACT_ORDER = False  # GPTQ columns in decreasing diag(H) (--act-order)
+
+
+@dataclass(frozen=True)
+class StreamSpec:
+    fmt: str
+    alpha: float | None = None  # smoothing
+    placebo: int | None = None  # random-scale seed
+    gptq: bool = False
+    recipe: str | None = None  # a builder recipe file: its BF16 units stay BF16
+
+    @property
+    def name(self) -> str:
+        parts = []
+        if self.alpha is not None:
+            parts.append(f"smooth={self.alpha:g}")
+        if self.placebo is not None:
+            parts.append(f"placebo={self.placebo}")
+        if self.recipe is not None:
+            parts.append(f"recipe={Path(self.recipe).name}")
+        if self.gptq:
+            parts.append("gptq")
+        return f"{self.fmt}:{'+'.join(parts) or 'none'}"
+
+    @classmethod
+    def parse(cls, text: str) -> StreamSpec:
+        fmt, _, transform = text.partition(":")
+        if fmt not in FORMATS:
+            raise SystemExit(f"error: stream {text!r}: format {fmt!r} (choose {FORMATS})")
+        alpha = placebo = recipe = None
+        gptq = False
+        for part in filter(None, (transform or "none").split("+")):
+            key, _, value = part.partition("=")
+            if key == "smooth":
+                alpha = float(value)
+            elif key == "placebo":
+                placebo = int(value)
+            elif key == "gptq":
+                gptq = True
+            elif key == "recipe":
+                recipe = value
+            elif key != "none":
+                raise SystemExit(f"error: stream {text!r}: unknown transform {key!r}")
+        return cls(fmt, alpha, placebo, gptq, recipe)
+
+
+def say(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+# ---- the statistics of the reference block ----------------------------------------------
+@dataclass
+class BlockStats:
+    xmax: dict[str, torch.Tensor]  # reader linear -> per-input-channel max |x|, fp32
+    hessian: dict[str, torch.Tensor]  # reader linear -> X^T X, fp32 (gptq streams only)
+
+
+@torch.no_grad()
+def observe(stream, block: nn.Module, hidden: torch.Tensor, hessians: bool):
+    """The block's output on `hidden` and its linears' input statistics."""
+    from builder.verify.sensitivity import _run
+
+    stats = BlockStats({}, {})
+    hooks = []
+    for name in dict.fromkeys(READS.get(n, n) for n in LINEARS):
+
+        def hook(_module, inputs, _out, name=name):
+            x = inputs[0].detach().float().reshape(-1, inputs[0].shape[-1])
+            m = x.abs().amax(0)
+            stats.xmax[name] = torch.maximum(stats.xmax[name], m) if name in stats.xmax else m
+            if hessians:
+                h = x.T @ x
+                stats.hessian[name] = stats.hessian.get(name, 0) + h
+
+        hooks.append(block.get_submodule(name).register_forward_hook(hook))
+    out = _run(stream, block, hidden, 4)
+    for h in hooks:
+        h.remove()
+    return out, stats
+
+
+# ---- smoothing, folded ------------------------------------------------------------------
+def smoothing_scales(xmax: torch.Tensor, wmax: torch.Tensor, spec: StreamSpec) -> torch.Tensor:
+    if spec.placebo is not None:
+        g = torch.Generator().manual_seed(spec.placebo * 100_003 + xmax.numel())
+        return torch.exp2(torch.rand(xmax.shape, generator=g) - 0.5)
+    alpha = spec.alpha
+    s = xmax.clamp(min=1e-5).pow(alpha) / wmax.clamp(min=1e-5).pow(1 - alpha)
+    return torch.where((xmax > 0) & (wmax > 0), s, torch.ones_like(s))
+
+
+@torch.no_grad()
+def fold(block: nn.Module, stats: BlockStats, spec: StreamSpec) -> dict[str, torch.Tensor]:
+    """Fold the smoothing of `spec` into fp32 `block` in place; returns each reader linear's
+    input scales s (x -> x / s), ones where nothing is folded."""
+    scales = {n: torch.ones_like(x) for n, x in stats.xmax.items()}
+    if spec.alpha is None and spec.placebo is None:
+        return scales
+    attn, mlp = block.self_attn, block.mlp
+    q, k, v, o = attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj
+    wmax = torch.cat([q.weight, k.weight, v.weight]).abs().amax(0)
+    s = smoothing_scales(stats.xmax["self_attn.q_proj"], wmax, spec)
+    block.input_layernorm.weight.div_(s)
+    for linear in (q, k, v):
+        linear.weight.mul_(s[None])
+    scales["self_attn.q_proj"] = s
+    # o_proj's input channel (head h, dim d) reads v channel (h // groups, d)
+    kv_heads, head_dim = k.weight.shape[0] // attn.head_dim, attn.head_dim
+    groups = q.weight.shape[0] // (kv_heads * head_dim)
+    xo = stats.xmax["self_attn.o_proj"].view(kv_heads, groups, head_dim).amax(1)
+    wo = o.weight.abs().amax(0).view(kv_heads, groups, head_dim).amax(1)
+    so = smoothing_scales(xo, wo, spec)  # [kv_heads, head_dim]
+    v.weight.view(kv_heads, head_dim, -1).div_(so[..., None])
+    o.weight.view(o.weight.shape[0], kv_heads, groups, head_dim).mul_(so[:, None, :])
+    scales["self_attn.o_proj"] = so[:, None, :].expand(kv_heads, groups, head_dim).reshape(-1)
+    wmax = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).abs().amax(0)
+    s = smoothing_scales(stats.xmax["mlp.gate_proj"], wmax, spec)
+    block.post_attention_layernorm.weight.div_(s)
+    mlp.gate_proj.weight.mul_(s[None])
+    mlp.up_proj.weight.mul_(s[None])
+    scales["mlp.gate_proj"] = s
+    s = smoothing_scales(stats.xmax["mlp.down_proj"], mlp.down_proj.weight.abs().amax(0), spec)
+    mlp.up_proj.weight.div_(s[:, None])
+    mlp.down_proj.weight.mul_(s[None])
+    scales["mlp.down_proj"] = s
+    return scales
+
+
+# ---- rounding ---------------------------------------------------------------------------
+@torch.no_grad()
+def gptq(weight: torch.Tensor, hessian: torch.Tensor, scale: torch.Tensor, block: int = 128):
+    """GPTQ's column-by-column E4M3 rounding at fixed scales ([out] or 0-dim), dequantized."""
+    from builder.dtypes import FP8_MAX
+    from builder.quantize.fp8 import FP8
+
+    W = weight.float().clone()
+    H = hessian.clone()
+    n = W.shape[1]
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    H += DAMP * torch.diag(H).mean() * torch.eye(n)
+    order = torch.argsort(torch.diag(H), descending=True) if ACT_ORDER else torch.arange(n)
+    W, H = W[:, order], H[order][:, order]
+    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    s = scale.reshape(-1, 1) if scale.dim() else scale
+    Q = torch.zeros_like(W)
+    for i1 in range(0, n, block):
+        i2 = min(i1 + block, n)
+        W1, Q1 = W[:, i1:i2].clone(), torch.zeros(W.shape[0], i2 - i1)
+        E1 = torch.zeros_like(Q1)
+        Hi = Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            w = W1[:, i : i + 1]
+            qi = (w / s).clamp(-FP8_MAX, FP8_MAX).to(FP8).float() * s
+            Q1[:, i : i + 1] = qi
+            e = (w - qi) / Hi[i, i]
+            W1[:, i:] -= e @ Hi[i : i + 1, i:]
+            E1[:, i : i + 1] = e
+        Q[:, i1:i2] = Q1
+        W[:, i2:] -= E1 @ Hinv[i1:i2, i2:]
+    return Q[:, torch.argsort(order)]
+
+
+class DequantizedLinear(nn.Module):
+    """Weights already on the E4M3 grid times their scales, activations unquantized."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.register_buffer("weight32", weight.float())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x.float(), self.weight32).to(x.dtype)
+
+
+UNIT_OF = {
+    "self_attn.q_proj": "qkv",
+    "self_attn.k_proj": "qkv",
+    "self_attn.v_proj": "qkv",
+    "self_attn.o_proj": "o",
+    "mlp.gate_proj": "gate_up",
+    "mlp.up_proj": "gate_up",
+    "mlp.down_proj": "down",
+}
+
+
+def linear_format(spec: StreamSpec, layer: int, name: str) -> str:
+    """The stream's format of one linear: its recipe's, where the stream has a recipe."""
+    if spec.recipe is None:
+        return spec.fmt
+    from builder.quantize.formats import Recipe
+
+    recipe = Recipe.load(Path(spec.recipe))
+    return recipe.overrides.get(f"{layer}.{UNIT_OF[name]}", recipe.default).value
+
+
+def quantize_block(
+    block: nn.Module,
+    stats: BlockStats,
+    scales: dict[str, torch.Tensor],
+    spec: StreamSpec,
+    layer: int,
+) -> nn.Module:
+    """`block` (bf16, transformed) with its linears in the stream's format."""
+    from builder.dtypes import FP8_MAX
+    from builder.quantize.formats import (
+        LinearFormat,
+        RowwiseFp8Linear,
+        TensorFp8Linear,
+        channel_scales,
+        quantized_linear,
+    )
+    from builder.quantize.fp8 import FP8
+
+    if spec.fmt == "bf16":
+        return block
+    out = copy.deepcopy(block)
+    for name in LINEARS:
+        fmt_name = linear_format(spec, layer, name)
+        if fmt_name == "bf16":
+            continue
+        spec_l = StreamSpec(fmt_name, spec.alpha, spec.placebo, spec.gptq)
+        reader = READS.get(name, name)
+        parent, leaf = name.rsplit(".", 1)
+        linear = out.get_submodule(name)
+        weight = linear.weight.detach()
+        x_amax = float((stats.xmax[reader] / scales[reader]).max())  # shared by the readers
+        if spec_l.fmt != "wonly" and not spec_l.gptq:  # exactly what builder's streams run
+            fmt = LinearFormat(spec_l.fmt)
+            new = quantized_linear(linear, fmt, float(weight.abs().max()), x_amax)
+            setattr(out.get_submodule(parent), leaf, new)
+            continue
+        if spec_l.fmt == "fp8":
+            w_scale = (weight.abs().max().float() / FP8_MAX).reshape(())
+        else:
+            w_scale = channel_scales(weight)
+        if spec_l.gptq:
+            h = stats.hessian[reader]
+            s = scales[reader]
+            q = gptq(weight, h / (s[:, None] * s[None, :]), w_scale)  # H of x / s
+        else:
+            s = w_scale.reshape(-1, 1) if w_scale.dim() else w_scale
+            q = (weight.float() / s).clamp(-FP8_MAX, FP8_MAX).to(FP8).float() * s
+        if spec_l.fmt == "wonly":
+            new = DequantizedLinear(q)
+        elif spec_l.fmt == "fp8-pc-pt":
+            new = RowwiseFp8Linear((q / w_scale[:, None]).to(FP8), w_scale)
+        else:
+            new = TensorFp8Linear((q / w_scale).to(FP8), w_scale, torch.tensor(x_amax / FP8_MAX))
+        setattr(out.get_submodule(parent), leaf, new)
+    return out
+
+
+# ---- the pass ---------------------------------------------------------------------------
+@torch.no_grad()
+def measure(src: Path, specs: list[StreamSpec], calib: torch.Tensor, heldout: torch.Tensor):
+    from builder.quantize.blockwise import load_block
+    from builder.quantize.formats import Recipe
+    from builder.verify.sensitivity import StreamScore, _finish, _run, _Stream
+    from builder.verify.stream import BlockStream
+
+    stream = BlockStream(src, dtype=torch.bfloat16, keep_blocks=False)
+    from builder.arch.plan import AttentionKind, FfnKind
+
+    for layer in stream.plan.layers:
+        full = layer.attention is AttentionKind.ATTENTION and layer.ffn is FfnKind.MLP
+        if not layer.is_empty and not full:
+            raise SystemExit(f"error: block {layer.index}: the probe handles GQA + MLP blocks")
+    calib_h = torch.cat([stream.embed(w)[0][None] for w in calib])
+    ref = torch.cat([stream.embed(w)[0][None] for w in heldout])
+    streams = {s: _Stream(StreamScore(s.name, Recipe())) for s in specs}
+    hessians = any(s.gptq for s in specs)
+    for layer, block in stream.blocks():
+        if block is None:
+            continue
+        calib_h, stats = observe(stream, block, calib_h, hessians)
+        for spec, st in streams.items():
+            fp32 = load_block(stream.parts, stream.ckpt, layer.index, "cpu", torch.float32)
+            scales = fold(fp32, stats, spec)
+            quantized = quantize_block(fp32.to(torch.bfloat16), stats, scales, spec, layer.index)
+            st.hidden = _run(stream, quantized, ref if st.hidden is None else st.hidden, 4)
+        ref = _run(stream, block, ref, 4)
+        say(f"block {layer.index}")
+    head = stream.head_weights()
+    ref_logits = [stream.head(ref[i : i + 1], head) for i in range(ref.shape[0])]
+    for st in streams.values():
+        _finish(st, stream, head, ref, ref_logits)
+    return {s.name: streams[s].score for s in specs}
+
+
+def main() -> None:
+    global DAMP, ACT_ORDER
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--work", type=Path, required=True)
+    p.add_argument("--src", type=Path, help="HF nemotron-nas checkpoint (default: SmolLM2)")
+    p.add_argument("--calib-size", type=int, default=32)
+    p.add_argument("--calib-seq-len", type=int, default=256)
+    p.add_argument("--windows", type=int, default=16)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--streams", default="fp8-pc-pt:none,fp8-pc-pt:smooth=0.5,fp8-pc-pt:gptq")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--damp", type=float, default=DAMP, help="GPTQ damping (of mean diag H)")
+    p.add_argument("--act-order", action="store_true", help="GPTQ in decreasing diag(H)")
+    p.add_argument("--json", type=Path, help="also write the rows here")
+    args = p.parse_args()
+    DAMP, ACT_ORDER = args.damp, args.act_order
+    torch.manual_seed(0)
+    torch.set_num_threads(args.threads)
+    args.work.mkdir(parents=True, exist_ok=True)
+    src = args.src
+    if src is None:
+        from builder.smollm2 import import_smollm2
+
+        src = args.work / "smollm2"
+        if not src.exists():
+            import_smollm2(src)
+    from builder.quantize.calib import build_calibration_set, load_tokenizer
+    from builder.verify.prompts import heldout_windows
+
+    specs = [StreamSpec.parse(t) for t in args.streams.split(",")]
+    tok = load_tokenizer(src)
+    calib = build_calibration_set("builtin", tok, args.calib_size, args.calib_seq_len, 0).windows
+    heldout = heldout_windows(tok, args.windows, args.seq_len)
+    say(f"{len(specs)} streams, calibration {tuple(calib.shape)}, held-out {tuple(heldout.shape)}")
+    started = time.perf_counter()
+    scores = measure(src, specs, calib, heldout)
+    seconds = time.perf_counter() - started
+    rows = [
+        {"stream": name, "kl": s.kl, "kl_p99": s.kl_p99, "top1": s.top1}
+        for name, s in scores.items()
+    ]
+    print(
+        f"\nheld-out {args.windows} x {args.seq_len}; calibration {args.calib_size} x "
+        f"{args.calib_seq_len}; {seconds:.0f} s\n"
+    )
+    print("| stream | mean KL | p99 KL | top-1 |\n|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['stream']} | {r['kl']:.4f} | {r['kl_p99']:.3f} | {r['top1']:.4f} |")
+    if args.json:
+        meta = {
+            "windows": args.windows,
+            "seq_len": args.seq_len,
+            "calib_size": args.calib_size,
+            "calib_seq_len": args.calib_seq_len,
+            "seconds": round(seconds, 1),
+            "gptq_damp": DAMP,
+            "gptq_act_order": ACT_ORDER,
+        }
+        args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
