@@ -92,14 +92,14 @@ replays the same prompts and seeds on the artifact and reports its accuracy and 
 )
 @click.option(
     "--task-max-tokens",
-    type=int,
+    type=click.IntRange(min=0),
     default=64,
     show_default=True,
     help="Reply length for --tasks, reasoning off.",
 )
 @click.option(
     "--task-reasoning-max-tokens",
-    type=int,
+    type=click.IntRange(min=0),
     default=512,
     show_default=True,
     help="Reply length for --tasks, reasoning on.",

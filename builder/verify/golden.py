@@ -186,6 +186,12 @@ def build_golden(
         raise UserError(f"--dtype {settings.dtype}: expected one of {', '.join(DTYPES)}")
     if settings.continuation < 0 or settings.top_k < 1 or settings.probe_len < 2:
         raise UserError("need --continuation >= 0, --top-k >= 1 and --probe-len >= 2")
+    if settings.tasks:  # bad task input fails before the reference runs, not after
+        from builder.verify.tasks import load_tasks
+
+        if settings.task_samples < 0:
+            raise UserError(f"--task-samples must be >= 0, got {settings.task_samples}")
+        task_runs(settings.__dict__, len(load_tasks(settings.tasks)))
     started = time.perf_counter()
     tokenizer = load_tokenizer(src)
     prompts = build_prompts(
@@ -294,8 +300,6 @@ def run_tasks(
     pass over the weights) and its accuracy in each."""
     from builder.verify.tasks import accuracy, load_tasks, reply_text, task_prompt_ids
 
-    if settings.task_samples < 0:
-        raise UserError(f"--task-samples must be >= 0, got {settings.task_samples}")
     tasks = load_tasks(settings.tasks)
     runs = task_runs(settings.__dict__, len(tasks))
     plan = []  # (mode, task index, sampling) per sequence

@@ -82,3 +82,14 @@ def test_goldens_without_reasoning_on_still_verify():
     assert old.task_modes() == {
         "reasoning_off": {"accuracy": 0.5, "samples": 1, "replies": [["a"], ["b"]]}
     }
+
+
+def test_a_bad_task_file_fails_before_the_reference_runs(mixed_ckpt_fp32, tmp_path):
+    bad = tmp_path / "t.jsonl"
+    bad.write_text('{"type": "math", "question": 3, "answer": "1"}\n')
+    out = tmp_path / "golden"
+    args = ["reference", str(mixed_ckpt_fp32), str(out), "--tasks", str(bad)]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2 and "t.jsonl:1: needs a string 'question'" in result.output
+    assert "Traceback" not in result.output and not out.exists()
+    assert "golden of" not in result.output  # nothing streamed before the input was checked
