@@ -5,7 +5,8 @@
 
   golden.json        format/version, exact settings, source fingerprint, tokenizer identity,
                      every prompt (id, set, text, token count, reasoning), per-block output
-                     statistics, timings and peak memory
+                     statistics, timings and peak memory; with `tasks`, each reasoning mode's
+                     sampling, seeds, replies and accuracy (`run_tasks`, `task_runs`)
   tensors.safetensors
       prompt.N.ids              int64 [L]       token ids
       prompt.N.top_ids          int64 [L-1, k]  golden top-k ids at each scored position
