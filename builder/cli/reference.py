@@ -32,8 +32,12 @@ of {"text"|"prompt"|"messages", optional "reasoning"} lines.
 
 \b
 --tasks FILE adds task accuracy: {"type": "math"|"choice", "question", "answer", "choices"?}
-lines (calib/tasks-sample.jsonl is a tiny example), answered with reasoning off (greedy); verify
-then reports the artifact's accuracy and its recovery (artifact / golden).
+lines (calib/tasks-sample.jsonl is a tiny example), answered in the model card's two modes:
+reasoning off, greedy, --task-max-tokens long; reasoning on, sampled at temperature 0.6 /
+top_p 0.95, --task-samples draws per task (seeded from --task-seed), --task-reasoning-max-tokens
+long (reasoning traces are long: raise it for real models). Replies stop at EOS. verify then
+replays the same prompts and seeds on the artifact and reports its accuracy and recovery
+(artifact / golden) in each mode.
 """
 
 
@@ -87,7 +91,28 @@ then reports the artifact's accuracy and its recovery (artifact / golden).
     ),
 )
 @click.option(
-    "--task-max-tokens", type=int, default=64, show_default=True, help="Reply length for --tasks."
+    "--task-max-tokens",
+    type=click.IntRange(min=0),
+    default=64,
+    show_default=True,
+    help="Reply length for --tasks, reasoning off.",
+)
+@click.option(
+    "--task-reasoning-max-tokens",
+    type=click.IntRange(min=0),
+    default=512,
+    show_default=True,
+    help="Reply length for --tasks, reasoning on.",
+)
+@click.option(
+    "--task-samples",
+    type=click.IntRange(min=0),
+    default=1,
+    show_default=True,
+    help="Reasoning-on draws per task (0: reasoning off only).",
+)
+@click.option(
+    "--task-seed", type=click.IntRange(min=0), default=0, show_default=True, help="First seed."
 )
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print golden.json's summary as JSON.")
@@ -105,6 +130,9 @@ def reference(
     device,
     tasks,
     task_max_tokens,
+    task_reasoning_max_tokens,
+    task_samples,
+    task_seed,
     overwrite,
     as_json,
 ) -> None:
@@ -124,6 +152,9 @@ def reference(
         device,
         tasks,
         task_max_tokens,
+        task_reasoning_max_tokens,
+        task_samples,
+        task_seed,
     )
     say = (lambda m: None) if as_json else (lambda m: click.echo(m, err=True))
     path = build_golden(hf_dir, out, settings, overwrite=overwrite, say=say)
@@ -146,6 +177,16 @@ def reference(
         f"peak RSS {human_bytes(run['peak_rss_bytes'])}"
     )
     click.echo(weights_line(run["weights"], run.get("peak_gpu_bytes")))
+    if "tasks" in document:
+        modes = document["tasks"]["modes"]
+        click.echo(
+            f"tasks ({document['tasks']['count']}): "
+            + ", ".join(
+                f"{mode.replace('_', ' ')} {m['accuracy']:.3f} "
+                f"({m['samples']} repl{'y' if m['samples'] == 1 else 'ies'} per task)"
+                for mode, m in modes.items()
+            )
+        )
 
 
 def weights_line(weights: dict, peak_gpu_bytes: int | None) -> str:

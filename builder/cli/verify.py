@@ -26,8 +26,10 @@ Runtimes (--runtime), each answering "score these token ids; continue this promp
 \b
 Metrics (builder.verify.metrics): mean and p99 KL(golden || artifact) over the golden's top-k
 plus one bucket for the rest of the vocabulary, top-1 agreement, greedy exact-match rate and
-mean matching prefix, perplexity and its ratio to the golden's. Limits: the [--section] of
---thresholds (default calib/thresholds.toml [verify]).
+mean matching prefix, perplexity and its ratio to the golden's; with a golden made with
+--tasks, task accuracy and recovery (artifact / golden) with reasoning off (task_accuracy,
+greedy) and on (task_accuracy_reasoning_on, the card's sampling with the golden's seeds).
+Limits: the [--section] of --thresholds (default calib/thresholds.toml [verify]).
 
 \b
 --localize runs each part of the artifact (embedding, every block, lm_head) alone on the

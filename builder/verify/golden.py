@@ -5,7 +5,8 @@
 
   golden.json        format/version, exact settings, source fingerprint, tokenizer identity,
                      every prompt (id, set, text, token count, reasoning), per-block output
-                     statistics, timings and peak memory
+                     statistics, timings and peak memory; with `tasks`, each reasoning mode's
+                     sampling, seeds, replies and accuracy (`run_tasks`, `task_runs`)
   tensors.safetensors
       prompt.N.ids              int64 [L]       token ids
       prompt.N.top_ids          int64 [L-1, k]  golden top-k ids at each scored position
@@ -47,7 +48,8 @@ from builder.io.manifest import (
 )
 from builder.verify import metrics
 from builder.verify.prompts import Prompt, build_prompts
-from builder.verify.stream import BlockStream, Sequence
+from builder.verify.sampling import Sampler, Sampling
+from builder.verify.stream import BlockStream, Sequence, continue_sequences
 
 FORMAT = "builder.golden"
 VERSION = 1
@@ -73,8 +75,11 @@ class GoldenSettings:
     probe_len: int = 32
     dtype: str = "bfloat16"
     device: str = "cpu"
-    tasks: str | None = None  # a task JSONL (builder.verify.tasks): golden answers, reasoning off
-    task_max_tokens: int = 64
+    tasks: str | None = None  # a task JSONL (builder.verify.tasks): golden answers
+    task_max_tokens: int = 64  # reasoning off (greedy)
+    task_reasoning_max_tokens: int = 512  # reasoning on (the card's sampling)
+    task_samples: int = 1  # reasoning-on draws per task; 0: reasoning off only
+    task_seed: int = 0
 
 
 # ---- per-block statistics ------------------------------------------------------------------------
@@ -185,6 +190,12 @@ def build_golden(
         raise UserError(f"--dtype {settings.dtype}: expected one of {', '.join(DTYPES)}")
     if settings.continuation < 0 or settings.top_k < 1 or settings.probe_len < 2:
         raise UserError("need --continuation >= 0, --top-k >= 1 and --probe-len >= 2")
+    if settings.tasks:  # bad task input fails before the reference runs, not after
+        from builder.verify.tasks import load_tasks
+
+        if settings.task_samples < 0:
+            raise UserError(f"--task-samples must be >= 0, got {settings.task_samples}")
+        task_runs(settings.__dict__, len(load_tasks(settings.tasks)))
     started = time.perf_counter()
     tokenizer = load_tokenizer(src)
     prompts = build_prompts(
@@ -247,66 +258,97 @@ def run_reference(
     hidden = stream.forward(sequences, new_ids, observe=stats.observe, use_cache=n > 1)
     head = stream.head_weights()
     tensors: dict[str, torch.Tensor] = {}
-    nexts = []
+    lasts = []
     for j in range(len(prompts)):
         logits = stream.head(hidden[j], head).cpu()
         ids = new_ids[j]
         for key, value in scored(logits, ids, k).items():
             tensors[f"prompt.{j}.{key}"] = value
         tensors[f"prompt.{j}.ids"] = ids
-        nexts.append(logits[-1].argmax())
+        lasts.append(logits[-1])
     tensors["probe.ids"] = probe_ids
     tensors["probe.logits"] = stream.head(hidden[-1], head).cpu()
     tensors.update(stats.probe)
     seconds["prefill"] = round(time.perf_counter() - t0, 3)
     t0 = time.perf_counter()
-    greedy = [[int(t)] for t in nexts] if n else [[] for _ in prompts]
-    continue_greedy(stream, sequences[:-1], greedy, n, head, say)
+    samplers = [Sampler(Sampling.greedy(n)) for _ in prompts]
+    greedy = continue_sequences(stream, sequences[:-1], lasts, samplers, head, say=say)
     for j, tokens in enumerate(greedy):
         tensors[f"prompt.{j}.greedy"] = torch.tensor(tokens, dtype=torch.long)
     seconds["greedy"] = round(time.perf_counter() - t0, 3)
     return tensors, stats, seconds
 
 
-def continue_greedy(
-    stream: BlockStream,
-    sequences: list[Sequence],
-    greedy: list[list[int]],
-    n: int,
-    head: Any,
-    say: Callable[[str], None],
-) -> None:
-    """Extend each sequence's greedy tokens (its first one already chosen) to `n`: one pass
-    over the weights per token, every sequence's KV cache kept."""
-    for step in range(1, n):
-        say(f"greedy continuation: token {step + 1}/{n} (one pass over the weights)")
-        states = stream.forward(sequences, [torch.tensor([g[-1]]) for g in greedy], use_cache=True)
-        for j, h in enumerate(states):
-            greedy[j].append(int(stream.head(h, head)[-1].argmax()))
+def task_runs(settings: dict[str, Any], count: int) -> dict[str, list[Sampling]]:
+    """Per reasoning mode, the sampling of every reply (task-major): reasoning off one greedy
+    reply per task; reasoning on `task_samples` draws per task, draw s of task t seeded
+    task_seed + t * samples + s. The golden and verify both derive them here from the golden's
+    settings, so an artifact replays the golden's seeds (goldens written before reasoning-on
+    scoring have no task_samples: reasoning off only)."""
+    off = Sampling.card(False, int(settings.get("task_max_tokens", 64)))
+    runs = {"reasoning_off": [off] * count}
+    samples = int(settings.get("task_samples", 0))
+    if samples:
+        on = Sampling.card(
+            True, int(settings["task_reasoning_max_tokens"]), int(settings.get("task_seed", 0))
+        )
+        runs["reasoning_on"] = [
+            on.reseeded(on.seed + t * samples + s) for t in range(count) for s in range(samples)
+        ]
+    return runs
 
 
 def run_tasks(
     stream: BlockStream, tokenizer: Any, settings: GoldenSettings, say: Callable[[str], None]
 ) -> dict[str, Any]:
-    """The reference's answers to a task set (reasoning off, greedy) and its accuracy."""
+    """The reference's replies to a task set in both reasoning modes (all sequences share each
+    pass over the weights) and its accuracy in each."""
     from builder.verify.tasks import accuracy, load_tasks, reply_text, task_prompt_ids
 
     tasks = load_tasks(settings.tasks)
-    ids = [torch.tensor(task_prompt_ids(tokenizer, t, reasoning=False)) for t in tasks]
-    sequences = [Sequence(torch.empty(0, dtype=torch.long)) for _ in tasks]
+    runs = task_runs(settings.__dict__, len(tasks))
+    plan = []  # (mode, task index, sampling) per sequence
+    for mode, samplings in runs.items():
+        per_task = len(samplings) // len(tasks)
+        plan += [(mode, i // per_task, sampling) for i, sampling in enumerate(samplings)]
+    prompts = {
+        mode: [task_prompt_ids(tokenizer, t, reasoning=mode == "reasoning_on") for t in tasks]
+        for mode in runs
+    }
+    ids = [torch.tensor(prompts[mode][t]) for mode, t, _ in plan]
+    sequences = [Sequence(torch.empty(0, dtype=torch.long)) for _ in plan]
     head = stream.head_weights()
+    say(f"tasks: {len(tasks)} tasks, {len(plan)} replies ({', '.join(runs)})")
     hidden = stream.forward(sequences, ids, use_cache=True)
-    greedy = [[int(stream.head(h, head)[-1].argmax())] for h in hidden]
-    continue_greedy(stream, sequences, greedy, settings.task_max_tokens, head, say)
-    replies = [reply_text(tokenizer, g) for g in greedy]
+    replies = continue_sequences(
+        stream,
+        sequences,
+        [stream.head(h, head)[-1] for h in hidden],
+        [Sampler(sampling) for _, _, sampling in plan],
+        head,
+        eos_id=tokenizer.eos_token_id,
+        say=say,
+    )
+    modes = {}
+    for mode, samplings in runs.items():
+        texts = [
+            reply_text(tokenizer, r)
+            for (m, _, _), r in zip(plan, replies, strict=True)
+            if m == mode
+        ]
+        per_task = len(samplings) // len(tasks)
+        modes[mode] = {
+            "sampling": {k: v for k, v in samplings[0].to_json().items() if k != "seed"},
+            "seeds": [s.seed for s in samplings] if not samplings[0].is_greedy else None,
+            "samples": per_task,
+            "accuracy": accuracy([t for t in tasks for _ in range(per_task)], texts),
+            "replies": [texts[t * per_task : (t + 1) * per_task] for t in range(len(tasks))],
+        }
     return {
         "file": str(Path(settings.tasks).resolve()),
         "sha256": sha256_file(Path(settings.tasks)),
-        "reasoning": False,
-        "max_tokens": settings.task_max_tokens,
         "count": len(tasks),
-        "accuracy": accuracy(tasks, replies),
-        "replies": replies,
+        "modes": modes,
     }
 
 
@@ -374,6 +416,21 @@ class Golden:
 
     def probe_hidden(self, index: int) -> torch.Tensor:
         return self.tensors[f"probe.hidden.{index}"]
+
+    def task_modes(self) -> dict[str, dict[str, Any]]:
+        """The golden's task replies and accuracy per reasoning mode ({mode: {accuracy,
+        samples, replies[task][sample]}}); goldens from before reasoning-on scoring stored
+        reasoning off alone at the top level."""
+        spec = self.document["tasks"]
+        if "modes" in spec:
+            return spec["modes"]
+        return {
+            "reasoning_off": {
+                "accuracy": spec["accuracy"],
+                "samples": 1,
+                "replies": [[reply] for reply in spec["replies"]],
+            }
+        }
 
     def tokenizer(self) -> Any:
         from builder.quantize.calib import load_tokenizer

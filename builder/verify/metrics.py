@@ -91,6 +91,16 @@ METRICS: dict[str, MetricInfo] = {
     "task_recovery": MetricInfo(
         "ratio", "task_accuracy / golden_task_accuracy (llm-compressor's recovery)", "higher"
     ),
+    "task_accuracy_reasoning_on": MetricInfo(
+        "fraction",
+        "share of task answers correct with reasoning on, sampled at the card's temperature "
+        "0.6 / top_p 0.95 with the golden's seeds (over tasks x samples)",
+        "higher",
+    ),
+    "golden_task_accuracy_reasoning_on": MetricInfo("fraction", "the same for the golden", "none"),
+    "task_recovery_reasoning_on": MetricInfo(
+        "ratio", "task_accuracy_reasoning_on / golden_task_accuracy_reasoning_on", "higher"
+    ),
 }
 
 

@@ -18,6 +18,7 @@ from builder.report.records import Artifact, Metric, RecordKind, RunRecord, Verd
 from builder.verify import metrics
 from builder.verify.golden import Golden
 from builder.verify.metrics import METRICS, Comparison, compare_scores
+from builder.verify.sampling import Sampling
 
 DEFAULT_SECTION = "verify"
 
@@ -120,7 +121,7 @@ def compare(
             }
         if n:
             reference = golden.greedy(j)
-            continuation = runtime.greedy(ids, n)
+            continuation = runtime.generate(ids, Sampling.greedy(n))
             prefix = metrics.matching_prefix(reference, continuation)
             cmp.prefix.append(prefix)
             row |= {"greedy_prefix": prefix, "greedy": continuation}
@@ -234,29 +235,53 @@ def check_same_model(golden: Golden, runtime: Any) -> None:
 
 
 def score_tasks(golden: Golden, runtime: Any, say) -> tuple[dict[str, float], list[dict[str, Any]]]:
-    """The artifact's answers to the golden's task set, with the same prompts and length."""
+    """The artifact's answers to the golden's task set in each reasoning mode the golden has,
+    with the same prompts, lengths and seeds (builder.verify.golden.task_runs). Metrics of
+    reasoning off keep their names (task_accuracy, ...); reasoning on adds `_reasoning_on`."""
+    from builder.io.manifest import sha256_file
+    from builder.verify.golden import task_runs
     from builder.verify.tasks import load_tasks, reply_text, task_prompt_ids
 
     spec = golden.document["tasks"]
+    if Path(spec["file"]).is_file() and sha256_file(Path(spec["file"])) != spec["sha256"]:
+        raise UserError(f"{spec['file']}: the task file changed since golden {golden.path}")
     tasks = load_tasks(spec["file"])
     tokenizer = golden.tokenizer()
-    rows = []
-    for task, golden_reply in zip(tasks, spec["replies"], strict=True):
-        ids = torch.tensor(task_prompt_ids(tokenizer, task, reasoning=False))
-        reply = reply_text(tokenizer, runtime.greedy(ids, int(spec["max_tokens"])))
-        rows.append(
-            {
-                "question": task.question,
-                "correct": task.correct(reply),
-                "golden_correct": task.correct(golden_reply),
-                "reply": reply,
-            }
+    modes = golden.task_modes()
+    rows: list[dict[str, Any]] = []
+    out: dict[str, float] = {}
+    for mode, samplings in task_runs(golden.settings, len(tasks)).items():
+        reference, per_task = modes[mode], len(samplings) // len(tasks)
+        prompts = [task_prompt_ids(tokenizer, t, reasoning=mode == "reasoning_on") for t in tasks]
+        mode_rows = []
+        for i, sampling in enumerate(samplings):
+            t, s = divmod(i, per_task)
+            task, golden_reply = tasks[t], reference["replies"][t][s]
+            ids = torch.tensor(prompts[t])
+            reply = reply_text(tokenizer, runtime.generate(ids, sampling, tokenizer.eos_token_id))
+            mode_rows.append(
+                {
+                    "mode": mode,
+                    "question": task.question,
+                    "seed": None if sampling.is_greedy else sampling.seed,
+                    "correct": task.correct(reply),
+                    "golden_correct": task.correct(golden_reply),
+                    "same_reply": reply == golden_reply,
+                    "reply": reply,
+                }
+            )
+        acc = sum(r["correct"] for r in mode_rows) / len(mode_rows)
+        suffix = "" if mode == "reasoning_off" else f"_{mode}"
+        out[f"task_accuracy{suffix}"] = acc
+        out[f"golden_task_accuracy{suffix}"] = float(reference["accuracy"])
+        if reference["accuracy"] > 0:
+            out[f"task_recovery{suffix}"] = acc / reference["accuracy"]
+        same = sum(r["same_reply"] for r in mode_rows)
+        say(
+            f"tasks, {mode.replace('_', ' ')}: {acc:.3f} correct (golden "
+            f"{reference['accuracy']:.3f}); {same}/{len(mode_rows)} replies as the golden's"
         )
-    acc = sum(r["correct"] for r in rows) / len(rows)
-    out = {"task_accuracy": acc, "golden_task_accuracy": float(spec["accuracy"])}
-    if spec["accuracy"] > 0:
-        out["task_recovery"] = acc / spec["accuracy"]
-    say(f"tasks: {acc:.3f} correct (golden {spec['accuracy']:.3f})")
+        rows += mode_rows
     return out, rows
 
 
@@ -296,11 +321,11 @@ def verdict_table(result: VerifyResult, thresholds: dict[str, Threshold]) -> str
         lines.append(f"| {name} | {value:.5g} | {t.describe() if t else ''} | {verdict} |")
     has_tasks = bool(r.details.get("tasks"))
     for name in result.unmeasured:
-        why = (
-            "no task set in the golden"
-            if name.startswith("task") and not has_tasks
-            else "not measured by this runtime"
-        )
+        why = "not measured by this runtime"
+        if name.startswith("task") and not has_tasks:
+            why = "no task set in the golden"
+        elif name.startswith("task_recovery") and has_tasks:
+            why = "golden accuracy 0 or mode not in the golden: no recovery"
         lines.append(f"| {name} | {why} | {thresholds[name].describe()} | n/a |")
     lines.append("")
     if result.localization is not None:

@@ -7,8 +7,9 @@ the final norm and lm_head come last. So Ultra needs one GPU (one block of at mo
 the lm_head) and a small model runs on a CPU. Each sequence runs alone (no padding, no mask):
 the weights are read once per pass whatever the number of sequences.
 
-Greedy continuation keeps one KV cache per sequence across passes; every new token costs one
-pass over the weights (for Ultra from disk: minutes per token, so keep continuations short).
+Continuations (`continue_sequences`: greedy or sampled, builder.verify.sampling) keep one KV
+cache per sequence across passes; every new token costs one pass over the weights (for Ultra
+from disk: minutes per token, so keep continuations short).
 
 Weights: `BlockLoader` decides how a block is filled: `bf16_block` (the source checkpoint as
 it is) or builder.verify.hf_fp8's dequantizing loader for a unified HF FP8 export.
@@ -33,6 +34,7 @@ from builder.arch.tensors import Role, hf_weight
 from builder.io.checkpoint import HFCheckpoint
 from builder.io.prefetch import StreamStats, prefetch_by_default, prefetched
 from builder.quantize.blockwise import embed_windows, load_block
+from builder.verify.sampling import Sampler
 
 KEEP_BYTES = 2 << 30
 BlockLoader = Callable[["BlockStream", int], torch.nn.Module]
@@ -225,3 +227,44 @@ class BlockStream:
             seq.ids = torch.cat([seq.ids, ids.cpu()]) if seq.ids.numel() else ids.cpu()
         self.pass_seconds += time.perf_counter() - started
         return hidden
+
+
+def continue_sequences(
+    stream: BlockStream,
+    sequences: list[Sequence],
+    first_logits: list[torch.Tensor],
+    samplers: list[Sampler],
+    head: Any,
+    eos_id: int | None = None,
+    say: Callable[[str], None] = lambda message: None,
+) -> list[list[int]]:
+    """New tokens of prefilled sequences (KV caches filled, `first_logits[j]` the logits [V]
+    after sequence j's last id): sequence j picks with `samplers[j]` up to its max_tokens and
+    stops after emitting `eos_id` (None: exactly max_tokens). One pass over the weights per
+    token for the sequences still going."""
+    tokens: list[list[int]] = [[] for _ in sequences]
+    limits = [s.sampling.max_tokens for s in samplers]
+    for j, logits in enumerate(first_logits):
+        if limits[j]:
+            tokens[j].append(samplers[j](logits))
+
+    def going(j: int) -> bool:
+        return 0 < len(tokens[j]) < limits[j] and (eos_id is None or tokens[j][-1] != eos_id)
+
+    longest = max(limits, default=0)
+    for step in range(1, longest):
+        active = [j for j in range(len(sequences)) if going(j)]
+        if not active:
+            break
+        say(
+            f"continuation: token {step + 1}/{longest}, {len(active)} sequences "
+            "(one pass over the weights)"
+        )
+        states = stream.forward(
+            [sequences[j] for j in active],
+            [torch.tensor([tokens[j][-1]]) for j in active],
+            use_cache=True,
+        )
+        for j, h in zip(active, states, strict=True):
+            tokens[j].append(samplers[j](stream.head(h, head)[-1]))
+    return tokens

@@ -5,11 +5,15 @@ Each line: {"question": ..., "answer": ..., "type": "math" | "choice", "choices"
           \\boxed{...} of the reply (balanced braces), compared as numbers when both parse;
   choice  the question, options "A) ...", "Answer with the letter."; the answer is the letter
           of \\boxed{X}, "answer is X" / "Answer: X", else the last standalone A-D.
-The card's settings are reasoning on: "detailed thinking on" at temperature 0.6 / top_p 0.95,
-reasoning off: greedy (builder.chat). Verify scores reasoning off (greedy, every runtime can);
-sampled reasoning-on scoring needs a sampling entry point in the runtimes (not there yet). The score
-is the share of correct answers; `recovery` = artifact score
-/ golden score (llm-compressor's convention, threshold `task_recovery_min`).
+Both of the card's modes are scored (builder.chat holds the settings): reasoning off,
+"detailed thinking off", greedy; reasoning on, "detailed thinking on", sampled at temperature
+0.6 / top_p 0.95 (builder.verify.sampling), `task_samples` draws per task with seeds derived
+from `task_seed` (builder.verify.golden.task_runs). Verify replays the golden's prompts, lengths
+and seeds on the artifact; runtimes that run our code draw with the same picker, so on equal
+distributions their sampled replies are the golden's. Replies stop at EOS. The score is the
+share of correct answers (over tasks x samples); `recovery` = artifact score / golden score
+(llm-compressor's convention): task_accuracy / task_recovery for reasoning off (threshold
+`task_recovery_min`), task_accuracy_reasoning_on / task_recovery_reasoning_on for reasoning on.
 """
 
 from __future__ import annotations

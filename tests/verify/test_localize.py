@@ -47,6 +47,7 @@ def ultra_golden(tmp_path_factory, ultra_ckpt):
         dtype="float32",
         tasks=str(calib_dir() / "tasks-sample.jsonl"),
         task_max_tokens=3,
+        task_reasoning_max_tokens=3,
     )
     return build_golden(ultra_ckpt, tmp_path_factory.mktemp("golden") / "ultra", settings)
 
@@ -102,6 +103,7 @@ def test_the_intact_artifact_has_no_part_out_of_line(ultra_fp8, ultra_golden, th
     assert result.exit_code == 0, result.output
     assert "no part out of line" in result.output
     assert "| task_accuracy |" in result.output and "| golden_task_accuracy |" in result.output
+    assert "| task_accuracy_reasoning_on |" in result.output
 
 
 def test_a_corrupted_scaling_factor_is_named(

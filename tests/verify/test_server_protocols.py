@@ -60,6 +60,36 @@ def test_triton_responses_parse_to_greedy_ids(tokenizer):
     assert ids == [4649, 314, 7042, 30, 657]
 
 
+def test_sampled_requests_carry_the_setting_under_the_servers_names():
+    from builder.triton.tensors import TENSORRT_LLM_INPUTS, TEXT_INPUTS
+    from builder.verify.runtimes.base import until_eos
+    from builder.verify.sampling import Sampling
+
+    on = Sampling.card(True, 16, seed=9)
+    text = triton.generate_body("text", "Hi", [1, 2], 16, on)
+    ids = triton.generate_body("ids", "", [1, 2], 16, on, eos_id=4)
+    assert (text["temperature"], text["top_p"], text["seed"], text["top_k"]) == (0.6, 0.95, 9, 0)
+    assert ids["temperature"] == [0.6] and ids["runtime_top_p"] == [0.95]
+    assert ids["seed"] == [9] and ids["runtime_top_k"] == [0] and ids["end_id"] == [4]
+    # every field is an input of the models this tool's Triton repositories declare
+    assert set(text) <= {t.name for t in TEXT_INPUTS}
+    assert set(ids) <= {t.name for t in TENSORRT_LLM_INPUTS}
+    assert triton.generate_body("ids", "", [1], 3, Sampling.greedy(3))["runtime_top_k"] == [1]
+    body = openai.completion_body([1, 2], on, ids=True, ignore_eos=False)
+    assert body == {
+        "prompt": [1, 2],
+        "max_tokens": 16,
+        "temperature": 0.6,
+        "top_p": 0.95,
+        "seed": 9,
+        "logprobs": 1,
+        "return_tokens_as_token_ids": True,
+    }
+    greedy = openai.completion_body([1], Sampling.greedy(4), ids=False, ignore_eos=True)
+    assert greedy == {"prompt": [1], "max_tokens": 4, "temperature": 0.0, "ignore_eos": True}
+    assert until_eos([5, 4, 6], 8, 4) == [5, 4] and until_eos([5, 4, 6], 2, None) == [5, 4]
+
+
 def test_openai_prompt_logprobs_and_echo_shapes():
     ids = [5, 9, 3]
     entries = [

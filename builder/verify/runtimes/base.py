@@ -4,7 +4,12 @@ A runtime answers two questions about token ids:
   score(ids, golden_top_ids)  per scored position (position j predicts ids[j + 1]): its own top-k
                               ids and log-probs, the log-prob of the actual next token, and, when
                               it has the whole distribution, its log-probs at the golden's top ids;
-  greedy(prompt_ids, n)       its greedy continuation of exactly n tokens (EOS not special).
+  generate(prompt_ids, sampling, eos_id)
+                              its continuation under `sampling` (builder.verify.sampling: greedy
+                              at temperature 0, else temperature / top_p / seed): up to
+                              sampling.max_tokens new tokens, stopping after eos_id (None: EOS not
+                              special, exactly max_tokens). Runtimes that run our code pick tokens
+                              with builder.verify.sampling.pick_token; servers sample themselves.
 `capabilities` says which of these it can answer and therefore which metrics a run reports.
 Runtimes that run our own code block by block (executor, hf) also offer `localizer()`, and
 `plan` (the artifact's ModelPlan, checked against the golden's model before anything runs).
@@ -22,6 +27,7 @@ import torch
 
 from builder.verify import metrics
 from builder.verify.metrics import SequenceScore
+from builder.verify.sampling import Sampling
 
 SCORE_METRICS = (
     "kl_mean",
@@ -79,7 +85,9 @@ class Runtime(Protocol):
         self, ids: torch.Tensor, golden_top_ids: torch.Tensor | None = None
     ) -> SequenceScore: ...
 
-    def greedy(self, prompt_ids: torch.Tensor, n: int) -> list[int]: ...
+    def generate(
+        self, prompt_ids: torch.Tensor, sampling: Sampling, eos_id: int | None = None
+    ) -> list[int]: ...
 
     def close(self) -> None: ...
 
@@ -93,6 +101,14 @@ def scores_from_logits(
     top_ids, top_lp = metrics.top_k(lp, k)
     at = metrics.gather(lp, golden_top_ids.long()) if golden_top_ids is not None else None
     return SequenceScore(top_ids, top_lp, metrics.gather(lp, ids[1:].to(lp.device)), at)
+
+
+def until_eos(tokens: list[int], n: int, eos_id: int | None) -> list[int]:
+    """The first n tokens, cut after the first eos_id (a server's answer to a request)."""
+    tokens = list(tokens)[:n]
+    if eos_id is not None and eos_id in tokens:
+        tokens = tokens[: tokens.index(eos_id) + 1]
+    return tokens
 
 
 def directory_sha256(path: Path) -> str:

@@ -15,6 +15,7 @@ from builder.verify.runtimes.base import (
     directory_sha256,
     scores_from_logits,
 )
+from builder.verify.sampling import Sampler, Sampling
 
 # quant_algo -> artifact kind; per-channel and mixed checkpoints come from builder.quantize.formats
 QUANT_KINDS = {"FP8": "fp8", "FP8_PER_CHANNEL_PER_TOKEN": "fp8-pc-pt", "MIXED_PRECISION": "mixed"}
@@ -74,9 +75,23 @@ class ExecutorRuntime:
     def score(self, ids: torch.Tensor, golden_top_ids: torch.Tensor | None = None):
         return scores_from_logits(self.logits(ids), ids, self.top_k, golden_top_ids)
 
-    def greedy(self, prompt_ids: torch.Tensor, n: int) -> list[int]:
-        # Exactly n tokens (no EOS stop), as the golden's continuation was made.
-        return self.executor.generate([prompt_ids.tolist()], n)[0]
+    @torch.no_grad()
+    def generate(
+        self, prompt_ids: torch.Tensor, sampling: Sampling, eos_id: int | None = None
+    ) -> list[int]:
+        """KV-cached: the prompt prefilled once, then one decode step per token, each picked by
+        builder.verify.sampling (greedy: the argmax the executor's own `greedy` takes)."""
+        n = sampling.max_tokens
+        if n == 0:
+            return []
+        ex, sampler = self.executor, Sampler(sampling)
+        cache = ex.new_cache(1, len(prompt_ids) + n)
+        logits = ex.prefill(prompt_ids[None].to(ex.device), cache)[0]
+        out = [sampler(logits)]
+        while len(out) < n and (eos_id is None or out[-1] != eos_id):
+            logits = ex.decode_step(torch.tensor([out[-1]]), cache)[0]
+            out.append(sampler(logits))
+        return out
 
     def localizer(self) -> ExecutorLocalizer:
         return ExecutorLocalizer(self)

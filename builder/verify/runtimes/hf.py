@@ -40,7 +40,8 @@ from builder.verify.runtimes.base import (
     read_json,
     scores_from_logits,
 )
-from builder.verify.stream import BlockStream, Sequence
+from builder.verify.sampling import Sampler, Sampling
+from builder.verify.stream import BlockStream, Sequence, continue_sequences
 
 TOKEN_AMAX_FLOOR = 1e-12  # an all-zero token row gets a harmless scale, not a division by 0
 
@@ -238,17 +239,18 @@ class HfFp8Runtime:
     def score(self, ids: torch.Tensor, golden_top_ids: torch.Tensor | None = None):
         return scores_from_logits(self.logits(ids), ids, self.top_k, golden_top_ids)
 
-    def greedy(self, prompt_ids: torch.Tensor, n: int) -> list[int]:
-        """KV-cached: the prompt in one pass, then one pass per new token."""
-        if n == 0:
+    def generate(
+        self, prompt_ids: torch.Tensor, sampling: Sampling, eos_id: int | None = None
+    ) -> list[int]:
+        """KV-cached: the prompt in one pass, then one pass per new token (the golden's loop)."""
+        if sampling.max_tokens == 0:
             return []
         seq = Sequence(torch.empty(0, dtype=torch.long))
         hidden = self.stream.forward([seq], [prompt_ids], use_cache=True)[0]
-        out = [int(self.stream.head(hidden, self._head)[-1].argmax())]
-        while len(out) < n:
-            hidden = self.stream.forward([seq], [torch.tensor([out[-1]])], use_cache=True)[0]
-            out.append(int(self.stream.head(hidden, self._head)[-1].argmax()))
-        return out
+        first = self.stream.head(hidden, self._head)[-1]
+        return continue_sequences(
+            self.stream, [seq], [first], [Sampler(sampling)], self._head, eos_id
+        )[0]
 
     def localizer(self) -> HfLocalizer:
         return HfLocalizer(self)

@@ -6,8 +6,10 @@ Prompts go as token-id lists (no retokenization). What the server offers is prob
   token ids      `return_tokens_as_token_ids` on generated tokens ("token_id:N"), else the
                  generated text is re-tokenized with the golden's tokenizer (said in the notes);
   exact length   `ignore_eos` (vLLM, trtllm-serve); else a continuation may stop at EOS.
-Greedy is temperature 0. Only a server's own top-k is visible, so KL covers the golden top-k
-ids that appear in the server's answer (builder.verify.metrics explains the bucket).
+Greedy is temperature 0; sampled continuations send the setting's `temperature`, `top_p` and
+`seed` (OpenAI completions fields; the server's own sampler draws). Only a server's own top-k
+is visible, so KL covers the golden top-k ids that appear in the server's answer
+(builder.verify.metrics explains the bucket).
 """
 
 from __future__ import annotations
@@ -20,8 +22,9 @@ import torch
 
 from builder.errors import UserError
 from builder.verify.metrics import SequenceScore
-from builder.verify.runtimes.base import ArtifactInfo, Capabilities
+from builder.verify.runtimes.base import ArtifactInfo, Capabilities, until_eos
 from builder.verify.runtimes.http import ServerError, request_json
+from builder.verify.sampling import Sampling
 
 PROBE_IDS = (1, 2, 3, 4, 5, 6, 7, 8)
 
@@ -84,6 +87,22 @@ def scores_from_echo(logprobs: dict[str, Any], ids: list[int], k: int) -> Sequen
         torch.tensor(top_lp, dtype=torch.float64),
         torch.tensor(target, dtype=torch.float64),
     )
+
+
+def completion_body(prompt: list[int], sampling: Sampling, ids: bool, ignore_eos: bool) -> dict:
+    """The /v1/completions request of one continuation (greedy: temperature 0 alone)."""
+    body: dict[str, Any] = {
+        "prompt": prompt,
+        "max_tokens": sampling.max_tokens,
+        "temperature": sampling.temperature,
+    }
+    if not sampling.is_greedy:
+        body |= {"top_p": sampling.top_p, "seed": sampling.seed}
+    if ids:
+        body |= {"logprobs": 1, "return_tokens_as_token_ids": True}
+    if ignore_eos:
+        body["ignore_eos"] = True
+    return body
 
 
 def _pad(values: list, k: int, fill: Any) -> list:
@@ -225,20 +244,21 @@ class OpenAIRuntime:
             return scores_from_echo(answer["choices"][0]["logprobs"], prompt, self.top_k)
         raise UserError(f"{self.base}: the server offers no prompt log-probs")
 
-    def greedy(self, prompt_ids: torch.Tensor, n: int) -> list[int]:
-        body: dict[str, Any] = {
-            "prompt": [int(t) for t in prompt_ids],
-            "max_tokens": n,
-            "temperature": 0,
-        }
-        if self.ids_mode:
-            body |= {"logprobs": 1, "return_tokens_as_token_ids": True}
-        if self.ignore_eos:
-            body["ignore_eos"] = True
+    def generate(
+        self, prompt_ids: torch.Tensor, sampling: Sampling, eos_id: int | None = None
+    ) -> list[int]:
+        n = sampling.max_tokens
+        if n == 0:
+            return []
+        prompt = [int(t) for t in prompt_ids]
+        # With an eos_id the server stops at its own EOS; without, the exact length is asked for.
+        body = completion_body(prompt, sampling, self.ids_mode, self.ignore_eos and eos_id is None)
         choice = self.completions(**body)["choices"][0]
         if self.ids_mode:
-            return [parse_token(t) for t in choice["logprobs"]["tokens"]][:n]
-        return list(self.tokenizer(choice["text"], add_special_tokens=False)["input_ids"])[:n]
+            tokens = [parse_token(t) for t in choice["logprobs"]["tokens"]]
+        else:
+            tokens = self.tokenizer(choice["text"], add_special_tokens=False)["input_ids"]
+        return until_eos(tokens, n, eos_id)
 
     def close(self) -> None:
         pass

@@ -9,7 +9,9 @@ told apart by the model's metadata (`GET /v2/models/<model>`):
         tokenized with the golden's tokenizer;
   ids   a `tensorrt_llm` model: inputs `input_ids`, `input_lengths`, `request_output_len`,
         `return_log_probs`; outputs `output_ids`, `sequence_length`, `output_log_probs`.
-Greedy is top_k = 1. The endpoint gives no prompt log-probs: greedy metrics only.
+Greedy is top_k = 1; sampled continuations send `temperature`, `top_p` and `seed` (text) or
+`temperature`, `runtime_top_p` and `seed` (ids), with top_k 0 (TensorRT-LLM: no top-k limit),
+the names of builder.triton.tensors. The endpoint gives no prompt log-probs: greedy metrics only.
 Request building and response parsing are pure functions (tested on recorded responses).
 """
 
@@ -22,8 +24,9 @@ from typing import Any
 import torch
 
 from builder.errors import UserError
-from builder.verify.runtimes.base import ArtifactInfo, Capabilities
+from builder.verify.runtimes.base import ArtifactInfo, Capabilities, until_eos
 from builder.verify.runtimes.http import ServerError, request_json
+from builder.verify.sampling import Sampling
 
 TEXT_INPUT, IDS_INPUT = "text_input", "input_ids"
 
@@ -41,18 +44,44 @@ def interface_of(metadata: dict[str, Any]) -> str:
 
 
 def generate_body(
-    interface: str, prompt_text: str, prompt_ids: list[int], n: int
+    interface: str,
+    prompt_text: str,
+    prompt_ids: list[int],
+    n: int,
+    sampling: Sampling | None = None,
+    eos_id: int | None = None,
 ) -> dict[str, Any]:
+    """A generate request: greedy (top_k 1) unless `sampling` samples; `eos_id` (ids
+    interface) is sent as end_id, so the backend stops there."""
+    sampled = sampling is not None and not sampling.is_greedy
     if interface == "text":
-        return {TEXT_INPUT: prompt_text, "max_tokens": n, "top_k": 1, "return_log_probs": True}
+        body = {TEXT_INPUT: prompt_text, "max_tokens": n, "top_k": 1, "return_log_probs": True}
+        if sampled:
+            body |= {
+                "top_k": 0,
+                "top_p": sampling.top_p,
+                "temperature": sampling.temperature,
+                "seed": sampling.seed,
+            }
+        return body
     # The generate extension adds the batch dimension itself: one request's values, unbatched.
-    return {
+    body = {
         IDS_INPUT: list(prompt_ids),
         "input_lengths": [len(prompt_ids)],
         "request_output_len": [n],
         "runtime_top_k": [1],
         "return_log_probs": [True],
     }
+    if sampled:
+        body |= {
+            "runtime_top_k": [0],
+            "runtime_top_p": [sampling.top_p],
+            "temperature": [sampling.temperature],
+            "seed": [sampling.seed],
+        }
+    if eos_id is not None:
+        body["end_id"] = [eos_id]
+    return body
 
 
 def parse_generate(
@@ -128,12 +157,18 @@ class TritonRuntime:
     def score(self, ids: torch.Tensor, golden_top_ids: torch.Tensor | None = None):
         raise UserError("the Triton generate endpoint returns no prompt log-probs")
 
-    def greedy(self, prompt_ids: torch.Tensor, n: int) -> list[int]:
+    def generate(
+        self, prompt_ids: torch.Tensor, sampling: Sampling, eos_id: int | None = None
+    ) -> list[int]:
+        n = sampling.max_tokens
+        if n == 0:
+            return []
         ids = [int(t) for t in prompt_ids]
         text = self.tokenizer.decode(ids) if self.tokenizer is not None else ""
-        body = generate_body(self.interface, text, ids, n)
+        body = generate_body(self.interface, text, ids, n, sampling, eos_id)
         answer = request_json(f"{self.base}/v2/models/{self.model}/generate", body, self.timeout)
-        return parse_generate(self.interface, answer, text, len(ids), self.tokenizer, n)
+        tokens = parse_generate(self.interface, answer, text, len(ids), self.tokenizer, n)
+        return until_eos(tokens, n, eos_id)
 
     def close(self) -> None:
         pass

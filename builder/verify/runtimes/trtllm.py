@@ -2,7 +2,8 @@
 
 Imported only when chosen; without tensorrt_llm installed it is a clear error, never a
 stand-in. Scores come from `SamplingParams(prompt_logprobs=k)`, greedy continuations from
-`SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)`; prompts go as token ids.
+`SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)`, sampled ones with
+`temperature`, `top_p` and `seed`; prompts go as token ids.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ import torch
 
 from builder.errors import UserError
 from builder.verify.metrics import SequenceScore
-from builder.verify.runtimes.base import ArtifactInfo, Capabilities, directory_sha256
+from builder.verify.runtimes.base import ArtifactInfo, Capabilities, directory_sha256, until_eos
+from builder.verify.sampling import Sampling
 
 
 def import_llm_api() -> Any:
@@ -80,11 +82,23 @@ class TrtllmRuntime:
             torch.tensor(target, dtype=torch.float64),
         )
 
-    def greedy(self, prompt_ids: torch.Tensor, n: int) -> list[int]:
-        params = self.sampling(max_tokens=n, temperature=0.0, ignore_eos=True)
-        return list(
-            self.llm.generate([[int(t) for t in prompt_ids]], params)[0].outputs[0].token_ids
-        )[:n]
+    def generate(
+        self, prompt_ids: torch.Tensor, sampling: Sampling, eos_id: int | None = None
+    ) -> list[int]:
+        n = sampling.max_tokens
+        if n == 0:
+            return []
+        options: dict[str, Any] = {"max_tokens": n, "ignore_eos": eos_id is None}
+        if sampling.is_greedy:
+            options["temperature"] = 0.0
+        else:
+            options |= {
+                "temperature": sampling.temperature,
+                "top_p": sampling.top_p,
+                "seed": sampling.seed,
+            }
+        answer = self.llm.generate([[int(t) for t in prompt_ids]], self.sampling(**options))
+        return until_eos(answer[0].outputs[0].token_ids, n, eos_id)
 
     def close(self) -> None:
         shutdown = getattr(getattr(self, "llm", None), "shutdown", None)
