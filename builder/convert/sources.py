@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import mmap
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -32,7 +31,7 @@ from builder.convert.split import chunk, head_rows, kv_heads_of_rank, vocab_rows
 from builder.dtypes import BF16, BY_NAME, F16, F32, F64, Dtype, dtype_of
 from builder.errors import UserError
 from builder.io.checkpoint import INDEX_NAME, CheckpointError, HFCheckpoint
-from builder.io.safetensors_stream import FileSpan, as_bytes, is_torch_tensor
+from builder.io.safetensors_stream import FileSpan, as_bytes, is_torch_tensor, map_range
 
 DEFAULT_BLOCK_BYTES = 64 << 20
 FLOAT_DTYPES = (F32, BF16, F16, F64)
@@ -315,10 +314,9 @@ class SourceReader:
         row_bytes = info.shape[1] * info.dtype.itemsize
         begin = offset + start * row_bytes
         size = (stop - start) * row_bytes
-        aligned = begin - begin % mmap.ALLOCATIONGRANULARITY
         fd = self._fd(file)
-        mm = mmap.mmap(fd, size + begin - aligned, offset=aligned, access=mmap.ACCESS_READ)
-        view = memoryview(mm)[begin - aligned : begin - aligned + size]
+        mm, at = map_range(fd, begin, size)
+        view = memoryview(mm)[at : at + size]
         try:
             if self.check_finite:
                 self._check(name, info.dtype, view, start, 0, info.shape[1])
@@ -346,14 +344,12 @@ class SourceReader:
         elt = info.dtype.itemsize
         row_bytes = info.shape[1] * elt
         begin = offset + start * row_bytes
-        aligned = begin - begin % mmap.ALLOCATIONGRANULARITY
         length = (stop - start) * row_bytes
         width = (cols.stop - cols.start) * elt
         picked = self._gather_buffer((stop - start) * width).reshape(stop - start, width)
-        with mmap.mmap(
-            self._fd(file), length + begin - aligned, offset=aligned, access=mmap.ACCESS_READ
-        ) as mm:
-            rows = np.frombuffer(mm, dtype=np.uint8, count=length, offset=begin - aligned)
+        mm, at = map_range(self._fd(file), begin, length)
+        with mm:
+            rows = np.frombuffer(mm, dtype=np.uint8, count=length, offset=at)
             np.copyto(
                 picked,
                 rows.reshape(stop - start, row_bytes)[
@@ -371,13 +367,10 @@ class SourceReader:
         elt = info.dtype.itemsize
         row_bytes = info.shape[1] * elt
         begin = offset + start * row_bytes
-        aligned = begin - begin % mmap.ALLOCATIONGRANULARITY
         length = (stop - start) * row_bytes
-        mm = mmap.mmap(
-            self._fd(file), length + begin - aligned, offset=aligned, access=mmap.ACCESS_READ
-        )
+        mm, at = map_range(self._fd(file), begin, length)
         try:
-            rows = np.frombuffer(mm, dtype=np.uint8, count=length, offset=begin - aligned)
+            rows = np.frombuffer(mm, dtype=np.uint8, count=length, offset=at)
             view = rows.reshape(stop - start, row_bytes)[:, cols.start * elt : cols.stop * elt]
             del rows
             self._check(name, info.dtype, view, start, cols.start, cols.stop - cols.start)

@@ -8,7 +8,6 @@ values and are skipped; E4M3 has a NaN encoding and no Inf.
 
 from __future__ import annotations
 
-import mmap
 import os
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -17,7 +16,7 @@ import numpy as np
 
 from builder.dtypes import BY_CODE, Dtype
 from builder.errors import UserError
-from builder.io.safetensors_stream import read_header
+from builder.io.safetensors_stream import map_range, read_header
 
 CHUNK_BYTES = 64 << 20
 FLOAT_CODES = {code for code, dtype in BY_CODE.items() if dtype.floating}
@@ -47,9 +46,9 @@ def _blocks(fd: int, begin: int, end: int, itemsize: int, chunk_bytes: int) -> I
     step = max(itemsize, chunk_bytes - chunk_bytes % itemsize)
     for first in range(begin, end, step):
         last = min(first + step, end)
-        aligned = first - first % mmap.ALLOCATIONGRANULARITY
-        with mmap.mmap(fd, last - aligned, offset=aligned, access=mmap.ACCESS_READ) as mm:
-            view = memoryview(mm)[first - aligned : last - aligned]
+        mm, at = map_range(fd, first, last - first)
+        with mm:
+            view = memoryview(mm)[at : at + last - first]
             try:
                 yield view
             finally:

@@ -14,6 +14,7 @@ import errno
 import hashlib
 import json
 import math
+import mmap
 import os
 import struct
 import sys
@@ -155,6 +156,14 @@ def as_bytes(tensor: Any) -> memoryview:
     if isinstance(tensor, np.ndarray):
         return memoryview(np.ascontiguousarray(tensor).reshape(-1).view(np.uint8))
     return memoryview(tensor).cast("B")
+
+
+def map_range(fd: int, begin: int, length: int) -> tuple[mmap.mmap, int]:
+    """A read-only mapping holding bytes begin..begin+length of `fd`, and where `begin` lies in
+    it (a mapping must start at a multiple of the allocation granularity)."""
+    aligned = begin - begin % mmap.ALLOCATIONGRANULARITY
+    mm = mmap.mmap(fd, length + begin - aligned, offset=aligned, access=mmap.ACCESS_READ)
+    return mm, begin - aligned
 
 
 @dataclass(frozen=True)

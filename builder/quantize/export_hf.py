@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import copy
 import json
-import mmap
 import os
 import shutil
 import threading
@@ -56,6 +55,7 @@ from builder.io.safetensors_stream import (
     SafetensorsStreamWriter,
     TensorSpec,
     WrittenFile,
+    map_range,
 )
 from builder.quantize.amax import AmaxTable
 from builder.quantize.formats import LinearFormat, Recipe, channel_scales, quantize_channels
@@ -140,10 +140,9 @@ class MappedSource:
         if rows is not None:
             row_bytes = size // self.ckpt.info(name).shape[0]
             offset, size = offset + rows.start * row_bytes, (rows.stop - rows.start) * row_bytes
-        aligned = offset - offset % mmap.ALLOCATIONGRANULARITY
         fd = self._fd(file)
-        mm = mmap.mmap(fd, size + offset - aligned, offset=aligned, access=mmap.ACCESS_READ)
-        return FileSpan(fd, offset, memoryview(mm)[offset - aligned :])
+        mm, at = map_range(fd, offset, size)
+        return FileSpan(fd, offset, memoryview(mm)[at:])
 
     def _fd(self, file: Path) -> int:
         with self._lock:
