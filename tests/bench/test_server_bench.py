@@ -21,44 +21,37 @@ def aiperf():
         pytest.skip(str(err))
 
 
+def bench_once(target: list[str], isl: int, osl: int, out, capsys):
+    """One `builder bench` of a server target: 4 requests at concurrency 2 after 1 warmup, one
+    repeat, into `out` and a history beside it; the one record it writes."""
+    main(
+        [
+            "bench",
+            *target,
+            *("--isl", str(isl), "--osl", str(osl), "--concurrency", "2", "--requests", "4"),
+            *("--warmup", "1", "--repeat", "1", "--out", str(out)),
+            *("--history", str(out.parent / "h.sqlite"), "--json"),
+        ],
+        standalone_mode=False,
+    )
+    records = json.loads(capsys.readouterr().out)
+    assert len(records) == 1
+    return read_record(next(out.glob("bench-*.json")))
+
+
 # The session's vLLM start (~2 min on 2 cores, shared with verify's tests) + ~30 s AIPerf.
 @pytest.mark.slow
 def test_bench_a_real_server_with_aiperf(
     aiperf, openai_server, smollm2_llama_dir, tmp_path, capsys
 ):
     out = tmp_path / "bench"
-    main(
-        [
-            "bench",
-            "--url",
-            openai_server,
-            "--model",
-            "smollm2",
-            "--tokenizer",
-            str(smollm2_llama_dir),
-            "--isl",
-            "32",
-            "--osl",
-            "8",
-            "--concurrency",
-            "2",
-            "--requests",
-            "4",
-            "--warmup",
-            "1",
-            "--repeat",
-            "1",
-            "--out",
-            str(out),
-            "--history",
-            str(tmp_path / "h.sqlite"),
-            "--json",
-        ],
-        standalone_mode=False,
+    record = bench_once(
+        ["--url", openai_server, "--model", "smollm2", "--tokenizer", str(smollm2_llama_dir)],
+        isl=32,
+        osl=8,
+        out=out,
+        capsys=capsys,
     )
-    records = json.loads(capsys.readouterr().out)
-    assert len(records) == 1
-    record = read_record(next(out.glob("bench-*.json")))
     m, s = record.metrics, record.settings
     assert s["measured_osl"] == 8  # ignore_eos + min_tokens held the output length
     assert abs(s["measured_isl"] - 32) <= 2  # AIPerf's prompt of 32 tokens, re-counted by it
@@ -85,38 +78,20 @@ def test_bench_a_real_triton_server_with_aiperf(aiperf, triton_server, tmp_path,
     """`--triton`: AIPerf's template endpoint on /v2/models/ensemble/generate_stream of the real
     tritonserver (the generated repository, tensorrt_llm = the executor stand-in)."""
     out = tmp_path / "bench"
-    main(
+    record = bench_once(
         [
-            "bench",
             "--triton",
             f"http://{triton_server.http_url}",
             "--model",
             "ensemble",
             "--tokenizer",
             str(triton_server.build.hf_dir),
-            "--isl",
-            "16",
-            "--osl",
-            "4",
-            "--concurrency",
-            "2",
-            "--requests",
-            "4",
-            "--warmup",
-            "1",
-            "--repeat",
-            "1",
-            "--out",
-            str(out),
-            "--history",
-            str(tmp_path / "h.sqlite"),
-            "--json",
         ],
-        standalone_mode=False,
+        isl=16,
+        osl=4,
+        out=out,
+        capsys=capsys,
     )
-    records = json.loads(capsys.readouterr().out)
-    assert len(records) == 1
-    record = read_record(next(out.glob("bench-*.json")))
     m, s = record.metrics, record.settings
     assert "Triton" in record.runtime and s["endpoint"] == "triton"
     assert s["requests"] == 4 and s["concurrency"] == 2
