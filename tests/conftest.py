@@ -89,19 +89,24 @@ def one_torch_thread():
     torch.set_num_threads(before)
 
 
-def _servers_module():
-    """tests/servers.py, loaded by path (pytest runs with --import-mode=importlib)."""
+def _helper_module(filename: str, name: str):
+    """A helper module of tests/, loaded by path (pytest runs with --import-mode=importlib) and
+    registered under `name` (its dataclasses resolve their annotations there)."""
     import importlib.util
+    import sys
     from pathlib import Path
 
-    path = Path(__file__).resolve().parent / "servers.py"
-    spec = importlib.util.spec_from_file_location("builder_test_servers", path)
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parent / filename)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
 
 
-servers = _servers_module()
+servers = _helper_module("servers.py", "builder_test_servers")
+# One tritonserver for the whole session: the Triton tests and `bench --triton` share it.
+_triton = _helper_module("servers_triton.py", "servers_triton")
+tiny_build, triton_server = _triton.tiny_build, _triton.triton_server
 
 
 @pytest.fixture(scope="session")
