@@ -515,6 +515,16 @@ def run_tp(plan, tp, device, args, copy_bw) -> dict:
         if device.type == "cuda" and tp in args.profile_tp:
             entry["profile_batch1"] = profile_decode(rt, device)
             entry["profile_prefill"] = profile_prefill(rt, device, args.prefill[-1])
+        if rt.kernels.decode_attention is not None:  # the same step, attention eager
+            rt.set_fused_decode_attention(False)
+            entry["decode_eager_attention"] = bench_decode(
+                rt, device, [1], args.prompt, args.steps, copy_bw
+            )
+            rt.set_fused_decode_attention(True)
+            log(
+                f"tp{tp} {precision}: decode batch 1, eager attention "
+                f"{entry['decode_eager_attention'][0]['step_ms']:.3f} ms/step"
+            )
         if rt.gemv:  # the same step with every linear on cuBLAS, for comparison
             rt.set_gemv(False)
             entry["decode_cublas"] = bench_decode(rt, device, [1], args.prompt, args.steps, copy_bw)
@@ -522,7 +532,7 @@ def run_tp(plan, tp, device, args, copy_bw) -> dict:
                 f"tp{tp} {precision}: decode batch 1 on cuBLAS "
                 f"{entry['decode_cublas'][0]['step_ms']:.3f} ms/step"
             )
-        entry["gemv"] = "triton one-row kernel" if rt.gemv or "decode_cublas" in entry else "cuBLAS"
+        entry["gemv"] = "triton skinny GEMM" if rt.gemv or "decode_cublas" in entry else "cuBLAS"
         if device.type == "cuda":
             entry["peak_memory_GiB"] = torch.cuda.max_memory_allocated(device) / (1 << 30)
         result[precision] = entry
@@ -561,6 +571,15 @@ def table(results: dict) -> str:
                 f"| {tp} | decode batch {rb['batch']} ms/step (of copy BW) | {rb['step_ms']:.3f} "
                 f"({rb['fraction_of_copy_bandwidth']:.0%}) | {rf['step_ms']:.3f} "
                 f"({rf['fraction_of_copy_bandwidth']:.0%}) | {rb['step_ms'] / rf['step_ms']:.2f}x |"
+            )
+        for rb, rf in zip(
+            b.get("decode_eager_attention", []), f.get("decode_eager_attention", []), strict=False
+        ):
+            lines.append(
+                f"| {tp} | decode batch 1, attention eager (GEMM, softmax, GEMM) | "
+                f"{rb['step_ms']:.3f} ({rb['fraction_of_copy_bandwidth']:.0%}) | "
+                f"{rf['step_ms']:.3f} ({rf['fraction_of_copy_bandwidth']:.0%}) | "
+                f"{rb['step_ms'] / rf['step_ms']:.2f}x |"
             )
         for rb, rf in zip(b.get("decode_cublas", []), f.get("decode_cublas", []), strict=False):
             lines.append(

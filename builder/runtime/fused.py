@@ -169,7 +169,101 @@ def _kernels():
         tl.store(out + half, o1)
         tl.store(out + HD // 2 + half, o2)
 
-    return add_rms_norm, silu_mul, rope_cache
+    @triton.jit
+    def attend_tile(
+        q_ptr,
+        k_cache_ptr,
+        v_cache_ptr,
+        valid_ptr,
+        m_ptr,
+        l_ptr,
+        acc_ptr,
+        TILES,
+        QH,
+        KVH,
+        MAX_SEQ,
+        CACHE_BATCH_STRIDE,
+        sm_scale,
+        GROUP: tl.constexpr,
+        HD: tl.constexpr,
+        BLOCK_S: tl.constexpr,
+    ):
+        # one (sequence, kv head, tile of BLOCK_S cache positions): the kv head's GROUP query
+        # heads at once (rows padded to the 16 a tensor-core dot needs), one read of keys and
+        # values; writes the tile's maximum, sum and unnormalized weighted values
+        b, kv, tile = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        rows = tl.arange(0, GROUP)
+        groups = QH // KVH
+        row_ok = rows < groups
+        d = tl.arange(0, HD)
+        pos = tile * BLOCK_S + tl.arange(0, BLOCK_S)
+        dtype = q_ptr.dtype.element_ty
+        heads = kv * groups + rows
+        q = tl.load(
+            q_ptr + (b * QH + heads).to(tl.int64)[:, None] * HD + d[None, :],
+            mask=row_ok[:, None],
+            other=0.0,
+        )
+        base = b.to(tl.int64) * CACHE_BATCH_STRIDE + kv.to(tl.int64) * MAX_SEQ * HD
+        at = base + pos[:, None] * HD + d[None, :]
+        keys = tl.load(k_cache_ptr + at)
+        scores = tl.dot(q, tl.trans(keys))  # [GROUP, BLOCK_S], fp32
+        # the eager path's scores are a bf16 GEMM output: round alike before scaling
+        scores = scores.to(dtype, fp_downcast_rounding="rtne").to(tl.float32) * sm_scale
+        valid = tl.load(valid_ptr + pos) != 0
+        scores = tl.where(valid[None, :], scores, float("-inf"))
+        m = tl.max(scores, axis=1)
+        m_safe = tl.where(m == float("-inf"), 0.0, m)  # a tile with no valid position
+        p = tl.exp(scores - m_safe[:, None])
+        total = tl.sum(p, axis=1)
+        values = tl.load(v_cache_ptr + at)
+        acc = tl.dot(p.to(dtype, fp_downcast_rounding="rtne"), values)  # [GROUP, HD], fp32
+        slot = ((b * KVH + kv) * TILES + tile).to(tl.int64) * GROUP + rows
+        tl.store(m_ptr + slot, m)
+        tl.store(l_ptr + slot, total)
+        tl.store(acc_ptr + slot[:, None] * HD + d[None, :], acc)
+
+    @triton.jit
+    def combine_tiles(
+        m_ptr,
+        l_ptr,
+        acc_ptr,
+        q_ptr,
+        out_ptr,
+        a_scale_ptr,
+        TILES,
+        QH,
+        KVH,
+        GROUP: tl.constexpr,
+        HD: tl.constexpr,
+        QUANT: tl.constexpr,
+        FP8_MAX: tl.constexpr,
+    ):
+        # one (sequence, query head): the softmax over all tiles, rescaled to the overall
+        # maximum (tile 0 holds position 0, always valid, so that maximum is finite)
+        b, head = tl.program_id(0), tl.program_id(1)
+        groups = QH // KVH
+        kv, row = head // groups, head % groups
+        d = tl.arange(0, HD)
+        first = ((b * KVH + kv) * TILES).to(tl.int64) * GROUP + row
+        m_all = tl.full([], float("-inf"), tl.float32)
+        for t in range(0, TILES):
+            m_all = tl.maximum(m_all, tl.load(m_ptr + first + t * GROUP))
+        total = tl.full([], 0.0, tl.float32)
+        acc = tl.zeros((HD,), dtype=tl.float32)
+        for t in range(0, TILES):
+            w = tl.exp(tl.load(m_ptr + first + t * GROUP) - m_all)
+            total += w * tl.load(l_ptr + first + t * GROUP)
+            acc += w * tl.load(acc_ptr + (first + t * GROUP) * HD + d)
+        out = (acc / total).to(q_ptr.dtype.element_ty, fp_downcast_rounding="rtne")
+        at = out_ptr + (b * QH + head).to(tl.int64) * HD + d
+        if QUANT:  # the dense linear's e4m3 input, as `quantize` rounds it
+            x = tl.minimum(tl.maximum(out.to(tl.float32) / tl.load(a_scale_ptr), -FP8_MAX), FP8_MAX)
+            tl.store(at, x.to(out_ptr.dtype.element_ty, fp_downcast_rounding="rtne"))
+        else:
+            tl.store(at, out)
+
+    return add_rms_norm, silu_mul, rope_cache, attend_tile, combine_tiles
 
 
 def add_norm(x, delta, weight, eps, a_scale=None):
@@ -264,3 +358,76 @@ def rope_cache(
         num_warps=1,
     )
     return q
+
+
+DECODE_TILE = 64  # cache positions per program of the decode attention
+
+
+def decode_attention(q, k_cache, v_cache, valid, scale, kv_heads, a_scale=None):
+    """One decode step's attention of q [batch, q_heads, 1, head_dim] over the caches'
+    positions where `valid` [span] is True, as [batch, 1, q_heads * head_dim] (e4m3 of
+    out / a_scale when given: the dense linear's input), in two kernels instead of four
+    (scores, softmax, weighted values, quantization).
+
+    Split by cache tile (flash-decoding): each program takes one tile of one sequence's kv
+    head for all the query heads that read it (tensor-core dots), and writes the tile's
+    maximum, sum and unnormalized weighted values; a second kernel rescales the tiles to the
+    overall maximum and normalizes. Roundings: the scores are rounded to the compute dtype
+    as the eager path's GEMM output is, the softmax is fp32, the tile's unnormalized
+    probabilities are rounded to the compute dtype for the values' dot (the eager path rounds
+    the normalized ones), and the output once."""
+    import triton
+
+    batch, q_heads, _, head_dim = q.shape
+    span = valid.shape[0]
+    if span % DECODE_TILE:
+        raise ValueError(f"decode span {span} is not a multiple of {DECODE_TILE}")
+    tiles = span // DECODE_TILE
+    group = max(16, triton.next_power_of_2(q_heads // kv_heads))
+    m = torch.empty(batch, kv_heads, tiles, group, dtype=torch.float32, device=q.device)
+    total = torch.empty_like(m)
+    acc = torch.empty(*m.shape, head_dim, dtype=torch.float32, device=q.device)
+    attend, combine = _kernels()[3:]
+    attend[(batch, kv_heads, tiles)](
+        q.contiguous(),
+        k_cache,
+        v_cache,
+        valid,
+        m,
+        total,
+        acc,
+        tiles,
+        q_heads,
+        kv_heads,
+        k_cache.shape[2],
+        k_cache.stride(0),
+        scale,
+        GROUP=group,
+        HD=head_dim,
+        BLOCK_S=DECODE_TILE,
+        num_warps=4,
+    )
+    out = torch.empty(
+        batch,
+        1,
+        q_heads * head_dim,
+        dtype=torch.float8_e4m3fn if a_scale is not None else q.dtype,
+        device=q.device,
+    )
+    combine[(batch, q_heads)](
+        m,
+        total,
+        acc,
+        q,  # (only its dtype: the compute dtype the output is rounded to)
+        out,
+        a_scale if a_scale is not None else m,
+        tiles,
+        q_heads,
+        kv_heads,
+        GROUP=group,
+        HD=head_dim,
+        QUANT=a_scale is not None,
+        FP8_MAX=FP8_MAX,
+        num_warps=1,
+    )
+    return out

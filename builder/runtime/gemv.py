@@ -14,6 +14,12 @@ once per (rows, N, K, dtype) with the L2 flushed before each trial
 step, and keeps cuBLAS wherever the kernel is not faster. Choices are made on the first call of
 each shape, which the runtime makes before it captures a CUDA graph.
 
+Measured and dropped (scripts/results/h200_bench_gpu_session4.json and
+h200_bench_gpu_splitk_tiled_attention.json, the `us` of each shape): a one-row matrix-vector
+kernel on the CUDA cores was 10-15% slower than this one on every shape (converting each e4m3
+weight to fp32 bounds it), and splitting K into fp32 partial sums (for shapes with few output
+features, such as q/k/v at TP8) was slower than cuBLAS at every split.
+
 Triton is imported lazily: `available()` is False where it (or a CUDA device) is missing.
 """
 
@@ -107,6 +113,7 @@ class Chooser:
 
     def __init__(self):
         self.choices: dict[tuple, str] = {}
+        self.times_us: dict[tuple, dict[str, float]] = {}  # each path's median, per shape
 
     def run(
         self, key: tuple, cublas: Callable[[], torch.Tensor], triton_fn: Callable[[], torch.Tensor]
@@ -115,21 +122,23 @@ class Chooser:
         if choice is None:
             if torch.cuda.is_current_stream_capturing():
                 return cublas()  # never time inside a capture (the runtime warms up first)
-            choice = self.choices[key] = self.measure(cublas, triton_fn)
+            choice, self.times_us[key] = self.measure(cublas, triton_fn)
+            self.choices[key] = choice
         return triton_fn() if choice == "triton" else cublas()  # also after a rejected result
 
     @staticmethod
-    def measure(cublas, triton_fn) -> str:
+    def measure(cublas, triton_fn) -> tuple[str, dict[str, float]]:
+        """The faster path's name and each path's median time in microseconds."""
         import triton.testing
 
         expected, got = cublas().float(), triton_fn().float()  # the first call autotunes
         if not bool(((got - expected).norm() <= 1e-2 * expected.norm()).item()):
-            return "cublas (triton result rejected)"
+            return "cublas (triton result rejected)", {}
         times = {
-            name: triton.testing.do_bench(fn, warmup=5, rep=40, return_mode="median")
+            name: 1e3 * triton.testing.do_bench(fn, warmup=5, rep=40, return_mode="median")
             for name, fn in (("cublas", cublas), ("triton", triton_fn))
         }
-        return min(times, key=times.get)
+        return min(times, key=times.get), times
 
     def summary(self) -> list[dict]:
         return [
@@ -139,6 +148,7 @@ class Chooser:
                 "k": k[2],
                 "dtype": str(k[3]).removeprefix("torch."),
                 "path": v,
+                "us": {name: round(t, 2) for name, t in self.times_us.get(k, {}).items()},
             }
             for k, v in sorted(self.choices.items(), key=str)
         ]

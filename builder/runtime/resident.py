@@ -22,7 +22,9 @@ fast on a GPU and checked against it:
   The activation quantization is fused into the op that produces the activation (the RMSNorm
   and residual add before qkv/fc/gate; the SiLU-gate product before proj; the attention
   output before dense), so it is no separate pass over memory: on CUDA each of these chains
-  is one kernel (Triton, builder/runtime/fused.py; torch.compile for the attention output).
+  is one kernel (Triton, builder/runtime/fused.py; torch.compile for the attention output
+  of prefill). A decode step's attention (scores, softmax, weighted values and the dense
+  linear's quantization) is one Triton kernel too.
   fc and gate are one GEMM over their concatenated weights (they share their FP8 scales).
   Linears of <= 16 rows (decode) use a Triton skinny GEMM per shape where it measured faster
   than cuBLAS (builder/runtime/gemv.py).
@@ -75,6 +77,7 @@ from builder.arch.tensors import (
     fused_roles,
     kv_cache_scale_name,
     kv_heads_per_rank,
+    per_channel_scale_name,
     scale_names,
     stage_layers,
     trtllm_module,
@@ -89,7 +92,13 @@ from builder.io.trtllm_checkpoint import (
     read_trtllm_config,
 )
 from builder.runtime import gemv as matvec
-from builder.runtime.executor import fp8_round_trip, rope_inv_freq, rotate
+from builder.runtime.executor import (
+    fp8_round_trip,
+    fp8_rowwise_linear,
+    rope_inv_freq,
+    rotate,
+    token_scales,
+)
 
 FP8 = torch.float8_e4m3fn
 FP8_GEMMS = ("scaled-mm", "emulate")
@@ -190,11 +199,12 @@ class Kernels:
                     Kernels._compiled[name] = torch.compile(fn, dynamic=True, fullgraph=True)
                 fn = Kernels._compiled[name]
             setattr(self, name, fn)
-        self.rope_cache = None
+        self.rope_cache = self.decode_attention = None
         if triton:
             from builder.runtime import fused
 
             self.rope_cache = fused.rope_cache
+            self.decode_attention = fused.decode_attention
 
 
 # ---- linears -------------------------------------------------------------------------------------
@@ -290,7 +300,55 @@ class Fp8Linear:
         )
 
 
-Linear = DenseLinear | Fp8Linear
+class RowwiseFp8Linear:
+    """Per-channel FP8 weights with per-token activation scales (TensorRT-LLM's
+    FP8_PER_CHANNEL_PER_TOKEN): e4m3(x / s_tok) @ W^T x s_tok x s_chan on cuBLAS's
+    row-scaled FP8 GEMM (`_scaled_mm` with [rows, 1] and [1, out] fp32 scales). The input
+    arrives in the compute dtype: its scales are each token's own amax / 448, so the op
+    before cannot quantize it (`a_scale` None), and the quantization is computed here."""
+
+    a_scale = None
+
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        channel_scale: torch.Tensor,
+        gemm: str,
+        dtype: torch.dtype,
+        row_multiple: int,
+    ):
+        self.weight_t = weight.t()  # column-major [in, out]: _scaled_mm's second operand
+        self.channel_scale = channel_scale.float().reshape(1, -1)
+        self.out_features = weight.shape[0]
+        self.dtype, self.row_multiple = dtype, row_multiple
+        self.emulate = gemm == "emulate"
+        self.gemv = False  # no skinny path: one-row steps use cuBLAS too
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.emulate:  # the executor's fp8_rowwise_linear, bit for bit
+            return fp8_rowwise_linear(x, self.weight_t.t(), self.channel_scale).to(self.dtype)
+        rows = x.reshape(-1, x.shape[-1])
+        scale = token_scales(rows)
+        xq = (rows.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+        pad = -rows.shape[0] % self.row_multiple
+        if pad:
+            xq = torch.cat([xq, xq.new_zeros(pad, xq.shape[1])])
+            scale = torch.cat([scale, scale.new_ones(pad, 1)])
+        out = torch._scaled_mm(
+            xq, self.weight_t, scale_a=scale, scale_b=self.channel_scale, out_dtype=self.dtype
+        )
+        return out[: rows.shape[0]].reshape(*x.shape[:-1], self.out_features)
+
+    @property
+    def nbytes(self) -> int:
+        return self.weight_t.nbytes
+
+    def with_gemm(self, gemm: str, dtype: torch.dtype) -> RowwiseFp8Linear:
+        row_multiple = self.row_multiple if gemm == "scaled-mm" else 1
+        return RowwiseFp8Linear(self.weight_t.t(), self.channel_scale, gemm, dtype, row_multiple)
+
+
+Linear = DenseLinear | Fp8Linear | RowwiseFp8Linear
 
 
 def scaled_mm_row_multiple(device: torch.device) -> int:
@@ -420,6 +478,19 @@ class AttentionRank:
                 self.kv_scale,
                 step.decode,
             )
+            if step.decode and self.kernels.decode_attention is not None:
+                # two kernels: attention, and the dense linear's e4m3 input
+                return self.dense(
+                    self.kernels.decode_attention(
+                        q,
+                        self.k_cache,
+                        self.v_cache,
+                        step.valid,
+                        self.scale,
+                        self.kv_heads,
+                        self.dense.a_scale,
+                    )
+                )
             out = self.decode_cached(q, step) if step.decode else self.prefill_cached(q, seq)
             return self.project(out, batch, seq)
         q, k, v = self.kernels.split_rotate(
@@ -471,7 +542,7 @@ class AttentionRank:
 
 def linears_of(work) -> list[Linear]:
     """The distinct linears a rank's part holds (`first` is one of them again)."""
-    found = {id(v): v for v in vars(work).values() if isinstance(v, DenseLinear | Fp8Linear)}
+    found = {id(v): v for v in vars(work).values() if isinstance(v, Linear)}
     return list(found.values())
 
 
@@ -646,6 +717,19 @@ class ResidentRuntime:
         if weights[0].dtype != FP8:
             weight = weights[0] if len(weights) == 1 else torch.cat(weights)
             return DenseLinear(self.resident(weight.to(self.dtype)), self.gemv)
+        row_multiple = 1 if self.fp8_gemm == "emulate" else self.row_multiple()
+        channel = [self.optional(rank, per_channel_scale_name(f"{m}.weight")) for m in names]
+        if any(c is not None for c in channel):
+            if any(c is None for c in channel):  # a recipe's fused group shares one format
+                raise UserError(
+                    f"{rank_file_name(rank)}: {', '.join(names)} mix per-channel and "
+                    "per-tensor FP8; the runtime fuses them into one GEMM"
+                )
+            weight = weights[0] if len(weights) == 1 else torch.cat(weights)
+            self.weight_bytes += sum(c.nbytes for c in channel)
+            return RowwiseFp8Linear(
+                self.resident(weight), torch.cat(channel), self.fp8_gemm, self.dtype, row_multiple
+            )
         scales = [
             tuple(self.tensor(rank, n).float() for n in scale_names(f"{m}.weight")) for m in names
         ]
@@ -656,7 +740,6 @@ class ResidentRuntime:
                     "the runtime fuses them into one FP8 GEMM"
                 )
         weight = weights[0] if len(weights) == 1 else torch.cat(weights)
-        row_multiple = 1 if self.fp8_gemm == "emulate" else self.row_multiple()
         return Fp8Linear(
             self.resident(weight), *scales[0], self.fp8_gemm, self.dtype, row_multiple, self.gemv
         )
@@ -770,6 +853,16 @@ class ResidentRuntime:
         self.gemv = enabled
         self._graphs.clear()
         self._pool = None  # a pool whose graphs were freed is not captured into again
+
+    def set_fused_decode_attention(self, enabled: bool) -> None:
+        """Decode attention as the tiled Triton kernels (True, where Triton runs) or the eager
+        GEMM-softmax-GEMM; drops captured graphs."""
+        from builder.runtime import fused
+
+        enabled = enabled and self.kernels.rope_cache is not None
+        self.kernels.decode_attention = fused.decode_attention if enabled else None
+        self._graphs.clear()
+        self._pool = None
 
     def fp8_linears(self) -> list[tuple[str, Fp8Linear]]:
         """(part name, linear) of every FP8 linear, for checks of the GEMM paths."""

@@ -326,13 +326,13 @@ def trtllm_tensor_findings(ex: Any, part: int | str, checks: TensorChecks) -> li
             for item in rank_tensors(plan, tp, pp, rank):
                 if not _belongs(item, part):
                     continue
-                stored = ex.tensor(rank, item.name)
+                stored = ex.tensor(rank, item.name).cpu()  # checked on the host, as the source
                 label = f"{item.name} (rank {rank})"
                 quantized = stored.dtype == torch.float8_e4m3fn
                 weight = stored.float()
                 if quantized:
                     w_name, a_name = scale_names(item.name)
-                    w_scale = ex.tensor(rank, w_name).float()
+                    w_scale = ex.tensor(rank, w_name).float().cpu()
                     weight = weight * w_scale
                     if transform is not None:
                         expected_w, expected_a = transform.scales(item)

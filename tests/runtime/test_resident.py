@@ -14,7 +14,7 @@ from builder.errors import UserError
 from builder.quantize.amax import K_BMM, V_BMM, AmaxTable
 from builder.quantize.export_trtllm import write_trtllm_fp8
 from builder.runtime import TrtllmCheckpointExecutor, compare_logits
-from builder.runtime.resident import ResidentRuntime
+from builder.runtime.resident import ResidentRuntime, linears_of
 
 FP32_TOLERANCE = 1e-5  # relative: max |a - b| / max |b|
 CUDA = torch.cuda.is_available()
@@ -174,6 +174,54 @@ def test_fp8_paths_match_the_emulation(checkpoints):
         bf16 = runtime(directory, torch.bfloat16, fp8_gemm=gemm).prefill(ids)
         bound = fp8_bf16_noise + quantization_error.relative_error
         assert compare_logits(bf16, reference).relative_error <= bound, gemm
+
+
+@pytest.fixture(scope="module")
+def every_format_ckpt(tmp_path_factory, mixed_ckpt):
+    """The mixed preset quantized with each linear kind in each format (FP8 per-tensor, FP8
+    per-channel-per-token, BF16) somewhere: a MIXED_PRECISION TensorRT-LLM checkpoint."""
+    from builder.arch import load_plan
+    from builder.quantize.formats import LinearFormat, Recipe, model_units
+    from builder.quantize.pipeline import quantize_checkpoint
+
+    cycle = (LinearFormat.FP8, LinearFormat.FP8_PC_PT, LinearFormat.BF16)
+    units = model_units(load_plan(mixed_ckpt))
+    recipe = Recipe(LinearFormat.FP8, {u.key: cycle[i % 3] for i, u in enumerate(units)})
+    out = tmp_path_factory.mktemp("every-format") / "q"
+    quantize_checkpoint(mixed_ckpt, out, calib_size=4, calib_seq_len=16, recipe=recipe)
+    return out / "trtllm"
+
+
+@pytest.mark.parametrize(
+    "gemm", ["emulate", pytest.param("scaled-mm", marks=NEEDS_CUDA)], ids=["emulate", "cuda"]
+)
+def test_every_linear_format_runs_like_the_executor(checkpoints, every_format_ckpt, gemm):
+    """Per-tensor and per-channel FP8 and BF16 linears in one checkpoint: the runtime binds
+    each to its format's GEMM (the per-channel ones quantize their input per token) and its
+    logits stay within what FP8 itself costs (the bound of test_fp8_paths_match_the_emulation:
+    a flipped e4m3 rounding cascades through the layers, up to the quantization error)."""
+    from builder.runtime.resident import DenseLinear, Fp8Linear, RowwiseFp8Linear
+
+    ids = token_ids()
+    reference = executor_logits(every_format_ckpt, ids, torch.float32)
+    quantization_error = compare_logits(
+        reference, executor_logits(checkpoints / "bf16-tp1", ids, torch.float32)
+    ).relative_error
+    device = "cuda" if gemm == "scaled-mm" else "cpu"
+    rt = runtime(every_format_ckpt, torch.float32, fp8_gemm=gemm, device=device)
+    kinds = {type(lin) for p in rt.parts for w in p.ranks for lin in linears_of(w)}
+    assert kinds == {DenseLinear, Fp8Linear, RowwiseFp8Linear}
+    logits = rt.prefill(ids.to(device)).cpu()
+    assert compare_logits(logits, reference).relative_error <= quantization_error
+    # decode from the cache gives the executor's greedy tokens on this checkpoint too
+    tokens = rt.generate(ids.to(device), 3).cpu()
+    sequence = ids
+    with TrtllmCheckpointExecutor(every_format_ckpt, dtype=torch.float32) as executor:
+        for _ in range(3):
+            step = executor(sequence)[:, -1].argmax(-1, keepdim=True)
+            sequence = torch.cat([sequence, step], dim=1)
+    if gemm == "emulate":  # the same roundings in the same order: the same tokens
+        assert torch.equal(tokens, sequence[:, ids.shape[1] :])
 
 
 def test_plan_decides_parts_and_caches(checkpoints):
@@ -341,6 +389,49 @@ def test_fused_rope_writes_the_cache_like_the_eager_path():
             torch.equal(v_cache[:2, :, :9], v2) if kv_scale is None else True
         )  # v: copied, not rotated
         assert not k_cache[:, :, 9:].any() and not k_cache[2].any()  # nothing else written
+
+
+@NEEDS_CUDA
+def test_fused_decode_attention_rounds_like_the_eager_path():
+    """The tiled decode attention (builder/runtime/fused.py) against the eager path: scores
+    and output rounded to bf16 alike, softmax in fp32; it rounds the tiles' unnormalized
+    probabilities where the eager path rounds the normalized ones, and sums in another order.
+    """
+    from builder.runtime import fused, resident
+
+    if not fused_available():
+        pytest.skip("Triton is not importable")
+    torch.manual_seed(0)
+    batch, q_heads, kv_heads, max_seq, head_dim, span, pos = 3, 16, 2, 1024, 128, 512, 300
+    k_cache, v_cache = (
+        torch.randn(batch, kv_heads, max_seq, head_dim, device="cuda").bfloat16() for _ in range(2)
+    )
+    q = (2 * torch.randn(batch, q_heads, 1, head_dim, device="cuda")).bfloat16()
+    valid = torch.arange(max_seq, device="cuda")[:span] <= pos
+    scale = head_dim**-0.5
+    keys, values = k_cache[:, :, :span], v_cache[:, :, :span]
+    qg = q.reshape(batch, kv_heads, -1, head_dim)
+    scores = torch.matmul(qg, keys.transpose(-1, -2))
+    probs = resident.softmax_attend(scores, valid, scale)
+    expected = torch.matmul(probs, values).reshape(batch, 1, q_heads * head_dim)
+    got = fused.decode_attention(q, k_cache, v_cache, valid, scale, kv_heads)
+    # With u = 2^-8 (bf16's unit roundoff): each path rounds every probability once (u·p_j
+    # each, 2u·p_j apart); another fp32 summation order can flip a score's rounding by u of
+    # itself, moving its probability by at most u·|z| and the normalization by u·max|z| (z
+    # the scaled scores); the outputs' own roundings can differ by one step (u·|out|). So
+    # |got - expected| <= u·|out| + u·(3 + 2·max|z|)·sum_j p_j·|v_j|.
+    u = 2.0**-8
+    z = (scores.float() * scale).masked_fill(~valid, 0).abs().amax()
+    spread = torch.matmul(probs.float(), values.float().abs()).reshape(expected.shape)
+    bound = u * expected.float().abs() + u * (3 + 2 * z) * spread + 1e-6
+    assert ((got.float() - expected.float()).abs() <= bound).all()
+    assert (got != expected).float().mean() <= 0.5  # most elements still round alike
+    a_scale = torch.tensor(0.01, device="cuda")
+    got8 = fused.decode_attention(q, k_cache, v_cache, valid, scale, kv_heads, a_scale)
+    assert got8.dtype == torch.float8_e4m3fn
+    a, b = got8.float(), resident.quantize(got, a_scale).float()  # its bf16 output, quantized
+    assert (a != b).float().mean() <= 0.01  # a fast division may cross a rounding midpoint
+    assert ((a - b).abs() <= 0.13 * b.abs() + 1e-6).all()  # by one e4m3 step at most
 
 
 def fused_available() -> bool:
