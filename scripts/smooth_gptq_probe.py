@@ -196,38 +196,13 @@ def fold(block: nn.Module, stats: BlockStats, spec: StreamSpec) -> dict[str, tor
 
 # ---- rounding ---------------------------------------------------------------------------
 @torch.no_grad()
-def gptq(weight: torch.Tensor, hessian: torch.Tensor, scale: torch.Tensor, block: int = 128):
-    """GPTQ's column-by-column E4M3 rounding at fixed scales ([out] or 0-dim), dequantized."""
-    from builder.dtypes import FP8_MAX
-    from builder.quantize.fp8 import FP8
+def gptq(weight: torch.Tensor, hessian: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """GPTQ's E4M3 rounding at fixed scales ([out] or 0-dim), dequantized: the library's
+    (builder.quantize.gptq, which `builder quantize --rounding gptq` runs) on one full H."""
+    from builder.quantize.gptq import dequantized, gptq_chunk
 
-    W = weight.float().clone()
-    H = hessian.clone()
-    n = W.shape[1]
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1
-    W[:, dead] = 0
-    H += DAMP * torch.diag(H).mean() * torch.eye(n)
-    order = torch.argsort(torch.diag(H), descending=True) if ACT_ORDER else torch.arange(n)
-    W, H = W[:, order], H[order][:, order]
-    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
-    s = scale.reshape(-1, 1) if scale.dim() else scale
-    Q = torch.zeros_like(W)
-    for i1 in range(0, n, block):
-        i2 = min(i1 + block, n)
-        W1, Q1 = W[:, i1:i2].clone(), torch.zeros(W.shape[0], i2 - i1)
-        E1 = torch.zeros_like(Q1)
-        Hi = Hinv[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            w = W1[:, i : i + 1]
-            qi = (w / s).clamp(-FP8_MAX, FP8_MAX).to(FP8).float() * s
-            Q1[:, i : i + 1] = qi
-            e = (w - qi) / Hi[i, i]
-            W1[:, i:] -= e @ Hi[i : i + 1, i:]
-            E1[:, i : i + 1] = e
-        Q[:, i1:i2] = Q1
-        W[:, i2:] -= E1 @ Hinv[i1:i2, i2:]
-    return Q[:, torch.argsort(order)]
+    codes, _loss = gptq_chunk(weight, hessian, scale, DAMP, ACT_ORDER)
+    return dequantized(codes, scale)
 
 
 class DequantizedLinear(nn.Module):

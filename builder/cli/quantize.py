@@ -180,6 +180,23 @@ Several GPUs: torchrun --nproc-per-node N $(which builder) quantize ... --device
     help="--recipe auto: target profile whose tp/pp the bytes per rank are counted under.",
 )
 @click.option(
+    "--rounding",
+    default="nearest",
+    show_default=True,
+    metavar="nearest|gptq",
+    help="How quantized weights pick their E4M3 codes at the format's scales: nearest, or "
+    "gptq (GPTQ against each GEMM's calibration X^T X, block-streamed with the calibration; "
+    "stored once and written by both exports; --recipe auto then measures sensitivity under "
+    "it). Under gptq q/k/v and gate/up share one per-tensor weight scale in both exports.",
+)
+@click.option(
+    "--gptq-damp",
+    type=float,
+    default=0.01,
+    show_default=True,
+    help="--rounding gptq: damping added to H, a fraction of its mean diagonal.",
+)
+@click.option(
     "--golden",
     type=click.Path(file_okay=False),
     default=None,
@@ -211,6 +228,8 @@ def quantize(
     sensitivity,
     sensitivity_windows,
     target,
+    rounding,
+    gptq_damp,
     golden,
     as_json,
 ) -> None:
@@ -248,6 +267,8 @@ def quantize(
             allow_pickle=allow_pickle,
             recipe=fixed,
             auto=auto,
+            rounding=rounding,
+            gptq=gptq_options(gptq_damp),
         )
         summary = quantize(
             request,
@@ -294,6 +315,15 @@ class BlockProgress:
             self.report.finish(self.TASK, note=note)
         else:
             self.report.update(self.TASK, done, note=note)
+
+
+def gptq_options(damp: float):
+    from builder.errors import UserError
+    from builder.quantize.gptq import GptqOptions
+
+    if not damp > 0:
+        raise UserError(f"--gptq-damp {damp}: expected a positive fraction")
+    return GptqOptions(damp=damp)
 
 
 def parse_workers(value: str) -> int:
