@@ -67,6 +67,7 @@ READS = {
 FORMATS = ("fp8", "fp8-pc-pt", "wonly", "bf16")
 DAMP = 0.01  # GPTQ's damping, a fraction of the mean diagonal of H (--damp)
 ACT_ORDER = False  # GPTQ columns in decreasing diag(H) (--act-order)
+SEQUENTIAL = False  # GPTQ's H from the stream's own (quantized) calibration states (--sequential)
 
 
 @dataclass(frozen=True)
@@ -313,15 +314,25 @@ def measure(src: Path, specs: list[StreamSpec], calib: torch.Tensor, heldout: to
     ref = torch.cat([stream.embed(w)[0][None] for w in heldout])
     streams = {s: _Stream(StreamScore(s.name, Recipe())) for s in specs}
     hessians = any(s.gptq for s in specs)
+    own_calib: dict[StreamSpec, torch.Tensor] = {}  # --sequential: each gptq stream's states
     for layer, block in stream.blocks():
         if block is None:
             continue
+        calib_in = calib_h
         calib_h, stats = observe(stream, block, calib_h, hessians)
         for spec, st in streams.items():
             fp32 = load_block(stream.parts, stream.ckpt, layer.index, "cpu", torch.float32)
             scales = fold(fp32, stats, spec)
-            quantized = quantize_block(fp32.to(torch.bfloat16), stats, scales, spec, layer.index)
+            own = stats
+            if SEQUENTIAL and spec.gptq:
+                # the block's linears' inputs when the blocks before it are quantized (the
+                # input maxima, hence per-tensor input scales, stay the BF16 stream's)
+                mine = own_calib.get(spec, calib_in)
+                own = BlockStats(stats.xmax, observe(stream, block, mine, True)[1].hessian)
+            quantized = quantize_block(fp32.to(torch.bfloat16), own, scales, spec, layer.index)
             st.hidden = _run(stream, quantized, ref if st.hidden is None else st.hidden, 4)
+            if SEQUENTIAL and spec.gptq:
+                own_calib[spec] = _run(stream, quantized, own_calib.get(spec, calib_in), 4)
         ref = _run(stream, block, ref, 4)
         say(f"block {layer.index}")
     head = stream.head_weights()
@@ -332,7 +343,7 @@ def measure(src: Path, specs: list[StreamSpec], calib: torch.Tensor, heldout: to
 
 
 def main() -> None:
-    global DAMP, ACT_ORDER
+    global DAMP, ACT_ORDER, SEQUENTIAL
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -346,9 +357,14 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--damp", type=float, default=DAMP, help="GPTQ damping (of mean diag H)")
     p.add_argument("--act-order", action="store_true", help="GPTQ in decreasing diag(H)")
+    p.add_argument(
+        "--sequential",
+        action="store_true",
+        help="GPTQ's H from each stream's own calibration states (blocks before quantized)",
+    )
     p.add_argument("--json", type=Path, help="also write the rows here")
     args = p.parse_args()
-    DAMP, ACT_ORDER = args.damp, args.act_order
+    DAMP, ACT_ORDER, SEQUENTIAL = args.damp, args.act_order, args.sequential
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
     args.work.mkdir(parents=True, exist_ok=True)
@@ -390,6 +406,7 @@ def main() -> None:
             "seconds": round(seconds, 1),
             "gptq_damp": DAMP,
             "gptq_act_order": ACT_ORDER,
+            "gptq_sequential": SEQUENTIAL,
         }
         args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
 

@@ -52,6 +52,15 @@ rank under --target's tp/pp) whose measured KL meets X; the chosen table and eve
 measurement go into OUT/manifest.json. With --golden G both exports are then verified.
 
 \b
+Rounding (--rounding): nearest (default) rounds each weight to the closest E4M3 value at
+its format's scale; gptq chooses the codes by GPTQ (Frantar et al. 2022) against each GEMM's
+X^T X of the calibration activations (block-diagonal in column chunks of 4,096), in the same
+block-streamed pass as calibration. The codes are stored once per block in .OUT.calib/ and
+both exports write them (byte-identical codes); under gptq q/k/v and gate/up share one
+per-tensor weight scale in the HF export too (TensorRT-LLM fuses them). --recipe auto then
+measures its sensitivity on those codes.
+
+\b
 --resume continues an interrupted calibration from .OUT.calib/ (per-block amax and the
 activations entering the next block, saved every --save-every blocks or, by default, after
 every block while they are small and every 5 minutes otherwise).

@@ -86,10 +86,12 @@ class QuantizeSummary:
     rank: int = 0  # under torchrun: this process's rank (only rank 0 writes outputs)
     recipe: dict[str, Any] | None = None  # each linear's format (builder.quantize.formats)
     auto: dict[str, Any] | None = None  # --recipe auto: sensitivity, choice, probes
+    rounding: dict[str, Any] | None = None  # how the E4M3 codes were chosen (rounding_record)
 
     def to_json(self) -> dict[str, Any]:
         return {
             "recipe": self.recipe,
+            "rounding": self.rounding,
             "auto": self.auto,
             "out": str(self.out),
             "source": str(self.source),
@@ -354,6 +356,7 @@ def _quantize(
         rank=rank,
         recipe=(recipe or Recipe()).to_json(),
         auto=auto_record,
+        rounding=rounding_record(opts.rounding),
     )
     if rank == 0:
         finish_manifest(out, summary)
