@@ -23,6 +23,7 @@ result in builder.quantize.rounding.
 from __future__ import annotations
 
 import enum
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -172,13 +173,32 @@ def gptq_codes(
 ) -> torch.Tensor:
     """E4M3 codes of `weight` [out, in] at `scale` (0-dim, or [out]), GPTQ within each of
     H's column chunks (their order is irrelevant: a chunk's error moves no other chunk)."""
-    if weight.shape[1] != hessian.width:
-        raise ValueError(f"weight has {weight.shape[1]} columns, H {hessian.width}")
-    codes = torch.empty(weight.shape, dtype=FP8, device=weight.device)
+    return gptq_rows([weight], hessian, scale, options)[0]
+
+
+def gptq_rows(
+    weights: Sequence[torch.Tensor],
+    hessian: HessianAccumulator,
+    scale: torch.Tensor,
+    options: GptqOptions = GptqOptions(),
+) -> list[torch.Tensor]:
+    """`gptq_codes` of the row-wise stack of `weights` (the linears reading one input, e.g.
+    q/k/v; `scale` is 0-dim or one per stacked row), returned per weight. The stack is made
+    one column chunk at a time in fp32, never whole: Ultra's gate/up stacked in fp32 would
+    be 56 GB."""
+    for w in weights:
+        if w.shape[1] != hessian.width:
+            raise ValueError(f"weight has {w.shape[1]} columns, H {hessian.width}")
+    device = weights[0].device
+    codes = [torch.empty(w.shape, dtype=FP8, device=device) for w in weights]
+    bounds = [0]
+    for w in weights:
+        bounds.append(bounds[-1] + w.shape[0])
     for c, block in zip(hessian.chunks, hessian.blocks, strict=True):
-        codes[:, c] = gptq_chunk(
-            weight[:, c], block.to(weight.device), scale, options.damp, options.act_order
-        )[0]
+        part = torch.cat([w[:, c] for w in weights]) if len(weights) > 1 else weights[0][:, c]
+        q, _ = gptq_chunk(part, block.to(device), scale, options.damp, options.act_order)
+        for k, out in enumerate(codes):
+            out[:, c] = q[bounds[k] : bounds[k + 1]]
     return codes
 
 

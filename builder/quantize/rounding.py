@@ -34,7 +34,7 @@ from builder.arch.plan import LayerPlan
 from builder.arch.tensors import hf_layer_prefix, parse_hf_name
 from builder.quantize.formats import channel_scales
 from builder.quantize.fp8 import scale_from_amax
-from builder.quantize.gptq import GptqOptions, HessianAccumulator, Rounding, gptq_codes
+from builder.quantize.gptq import GptqOptions, HessianAccumulator, Rounding, gptq_rows
 
 QUANTIZED = (LinearFormat.FP8, LinearFormat.FP8_PC_PT)
 
@@ -126,14 +126,17 @@ class RoundingStore:
 
 # ---- the calibration pass's part -----------------------------------------------------------------
 def unit_scale(
-    unit: Unit, weight: torch.Tensor, fmt: LinearFormat, weight_amax: Callable[[str], float]
+    unit: Unit,
+    weights: list[torch.Tensor],
+    fmt: LinearFormat,
+    weight_amax: Callable[[str], float],
 ) -> torch.Tensor:
-    """The scale the exports write for `unit` (its modules' rows stacked in `weight`):
+    """The scale the exports write for `unit` (`weights`: its modules' weights, in order):
     per-tensor, amax / 448 of the max over the unit's modules (the fused GEMM's one scale);
-    per-channel, each row's amax / 448."""
+    per-channel, each row's amax / 448, the rows stacked."""
     if fmt is LinearFormat.FP8:
         return scale_from_amax(max(weight_amax(m) for m in unit.hf_modules))
-    return channel_scales(weight)
+    return torch.cat([channel_scales(w) for w in weights])
 
 
 def reader_paths(layer: LayerPlan) -> dict[str, str]:
@@ -180,17 +183,13 @@ def round_block(
         weights = [
             block.get_submodule(m.removeprefix(prefix)).weight.detach() for m in unit.hf_modules
         ]
-        stacked = torch.cat(weights).float()
         for fmt in formats:
-            scale = unit_scale(unit, stacked, fmt, weight_amax).to(stacked.device)
-            codes = gptq_codes(stacked, hessians[unit.key], scale, plan.options)
+            scale = unit_scale(unit, weights, fmt, weight_amax).to(weights[0].device)
+            codes = gptq_rows(weights, hessians[unit.key], scale, plan.options)
             row = 0
-            for module, w in zip(unit.hf_modules, weights, strict=True):
+            for module, w, q in zip(unit.hf_modules, weights, codes, strict=True):
                 rows = slice(row, row + w.shape[0])
-                out.setdefault(fmt, {})[module] = (
-                    codes[rows],
-                    scale if scale.dim() == 0 else scale[rows],
-                )
+                out.setdefault(fmt, {})[module] = (q, scale if scale.dim() == 0 else scale[rows])
                 row += w.shape[0]
         if say:
             names = ", ".join(f.value for f in formats)
