@@ -43,7 +43,7 @@ import argparse
 import copy
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -68,6 +68,10 @@ FORMATS = ("fp8", "fp8-pc-pt", "wonly", "bf16")
 DAMP = 0.01  # GPTQ's damping, a fraction of the mean diagonal of H (--damp)
 ACT_ORDER = False  # GPTQ columns in decreasing diag(H) (--act-order)
 SEQUENTIAL = False  # GPTQ's H from the stream's own (quantized) calibration states (--sequential)
+# GPTQ against the per-token FP8 activations (--asymmetric, fp8-pc-pt linears): minimise
+# ||X W^T - Xq Q^T|| (X the BF16 input, Xq its per-token E4M3 rounding) instead of
+# ||X (W - Q)^T||: GPTQ of the target W X^T Xq (Xq^T Xq)^-1 under H = Xq^T Xq
+ASYMMETRIC = False
 
 
 @dataclass(frozen=True)
@@ -122,6 +126,8 @@ def say(message: str) -> None:
 class BlockStats:
     xmax: dict[str, torch.Tensor]  # reader linear -> per-input-channel max |x|, fp32
     hessian: dict[str, torch.Tensor]  # reader linear -> X^T X, fp32 (gptq streams only)
+    hessian_q: dict[str, torch.Tensor] = field(default_factory=dict)  # Xq^T Xq (--asymmetric)
+    cross: dict[str, torch.Tensor] = field(default_factory=dict)  # X^T Xq (--asymmetric)
 
 
 @torch.no_grad()
@@ -140,6 +146,15 @@ def observe(stream, block: nn.Module, hidden: torch.Tensor, hessians: bool):
             if hessians:
                 h = x.T @ x
                 stats.hessian[name] = stats.hessian.get(name, 0) + h
+            if hessians and ASYMMETRIC:
+                from builder.dtypes import FP8_MAX
+                from builder.quantize.fp8 import FP8
+                from builder.runtime.executor import token_scales
+
+                t = token_scales(x)
+                xq = (x / t).clamp(-FP8_MAX, FP8_MAX).to(FP8).float() * t
+                stats.hessian_q[name] = stats.hessian_q.get(name, 0) + xq.T @ xq
+                stats.cross[name] = stats.cross.get(name, 0) + x.T @ xq
 
         hooks.append(block.get_submodule(name).register_forward_hook(hook))
     out = _run(stream, block, hidden, 4)
@@ -278,7 +293,13 @@ def quantize_block(
             w_scale = (weight.abs().max().float() / FP8_MAX).reshape(())
         else:
             w_scale = channel_scales(weight)
-        if spec_l.gptq:
+        if spec_l.gptq and ASYMMETRIC and spec_l.fmt == "fp8-pc-pt":
+            from builder.quantize.gptq import damped
+
+            hq = stats.hessian_q[reader]
+            target = weight.float() @ stats.cross[reader] @ torch.linalg.inv(damped(hq, DAMP))
+            q = gptq(target, hq, w_scale)
+        elif spec_l.gptq:
             h = stats.hessian[reader]
             s = scales[reader]
             q = gptq(weight, h / (s[:, None] * s[None, :]), w_scale)  # H of x / s
@@ -343,7 +364,7 @@ def measure(src: Path, specs: list[StreamSpec], calib: torch.Tensor, heldout: to
 
 
 def main() -> None:
-    global DAMP, ACT_ORDER, SEQUENTIAL
+    global DAMP, ACT_ORDER, SEQUENTIAL, ASYMMETRIC
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -362,9 +383,15 @@ def main() -> None:
         action="store_true",
         help="GPTQ's H from each stream's own calibration states (blocks before quantized)",
     )
+    p.add_argument(
+        "--asymmetric",
+        action="store_true",
+        help="fp8-pc-pt GPTQ against the per-token FP8 activations (X W^T ~ Xq Q^T)",
+    )
     p.add_argument("--json", type=Path, help="also write the rows here")
     args = p.parse_args()
     DAMP, ACT_ORDER, SEQUENTIAL = args.damp, args.act_order, args.sequential
+    ASYMMETRIC = args.asymmetric
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
     args.work.mkdir(parents=True, exist_ok=True)
@@ -407,6 +434,7 @@ def main() -> None:
             "gptq_damp": DAMP,
             "gptq_act_order": ACT_ORDER,
             "gptq_sequential": SEQUENTIAL,
+            "gptq_asymmetric": ASYMMETRIC,
         }
         args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
 
