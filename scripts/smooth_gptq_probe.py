@@ -297,7 +297,11 @@ def quantize_block(
             from builder.quantize.gptq import damped
 
             hq = stats.hessian_q[reader]
-            target = weight.float() @ stats.cross[reader] @ torch.linalg.inv(damped(hq, DAMP))
+            # W + W (X^T Xq - Xq^T Xq) Hq^-1: damping only the correction's inverse (damping
+            # the whole W X^T Xq Hq^-1 shrinks the weights of the small channels toward 0)
+            hinv = torch.linalg.inv(damped(hq, DAMP))
+            w32 = weight.float()
+            target = w32 + w32 @ (stats.cross[reader] - hq) @ hinv
             q = gptq(target, hq, w_scale)
         elif spec_l.gptq:
             h = stats.hessian[reader]
