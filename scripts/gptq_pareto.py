@@ -48,6 +48,10 @@ def main() -> None:
     p.add_argument("--src", type=Path, required=True)
     p.add_argument("--work", type=Path, required=True)
     p.add_argument("--fractions", default="0.1,0.3")
+    p.add_argument(
+        "--formats",
+        help="only these of the measured FP8 formats (comma-separated, e.g. fp8-pc-pt)",
+    )
     p.add_argument("--json", type=Path, help="score rows (scripts/score_export.py --json)")
     args = p.parse_args()
     from builder.arch import load_plan
@@ -59,13 +63,18 @@ def main() -> None:
     calib = manifest["calibration"]
     plan = load_plan(args.src)
     sens = sensitivity_of(record)
+    if args.formats:
+        keep = set(args.formats.split(","))
+        sens.kl = {k: {f: v for f, v in fs.items() if f in keep} for k, fs in sens.kl.items()}
+        sens.base = {f: v for f, v in sens.base.items() if f in keep}
     tp = record["options"]["tp"]
     args.work.mkdir(parents=True, exist_ok=True)
     outs = []
     for f in (float(x) for x in args.fractions.split(",")):
         steps, _, _ = upgrade_path(plan, sens, tp, f)
         recipe = steps[-1].recipe
-        name = f"{rounding['method']}-{sens.granularity}-{f:.2f}"
+        only = f"-{args.formats.replace(',', '+')}" if args.formats else ""
+        name = f"{rounding['method']}-{sens.granularity}{only}-{f:.2f}"
         path = args.work / f"recipe-{name}.json"
         path.write_text(json.dumps(recipe.to_json(), indent=1) + "\n")
         out = args.work / name

@@ -10,7 +10,9 @@ Output (all of it appears at once: written in `.OUT.partial/`, renamed when comp
   OUT/hf/               unified HF FP8 checkpoint (hf_quant_config.json, config.json with
                         quantization_config, model*.safetensors, tokenizer, manifest.json)
 
-Calibration state for --resume lives in `.OUT.calib/` beside OUT until the run succeeds.
+Calibration state for --resume lives in `.OUT.calib/` beside OUT until the run succeeds
+(with --rounding gptq also each block's GPTQ codes, `.OUT.calib/rounding/`, which both
+exports write).
 """
 
 from __future__ import annotations
@@ -58,7 +60,8 @@ from builder.quantize.rounding import RoundingPlan, RoundingStore
 
 # --recipe auto's search (builder.verify.auto.auto_recipe: it scores recipes with verify's
 # block stream, a layer above quantize, so the caller hands it in): (src, plan, amax table,
-# calibration windows, options, dtype, device, say) -> (recipe, manifest record, Markdown).
+# calibration windows, options, dtype, device, say, rounding=stored GPTQ codes or None) ->
+# (recipe, manifest record, Markdown).
 RecipeSearch = Callable[..., tuple[Recipe, dict[str, Any], str]]
 
 FORMATS = EXPORTERS.names()
