@@ -306,6 +306,7 @@ def _quantize(
     say(
         f"calibrating {plan.num_layers - len(plan.empty_layers)} of {plan.num_layers} blocks "
         f"({len(plan.empty_layers)} empty blocks skipped)"
+        + ("" if opts.rounding is None else ", each rounded by GPTQ right after it")
     )
     result = calibrate_blockwise(
         ckpt, plan, reference_parts(src), data.windows, opts, fingerprint, block_progress
