@@ -43,7 +43,7 @@ import argparse
 import copy
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -67,6 +67,11 @@ READS = {
 FORMATS = ("fp8", "fp8-pc-pt", "wonly", "bf16")
 DAMP = 0.01  # GPTQ's damping, a fraction of the mean diagonal of H (--damp)
 ACT_ORDER = False  # GPTQ columns in decreasing diag(H) (--act-order)
+SEQUENTIAL = False  # GPTQ's H from the stream's own (quantized) calibration states (--sequential)
+# GPTQ against the per-token FP8 activations (--asymmetric, fp8-pc-pt linears): minimise
+# ||X W^T - Xq Q^T|| (X the BF16 input, Xq its per-token E4M3 rounding) instead of
+# ||X (W - Q)^T||: GPTQ of the target W X^T Xq (Xq^T Xq)^-1 under H = Xq^T Xq
+ASYMMETRIC = False
 
 
 @dataclass(frozen=True)
@@ -121,6 +126,8 @@ def say(message: str) -> None:
 class BlockStats:
     xmax: dict[str, torch.Tensor]  # reader linear -> per-input-channel max |x|, fp32
     hessian: dict[str, torch.Tensor]  # reader linear -> X^T X, fp32 (gptq streams only)
+    hessian_q: dict[str, torch.Tensor] = field(default_factory=dict)  # Xq^T Xq (--asymmetric)
+    cross: dict[str, torch.Tensor] = field(default_factory=dict)  # X^T Xq (--asymmetric)
 
 
 @torch.no_grad()
@@ -139,6 +146,15 @@ def observe(stream, block: nn.Module, hidden: torch.Tensor, hessians: bool):
             if hessians:
                 h = x.T @ x
                 stats.hessian[name] = stats.hessian.get(name, 0) + h
+            if hessians and ASYMMETRIC:
+                from builder.dtypes import FP8_MAX
+                from builder.quantize.fp8 import FP8
+                from builder.runtime.executor import token_scales
+
+                t = token_scales(x)
+                xq = (x / t).clamp(-FP8_MAX, FP8_MAX).to(FP8).float() * t
+                stats.hessian_q[name] = stats.hessian_q.get(name, 0) + xq.T @ xq
+                stats.cross[name] = stats.cross.get(name, 0) + x.T @ xq
 
         hooks.append(block.get_submodule(name).register_forward_hook(hook))
     out = _run(stream, block, hidden, 4)
@@ -196,38 +212,13 @@ def fold(block: nn.Module, stats: BlockStats, spec: StreamSpec) -> dict[str, tor
 
 # ---- rounding ---------------------------------------------------------------------------
 @torch.no_grad()
-def gptq(weight: torch.Tensor, hessian: torch.Tensor, scale: torch.Tensor, block: int = 128):
-    """GPTQ's column-by-column E4M3 rounding at fixed scales ([out] or 0-dim), dequantized."""
-    from builder.dtypes import FP8_MAX
-    from builder.quantize.fp8 import FP8
+def gptq(weight: torch.Tensor, hessian: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """GPTQ's E4M3 rounding at fixed scales ([out] or 0-dim), dequantized: the library's
+    (builder.quantize.gptq, which `builder quantize --rounding gptq` runs) on one full H."""
+    from builder.quantize.gptq import dequantized, gptq_chunk
 
-    W = weight.float().clone()
-    H = hessian.clone()
-    n = W.shape[1]
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1
-    W[:, dead] = 0
-    H += DAMP * torch.diag(H).mean() * torch.eye(n)
-    order = torch.argsort(torch.diag(H), descending=True) if ACT_ORDER else torch.arange(n)
-    W, H = W[:, order], H[order][:, order]
-    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
-    s = scale.reshape(-1, 1) if scale.dim() else scale
-    Q = torch.zeros_like(W)
-    for i1 in range(0, n, block):
-        i2 = min(i1 + block, n)
-        W1, Q1 = W[:, i1:i2].clone(), torch.zeros(W.shape[0], i2 - i1)
-        E1 = torch.zeros_like(Q1)
-        Hi = Hinv[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            w = W1[:, i : i + 1]
-            qi = (w / s).clamp(-FP8_MAX, FP8_MAX).to(FP8).float() * s
-            Q1[:, i : i + 1] = qi
-            e = (w - qi) / Hi[i, i]
-            W1[:, i:] -= e @ Hi[i : i + 1, i:]
-            E1[:, i : i + 1] = e
-        Q[:, i1:i2] = Q1
-        W[:, i2:] -= E1 @ Hinv[i1:i2, i2:]
-    return Q[:, torch.argsort(order)]
+    codes, _loss = gptq_chunk(weight, hessian, scale, DAMP, ACT_ORDER)
+    return dequantized(codes, scale)
 
 
 class DequantizedLinear(nn.Module):
@@ -302,7 +293,17 @@ def quantize_block(
             w_scale = (weight.abs().max().float() / FP8_MAX).reshape(())
         else:
             w_scale = channel_scales(weight)
-        if spec_l.gptq:
+        if spec_l.gptq and ASYMMETRIC and spec_l.fmt == "fp8-pc-pt":
+            from builder.quantize.gptq import damped
+
+            hq = stats.hessian_q[reader]
+            # W + W (X^T Xq - Xq^T Xq) Hq^-1: damping only the correction's inverse (damping
+            # the whole W X^T Xq Hq^-1 shrinks the weights of the small channels toward 0)
+            hinv = torch.linalg.inv(damped(hq, DAMP))
+            w32 = weight.float()
+            target = w32 + w32 @ (stats.cross[reader] - hq) @ hinv
+            q = gptq(target, hq, w_scale)
+        elif spec_l.gptq:
             h = stats.hessian[reader]
             s = scales[reader]
             q = gptq(weight, h / (s[:, None] * s[None, :]), w_scale)  # H of x / s
@@ -338,15 +339,25 @@ def measure(src: Path, specs: list[StreamSpec], calib: torch.Tensor, heldout: to
     ref = torch.cat([stream.embed(w)[0][None] for w in heldout])
     streams = {s: _Stream(StreamScore(s.name, Recipe())) for s in specs}
     hessians = any(s.gptq for s in specs)
+    own_calib: dict[StreamSpec, torch.Tensor] = {}  # --sequential: each gptq stream's states
     for layer, block in stream.blocks():
         if block is None:
             continue
+        calib_in = calib_h
         calib_h, stats = observe(stream, block, calib_h, hessians)
         for spec, st in streams.items():
             fp32 = load_block(stream.parts, stream.ckpt, layer.index, "cpu", torch.float32)
             scales = fold(fp32, stats, spec)
-            quantized = quantize_block(fp32.to(torch.bfloat16), stats, scales, spec, layer.index)
+            own = stats
+            if SEQUENTIAL and spec.gptq:
+                # the block's linears' inputs when the blocks before it are quantized (the
+                # input maxima, hence per-tensor input scales, stay the BF16 stream's)
+                mine = own_calib.get(spec, calib_in)
+                own = BlockStats(stats.xmax, observe(stream, block, mine, True)[1].hessian)
+            quantized = quantize_block(fp32.to(torch.bfloat16), own, scales, spec, layer.index)
             st.hidden = _run(stream, quantized, ref if st.hidden is None else st.hidden, 4)
+            if SEQUENTIAL and spec.gptq:
+                own_calib[spec] = _run(stream, quantized, own_calib.get(spec, calib_in), 4)
         ref = _run(stream, block, ref, 4)
         say(f"block {layer.index}")
     head = stream.head_weights()
@@ -357,7 +368,7 @@ def measure(src: Path, specs: list[StreamSpec], calib: torch.Tensor, heldout: to
 
 
 def main() -> None:
-    global DAMP, ACT_ORDER
+    global DAMP, ACT_ORDER, SEQUENTIAL, ASYMMETRIC
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -371,9 +382,20 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--damp", type=float, default=DAMP, help="GPTQ damping (of mean diag H)")
     p.add_argument("--act-order", action="store_true", help="GPTQ in decreasing diag(H)")
+    p.add_argument(
+        "--sequential",
+        action="store_true",
+        help="GPTQ's H from each stream's own calibration states (blocks before quantized)",
+    )
+    p.add_argument(
+        "--asymmetric",
+        action="store_true",
+        help="fp8-pc-pt GPTQ against the per-token FP8 activations (X W^T ~ Xq Q^T)",
+    )
     p.add_argument("--json", type=Path, help="also write the rows here")
     args = p.parse_args()
-    DAMP, ACT_ORDER = args.damp, args.act_order
+    DAMP, ACT_ORDER, SEQUENTIAL = args.damp, args.act_order, args.sequential
+    ASYMMETRIC = args.asymmetric
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
     args.work.mkdir(parents=True, exist_ok=True)
@@ -415,6 +437,8 @@ def main() -> None:
             "seconds": round(seconds, 1),
             "gptq_damp": DAMP,
             "gptq_act_order": ACT_ORDER,
+            "gptq_sequential": SEQUENTIAL,
+            "gptq_asymmetric": ASYMMETRIC,
         }
         args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
 

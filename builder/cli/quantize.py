@@ -52,6 +52,15 @@ rank under --target's tp/pp) whose measured KL meets X; the chosen table and eve
 measurement go into OUT/manifest.json. With --golden G both exports are then verified.
 
 \b
+Rounding (--rounding): nearest (default) rounds each weight to the closest E4M3 value at
+its format's scale; gptq chooses the codes by GPTQ (Frantar et al. 2022) against each GEMM's
+X^T X of the calibration activations (block-diagonal in column chunks of 4,096), in the same
+block-streamed pass as calibration. The codes are stored once per block in .OUT.calib/ and
+both exports write them (byte-identical codes); under gptq q/k/v and gate/up share one
+per-tensor weight scale in the HF export too (TensorRT-LLM fuses them). --recipe auto then
+measures its sensitivity on those codes.
+
+\b
 --resume continues an interrupted calibration from .OUT.calib/ (per-block amax and the
 activations entering the next block, saved every --save-every blocks or, by default, after
 every block while they are small and every 5 minutes otherwise).
@@ -180,6 +189,23 @@ Several GPUs: torchrun --nproc-per-node N $(which builder) quantize ... --device
     help="--recipe auto: target profile whose tp/pp the bytes per rank are counted under.",
 )
 @click.option(
+    "--rounding",
+    default="nearest",
+    show_default=True,
+    metavar="nearest|gptq",
+    help="How quantized weights pick their E4M3 codes at the format's scales: nearest, or "
+    "gptq (GPTQ against each GEMM's calibration X^T X, block-streamed with the calibration; "
+    "stored once and written by both exports; --recipe auto then measures sensitivity under "
+    "it). Under gptq q/k/v and gate/up share one per-tensor weight scale in both exports.",
+)
+@click.option(
+    "--gptq-damp",
+    type=float,
+    default=0.01,
+    show_default=True,
+    help="--rounding gptq: damping added to H, a fraction of its mean diagonal.",
+)
+@click.option(
     "--golden",
     type=click.Path(file_okay=False),
     default=None,
@@ -211,6 +237,8 @@ def quantize(
     sensitivity,
     sensitivity_windows,
     target,
+    rounding,
+    gptq_damp,
     golden,
     as_json,
 ) -> None:
@@ -248,6 +276,8 @@ def quantize(
             allow_pickle=allow_pickle,
             recipe=fixed,
             auto=auto,
+            rounding=rounding,
+            gptq=gptq_options(gptq_damp),
         )
         summary = quantize(
             request,
@@ -294,6 +324,15 @@ class BlockProgress:
             self.report.finish(self.TASK, note=note)
         else:
             self.report.update(self.TASK, done, note=note)
+
+
+def gptq_options(damp: float):
+    from builder.errors import UserError
+    from builder.quantize.gptq import GptqOptions
+
+    if not damp > 0:
+        raise UserError(f"--gptq-damp {damp}: expected a positive fraction")
+    return GptqOptions(damp=damp)
 
 
 def parse_workers(value: str) -> int:

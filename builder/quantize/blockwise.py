@@ -44,6 +44,14 @@ from builder.io.prefetch import StreamStats, prefetch_by_default, prefetched
 from builder.quantize import recipe
 from builder.quantize.amax import AmaxError, AmaxTable, expected_keys, quantizer_amax, require_amax
 from builder.quantize.calib import batches
+from builder.quantize.rounding import (
+    RoundingPlan,
+    RoundingStore,
+    missing_layers,
+    register_hessians,
+)
+
+ROUNDING_DIR = "rounding"
 
 STATE_VERSION = 1
 STATE_SCHEMA = Object(
@@ -82,6 +90,9 @@ class CalibOptions:
     save_every: int = 0  # save the activations every N calibrated blocks; 0: auto (see below)
     # load block i+1 while block i calibrates (builder.io.prefetch); None: on CUDA only
     prefetch: bool | None = None
+    # --rounding gptq: each block's H from the same forward loop, its GPTQ codes stored in
+    # state_dir/rounding (builder.quantize.rounding); None: nearest rounding, nothing stored
+    rounding: RoundingPlan | None = None
 
 
 @dataclass
@@ -264,20 +275,35 @@ def calibrate_block(
     inputs: BlockInputs,
     opts: CalibOptions,
     block: torch.nn.Module | None = None,
+    store: RoundingStore | None = None,
 ) -> dict[str, float]:
     """ModelOpt-calibrate one block in place of `hidden`; returns its amax values.
 
-    `block`: the block already loaded (prefetched); None loads it here."""
+    `block`: the block already loaded (prefetched); None loads it here. With
+    `opts.rounding`, the same forward loop accumulates each unit's X^T X (max calibration
+    does not fake-quantize, so these are the BF16 stream's inputs) and the block's GPTQ
+    codes go into `store` (rank 0) before its amax is recorded."""
     index = layer_plan.index
     layer = block if block is not None else load_block(parts, ckpt, index, opts.device, opts.dtype)
     del block
     calls = []
+    hessians: dict = {}
 
     def forward_loop(module: torch.nn.Module) -> None:
         if calls:  # the outputs replace the inputs, so a second pass would see wrong data
             raise AssertionError("ModelOpt ran the calibration loop twice")
         calls.append(1)
-        run_block(module, hidden, inputs)
+        handles = []
+        if opts.rounding is not None:
+            found, handles = register_hessians(
+                module, layer_plan, opts.rounding.options.chunk, opts.device
+            )
+            hessians.update(found)
+        try:
+            run_block(module, hidden, inputs)
+        finally:
+            for handle in handles:
+                handle.remove()
 
     recipe.quantize(layer, opts.kv_cache, forward_loop)
     check_finite(hidden, layer_plan, opts.dtype)
@@ -290,6 +316,8 @@ def calibrate_block(
             + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
             + "; is the attention class wrapped for KV-cache quantization?"
         )
+    if opts.rounding is not None:
+        round_and_store(layer, layer_plan, hessians, values, opts.rounding, store)
     block_bytes = sum(t.numel() * t.element_size() for t in layer.parameters())
     del layer
     # ModelOpt's wrappers hold reference cycles, so the block is freed only by the cycle
@@ -298,6 +326,44 @@ def calibrate_block(
     if opts.device.startswith("cuda"):
         torch.cuda.empty_cache()
     return values
+
+
+def round_and_store(
+    layer: torch.nn.Module,
+    layer_plan: LayerPlan,
+    hessians: dict,
+    values: dict[str, float],
+    plan: RoundingPlan,
+    store: RoundingStore | None,
+) -> None:
+    """GPTQ codes of the block's units (H summed over the ranks), stored by rank 0."""
+    from builder.quantize.rounding import round_block
+
+    if store is None:
+        raise ValueError("GPTQ rounding needs a state directory to store its codes in")
+    for h in hessians.values():
+        for block in h.blocks:
+            all_reduce_sum(block)
+    if dist_info()[0] != 0:
+        return
+    table = AmaxTable(values)
+    codes = round_block(layer, layer_plan, hessians, plan, table.weight)
+    for fmt, modules in codes.items():
+        store.save(layer_plan.index, fmt, modules)
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> None:
+    """In-place SUM over the ranks (nothing without torch.distributed)."""
+    import torch.distributed as dist
+
+    if dist_info()[1] == 1:
+        return
+    if dist.get_backend() == "nccl" or not tensor.is_cuda:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    else:
+        host = tensor.cpu()
+        dist.all_reduce(host, op=dist.ReduceOp.SUM)
+        tensor.copy_(host)
 
 
 # ---- data parallel -----------------------------------------------------------------------------
@@ -502,6 +568,13 @@ def calibrate_blockwise(
     if opts.state_dir is not None:
         state = CalibState(opts.state_dir, dict(fingerprint or {}, world_size=world), rank)
     restored = state.restore(plan) if (state and opts.resume) else None
+    store = RoundingStore(opts.state_dir / ROUNDING_DIR) if opts.state_dir is not None else None
+    if restored and opts.rounding is not None:
+        done = [lay for lay in plan.layers[: restored[0]] if not lay.is_empty]
+        missing = missing_layers(store, opts.rounding, done)
+        if missing:
+            index, fmt = missing[0]
+            raise state._broken(store.path(index, fmt), "missing")
     if restored:
         first, values, hidden = restored
         hidden = [h.to(opts.device) for h in hidden]
@@ -531,7 +604,9 @@ def calibrate_blockwise(
     with closing(loads):  # an error in a block waits for the pending load (no stray thread)
         for layer, loaded in loads:
             # taken inline: no reference here, so the block is freed inside calibrate_block
-            values = calibrate_block(layer, plan, parts, ckpt, hidden, inputs, opts, loaded.take())
+            values = calibrate_block(
+                layer, plan, parts, ckpt, hidden, inputs, opts, loaded.take(), store
+            )
             result.table.update(values)
             result.calibrated.append(layer.index)
             result.block_seconds[layer.index] = time.perf_counter() - t0

@@ -60,6 +60,7 @@ from builder.io.safetensors_stream import (
 from builder.quantize.amax import AmaxTable
 from builder.quantize.formats import LinearFormat, Recipe, channel_scales, quantize_channels
 from builder.quantize.fp8 import FP8, hf_e4m3_table, lookup_e4m3, quantize_hf, scale_from_amax
+from builder.quantize.rounding import RoundingStore, module_layer
 
 EXCLUDED = hf_fp8_excludes()
 COPIED_FILES = (
@@ -265,15 +266,19 @@ def plan_tensors(
     table: AmaxTable,
     dtype: torch.dtype,
     recipe: Recipe | None = None,
+    rounding: RoundingStore | None = None,
 ) -> list[OutTensor]:
     """Every tensor of the export, in model order, with its jobs (`recipe`: each linear's
-    format, default per-tensor FP8 everywhere)."""
+    format, default per-tensor FP8 everywhere; `rounding`: stored codes to write instead of
+    rounding the source weights to nearest)."""
     formats = (recipe or Recipe()).by_hf_module(plan)
     out: list[OutTensor] = []
     for name, shape in hf_tensor_shapes(plan).items():
         module = name.removesuffix(".weight")
         fmt = formats.get(module, LinearFormat.BF16)
-        if fmt is LinearFormat.BF16:
+        if fmt.quantized and rounding is not None:
+            out.extend(_stored_tensors(rounding, table, name, shape, fmt))
+        elif fmt is LinearFormat.BF16:
             out.append(OutTensor(TensorSpec(name, shape, dtype), _cast_jobs(source, name, dtype)))
         elif fmt is LinearFormat.FP8_PC_PT:
             out.extend(_channel_tensors(source.ckpt, name, shape, dtype))
@@ -310,6 +315,40 @@ def _tensor_fp8_tensors(
         OutTensor(TensorSpec(w_name, (), torch.float32), _scalar(w_scale)),
         OutTensor(TensorSpec(x_name, (), torch.float32), _scalar(x_scale)),
     ]
+
+
+def _stored_tensors(
+    store: RoundingStore, table: AmaxTable, name: str, shape: tuple, fmt: LinearFormat
+) -> list[OutTensor]:
+    """A linear whose codes were chosen during calibration (GPTQ): the stored E4M3 codes in
+    row blocks, the scale they were made with (per tensor: the one q/k/v or gate/up share,
+    which TensorRT-LLM's fused GEMM needs; each HF module stores its own `weight_scale`, so
+    the shared value is as valid there), and the input scale as nearest rounding writes it."""
+    module = linear_module(name)
+    stored = store.shape(module, fmt)
+    if tuple(stored) != tuple(shape):
+        raise UserError(
+            f"{store.path(module_layer(module), fmt)}: {module} codes have shape {stored}, "
+            f"the checkpoint's weight {list(shape)}"
+        )
+    step = max(1, CHUNK_BYTES // max(1, shape[1]))
+    codes = tuple(
+        partial(store.codes, module, fmt, slice(a, min(a + step, shape[0])))
+        for a in range(0, shape[0], step)
+    )
+    scale = store.scale(module, fmt)
+    out = [OutTensor(TensorSpec(name, shape, FP8), codes)]
+    if fmt is LinearFormat.FP8:
+        w_name, x_name = hf_scale_names(module)
+        x_scale = scale_from_amax(shared_input_amax(table, module))
+        out += [
+            OutTensor(TensorSpec(w_name, (), torch.float32), _scalar(scale.reshape(()))),
+            OutTensor(TensorSpec(x_name, (), torch.float32), _scalar(x_scale)),
+        ]
+    else:
+        spec = TensorSpec(hf_channel_scale_name(module), (shape[0],), torch.float32)
+        out.append(OutTensor(spec, _scalar(scale.reshape(-1))))
+    return out
 
 
 def _channel_tensors(
@@ -449,6 +488,7 @@ def write_unified_hf(
     progress: Callable[[str], None] | None = None,
     recipe: Recipe | None = None,
     workers: int = 1,
+    rounding: RoundingStore | None = None,
 ) -> list[WrittenFile]:
     """Write the unified HF FP8 checkpoint into the (staging) directory `out` (`recipe`: the
     format of each linear; default per-tensor FP8).
@@ -463,7 +503,7 @@ def write_unified_hf(
     table.validate(plan)
     source = MappedSource(ckpt)
     try:
-        tensors = plan_tensors(plan, source, table, dtype, recipe)
+        tensors = plan_tensors(plan, source, table, dtype, recipe, rounding)
         shards = shard_tensors(tensors, shard_bytes)
         names = shard_names(len(shards))
         written, weight_map = _write_shards(out, shards, names, workers, progress)

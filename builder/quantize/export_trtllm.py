@@ -38,6 +38,7 @@ from builder.arch.tensors import (
     hf_module,
     kv_cache_scale_name,
     kv_quantizer,
+    linear_module,
     per_channel_scale_name,
     scale_names,
     trtllm_fp8_excludes,
@@ -62,6 +63,7 @@ from builder.quantize.fp8 import (
     quantize_trtllm,
     trtllm_scale,
 )
+from builder.quantize.rounding import RoundingStore
 
 
 def trtllm_quantization(kv_cache: bool) -> dict[str, Any]:
@@ -189,10 +191,21 @@ class RecipeTransform:
     A row-parallel slice (o_proj, down_proj) holds part of every row, so its channel scales
     come from the whole rows in the source checkpoint: every rank stores the same [out]
     vector, as TensorRT-LLM's row-parallel FP8 rowwise linear expects.
+
+    With `rounding` (GPTQ), quantized linears are not rounded here: each rank's slice is cut
+    from the stored codes (builder.quantize.rounding) with convert's own read plan, so the
+    TensorRT-LLM and HF checkpoints hold the same codes byte for byte.
     """
 
     def __init__(
-        self, table: AmaxTable, recipe: Recipe, plan: ModelPlan, ckpt: HFCheckpoint, pp: int
+        self,
+        table: AmaxTable,
+        recipe: Recipe,
+        plan: ModelPlan,
+        ckpt: HFCheckpoint,
+        pp: int,
+        tp: int = 1,
+        rounding: RoundingStore | None = None,
     ):
         quantization = recipe.trtllm_quantization(plan, table.kv_cache)
         formats = {}
@@ -203,8 +216,12 @@ class RecipeTransform:
         self.layout = RecipeLayout(quantization, default, formats)
         self.fp8 = Fp8Transform(table)
         self.ckpt = ckpt
+        self.tp, self.rounding = tp, rounding
+        self._plan: ModelPlan | None = plan  # not pickled to convert's workers (see plan)
         self._row_scales: dict[str, torch.Tensor] = {}
         self.fingerprint = f"recipe:{table_digest(table)}:{json.dumps(recipe.to_json())}"
+        if rounding is not None:
+            self.fingerprint += f":rounding:{rounding.digest()}"
 
     def passthrough(self, item: RankTensor) -> bool:
         return self.layout.passthrough(item)
@@ -217,6 +234,8 @@ class RecipeTransform:
 
     def apply(self, item: RankTensor, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
         fmt = self.layout.format_of(item)
+        if self.rounding is not None and fmt.quantized and self.quantized(item):
+            return self.stored(item, tensor, fmt)
         if fmt is LinearFormat.FP8:
             return self.fp8.apply(item, tensor)
         if fmt is LinearFormat.FP8_PC_PT:
@@ -229,10 +248,88 @@ class RecipeTransform:
             out = [(item.name, tensor)]
         return out + self.fp8._kv_scale(item)
 
+    @property
+    def plan(self) -> ModelPlan:
+        """The model plan (a worker process reloads it from the source's config.json)."""
+        if self._plan is None:
+            from builder.arch.plan import load_plan
+
+            self._plan = load_plan(self.ckpt.root)
+        return self._plan
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_plan": None}
+
+    def stored(
+        self, item: RankTensor, tensor: torch.Tensor, fmt: LinearFormat
+    ) -> list[tuple[str, torch.Tensor]]:
+        """The rank slice of the stored codes, and the scales they were made with."""
+        pieces = self.rank_pieces(item, tensor)
+        rounding = self.rounding
+        codes = torch.cat(
+            [
+                rounding.codes(linear_module(p.source), fmt, p.rows)[
+                    :, p.cols or slice(None)
+                ].contiguous()
+                for p in pieces
+            ]
+        )
+        if tuple(codes.shape) != tuple(tensor.shape):
+            raise AssertionError(f"{item.name}: stored codes {codes.shape}, rank {tensor.shape}")
+        if fmt is LinearFormat.FP8:
+            # one scale for the fused group, as Fp8Transform writes it (rounding.unit_scale)
+            w_scale = rounding.scale(linear_module(pieces[0].source), fmt).float().reshape(1)
+            x_scale = self.fp8.scales(item)[1]
+            return [(item.name, codes), *self.fp8._scales(item, w_scale, x_scale)]
+        scales = torch.cat([rounding.scale(linear_module(p.source), fmt)[p.rows] for p in pieces])
+        return [
+            (item.name, codes),
+            (per_channel_scale_name(item.name), scales.float()),
+            *self.fp8._kv_scale(item),
+        ]
+
+    def rank_pieces(self, item: RankTensor, tensor: torch.Tensor) -> tuple:
+        """Convert's read plan of the TP rank whose slice `tensor` is.
+
+        The RankTransform contract hands `apply` the assembled slice but not its rank, so the
+        rank is recognised from the source: the first row of each piece of each candidate
+        rank's plan, and the whole slice only if several match (slices equal across ranks,
+        as replicated KV heads, or degenerate weights)."""
+        from builder.convert.sources import read_plan
+
+        plans = [read_plan(self.plan, item, self.tp, r).pieces for r in range(self.tp)]
+        if len(plans) == 1:
+            return plans[0]
+        matches = [p for p in plans if self._first_rows_match(p, tensor)]
+        if len(matches) > 1:
+            matches = [p for p in matches if torch.equal(self._read(p, tensor.dtype), tensor)]
+        if not matches:
+            raise AssertionError(f"{item.name}: no TP rank's source slice matches the tensor")
+        return matches[0]
+
+    def _first_rows_match(self, pieces: tuple, tensor: torch.Tensor) -> bool:
+        row = 0
+        for p in pieces:
+            first = self.ckpt.read(
+                p.source, rows=slice(p.rows.start, p.rows.start + 1), cols=p.cols
+            )
+            if not torch.equal(first.to(tensor.dtype), tensor[row : row + 1]):
+                return False
+            row += p.rows.stop - p.rows.start
+        return True
+
+    def _read(self, pieces: tuple, dtype: torch.dtype) -> torch.Tensor:
+        return torch.cat([self.ckpt.read(p.source, rows=p.rows, cols=p.cols) for p in pieces]).to(
+            dtype
+        )
+
     def blockwise(self, item: RankTensor, dtype: Dtype):
         """Per-tensor FP8 linears stream through Fp8Transform's e4m3 table; a per-channel
         linear needs its rows' amax first and a BF16 one is unchanged, so neither does (a
-        BF16 linear without a KV-cache scale is a passthrough, streamed by convert)."""
+        BF16 linear without a KV-cache scale is a passthrough, streamed by convert). Stored
+        (GPTQ) codes are cut by `apply`."""
+        if self.rounding is not None:
+            return None
         if self.layout.format_of(item) is not LinearFormat.FP8:
             return None
         return self.fp8.blockwise(item, dtype)
@@ -265,13 +362,15 @@ def write_trtllm_recipe(
     workers: int = 1,
     progress: ProgressSink | None = None,
     allow_pickle: bool = False,
+    rounding: RoundingStore | None = None,
 ) -> ConvertSummary:
-    """The TensorRT-LLM checkpoint of `recipe`; a mixed recipe also gets quant_cfg.json."""
-    if recipe.formats_used(plan) == {LinearFormat.FP8}:
+    """The TensorRT-LLM checkpoint of `recipe`; a mixed recipe also gets quant_cfg.json.
+    `rounding`: stored (GPTQ) codes, written instead of rounding the source to nearest."""
+    if recipe.formats_used(plan) == {LinearFormat.FP8} and rounding is None:
         return write_trtllm_fp8(
             src, out, table, tp, pp, dtype, workers, progress, allow_pickle=allow_pickle
         )
-    transform = RecipeTransform(table, recipe, plan, ckpt, pp)
+    transform = RecipeTransform(table, recipe, plan, ckpt, pp, tp, rounding)
     request = ConvertRequest(
         src,
         out,

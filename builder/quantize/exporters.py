@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from builder.io.checkpoint import HFCheckpoint
     from builder.quantize.amax import AmaxTable
     from builder.quantize.formats import Recipe
+    from builder.quantize.rounding import RoundingStore
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,7 @@ class ExportJob:
     workers: int
     say: Callable[[str], None]
     recipe: Recipe  # each linear's format (builder.quantize.formats)
+    rounding: RoundingStore | None = None  # --rounding gptq: the codes both exports write
 
 
 MAX_WORKERS = 8  # the H200 host's 12 GB export ran 2.8x faster with 8 than 1; disks saturate
@@ -90,6 +92,7 @@ def export_trtllm(job: ExportJob) -> None:
         job.dtype,
         min(job.workers, job.tp * job.pp),  # a worker process writes one rank at a time
         allow_pickle=job.ckpt.is_pickle,
+        rounding=job.rounding,
     )
     add_to_manifest(out, job.fields)
 
@@ -106,7 +109,14 @@ def export_hf(job: ExportJob) -> None:
     hf_dir.mkdir()
     dtype = torch_dtype(job.dtype)
     written = write_unified_hf(
-        hf_dir, job.plan, job.ckpt, job.table, dtype, recipe=job.recipe, workers=job.workers
+        hf_dir,
+        job.plan,
+        job.ckpt,
+        job.table,
+        dtype,
+        recipe=job.recipe,
+        workers=job.workers,
+        rounding=job.rounding,
     )
     write_hf_manifest(hf_dir, job.src, written, job.fields)
 

@@ -10,7 +10,9 @@ Output (all of it appears at once: written in `.OUT.partial/`, renamed when comp
   OUT/hf/               unified HF FP8 checkpoint (hf_quant_config.json, config.json with
                         quantization_config, model*.safetensors, tokenizer, manifest.json)
 
-Calibration state for --resume lives in `.OUT.calib/` beside OUT until the run succeeds.
+Calibration state for --resume lives in `.OUT.calib/` beside OUT until the run succeeds
+(with --rounding gptq also each block's GPTQ codes, `.OUT.calib/rounding/`, which both
+exports write).
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from builder.io.manifest import (
 )
 from builder.quantize.amax import AmaxTable
 from builder.quantize.blockwise import (
+    ROUNDING_DIR,
     CalibOptions,
     CalibResult,
     ModelParts,
@@ -52,10 +55,13 @@ from builder.quantize.calib import CalibrationSet, build_calibration_set, load_t
 from builder.quantize.export_hf import modelopt_version
 from builder.quantize.exporters import EXPORTERS, ExportJob, run_export
 from builder.quantize.formats import AutoOptions, Recipe
+from builder.quantize.gptq import GptqOptions, Rounding
+from builder.quantize.rounding import RoundingPlan, RoundingStore
 
 # --recipe auto's search (builder.verify.auto.auto_recipe: it scores recipes with verify's
 # block stream, a layer above quantize, so the caller hands it in): (src, plan, amax table,
-# calibration windows, options, dtype, device, say) -> (recipe, manifest record, Markdown).
+# calibration windows, options, dtype, device, say, rounding=stored GPTQ codes or None) ->
+# (recipe, manifest record, Markdown).
 RecipeSearch = Callable[..., tuple[Recipe, dict[str, Any], str]]
 
 FORMATS = EXPORTERS.names()
@@ -83,10 +89,12 @@ class QuantizeSummary:
     rank: int = 0  # under torchrun: this process's rank (only rank 0 writes outputs)
     recipe: dict[str, Any] | None = None  # each linear's format (builder.quantize.formats)
     auto: dict[str, Any] | None = None  # --recipe auto: sensitivity, choice, probes
+    rounding: dict[str, Any] | None = None  # how the E4M3 codes were chosen (rounding_record)
 
     def to_json(self) -> dict[str, Any]:
         return {
             "recipe": self.recipe,
+            "rounding": self.rounding,
             "auto": self.auto,
             "out": str(self.out),
             "source": str(self.source),
@@ -194,8 +202,13 @@ class QuantizeRequest:
     allow_pickle: bool = False
     recipe: Recipe | None = None  # each linear's format (None: FP8 per-tensor everywhere)
     auto: AutoOptions | None = None  # --recipe auto: the search's options (recipe then chosen)
+    rounding: str = "nearest"  # or gptq (builder.quantize.gptq): E4M3 codes chosen against H
+    gptq: GptqOptions = GptqOptions()
 
     def __post_init__(self) -> None:
+        choices = [r.value for r in Rounding]
+        if self.rounding not in choices:
+            raise UserError(f"--rounding {self.rounding!r}: choose {' or '.join(choices)}")
         object.__setattr__(self, "src", Path(self.src))
         object.__setattr__(self, "out", Path(self.out))
         object.__setattr__(self, "formats", tuple(parse_formats(self.formats)))
@@ -287,23 +300,26 @@ def _quantize(
         state_dir=state_dir_for(out),
         resume=resume,
         save_every=save_every,
+        rounding=rounding_plan(request),
     )
     fingerprint = calibration_fingerprint(ckpt, data, opts)
     say(
         f"calibrating {plan.num_layers - len(plan.empty_layers)} of {plan.num_layers} blocks "
         f"({len(plan.empty_layers)} empty blocks skipped)"
+        + ("" if opts.rounding is None else ", each rounded by GPTQ right after it")
     )
     result = calibrate_blockwise(
         ckpt, plan, reference_parts(src), data.windows, opts, fingerprint, block_progress
     )
     seconds = {"calibration": round(result.seconds, 3)}
+    store = RoundingStore(opts.state_dir / ROUNDING_DIR) if opts.rounding is not None else None
     paths: dict[str, str] = {}
     # Only rank 0 exports; the others are done (no barrier: an export can outlast any
     # collective timeout).
     auto_record = None
     if rank == 0 and auto is not None:
         recipe, auto_record = choose_recipe(
-            recipe_search, src, plan, result, data, auto, device, dtype, say
+            recipe_search, src, plan, result, data, auto, device, dtype, say, store
         )
         seconds["auto"] = auto_record["seconds"]
     if rank == 0:
@@ -324,6 +340,8 @@ def _quantize(
             say,
             recipe=recipe,
             auto_record=auto_record,
+            rounding=store,
+            rounding_record=rounding_record(opts.rounding),
         )
         shutil.rmtree(opts.state_dir, ignore_errors=True)
     seconds["total"] = round(time.perf_counter() - started, 3)
@@ -342,6 +360,7 @@ def _quantize(
         rank=rank,
         recipe=(recipe or Recipe()).to_json(),
         auto=auto_record,
+        rounding=rounding_record(opts.rounding),
     )
     if rank == 0:
         finish_manifest(out, summary)
@@ -358,15 +377,40 @@ def choose_recipe(
     device: str,
     dtype: str,
     say: Callable[[str], None],
+    rounding: RoundingStore | None = None,
 ) -> tuple[Recipe, dict[str, Any]]:
-    """--recipe auto: measure and choose (the record keeps the chosen table as Markdown)."""
+    """--recipe auto: measure and choose (the record keeps the chosen table as Markdown);
+    under GPTQ the sensitivity runs the stored codes, so the choice is GPTQ's."""
     if search is None:
         raise ValueError("a request with `auto` options needs quantize(..., recipe_search=...)")
     recipe, record, table_md = search(
-        src, plan, result.table, data.windows, auto, DTYPES[dtype], device, say
+        src, plan, result.table, data.windows, auto, DTYPES[dtype], device, say, rounding=rounding
     )
     record["table_markdown"] = table_md
     return recipe, record
+
+
+def rounding_plan(request: QuantizeRequest) -> RoundingPlan | None:
+    """What calibration must round by GPTQ: the fixed recipe's formats, or under --recipe auto
+    every format the search may choose (None: nearest rounding)."""
+    if request.rounding != Rounding.GPTQ.value:
+        return None
+    if request.auto is not None:
+        return RoundingPlan(request.gptq, None, tuple(request.auto.formats))
+    return RoundingPlan(request.gptq, request.recipe or Recipe())
+
+
+def rounding_record(plan: RoundingPlan | None) -> dict[str, Any]:
+    """The manifest's quantization.rounding."""
+    if plan is None:
+        return {"method": Rounding.NEAREST.value}
+    return {
+        "method": Rounding.GPTQ.value,
+        **plan.options.to_json(),
+        "hessian": "X^T X of the BF16 calibration activations entering each GEMM, "
+        "block-diagonal in column chunks",
+        "per_tensor_weight_scale": "shared by q/k/v and by gate/up in both exports",
+    }
 
 
 def open_source(
@@ -396,6 +440,8 @@ def calibration_fingerprint(
         "dtype": str(opts.dtype),
         "batch_size": opts.batch_size,
         "modelopt": modelopt_version(),
+        "rounding": rounding_record(opts.rounding)
+        | ({"plan": opts.rounding.to_json()} if opts.rounding else {}),
     }
 
 
@@ -416,18 +462,25 @@ def export_all(
     say: Callable[[str], None],
     recipe: Recipe | None = None,
     auto_record: dict[str, Any] | None = None,
+    rounding: RoundingStore | None = None,
+    rounding_record: dict[str, Any] | None = None,
 ) -> dict[str, str]:
-    """Write both exports into one staging directory; OUT appears only when all are done."""
+    """Write both exports into one staging directory; OUT appears only when all are done.
+
+    `rounding`: the stored GPTQ codes both exports write (None: each rounds to nearest)."""
     table = result.table
     recipe = recipe or Recipe()
     recipe.validate(plan)
     fields = calibration_fields(table, data, recipe)
+    fields["quantization"]["rounding"] = rounding_record or {"method": Rounding.NEAREST.value}
     if auto_record is not None:
         fields["quantization"]["auto"] = auto_record
     paths = {}
     with atomic_dir(out, overwrite, inputs=[src]) as stage:
         table.save(stage / "amax.json")
-        job = ExportJob(src, stage, plan, ckpt, table, fields, tp, pp, dtype, workers, say, recipe)
+        job = ExportJob(
+            src, stage, plan, ckpt, table, fields, tp, pp, dtype, workers, say, recipe, rounding
+        )
         for name in formats:
             run_export(name, job, seconds)
             paths[name] = str(out / name)

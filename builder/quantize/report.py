@@ -23,6 +23,13 @@ def print_summary(summary: Any, console: Console | None = None) -> None:
         f"data {cal['dataset']}: {cal['size']} x {cal['seq_len']} tokens, sha256 "
         f"{cal['sha256'][:16]}..."
     )
+    rounding = getattr(summary, "rounding", None) or {}
+    if rounding.get("method") == "gptq":
+        console.print(
+            f"rounding: GPTQ (damping {rounding['damp']:g}, "
+            f"{'act-order' if rounding['act_order'] else 'in order'}, H in chunks of "
+            f"{rounding['chunk']:,} columns); both exports hold the same stored codes"
+        )
     table = Table("step", "seconds")
     for step, seconds in summary.seconds.items():
         table.add_row(step, f"{seconds:,.1f}")

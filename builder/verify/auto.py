@@ -43,6 +43,7 @@ from builder.quantize.formats import (
     Recipe,
     Unit,
 )
+from builder.quantize.rounding import RoundingStore
 from builder.verify.sensitivity import Sensitivity, StreamScore, candidates, score_recipes
 
 # Prefix sizes measured around the predicted crossing: the predicted budget scaled by these.
@@ -202,6 +203,7 @@ def choose(
     dtype: torch.dtype = torch.bfloat16,
     device: str = "cpu",
     progress=None,
+    rounding: RoundingStore | None = None,
 ) -> AutoChoice:
     """Search the upgrade path, measure the assignments around the predicted crossing in one
     block-streamed pass, and return the cheapest that meets `max_kl` (or the most accurate
@@ -213,7 +215,7 @@ def choose(
     alpha = base.kl / first.kl_sum if base is not None and first.kl_sum > 0 else 1.0
     picks = sorted({_crossing(steps, alpha, max_kl * p) for p in PROBES} | {len(steps) - 1})
     recipes = {f"step {i}": steps[i].recipe for i in picks}
-    scores = score_recipes(src, recipes, windows, table, dtype, device, progress)
+    scores = score_recipes(src, recipes, windows, table, dtype, device, progress, rounding=rounding)
     probes = []
     for i in picks:
         s = scores[f"step {i}"]
@@ -317,8 +319,12 @@ def auto_recipe(
     dtype: torch.dtype,
     device: str,
     say=lambda m: None,
+    rounding: RoundingStore | None = None,
 ) -> tuple[Recipe, dict[str, Any], str]:
-    """Sensitivity, then the choice; returns (recipe, manifest record, Markdown table)."""
+    """Sensitivity, then the choice; returns (recipe, manifest record, Markdown table).
+
+    `rounding`: the stored GPTQ codes of every candidate format; the sensitivity and the
+    probes then measure the codes the exports will write (None: nearest rounding)."""
     import time
 
     from builder.verify.sensitivity import measure_sensitivity
@@ -327,12 +333,15 @@ def auto_recipe(
         raise ValueError("--max-kl must be positive")
     windows = windows[: opts.windows]
     started = time.perf_counter()
+    method = "nearest" if rounding is None else "gptq"
     say(
         f"sensitivity: each {opts.granularity} alone in "
-        f"{', '.join(f.value for f in opts.formats)} on {windows.shape[0]} x {windows.shape[1]} "
-        "calibration tokens, block-streamed"
+        f"{', '.join(f.value for f in opts.formats)} ({method} rounding) on {windows.shape[0]} "
+        f"x {windows.shape[1]} calibration tokens, block-streamed"
     )
-    sens = measure_sensitivity(src, windows, table, opts.formats, opts.granularity, dtype, device)
+    sens = measure_sensitivity(
+        src, windows, table, opts.formats, opts.granularity, dtype, device, rounding=rounding
+    )
     say(f"choosing the cheapest assignment with mean KL <= {opts.max_kl:g}")
     choice = choose(
         src,
@@ -346,6 +355,7 @@ def auto_recipe(
         opts.pp,
         dtype,
         device,
+        rounding=rounding,
     )
     record = {
         "options": {
@@ -358,6 +368,7 @@ def auto_recipe(
             "target": opts.target,
             "tp": opts.tp,
             "pp": opts.pp,
+            "rounding": method,
         },
         "sensitivity": sens.to_json(),
         "choice": choice.to_json(),

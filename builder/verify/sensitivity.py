@@ -42,6 +42,7 @@ from builder.quantize.formats import (
     quantized_linear,
     unit_key_layer,
 )
+from builder.quantize.rounding import RoundingStore
 from builder.verify import metrics
 
 Progress = Callable[[int, int, LayerPlan], None]
@@ -70,8 +71,11 @@ def quantized_block(
     layer: LayerPlan,
     formats: dict[Unit, LinearFormat],
     table: AmaxTable | None,
+    rounding: RoundingStore | None = None,
 ) -> torch.nn.Module:
-    """A copy of BF16 `block` with the given units' linears in their formats."""
+    """A copy of BF16 `block` with the given units' linears in their formats (`rounding`:
+    the stored GPTQ codes and scales, which the exports write, instead of nearest rounding
+    of the BF16 weights)."""
     out = copy.deepcopy(block)
     prefix = hf_layer_prefix(layer.index)
     for unit, fmt in formats.items():
@@ -84,8 +88,31 @@ def quantized_block(
                     raise ValueError("per-tensor FP8 streams need the calibrated amax table")
                 w_amax, x_amax = table.weight(module), shared_input_amax(table, module)
             linear = out.get_submodule(path)
-            setattr(out.get_submodule(parent), leaf, quantized_linear(linear, fmt, w_amax, x_amax))
+            if rounding is not None:
+                new = stored_linear(rounding, module, fmt, x_amax, linear.weight.device)
+            else:
+                new = quantized_linear(linear, fmt, w_amax, x_amax)
+            setattr(out.get_submodule(parent), leaf, new)
     return out
+
+
+def stored_linear(
+    rounding: RoundingStore,
+    module: str,
+    fmt: LinearFormat,
+    x_amax: float | None,
+    device: torch.device,
+) -> torch.nn.Module:
+    """The emulation of `module` in `fmt` from its stored codes."""
+    from builder.dtypes import FP8_MAX
+    from builder.quantize.formats import RowwiseFp8Linear, TensorFp8Linear
+
+    codes = rounding.codes(module, fmt).to(device)
+    scale = rounding.scale(module, fmt).to(device)
+    if fmt is LinearFormat.FP8_PC_PT:
+        return RowwiseFp8Linear(codes, scale)
+    x_scale = torch.tensor(x_amax, dtype=torch.float32, device=device) / FP8_MAX
+    return TensorFp8Linear(codes, scale, x_scale)
 
 
 @dataclass
@@ -134,9 +161,11 @@ def score_recipes(
     progress: Progress | None = None,
     batch: int = 4,
     floors: Sequence[int] = (),
+    rounding: RoundingStore | None = None,
 ) -> dict[str, StreamScore]:
     """KL(ref || recipe) and top-1 agreement of every recipe on token `windows` [n, L];
-    `floors`: block indices whose rounding floor is measured too (streams "floor N")."""
+    `floors`: block indices whose rounding floor is measured too (streams "floor N");
+    `rounding`: quantized linears run their stored (GPTQ) codes."""
     from builder.verify.stream import BlockStream
 
     stream = BlockStream(Path(src), dtype=dtype, device=device, keep_blocks=False)
@@ -169,7 +198,9 @@ def score_recipes(
             key = tuple(sorted((u.key, f.value) for u, f in quantized.items()))
             if key not in variants:
                 variants[key] = (
-                    quantized_block(block, layer, quantized, table) if quantized else block
+                    quantized_block(block, layer, quantized, table, rounding)
+                    if quantized
+                    else block
                 )
             source = ref if s.hidden is None else s.hidden
             s.hidden = _run(stream, variants[key], source, batch)
@@ -279,6 +310,7 @@ def measure_sensitivity(
     device: str = "cpu",
     progress: Progress | None = None,
     floor: bool = True,
+    rounding: RoundingStore | None = None,
 ) -> Sensitivity:
     """One block-streamed pass: every candidate alone in every format, plus the uniform
     recipes (all units in one format) as reference points, plus (`floor`) each block's
@@ -296,7 +328,9 @@ def measure_sensitivity(
         recipes[f"uniform|{fmt.value}"] = Recipe.uniform(fmt)
     blocks = sorted({units[0].layer for units in cands.values()})
     floors = blocks if floor and torch.finfo(dtype).bits <= 16 else []
-    scores = score_recipes(src, recipes, windows, table, dtype, device, progress, floors=floors)
+    scores = score_recipes(
+        src, recipes, windows, table, dtype, device, progress, floors=floors, rounding=rounding
+    )
     result = Sensitivity(granularity, int(windows.shape[0]), int(windows.shape[1]))
     for name, score in scores.items():
         if name.startswith("floor "):

@@ -19,7 +19,9 @@ TEXT = "\n\n".join(
 )
 
 
-def quantize(launcher: list[str], src: Path, out: Path, calib: Path) -> subprocess.Popen:
+def quantize(
+    launcher: list[str], src: Path, out: Path, calib: Path, *extra: str
+) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     args = [
         *launcher,
@@ -41,6 +43,7 @@ def quantize(launcher: list[str], src: Path, out: Path, calib: Path) -> subproce
         "--format",
         "hf",
         "--json",
+        *extra,
     ]
     return subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
 
@@ -67,3 +70,32 @@ def test_torchrun_two_ranks_equal_one_process(tmp_path, mixed_ckpt, world):
     assert not (tmp_path / ".two.calib").exists() and not (tmp_path / ".two.partial").exists()
     one_files = sorted(p.name for p in (tmp_path / "one").rglob("*"))
     assert sorted(p.name for p in (tmp_path / "two").rglob("*")) == one_files
+
+
+def test_torchrun_gptq_sums_the_hessians_over_the_ranks(tmp_path, mixed_ckpt):
+    """Under --rounding gptq each rank accumulates X^T X over its batches and the blocks are
+    SUM-all-reduced before rank 0 rounds: the codes are one process's up to the fp32
+    summation order of H (a different order moves H by ~1e-7 relative, which can flip a
+    code that sits on a rounding midpoint, and GPTQ carries a flip along its row), so
+    nearly all codes and every scale must agree."""
+    import torch
+    from safetensors.torch import load_file
+
+    calib = tmp_path / "calib.txt"
+    calib.write_text(TEXT)
+    gptq = ("--rounding", "gptq", "--recipe", "fp8-pc-pt")
+    one = quantize([sys.executable], mixed_ckpt, tmp_path / "one", calib, *gptq)
+    assert one.returncode == 0, one.stderr[-3000:]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+    two = quantize(torchrun, mixed_ckpt, tmp_path / "two", calib, *gptq)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a = load_file(str(tmp_path / "one" / "hf" / "model.safetensors"))
+    b = load_file(str(tmp_path / "two" / "hf" / "model.safetensors"))
+    same = total = 0
+    for name, t in a.items():
+        if t.dtype == torch.float8_e4m3fn:
+            same += int((t.view(torch.uint8) == b[name].view(torch.uint8)).sum())
+            total += t.numel()
+        elif name.endswith("weight_scale"):
+            assert torch.equal(t, b[name]), name
+    assert total > 0 and same / total > 0.99
