@@ -34,7 +34,7 @@ class RankResult:
     rank: int
     file: str
     size: int
-    sha256: str
+    digest: str  # builder.io.manifest.DIGEST, computed while writing
     tensors: int
     seconds: float
 
@@ -88,7 +88,7 @@ def write_rank_file(
                 report(tensor.nbytes)
     result = writer.result
     return RankResult(
-        rank, path.name, result.size, result.sha256, result.tensors, time.perf_counter() - started
+        rank, path.name, result.size, result.digest, result.tensors, time.perf_counter() - started
     )
 
 

@@ -5,13 +5,13 @@ The safetensors format is an 8-byte little-endian header length, a JSON header
 relative to the data buffer) and the data buffer. Because every tensor's name, dtype and shape
 is known from the plan before any weight is read, the header can be written first and the
 data appended in order as it is produced: the writer never holds more than the block it is
-given. The sha256 of the file is computed on the fly, so a manifest costs no second read.
+given. The file's digest (builder.io.manifest.DIGEST) is computed on the fly, so a manifest
+costs no second read.
 """
 
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import math
 import mmap
@@ -30,6 +30,7 @@ import numpy as np
 
 from builder.dtypes import BY_CODE, Dtype, dtype_of
 from builder.errors import UserError
+from builder.io.manifest import new_hasher
 
 _HEADER_ALIGN = 8  # safetensors' own writer pads the header so the data buffer is 8-aligned
 _MAX_WRITE = 1 << 30  # Linux caps one write() at ~2 GiB; stay well below
@@ -186,7 +187,7 @@ class FileSpan:
 class WrittenFile:
     path: Path
     size: int
-    sha256: str
+    digest: str  # builder.io.manifest.DIGEST of the whole file
     tensors: int
 
 
@@ -195,7 +196,7 @@ class SafetensorsStreamWriter:
 
     Usage: `with SafetensorsStreamWriter(path, specs) as w: w.write(name, tensor)` (whole
     tensors) or `w.start(name); w.append(block)...; w.finish()` (row blocks, raw bytes).
-    Leaving the block with an exception deletes the file; `result` holds size and sha256.
+    Leaving the block with an exception deletes the file; `result` holds size and digest.
     """
 
     def __init__(
@@ -210,7 +211,7 @@ class SafetensorsStreamWriter:
         self._next = 0  # index of the next spec to start
         self._current: TensorSpec | None = None
         self._left = 0  # bytes still owed to the current tensor
-        self._digest = hashlib.sha256()
+        self._digest = new_hasher()
         self._written = 0
         self._fd: int | None = None
         self._hasher: ThreadPoolExecutor | None = None
@@ -269,7 +270,7 @@ class SafetensorsStreamWriter:
     @contextmanager
     def _hashing(self, data: memoryview):
         """Hash `data` in a helper thread while the caller writes it: both release the GIL,
-        so sha256 (the largest CPU cost) overlaps the kernel copy instead of adding to it.
+        so hashing (the largest CPU cost) overlaps the kernel copy instead of adding to it.
         The caller may reuse `data`'s buffer afterwards, so this waits for its hash."""
         if len(data) < _OVERLAP_MIN and not self._lagging:
             self._digest.update(data)
@@ -285,7 +286,7 @@ class SafetensorsStreamWriter:
 
     def _hash_later(self, data: memoryview) -> Future:
         if self._hasher is None:
-            self._hasher = ThreadPoolExecutor(1, thread_name_prefix="sha256")
+            self._hasher = ThreadPoolExecutor(1, thread_name_prefix="digest")
         return self._hasher.submit(self._digest.update, data)
 
     def _emit(self, data: memoryview) -> None:
@@ -314,7 +315,7 @@ class SafetensorsStreamWriter:
                 view.release()
 
         if self._hasher is None:
-            self._hasher = ThreadPoolExecutor(1, thread_name_prefix="sha256")
+            self._hasher = ThreadPoolExecutor(1, thread_name_prefix="digest")
         return self._hasher.submit(update)
 
     def _copy_piece(self, fd: int, offset: int, data: memoryview) -> None:
