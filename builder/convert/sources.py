@@ -34,6 +34,11 @@ from builder.io.checkpoint import INDEX_NAME, CheckpointError, HFCheckpoint
 from builder.io.safetensors_stream import FileSpan, as_bytes, is_torch_tensor, map_range
 
 DEFAULT_BLOCK_BYTES = 64 << 20
+# What one FileSpan holds: small enough to stay in a core's L2 cache between the NaN/Inf
+# check, the hash and the copy (measured: 0.37 s of CPU per GB in 256 KiB..1 MiB pieces,
+# against 0.50 s for the three passes over 64 MiB blocks), large enough that the per-piece
+# Python overhead stays small.
+SPAN_BYTES = 512 << 10
 FLOAT_DTYPES = (F32, BF16, F16, F64)
 
 
@@ -309,20 +314,28 @@ class SourceReader:
     def _span(
         self, name: str, location: tuple[Path, int, int], info, start: int, stop: int
     ) -> Iterator[FileSpan]:
-        """Rows start..stop as a FileSpan over a short-lived mapping (checked first)."""
+        """Rows start..stop as FileSpans of about SPAN_BYTES over one short-lived mapping, each
+        checked just before it is yielded: the check leaves its bytes in the CPU cache, where
+        the writer's hash and copy find them (one pass over memory instead of three)."""
         file, offset, _ = location
         row_bytes = info.shape[1] * info.dtype.itemsize
         begin = offset + start * row_bytes
         size = (stop - start) * row_bytes
         fd = self._fd(file)
         mm, at = map_range(fd, begin, size)
-        view = memoryview(mm)[at : at + size]
+        rows = max(1, SPAN_BYTES // row_bytes)
         try:
-            if self.check_finite:
-                self._check(name, info.dtype, view, start, 0, info.shape[1])
-            yield FileSpan(fd, begin, view)
+            for first in range(start, stop, rows):
+                last = min(first + rows, stop)
+                lo = (first - start) * row_bytes
+                view = memoryview(mm)[at + lo : at + lo + (last - first) * row_bytes]
+                try:
+                    if self.check_finite:
+                        self._check(name, info.dtype, view, first, 0, info.shape[1])
+                    yield FileSpan(fd, begin + lo, view)
+                finally:
+                    view.release()
         finally:
-            view.release()
             try:
                 mm.close()
             except BufferError:  # a consumer kept a view; the mapping goes when it does

@@ -36,6 +36,9 @@ _HEADER_ALIGN = 8  # safetensors' own writer pads the header so the data buffer 
 _MAX_WRITE = 1 << 30  # Linux caps one write() at ~2 GiB; stay well below
 _OVERLAP_MIN = 1 << 20  # below this a hashing thread costs more than it saves
 _HASH_LAG = 128 << 20  # source bytes whose hash may trail their copy (mapped, so in RSS)
+# Up to this size a FileSpan is hashed and written by the caller: its bytes are in the CPU
+# cache, and write() from there costs less than copy_file_range re-reading them from memory.
+_INLINE_SPAN = 4 << 20
 
 
 class SafetensorsWriteError(UserError):
@@ -294,10 +297,15 @@ class SafetensorsStreamWriter:
             self._emit_tail(data)
 
     def _emit_span(self, span: FileSpan) -> None:
-        """Copy a span in the kernel and leave its hash to the helper thread, which may lag
-        by up to _HASH_LAG bytes. The span's bytes are a mapping of the source, which stays
-        valid (and unchanged) while the hasher holds its own view of it: the reader's unmap
-        is deferred until that view is released."""
+        """A small span (the reader's, cache-sized) is hashed and written here and now, from
+        the cache its check just filled. A large one is copied in the kernel while the
+        helper thread hashes it, lagging by up to _HASH_LAG bytes. The span's bytes are a
+        mapping of the source, which stays valid (and unchanged) while the hasher holds its
+        own view of it: the reader's unmap is deferred until that view is released."""
+        if len(span) <= _INLINE_SPAN and not self._lagging:
+            self._digest.update(span.view)
+            self._emit_tail(span.view)
+            return
         view, size = memoryview(span.view), len(span.view)
         self._lagging.append((self._hash_later_and_release(view), size))
         self._lag += size

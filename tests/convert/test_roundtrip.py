@@ -93,19 +93,22 @@ def test_assembled_rank_tensors_equal_the_pure_split_rules(mixed_ckpt, dtype):
                 ), item.name
 
 
-def test_row_ranges_are_copied_in_the_kernel(tmp_path, mixed_ckpt, monkeypatch):
-    """A plain conversion hands every same-dtype row range to copy_file_range (as `cp`
-    does): only column slices and vocabulary padding pass through user space."""
+def test_row_ranges_go_out_straight_from_the_source_mapping(tmp_path, mixed_ckpt, monkeypatch):
+    """A plain conversion hands every same-dtype row range to the writer as a FileSpan of the
+    mapped source (no copy into a buffer): only column slices and vocabulary padding are
+    gathered in user space."""
     from builder.convert import convert_checkpoint
     from builder.io import safetensors_stream
 
-    copied = []
-    real = safetensors_stream.os.copy_file_range
+    spans = []
+    real = safetensors_stream.SafetensorsStreamWriter._emit_span
     monkeypatch.setattr(
-        safetensors_stream.os, "copy_file_range", lambda *a: copied.append(a[2]) or real(*a)
+        safetensors_stream.SafetensorsStreamWriter,
+        "_emit_span",
+        lambda self, span: spans.append(len(span)) or real(self, span),
     )
     summary = convert_checkpoint(mixed_ckpt, tmp_path / "out", tp=2)
     assert summary.complete
-    # mixed: o_proj and down_proj (column slices) are the only user-space tensors, well
+    # mixed: o_proj and down_proj (column slices) are the only gathered tensors, well
     # under half of the bytes
-    assert sum(copied) > summary.written_bytes / 2
+    assert sum(spans) > summary.written_bytes / 2
