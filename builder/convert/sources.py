@@ -250,7 +250,11 @@ class SourceReader:
             return
         width = (piece.cols.stop - piece.cols.start) if piece.cols else info.shape[1]
         itemsize = max(info.dtype.itemsize, self.out_dtype.itemsize)
-        step = max(1, self.block_bytes // (width * itemsize))
+        budget = self.block_bytes
+        if piece.cols is not None and not strided and info.dtype == self.out_dtype:
+            # a gathered column range: cache-sized, so check, hash and write find it there
+            budget = min(budget, SPAN_BYTES)
+        step = max(1, budget // (width * itemsize))
         first_col = piece.cols.start if piece.cols else 0
         for start in range(piece.rows.start, piece.rows.stop, step):
             stop = min(start + step, piece.rows.stop)
