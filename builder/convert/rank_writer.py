@@ -97,7 +97,7 @@ def _stream(writer, name: str, blocks, convert, report: Progress) -> None:
     writer.start(name)
     for block in blocks:
         size = len(block) if isinstance(block, FileSpan) else block.nbytes
-        if convert is not None:  # (without one, a FileSpan is copied in the kernel)
+        if convert is not None:  # (without one, a FileSpan goes out from its mapping)
             if isinstance(block, FileSpan):
                 block = block.view
             block = convert(block if isinstance(block, np.ndarray) else as_bytes(block))

@@ -4,13 +4,14 @@ A rank tensor is the concatenation along dim 0 of a few *pieces* (a row range an
 column range of one HF tensor) plus zero rows (vocabulary padding). `read_plan` derives the
 pieces from the same index helpers as the pure split rules; `SourceReader.blocks` streams
 them as row blocks of at most `block_bytes`, so no step holds a whole tensor. Same-dtype row
-ranges that need no change are handed to the writer as FileSpans, copied in the kernel
-(copy_file_range, as `cp` does) and hashed from a short-lived mmap; column ranges are one
-strided numpy copy out of an mmap of just those rows into a reused buffer. All of that is
-byte slicing: a conversion that keeps the dtype imports no tensor library (the NaN/Inf scan
-tests exponent bits with numpy). Only a dtype change (torch casts, with range checks) and
-pickle checkpoints, which have no offsets (`HFCheckpoint.read(rows=..., cols=...)`), import
-torch. Offsets come from `HFCheckpoint.data_location` (the safetensors header).
+ranges that need no change are handed to the writer as cache-sized FileSpans of a
+short-lived mmap (checked, hashed and written while their bytes are in the CPU cache);
+column ranges are one strided numpy copy out of an mmap of just those rows into a reused,
+equally cache-sized buffer. All of that is byte slicing: a conversion that keeps the dtype
+imports no tensor library (the NaN/Inf scan tests exponent bits with numpy). Only a dtype
+change (torch casts, with range checks) and pickle checkpoints, which have no offsets
+(`HFCheckpoint.read(rows=..., cols=...)`), import torch. Offsets come from
+`HFCheckpoint.data_location` (the safetensors header).
 """
 
 from __future__ import annotations

@@ -204,8 +204,9 @@ def map_range(fd: int, begin: int, length: int) -> tuple[mmap.mmap, int]:
 class FileSpan:
     """Bytes that already sit in another file (`fd` at `offset`), also mapped as `view`.
 
-    The writer copies them in the kernel with copy_file_range, as `cp` does, and hashes
-    `view`; the bytes never pass through a user-space buffer.
+    The bytes never pass through a user-space buffer: a cache-sized span is hashed and
+    written straight from `view`; a large one is copied in the kernel with copy_file_range,
+    as `cp` does, while a helper thread hashes `view`.
     """
 
     fd: int
