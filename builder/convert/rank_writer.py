@@ -22,6 +22,7 @@ from builder.io.safetensors_stream import (
 )
 
 Progress = Callable[[int], None]  # called with the number of bytes just written
+PROGRESS_STEP = 32 << 20  # bytes between progress reports (a worker's go through a queue)
 
 
 def rank_metadata(rank: int, tp: int, pp: int) -> dict[str, str]:
@@ -64,7 +65,7 @@ def write_rank_file(
     started = time.perf_counter()
     layout = rank_layout(plan, tp, pp, rank, dtype, transform)
     metadata = rank_metadata(rank, tp, pp)
-    report = progress or (lambda n: None)
+    report = _Batched(progress)
     with (
         SourceReader(ckpt, dtype, block_bytes, check_finite) as reader,
         SafetensorsStreamWriter(path, layout.flat_specs, metadata) as writer,
@@ -86,10 +87,30 @@ def write_rank_file(
             for name, tensor in outputs:
                 writer.write(name, tensor)
                 report(tensor.nbytes)
+    report.flush()
     result = writer.result
     return RankResult(
         rank, path.name, result.size, result.digest, result.tensors, time.perf_counter() - started
     )
+
+
+class _Batched:
+    """`progress` called with at least PROGRESS_STEP bytes at a time: blocks are cache-sized,
+    and one report per block (pickled through a queue, from a worker) would cost more than
+    the copy."""
+
+    def __init__(self, progress: Progress | None):
+        self.progress, self.pending = progress, 0
+
+    def __call__(self, nbytes: int) -> None:
+        self.pending += nbytes
+        if self.pending >= PROGRESS_STEP:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.progress is not None and self.pending:
+            self.progress(self.pending)
+        self.pending = 0
 
 
 def _stream(writer, name: str, blocks, convert, report: Progress) -> None:
