@@ -15,7 +15,6 @@ from builder.convert.sources import DEFAULT_BLOCK_BYTES, SourceReader, read_plan
 from builder.dtypes import Dtype
 from builder.io.checkpoint import HFCheckpoint
 from builder.io.safetensors_stream import (
-    FileSpan,
     SafetensorsStreamWriter,
     SafetensorsWriteError,
     as_bytes,
@@ -117,10 +116,8 @@ def _stream(writer, name: str, blocks, convert, report: Progress) -> None:
     """Write tensor `name` from `blocks`, each passed through `convert` if given."""
     writer.start(name)
     for block in blocks:
-        size = len(block) if isinstance(block, FileSpan) else block.nbytes
-        if convert is not None:  # (without one, a FileSpan goes out from its mapping)
-            if isinstance(block, FileSpan):
-                block = block.view
+        size = block.nbytes
+        if convert is not None:
             block = convert(block if isinstance(block, np.ndarray) else as_bytes(block))
         writer.append(block)
         report(size)
