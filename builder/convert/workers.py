@@ -128,6 +128,8 @@ class WorkerPool:
             self.queue = ctx.Queue()
             self._inherit: list[Any] = list(inherit)  # a forked child has them already open
             self._starting = threading.Thread(target=lambda: None)
+            for stream in (sys.stdout, sys.stderr):  # a child flushes its copy when it exits
+                stream.flush()
             self._start(ctx, workers)  # forks now, while this is the only thread
         else:
             ctx = multiprocessing.get_context("forkserver")
