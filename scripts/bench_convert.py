@@ -70,6 +70,7 @@ def ensure_source(work: Path, size: str) -> Path:
             "--overwrite",
         ],
         check=True,
+        cwd=CWD,
     )
     print(f"  {time.perf_counter() - started:.0f} s")
     return src
@@ -132,6 +133,9 @@ def fsync_tree(root: Path) -> None:
 
 
 ENV = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+# `python -m builder.cli` imports builder from its working directory first: run every command
+# in this checkout, so the builder measured is this script's (not the caller's directory's).
+CWD = ROOT
 
 
 def children_cpu() -> float:
@@ -147,7 +151,7 @@ def timed(
     os.sync()
     cpu = children_cpu()
     started = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=ENV)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=ENV, cwd=CWD)
     sampler = TreeSampler(proc.pid) if sample else None
     stdout, _ = proc.communicate()
     ran = time.perf_counter() - started
@@ -237,7 +241,11 @@ def bench_size(args, size: str) -> dict:
             flush=True,
         )
     check = subprocess.run(
-        [*BUILDER, "check", str(out), "--quick"], capture_output=True, text=True, check=False
+        [*BUILDER, "check", str(out), "--quick"],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=CWD,
     )
     shutil.rmtree(copy, ignore_errors=True)
     if not args.keep:
