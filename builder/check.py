@@ -1,7 +1,7 @@
 """`builder check`: every artifact builder writes, verified against its manifest and the plan.
 
 The manifest's `kind` decides what is checked:
-- `hf-checkpoint` (synth, import-smollm2): sha256 of every file, nothing unlisted; config.json
+- `hf-checkpoint` (synth, import-smollm2): digest of every file, nothing unlisted; config.json
   parses to a plan; the index and shard headers hold exactly the plan's tensor names and
   shapes, all in the config's dtype;
 - `hf-fp8-checkpoint` (quantize's unified HF export): the same, with FP8 E4M3 weights, a
@@ -10,7 +10,7 @@ The manifest's `kind` decides what is checked:
   `quantization_config` and the manifest agree; every scale finite and positive;
 - `trtllm-checkpoint` (convert, quantize's TensorRT-LLM export, BF16 or FP8): builder.convert.check;
 - `fp8-quantization` (quantize's OUT): its own manifest, amax.json, then trtllm/ and hf/;
-- anything else builder writes (build outputs): the manifest (files, sizes, sha256).
+- anything else builder writes (build outputs): the manifest (files, sizes, digests).
 With hashes on (the default) every floating tensor is also scanned for NaN/Inf, streamed
 tensor by tensor in row blocks, and a non-finite value is a failure naming the tensor.
 """
@@ -285,7 +285,7 @@ CHECKERS = {HF_KIND: check_hf, HF_FP8_KIND: check_hf_fp8, QUANTIZE_KIND: check_q
 # ---- the one-line summary -----------------------------------------------------------------------
 def describe(report: CheckReport) -> str:
     """What was checked, e.g. 'trtllm-checkpoint tp=2 pp=1, bfloat16, FP8 no, KV cache bfloat16,
-    3 files (sha256), 1,325 tensors, all finite'."""
+    3 files (digests), 1,325 tensors, all finite'."""
     parts = [report.kind]
     if report.tp is not None:
         parts[0] += f" tp={report.tp} pp={report.pp}"
@@ -295,7 +295,7 @@ def describe(report: CheckReport) -> str:
         parts.append(f"FP8 {'yes' if report.fp8 else 'no'}")
     if report.kv_cache:
         parts.append(f"KV cache {report.kv_cache}")
-    parts.append(f"{report.files} files ({'sha256' if report.hashes_checked else 'sizes'})")
+    parts.append(f"{report.files} files ({'digests' if report.hashes_checked else 'sizes'})")
     if report.tensors:
         parts.append(f"{report.tensors:,} tensors")
     if report.finite_checked:

@@ -8,15 +8,18 @@ source in the same page-cache state (--cache warm: read whole; cold: evicted wit
 posix_fadvise DONTNEED, which needs no root and touches no one else's pages):
 
   cp -r SRC COPY                                   (the floor: read + write every byte)
-  builder convert SRC OUT --tp T --workers W       (read slices, write rank files, sha256)
+  builder convert SRC OUT --tp T --workers W       (read, NaN/Inf-check, hash, write ranks)
 
 Each timing starts after a `sync` and ends with an fsync of every file the command wrote (not
 a global `sync`, which on a shared machine waits for everyone's dirty pages), so both pay
 for getting their bytes to disk; times without it are kept in the JSON too. Peak RSS is the largest
 resident set of any single convert process and the largest proportional set size (PSS,
 shared library pages counted once) summed over the convert process tree (main process,
-fork server, workers; psutil, sampled every 250 ms). The 1-minute load average before each
-command is printed beside it (the machine may be shared). Goal (issue 15): convert/cp <= 1.3
+workers; psutil, sampled every 250 ms). The 1-minute load average before each command is
+printed beside it (the machine may be shared), and so is the CPU time (user + system) of each
+command's process tree, which a busy machine inflates less than wall time. The commands run
+with Python's bytecode cache on (PYTHONDONTWRITEBYTECODE removed from their environment), as
+an installed `builder` has it. Goal (issue 15): convert/cp <= 1.3
 at 2 GB on 2 cores and peak RSS <= 1 GiB + 2 x the largest output tensor.
 
 Usage: .venv/bin/python scripts/bench_convert.py [--work /tmp/bench] [--sizes 0.5GB,2GB,8GB]
@@ -28,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -66,6 +70,7 @@ def ensure_source(work: Path, size: str) -> Path:
             "--overwrite",
         ],
         check=True,
+        cwd=CWD,
     )
     print(f"  {time.perf_counter() - started:.0f} s")
     return src
@@ -104,7 +109,7 @@ class TreeSampler:
             try:
                 procs = (root, *root.children(recursive=True))
                 self.peak_one = max(self.peak_one, *(p.memory_info().rss for p in procs))
-                # PSS for the sum: the workers share torch's pages with their fork server
+                # PSS for the sum: forked workers share the parent's pages
                 self.peak = max(self.peak, sum(p.memory_full_info().pss for p in procs))
             except psutil.Error:
                 pass
@@ -127,22 +132,35 @@ def fsync_tree(root: Path) -> None:
             os.close(fd)
 
 
+ENV = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+# `python -m builder.cli` imports builder from its working directory first: run every command
+# in this checkout, so the builder measured is this script's (not the caller's directory's).
+CWD = ROOT
+
+
+def children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def timed(
     cmd: list[str], out: Path, sample: bool = False
-) -> tuple[float, float, tuple[int, int], str]:
+) -> tuple[float, float, tuple[int, int], str, float]:
     """(seconds without the final fsync of `out`, seconds with it, (peak RSS of one process,
-    peak PSS of the tree), stdout)."""
+    peak PSS of the tree), stdout, CPU seconds of the command's process tree)."""
     os.sync()
+    cpu = children_cpu()
     started = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=ENV, cwd=CWD)
     sampler = TreeSampler(proc.pid) if sample else None
     stdout, _ = proc.communicate()
     ran = time.perf_counter() - started
+    cpu = children_cpu() - cpu
     peak = sampler.stop() if sampler else (0, 0)
     if proc.returncode:
         raise SystemExit(f"{' '.join(cmd)} failed with exit code {proc.returncode}")
     fsync_tree(out)
-    return ran, time.perf_counter() - started, peak, stdout
+    return ran, time.perf_counter() - started, peak, stdout, cpu
 
 
 def evict(src: Path) -> None:
@@ -210,17 +228,24 @@ def bench_size(args, size: str) -> dict:
                 "convert_inner_s": summary["seconds"],
                 "process_rss": cv[2][0],
                 "tree_pss": cv[2][1],
-                "load_before_cp": cp[4],
-                "load_before_convert": cv[4],
+                "cp_cpu_s": cp[4],
+                "convert_cpu_s": cv[4],
+                "load_before_cp": cp[5],
+                "load_before_convert": cv[5],
             }
         )
         print(
-            f"  {size} run {run}: cp {cp[1]:.2f} s (load {cp[4]:.1f}), convert {cv[1]:.2f} s "
-            f"(load {cv[4]:.1f}; {summary['seconds']:.2f} s inside), ratio {cv[1] / cp[1]:.2f}",
+            f"  {size} run {run}: cp {cp[1]:.2f} s (cpu {cp[4]:.2f} s, load {cp[5]:.1f}), "
+            f"convert {cv[1]:.2f} s (cpu {cv[4]:.2f} s, load {cv[5]:.1f}; "
+            f"{summary['seconds']:.2f} s inside), ratio {cv[1] / cp[1]:.2f}",
             flush=True,
         )
     check = subprocess.run(
-        [*BUILDER, "check", str(out), "--quick"], capture_output=True, text=True, check=False
+        [*BUILDER, "check", str(out), "--quick"],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=CWD,
     )
     shutil.rmtree(copy, ignore_errors=True)
     if not args.keep:
@@ -239,6 +264,8 @@ def bench_size(args, size: str) -> dict:
         ),
         "cp_s_median": statistics.median(r["cp_s"] for r in rows),
         "convert_s_median": statistics.median(r["convert_s"] for r in rows),
+        "cp_cpu_s_median": statistics.median(r["cp_cpu_s"] for r in rows),
+        "convert_cpu_s_median": statistics.median(r["convert_cpu_s"] for r in rows),
         "peak_rss_one_process": max(r["process_rss"] for r in rows),
         "peak_pss_process_tree": max(r["tree_pss"] for r in rows),
         "largest_output_tensor_bytes": largest,
@@ -281,14 +308,16 @@ def main() -> None:
         "each timing ends with an fsync of what it wrote"
     )
     print(
-        "| size | cp s | convert s | convert / cp (median, best) | peak RSS one process | "
-        "RSS goal | load avg |"
+        "| size | cp s | convert s | convert / cp (median, best) | without final fsync | "
+        "CPU s cp, convert | peak RSS one process | RSS goal | load avg |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in results:
         print(
             f"| {r['source_bytes'] / 1e9:.2f} GB | {r['cp_s_median']:.2f} | "
             f"{r['convert_s_median']:.2f} | {r['ratio_median']:.2f}, {r['ratio_min']:.2f} | "
+            f"{r['ratio_median_without_final_sync']:.2f} | "
+            f"{r['cp_cpu_s_median']:.2f}, {r['convert_cpu_s_median']:.2f} | "
             f"{r['peak_rss_one_process'] / 2**20:.0f} MiB | "
             f"{r['rss_goal_bytes'] / 2**20:.0f} MiB | "
             f"{r['load_average'][0]:.1f}-{r['load_average'][1]:.1f} |"

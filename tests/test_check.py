@@ -73,7 +73,7 @@ def test_synth_checkpoint(mixed_ckpt):
     line = ok_line(run(mixed_ckpt))
     assert "hf-checkpoint, bfloat16, FP8 no, KV cache bfloat16" in line
     files = len(read_manifest(mixed_ckpt)["files"])
-    assert f"{files} files (sha256)" in line and "all finite" in line
+    assert f"{files} files (digests)" in line and "all finite" in line
 
 
 def test_imported_smollm2(smollm2_ckpt):
@@ -197,7 +197,7 @@ def test_tampered_quantize_root_file_is_found(quantized, tmp_path):
     data[-2] = ord(" ") if data[-2] != ord(" ") else ord("\n")  # same size, other bytes
     (root / "amax.json").write_bytes(bytes(data))
     result = run(root)
-    assert result.exit_code == 2 and "amax.json: sha256 differs" in result.output
+    assert result.exit_code == 2 and "amax.json: blake3 differs" in result.output
 
 
 def test_build_output_manifest_is_checked(quantized, tmp_path):

@@ -74,7 +74,7 @@ def test_registry_names_duplicates_and_unknown_keys():
     ],
 )
 def test_cli_choices_come_from_the_registries(command, option, choices):
-    cmd = main.commands[command]
+    cmd = main.get_command(None, command)
     (param,) = [p for p in cmd.params if option in p.opts]
     assert list(param.type.choices) == choices
     result = CliRunner().invoke(main, [command, "--help"])

@@ -1,6 +1,7 @@
 """Command-line interface: thin Click commands over the stage packages.
 
-Each command lives in its own module and registers itself on `main` when imported.
+Each command lives in its own module and registers itself on `main` when imported; `main`
+imports it when the command is first looked up (builder.cli.app.COMMANDS).
 """
 
 import os
@@ -9,23 +10,6 @@ import os
 # output: they would interleave with ours and land in logs. Read when transformers is imported.
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
-from builder.cli import (  # noqa: F401  (each import registers its commands)
-    bench,
-    build,
-    check,
-    convert,
-    demo,
-    generate,
-    info,
-    plan,
-    quantize,
-    reference,
-    report,
-    smollm2,
-    synth,
-    triton,
-    verify,
-)
-from builder.cli.app import main
+from builder.cli.app import main  # noqa: E402
 
 __all__ = ["main"]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
 import sys
+from collections.abc import Mapping
 
 import click
 
@@ -29,13 +31,52 @@ Test models: `synth` writes seeded checkpoints with the real block patterns scal
 """
 
 
+# Command name -> the module that defines it (and registers it on `main` when imported).
+# Imported on first use, so `builder convert` does not pay for importing `build`'s or
+# `bench`'s dependencies (a tenth of a second of its start-up).
+COMMANDS: dict[str, str] = {
+    name: f"builder.cli.{module}"
+    for name, module in {
+        "bench": "bench",
+        "build": "build",
+        "check": "check",
+        "convert": "convert",
+        "demo": "demo",
+        "generate": "generate",
+        "import-smollm2": "smollm2",
+        "info": "info",
+        "plan": "plan",
+        "quantize": "quantize",
+        "reference": "reference",
+        "report": "report",
+        "synth": "synth",
+        "triton": "triton",
+        "verify": "verify",
+    }.items()
+}
+
+
 class BuilderGroup(click.Group):
     """Turns UserError into one clear line on stderr and exit code 2, no traceback.
 
     An OSError that reaches here (read-only filesystem, permission denied, disk full, a path
     that vanished) is the environment's, not a bug: it too becomes one line naming the path.
     Every other exception is a bug in builder and keeps its traceback.
+
+    `lazy`: commands by name whose modules are imported only when the command is looked up.
     """
+
+    def __init__(self, *args, lazy: Mapping[str, str] | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.lazy = dict(lazy or {})
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*self.commands, *self.lazy})
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in self.commands and name in self.lazy:
+            importlib.import_module(self.lazy[name])  # its decorators register it here
+        return super().get_command(ctx, name)
 
     def main(self, *args, **kwargs):
         """Click's own usage errors (unknown option, bad choice, missing argument, a path that
@@ -72,7 +113,7 @@ class BuilderGroup(click.Group):
             ctx.exit(2)
 
 
-@click.group(cls=BuilderGroup, help=PIPELINE_HELP)
+@click.group(cls=BuilderGroup, help=PIPELINE_HELP, lazy=COMMANDS)
 @click.version_option(__version__, prog_name="builder")
 def main() -> None:
     pass

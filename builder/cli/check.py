@@ -38,9 +38,10 @@ def check(directory: str, source: str | None, quick: bool, roundtrip: bool, as_j
     """Verify DIRECTORY, any artifact builder wrote; its manifest's kind says what it is.
 
     \b
-    Every kind: manifest.json lists every file with its size and sha256, nothing unlisted;
-    every floating tensor is scanned for NaN/Inf (streamed, tensor by tensor) and a
-    non-finite value fails naming the tensor; every FP8 scale must be finite and positive.
+    Every kind: manifest.json lists every file with its size and digest (blake3; sha256 in
+    older manifests), nothing unlisted; every floating tensor is scanned for NaN/Inf
+    (streamed, tensor by tensor) and a non-finite value fails naming the tensor; every FP8
+    scale must be finite and positive.
     \b
       hf-checkpoint       (synth, import-smollm2) config.json parses to a plan; index and
                           shards hold exactly the plan's tensor names, shapes and dtype
@@ -51,7 +52,7 @@ def check(directory: str, source: str | None, quick: bool, roundtrip: bool, as_j
                           matches the manifest; each rank file's header is exactly what
                           the plan implies for that rank
       fp8-quantization    (quantize OUT) its manifest and amax.json, then trtllm/ and hf/
-      build outputs       the manifest (files, sizes, sha256)
+      build outputs       the manifest (files, sizes, digests)
     On a staging directory (.OUT.partial of an unfinished or multi-host conversion) it lists
     which ranks are done and which are missing. It prints what it checked (kind, dtype, FP8,
     KV-cache dtype, files, tensors). Exit code 0 when everything verifies, 2 if not.

@@ -18,7 +18,7 @@ OUT/config.json           DeciLMForCausalLM config: per-layer layer_configs, map
 OUT/rank{R}.safetensors   R = pp_rank * tp + tp_rank; per-rank [q|k|v] with KV heads
                           duplicated when tp exceeds a layer's KV heads, lm_head padded to
                           a multiple of tp, stage-local layer indices, nothing for no-op parts
-OUT/manifest.json         sha256 and size of every file, tensors per rank, source
+OUT/manifest.json         blake3 and size of every file, tensors per rank, source
                           fingerprint, tool version, tp/pp/dtype
 
 Streaming: each rank file's header is computed from the plan, then tensors are appended
@@ -30,7 +30,7 @@ in a weight stops the run naming the tensor.
 \b
 Integrity and resuming: everything is written into .OUT.partial/ beside OUT; each rank file
 is renamed from .tmp when complete and recorded in .OUT.partial/ranks/rank{R}.json (size,
-sha256, layout, source fingerprint). OUT appears only when every rank is there.
+blake3, layout, source fingerprint). OUT appears only when every rank is there.
 --resume keeps ranks whose record matches and whose file re-hashes correctly.
 
 \b
@@ -235,8 +235,8 @@ def print_summary(summary) -> None:
     table = Table(
         title=f"{title} {summary.out} (tp={summary.tp}, pp={summary.pp}, {summary.dtype})"
     )
-    for col in ("rank", "tp", "pp", "status", "tensors", "bytes", "seconds", "MiB/s", "sha256"):
-        table.add_column(col, justify="left" if col in ("status", "sha256") else "right")
+    for col in ("rank", "tp", "pp", "status", "tensors", "bytes", "seconds", "MiB/s", "digest"):
+        table.add_column(col, justify="left" if col in ("status", "digest") else "right")
     for r in summary.ranks:
         speed = f"{r.bytes / r.seconds / MIB:,.0f}" if r.seconds else "-"
         table.add_row(
@@ -248,7 +248,7 @@ def print_summary(summary) -> None:
             human_bytes(r.bytes),
             f"{r.seconds:.1f}" if r.seconds else "-",
             speed,
-            (r.sha256 or "-")[:12],
+            (r.digest or "-")[:12],
         )
     console.print(table)
     total = sum(r.bytes for r in summary.ranks)

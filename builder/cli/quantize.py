@@ -37,7 +37,7 @@ Output (appears only when complete; .OUT.partial/ while writing):
                 kv_cache_scaling_factor = max(amax/448, 1), lm_head/embedding/norms BF16
   OUT/hf/       unified HF FP8 checkpoint (ModelOpt's export_hf_checkpoint format) for the
                 TensorRT-LLM PyTorch backend, vLLM and SGLang
-  OUT/amax.json and OUT/manifest.json (sha256 of every file, calibration hash, ModelOpt
+  OUT/amax.json and OUT/manifest.json (blake3 of every file, calibration hash, ModelOpt
                 version, per-layer amax table, timings, peak memory)
 
 \b

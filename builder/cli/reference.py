@@ -16,7 +16,7 @@ every position, a greedy continuation of --continuation tokens (EOS not special)
 per-block output statistics and the hidden states entering every block for a short probe
 (what `builder verify --localize` runs each artifact block on). golden.json records the
 exact settings, the tokenizer (copied into OUT/tokenizer) and the source fingerprint;
-manifest.json the sha256 of every file. OUT appears only when complete.
+manifest.json the digest of every file. OUT appears only when complete.
 
 \b
 The model runs one block at a time (weights read, run on every prompt, freed), as

@@ -1,8 +1,8 @@
 """`builder check`: a TensorRT-LLM checkpoint against its manifest and against the plan.
 
 Checks, each problem naming the file, rank or tensor:
-- manifest.json: kind, completeness; every listed file present with its size and sha256
-  (sha256 skipped with `hashes=False`); no unlisted rank files;
+- manifest.json: kind, completeness; every listed file present with its size and digest
+  (blake3, or sha256 in older manifests; skipped with `hashes=False`); no unlisted rank files;
 - config.json: parses to a plan; its mapping matches the manifest's layout;
 - every rank file's safetensors header: exactly the tensor names, shapes and dtypes the plan
   implies for that rank (FP8 layout when `quantization` says so), data covering the file;
@@ -24,7 +24,7 @@ from builder.convert.pipeline import DRY_RUN_KIND, ENTRIES, KIND, entry_verifies
 from builder.convert.sources import source_fingerprint
 from builder.errors import UserError
 from builder.io.checkpoint import HFCheckpoint
-from builder.io.manifest import MANIFEST, read_manifest, sha256_file
+from builder.io.manifest import MANIFEST, digest_problem, read_manifest
 from builder.io.safetensors_stream import header_specs, read_header
 from builder.io.trtllm_checkpoint import mapping_of, rank_file_name, read_trtllm_config
 
@@ -105,25 +105,25 @@ def manifest_files(
     progress: Reporter | None = None,
     nested: bool = False,
 ) -> None:
-    """Every file the manifest lists is present with its size (and sha256); nothing unlisted.
+    """Every file the manifest lists is present with its size (and digest); nothing unlisted.
     `nested`: the listing covers subdirectories too (each with its own manifest)."""
     files = manifest.get("files", {})
     report.files = len(files)
     total = sum(int(e.get("size", 0)) for e in files.values())
     if progress and hashes:
-        progress.start("sha256", total, "bytes")
+        progress.start("digests", total, "bytes")
     for name, entry in files.items():
         path = directory / name
         if not path.is_file():
             report.problem(f"{path}: listed in the manifest but missing")
         elif path.stat().st_size != entry["size"]:
             report.problem(f"{path}: size {path.stat().st_size:,} != manifest {entry['size']:,}")
-        elif hashes and sha256_file(path) != entry["sha256"]:
-            report.problem(f"{path}: sha256 differs from the manifest (file changed or corrupt)")
+        elif hashes and (problem := digest_problem(path, entry)):
+            report.problem(f"{problem} (file changed or corrupt)")
         if progress and hashes:
-            progress.advance("sha256", int(entry.get("size", 0)))
+            progress.advance("digests", int(entry.get("size", 0)))
     if progress and hashes:
-        progress.finish("sha256")
+        progress.finish("digests")
     present = sorted(directory.rglob("*")) if nested else sorted(directory.iterdir())
     for path in present:
         rel = str(path.relative_to(directory))

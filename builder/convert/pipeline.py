@@ -6,13 +6,13 @@ Output protocol (so nothing incomplete ever looks complete, and a crash loses on
      config.json                written first (small, deterministic)
      rank{R}.safetensors.tmp    being written; deleted if its writer fails
      rank{R}.safetensors        renamed from .tmp once complete
-     ranks/rank{R}.json         entry written right after the rename: size, sha256 (computed
+     ranks/rank{R}.json         entry written right after the rename: size, digest (computed
                                 while writing), tensor count, layout and source fingerprint
   OUT/                          the staging directory renamed, once every rank has an entry;
      manifest.json              assembled from the entries (no second hashing pass)
 
 `--resume` keeps a rank whose entry matches the layout and source fingerprint and whose file
-re-hashes to the entry's sha256; the rest are redone. `--ranks A-B` converts only those ranks
+re-hashes to the entry's digest; the rest are redone. `--ranks A-B` converts only those ranks
 into the shared staging directory; whichever run completes the set finalizes OUT. Each rank
 is owned by one writer, so several processes or hosts (on a shared filesystem) never write
 the same file.
@@ -55,11 +55,13 @@ from builder.io.atomic import (
 )
 from builder.io.checkpoint import HFCheckpoint
 from builder.io.manifest import (
+    DIGEST,
     MANIFEST,
     ArtifactKind,
+    digest_matches,
+    entry_digest,
     file_entry,
     provenance,
-    sha256_file,
     write_manifest,
 )
 from builder.io.safetensors_stream import encode_header
@@ -127,7 +129,7 @@ class RankStatus:
     tensors: int
     bytes: int
     seconds: float = 0.0
-    sha256: str | None = None
+    digest: str | None = None  # DIGEST of the rank file
 
 
 @dataclass
@@ -285,10 +287,10 @@ def entry_path(stage: Path, rank: int) -> Path:
 def write_entry(stage: Path, result: RankResult, key: Mapping[str, Any], fingerprint: str) -> None:
     path = entry_path(stage, result.rank)
     tmp = path.with_suffix(".json.tmp")
+    record = asdict(result)
+    record[DIGEST] = record.pop("digest")  # keyed by its algorithm, as in manifest.json
     tmp.write_text(
-        json.dumps(
-            {**asdict(result), "layout": dict(key), "source_fingerprint": fingerprint}, indent=2
-        )
+        json.dumps({**record, "layout": dict(key), "source_fingerprint": fingerprint}, indent=2)
     )
     tmp.replace(path)
 
@@ -299,15 +301,14 @@ ENTRY_SCHEMA = Object(
         "rank": Integer(minimum=0),
         "file": String(non_empty=True),
         "size": Integer(minimum=0),
-        "sha256": String(non_empty=True),
+        "blake3": String(non_empty=True),
+        "sha256": String(non_empty=True),  # an entry of a run before BLAKE3
         "tensors": Integer(minimum=0),
         "seconds": Number(minimum=0),
         "layout": AnyValue(),
         "source_fingerprint": String(),
     },
-    required=frozenset(
-        {"rank", "file", "size", "sha256", "tensors", "layout", "source_fingerprint"}
-    ),
+    required=frozenset({"rank", "file", "size", "tensors", "layout", "source_fingerprint"}),
 )
 
 
@@ -320,7 +321,7 @@ def read_entry(stage: Path, rank: int) -> dict[str, Any] | None:
         validate(entry, ENTRY_SCHEMA, str(path), UserError)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, UserError):
         return None
-    if entry["rank"] != rank or entry["file"] != rank_file_name(rank):
+    if entry["rank"] != rank or entry["file"] != rank_file_name(rank) or not entry_digest(entry):
         return None
     return entry
 
@@ -339,8 +340,15 @@ def entry_matches(
     return path.is_file() and path.stat().st_size == entry["size"]
 
 
+def _recorded_digest(entry: Mapping[str, Any]) -> str | None:
+    """The entry's digest if it is a DIGEST one (an older sha256 one is recomputed at
+    finalization, so one manifest never mixes algorithms)."""
+    algorithm, value = entry_digest(dict(entry))
+    return value if algorithm == DIGEST else None
+
+
 def entry_verifies(stage: Path, entry: Mapping[str, Any]) -> bool:
-    return sha256_file(stage / entry["file"]) == entry["sha256"]
+    return digest_matches(stage / entry["file"], entry)
 
 
 # ---- workers -------------------------------------------------------------------------------------
@@ -373,7 +381,7 @@ def run_rank_job(job: RankJob, progress=None) -> RankResult:
         result = _write_job(job, ckpt, plan, tmp, progress)
     final = rank_file_name(job.rank)
     os.replace(tmp, stage / final)
-    result = RankResult(job.rank, final, result.size, result.sha256, result.tensors, result.seconds)
+    result = RankResult(job.rank, final, result.size, result.digest, result.tensors, result.seconds)
     write_entry(stage, result, job.key, job.fingerprint)
     return result
 
@@ -527,7 +535,7 @@ def _convert(
                     result.tensors,
                     result.size,
                     result.seconds,
-                    result.sha256,
+                    result.digest,
                 )
         except UserError as err:
             done = [
@@ -632,7 +640,7 @@ def _select_work(
                 entry["tensors"],
                 entry["size"],
                 0.0,
-                entry["sha256"],
+                _recorded_digest(entry),
             )
     return [r for r in selected if r not in statuses]
 
@@ -698,7 +706,7 @@ def _fill_other_ranks(
                 entry["tensors"],
                 entry["size"],
                 0.0,
-                entry["sha256"],
+                _recorded_digest(entry),
             )
         else:
             lay = layouts[rank]
@@ -738,7 +746,7 @@ def _finalize(
     ranks = []
     for status in summary.ranks:
         name = rank_file_name(status.rank)
-        files[name] = file_entry(stage / name, sha256=status.sha256)
+        files[name] = file_entry(stage / name, digest=status.digest)
         ranks.append(
             rank_description(plan, tp, pp, layouts[status.rank]) | {"bytes": files[name]["size"]}
         )

@@ -15,13 +15,13 @@ from builder.convert.sources import DEFAULT_BLOCK_BYTES, SourceReader, read_plan
 from builder.dtypes import Dtype
 from builder.io.checkpoint import HFCheckpoint
 from builder.io.safetensors_stream import (
-    FileSpan,
     SafetensorsStreamWriter,
     SafetensorsWriteError,
     as_bytes,
 )
 
 Progress = Callable[[int], None]  # called with the number of bytes just written
+PROGRESS_STEP = 32 << 20  # bytes between progress reports (a worker's go through a queue)
 
 
 def rank_metadata(rank: int, tp: int, pp: int) -> dict[str, str]:
@@ -34,7 +34,7 @@ class RankResult:
     rank: int
     file: str
     size: int
-    sha256: str
+    digest: str  # builder.io.manifest.DIGEST, computed while writing
     tensors: int
     seconds: float
 
@@ -64,7 +64,7 @@ def write_rank_file(
     started = time.perf_counter()
     layout = rank_layout(plan, tp, pp, rank, dtype, transform)
     metadata = rank_metadata(rank, tp, pp)
-    report = progress or (lambda n: None)
+    report = _Batched(progress)
     with (
         SourceReader(ckpt, dtype, block_bytes, check_finite) as reader,
         SafetensorsStreamWriter(path, layout.flat_specs, metadata) as writer,
@@ -86,20 +86,38 @@ def write_rank_file(
             for name, tensor in outputs:
                 writer.write(name, tensor)
                 report(tensor.nbytes)
+    report.flush()
     result = writer.result
     return RankResult(
-        rank, path.name, result.size, result.sha256, result.tensors, time.perf_counter() - started
+        rank, path.name, result.size, result.digest, result.tensors, time.perf_counter() - started
     )
+
+
+class _Batched:
+    """`progress` called with at least PROGRESS_STEP bytes at a time: blocks are cache-sized,
+    and one report per block (pickled through a queue, from a worker) would cost more than
+    the copy."""
+
+    def __init__(self, progress: Progress | None):
+        self.progress, self.pending = progress, 0
+
+    def __call__(self, nbytes: int) -> None:
+        self.pending += nbytes
+        if self.pending >= PROGRESS_STEP:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.progress is not None and self.pending:
+            self.progress(self.pending)
+        self.pending = 0
 
 
 def _stream(writer, name: str, blocks, convert, report: Progress) -> None:
     """Write tensor `name` from `blocks`, each passed through `convert` if given."""
     writer.start(name)
     for block in blocks:
-        size = len(block) if isinstance(block, FileSpan) else block.nbytes
-        if convert is not None:  # (without one, a FileSpan is copied in the kernel)
-            if isinstance(block, FileSpan):
-                block = block.view
+        size = block.nbytes
+        if convert is not None:
             block = convert(block if isinstance(block, np.ndarray) else as_bytes(block))
         writer.append(block)
         report(size)

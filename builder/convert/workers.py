@@ -1,14 +1,18 @@
 """Worker processes for converting ranks in parallel; importable without torch.
 
-The pool forks its workers from a fork server that imports the converter once (a plain
-conversion imports no tensor library, so workers start in milliseconds; a transform's module,
-e.g. quantize's with torch, is preloaded there too). Plain fork from the caller is unsafe
-once torch or progress threads run; spawn would import everything again in every worker.
+A plain conversion (no transform module to preload, torch not imported, this process still
+single-threaded) forks its workers straight from the caller, after importing the converter:
+they start in milliseconds. Otherwise the pool forks them from a fork server that imports
+the converter and the transform's module (e.g. quantize's, with torch) once: plain fork is
+unsafe once torch or other threads run, and spawn would import everything again in every
+worker. (The fork server costs a fresh interpreter and a second import of the converter,
+about 0.3 s of a 2-core machine, which a 2 GB conversion cannot afford.)
 """
 
 from __future__ import annotations
 
 import ctypes
+import importlib
 import multiprocessing
 import os
 import signal
@@ -82,7 +86,8 @@ def _init_worker(queue, owner: int, inherited: Sequence[Any]) -> None:
     global _QUEUE
     die_with_parent(owner)
     _QUEUE = queue
-    _INHERITED.extend(item.detach() for item in inherited)
+    # forked: the descriptors themselves; from the fork server: DupFd, sent over a socket
+    _INHERITED.extend(item if isinstance(item, int) else item.detach() for item in inherited)
     torch = sys.modules.get("torch")  # only a transform (quantize) brings it
     if torch is not None:
         torch.set_num_threads(1)  # ranks run in parallel; each is copy and hash bound
@@ -99,6 +104,12 @@ def worker_progress(rank: int) -> Callable[[int], None] | None:
     return lambda nbytes: _QUEUE.put((rank, nbytes))
 
 
+def can_fork(preload: Sequence[str] = ()) -> bool:
+    """Whether workers may be forked from this process: nothing to preload, no torch (its
+    thread pools do not survive a fork), and no other thread that could hold a lock."""
+    return not preload and "torch" not in sys.modules and threading.active_count() == 1
+
+
 class WorkerPool:
     """`workers` processes plus a thread forwarding their progress to `sink`.
 
@@ -108,16 +119,27 @@ class WorkerPool:
     """
 
     def __init__(self, workers: int, inherit: Sequence[int] = (), preload: Sequence[str] = ()):
-        ctx = multiprocessing.get_context("forkserver")
-        ctx.set_forkserver_preload([PRELOAD, *preload])
-        self.queue = ctx.Queue()
         self.sink: ProgressSink = NullProgress()
         self._executor: ProcessPoolExecutor | None = None
         self._error: BaseException | None = None
-        # Starting the server blocks until it has imported `preload`: do it beside the
-        # caller's own imports and input validation, not before them.
-        self._inherit = [_SharedFd(fd) for fd in inherit]
-        self._starting = threading.Thread(target=self._start, args=(ctx, workers), daemon=True)
+        if can_fork(preload):
+            importlib.import_module(PRELOAD)  # once, here: the workers inherit it
+            ctx = multiprocessing.get_context("fork")
+            self.queue = ctx.Queue()
+            self._inherit: list[Any] = list(inherit)  # a forked child has them already open
+            self._starting = threading.Thread(target=lambda: None)
+            for stream in (sys.stdout, sys.stderr):  # a child flushes its copy when it exits
+                stream.flush()
+            self._start(ctx, workers)  # forks now, while this is the only thread
+        else:
+            ctx = multiprocessing.get_context("forkserver")
+            ctx.set_forkserver_preload([PRELOAD, *preload])
+            self.queue = ctx.Queue()
+            # Starting the server blocks until it has imported `preload`: do it beside the
+            # caller's own imports and input validation, not before them.
+            self._inherit = [_SharedFd(fd) for fd in inherit]
+            self._starting = threading.Thread(target=self._start, args=(ctx, workers))
+            self._starting.daemon = True
         self._starting.start()
         self._drain = threading.Thread(target=self._forward, daemon=True)
         self._drain.start()

@@ -238,7 +238,7 @@ def _verify(inp: TrtllmInput, verify: bool, progress: Progress | None) -> dict[s
     if problems:
         raise InputError("; ".join(problems))
     if not verify:
-        return {"sizes": "ok", "sha256": "skipped (--no-verify)"}
+        return {"sizes": "ok", "digests": "skipped (--no-verify)"}
     total = sum(int(e.get("size", 0)) for e in manifest["files"].values())
     done = 0
 
@@ -251,7 +251,7 @@ def _verify(inp: TrtllmInput, verify: bool, progress: Progress | None) -> dict[s
     problems = verify_checksums(inp.root, manifest, on_file)
     if problems:
         raise InputError("checkpoint does not match its manifest: " + "; ".join(problems))
-    return {"sizes": "ok", "sha256": f"ok ({len(manifest['files'])} files)"}
+    return {"sizes": "ok", "digests": f"ok ({len(manifest['files'])} files)"}
 
 
 def _check_input(checkpoint: str | Path, profile: TargetProfile) -> tuple[TrtllmInput, TargetPlan]:

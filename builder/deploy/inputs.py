@@ -149,7 +149,7 @@ def check_manifest(inp: TrtllmInput) -> None:
     if inp.manifest is None:
         raise InputError(
             f"{path}: missing; build only accepts checkpoints written by builder "
-            "convert / quantize (their manifest carries every file's sha256)"
+            "convert / quantize (their manifest carries every file's digest)"
         )
     kind = inp.manifest.get("kind")
     if kind != TRTLLM_KIND:

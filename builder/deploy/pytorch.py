@@ -112,13 +112,13 @@ def pytorch_scripts(profile: TargetProfile, inp: HfInput, options_path: str) -> 
 
 def _verification(inp: HfInput, verify: bool) -> dict[str, Any]:
     if inp.manifest is None:
-        return {"sha256": "not checked: no manifest.json (not written by builder)"}
+        return {"digests": "not checked: no manifest.json (not written by builder)"}
     if not verify:
-        return {"sha256": "skipped (--no-verify)"}
+        return {"digests": "skipped (--no-verify)"}
     problems = verify_checksums(inp.root, inp.manifest)
     if problems:
         raise InputError("checkpoint does not match its manifest: " + "; ".join(problems))
-    return {"sha256": f"ok ({len(inp.manifest['files'])} files)"}
+    return {"digests": f"ok ({len(inp.manifest['files'])} files)"}
 
 
 def write_pytorch_serve(

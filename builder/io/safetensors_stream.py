@@ -5,13 +5,15 @@ The safetensors format is an 8-byte little-endian header length, a JSON header
 relative to the data buffer) and the data buffer. Because every tensor's name, dtype and shape
 is known from the plan before any weight is read, the header can be written first and the
 data appended in order as it is produced: the writer never holds more than the block it is
-given. The sha256 of the file is computed on the fly, so a manifest costs no second read.
+given. The file's digest (builder.io.manifest.DIGEST) is computed on the fly, so a manifest
+costs no second read.
 """
 
 from __future__ import annotations
 
+import ctypes
 import errno
-import hashlib
+import functools
 import json
 import math
 import mmap
@@ -30,11 +32,18 @@ import numpy as np
 
 from builder.dtypes import BY_CODE, Dtype, dtype_of
 from builder.errors import UserError
+from builder.io.manifest import new_hasher
 
 _HEADER_ALIGN = 8  # safetensors' own writer pads the header so the data buffer is 8-aligned
 _MAX_WRITE = 1 << 30  # Linux caps one write() at ~2 GiB; stay well below
 _OVERLAP_MIN = 1 << 20  # below this a hashing thread costs more than it saves
 _HASH_LAG = 128 << 20  # source bytes whose hash may trail their copy (mapped, so in RSS)
+# Written bytes after which the writer asks the kernel to start putting them on disk.
+_WRITEBACK_BYTES = 32 << 20
+_SYNC_FILE_RANGE_WRITE = 2  # linux/fs.h: start write-out of the range's dirty pages, no wait
+# Up to this size a FileSpan is hashed and written by the caller: its bytes are in the CPU
+# cache, and write() from there costs less than copy_file_range re-reading them from memory.
+_INLINE_SPAN = 4 << 20
 
 
 class SafetensorsWriteError(UserError):
@@ -158,6 +167,31 @@ def as_bytes(tensor: Any) -> memoryview:
     return memoryview(tensor).cast("B")
 
 
+@functools.cache
+def _sync_file_range():
+    """libc's sync_file_range (Linux), or None where there is none."""
+    try:
+        call = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (AttributeError, OSError, TypeError):
+        return None
+    call.argtypes = [ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_uint]
+    return call
+
+
+def start_writeback(fd: int, offset: int, length: int) -> None:
+    """Start writing bytes offset..offset+length of `fd` to disk without waiting for them.
+
+    A rank file is GBs of fresh dirty pages; left alone, the kernel writes them back only
+    when they pile up past its dirty limits (and then throttles every writer) or at the
+    final fsync. Started as they are written, the disk works while the CPU converts: the
+    bytes are durable sooner and the dirty set stays small (measured here on 2 GB: write
+    plus fsync 0.45-0.55 s instead of 0.62-0.78 s). Best effort: nothing where unsupported.
+    """
+    call = _sync_file_range()
+    if call is not None:
+        call(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
+
+
 def map_range(fd: int, begin: int, length: int) -> tuple[mmap.mmap, int]:
     """A read-only mapping holding bytes begin..begin+length of `fd`, and where `begin` lies in
     it (a mapping must start at a multiple of the allocation granularity)."""
@@ -170,8 +204,9 @@ def map_range(fd: int, begin: int, length: int) -> tuple[mmap.mmap, int]:
 class FileSpan:
     """Bytes that already sit in another file (`fd` at `offset`), also mapped as `view`.
 
-    The writer copies them in the kernel with copy_file_range, as `cp` does, and hashes
-    `view`; the bytes never pass through a user-space buffer.
+    The bytes never pass through a user-space buffer: a cache-sized span is hashed and
+    written straight from `view`; a large one is copied in the kernel with copy_file_range,
+    as `cp` does, while a helper thread hashes `view`.
     """
 
     fd: int
@@ -186,7 +221,7 @@ class FileSpan:
 class WrittenFile:
     path: Path
     size: int
-    sha256: str
+    digest: str  # builder.io.manifest.DIGEST of the whole file
     tensors: int
 
 
@@ -195,7 +230,7 @@ class SafetensorsStreamWriter:
 
     Usage: `with SafetensorsStreamWriter(path, specs) as w: w.write(name, tensor)` (whole
     tensors) or `w.start(name); w.append(block)...; w.finish()` (row blocks, raw bytes).
-    Leaving the block with an exception deletes the file; `result` holds size and sha256.
+    Leaving the block with an exception deletes the file; `result` holds size and digest.
     """
 
     def __init__(
@@ -210,8 +245,9 @@ class SafetensorsStreamWriter:
         self._next = 0  # index of the next spec to start
         self._current: TensorSpec | None = None
         self._left = 0  # bytes still owed to the current tensor
-        self._digest = hashlib.sha256()
+        self._digest = new_hasher()
         self._written = 0
+        self._flushed = 0  # bytes whose writeback has been started
         self._fd: int | None = None
         self._hasher: ThreadPoolExecutor | None = None
         self._lagging: deque[tuple[Future, int]] = deque()  # span hashes not yet waited for
@@ -269,7 +305,7 @@ class SafetensorsStreamWriter:
     @contextmanager
     def _hashing(self, data: memoryview):
         """Hash `data` in a helper thread while the caller writes it: both release the GIL,
-        so sha256 (the largest CPU cost) overlaps the kernel copy instead of adding to it.
+        so hashing (the largest CPU cost) overlaps the kernel copy instead of adding to it.
         The caller may reuse `data`'s buffer afterwards, so this waits for its hash."""
         if len(data) < _OVERLAP_MIN and not self._lagging:
             self._digest.update(data)
@@ -285,7 +321,7 @@ class SafetensorsStreamWriter:
 
     def _hash_later(self, data: memoryview) -> Future:
         if self._hasher is None:
-            self._hasher = ThreadPoolExecutor(1, thread_name_prefix="sha256")
+            self._hasher = ThreadPoolExecutor(1, thread_name_prefix="digest")
         return self._hasher.submit(self._digest.update, data)
 
     def _emit(self, data: memoryview) -> None:
@@ -293,10 +329,15 @@ class SafetensorsStreamWriter:
             self._emit_tail(data)
 
     def _emit_span(self, span: FileSpan) -> None:
-        """Copy a span in the kernel and leave its hash to the helper thread, which may lag
-        by up to _HASH_LAG bytes. The span's bytes are a mapping of the source, which stays
-        valid (and unchanged) while the hasher holds its own view of it: the reader's unmap
-        is deferred until that view is released."""
+        """A small span (the reader's, cache-sized) is hashed and written here and now, from
+        the cache its check just filled. A large one is copied in the kernel while the
+        helper thread hashes it, lagging by up to _HASH_LAG bytes. The span's bytes are a
+        mapping of the source, which stays valid (and unchanged) while the hasher holds its
+        own view of it: the reader's unmap is deferred until that view is released."""
+        if len(span) <= _INLINE_SPAN and not self._lagging:
+            self._digest.update(span.view)
+            self._emit_tail(span.view)
+            return
         view, size = memoryview(span.view), len(span.view)
         self._lagging.append((self._hash_later_and_release(view), size))
         self._lag += size
@@ -314,7 +355,7 @@ class SafetensorsStreamWriter:
                 view.release()
 
         if self._hasher is None:
-            self._hasher = ThreadPoolExecutor(1, thread_name_prefix="sha256")
+            self._hasher = ThreadPoolExecutor(1, thread_name_prefix="digest")
         return self._hasher.submit(update)
 
     def _copy_piece(self, fd: int, offset: int, data: memoryview) -> None:
@@ -334,6 +375,7 @@ class SafetensorsStreamWriter:
                 return
             done += copied
         self._written += len(data)
+        self._writeback()
 
     def _emit_tail(self, data: memoryview) -> None:
         done = 0
@@ -343,6 +385,12 @@ class SafetensorsStreamWriter:
             except OSError as err:
                 raise self._failure(done, err) from err
         self._written += len(data)
+        self._writeback()
+
+    def _writeback(self) -> None:
+        if self._written - self._flushed >= _WRITEBACK_BYTES:
+            start_writeback(self._fd, self._flushed, self._written - self._flushed)
+            self._flushed = self._written
 
     def _failure(self, done: int, err: OSError) -> SafetensorsWriteError:
         return SafetensorsWriteError(

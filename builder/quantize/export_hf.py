@@ -496,7 +496,7 @@ def write_unified_hf(
     `workers` threads compute row blocks ahead of the writer (the e4m3 lookups, the reads
     from the mapped source and torch's casts release the GIL), at most 2 x workers blocks of
     at most CHUNK_BYTES in flight; the files are the same bytes for any `workers`.
-    Returns the weight files written, with their sha256 computed while writing.
+    Returns the weight files written, with their digest computed while writing.
     """
     if workers < 1:
         raise UserError(f"export workers must be at least 1 (got {workers})")

@@ -3,7 +3,7 @@
 Output (all of it appears at once: written in `.OUT.partial/`, renamed when complete):
 
   OUT/manifest.json     calibration data hash, ModelOpt version, per-layer amax table,
-                        timings, peak memory, and the sha256 of every file below
+                        timings, peak memory, and the digest of every file below
   OUT/amax.json         the amax table (exact values; both exports are functions of it)
   OUT/trtllm/           FP8 TensorRT-LLM checkpoint (config.json, rank{R}.safetensors,
                         manifest.json from convert plus the calibration fields)
@@ -511,9 +511,9 @@ def add_to_manifest(directory: Path, fields: dict[str, Any]) -> None:
 
 
 def write_hf_manifest(directory: Path, src: Path, written: list, fields: dict[str, Any]) -> None:
-    hashed = {w.path.name: w.sha256 for w in written}
+    hashed = {w.path.name: w.digest for w in written}
     files = {
-        p.name: file_entry(p, sha256=hashed.get(p.name))
+        p.name: file_entry(p, digest=hashed.get(p.name))
         for p in sorted(directory.iterdir())
         if p.is_file() and p.name != MANIFEST
     }

@@ -18,7 +18,7 @@
       probe.final               dtype [P, h]    hidden states after the last block (before ln_f)
       probe.logits              fp32  [P, V]    logits at the probe positions
   tokenizer/         the source's tokenizer files (text runtimes tokenize and decode with them)
-  manifest.json      sha256 of every file (builder.io.manifest)
+  manifest.json      digest of every file (builder.io.manifest)
 
 Positions follow builder.verify.metrics: position j predicts ids[j + 1].
 """

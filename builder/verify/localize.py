@@ -433,24 +433,29 @@ def hf_tensor_findings(stream: Any, part: int | str, checks: TensorChecks) -> li
 def manifest_findings(directory: Path) -> list[str]:
     """Files whose bytes differ from the artifact's manifest; swapped files named as such."""
     from builder.errors import UserError
-    from builder.io.manifest import read_manifest, sha256_file
+    from builder.io.manifest import entry_digest, file_digest, read_manifest
 
     try:
         manifest = read_manifest(directory)
     except UserError as err:
         return [str(err)]
     entries = manifest.get("files", {})
-    owner = {entry["sha256"]: name for name, entry in entries.items()}
+    recorded = {name: entry_digest(entry) for name, entry in entries.items()}
+    owner = {digest: name for name, digest in recorded.items() if digest}
     found = []
-    for name, entry in entries.items():
+    for name in entries:
         path = directory / name
         if not path.is_file():
             found.append(f"{path}: missing (listed in the manifest)")
             continue
-        actual = sha256_file(path)
-        if actual == entry["sha256"]:
+        if recorded[name] is None:
+            found.append(f"{name}: the manifest records no digest for it")
             continue
-        other = owner.get(actual)
+        algorithm, value = recorded[name]
+        actual = file_digest(path, algorithm)
+        if actual == value:
+            continue
+        other = owner.get((algorithm, actual))
         if other:
             found.append(
                 f"{name} holds the bytes the manifest records for {other} (files swapped or "
@@ -458,6 +463,6 @@ def manifest_findings(directory: Path) -> list[str]:
             )
         else:
             found.append(
-                f"{name}: sha256 differs from the manifest (modified after it was written)"
+                f"{name}: {algorithm} differs from the manifest (modified after it was written)"
             )
     return found

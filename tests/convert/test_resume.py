@@ -49,7 +49,7 @@ def test_resume_keeps_verified_ranks_and_redoes_corrupt_ones(tmp_path, mixed_ckp
     out = tmp_path / "out"
     stage = tmp_path / ".out.partial"
     statuses(cli("convert", mixed_ckpt, out, "--tp", 4, "--ranks", "0-2", "--json"))
-    flip_byte(stage / "rank1.safetensors")  # same size, different bytes: only sha256 sees it
+    flip_byte(stage / "rank1.safetensors")  # same size, different bytes: only the digest sees it
     resumed = cli("convert", mixed_ckpt, out, "--tp", 4, "--resume", "--json")
     assert statuses(resumed) == ["kept", "written", "kept", "written"]
     assert cli("check", out).exit_code == 0
@@ -79,8 +79,8 @@ def test_parallel_workers_write_identical_files(tmp_path, ultra_ckpt):
         assert (one / name).read_bytes() == (two / name).read_bytes()
     manifest = json.loads((two / "manifest.json").read_text())
     assert (
-        manifest["files"][name]["sha256"]
-        == json.loads((one / "manifest.json").read_text())["files"][name]["sha256"]
+        manifest["files"][name]["blake3"]
+        == json.loads((one / "manifest.json").read_text())["files"][name]["blake3"]
     )
 
 
@@ -128,7 +128,7 @@ class TestCheck:
         result = cli("check", out, "--json")
         assert result.exit_code == 2
         problems = "\n".join(json.loads(result.stdout)["problems"])
-        assert "rank0.safetensors: sha256 differs" in problems
+        assert "rank0.safetensors: blake3 differs" in problems
         assert "rank1.safetensors: listed in the manifest but missing" in problems
         assert "notes.txt: not listed in the manifest" in problems
         assert (
@@ -169,3 +169,36 @@ class TestCheck:
         assert cli("convert", "--preset", "mixed", "--tp", 2, "--dry-run", out).exit_code == 0
         result = cli("check", out)
         assert result.exit_code == 2 and "--dry-run manifest" in result.output
+
+
+def test_a_checkpoint_with_an_older_sha256_manifest_checks_and_resumes(tmp_path, mixed_ckpt):
+    """Artifacts written before BLAKE3 ({"size", "sha256"} entries, in manifest.json and in the
+    stage's rank records) still verify, and corruption is still caught."""
+    import hashlib
+
+    def to_sha256(entry: dict, path: Path) -> None:
+        del entry["blake3"]
+        entry["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+
+    out = tmp_path / "out"
+    statuses(cli("convert", mixed_ckpt, out, "--tp", 2, "--json"))
+    manifest = json.loads((out / "manifest.json").read_text())
+    for name, entry in manifest["files"].items():
+        to_sha256(entry, out / name)
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    assert cli("check", out, "--source", mixed_ckpt).exit_code == 0
+    flip_byte(out / "rank1.safetensors")
+    result = cli("check", out)
+    assert result.exit_code == 2 and "rank1.safetensors: sha256 differs" in result.output
+
+    again, stage = tmp_path / "again", tmp_path / ".again.partial"
+    statuses(cli("convert", mixed_ckpt, again, "--tp", 2, "--ranks", "0", "--json"))
+    record_path = stage / "ranks" / "rank0.json"
+    record = json.loads(record_path.read_text())
+    to_sha256(record, stage / "rank0.safetensors")
+    record_path.write_text(json.dumps(record))
+    resumed = cli("convert", mixed_ckpt, again, "--tp", 2, "--resume", "--json")
+    assert statuses(resumed) == ["kept", "written"]
+    entries = json.loads((again / "manifest.json").read_text())["files"].values()
+    assert all(set(entry) == {"size", "blake3"} for entry in entries)  # one algorithm
+    assert cli("check", again).exit_code == 0

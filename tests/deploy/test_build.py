@@ -65,7 +65,7 @@ def test_dry_run_output_is_complete(trtllm_bf16, tmp_path):
     assert not list(out.rglob("*.engine"))
     report = json.loads((out / "build_report.json").read_text())
     assert report["engine_built"] is False and report["dry_run"] is True
-    assert report["verification"]["sha256"].startswith("ok")
+    assert report["verification"]["digests"].startswith("ok")
     assert report["checkpoint"]["tp"] == 2 and report["fits"] is True
     command = report["command"]
     assert command[0] == "trtllm-build" and arg_problems(command[1:]) == []
@@ -145,10 +145,10 @@ def test_refuses_checksum_mismatch(trtllm_bf16, tmp_path):
     data = bytearray(rank.read_bytes())
     data[-1] ^= 0xFF
     rank.write_bytes(bytes(data))
-    with pytest.raises(InputError, match=r"rank1\.safetensors: sha256 differs"):
+    with pytest.raises(InputError, match=r"rank1\.safetensors: blake3 differs"):
         dry_run_build(ckpt, bf16_target(), tmp_path / "dry")
     skipped = dry_run_build(ckpt, bf16_target(), tmp_path / "dry2", verify=False)
-    assert skipped.report["verification"]["sha256"].startswith("skipped")
+    assert skipped.report["verification"]["digests"].startswith("skipped")
 
 
 def test_refuses_truncated_and_unmanifested_checkpoints(trtllm_bf16, tmp_path):
@@ -240,7 +240,7 @@ def test_pytorch_fp8_export(hf_fp8_dir, tmp_path):
     result = write_pytorch_serve(hf_fp8_dir, fp8_target(), tmp_path / "serve")
     assert result.report["options"]["kv_cache_config"]["dtype"] == "fp8"
     assert result.report["model"]["quant_algo"] == "FP8"
-    assert "no manifest" in result.report["verification"]["sha256"]
+    assert "no manifest" in result.report["verification"]["digests"]
 
 
 def test_pytorch_refuses_precision_mismatch(mixed_ckpt, hf_fp8_dir, trtllm_bf16, tmp_path):

@@ -1,11 +1,11 @@
-"""The progressive safetensors writer: valid files, exact sizes, on-the-fly sha256, refusals."""
+"""The progressive safetensors writer: valid files, exact sizes, on-the-fly digest, refusals."""
 
 from __future__ import annotations
 
 import errno
-import hashlib
 import os
 
+import blake3
 import pytest
 import torch
 from safetensors import safe_open
@@ -54,7 +54,7 @@ def test_written_file_loads_with_safetensors_and_hash_matches(tmp_path):
     assert (
         writer.result.size == path.stat().st_size == file_size(specs_of(tensors), {"format": "pt"})
     )
-    assert writer.result.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert writer.result.digest == blake3.blake3(path.read_bytes()).hexdigest()
     with safe_open(str(path), "pt") as handle:
         assert handle.metadata() == {"format": "pt"}
 
@@ -132,7 +132,11 @@ def test_disk_full_removes_the_partial_file(tmp_path, monkeypatch):
     assert not path.exists()
 
 
-def test_file_spans_are_copied_in_the_kernel_and_hashed(tmp_path, monkeypatch):
+@pytest.mark.parametrize("inline", [False, True], ids=["kernel copy", "cache-sized spans"])
+def test_file_spans_are_copied_and_hashed(tmp_path, monkeypatch, inline):
+    """Large spans are copied in the kernel (hashed on a side thread); spans up to
+    _INLINE_SPAN are written and hashed from their (cache-hot) view. Same bytes, same digest."""
+    monkeypatch.setattr(sts, "_INLINE_SPAN", 1 << 30 if inline else 0)
     tensors = sample_tensors()
     (tmp_path / "src").mkdir()
     source = tmp_path / "src" / "model.safetensors"
@@ -153,12 +157,13 @@ def test_file_spans_are_copied_in_the_kernel_and_hashed(tmp_path, monkeypatch):
                 )
     finally:
         os.close(fd)
-    assert sum(copied) == sum(t.numel() * t.element_size() for t in tensors.values())
+    data_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
+    assert sum(copied) == (0 if inline else data_bytes)
     loaded = load_file(path)
     assert all(
         torch.equal(loaded[n].view(torch.uint8), t.view(torch.uint8)) for n, t in tensors.items()
     )
-    assert writer.result.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert writer.result.digest == blake3.blake3(path.read_bytes()).hexdigest()
 
 
 def test_checkpoint_data_location_points_at_the_tensor_bytes(tmp_path):

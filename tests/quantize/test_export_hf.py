@@ -43,7 +43,7 @@ def export(ckpt_dir, out, workers, **options):
     written = export_hf.write_unified_hf(
         out, plan, HFCheckpoint(ckpt_dir), table_for(plan), workers=workers, **options
     )
-    return {w.path.name: w.sha256 for w in written}
+    return {w.path.name: w.digest for w in written}
 
 
 @pytest.fixture

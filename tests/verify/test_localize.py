@@ -123,7 +123,7 @@ def test_a_corrupted_scaling_factor_is_named(
         f"{name} (rank 1) = " in line
         and "is 8x what the calibrated weight amax/448 implies" in line
     )
-    assert "rank1.safetensors: sha256 differs from the manifest" in result.output
+    assert "rank1.safetensors: blake3 differs from the manifest" in result.output
 
 
 def test_swapped_rank_files_are_named(ultra_fp8, ultra_golden, thresholds, tmp_path):
@@ -194,7 +194,7 @@ def test_an_input_scale_out_of_line_in_the_hf_export_is_named(
     assert (
         finding.startswith(f"{module}.input_scale = ") and "is 0.05x what the calibrated" in finding
     )
-    assert any("sha256 differs from the manifest" in line for line in result.localization.integrity)
+    assert any("blake3 differs from the manifest" in line for line in result.localization.integrity)
 
 
 def test_a_bf16_checkpoint_at_tp2_pp2_reproduces_the_golden(ultra_ckpt, ultra_golden, tmp_path):
