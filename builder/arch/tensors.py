@@ -593,6 +593,7 @@ class RankTensor:
     rule: TensorRule
     layer: LayerPlan | None  # None for embedding, final norm, lm_head
     local: int | None = None  # the layer's stage-local index (the one in `name`)
+    tp_rank: int = 0  # which tensor-parallel slice of its source this is
 
     @property
     def numel(self) -> int:
@@ -605,7 +606,7 @@ def rank_tensors(plan: ModelPlan, tp: int, pp: int, rank: int) -> list[RankTenso
     pp_rank, world = rank // tp, tp * pp
     if not 0 <= rank < world:
         raise ParallelismError(f"rank {rank} is outside 0..{world - 1} for tp={tp} pp={pp}")
-    stage = stage_layers(plan, pp, pp_rank)
+    stage, tp_rank = stage_layers(plan, pp, pp_rank), rank % tp
     out: list[RankTensor] = []
     if pp_rank == 0:
         out.append(
@@ -614,19 +615,18 @@ def rank_tensors(plan: ModelPlan, tp: int, pp: int, rank: int) -> list[RankTenso
                 rank_shape(plan, EMBEDDING_RULE, None, tp),
                 EMBEDDING_RULE,
                 None,
+                tp_rank=tp_rank,
             )
         )
     for local, index in enumerate(stage):
         layer = plan.layers[index]
         for rule in layer_rules(layer):
-            out.append(
-                RankTensor(
-                    rule.target_name(local), rank_shape(plan, rule, layer, tp), rule, layer, local
-                )
-            )
+            shape = rank_shape(plan, rule, layer, tp)
+            out.append(RankTensor(rule.target_name(local), shape, rule, layer, local, tp_rank))
     if pp_rank == pp - 1:
         for rule in (FINAL_NORM_RULE, lm_head_rule(plan)):
-            out.append(RankTensor(rule.target, rank_shape(plan, rule, None, tp), rule, None))
+            shape = rank_shape(plan, rule, None, tp)
+            out.append(RankTensor(rule.target, shape, rule, None, tp_rank=tp_rank))
     return out
 
 

@@ -264,7 +264,7 @@ class RecipeTransform:
         self, item: RankTensor, tensor: torch.Tensor, fmt: LinearFormat
     ) -> list[tuple[str, torch.Tensor]]:
         """The rank slice of the stored codes, and the scales they were made with."""
-        pieces = self.rank_pieces(item, tensor)
+        pieces = self.rank_pieces(item)
         rounding = self.rounding
         codes = torch.cat(
             [
@@ -288,40 +288,11 @@ class RecipeTransform:
             *self.fp8._kv_scale(item),
         ]
 
-    def rank_pieces(self, item: RankTensor, tensor: torch.Tensor) -> tuple:
-        """Convert's read plan of the TP rank whose slice `tensor` is.
-
-        The RankTransform contract hands `apply` the assembled slice but not its rank, so the
-        rank is recognised from the source: the first row of each piece of each candidate
-        rank's plan, and the whole slice only if several match (slices equal across ranks,
-        as replicated KV heads, or degenerate weights)."""
+    def rank_pieces(self, item: RankTensor) -> tuple:
+        """Convert's read plan of the item's TP slice: where its stored codes are cut from."""
         from builder.convert.sources import read_plan
 
-        plans = [read_plan(self.plan, item, self.tp, r).pieces for r in range(self.tp)]
-        if len(plans) == 1:
-            return plans[0]
-        matches = [p for p in plans if self._first_rows_match(p, tensor)]
-        if len(matches) > 1:
-            matches = [p for p in matches if torch.equal(self._read(p, tensor.dtype), tensor)]
-        if not matches:
-            raise AssertionError(f"{item.name}: no TP rank's source slice matches the tensor")
-        return matches[0]
-
-    def _first_rows_match(self, pieces: tuple, tensor: torch.Tensor) -> bool:
-        row = 0
-        for p in pieces:
-            first = self.ckpt.read(
-                p.source, rows=slice(p.rows.start, p.rows.start + 1), cols=p.cols
-            )
-            if not torch.equal(first.to(tensor.dtype), tensor[row : row + 1]):
-                return False
-            row += p.rows.stop - p.rows.start
-        return True
-
-    def _read(self, pieces: tuple, dtype: torch.dtype) -> torch.Tensor:
-        return torch.cat([self.ckpt.read(p.source, rows=p.rows, cols=p.cols) for p in pieces]).to(
-            dtype
-        )
+        return read_plan(self.plan, item, self.tp, item.tp_rank).pieces
 
     def blockwise(self, item: RankTensor, dtype: Dtype):
         """Per-tensor FP8 linears stream through Fp8Transform's e4m3 table; a per-channel
