@@ -525,6 +525,8 @@ def run_tp(plan, tp, device, args, copy_bw) -> dict:
                 f"tp{tp} {precision}: decode batch 1, eager attention "
                 f"{entry['decode_eager_attention'][0]['step_ms']:.3f} ms/step"
             )
+        entry["pdl"] = rt.pdl
+        entry["decode_variants"] = decode_variants(rt, device, args, copy_bw, f"tp{tp} {precision}")
         if rt.gemv:  # the same step with every linear on cuBLAS, for comparison
             rt.set_gemv(False)
             entry["decode_cublas"] = bench_decode(rt, device, [1], args.prompt, args.steps, copy_bw)
@@ -542,6 +544,19 @@ def run_tp(plan, tp, device, args, copy_bw) -> dict:
             torch.cuda.reset_peak_memory_stats(device)
     del bf16, fp8
     return result
+
+
+def decode_variants(rt, device, args, copy_bw, label: str) -> list[dict]:
+    """Batch-1 decode of the same weights with one launch setting changed: the Triton kernels
+    without programmatic dependent launch (the runtime's setting is restored after)."""
+    variants = []
+    if rt.gemv and rt.pdl:
+        rt.set_pdl(False)
+        (row,) = bench_decode(rt, device, [1], args.prompt, args.steps, copy_bw)
+        rt.set_pdl(True)
+        variants.append({"what": "no programmatic dependent launch", "pdl": False, **row})
+        log(f"{label}: decode batch 1, no programmatic dependent launch: {row['step_ms']:.3f} ms")
+    return variants
 
 
 def log(message: str) -> None:
@@ -580,6 +595,12 @@ def table(results: dict) -> str:
                 f"{rb['step_ms']:.3f} ({rb['fraction_of_copy_bandwidth']:.0%}) | "
                 f"{rf['step_ms']:.3f} ({rf['fraction_of_copy_bandwidth']:.0%}) | "
                 f"{rb['step_ms'] / rf['step_ms']:.2f}x |"
+            )
+        for rb, rf in zip(b.get("decode_variants", []), f.get("decode_variants", []), strict=False):
+            lines.append(
+                f"| {tp} | decode batch 1, {rf['what']} | {rb['step_ms']:.3f} "
+                f"({rb['fraction_of_copy_bandwidth']:.0%}) | {rf['step_ms']:.3f} "
+                f"({rf['fraction_of_copy_bandwidth']:.0%}) | {rb['step_ms'] / rf['step_ms']:.2f}x |"
             )
         for rb, rf in zip(b.get("decode_cublas", []), f.get("decode_cublas", []), strict=False):
             lines.append(
@@ -747,6 +768,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=32, help="decode steps per timing")
     parser.add_argument("--max-seq", type=int, default=2304)
     parser.add_argument("--profile-tp", type=int, nargs="*", default=[8])
+
     parser.add_argument("--no-check", dest="check", action="store_false")
     parser.add_argument(
         "--check-tp", type=int, nargs="*", default=[8], help="TP layouts to run the FP8 check at"

@@ -1,7 +1,10 @@
-"""Bench of a TensorRT-LLM checkpoint with builder's PyTorch executor, in this process.
+"""Bench of a TensorRT-LLM checkpoint with one of builder's PyTorch runtimes, in this process.
 
-This is not an engine: every record says runtime "executor" and `settings.engine` false. For
-the executor, concurrency is the batch size: the requests of a point run in batches of
+Runtimes (`RUNTIMES`): "executor", the reference (TrtllmCheckpointExecutor: weights read from
+the rank files as it goes), and "resident" (ResidentRuntime: weights loaded onto the device
+once, a static KV cache; on CUDA, decode steps replayed as CUDA graphs and the Triton
+kernels). Neither is an engine: every record names its runtime and says `settings.engine`
+false. Concurrency is the batch size: the requests of a point run in batches of
 `concurrency` sequences decoded together through the KV cache (prefill once, one token
 per sequence per step), batch after batch. Every request of a batch is sent at the batch's
 start and receives a token at every step, so TTFT includes the batch's prefill.
@@ -19,16 +22,67 @@ import platform
 import resource
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from builder.bench.metrics import RequestTimeline, run_metrics, to_metrics
 from builder.bench.workload import Workload, synthetic_prompts
 from builder.errors import UserError
+from builder.registry import Registry
 from builder.report.records import Artifact, Metric, RecordKind, RunRecord
 from builder.units import GIB
 
-RUNTIME = "executor"
+Opener = Callable[[Path, str, str, list[Workload]], Any]
+"""(checkpoint, dtype name, device, the points to run) -> a context manager whose value has
+`greedy(prompts, osl)` (-> executor.Generation), `plan`, `tp`, `pp` and `kv_cache_fp8`."""
+
+
+@dataclass(frozen=True)
+class InProcessRuntime:
+    open: Opener
+    note: str  # every record's settings.note: what ran, and that it is not an engine
+
+
+def open_executor(directory: Path, dtype: str, device: str, points: list[Workload]):
+    import torch
+
+    from builder.runtime import TrtllmCheckpointExecutor
+
+    return TrtllmCheckpointExecutor(
+        directory, dtype=getattr(torch, dtype), device=device, keep_weights=True
+    )
+
+
+def open_resident(directory: Path, dtype: str, device: str, points: list[Workload]):
+    import torch
+
+    from builder.runtime.resident import ResidentRuntime
+
+    return ResidentRuntime.from_checkpoint(
+        directory,
+        dtype=getattr(torch, dtype),
+        device=device,
+        max_batch=max(p.concurrency for p in points),
+        max_seq=max(p.isl + p.osl for p in points),
+    )
+
+
+RUNTIMES: Registry[InProcessRuntime] = Registry("in-process runtime")
+RUNTIMES.register("executor")(
+    InProcessRuntime(
+        open_executor,
+        "builder's PyTorch reference executor, not a TensorRT-LLM engine; "
+        "concurrency = batch size (static batches)",
+    )
+)
+RUNTIMES.register("resident")(
+    InProcessRuntime(
+        open_resident,
+        "builder's resident runtime (weights on the device; CUDA graphs and Triton kernels on "
+        "a GPU), not a TensorRT-LLM engine; concurrency = batch size (static batches)",
+    )
+)
 
 
 def checkpoint_artifact(directory: Path, config: dict[str, Any]) -> tuple[str, Artifact]:
@@ -167,17 +221,21 @@ def bench_checkpoint(
     target: str = "h200x8-bf16",
     progress: Callable[[str], None] | None = None,
     threads: int | None = None,
+    runtime: str = "executor",
 ) -> list[RunRecord]:
-    """One record per workload point (ISL, OSL, concurrency), repeats inside it. `threads`
-    sets torch's CPU threads for the run (small models on a busy machine: 1; OpenMP barriers
-    dominate tiny matmuls otherwise)."""
+    """One record per workload point (ISL, OSL, concurrency), repeats inside it, run by
+    `runtime` (a RUNTIMES name). `threads` sets torch's CPU threads for the run (small models
+    on a busy machine: 1; OpenMP barriers dominate tiny matmuls otherwise)."""
     import torch
 
+    chosen = RUNTIMES.get(runtime)
     before = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
     try:
-        return _bench_checkpoint(Path(directory), points, dtype, device, target, progress)
+        return _bench_checkpoint(
+            Path(directory), points, dtype, device, target, progress, runtime, chosen
+        )
     finally:
         torch.set_num_threads(before)
 
@@ -189,19 +247,17 @@ def _bench_checkpoint(
     device: str,
     target: str,
     progress: Callable[[str], None] | None,
+    runtime: str,
+    chosen: InProcessRuntime,
 ) -> list[RunRecord]:
     import torch
-
-    from builder.runtime import TrtllmCheckpointExecutor
 
     if not (directory / "config.json").is_file():
         raise UserError(f"{directory}: not a TensorRT-LLM checkpoint (no config.json)")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {device}: CUDA is not available on this machine")
     records = []
-    with TrtllmCheckpointExecutor(
-        directory, dtype=getattr(torch, dtype), device=device, keep_weights=True
-    ) as executor:
+    with chosen.open(directory, dtype, device, points) as executor:
         model, artifact = checkpoint_artifact(directory, executor.config)
         exclude = frozenset()  # any vocabulary id may appear: OSL is fixed, EOS is never checked
         for number, point in enumerate(points, start=1):
@@ -225,8 +281,8 @@ def _bench_checkpoint(
                     kind=RecordKind.BENCH,
                     model=model,
                     artifact=artifact,
-                    runtime=RUNTIME,
-                    target=f"{directory.resolve()} (in-process executor)",
+                    runtime=runtime,
+                    target=f"{directory.resolve()} (in-process {runtime})",
                     device=device_name(device),
                     settings={
                         **point.settings(),
@@ -237,8 +293,7 @@ def _bench_checkpoint(
                         "tp": executor.tp,
                         "pp": executor.pp,
                         "kv_cache": "fp8" if executor.kv_cache_fp8 else dtype,
-                        "note": "builder's PyTorch reference executor, not a TensorRT-LLM engine; "
-                        "concurrency = batch size (static batches)",
+                        "note": chosen.note,
                     },
                     metrics=metrics,
                     details={"roofline": bound},

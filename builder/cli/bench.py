@@ -13,12 +13,15 @@ point (ISL, OSL, concurrency) to --out, appended to the --history database.
 
 \b
 TARGET is one of:
-  CHECKPOINT            a TensorRT-LLM checkpoint, run in this process by builder's
-                        PyTorch executor (CPU or --device cuda). Not an engine: records say
-                        runtime "executor"; concurrency is the batch size (static batches
-                        decoded together through the KV cache). Each record carries the HBM
-                        roofline of --roofline-target for this checkpoint's layout beside
-                        the measurement (bytes read per GPU per decode step / bandwidth).
+  CHECKPOINT            a TensorRT-LLM checkpoint, run in this process by one of builder's
+                        PyTorch runtimes (--runtime; CPU or --device cuda): "executor", the
+                        reference, or "resident", weights loaded onto the device once (on
+                        CUDA: decode steps as CUDA graphs, the Triton kernels). Not an
+                        engine: records name the runtime; concurrency is the batch size
+                        (static batches decoded together through the KV cache). Each record
+                        carries the HBM roofline of --roofline-target for this checkpoint's
+                        layout beside the measurement (bytes read per GPU per decode step /
+                        bandwidth).
   --url URL             an OpenAI-compatible server (vLLM, trtllm-serve, SGLang): the load
                         comes from NVIDIA AIPerf (its own venv, .venv-aiperf; see --aiperf),
                         /v1/completions streaming; its profile_export_aiperf.json is ingested.
@@ -134,10 +137,13 @@ def _summary_table(records) -> None:
     type=click.Choice(["float32", "bfloat16"]),
     default="float32",
     show_default=True,
-    help="Executor compute dtype.",
+    help="In-process runtime (CHECKPOINT): compute dtype.",
 )
 @click.option(
-    "--device", default="cpu", show_default=True, help="Executor device: cpu or cuda[:N]."
+    "--device",
+    default="cpu",
+    show_default=True,
+    help="In-process runtime (CHECKPOINT): cpu or cuda[:N].",
 )
 @click.option(
     "--threads",
@@ -147,6 +153,13 @@ def _summary_table(records) -> None:
         "Executor: torch CPU threads [default: torch's]; 1 is fastest for small models on a busy "
         "machine."
     ),
+)
+@click.option(
+    "--runtime",
+    type=click.Choice(["executor", "resident"]),
+    default="executor",
+    show_default=True,
+    help="CHECKPOINT: the in-process runtime (builder.bench.inprocess.RUNTIMES).",
 )
 @click.option(
     "--roofline-target",
@@ -191,6 +204,7 @@ def bench(
     dtype,
     device,
     threads,
+    runtime,
     roofline_target,
     aiperf_path,
     out,
@@ -210,6 +224,8 @@ def bench(
         raise UserError(
             "give exactly one of: CHECKPOINT, --url URL, --triton URL, or import REPORT..."
         )
+    if runtime != "executor" and not (target and target[0] != "import"):
+        raise UserError(f"--runtime {runtime}: only a CHECKPOINT runs in this process")
     if target and target[0] == "import":
         from builder.bench.imports import import_reports
 
@@ -239,6 +255,7 @@ def bench(
                 target=roofline_target,
                 progress=say,
                 threads=threads,
+                runtime=runtime,
             )
         else:
             from builder.bench.aiperf import bench_server

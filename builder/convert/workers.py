@@ -110,6 +110,23 @@ def can_fork(preload: Sequence[str] = ()) -> bool:
     return not preload and "torch" not in sys.modules and threading.active_count() == 1
 
 
+def server_preload(preload: Sequence[str]) -> list[str]:
+    return [PRELOAD, *preload]
+
+
+def start_fork_server(preload: Sequence[str]) -> threading.Thread:
+    """Start the fork server a later WorkerPool(preload=preload) will use, in the background:
+    its interpreter start and imports (torch's included: seconds) then run beside the
+    caller's own work, e.g. calibration before an export, instead of delaying the pool."""
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(server_preload(preload))
+    from multiprocessing import forkserver
+
+    thread = threading.Thread(target=forkserver.ensure_running, daemon=True, name="fork-server")
+    thread.start()
+    return thread
+
+
 class WorkerPool:
     """`workers` processes plus a thread forwarding their progress to `sink`.
 
@@ -133,7 +150,7 @@ class WorkerPool:
             self._start(ctx, workers)  # forks now, while this is the only thread
         else:
             ctx = multiprocessing.get_context("forkserver")
-            ctx.set_forkserver_preload([PRELOAD, *preload])
+            ctx.set_forkserver_preload(server_preload(preload))
             self.queue = ctx.Queue()
             # Starting the server blocks until it has imported `preload`: do it beside the
             # caller's own imports and input validation, not before them.

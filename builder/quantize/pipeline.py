@@ -30,6 +30,7 @@ import torch
 
 from builder.arch.plan import LayerPlan, ModelPlan, load_plan
 from builder.arch.tensors import FP8_SCALE_SUFFIXES, check_parallelism
+from builder.convert.workers import start_fork_server
 from builder.dtypes import torch_dtypes
 from builder.errors import UserError
 from builder.io.atomic import atomic_dir, check_output_location, check_replaceable, lock_stage
@@ -42,6 +43,7 @@ from builder.io.manifest import (
     read_manifest,
     write_manifest,
 )
+from builder.quantize import export_trtllm
 from builder.quantize.amax import AmaxTable
 from builder.quantize.blockwise import (
     ROUNDING_DIR,
@@ -303,6 +305,10 @@ def _quantize(
         rounding=rounding_plan(request),
     )
     fingerprint = calibration_fingerprint(ckpt, data, opts)
+    if rank == 0 and workers > 1 and "trtllm" in formats:
+        # the export's workers come from a fork server that imports torch: start it now, so
+        # it is ready when calibration ends (seconds of a small export otherwise)
+        start_fork_server([export_trtllm.__name__])
     say(
         f"calibrating {plan.num_layers - len(plan.empty_layers)} of {plan.num_layers} blocks "
         f"({len(plan.empty_layers)} empty blocks skipped)"

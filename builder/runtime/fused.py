@@ -10,6 +10,11 @@ rounded to it before the weight multiply, that product is rounded again, and the
 divides by the activation scale, clamps to +-448 and rounds to e4m3 (nearest even). torch.compile
 generated the norm chain with dynamic shapes at a fraction of the bandwidth (1.1 ms for one
 16384 x 16384 bf16 norm on an H200); this kernel takes 0.48 ms (scripts/bench_gpu.py profiles).
+
+`pdl=True` launches a kernel with programmatic dependent launch (Hopper and later): it may be
+scheduled while the kernel before it still runs, and each program waits for that kernel's
+results (`after_producers`) before its first dependent load and before any store. A decode
+step is a chain of about 90 short kernels, so what this hides is each one's launch and ramp-up.
 """
 
 from __future__ import annotations
@@ -27,6 +32,16 @@ def _kernels():
     import triton.language as tl
 
     @triton.jit
+    def after_producers(GDC: tl.constexpr):
+        # under programmatic dependent launch: wait until the kernels before have finished and
+        # flushed (every program waits before its first dependent load and before any store,
+        # so the guarantee also covers the kernels further back), then let the next kernel be
+        # scheduled so its launch and prologue overlap this one
+        if GDC:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
+
+    @triton.jit
     def add_rms_norm(
         x_ptr,
         d_ptr,
@@ -39,7 +54,9 @@ def _kernels():
         BLOCK: tl.constexpr,
         QUANT: tl.constexpr,
         FP8_MAX: tl.constexpr,
+        GDC: tl.constexpr,
     ):
+        after_producers(GDC)
         row = tl.program_id(0).to(tl.int64) * H
         cols = tl.arange(0, BLOCK)
         ok = cols < H
@@ -73,7 +90,9 @@ def _kernels():
         BLOCK: tl.constexpr,
         QUANT: tl.constexpr,
         FP8_MAX: tl.constexpr,
+        GDC: tl.constexpr,
     ):
+        after_producers(GDC)
         row = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         ok = cols < W
@@ -112,7 +131,9 @@ def _kernels():
         DECODE: tl.constexpr,
         FP8_KV: tl.constexpr,
         FP8_MAX: tl.constexpr,
+        GDC: tl.constexpr,
     ):
+        after_producers(GDC)
         token = tl.program_id(0)
         head = tl.program_id(1)
         b, s = token // S, token % S
@@ -187,7 +208,9 @@ def _kernels():
         GROUP: tl.constexpr,
         HD: tl.constexpr,
         BLOCK_S: tl.constexpr,
+        GDC: tl.constexpr,
     ):
+        after_producers(GDC)
         # one (sequence, kv head, tile of BLOCK_S cache positions): the kv head's GROUP query
         # heads at once (rows padded to the 16 a tensor-core dot needs), one read of keys and
         # values; writes the tile's maximum, sum and unnormalized weighted values
@@ -238,7 +261,9 @@ def _kernels():
         HD: tl.constexpr,
         QUANT: tl.constexpr,
         FP8_MAX: tl.constexpr,
+        GDC: tl.constexpr,
     ):
+        after_producers(GDC)
         # one (sequence, query head): the softmax over all tiles, rescaled to the overall
         # maximum (tile 0 holds position 0, always valid, so that maximum is finite)
         b, head = tl.program_id(0), tl.program_id(1)
@@ -266,7 +291,7 @@ def _kernels():
     return add_rms_norm, silu_mul, rope_cache, attend_tile, combine_tiles
 
 
-def add_norm(x, delta, weight, eps, a_scale=None):
+def add_norm(x, delta, weight, eps, a_scale=None, pdl=False):
     """(x + delta, rms_norm(x + delta) * weight [as e4m3 / a_scale]) in one pass."""
     import triton
 
@@ -291,16 +316,18 @@ def add_norm(x, delta, weight, eps, a_scale=None):
         BLOCK=block,
         QUANT=a_scale is not None,
         FP8_MAX=FP8_MAX,
+        GDC=pdl,
         num_warps=warps,
+        launch_pdl=pdl,
     )
     return x_out, h
 
 
-def add_norm_quant(x, delta, weight, eps, a_scale):
-    return add_norm(x, delta, weight, eps, a_scale)
+def add_norm_quant(x, delta, weight, eps, a_scale, pdl=False):
+    return add_norm(x, delta, weight, eps, a_scale, pdl)
 
 
-def silu_mul(fc_gate, width, a_scale=None):
+def silu_mul(fc_gate, width, a_scale=None, pdl=False):
     """silu(fc_gate[..., :width]) * fc_gate[..., width:] [as e4m3 / a_scale], one pass."""
     import triton
 
@@ -321,17 +348,30 @@ def silu_mul(fc_gate, width, a_scale=None):
         BLOCK=block,
         QUANT=a_scale is not None,
         FP8_MAX=FP8_MAX,
+        GDC=pdl,
         num_warps=4,
+        launch_pdl=pdl,
     )
     return out
 
 
-def silu_mul_quant(fc_gate, width, a_scale):
-    return silu_mul(fc_gate, width, a_scale)
+def silu_mul_quant(fc_gate, width, a_scale, pdl=False):
+    return silu_mul(fc_gate, width, a_scale, pdl)
 
 
 def rope_cache(
-    qkv, cos, sin, pos, k_cache, v_cache, q_heads, kv_heads, head_dim, kv_scale=None, decode=False
+    qkv,
+    cos,
+    sin,
+    pos,
+    k_cache,
+    v_cache,
+    q_heads,
+    kv_heads,
+    head_dim,
+    kv_scale=None,
+    decode=False,
+    pdl=False,
 ):
     """q [batch, q_heads, seq, head_dim] rotated; k (rotated) and v written into the caches at
     positions 0..seq-1 (prefill) or at `pos` (decode, seq 1), FP8-rounded when `kv_scale`."""
@@ -355,7 +395,9 @@ def rope_cache(
         DECODE=decode,
         FP8_KV=kv_scale is not None,
         FP8_MAX=FP8_MAX,
+        GDC=pdl,
         num_warps=1,
+        launch_pdl=pdl,
     )
     return q
 
@@ -363,7 +405,7 @@ def rope_cache(
 DECODE_TILE = 64  # cache positions per program of the decode attention
 
 
-def decode_attention(q, k_cache, v_cache, valid, scale, kv_heads, a_scale=None):
+def decode_attention(q, k_cache, v_cache, valid, scale, kv_heads, a_scale=None, pdl=False):
     """One decode step's attention of q [batch, q_heads, 1, head_dim] over the caches'
     positions where `valid` [span] is True, as [batch, 1, q_heads * head_dim] (e4m3 of
     out / a_scale when given: the dense linear's input), in two kernels instead of four
@@ -405,7 +447,9 @@ def decode_attention(q, k_cache, v_cache, valid, scale, kv_heads, a_scale=None):
         GROUP=group,
         HD=head_dim,
         BLOCK_S=DECODE_TILE,
+        GDC=pdl,
         num_warps=4,
+        launch_pdl=pdl,
     )
     out = torch.empty(
         batch,
@@ -428,6 +472,8 @@ def decode_attention(q, k_cache, v_cache, valid, scale, kv_heads, a_scale=None):
         HD=head_dim,
         QUANT=a_scale is not None,
         FP8_MAX=FP8_MAX,
+        GDC=pdl,
         num_warps=1,
+        launch_pdl=pdl,
     )
     return out

@@ -18,7 +18,15 @@ Measured and dropped (scripts/results/h200_bench_gpu_session4.json and
 h200_bench_gpu_splitk_tiled_attention.json, the `us` of each shape): a one-row matrix-vector
 kernel on the CUDA cores was 10-15% slower than this one on every shape (converting each e4m3
 weight to fp32 bounds it), and splitting K into fp32 partial sums (for shapes with few output
-features, such as q/k/v at TP8) was slower than cuBLAS at every split.
+features, such as q/k/v at TP8) was slower than cuBLAS at every split. Programs that each own
+one K slice of one output block, with the whole slice of weight loaded before the wait under
+programmatic dependent launch and the slices summed in the kernel, were 5-40% slower alone
+on all but one shape and no faster in the decode step; nor was keeping this kernel where it
+is up to 50% slower than cuBLAS, so that more of the step's kernels overlap
+(scripts/results/h200_bench_gpu_pdl_2026-12-02.json).
+
+`pdl=True`: launched with programmatic dependent launch (builder/runtime/fused.py); each
+program reads its first weight tile before it waits for the kernel before.
 
 Triton is imported lazily: `available()` is False where it (or a CUDA device) is missing.
 """
@@ -70,15 +78,32 @@ def _kernel():
     @triton.autotune(configs=configs, key=["M", "N", "K"], do_bench=bench)
     @triton.jit
     def skinny(
-        x_ptr, w_ptr, scale_ptr, y_ptr, M, N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr
+        x_ptr,
+        w_ptr,
+        scale_ptr,
+        y_ptr,
+        M,
+        N,
+        K,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        GDC: tl.constexpr,
     ):
         rows = tl.arange(0, 16)
         cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok, col_ok = rows < M, cols < N
         x_base = x_ptr + rows[:, None] * K
         w_base = w_ptr + cols.to(tl.int64)[:, None] * K
-        acc = tl.zeros((16, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
+        # the first weight tile is read before waiting on the kernel before (under PDL): no
+        # kernel writes weights, and this program's stream starts during that kernel's tail
+        ks = tl.arange(0, BLOCK_K)
+        w = tl.load(w_base + ks[None, :], mask=col_ok[:, None] & (ks < K)[None, :], other=0.0)
+        if GDC:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
+        x = tl.load(x_base + ks[None, :], mask=row_ok[:, None] & (ks < K)[None, :], other=0.0)
+        acc = tl.dot(x, tl.trans(w), tl.zeros((16, BLOCK_N), dtype=tl.float32))
+        for k0 in range(BLOCK_K, K, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
             k_ok = ks < K
             x = tl.load(x_base + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
@@ -95,16 +120,22 @@ def _kernel():
 
 
 def skinny_gemm(
-    x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, out_dtype: torch.dtype
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scale: torch.Tensor,
+    out_dtype: torch.dtype,
+    pdl: bool = False,
 ) -> torch.Tensor:
     """x [M <= 16, K] (same dtype as the weight) @ weight [N, K]^T x scale (0-dim fp32) -> [M,
-    N]."""
+    N]; `pdl`: launched with programmatic dependent launch (builder/runtime/fused.py)."""
     import triton
 
     m, k = x.shape
     n = weight.shape[0]
     y = torch.empty(m, n, dtype=out_dtype, device=weight.device)
-    _kernel()[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](x, weight, scale, y, m, n, k)
+    _kernel()[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](
+        x, weight, scale, y, m, n, k, GDC=pdl, launch_pdl=pdl
+    )
     return y
 
 

@@ -31,12 +31,17 @@ fast on a GPU and checked against it:
 - KV cache: static, on the device, one [max_batch, kv_heads, max_seq, head_dim] pair per
   attention layer and rank, sized from that layer's own KV-head count (at tp > kv_heads the
   duplicated head, as the checkpoint stores it); linear-replacement and no-op attention layers
-  have none. With an FP8 KV cache, k and v are rounded through e4m3 with the layer's
-  `kv_cache_scaling_factor` before they are stored (the values the executor attends to).
+  have none. max_seq is rounded up to whole tiles of the fused decode attention (64
+  positions), so every span a decode step attends over is whole tiles. With an FP8 KV cache,
+  k and v are rounded through e4m3 with the layer's `kv_cache_scaling_factor` before they are
+  stored (the values the executor attends to).
 - Decode: one token per sequence per step at one shared position (a static batch of equal
   length prompts); attention reads the cache up to a power-of-two span >= the position, so a
   step's reads grow with the sequence, not with max_seq. On CUDA each (batch, span) step is
   captured once as a CUDA graph and replayed (`graphs=True`); on CPU the same step runs eagerly.
+  On Hopper and later the Triton kernels are launched with programmatic dependent launch
+  (`pdl=True`): each may start while the kernel before it finishes and waits for its results
+  inside, which hides the launches of a step's ~90 short kernels (same results, bit for bit).
 
 Numerics against the executor (tests/runtime/test_resident.py). Prefill performs the
 executor's operations in its order, so in float32 the two agree to float32 rounding (the merged
@@ -59,7 +64,9 @@ measured on the same inputs) but not beyond: that is the end-to-end bound.
 
 from __future__ import annotations
 
+import functools
 import math
+import time
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -93,12 +100,14 @@ from builder.io.trtllm_checkpoint import (
 )
 from builder.runtime import gemv as matvec
 from builder.runtime.executor import (
+    Generation,
     fp8_round_trip,
     fp8_rowwise_linear,
     rope_inv_freq,
     rotate,
     token_scales,
 )
+from builder.runtime.fused import DECODE_TILE
 
 FP8 = torch.float8_e4m3fn
 FP8_GEMMS = ("scaled-mm", "emulate")
@@ -177,8 +186,10 @@ class Kernels:
         "softmax_attend",
     )
     TRITON = ("add_norm", "add_norm_quant", "silu_mul", "silu_mul_quant")
+    DECODE_ONLY = ("rope_cache", "decode_attention")  # Triton only: eager is another op chain
 
     def __init__(self, compile: bool, triton: bool = False):
+        self.triton, self.pdl = triton, False
         source = globals()
         if compile:  # one compiled function serves every layer's shapes, dtypes and batches
             import torch._dynamo
@@ -201,10 +212,19 @@ class Kernels:
             setattr(self, name, fn)
         self.rope_cache = self.decode_attention = None
         if triton:
-            from builder.runtime import fused
+            self.set_pdl(False)
 
-            self.rope_cache = fused.rope_cache
-            self.decode_attention = fused.decode_attention
+    def set_pdl(self, enabled: bool) -> None:
+        """(Re)bind the Triton kernels, launched with programmatic dependent launch or not."""
+        for name in (*self.TRITON, *self.DECODE_ONLY):
+            self.use_triton(name, enabled)
+        self.pdl = enabled
+
+    def use_triton(self, name: str, pdl: bool | None = None) -> None:
+        from builder.runtime import fused
+
+        pdl = self.pdl if pdl is None else pdl
+        setattr(self, name, functools.partial(getattr(fused, name), pdl=pdl))
 
 
 # ---- linears -------------------------------------------------------------------------------------
@@ -213,6 +233,7 @@ class DenseLinear:
     (up to 16: decode steps) go through builder/runtime/gemv.py's chooser when `gemv`."""
 
     a_scale = None
+    pdl = False  # the skinny GEMM launched with programmatic dependent launch
 
     def __init__(self, weight: torch.Tensor, gemv: bool = False):
         self.weight = weight
@@ -231,7 +252,7 @@ class DenseLinear:
             out = matvec.CHOOSER.run(
                 key,
                 lambda: F.linear(rows, self.weight),
-                lambda: matvec.skinny_gemm(rows, self.weight, self.one, x.dtype),
+                lambda: matvec.skinny_gemm(rows, self.weight, self.one, x.dtype, self.pdl),
             )
             return out.reshape(*x.shape[:-1], self.out_features)
         return F.linear(x, self.weight)
@@ -243,6 +264,8 @@ class DenseLinear:
 
 class Fp8Linear:
     """Per-tensor FP8 GEMM of an e4m3 activation (quantized by the op before) with e4m3 W."""
+
+    pdl = False
 
     def __init__(
         self,
@@ -273,7 +296,7 @@ class Fp8Linear:
             out = matvec.CHOOSER.run(
                 key,
                 lambda: self.cublas(rows),
-                lambda: matvec.skinny_gemm(rows, self.weight, self.scale, self.dtype),
+                lambda: matvec.skinny_gemm(rows, self.weight, self.scale, self.dtype, self.pdl),
             )
         else:
             out = self.cublas(rows)
@@ -323,6 +346,7 @@ class RowwiseFp8Linear:
         self.dtype, self.row_multiple = dtype, row_multiple
         self.emulate = gemm == "emulate"
         self.gemv = False  # no skinny path: one-row steps use cuBLAS too
+        self.pdl = False
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.emulate:  # the executor's fp8_rowwise_linear, bit for bit
@@ -349,6 +373,11 @@ class RowwiseFp8Linear:
 
 
 Linear = DenseLinear | Fp8Linear | RowwiseFp8Linear
+
+
+def pdl_supported(device: torch.device) -> bool:
+    """Programmatic dependent launch: CUDA devices of compute capability 9.0 (Hopper) on."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0)
 
 
 def scaled_mm_row_multiple(device: torch.device) -> int:
@@ -587,9 +616,12 @@ class ResidentRuntime:
         graphs: bool | None = None,
         compile: bool | None = None,
         gemv: bool | None = None,
+        pdl: bool | None = None,
     ):
         """`gemv` (default: on CUDA where Triton imports) enables the Triton kernels: skinny
-        GEMMs (builder/runtime/gemv.py) and the fused norm / SiLU chains (fused.py)."""
+        GEMMs (builder/runtime/gemv.py) and the fused norm / SiLU chains (fused.py). `pdl`
+        (default: with them, on Hopper and later) launches those kernels with programmatic
+        dependent launch."""
         self.config = dict(config)
         self.plan: ModelPlan = plan_from_trtllm_config(config)
         self.tp, self.pp = mapping_of(config)
@@ -601,7 +633,8 @@ class ResidentRuntime:
         if fp8_gemm not in FP8_GEMMS:
             raise UserError(f"fp8_gemm {fp8_gemm!r}: expected one of {', '.join(FP8_GEMMS)}")
         self.fp8_gemm = fp8_gemm
-        self.max_batch, self.max_seq = max_batch, max_seq
+        # whole tiles of the fused decode attention: every span a step attends over is one
+        self.max_batch, self.max_seq = max_batch, -(-max_seq // DECODE_TILE) * DECODE_TILE
         quant = self.config.get("quantization") or {}
         self.kv_cache_fp8 = quant.get("kv_cache_quant_algo") == "FP8"
         self.rank = rank
@@ -623,18 +656,20 @@ class ResidentRuntime:
         self.final_norm = self.tensor(last_ranks[0], trtllm_weight(Role.FINAL_NORM), dtype)
         self.lm_head = [self.linear(r, trtllm_module(Role.LM_HEAD)) for r in last_ranks]
         inv_freq = rope_inv_freq(self.plan.head_dim, self.plan.rope_theta, self.plan.rope_scaling)
-        angles = torch.arange(max_seq, dtype=torch.float32)[:, None] * inv_freq
+        angles = torch.arange(self.max_seq, dtype=torch.float32)[:, None] * inv_freq
         emb = torch.cat([angles, angles], dim=-1)
         self.cos, self.sin = (
             emb.cos().to(dtype).to(self.device),
             emb.sin().to(dtype).to(self.device),
         )
         self.pos = torch.zeros(1, dtype=torch.long, device=self.device)
-        self.positions = torch.arange(max_seq, device=self.device)
+        self.positions = torch.arange(self.max_seq, device=self.device)
         self.length = 0  # tokens in the cache (host copy of pos)
         self.batch = 0
         self._graphs: dict[tuple[int, int], Graph] = {}
         self._pool = None
+        self.pdl = False
+        self.set_pdl(pdl_supported(self.device) if pdl is None else pdl)
 
     # ---- construction ---------------------------------------------------------------------------
     @classmethod
@@ -835,34 +870,46 @@ class ResidentRuntime:
     @property
     def linear_bytes(self) -> int:
         """Bytes of every resident linear weight (what a decode step streams), lm_head included."""
-        linears = [
+        return sum(lin.nbytes for lin in self.all_linears())
+
+    def all_linears(self) -> list[Linear]:
+        return [
             *self.lm_head,
             *(lin for part in self.parts for w in part.ranks for lin in linears_of(w)),
         ]
-        return sum(lin.nbytes for lin in linears)
+
+    def drop_graphs(self) -> None:
+        self._graphs.clear()
+        self._pool = None  # a pool whose graphs were freed is not captured into again
 
     def set_gemv(self, enabled: bool) -> None:
         """Route one-row linears through the Triton kernel (True) or cuBLAS; drops captured
         graphs."""
         enabled = enabled and matvec.available()
-        for lin in [
-            *self.lm_head,
-            *(lin for p in self.parts for w in p.ranks for lin in linears_of(w)),
-        ]:
+        for lin in self.all_linears():
             lin.gemv = enabled and not getattr(lin, "emulate", False)
         self.gemv = enabled
-        self._graphs.clear()
-        self._pool = None  # a pool whose graphs were freed is not captured into again
+        self.drop_graphs()
+
+    def set_pdl(self, enabled: bool) -> None:
+        """Launch the Triton kernels (where they run) with programmatic dependent launch: each
+        may start while the one before finishes; drops captured graphs."""
+        enabled = enabled and self.kernels.triton and pdl_supported(self.device)
+        if self.kernels.triton:
+            self.kernels.set_pdl(enabled)
+        for lin in self.all_linears():
+            lin.pdl = enabled
+        self.pdl = enabled
+        self.drop_graphs()
 
     def set_fused_decode_attention(self, enabled: bool) -> None:
         """Decode attention as the tiled Triton kernels (True, where Triton runs) or the eager
         GEMM-softmax-GEMM; drops captured graphs."""
-        from builder.runtime import fused
-
-        enabled = enabled and self.kernels.rope_cache is not None
-        self.kernels.decode_attention = fused.decode_attention if enabled else None
-        self._graphs.clear()
-        self._pool = None
+        if enabled and self.kernels.rope_cache is not None:
+            self.kernels.use_triton("decode_attention")
+        else:
+            self.kernels.decode_attention = None
+        self.drop_graphs()
 
     def fp8_linears(self) -> list[tuple[str, Fp8Linear]]:
         """(part name, linear) of every FP8 linear, for checks of the GEMM paths."""
@@ -993,3 +1040,43 @@ class ResidentRuntime:
             token = self.decode(token).argmax(-1)
             out.append(token)
         return torch.stack(out, dim=1).cpu()
+
+    @torch.no_grad()
+    def greedy(self, prompts: list[list[int]], max_new_tokens: int) -> Generation:
+        """`TrtllmCheckpointExecutor.greedy`'s contract for a static batch (what `builder bench`
+        drives): exactly `max_new_tokens` tokens per prompt, the time each step's tokens
+        reached the host, and the KV cache's size. Prompts must share one length (decode steps
+        share one position)."""
+        if not prompts or any(not p for p in prompts):
+            raise UserError("generate: every prompt needs at least one token")
+        if max_new_tokens < 1:
+            raise UserError(f"generate: max_new_tokens must be >= 1, got {max_new_tokens}")
+        if len({len(p) for p in prompts}) != 1:
+            raise UserError(
+                "resident runtime: prompts of one length only (a static batch), got lengths "
+                + ", ".join(sorted({str(len(p)) for p in prompts}))
+            )
+        if len(prompts[0]) + max_new_tokens > self.max_seq:
+            raise UserError(
+                f"{len(prompts[0])} prompt + {max_new_tokens} new tokens: the cache holds "
+                f"{self.max_seq} (max_seq)"
+            )
+        start = time.perf_counter()
+        token = self.prefill(torch.tensor(prompts))[:, -1].argmax(-1)
+        steps, times = [token.tolist()], [time.perf_counter()]  # tolist waits for the device
+        for _ in range(max_new_tokens - 1):
+            token = self.decode(token).argmax(-1)
+            steps.append(token.tolist())
+            times.append(time.perf_counter())
+        tokens = [list(sequence) for sequence in zip(*steps, strict=True)]
+        return Generation(tokens, start, tuple(times), [], self.kv_cache_bytes)
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        return sum(c.k_cache.nbytes + c.v_cache.nbytes for c in self.caches)
+
+    def __enter__(self) -> ResidentRuntime:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.drop_graphs()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from builder.bench.inprocess import bench_checkpoint, roofline
 from builder.bench.workload import parse_pairs, synthetic_prompts, workloads
@@ -48,6 +49,45 @@ def test_records_of_an_executor_bench(trt):
         assert bound == roofline(trt, "h200x8-bf16", s["concurrency"], 6 + 4 // 2)
         assert m["roofline_step_ms"].value == pytest.approx(bound["step_ms_at_concurrency"])
         assert bound["bytes_read_per_gpu_per_step"] > 0 and bound["hbm_bandwidth_tbs"] == 4.8
+
+
+def test_resident_runtime_benches_like_the_executor(trt, tmp_path, capsys):
+    """`--runtime resident`: the same points and metrics, records that name it, and its
+    greedy tokens are the executor's (fp32 on the CPU: the same ops within fp32 rounding)."""
+    from builder.runtime import TrtllmCheckpointExecutor
+    from builder.runtime.resident import ResidentRuntime
+
+    points = workloads([(6, 4)], [2], requests=None, warmup=0, repeat=1, seed=0)
+    (record,) = bench_checkpoint(trt, points, runtime="resident")
+    assert record.runtime == "resident" and record.settings["engine"] is False
+    assert "resident runtime" in record.settings["note"] and "(in-process resident)" in (
+        record.target
+    )
+    m = record.metrics
+    assert m["output_token_throughput"].value == pytest.approx(4 * m["request_throughput"].value)
+    assert m["kv_cache_memory"].value > 0
+    prompts = synthetic_prompts(1000, 6, 2, seed=3)
+    with TrtllmCheckpointExecutor(trt, keep_weights=True) as executor:
+        expected = executor.greedy(prompts, 4).tokens
+    with ResidentRuntime.from_checkpoint(trt, dtype=torch.float32, max_seq=10) as rt:
+        generation = rt.greedy(prompts, 4)
+        assert generation.tokens == expected and len(generation.token_times) == 4
+        with pytest.raises(UserError, match="one length only"):
+            rt.greedy([[1, 2], [3]], 2)
+        assert rt.max_seq == 64  # rounded up to whole decode-attention tiles
+        with pytest.raises(UserError, match="max_seq"):
+            rt.greedy(prompts, 64 - 6 + 1)
+    main(
+        ["bench", str(trt), "--runtime", "resident", "--isl", "5", "--osl", "2"]
+        + ["--concurrency", "1", "--repeat", "1", "--warmup", "0", "--no-history"]
+        + ["--out", str(tmp_path / "out"), "--json"],
+        standalone_mode=False,
+    )
+    assert json.loads(capsys.readouterr().out)[0]["runtime"] == "resident"
+    refused = main(
+        ["bench", "--url", "http://127.0.0.1:9", "--runtime", "resident"], standalone_mode=False
+    )
+    assert refused == 2 and "only a CHECKPOINT" in capsys.readouterr().err
 
 
 def test_cli_bench_then_history(trt, tmp_path, capsys):

@@ -304,6 +304,42 @@ def test_cuda_graph_decode_matches_eager_and_cpu_emulation(checkpoints):
             assert compare_logits(linear(rows.cuda()).cpu(), cpu(rows)).relative_error <= 1e-3, name
 
 
+def test_cache_holds_whole_decode_attention_tiles(checkpoints):
+    """The fused decode attention takes spans of whole 64-position tiles: any max_seq is
+    rounded up to them, and so is every span a step attends over (`builder bench` asks for
+    isl + osl, e.g. 160)."""
+    from builder.runtime.fused import DECODE_TILE
+
+    rt = ResidentRuntime.from_checkpoint(checkpoints / "bf16-tp1", max_seq=160)
+    assert rt.max_seq == 192 and rt.positions.numel() == 192 and rt.cos.shape[0] == 192
+    assert {c.k_cache.shape[2] for c in rt.caches} == {192}
+    assert all(rt.span_for(length) % DECODE_TILE == 0 for length in range(1, 192))
+
+
+@NEEDS_CUDA
+def test_programmatic_dependent_launch_changes_no_result(checkpoints):
+    """PDL changes when kernels start, not what they compute: graph-replayed decode logits with
+    and without it are bit-identical (same kernels, same tiles, same summation order), in BF16
+    and FP8, and every kernel still sees its producer's output (a missing wait would read the
+    previous step's buffers)."""
+    from builder.runtime.resident import pdl_supported
+
+    if not pdl_supported(torch.device("cuda")):
+        pytest.skip("programmatic dependent launch needs compute capability 9.0")
+    ids = token_ids()
+    for name in ("bf16-tp1", "fp8-tp1"):
+        with_pdl = runtime(checkpoints / name, torch.bfloat16, device="cuda", pdl=True)
+        without = runtime(checkpoints / name, torch.bfloat16, device="cuda", pdl=False)
+        assert with_pdl.pdl and not without.pdl
+        a, b = with_pdl.prefill(ids), without.prefill(ids)
+        assert torch.equal(a, b), name
+        token = b[:, -1].argmax(-1)
+        for _ in range(6):
+            a, b = with_pdl.decode(token), without.decode(token)
+            assert torch.equal(a, b), name
+            token = b.argmax(-1)
+
+
 @NEEDS_CUDA
 def test_fused_triton_chains_round_like_the_executor():
     """The Triton add+norm and SiLU chains make the executor's roundings (bf16 after the add,

@@ -1,0 +1,51 @@
+"""The Triton skinny GEMM (builder/runtime/gemv.py) on a GPU, with and without programmatic
+dependent launch, against exact arithmetic."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from builder.runtime import gemv
+
+CUDA = torch.cuda.is_available() and gemv.available()
+pytestmark = pytest.mark.skipif(
+    not CUDA, reason="needs a CUDA GPU with Triton; scripts/bench_gpu.py runs them on the H200"
+)
+E4M3_STEP = 2.0**-4  # relative spacing of e4m3 values: the FP8 formats' own rounding
+BF16_UNIT = 2.0**-8  # unit roundoff of the bf16 output, which every path rounds to once
+FP32_UNIT = 2.0**-24
+
+
+def bound(dtype: torch.dtype, k: int) -> float:
+    """Relative (norm) distance from the exact product: the output's bf16 rounding plus the
+    accumulation's. bf16 tensor-core products are exact in fp32 and summed in fp32 (at most
+    K fp32 roundings); Hopper's FP8 accumulation is narrower than fp32, so it is held to
+    1/64 of one e4m3 step: far below the rounding FP8 itself makes."""
+    return BF16_UNIT + (E4M3_STEP / 64 if dtype == torch.float8_e4m3fn else k * FP32_UNIT)
+
+
+SHAPES = [(1, 2304, 16384), (8, 2304, 16384), (1, 16384, 2688), (16, 48, 100), (3, 40, 4672)]
+
+
+def operands(rows, n, k, dtype, seed=0):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    x = torch.randn(rows, k, device="cuda", generator=gen)
+    w = torch.randn(n, k, device="cuda", generator=gen) / k**0.5
+    if dtype == torch.float8_e4m3fn:
+        x, w = (x * 16).clamp(-448, 448).to(dtype), (w * 64).clamp(-448, 448).to(dtype)
+    else:
+        x, w = x.to(dtype), w.to(dtype)
+    return x, w, torch.tensor(0.25, device="cuda")
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.bfloat16])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_skinny_gemm_computes_the_product_with_and_without_pdl(shape, dtype):
+    rows, n, k = shape
+    x, w, scale = operands(rows, n, k, dtype)
+    exact = (x.double() @ w.double().T) * scale.double()
+    plain = gemv.skinny_gemm(x, w, scale, torch.bfloat16)
+    assert ((plain.double() - exact).norm() / exact.norm()).item() <= bound(dtype, k)
+    # the same tiles in the same order: PDL changes when the kernel starts, not its sums
+    assert torch.equal(gemv.skinny_gemm(x, w, scale, torch.bfloat16, pdl=True), plain)
