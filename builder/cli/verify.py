@@ -15,6 +15,8 @@ HELP = """Check ARTIFACT against the golden written by `builder reference` and w
 \b
 Runtimes (--runtime), each answering "score these token ids; continue this prompt greedily":
   executor  TensorRT-LLM checkpoint (BF16 or FP8, any tp/pp) through builder's PyTorch executor
+  resident  the same checkpoint through builder's resident runtime: weights loaded onto
+            --device once, CUDA graphs and Triton kernels on a GPU (no --localize)
   hf        unified HF FP8 export (quantize OUT/hf) through builder's reference model with its
             FP8 weights and scales: an independent check of that export
   openai    a live OpenAI-compatible server at --url (trtllm-serve, vLLM, SGLang); what it
@@ -69,9 +71,11 @@ Exit status: 0 pass, 1 fail, 2 bad input.
     type=click.Choice(["auto", *COMPUTE]),
     default="auto",
     show_default=True,
-    help="Compute dtype of executor/hf (auto: the golden's).",
+    help="Compute dtype of executor/resident/hf (auto: the golden's).",
 )
-@click.option("--device", default="cpu", show_default=True, help="cpu or cuda (executor, hf).")
+@click.option(
+    "--device", default="cpu", show_default=True, help="cpu or cuda (executor, resident, hf)."
+)
 @click.option(
     "--thresholds",
     type=click.Path(dir_okay=False, path_type=Path),
@@ -150,7 +154,7 @@ def verify(
             report,
             {
                 "dtype": str(compute).removeprefix("torch.")
-                if runtime_name in ("executor", "hf")
+                if runtime_name in ("executor", "resident", "hf")
                 else None
             },
         )

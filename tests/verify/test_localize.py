@@ -231,3 +231,22 @@ def test_a_golden_of_another_model_is_bad_input(ultra_fp8, mixed_ckpt_fp32, thre
         f"is of {mixed_ckpt_fp32.resolve()})"
     )
     assert not (tmp_path / "report").exists()
+
+
+def test_resident_runtime_verifies_like_the_executor(ultra_ckpt, ultra_golden, tmp_path):
+    """`--runtime resident` on a tp 2 BF16 conversion, fp32 on the CPU: the executor's bounds
+    above (the same ops in fp32); it cannot localize, and says so instead of failing."""
+    from builder.convert.pipeline import convert_checkpoint
+
+    out = tmp_path / "bf16"
+    convert_checkpoint(ultra_ckpt, out, tp=2)
+    runtime = make_runtime("resident", RuntimeArgs(artifact=str(out), dtype=torch.float32))
+    said: list[str] = []
+    options = VerifyOptions(localize=True, report=tmp_path / "r")
+    result = verify(ultra_golden, runtime, options, said.append)
+    assert runtime.artifact.kind == "trtllm-bf16" and runtime.artifact.details["tp"] == 2
+    m = result.metrics
+    assert m["kl_mean"] < 1e-6 and abs(m["ppl_ratio"] - 1) < 1e-5
+    assert m["top1_agreement"] == 1.0 and m["greedy_exact_match"] == 1.0
+    assert result.localization is None and any("cannot run blocks" in s for s in said)
+    assert result.exit_code == 0, result.failures

@@ -1,6 +1,7 @@
 """Verify runtimes by name, imported only when chosen (each behind builder.verify.runtimes.base).
 
 executor  TensorRT-LLM checkpoint through builder.runtime's PyTorch executor (CPU or CUDA)
+resident  the same through builder.runtime.resident.ResidentRuntime (weights on the device)
 hf        unified HF FP8 export through builder's reference model (dequantized, streamed)
 openai    a live OpenAI-compatible server (/v1/completions): trtllm-serve, vLLM, SGLang
 triton    a Triton generate endpoint (/v2/models/<model>/generate) with return_log_probs
@@ -17,6 +18,7 @@ from builder.errors import UserError
 
 RUNTIMES = {
     "executor": "builder.verify.runtimes.executor:ExecutorRuntime",
+    "resident": "builder.verify.runtimes.resident:ResidentVerifyRuntime",
     "hf": "builder.verify.runtimes.hf:HfFp8Runtime",
     "openai": "builder.verify.runtimes.openai:OpenAIRuntime",
     "triton": "builder.verify.runtimes.triton:TritonRuntime",
