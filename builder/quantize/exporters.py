@@ -76,7 +76,6 @@ def export_trtllm(job: ExportJob) -> None:
     """FP8 TensorRT-LLM checkpoint (tp x pp rank files) for trtllm-build; a mixed recipe
     adds quant_cfg.json."""
     from builder.quantize.export_trtllm import write_trtllm_recipe
-    from builder.quantize.pipeline import add_to_manifest
 
     job.say(f"writing FP8 TensorRT-LLM checkpoint (tp={job.tp}, pp={job.pp})")
     out = job.stage / "trtllm"
@@ -102,7 +101,6 @@ def export_hf(job: ExportJob) -> None:
     """Unified HF FP8 checkpoint (ModelOpt's format) for the PyTorch backend, vLLM, SGLang."""
     from builder.dtypes import torch_dtype
     from builder.quantize.export_hf import write_unified_hf
-    from builder.quantize.pipeline import write_hf_manifest
 
     job.say("writing unified HF FP8 checkpoint")
     hf_dir = job.stage / "hf"
@@ -119,6 +117,32 @@ def export_hf(job: ExportJob) -> None:
         rounding=job.rounding,
     )
     write_hf_manifest(hf_dir, job.src, written, job.fields)
+
+
+def add_to_manifest(directory: Path, fields: dict[str, Any]) -> None:
+    from builder.io.manifest import read_manifest, write_manifest
+
+    manifest = read_manifest(directory)
+    manifest.update(fields)
+    write_manifest(directory, manifest)
+
+
+def write_hf_manifest(directory: Path, src: Path, written: list, fields: dict[str, Any]) -> None:
+    from builder.io.manifest import MANIFEST, ArtifactKind, file_entry, provenance, write_manifest
+
+    hashed = {w.path.name: w.digest for w in written}
+    files = {
+        p.name: file_entry(p, digest=hashed.get(p.name))
+        for p in sorted(directory.iterdir())
+        if p.is_file() and p.name != MANIFEST
+    }
+    manifest = {
+        **provenance(ArtifactKind.HF_FP8_CHECKPOINT),
+        "source": {"path": str(src.resolve())},
+        **fields,
+        "files": files,
+    }
+    write_manifest(directory, manifest)
 
 
 def run_export(name: str, job: ExportJob, seconds: dict[str, float]) -> None:

@@ -510,28 +510,6 @@ def calibration_fields(
     }
 
 
-def add_to_manifest(directory: Path, fields: dict[str, Any]) -> None:
-    manifest = read_manifest(directory)
-    manifest.update(fields)
-    write_manifest(directory, manifest)
-
-
-def write_hf_manifest(directory: Path, src: Path, written: list, fields: dict[str, Any]) -> None:
-    hashed = {w.path.name: w.digest for w in written}
-    files = {
-        p.name: file_entry(p, digest=hashed.get(p.name))
-        for p in sorted(directory.iterdir())
-        if p.is_file() and p.name != MANIFEST
-    }
-    manifest = {
-        **provenance(ArtifactKind.HF_FP8_CHECKPOINT),
-        "source": {"path": str(src.resolve())},
-        **fields,
-        "files": files,
-    }
-    write_manifest(directory, manifest)
-
-
 def files_of(directory: Path) -> dict[str, Any]:
     """Top-level files hashed; each export's files are taken from its own manifest."""
     files: dict[str, Any] = {}
