@@ -28,6 +28,17 @@ def trtllm_kind(config: dict) -> str:
     return f"trtllm-{config.get('dtype', 'bfloat16')}".replace("bfloat16", "bf16")
 
 
+def checkpoint_artifact(path: Path, runner) -> ArtifactInfo:
+    """What a verify record says of a TensorRT-LLM checkpoint run by `runner` (the executor
+    or the resident runtime: both carry its config and layout)."""
+    return ArtifactInfo(
+        str(path.resolve()),
+        trtllm_kind(runner.config),
+        directory_sha256(path),
+        {"tp": runner.tp, "pp": runner.pp, "kv_cache_fp8": runner.kv_cache_fp8},
+    )
+
+
 class ExecutorRuntime:
     name = "executor"
 
@@ -44,17 +55,7 @@ class ExecutorRuntime:
         self.executor = TrtllmCheckpointExecutor(self.path, dtype=dtype, device=device)
         self.plan = self.executor.plan
         self.device, self.top_k = device, top_k
-        config = self.executor.config
-        self.artifact = ArtifactInfo(
-            str(self.path.resolve()),
-            trtllm_kind(config),
-            directory_sha256(self.path),
-            {
-                "tp": self.executor.tp,
-                "pp": self.executor.pp,
-                "kv_cache_fp8": self.executor.kv_cache_fp8,
-            },
-        )
+        self.artifact = checkpoint_artifact(self.path, self.executor)
         self.capabilities = Capabilities(
             prompt_scores=True,
             full_distribution=True,

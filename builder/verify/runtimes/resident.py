@@ -9,13 +9,8 @@ from pathlib import Path
 
 import torch
 
-from builder.verify.runtimes.base import (
-    ArtifactInfo,
-    Capabilities,
-    directory_sha256,
-    scores_from_logits,
-)
-from builder.verify.runtimes.executor import trtllm_kind
+from builder.verify.runtimes.base import Capabilities, scores_from_logits
+from builder.verify.runtimes.executor import checkpoint_artifact
 from builder.verify.sampling import Sampler, Sampling
 
 MAX_SEQ = 4096  # cache positions: the longest golden window or prompt + continuation
@@ -40,12 +35,7 @@ class ResidentVerifyRuntime:
         )
         self.plan = self.rt.plan
         self.device, self.top_k = device, top_k
-        self.artifact = ArtifactInfo(
-            str(self.path.resolve()),
-            trtllm_kind(self.rt.config),
-            directory_sha256(self.path),
-            {"tp": self.rt.tp, "pp": self.rt.pp, "kv_cache_fp8": self.rt.kv_cache_fp8},
-        )
+        self.artifact = checkpoint_artifact(self.path, self.rt)
         self.capabilities = Capabilities(
             prompt_scores=True,
             full_distribution=True,
