@@ -26,6 +26,13 @@ import torch
 from builder.dtypes import FP8_MAX
 
 
+def pdl_launch(pdl: bool) -> dict[str, bool]:
+    """A kernel's launch arguments for programmatic dependent launch: the launch attribute and
+    the kernel's own wait (`GDC`) go together, since a kernel launched early that does not
+    wait could read its producer's output before it is written."""
+    return {"GDC": pdl, "launch_pdl": pdl}
+
+
 @functools.cache
 def _kernels():
     import triton
@@ -316,9 +323,8 @@ def add_norm(x, delta, weight, eps, a_scale=None, pdl=False):
         BLOCK=block,
         QUANT=a_scale is not None,
         FP8_MAX=FP8_MAX,
-        GDC=pdl,
         num_warps=warps,
-        launch_pdl=pdl,
+        **pdl_launch(pdl),
     )
     return x_out, h
 
@@ -348,9 +354,8 @@ def silu_mul(fc_gate, width, a_scale=None, pdl=False):
         BLOCK=block,
         QUANT=a_scale is not None,
         FP8_MAX=FP8_MAX,
-        GDC=pdl,
         num_warps=4,
-        launch_pdl=pdl,
+        **pdl_launch(pdl),
     )
     return out
 
@@ -395,9 +400,8 @@ def rope_cache(
         DECODE=decode,
         FP8_KV=kv_scale is not None,
         FP8_MAX=FP8_MAX,
-        GDC=pdl,
         num_warps=1,
-        launch_pdl=pdl,
+        **pdl_launch(pdl),
     )
     return q
 
@@ -447,9 +451,8 @@ def decode_attention(q, k_cache, v_cache, valid, scale, kv_heads, a_scale=None, 
         GROUP=group,
         HD=head_dim,
         BLOCK_S=DECODE_TILE,
-        GDC=pdl,
         num_warps=4,
-        launch_pdl=pdl,
+        **pdl_launch(pdl),
     )
     out = torch.empty(
         batch,
@@ -472,8 +475,7 @@ def decode_attention(q, k_cache, v_cache, valid, scale, kv_heads, a_scale=None, 
         HD=head_dim,
         QUANT=a_scale is not None,
         FP8_MAX=FP8_MAX,
-        GDC=pdl,
         num_warps=1,
-        launch_pdl=pdl,
+        **pdl_launch(pdl),
     )
     return out

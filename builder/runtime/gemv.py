@@ -38,6 +38,8 @@ from collections.abc import Callable
 
 import torch
 
+from builder.runtime.fused import pdl_launch
+
 MAX_ROWS = 16
 
 
@@ -134,7 +136,7 @@ def skinny_gemm(
     n = weight.shape[0]
     y = torch.empty(m, n, dtype=out_dtype, device=weight.device)
     _kernel()[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](
-        x, weight, scale, y, m, n, k, GDC=pdl, launch_pdl=pdl
+        x, weight, scale, y, m, n, k, **pdl_launch(pdl)
     )
     return y
 

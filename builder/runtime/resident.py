@@ -200,31 +200,31 @@ class Kernels:
                         torch._dynamo.config, limit, max(64, getattr(torch._dynamo.config, limit))
                     )
         for name in self.NAMES:
-            fn = source[name]
             if triton and name in self.TRITON:
-                from builder.runtime import fused
-
-                fn = getattr(fused, name)
-            elif compile:
+                continue  # bound to the Triton kernel below
+            fn = source[name]
+            if compile:
                 if name not in Kernels._compiled:
                     Kernels._compiled[name] = torch.compile(fn, dynamic=True, fullgraph=True)
                 fn = Kernels._compiled[name]
             setattr(self, name, fn)
         self.rope_cache = self.decode_attention = None
         if triton:
-            self.set_pdl(False)
+            for name in (*self.TRITON, *self.DECODE_ONLY):
+                self.use_triton(name)
 
     def set_pdl(self, enabled: bool) -> None:
-        """(Re)bind the Triton kernels, launched with programmatic dependent launch or not."""
+        """Rebind the Triton kernels in use, launched with programmatic dependent launch or not
+        (a kernel switched off, e.g. the fused decode attention, stays off)."""
+        self.pdl = enabled and self.triton
         for name in (*self.TRITON, *self.DECODE_ONLY):
-            self.use_triton(name, enabled)
-        self.pdl = enabled
+            if self.triton and getattr(self, name) is not None:
+                self.use_triton(name)
 
-    def use_triton(self, name: str, pdl: bool | None = None) -> None:
+    def use_triton(self, name: str) -> None:
         from builder.runtime import fused
 
-        pdl = self.pdl if pdl is None else pdl
-        setattr(self, name, functools.partial(getattr(fused, name), pdl=pdl))
+        setattr(self, name, functools.partial(getattr(fused, name), pdl=self.pdl))
 
 
 # ---- linears -------------------------------------------------------------------------------------
@@ -668,7 +668,6 @@ class ResidentRuntime:
         self.batch = 0
         self._graphs: dict[tuple[int, int], Graph] = {}
         self._pool = None
-        self.pdl = False
         self.set_pdl(pdl_supported(self.device) if pdl is None else pdl)
 
     # ---- construction ---------------------------------------------------------------------------
@@ -894,13 +893,14 @@ class ResidentRuntime:
     def set_pdl(self, enabled: bool) -> None:
         """Launch the Triton kernels (where they run) with programmatic dependent launch: each
         may start while the one before finishes; drops captured graphs."""
-        enabled = enabled and self.kernels.triton and pdl_supported(self.device)
-        if self.kernels.triton:
-            self.kernels.set_pdl(enabled)
+        self.kernels.set_pdl(enabled and pdl_supported(self.device))
         for lin in self.all_linears():
-            lin.pdl = enabled
-        self.pdl = enabled
+            lin.pdl = self.pdl
         self.drop_graphs()
+
+    @property
+    def pdl(self) -> bool:
+        return self.kernels.pdl
 
     def set_fused_decode_attention(self, enabled: bool) -> None:
         """Decode attention as the tiled Triton kernels (True, where Triton runs) or the eager

@@ -316,6 +316,22 @@ def test_cache_holds_whole_decode_attention_tiles(checkpoints):
     assert all(rt.span_for(length) % DECODE_TILE == 0 for length in range(1, 192))
 
 
+def test_pdl_rebinds_only_the_triton_kernels_in_use():
+    """set_pdl rebinds the Triton kernels with the new launch setting; a kernel switched off (the
+    fused decode attention, for the eager comparison) stays off, and without Triton there is
+    nothing to launch that way. Binding runs no kernel, so this holds on the CPU."""
+    from builder.runtime.resident import Kernels
+
+    kernels = Kernels(compile=False, triton=True)
+    kernels.decode_attention = None
+    kernels.set_pdl(True)
+    assert kernels.pdl and kernels.decode_attention is None
+    assert kernels.rope_cache.keywords == kernels.add_norm.keywords == {"pdl": True}
+    plain = Kernels(compile=False, triton=False)
+    plain.set_pdl(True)
+    assert not plain.pdl and plain.rope_cache is None
+
+
 @NEEDS_CUDA
 def test_programmatic_dependent_launch_changes_no_result(checkpoints):
     """PDL changes when kernels start, not what they compute: graph-replayed decode logits with
