@@ -46,6 +46,7 @@ from builder.arch.tensors import scale_names
 from builder.convert.trtllm_config import trtllm_config
 from builder.quantize.export_trtllm import trtllm_quantization
 from builder.quantize.fp8 import quantize_trtllm, trtllm_scale
+from builder.runtime.gemv import CHOOSER, MAX_ROWS
 from builder.runtime.resident import ResidentRuntime
 
 SLICE = range(148, 158)
@@ -507,6 +508,8 @@ def run_tp(plan, tp, device, args, copy_bw) -> dict:
             f"tp{tp} {precision}: prefill {[round(r['tokens_per_s']) for r in entry['prefill']]} "
             "tok/s"
         )
+        if rt.gemv:  # each skinny linear's path chosen by the decode step it runs in
+            entry["tuned_linears"] = tune_linears(rt, device, args, f"tp{tp} {precision}")
         entry["decode"] = bench_decode(rt, device, args.batches, args.prompt, args.steps, copy_bw)
         log(
             f"tp{tp} {precision}: decode {[round(r['step_ms'], 3) for r in entry['decode']]} "
@@ -547,8 +550,9 @@ def run_tp(plan, tp, device, args, copy_bw) -> dict:
 
 
 def decode_variants(rt, device, args, copy_bw, label: str) -> list[dict]:
-    """Batch-1 decode of the same weights with one launch setting changed: the Triton kernels
-    without programmatic dependent launch (the runtime's setting is restored after)."""
+    """Batch-1 decode of the same weights with one setting changed: the Triton kernels without
+    programmatic dependent launch; the skinny paths as each GEMM timed alone ranks them,
+    without the choices made in the step (each setting is restored after)."""
     variants = []
     if rt.gemv and rt.pdl:
         rt.set_pdl(False)
@@ -556,7 +560,32 @@ def decode_variants(rt, device, args, copy_bw, label: str) -> list[dict]:
         rt.set_pdl(True)
         variants.append({"what": "no programmatic dependent launch", "pdl": False, **row})
         log(f"{label}: decode batch 1, no programmatic dependent launch: {row['step_ms']:.3f} ms")
+    if rt.gemv and CHOOSER.overrides:  # the paths as each GEMM timed alone ranks them
+        tuned = dict(CHOOSER.overrides)
+        CHOOSER.overrides.clear()
+        rt.drop_graphs()
+        (row,) = bench_decode(rt, device, [1], args.prompt, args.steps, copy_bw)
+        CHOOSER.overrides.update(tuned)
+        rt.drop_graphs()
+        variants.append({"what": "skinny paths chosen by each GEMM timed alone", **row})
+        log(f"{label}: decode batch 1, paths chosen alone: {row['step_ms']:.3f} ms")
     return variants
+
+
+def tune_linears(rt, device, args, label: str) -> list[dict]:
+    """ResidentRuntime.tune_decode_linears at each benchmarked batch of skinny rows."""
+    trials = []
+    for batch in (b for b in args.batches if b <= MAX_ROWS):
+        rt.prefill(torch.randint(0, VOCAB, (batch, args.prompt), device=device))
+        t0 = time.perf_counter()
+        found = [t.as_json() for t in rt.tune_decode_linears()]
+        flipped = [f"{t['n']}x{t['k']}->{t['kept']}" for t in found if t["kept"] != "cublas"]
+        log(
+            f"{label}: batch {batch}: {len(found)} shapes tried in the step in "
+            f"{time.perf_counter() - t0:.1f} s; Triton kept for {flipped}"
+        )
+        trials += found
+    return trials
 
 
 def log(message: str) -> None:
@@ -819,8 +848,6 @@ def main() -> None:
     for tp in args.tp:
         results["tp"].append(run_tp(plan, tp, device, args, results["copy"]["bandwidth_GBps"]))
         (args.out / "bench_gpu.json").write_text(json.dumps(results, indent=1) + "\n")
-
-    from builder.runtime.gemv import CHOOSER
 
     results["skinny_gemm_choices"] = CHOOSER.summary()
     results["table"] = table(results)

@@ -12,7 +12,12 @@ cuBLAS's (1e-2 relative, else it is never used) and times both (its block sizes 
 once per (rows, N, K, dtype) with the L2 flushed before each trial
 (triton.testing.do_bench), so the choice is made for weights streamed from HBM, as in a decode
 step, and keeps cuBLAS wherever the kernel is not faster. Choices are made on the first call of
-each shape, which the runtime makes before it captures a CUDA graph.
+each shape, which the runtime makes before it captures a CUDA graph. Timed alone, a GEMM ranks
+its paths differently than between the step's other kernels (on the H200, 13312 x 16384 FP8:
+Triton 64.5 us and cuBLAS 69.4 alone, but 77.3 and 58.1 each in a graph of back-to-back calls,
+scripts/results/h200_probe_gemm_in_graph_2026-12-02.json), so
+`ResidentRuntime.tune_decode_linears` can set `Chooser.overrides` from the captured step's own
+time, one shape at a time.
 
 Measured and dropped (scripts/results/h200_bench_gpu_session4.json and
 h200_bench_gpu_splitk_tiled_attention.json, the `us` of each shape): a one-row matrix-vector
@@ -25,6 +30,14 @@ on all but one shape and no faster in the decode step; nor was keeping this kern
 is up to 50% slower than cuBLAS, so that more of the step's kernels overlap
 (scripts/results/h200_bench_gpu_pdl_2026-12-02.json).
 
+Also measured and dropped (h200_bench_gpu_streamk_2026-12-02.json, and
+scripts/probe_gemm_in_graph.py's results above): a stream-K kernel, the (output block, K tile)
+steps cut evenly over one to eight programs per SM, the blocks cut between programs summed in
+program order by the last to arrive. Alone it was 1.3-2.4x slower than the faster path on
+every shape; in a graph its best configuration came within 20% of cuBLAS only on q/k/v at TP8
+(18.6 us against 15.1) and was slower everywhere else: one program's pipelined stream does not
+read faster than about 20 GB/s, and few programs per SM cannot make up for it.
+
 `pdl=True`: launched with programmatic dependent launch (builder/runtime/fused.py); each
 program reads its first weight tile before it waits for the kernel before.
 
@@ -33,8 +46,9 @@ Triton is imported lazily: `available()` is False where it (or a CUDA device) is
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 
 import torch
 
@@ -141,37 +155,74 @@ def skinny_gemm(
     return y
 
 
+def candidates(
+    cublas: Callable[[], torch.Tensor],
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scale: torch.Tensor,
+    out_dtype: torch.dtype,
+    pdl: bool,
+) -> dict[str, Callable[[], torch.Tensor]]:
+    """The paths `Chooser` picks between for one skinny product, cuBLAS (the reference) first."""
+    return {"cublas": cublas, "triton": lambda: skinny_gemm(x, weight, scale, out_dtype, pdl)}
+
+
 class Chooser:
-    """Per shape, the faster of cuBLAS and the Triton kernel (timed once, L2 flushed)."""
+    """Per shape, the faster of cuBLAS and the Triton kernel: timed alone once (L2 flushed),
+    unless `overrides` names a path (ResidentRuntime.tune_decode_linears sets it from the
+    decode step's own time)."""
 
     def __init__(self):
-        self.choices: dict[tuple, str] = {}
-        self.times_us: dict[tuple, dict[str, float]] = {}  # each path's median, per shape
+        self.times_us: dict[tuple, dict[str, float]] = {}  # each accepted path's median
+        self.rejected: dict[tuple, list[str]] = {}  # paths whose result was not the reference's
+        self.overrides: dict[tuple, str] = {}
+        self._seen: set[tuple] | None = None
 
-    def run(
-        self, key: tuple, cublas: Callable[[], torch.Tensor], triton_fn: Callable[[], torch.Tensor]
-    ) -> torch.Tensor:
-        choice = self.choices.get(key)
-        if choice is None:
+    def run(self, key: tuple, paths: Mapping[str, Callable[[], torch.Tensor]]) -> torch.Tensor:
+        """`paths` as `candidates` gives them: the first is the reference and the fallback."""
+        if self._seen is not None:
+            self._seen.add(key)
+        if key not in self.times_us:
             if torch.cuda.is_current_stream_capturing():
-                return cublas()  # never time inside a capture (the runtime warms up first)
-            choice, self.times_us[key] = self.measure(cublas, triton_fn)
-            self.choices[key] = choice
-        return triton_fn() if choice == "triton" else cublas()  # also after a rejected result
+                return paths[next(iter(paths))]()  # never timed in a capture (warm-up is first)
+            self.times_us[key], self.rejected[key] = self.measure(paths)
+        return paths[self.choice(key)]()
+
+    def choice(self, key: tuple) -> str:
+        times = self.times_us[key]
+        return self.overrides.get(key) or min(times, key=times.get)
+
+    @property
+    def choices(self) -> dict[tuple, str]:
+        return {key: self.choice(key) for key in self.times_us}
+
+    @contextlib.contextmanager
+    def recording(self) -> Iterator[set[tuple]]:
+        """The keys of the products run inside the block."""
+        self._seen = seen = set()
+        try:
+            yield seen
+        finally:
+            self._seen = None
 
     @staticmethod
-    def measure(cublas, triton_fn) -> tuple[str, dict[str, float]]:
-        """The faster path's name and each path's median time in microseconds."""
+    def measure(paths) -> tuple[dict[str, float], list[str]]:
+        """Each accepted path's median time alone in microseconds (the reference first), and
+        the paths whose result was more than 1e-2 (relative norm) from the reference's."""
         import triton.testing
 
-        expected, got = cublas().float(), triton_fn().float()  # the first call autotunes
-        if not bool(((got - expected).norm() <= 1e-2 * expected.norm()).item()):
-            return "cublas (triton result rejected)", {}
+        reference, *others = paths
+        expected = paths[reference]().float()
+        accepted, rejected = [reference], []
+        for name in others:  # the first call of each autotunes it
+            got = paths[name]().float()
+            close = bool(((got - expected).norm() <= 1e-2 * expected.norm()).item())
+            (accepted if close else rejected).append(name)
         times = {
-            name: 1e3 * triton.testing.do_bench(fn, warmup=5, rep=40, return_mode="median")
-            for name, fn in (("cublas", cublas), ("triton", triton_fn))
+            name: 1e3 * triton.testing.do_bench(paths[name], warmup=5, rep=40, return_mode="median")
+            for name in accepted
         }
-        return min(times, key=times.get), times
+        return times, rejected
 
     def summary(self) -> list[dict]:
         return [
@@ -182,6 +233,8 @@ class Chooser:
                 "dtype": str(k[3]).removeprefix("torch."),
                 "path": v,
                 "us": {name: round(t, 2) for name, t in self.times_us.get(k, {}).items()},
+                **({"rejected": self.rejected[k]} if self.rejected.get(k) else {}),
+                **({"chosen_in_the_step": True} if k in self.overrides else {}),
             }
             for k, v in sorted(self.choices.items(), key=str)
         ]

@@ -251,8 +251,14 @@ class DenseLinear:
             key = (rows.shape[0], *self.weight.shape, self.weight.dtype)
             out = matvec.CHOOSER.run(
                 key,
-                lambda: F.linear(rows, self.weight),
-                lambda: matvec.skinny_gemm(rows, self.weight, self.one, x.dtype, self.pdl),
+                matvec.candidates(
+                    lambda: F.linear(rows, self.weight),
+                    rows,
+                    self.weight,
+                    self.one,
+                    x.dtype,
+                    self.pdl,
+                ),
             )
             return out.reshape(*x.shape[:-1], self.out_features)
         return F.linear(x, self.weight)
@@ -295,8 +301,9 @@ class Fp8Linear:
             key = (rows.shape[0], *self.weight.shape, self.weight.dtype, self.dtype)
             out = matvec.CHOOSER.run(
                 key,
-                lambda: self.cublas(rows),
-                lambda: matvec.skinny_gemm(rows, self.weight, self.scale, self.dtype, self.pdl),
+                matvec.candidates(
+                    lambda: self.cublas(rows), rows, self.weight, self.scale, self.dtype, self.pdl
+                ),
             )
         else:
             out = self.cublas(rows)
@@ -584,6 +591,27 @@ def all_reduce(parts: list[torch.Tensor]) -> torch.Tensor:
 
 def all_gather(parts: list[torch.Tensor]) -> torch.Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+
+
+@dataclass(frozen=True)
+class LinearTrial:
+    """One shape of `ResidentRuntime.tune_decode_linears`: the decode step's median time (ms)
+    with each path, and the path kept."""
+
+    key: tuple
+    step_ms: dict[str, float]
+    kept: str
+
+    def as_json(self) -> dict:
+        rows, n, k, dtype, *_ = self.key
+        return {
+            "rows": rows,
+            "n": n,
+            "k": k,
+            "dtype": str(dtype).removeprefix("torch."),
+            "step_ms": self.step_ms,
+            "kept": self.kept,
+        }
 
 
 @dataclass(frozen=True)
@@ -1029,6 +1057,61 @@ class ResidentRuntime:
         self.pos.copy_(saved)  # the warm-up and capture wrote only beyond the valid positions
         self._graphs[(batch, span)] = captured = Graph(graph, ids, logits)
         return captured
+
+    @torch.no_grad()
+    def tune_decode_linears(
+        self, rounds: int = 3, replays: int = 8, margin: float = 1e-3
+    ) -> list[LinearTrial]:
+        """Choose each skinny linear's path (cuBLAS or the Triton kernel) by the time of the
+        captured decode step it runs in, at the prefilled batch and position: timed alone with
+        the L2 flushed, a GEMM ranks differently than between the step's other kernels
+        (scripts/results/h200_probe_gemm_in_graph_2026-12-02.json). One shape at a time, the
+        largest first: the step with the other path against the step as it is, `rounds`
+        interleaved medians of `replays` replays; the other path is kept where it is more than
+        `margin` faster. Sets matvec.CHOOSER.overrides (per shape, like every choice)."""
+        if not (self.graphs_enabled and self.gemv) or self.length == 0:
+            raise UserError(
+                "tune_decode_linears: needs CUDA graphs, the Triton kernels and a prefill"
+            )
+        span = self.span_for(self.length)
+        replays = min(replays, span - self.length, self.max_seq - self.length)
+        if replays < 1:
+            raise UserError("tune_decode_linears: no room left in this decode span")
+        start = self.length
+        self.drop_graphs()
+        with matvec.CHOOSER.recording() as keys:
+            current = self.capture(self.batch, span)
+
+        def step_ms(graph: Graph) -> float:
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            for _ in range(replays):
+                graph.graph.replay()
+            end.record()
+            end.synchronize()
+            self.pos.fill_(start)  # the replays stepped the position: back to where it was
+            return begin.elapsed_time(end) / replays
+
+        chooser, trials = matvec.CHOOSER, []
+        for key in sorted(keys, key=lambda k: -max(chooser.times_us[k].values())):
+            kept = chooser.choice(key)
+            for other in chooser.times_us[key]:
+                if other == kept:
+                    continue
+                chooser.overrides[key] = other
+                self.drop_graphs()
+                trial = self.capture(self.batch, span)
+                times: dict[str, list[float]] = {kept: [], other: []}
+                for _ in range(rounds):
+                    times[kept].append(step_ms(current))
+                    times[other].append(step_ms(trial))
+                medians = {name: sorted(t)[len(t) // 2] for name, t in times.items()}
+                if medians[other] < medians[kept] * (1 - margin):
+                    kept, current = other, trial
+                chooser.overrides[key] = kept
+                trials.append(LinearTrial(key, medians, kept))
+        self.drop_graphs()
+        return trials
 
     @torch.no_grad()
     def generate(self, ids: torch.Tensor, steps: int) -> torch.Tensor:

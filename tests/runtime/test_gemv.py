@@ -49,3 +49,38 @@ def test_skinny_gemm_computes_the_product_with_and_without_pdl(shape, dtype):
     assert ((plain.double() - exact).norm() / exact.norm()).item() <= bound(dtype, k)
     # the same tiles in the same order: PDL changes when the kernel starts, not its sums
     assert torch.equal(gemv.skinny_gemm(x, w, scale, torch.bfloat16, pdl=True), plain)
+
+
+def test_chooser_never_runs_a_path_whose_result_differs():
+    x, w, scale = operands(1, 2304, 16384, torch.float8_e4m3fn)
+    good = lambda: gemv.skinny_gemm(x, w, scale, torch.bfloat16)  # noqa: E731
+    chooser = gemv.Chooser()
+    key = (1, 2304, 16384, torch.float8_e4m3fn, torch.bfloat16)
+    out = chooser.run(key, {"cublas": good, "wrong": lambda: good() * 2})
+    assert chooser.choices[key] == "cublas" and chooser.rejected[key] == ["wrong"]
+    assert torch.equal(out, good())
+    assert chooser.summary()[0]["rejected"] == ["wrong"]
+
+
+def test_chooser_overrides_and_records_what_ran():
+    x, w, scale = operands(1, 2304, 16384, torch.float8_e4m3fn)
+    paths = gemv.candidates(
+        lambda: torch._scaled_mm(
+            x, w.t(), scale_a=scale, scale_b=torch.ones((), device="cuda"), out_dtype=torch.bfloat16
+        ),
+        x,
+        w,
+        scale,
+        torch.bfloat16,
+        pdl=False,
+    )
+    chooser = gemv.Chooser()
+    key = (1, 2304, 16384, torch.float8_e4m3fn, torch.bfloat16)
+    with chooser.recording() as seen:
+        chooser.run(key, paths)
+    assert seen == {key} and set(chooser.times_us[key]) == {"cublas", "triton"}
+    for name in ("cublas", "triton"):
+        chooser.overrides[key] = name
+        assert chooser.choice(key) == name
+        assert torch.equal(chooser.run(key, paths), paths[name]())
+    assert chooser.summary()[0]["chosen_in_the_step"] is True

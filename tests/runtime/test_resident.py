@@ -304,6 +304,37 @@ def test_cuda_graph_decode_matches_eager_and_cpu_emulation(checkpoints):
             assert compare_logits(linear(rows.cuda()).cpu(), cpu(rows)).relative_error <= 1e-3, name
 
 
+@NEEDS_CUDA
+def test_tuning_decode_linears_leaves_the_cache_and_position_as_they_were(checkpoints):
+    """tune_decode_linears replays the step to time it; afterwards, with the paths that ran
+    before, the next step gives bit for bit the logits it gave before tuning. (With a path
+    changed the sums' order changes, and in FP8 that can move an activation across an e4m3
+    rounding: 2-5% of the logits' range measured on this model, so no tighter bound holds.)"""
+    from builder.runtime.gemv import CHOOSER
+
+    ids = token_ids()
+    rt = runtime(checkpoints / "fp8-tp1", torch.bfloat16, device="cuda")
+    token = rt.prefill(ids)[:, -1].argmax(-1)
+    before = rt.decode(token)
+    try:
+        ran = dict(CHOOSER.choices)
+        rt.prefill(ids)
+        trials = rt.tune_decode_linears(rounds=1, replays=2)
+        assert trials and all(t.kept in t.step_ms and len(t.step_ms) == 2 for t in trials)
+        assert {t.key for t in trials} <= set(CHOOSER.overrides)
+        assert rt.length == ids.shape[1]  # the position is where the prefill left it
+        CHOOSER.overrides.update({t.key: ran[t.key] for t in trials})
+        assert torch.equal(rt.decode(token), before)
+    finally:
+        CHOOSER.overrides.clear()
+
+
+def test_tuning_decode_linears_needs_graphs_and_a_prefill(checkpoints):
+    rt = runtime(checkpoints / "bf16-tp1", torch.float32)
+    with pytest.raises(UserError, match="needs CUDA graphs, the Triton kernels and a prefill"):
+        rt.tune_decode_linears()
+
+
 def test_cache_holds_whole_decode_attention_tiles(checkpoints):
     """The fused decode attention takes spans of whole 64-position tiles: any max_seq is
     rounded up to them, and so is every span a step attends over (`builder bench` asks for
