@@ -33,10 +33,10 @@ is up to 50% slower than cuBLAS, so that more of the step's kernels overlap
 Also measured and dropped (h200_bench_gpu_streamk_2026-12-02.json, and
 scripts/probe_gemm_in_graph.py's results above): a stream-K kernel, the (output block, K tile)
 steps cut evenly over one to eight programs per SM, the blocks cut between programs summed in
-program order by the last to arrive. Alone it was 1.3-2.4x slower than the faster path on
-every shape; in a graph its best configuration came within 20% of cuBLAS only on q/k/v at TP8
-(18.6 us against 15.1) and was slower everywhere else: one program's pipelined stream does not
-read faster than about 20 GB/s, and few programs per SM cannot make up for it.
+program order by the last to arrive. Alone it was 1.2-3.4x slower than the faster path on
+every FP8 one-row shape; in a graph its best configuration came within 25% of cuBLAS only on
+q/k/v at TP8 (18.6 us against 15.1) and was slower everywhere else: one program's pipelined
+stream read about 14 GB/s, and few programs per SM cannot make up for it.
 
 `pdl=True`: launched with programmatic dependent launch (builder/runtime/fused.py); each
 program reads its first weight tile before it waits for the kernel before.
