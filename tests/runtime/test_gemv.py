@@ -84,3 +84,54 @@ def test_chooser_overrides_and_records_what_ran():
         assert chooser.choice(key) == name
         assert torch.equal(chooser.run(key, paths), paths[name]())
     assert chooser.summary()[0]["chosen_in_the_step"] is True
+
+
+GATED_SHAPES = [(1, 16384, 2688), (8, 16384, 4672), (3, 40, 100), (16, 64, 1000)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.bfloat16])
+@pytest.mark.parametrize("shape", GATED_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_gated_gemm_multiplies_the_silu_kernels_output(shape, dtype):
+    """The down projection computing silu(gate) * up itself reads the very input the SiLU
+    kernel writes (the same roundings, in e4m3 by the same a_scale), so both paths are held
+    to the same bound from the exact product of that kernel's output."""
+    from builder.runtime import fused
+
+    rows, n, k = shape
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    gate_up = (2 * torch.randn(rows, 2 * k, device="cuda", generator=gen)).to(torch.bfloat16)
+    _, w, scale = operands(rows, n, k, dtype)
+    a_scale = torch.tensor(0.02, device="cuda") if dtype == torch.float8_e4m3fn else None
+    inner = fused.silu_mul(gate_up, k, a_scale)
+    exact = (inner.double() @ w.double().T) * scale.double()
+    for path in (
+        gemv.gated_gemm(gate_up, w, scale, a_scale, torch.bfloat16),
+        gemv.gated_gemm(gate_up, w, scale, a_scale, torch.bfloat16, pdl=True),
+        gemv.skinny_gemm(inner, w, scale, torch.bfloat16),
+    ):
+        assert ((path.double() - exact).norm() / exact.norm()).item() <= bound(dtype, k)
+
+
+def test_gated_candidates_are_one_product():
+    from builder.runtime import fused
+
+    gen = torch.Generator(device="cuda").manual_seed(2)
+    gate_up = torch.randn(1, 2 * 2688, device="cuda", generator=gen).to(torch.bfloat16)
+    _, w, scale = operands(1, 16384, 2688, torch.float8_e4m3fn)
+    a_scale = torch.tensor(0.01, device="cuda")
+    one = torch.ones((), device="cuda")
+    paths = gemv.gated_candidates(
+        lambda x: torch._scaled_mm(x, w.t(), scale_a=scale, scale_b=one, out_dtype=torch.bfloat16),
+        lambda: fused.silu_mul(gate_up, 2688, a_scale),
+        gate_up,
+        w,
+        scale,
+        a_scale,
+        torch.bfloat16,
+        pdl=False,
+    )
+    chooser = gemv.Chooser()
+    key = (1, 16384, 2688, torch.float8_e4m3fn, torch.bfloat16, gemv.GATED)
+    chooser.run(key, paths)
+    assert set(chooser.times_us[key]) == {"cublas", "triton", "gated"}, chooser.rejected
+    assert chooser.summary()[0]["input"] == gemv.GATED
