@@ -52,7 +52,6 @@ from collections.abc import Callable, Iterator, Mapping
 
 import torch
 
-from builder.dtypes import FP8_MAX
 from builder.runtime.fused import pdl_launch
 
 MAX_ROWS = 16
@@ -70,9 +69,7 @@ def available() -> bool:
 
 
 @functools.cache
-def _kernels():
-    """The skinny kernel autotuned twice: over a plain input, and over a gated one (its own
-    block sizes: the gated prologue changes what each K slice costs)."""
+def _kernel():
     import triton
     import triton.language as tl
     import triton.testing
@@ -94,56 +91,24 @@ def _kernels():
     def bench(fn, quantiles):  # short trials; do_bench flushes the L2 before each one
         return triton.testing.do_bench(fn, warmup=5, rep=25, quantiles=quantiles)
 
-    @triton.jit
-    def load_x(
-        x_base,
-        ks,
-        mask,
-        K,
-        a_scale_ptr,
-        GATED: tl.constexpr,
-        QUANT: tl.constexpr,
-        FP8_MAX: tl.constexpr,
-    ):
-        # one return: Triton requires every return of a function to have one type
-        if GATED:  # silu(gate) * up [/ a_scale as e4m3], as builder/runtime/fused.py's silu_mul
-            a = tl.load(x_base + ks[None, :], mask=mask, other=0.0)
-            b = tl.load(x_base + K + ks[None, :], mask=mask, other=0.0)
-            a32 = a.to(tl.float32)
-            silu = (a32 / (1.0 + tl.exp(-a32))).to(a.dtype, fp_downcast_rounding="rtne")
-            x = silu.to(tl.float32) * b.to(tl.float32)
-            x = x.to(a.dtype, fp_downcast_rounding="rtne")
-            if QUANT:  # the weight is e4m3: so is its input
-                x = tl.minimum(
-                    tl.maximum(x.to(tl.float32) / tl.load(a_scale_ptr), -FP8_MAX), FP8_MAX
-                )
-                x = x.to(tl.float8e4nv, fp_downcast_rounding="rtne")
-        else:
-            x = tl.load(x_base + ks[None, :], mask=mask, other=0.0)
-        return x
-
+    @triton.autotune(configs=configs, key=["M", "N", "K"], do_bench=bench)
     @triton.jit
     def skinny(
         x_ptr,
         w_ptr,
         scale_ptr,
-        a_scale_ptr,
         y_ptr,
         M,
         N,
         K,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
-        GATED: tl.constexpr,
-        QUANT: tl.constexpr,
-        FP8_MAX: tl.constexpr,
         GDC: tl.constexpr,
     ):
         rows = tl.arange(0, 16)
         cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok, col_ok = rows < M, cols < N
-        # a gated input row holds gate then up, 2K wide
-        x_base = x_ptr + rows[:, None] * (2 * K if GATED else K)
+        x_base = x_ptr + rows[:, None] * K
         w_base = w_ptr + cols.to(tl.int64)[:, None] * K
         # the first weight tile is read before waiting on the kernel before (under PDL): no
         # kernel writes weights, and this program's stream starts during that kernel's tail
@@ -152,16 +117,12 @@ def _kernels():
         if GDC:
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
-        x = load_x(
-            x_base, ks, row_ok[:, None] & (ks < K)[None, :], K, a_scale_ptr, GATED, QUANT, FP8_MAX
-        )
+        x = tl.load(x_base + ks[None, :], mask=row_ok[:, None] & (ks < K)[None, :], other=0.0)
         acc = tl.dot(x, tl.trans(w), tl.zeros((16, BLOCK_N), dtype=tl.float32))
         for k0 in range(BLOCK_K, K, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
             k_ok = ks < K
-            x = load_x(
-                x_base, ks, row_ok[:, None] & k_ok[None, :], K, a_scale_ptr, GATED, QUANT, FP8_MAX
-            )
+            x = tl.load(x_base + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
             w = tl.load(w_base + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
             acc = tl.dot(x, tl.trans(w), acc)
         out = acc * tl.load(scale_ptr)
@@ -171,10 +132,7 @@ def _kernels():
             mask=row_ok[:, None] & col_ok[None, :],
         )
 
-    def tuned():
-        return triton.autotune(configs=configs, key=["M", "N", "K"], do_bench=bench)(skinny)
-
-    return tuned(), tuned()
+    return skinny
 
 
 def skinny_gemm(
@@ -186,44 +144,13 @@ def skinny_gemm(
 ) -> torch.Tensor:
     """x [M <= 16, K] (same dtype as the weight) @ weight [N, K]^T x scale (0-dim fp32) -> [M,
     N]; `pdl`: launched with programmatic dependent launch (builder/runtime/fused.py)."""
-    return _launch(x, weight, scale, None, out_dtype, pdl, gated=False)
-
-
-def gated_gemm(
-    gate_up: torch.Tensor,
-    weight: torch.Tensor,
-    scale: torch.Tensor,
-    a_scale: torch.Tensor | None,
-    out_dtype: torch.dtype,
-    pdl: bool = False,
-) -> torch.Tensor:
-    """silu(gate) * up @ weight [N, K]^T x scale, gate_up [M <= 16, 2K] (gate then up) in the
-    compute dtype; the product is rounded as builder/runtime/fused.py's silu_mul rounds it
-    (and, for an e4m3 weight, quantized by `a_scale`) in each program, so an MLP's down
-    projection needs no SiLU kernel before it: the same input bits, one launch fewer."""
-    return _launch(gate_up, weight, scale, a_scale, out_dtype, pdl, gated=True)
-
-
-def _launch(x, weight, scale, a_scale, out_dtype, pdl, gated: bool) -> torch.Tensor:
     import triton
 
-    m, n, k = x.shape[0], weight.shape[0], weight.shape[1]
-    if x.shape[1] != (2 * k if gated else k):
-        raise ValueError(f"input {tuple(x.shape)} for weight {tuple(weight.shape)}, gated {gated}")
+    m, k = x.shape
+    n = weight.shape[0]
     y = torch.empty(m, n, dtype=out_dtype, device=weight.device)
-    _kernels()[gated][lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](
-        x,
-        weight,
-        scale,
-        a_scale if a_scale is not None else scale,
-        y,
-        m,
-        n,
-        k,
-        GATED=gated,
-        QUANT=gated and weight.dtype == torch.float8_e4m3fn,
-        FP8_MAX=FP8_MAX,
-        **pdl_launch(pdl),
+    _kernel()[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](
+        x, weight, scale, y, m, n, k, **pdl_launch(pdl)
     )
     return y
 
@@ -238,29 +165,6 @@ def candidates(
 ) -> dict[str, Callable[[], torch.Tensor]]:
     """The paths `Chooser` picks between for one skinny product, cuBLAS (the reference) first."""
     return {"cublas": cublas, "triton": lambda: skinny_gemm(x, weight, scale, out_dtype, pdl)}
-
-
-GATED = "silu(gate)*up"  # the last item of a gated product's key
-
-
-def gated_candidates(
-    cublas: Callable[[torch.Tensor], torch.Tensor],
-    inner: Callable[[], torch.Tensor],
-    gate_up: torch.Tensor,
-    weight: torch.Tensor,
-    scale: torch.Tensor,
-    a_scale: torch.Tensor | None,
-    out_dtype: torch.dtype,
-    pdl: bool,
-) -> dict[str, Callable[[], torch.Tensor]]:
-    """The paths for an MLP's down projection of silu(gate) * up: `inner()` runs the SiLU
-    kernel, whose output cuBLAS (`cublas(x)`, the reference) or the skinny kernel reads; or
-    the skinny kernel computes the same input itself (`gated_gemm`)."""
-    return {
-        "cublas": lambda: cublas(inner()),
-        "triton": lambda: skinny_gemm(inner(), weight, scale, out_dtype, pdl),
-        "gated": lambda: gated_gemm(gate_up, weight, scale, a_scale, out_dtype, pdl),
-    }
 
 
 class Chooser:
@@ -327,7 +231,6 @@ class Chooser:
                 "n": k[1],
                 "k": k[2],
                 "dtype": str(k[3]).removeprefix("torch."),
-                **({"input": GATED} if k[-1] == GATED else {}),
                 "path": v,
                 "us": {name: round(t, 2) for name, t in self.times_us.get(k, {}).items()},
                 **({"rejected": self.rejected[k]} if self.rejected.get(k) else {}),

@@ -241,16 +241,13 @@ class DenseLinear:
         self.gemv = gemv
         self.one = torch.ones((), device=weight.device)
 
-    def skinny(self, rows: torch.Tensor) -> bool:
-        return (
-            self.gemv
-            and rows.shape[0] <= matvec.MAX_ROWS
-            and rows.dtype == self.weight.dtype != torch.float32
-        )
-
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1])
-        if self.skinny(rows):
+        if (
+            self.gemv
+            and rows.shape[0] <= matvec.MAX_ROWS
+            and x.dtype == self.weight.dtype != torch.float32
+        ):
             key = (rows.shape[0], *self.weight.shape, self.weight.dtype)
             out = matvec.CHOOSER.run(
                 key,
@@ -265,28 +262,6 @@ class DenseLinear:
             )
             return out.reshape(*x.shape[:-1], self.out_features)
         return F.linear(x, self.weight)
-
-    def gated(self, gate_up: torch.Tensor, inner: Callable[[torch.Tensor], torch.Tensor]):
-        """self(inner(gate_up)), inner being silu(gate) * up: skinny inputs may skip the SiLU
-        kernel (gemv.gated_candidates)."""
-        rows = gate_up.reshape(-1, gate_up.shape[-1])
-        if not self.skinny(rows):
-            return self(inner(gate_up))
-        key = (rows.shape[0], *self.weight.shape, self.weight.dtype, matvec.GATED)
-        out = matvec.CHOOSER.run(
-            key,
-            matvec.gated_candidates(
-                lambda x: F.linear(x, self.weight),
-                lambda: inner(rows),
-                rows,
-                self.weight,
-                self.one,
-                None,
-                rows.dtype,
-                self.pdl,
-            ),
-        )
-        return out.reshape(*gate_up.shape[:-1], self.out_features)
 
     @property
     def nbytes(self) -> int:
@@ -333,28 +308,6 @@ class Fp8Linear:
         else:
             out = self.cublas(rows)
         return out.reshape(*xq.shape[:-1], self.out_features)
-
-    def gated(self, gate_up: torch.Tensor, inner: Callable[[torch.Tensor], torch.Tensor]):
-        """self(inner(gate_up)), inner being e4m3(silu(gate) * up / a_scale): skinny inputs
-        may skip the SiLU kernel (gemv.gated_candidates)."""
-        rows = gate_up.reshape(-1, gate_up.shape[-1])
-        if not (self.gemv and rows.shape[0] <= matvec.MAX_ROWS):
-            return self(inner(gate_up))
-        key = (rows.shape[0], *self.weight.shape, self.weight.dtype, self.dtype, matvec.GATED)
-        out = matvec.CHOOSER.run(
-            key,
-            matvec.gated_candidates(
-                self.cublas,
-                lambda: inner(rows),
-                rows,
-                self.weight,
-                self.scale,
-                self.a_scale,
-                self.dtype,
-                self.pdl,
-            ),
-        )
-        return out.reshape(*gate_up.shape[:-1], self.out_features)
 
     def cublas(self, rows: torch.Tensor) -> torch.Tensor:
         pad = -rows.shape[0] % self.row_multiple
@@ -416,9 +369,6 @@ class RowwiseFp8Linear:
             xq, self.weight_t, scale_a=scale, scale_b=self.channel_scale, out_dtype=self.dtype
         )
         return out[: rows.shape[0]].reshape(*x.shape[:-1], self.out_features)
-
-    def gated(self, gate_up: torch.Tensor, inner: Callable[[torch.Tensor], torch.Tensor]):
-        return self(inner(gate_up))
 
     @property
     def nbytes(self) -> int:
@@ -518,13 +468,12 @@ class MlpRank:
         self.width = fc_gate.out_features // 2
 
     def __call__(self, h: torch.Tensor, step: Step) -> torch.Tensor:
-        return self.proj.gated(self.fc_gate(h), self.inner)
-
-    def inner(self, fc_gate: torch.Tensor) -> torch.Tensor:
-        """proj's input: silu(fc) * gate, quantized where proj is per-tensor FP8."""
+        fc_gate = self.fc_gate(h)
         if self.proj.a_scale is None:
-            return self.kernels.silu_mul(fc_gate, self.width)
-        return self.kernels.silu_mul_quant(fc_gate, self.width, self.proj.a_scale)
+            inner = self.kernels.silu_mul(fc_gate, self.width)
+        else:
+            inner = self.kernels.silu_mul_quant(fc_gate, self.width, self.proj.a_scale)
+        return self.proj(inner)
 
 
 class AttentionRank:
@@ -660,7 +609,6 @@ class LinearTrial:
             "n": n,
             "k": k,
             "dtype": str(dtype).removeprefix("torch."),
-            **({"input": matvec.GATED} if self.key[-1] == matvec.GATED else {}),
             "step_ms": self.step_ms,
             "kept": self.kept,
         }
