@@ -54,19 +54,8 @@ def held(name: str, real, outputs: dict):
     return kernel
 
 
-def step_ms(rt, graph, start: int, replays: int) -> float:
-    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    begin.record()
-    for _ in range(replays):
-        graph.graph.replay()
-    end.record()
-    end.synchronize()
-    rt.pos.fill_(start)
-    return begin.elapsed_time(end) / replays
-
-
 def measure(rt, rounds: int, replays: int, retune: bool) -> dict:
-    start, span = rt.length, rt.span_for(rt.length)
+    span = rt.span_for(rt.length)
     rt.drop_graphs()
     base = rt.capture(1, span)
     results = {}
@@ -94,8 +83,8 @@ def measure(rt, rounds: int, replays: int, retune: bool) -> dict:
         CHOOSER.overrides.update(tuned)
         times: dict[str, list[float]] = {"step": [], "without": []}
         for _ in range(rounds):
-            times["step"].append(step_ms(rt, base, start, replays))
-            times["without"].append(step_ms(rt, trial, start, replays))
+            times["step"].append(rt.replay_ms(base, replays))
+            times["without"].append(rt.replay_ms(trial, replays))
         med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
         results[label] = {
             "step_ms": med["step"],

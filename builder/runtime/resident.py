@@ -1058,6 +1058,19 @@ class ResidentRuntime:
         self._graphs[(batch, span)] = captured = Graph(graph, ids, logits)
         return captured
 
+    def replay_ms(self, graph: Graph, replays: int) -> float:
+        """Mean time (ms) of `replays` back-to-back replays of a captured decode step; the
+        position is put back where it was (each replay steps it), so the cache is unchanged
+        beyond the valid positions."""
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+        for _ in range(replays):
+            graph.graph.replay()
+        end.record()
+        end.synchronize()
+        self.pos.fill_(self.length)
+        return begin.elapsed_time(end) / replays
+
     @torch.no_grad()
     def tune_decode_linears(
         self, rounds: int = 3, replays: int = 8, margin: float = 1e-3
@@ -1077,20 +1090,12 @@ class ResidentRuntime:
         replays = min(replays, span - self.length, self.max_seq - self.length)
         if replays < 1:
             raise UserError("tune_decode_linears: no room left in this decode span")
-        start = self.length
         self.drop_graphs()
         with matvec.CHOOSER.recording() as keys:
             current = self.capture(self.batch, span)
 
         def step_ms(graph: Graph) -> float:
-            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            begin.record()
-            for _ in range(replays):
-                graph.graph.replay()
-            end.record()
-            end.synchronize()
-            self.pos.fill_(start)  # the replays stepped the position: back to where it was
-            return begin.elapsed_time(end) / replays
+            return self.replay_ms(graph, replays)
 
         chooser, trials = matvec.CHOOSER, []
         for key in sorted(keys, key=lambda k: -max(chooser.times_us[k].values())):
