@@ -64,7 +64,8 @@ READS = {
     "self_attn.v_proj": "self_attn.q_proj",
     "mlp.up_proj": "mlp.gate_proj",
 }
-FORMATS = ("fp8", "fp8-pc-pt", "wonly", "bf16")
+FORMATS = ("fp8", "fp8-pc-pt", "wonly", "int8wo", "bf16")
+INT8_MAX = 127
 DAMP = 0.01  # GPTQ's damping, a fraction of the mean diagonal of H (--damp)
 ACT_ORDER = False  # GPTQ columns in decreasing diag(H) (--act-order)
 SEQUENTIAL = False  # GPTQ's H from the stream's own (quantized) calibration states (--sequential)
@@ -81,6 +82,7 @@ class StreamSpec:
     placebo: int | None = None  # random-scale seed
     gptq: bool = False
     recipe: str | None = None  # a builder recipe file: its BF16 units stay BF16
+    upgrade: str | None = None  # the format the recipe's BF16 units take instead (upgrade=FMT)
 
     @property
     def name(self) -> str:
@@ -91,6 +93,8 @@ class StreamSpec:
             parts.append(f"placebo={self.placebo}")
         if self.recipe is not None:
             parts.append(f"recipe={Path(self.recipe).name}")
+        if self.upgrade is not None:
+            parts.append(f"upgrade={self.upgrade}")
         if self.gptq:
             parts.append("gptq")
         return f"{self.fmt}:{'+'.join(parts) or 'none'}"
@@ -100,7 +104,7 @@ class StreamSpec:
         fmt, _, transform = text.partition(":")
         if fmt not in FORMATS:
             raise SystemExit(f"error: stream {text!r}: format {fmt!r} (choose {FORMATS})")
-        alpha = placebo = recipe = None
+        alpha = placebo = recipe = upgrade = None
         gptq = False
         for part in filter(None, (transform or "none").split("+")):
             key, _, value = part.partition("=")
@@ -112,9 +116,11 @@ class StreamSpec:
                 gptq = True
             elif key == "recipe":
                 recipe = value
+            elif key == "upgrade":
+                upgrade = value
             elif key != "none":
                 raise SystemExit(f"error: stream {text!r}: unknown transform {key!r}")
-        return cls(fmt, alpha, placebo, gptq, recipe)
+        return cls(fmt, alpha, placebo, gptq, recipe, upgrade)
 
 
 def say(message: str) -> None:
@@ -221,6 +227,38 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, scale: torch.Tensor) -> to
     return dequantized(codes, scale)
 
 
+@torch.no_grad()
+def gptq_int8(weight: torch.Tensor, hessian: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """GPTQ onto the symmetric INT8 grid at per-row `scale` (row amax / 127), dequantized:
+    the same column loop as builder.quantize.gptq.gptq_chunk with integer rounding."""
+    from builder.quantize.gptq import LAZY_BLOCK, _inverse_cholesky, damped
+
+    w = weight.float().clone()
+    h = damped(hessian, DAMP)
+    order = torch.argsort(torch.diagonal(h), descending=True, stable=True)
+    if not ACT_ORDER:
+        order = torch.arange(w.shape[1])
+    w, h = w[:, order], h[order][:, order]
+    u = _inverse_cholesky(h)
+    s = scale.float().reshape(-1)
+    q_all = torch.empty_like(w)
+    n = w.shape[1]
+    for a in range(0, n, LAZY_BLOCK):
+        b = min(a + LAZY_BLOCK, n)
+        w1 = w[:, a:b].clone()
+        err = torch.zeros_like(w1)
+        u1 = u[a:b, a:b]
+        for i in range(b - a):
+            col = w1[:, i]
+            q = torch.round(col / s).clamp(-INT8_MAX, INT8_MAX) * s
+            q_all[:, a + i] = q
+            e = (col - q) / u1[i, i]
+            w1[:, i:] -= e[:, None] * u1[i, i:][None, :]
+            err[:, i] = e
+        w[:, b:] -= err @ u[a:b, b:]
+    return q_all[:, torch.argsort(order)]
+
+
 class DequantizedLinear(nn.Module):
     """Weights already on the E4M3 grid times their scales, activations unquantized."""
 
@@ -250,7 +288,8 @@ def linear_format(spec: StreamSpec, layer: int, name: str) -> str:
     from builder.quantize.formats import Recipe
 
     recipe = Recipe.load(Path(spec.recipe))
-    return recipe.overrides.get(f"{layer}.{UNIT_OF[name]}", recipe.default).value
+    fmt = recipe.overrides.get(f"{layer}.{UNIT_OF[name]}", recipe.default).value
+    return spec.upgrade if fmt == "bf16" and spec.upgrade else fmt
 
 
 def quantize_block(
@@ -279,6 +318,19 @@ def quantize_block(
         if fmt_name == "bf16":
             continue
         spec_l = StreamSpec(fmt_name, spec.alpha, spec.placebo, spec.gptq)
+        if fmt_name == "int8wo":  # per-channel INT8 weights, BF16 activations (W8A16)
+            weight = out.get_submodule(name).weight.detach()
+            s8 = weight.float().abs().amax(dim=1).clamp_min(1e-12) / INT8_MAX
+            if spec.gptq:
+                reader = READS.get(name, name)
+                sc = scales[reader]
+                q = gptq_int8(weight, stats.hessian[reader] / (sc[:, None] * sc[None, :]), s8)
+            else:
+                q = torch.round(weight.float() / s8[:, None]).clamp(-INT8_MAX, INT8_MAX)
+                q = q * s8[:, None]
+            parent, leaf = name.rsplit(".", 1)
+            setattr(out.get_submodule(parent), leaf, DequantizedLinear(q))
+            continue
         reader = READS.get(name, name)
         parent, leaf = name.rsplit(".", 1)
         linear = out.get_submodule(name)
