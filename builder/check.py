@@ -166,8 +166,8 @@ def hf_fp8_expected(
         fmt = formats[module]
         if fmt is LinearFormat.BF16:
             expected[name] = (shape, dtype)
-        elif fmt is LinearFormat.FP8_PC_PT:
-            expected[name] = (shape, FP8_DTYPE)
+        elif fmt.per_channel:
+            expected[name] = (shape, FP8_DTYPE if fmt.fp8 else "int8")
             expected[hf_channel_scale_name(module)] = ((shape[0],), "float32")
         else:
             expected[name] = (shape, FP8_DTYPE)
@@ -218,7 +218,7 @@ def _quant_declarations(
     return kv
 
 
-HF_ALGOS = ("FP8", "FP8_PER_CHANNEL_PER_TOKEN", "MIXED_PRECISION")
+HF_ALGOS = ("FP8", "FP8_PER_CHANNEL_PER_TOKEN", "W8A16", "MIXED_PRECISION")
 
 
 def _declared_recipe(directory: Path, plan: ModelPlan, report: CheckReport) -> Recipe | None:

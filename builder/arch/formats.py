@@ -11,6 +11,10 @@ Three formats, each a name both deployment formats know:
              FP8_PER_CHANNEL_PER_TOKEN_CFG: weight_quantizer axis 0, input_quantizer
              type "dynamic"; quant_algo "FP8_PER_CHANNEL_PER_TOKEN", QuantAlgo
              FP8_PER_CHANNEL_PER_TOKEN in tensorrt_llm/quantization/mode.py);
+  w8a16      INT8 weights with one scale per output channel (amax of the row / 127) and
+             activations left in the compute dtype: weight-only, FP8's bytes with BF16
+             GEMMs (ModelOpt INT8_WEIGHT_ONLY_CFG, exported as "int8_wo"; quant_algo
+             "W8A16" in QuantAlgo and in hf_quant_config.json);
   bf16       left in the checkpoint dtype.
 
 The unit of assignment is one GEMM (builder.arch.tensors.layer_units): q, k and v together,
@@ -31,6 +35,20 @@ How each file says it (checked against ModelOpt 0.47's export and TensorRT-LLM's
     a per-channel scale fp32 [out] instead of the per-tensor weight scale and no activation
     scale (ModelOpt model_config_utils: "TensorRT-LLM uses per_channel_scale for FP8 per
     channel weight quantization").
+
+W8A16 is stored differently by the two files, each as its loader reads it:
+  - unified HF: the INT8 codes [out, in] and `weight_scale` fp32 [out], ModelOpt's int8_wo
+    export (quant_utils `to_quantized_weight`: round(W / scale), clamped to [-128, 127]); the
+    PyTorch backend's WeightOnlyQuantLinearMethod loads both as stored
+    (tensorrt_llm/_torch/modules/linear.py);
+  - TensorRT-LLM checkpoint: the weight in the checkpoint dtype. The build quantizes it itself
+    (modeling_utils `preprocess_weights` -> convert_utils `weight_only_quantize_dict`, which
+    quantizes every W8A16 weight that is not already int8 and adds `per_channel_scale`):
+    cutlass_preprocessors.cpp's symmetric_quantize, scale = column amax / 128, codes
+    round(W / scale) clamped to [-128, 127]. An int8 weight there would have to be in the
+    GEMM's interleaved layout already, which only TensorRT-LLM's op produces, so builder never
+    writes one; the engine path's W8A16 codes are TensorRT-LLM's nearest rounding, whatever
+    `--rounding` chose for the HF export.
 """
 
 from __future__ import annotations
@@ -55,6 +73,9 @@ MIXED_PRECISION = "MIXED_PRECISION"
 QUANT_CFG = "quant_cfg.json"  # TensorRT-LLM's per-layer file for MIXED_PRECISION
 
 
+LINEAR_REPLACEMENTS = ("linear_attn", "linear_mlp")  # unit names of the one-linear blocks
+
+
 class RecipeError(UserError):
     """A recipe that names an unknown module or format."""
 
@@ -62,16 +83,32 @@ class RecipeError(UserError):
 class LinearFormat(enum.Enum):
     FP8 = "fp8"
     FP8_PC_PT = "fp8-pc-pt"
+    W8A16 = "w8a16"
     BF16 = "bf16"
 
     @property
     def quant_algo(self) -> str | None:
         """The `quant_algo` string of both formats' configs (None: not quantized)."""
-        return {"fp8": "FP8", "fp8-pc-pt": "FP8_PER_CHANNEL_PER_TOKEN", "bf16": None}[self.value]
+        return {
+            "fp8": "FP8",
+            "fp8-pc-pt": "FP8_PER_CHANNEL_PER_TOKEN",
+            "w8a16": "W8A16",
+            "bf16": None,
+        }[self.value]
 
     @property
     def quantized(self) -> bool:
         return self is not LinearFormat.BF16
+
+    @property
+    def fp8(self) -> bool:
+        """E4M3 weights, GEMMs on FP8 tensor cores (stored as codes in both checkpoints)."""
+        return self in (LinearFormat.FP8, LinearFormat.FP8_PC_PT)
+
+    @property
+    def per_channel(self) -> bool:
+        """One weight scale per output channel."""
+        return self in (LinearFormat.FP8_PC_PT, LinearFormat.W8A16)
 
     @classmethod
     def parse(cls, value: str, where: str) -> LinearFormat:
@@ -181,6 +218,7 @@ class Recipe:
             return {
                 LinearFormat.FP8: "FP8 per-tensor (E4M3), max calibration",
                 LinearFormat.FP8_PC_PT: "FP8 per-channel weights, per-token activations (E4M3)",
+                LinearFormat.W8A16: "INT8 per-channel weights, BF16 activations (weight-only)",
                 LinearFormat.BF16: "unquantized",
             }[self.default]
         return f"mixed precision: {self.default.value} by default, {len(self.overrides)} overrides"
@@ -244,6 +282,19 @@ class Recipe:
             "exclude_modules": trtllm_fp8_excludes(),
         }
 
+    def check_trtllm(self, plan: ModelPlan) -> None:
+        """Refuse what TensorRT-LLM's build cannot quantize: it rounds a W8A16 weight only
+        when its name ends in qkv / dense / fc / proj / gate.weight (convert_utils
+        `weight_only_quantize_dict`), which the one linear of a linear-replacement block
+        (`attention.weight`, `mlp.weight`) does not."""
+        for unit in model_units(plan):
+            if self.format_of(unit) is LinearFormat.W8A16 and unit.name in LINEAR_REPLACEMENTS:
+                raise RecipeError(
+                    f"unit {unit.key}: w8a16 on a linear-replacement block cannot be built by "
+                    "TensorRT-LLM (its W8A16 build quantizes qkv/dense/fc/proj/gate weights "
+                    "only); give it another format or export --format hf"
+                )
+
     def trtllm_layer_config(self, plan: ModelPlan, kv_cache: bool, pp: int) -> dict | None:
         """quant_cfg.json's content for MIXED_PRECISION (None when one format covers all).
 
@@ -301,8 +352,9 @@ def trtllm_formats(
     per-channel or mixed (None for plain or per-tensor checkpoints)."""
     quant = config.get("quantization") or {}
     algo = quant.get("quant_algo")
-    if algo == LinearFormat.FP8_PC_PT.quant_algo:
-        return LinearFormat.FP8_PC_PT, {}
+    for fmt in (LinearFormat.FP8_PC_PT, LinearFormat.W8A16):
+        if algo == fmt.quant_algo:
+            return fmt, {}
     if algo != MIXED_PRECISION:
         return None
     layers = read_trtllm_layer_formats(directory, config)
@@ -334,7 +386,7 @@ def linear_bytes(shape: tuple[int, int], fmt: LinearFormat, dtype_bytes: int = 2
     out, inp = shape
     if fmt is LinearFormat.BF16:
         return out * inp * dtype_bytes
-    if fmt is LinearFormat.FP8_PC_PT:
+    if fmt.per_channel:
         return out * inp + 4 * out
     return out * inp + 8
 

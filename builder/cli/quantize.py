@@ -43,7 +43,9 @@ Output (appears only when complete; .OUT.partial/ while writing):
 \b
 Formats (--recipe): each decoder GEMM (qkv, o, gate+up, down, or a linear block's one
 linear) is fp8 (per-tensor, static activation scale), fp8-pc-pt (per-channel weight
-scales, per-token activation scales at run time) or bf16. A mix is written as TensorRT-LLM's
+scales, per-token activation scales at run time), w8a16 (INT8 weights with per-channel
+scales, activations in BF16: FP8's bytes, BF16 GEMMs; the TensorRT-LLM checkpoint keeps
+these weights in BF16 and trtllm-build rounds them) or bf16. A mix is written as TensorRT-LLM's
 MIXED_PRECISION (config.json + quant_cfg.json) and ModelOpt's MIXED_PRECISION
 hf_quant_config.json (quantized_layers). --recipe auto --max-kl X [--max-bf16-fraction F]
 measures, block-streamed on calibration windows, the KL each block (--sensitivity unit:
@@ -158,7 +160,8 @@ Several GPUs: torchrun --nproc-per-node N $(which builder) quantize ... --device
     show_default=True,
     metavar="RECIPE",
     help="Format of the decoder linears: fp8 (per-tensor), fp8-pc-pt (per-channel weights, "
-    "per-token activations), bf16, a recipe JSON file ({'default': F, 'overrides': {'3.qkv': F}}), "
+    "per-token activations), w8a16 (INT8 weight-only), bf16, a recipe JSON file "
+    "({'default': F, 'overrides': {'3.qkv': F}}), "
     "or auto: the cheapest per-block mix meeting --max-kl, chosen by measured sensitivity.",
 )
 @click.option("--max-kl", type=float, default=None, help="--recipe auto: mean KL budget.")
@@ -166,7 +169,16 @@ Several GPUs: torchrun --nproc-per-node N $(which builder) quantize ... --device
     "--max-bf16-fraction",
     type=float,
     default=None,
-    help="--recipe auto: at most this share of decoder linear weights left in BF16.",
+    help="--recipe auto: at most this share of decoder linear weights in BF16 GEMMs (BF16, "
+    "or W8A16 when --candidates offers it).",
+)
+@click.option(
+    "--candidates",
+    default=None,
+    metavar="F1,F2",
+    help="--recipe auto: the quantized formats the search may assign [default: fp8,fp8-pc-pt]. "
+    "Adding w8a16 (INT8 weights, BF16 GEMMs) offers it in BF16's place: FP8's bytes, "
+    "near-BF16 accuracy, counted against --max-bf16-fraction as BF16 compute.",
 )
 @click.option(
     "--sensitivity",
@@ -234,6 +246,7 @@ def quantize(
     recipe,
     max_kl,
     max_bf16_fraction,
+    candidates,
     sensitivity,
     sensitivity_windows,
     target,
@@ -250,7 +263,7 @@ def quantize(
 
     workers = parse_workers(workers)
     fixed, auto = recipe_request(
-        recipe, max_kl, max_bf16_fraction, sensitivity, sensitivity_windows, target
+        recipe, max_kl, max_bf16_fraction, sensitivity, sensitivity_windows, target, candidates
     )
     quiet = as_json or os.environ.get("RANK", "0") != "0"  # under torchrun only rank 0 talks
     with reporter("quantize", enabled=not quiet) as report:

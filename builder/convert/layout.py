@@ -160,8 +160,8 @@ class RecipeLayout(Fp8Layout):
 
     `formats` maps TensorRT-LLM module names (as in the rank files) to their format; a module
     not in it takes `default`. Per-tensor FP8 modules get Fp8Layout's specs; per-channel ones
-    an E4M3 weight plus an fp32 per-channel scale [out of this rank]; BF16 ones stay in the
-    checkpoint dtype. The KV-cache scale follows the KV cache, not qkv's format.
+    an E4M3 weight plus an fp32 per-channel scale [out of this rank]; BF16 and W8A16 ones stay
+    in the checkpoint dtype. The KV-cache scale follows the KV cache, not qkv's format.
     """
 
     def __init__(
@@ -180,7 +180,9 @@ class RecipeLayout(Fp8Layout):
         return self.formats.get(linear_module(item.name), self.default)
 
     def quantized(self, item: RankTensor) -> bool:
-        return self.format_of(item).quantized
+        """Whether the checkpoint stores the item as codes: a W8A16 weight stays in the
+        checkpoint dtype (the build quantizes it, builder.arch.formats)."""
+        return self.format_of(item).fp8
 
     def specs(self, item: RankTensor, dtype: Dtype) -> list[TensorSpec]:
         fmt = self.format_of(item)

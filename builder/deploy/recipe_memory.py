@@ -77,7 +77,7 @@ def _rank_bytes(plan: ModelPlan, recipe: Recipe, tp: int, pp: int, kv_fp8: bool)
             fmt = formats.get(sources[0], LinearFormat.BF16) if tensor.rule.linear else None
             if fmt is None or fmt is LinearFormat.BF16:
                 total += numel * BYTES_PER_BF16
-            elif fmt is LinearFormat.FP8_PC_PT:
+            elif fmt.per_channel:
                 total += numel + 4 * tensor.shape[0]
             else:
                 total += numel + 8

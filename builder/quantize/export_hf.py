@@ -58,7 +58,13 @@ from builder.io.safetensors_stream import (
     map_range,
 )
 from builder.quantize.amax import AmaxTable
-from builder.quantize.formats import LinearFormat, Recipe, channel_scales, quantize_channels
+from builder.quantize.formats import (
+    LinearFormat,
+    Recipe,
+    code_dtype,
+    format_scales,
+    weight_codes,
+)
 from builder.quantize.fp8 import FP8, hf_e4m3_table, lookup_e4m3, quantize_hf, scale_from_amax
 from builder.quantize.rounding import RoundingStore, module_layer
 
@@ -280,8 +286,8 @@ def plan_tensors(
             out.extend(_stored_tensors(rounding, table, name, shape, fmt))
         elif fmt is LinearFormat.BF16:
             out.append(OutTensor(TensorSpec(name, shape, dtype), _cast_jobs(source, name, dtype)))
-        elif fmt is LinearFormat.FP8_PC_PT:
-            out.extend(_channel_tensors(source.ckpt, name, shape, dtype))
+        elif fmt.per_channel:
+            out.extend(_channel_tensors(source.ckpt, name, shape, dtype, fmt))
         else:
             out.extend(_tensor_fp8_tensors(source, table, name, shape, dtype))
         role = parse_hf_name(name)
@@ -337,7 +343,7 @@ def _stored_tensors(
         for a in range(0, shape[0], step)
     )
     scale = store.scale(module, fmt)
-    out = [OutTensor(TensorSpec(name, shape, FP8), codes)]
+    out = [OutTensor(TensorSpec(name, shape, code_dtype(fmt)), codes)]
     if fmt is LinearFormat.FP8:
         w_name, x_name = hf_scale_names(module)
         x_scale = scale_from_amax(shared_input_amax(table, module))
@@ -352,23 +358,24 @@ def _stored_tensors(
 
 
 def _channel_tensors(
-    ckpt: HFCheckpoint, name: str, shape: tuple, dtype: torch.dtype
+    ckpt: HFCheckpoint, name: str, shape: tuple, dtype: torch.dtype, fmt: LinearFormat
 ) -> list[OutTensor]:
-    """Per-channel FP8 (ModelOpt's FP8_PC_PT export): E4M3 weight, a weight scale fp32 [out],
-    no input scale (activations are scaled per token at run time). Row blocks hold whole
+    """A per-channel format: per-channel FP8 (ModelOpt's FP8_PC_PT export: E4M3 weight) or
+    W8A16 (its int8_wo export: INT8 weight), a weight scale fp32 [out], no input scale
+    (activations are scaled per token at run time, or not quantized). Row blocks hold whole
     rows, so each block's scales are final."""
     module = linear_module(name)
     file = ckpt.info(name).file
 
     def weights(t: torch.Tensor, row: int) -> torch.Tensor:
         block = cast_checked(t, dtype, name, file, row)
-        return quantize_channels(block, channel_scales(block))
+        return weight_codes(fmt, block, format_scales(fmt, block))
 
     def scales(t: torch.Tensor, row: int) -> torch.Tensor:
-        return channel_scales(cast_checked(t, dtype, name, file, row))
+        return format_scales(fmt, cast_checked(t, dtype, name, file, row))
 
     return [
-        OutTensor(TensorSpec(name, shape, FP8), _read_jobs(ckpt, name, weights)),
+        OutTensor(TensorSpec(name, shape, code_dtype(fmt)), _read_jobs(ckpt, name, weights)),
         OutTensor(
             TensorSpec(hf_channel_scale_name(module), (shape[0],), torch.float32),
             _read_jobs(ckpt, name, scales),

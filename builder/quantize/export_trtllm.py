@@ -186,7 +186,8 @@ def write_trtllm_fp8(
 # ---- per-linear formats (builder.quantize.formats) ---------------------------------------------
 class RecipeTransform:
     """The rank transform of a recipe: per-tensor FP8 linears as `Fp8Transform` writes them,
-    per-channel ones as E4M3 + `per_channel_scale`, BF16 ones unchanged.
+    per-channel ones as E4M3 + `per_channel_scale`, BF16 and W8A16 ones unchanged (the build
+    quantizes W8A16 weights, builder.arch.formats).
 
     A row-parallel slice (o_proj, down_proj) holds part of every row, so its channel scales
     come from the whole rows in the source checkpoint: every rank stores the same [out]
@@ -207,6 +208,7 @@ class RecipeTransform:
         tp: int = 1,
         rounding: RoundingStore | None = None,
     ):
+        recipe.check_trtllm(plan)
         quantization = recipe.trtllm_quantization(plan, table.kv_cache)
         formats = {}
         if recipe.is_mixed(plan):
@@ -234,7 +236,7 @@ class RecipeTransform:
 
     def apply(self, item: RankTensor, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
         fmt = self.layout.format_of(item)
-        if self.rounding is not None and fmt.quantized and self.quantized(item):
+        if self.rounding is not None and self.quantized(item):
             return self.stored(item, tensor, fmt)
         if fmt is LinearFormat.FP8:
             return self.fp8.apply(item, tensor)

@@ -29,6 +29,7 @@ from builder.arch.formats import (
 from builder.convert.layout import RecipeLayout, recipe_layout_for
 from builder.dtypes import FP8_MAX
 from builder.quantize.fp8 import FP8
+from builder.quantize.gptq import Grid
 from builder.runtime.executor import fp8_rowwise_linear, token_scales
 
 __all__ = [
@@ -42,8 +43,15 @@ __all__ = [
     "RowwiseFp8Linear",
     "TensorFp8Linear",
     "Unit",
+    "WeightOnlyInt8Linear",
     "block_units",
     "channel_scales",
+    "code_dtype",
+    "format_scales",
+    "grid_of",
+    "int8_channel_scales",
+    "quantize_int8_channels",
+    "weight_codes",
     "fp8_rowwise_linear",
     "linear_bytes",
     "model_units",
@@ -72,6 +80,59 @@ def channel_scales(weight: torch.Tensor) -> torch.Tensor:
 def quantize_channels(weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """E4M3(W / scale[:, None]), the division in fp32 (row-wise, so any row split is exact)."""
     return (weight.float() / scales.float()[:, None]).to(FP8)
+
+
+INT8_MAX = 127  # ModelOpt's int8 maxbound: a W8A16 row's scale is its amax / 127
+
+
+def int8_channel_scales(weight: torch.Tensor) -> torch.Tensor:
+    """W8A16's per-output-channel scale, fp32 [out]: row amax / 127 (ModelOpt's axis-0 max
+    calibration of an 8-bit integer weight quantizer); an all-zero row gets 1.0."""
+    scales = weight.detach().abs().amax(dim=-1).float() / INT8_MAX
+    return torch.where(scales > 0, scales, torch.ones_like(scales))
+
+
+def quantize_int8_channels(weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """round(W / scale[:, None]) clamped to [-128, 127], int8 (ModelOpt's int8_wo export;
+    round half to even, as torch.round)."""
+    codes = torch.round(weight.float() / scales.float()[:, None]).clamp(-128, 127)
+    return codes.to(torch.int8)
+
+
+def weight_codes(fmt: LinearFormat, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """`weight`'s nearest codes in `fmt` at `scale` (0-dim, or one per row)."""
+    if fmt is LinearFormat.W8A16:
+        return quantize_int8_channels(weight, scale)
+    s = scale.float().reshape(-1, 1) if scale.dim() else scale.float()
+    return (weight.float() / s).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+
+
+def grid_of(fmt: LinearFormat) -> Grid:
+    """The grid GPTQ rounds `fmt`'s weights onto."""
+    return Grid.INT8 if fmt is LinearFormat.W8A16 else Grid.E4M3
+
+
+def code_dtype(fmt: LinearFormat) -> torch.dtype:
+    """The dtype of `fmt`'s weight codes in the HF export and the stored rounding."""
+    return torch.int8 if fmt is LinearFormat.W8A16 else FP8
+
+
+def format_scales(fmt: LinearFormat, weight: torch.Tensor) -> torch.Tensor:
+    """A per-channel format's row scales of `weight`."""
+    return int8_channel_scales(weight) if fmt is LinearFormat.W8A16 else channel_scales(weight)
+
+
+class WeightOnlyInt8Linear(nn.Module):
+    """W8A16: y = x @ (codes * scale[:, None]).T in fp32, activations unquantized."""
+
+    def __init__(self, codes: torch.Tensor, channel_scale: torch.Tensor):
+        super().__init__()
+        self.register_buffer(
+            "dequantized", codes.float() * channel_scale.float().reshape(-1)[:, None]
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.float(), self.dequantized).to(x.dtype)
 
 
 class RowwiseFp8Linear(nn.Module):
@@ -109,6 +170,9 @@ def quantized_linear(
     if fmt is LinearFormat.FP8_PC_PT:
         scales = channel_scales(weight)
         return RowwiseFp8Linear(quantize_channels(weight, scales), scales)
+    if fmt is LinearFormat.W8A16:
+        scales = int8_channel_scales(weight)
+        return WeightOnlyInt8Linear(quantize_int8_channels(weight, scales), scales)
     if w_amax is None or x_amax is None:
         raise RecipeError("per-tensor FP8 needs calibrated weight and input amax")
     w_scale = torch.tensor(w_amax, dtype=torch.float32) / FP8_MAX

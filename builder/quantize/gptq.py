@@ -1,7 +1,9 @@
-"""GPTQ rounding (Frantar et al. 2022) of weights to the E4M3 grid at fixed FP8 scales.
+"""GPTQ rounding (Frantar et al. 2022) of weights to their format's grid at fixed scales: E4M3
+for the FP8 formats, INT8 for W8A16.
 
-Both export formats store E4M3 codes times a scale that the format fixes (per-tensor amax /
-448, or each row's amax / 448); which grid point each weight takes is free. Nearest rounding
+Both export formats store codes times a scale that the format fixes (per-tensor amax / 448,
+each row's amax / 448, or for INT8 each row's amax / 127); which grid point each weight takes
+is free. Nearest rounding
 takes the closest; GPTQ takes them one column at a time and moves the columns not yet
 rounded to compensate, minimising the layer-output error ||(W - Q) X^T||^2 on the
 calibration activations X, i.e. tr((W - Q) H (W - Q)^T) with H = X^T X. Scales are not
@@ -34,6 +36,24 @@ from builder.quantize.fp8 import FP8
 DEFAULT_DAMP = 0.01  # of the mean diagonal of H (GPTQ's `percdamp`)
 DEFAULT_CHUNK = 4096  # columns per diagonal block of H
 LAZY_BLOCK = 128  # GPTQ's lazy batch: columns whose updates are applied together
+
+
+class Grid(enum.Enum):
+    """The codes a scaled weight can take: E4M3 (FP8 formats, saturating at +-448) or INT8
+    (W8A16: integers in [-128, 127])."""
+
+    E4M3 = "e4m3"
+    INT8 = "int8"
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return FP8 if self is Grid.E4M3 else torch.int8
+
+    def codes(self, scaled: torch.Tensor) -> torch.Tensor:
+        """The nearest codes of `scaled` (W / scale, fp32)."""
+        if self is Grid.E4M3:
+            return scaled.clamp(-FP8_MAX, FP8_MAX).to(FP8)
+        return torch.round(scaled).clamp(-128, 127).to(torch.int8)
 
 
 class Rounding(enum.Enum):
@@ -88,10 +108,12 @@ class HessianAccumulator:
         return torch.block_diag(*self.blocks)
 
 
-def nearest_codes(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """E4M3(W / scale) with the division in fp32 (`scale`: 0-dim, or one per row)."""
+def nearest_codes(
+    weight: torch.Tensor, scale: torch.Tensor, grid: Grid = Grid.E4M3
+) -> torch.Tensor:
+    """The codes of W / scale with the division in fp32 (`scale`: 0-dim, or one per row)."""
     s = scale.float().reshape(-1, 1) if scale.dim() else scale.float()
-    return (weight.float() / s).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+    return grid.codes(weight.float() / s)
 
 
 def dequantized(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -130,8 +152,9 @@ def gptq_chunk(
     scale: torch.Tensor,
     damp: float = DEFAULT_DAMP,
     act_order: bool = True,
+    grid: Grid = Grid.E4M3,
 ) -> tuple[torch.Tensor, float]:
-    """E4M3 codes of `weight` [out, n] against one H block [n, n] at fixed `scale`, and
+    """`grid` codes of `weight` [out, n] against one H block [n, n] at fixed `scale`, and
     GPTQ's own account of the error it leaves: sum over columns of e^2 / U_jj^2 (U the upper
     Cholesky factor of the damped H^-1), which equals tr((W - Q) H_d (W - Q)^T) for the
     damped H_d exactly (in exact arithmetic): the tests hold it to that."""
@@ -146,7 +169,7 @@ def gptq_chunk(
     w, h = w[:, order], h[order][:, order]
     u = _inverse_cholesky(h)
     s = scale.float().reshape(-1, 1) if scale.dim() else scale.float()
-    codes = torch.empty(w.shape, dtype=FP8, device=w.device)
+    codes = torch.empty(w.shape, dtype=grid.dtype, device=w.device)
     loss = torch.zeros((), dtype=torch.float64, device=w.device)
     for a in range(0, n, LAZY_BLOCK):
         b = min(a + LAZY_BLOCK, n)
@@ -155,7 +178,7 @@ def gptq_chunk(
         u1 = u[a:b, a:b]
         for i in range(b - a):
             col = w1[:, i]
-            q = (col / s.reshape(-1)).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+            q = grid.codes(col / s.reshape(-1))
             codes[:, a + i] = q
             e = (col - q.float() * s.reshape(-1)) / u1[i, i]
             loss += (e.double() ** 2).sum()
@@ -170,10 +193,11 @@ def gptq_codes(
     hessian: HessianAccumulator,
     scale: torch.Tensor,
     options: GptqOptions = GptqOptions(),
+    grid: Grid = Grid.E4M3,
 ) -> torch.Tensor:
-    """E4M3 codes of `weight` [out, in] at `scale` (0-dim, or [out]), GPTQ within each of
+    """`grid` codes of `weight` [out, in] at `scale` (0-dim, or [out]), GPTQ within each of
     H's column chunks (their order is irrelevant: a chunk's error moves no other chunk)."""
-    return gptq_rows([weight], hessian, scale, options)[0]
+    return gptq_rows([weight], hessian, scale, options, grid)[0]
 
 
 def gptq_rows(
@@ -181,6 +205,7 @@ def gptq_rows(
     hessian: HessianAccumulator,
     scale: torch.Tensor,
     options: GptqOptions = GptqOptions(),
+    grid: Grid = Grid.E4M3,
 ) -> list[torch.Tensor]:
     """`gptq_codes` of the row-wise stack of `weights` (the linears reading one input, e.g.
     q/k/v; `scale` is 0-dim or one per stacked row), returned per weight. The stack is made
@@ -190,13 +215,13 @@ def gptq_rows(
         if w.shape[1] != hessian.width:
             raise ValueError(f"weight has {w.shape[1]} columns, H {hessian.width}")
     device = weights[0].device
-    codes = [torch.empty(w.shape, dtype=FP8, device=device) for w in weights]
+    codes = [torch.empty(w.shape, dtype=grid.dtype, device=device) for w in weights]
     bounds = [0]
     for w in weights:
         bounds.append(bounds[-1] + w.shape[0])
     for c, block in zip(hessian.chunks, hessian.blocks, strict=True):
         part = torch.cat([w[:, c] for w in weights]) if len(weights) > 1 else weights[0][:, c]
-        q, _ = gptq_chunk(part, block.to(device), scale, options.damp, options.act_order)
+        q, _ = gptq_chunk(part, block.to(device), scale, options.damp, options.act_order, grid)
         for k, out in enumerate(codes):
             out[:, c] = q[bounds[k] : bounds[k + 1]]
     return codes

@@ -1,4 +1,4 @@
-"""One stored E4M3 rounding of every quantized linear, which both exports write.
+"""One stored rounding of every quantized linear, which the exports write.
 
 With `--rounding gptq` the codes are not a function of the weight alone (they depend on the
 calibration activations), so they are computed once, block by block during calibration
@@ -7,10 +7,12 @@ calibration activations), so they are computed once, block by block during calib
   .OUT.calib/rounding/layer-00003.fp8.safetensors        per-tensor FP8 codes of block 3
   .OUT.calib/rounding/layer-00003.fp8-pc-pt.safetensors  per-channel FP8 codes of block 3
 
-each holding `<hf module>.weight` (float8_e4m3fn, the HF shape) and `<hf module>.scale`
-(fp32; 0-dim per tensor, [out] per channel). The TensorRT-LLM export cuts its rank slices
-from these codes, the unified HF export writes them whole, the block-streamed sensitivity
-runs them: one grid, byte-identical codes in both checkpoints.
+each holding `<hf module>.weight` (float8_e4m3fn, or int8 for W8A16; the HF shape) and
+`<hf module>.scale` (fp32; 0-dim per tensor, [out] per channel). The TensorRT-LLM export cuts
+its rank slices from these codes, the unified HF export writes them whole, the block-streamed
+sensitivity runs them: one grid, byte-identical FP8 codes in both checkpoints. (W8A16 codes go
+to the HF export only: the TensorRT-LLM checkpoint stores W8A16 weights unquantized and the
+build rounds them, builder.arch.formats.)
 
 One grid means one per-tensor scale: TensorRT-LLM fuses q/k/v (and gate/up) and stores one
 weight scale for the fused GEMM, the max of its members' (modelopt-fp8.md 6b), while the HF
@@ -32,7 +34,7 @@ import torch
 from builder.arch.formats import LinearFormat, Recipe, Unit, block_units
 from builder.arch.plan import LayerPlan
 from builder.arch.tensors import hf_layer_prefix, parse_hf_name
-from builder.quantize.formats import channel_scales
+from builder.quantize.formats import format_scales, grid_of
 from builder.quantize.fp8 import scale_from_amax
 from builder.quantize.gptq import GptqOptions, HessianAccumulator, Rounding, gptq_rows
 
@@ -133,10 +135,10 @@ def unit_scale(
 ) -> torch.Tensor:
     """The scale the exports write for `unit` (`weights`: its modules' weights, in order):
     per-tensor, amax / 448 of the max over the unit's modules (the fused GEMM's one scale);
-    per-channel, each row's amax / 448, the rows stacked."""
+    per-channel, each row's amax / 448 (/ 127 for W8A16), the rows stacked."""
     if fmt is LinearFormat.FP8:
         return scale_from_amax(max(weight_amax(m) for m in unit.hf_modules))
-    return torch.cat([channel_scales(w) for w in weights])
+    return torch.cat([format_scales(fmt, w) for w in weights])
 
 
 def reader_paths(layer: LayerPlan) -> dict[str, str]:
@@ -185,7 +187,7 @@ def round_block(
         ]
         for fmt in formats:
             scale = unit_scale(unit, weights, fmt, weight_amax).to(weights[0].device)
-            codes = gptq_rows(weights, hessians[unit.key], scale, plan.options)
+            codes = gptq_rows(weights, hessians[unit.key], scale, plan.options, grid_of(fmt))
             row = 0
             for module, w, q in zip(unit.hf_modules, weights, codes, strict=True):
                 rows = slice(row, row + w.shape[0])

@@ -17,7 +17,9 @@ by weights_scaling_factor x activation_scaling_factor); on a GPU with FP8 tensor
 `fp8_gemm="tensor-cores"` runs the same GEMM through `torch._scaled_mm` instead, which is how
 the emulation is checked against hardware (scripts/gpu_session.py). An e4m3 weight with a
 `per_channel_scale` is TensorRT-LLM's per-channel-per-token FP8 (activations scaled per token
-at run time), and a 16-bit weight is a linear left unquantized. `linear_hook` replaces every
+at run time), and a 16-bit weight is a linear left unquantized, unless the config declares it
+W8A16: TensorRT-LLM's build then rounds it to INT8 itself, which `WeightOnlyInt8Linear`
+reproduces (builder.arch.formats). `linear_hook` replaces every
 linear's computation (e.g. to try another quantization scheme). With an FP8 KV cache, k and v
 are rounded through e4m3 with `kv_cache_scaling_factor`.
 
@@ -226,6 +228,7 @@ class TrtllmCheckpointExecutor:
         self.fp8_gemm = FP8_GEMMS[fp8_gemm]
         quant = self.config.get("quantization") or {}
         self.kv_cache_fp8 = quant.get("kv_cache_quant_algo") == "FP8"
+        self.weight_only = weight_only_modules(self.directory, self.config)
         self._kept: dict[tuple[int, str], torch.Tensor] | None = {} if keep_weights else None
         self._stack = ExitStack()
         self._files: dict[int, Any] = {}
@@ -308,7 +311,7 @@ class TrtllmCheckpointExecutor:
         per-channel when a per_channel_scale sits beside it; any other weight is unquantized."""
         weight = f"{module}.weight"
         if self.stored_code(rank, weight) != F8_E4M3.code:
-            return LinearFormat.BF16
+            return LinearFormat.W8A16 if self.weight_only(module) else LinearFormat.BF16
         if self.has(rank, per_channel_scale_name(weight)):
             return LinearFormat.FP8_PC_PT
         return LinearFormat.FP8
@@ -710,6 +713,50 @@ class PerChannelFp8Linear:
 
 
 @dataclass(frozen=True)
+class WeightOnlyInt8Linear:
+    """TensorRT-LLM's W8A16 linear built from a 16-bit checkpoint weight: the build rounds the
+    weight as cutlass_preprocessors.cpp's symmetric_quantize does (per output channel, scale =
+    amax / 128 in fp32, codes round(W / scale) clamped to [-128, 127], the scale stored in
+    the model dtype) and the weight-only GEMM computes x @ (codes * scale).T."""
+
+    ex: TrtllmCheckpointExecutor
+    rank: int
+    weight: str
+
+    @classmethod
+    def build(cls, ex: TrtllmCheckpointExecutor, rank: int, module: str) -> Self:
+        return cls(ex, rank, f"{module}.weight")
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.ex.tensor(self.rank, self.weight)
+        return F.linear(x.float(), trtllm_weight_only_int8(w)).to(self.ex.dtype)
+
+
+def trtllm_weight_only_int8(weight: torch.Tensor) -> torch.Tensor:
+    """The weight TensorRT-LLM's W8A16 GEMM multiplies by, fp32 [out, in], from the stored
+    16-bit `weight` [out, in]."""
+    scale = weight.float().abs().amax(dim=1, keepdim=True) / 128
+    codes = torch.where(scale > 0, torch.round(weight.float() / scale), 0.0).clamp(-128, 127)
+    return codes * scale.to(weight.dtype).float()
+
+
+def weight_only_modules(directory: Path, config: dict) -> Callable[[str], bool]:
+    """Whether a TensorRT-LLM module (stage-local name) is declared W8A16 by the checkpoint's
+    config (one format for every decoder linear) or its quant_cfg.json (per module)."""
+    from builder.arch.formats import trtllm_formats
+
+    found = trtllm_formats(directory, config)
+    if found is None:
+        return lambda module: False
+    default, formats = found
+    if default is LinearFormat.W8A16:
+        head = trtllm_module(Role.LM_HEAD)
+        return lambda module: module != head
+    declared = {m for m, f in formats.items() if f is LinearFormat.W8A16}
+    return lambda module: module in declared
+
+
+@dataclass(frozen=True)
 class HookedLinear:
     """A linear computed by the executor's `linear_hook` instead of its format's GEMM."""
 
@@ -726,6 +773,7 @@ LINEARS: dict[LinearFormat, Callable[[TrtllmCheckpointExecutor, int, str], Linea
     LinearFormat.BF16: DenseLinear.build,
     LinearFormat.FP8: PerTensorFp8Linear.build,
     LinearFormat.FP8_PC_PT: PerChannelFp8Linear.build,
+    LinearFormat.W8A16: WeightOnlyInt8Linear.build,
 }
 
 

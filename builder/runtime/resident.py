@@ -77,6 +77,7 @@ import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 
+from builder.arch.formats import LinearFormat
 from builder.arch.plan import AttentionKind, FfnKind, LayerPlan, ModelPlan
 from builder.arch.tensors import (
     Group,
@@ -622,6 +623,23 @@ class Graph:
 
 
 # ---- the runtime -------------------------------------------------------------------------------
+def refuse_weight_only(directory: Path, config: Mapping[str, Any]) -> None:
+    """W8A16 weights are stored unquantized for TensorRT-LLM's build to round (builder.arch.
+    formats); this runtime has no INT8 weight-only GEMM, and running them as BF16 would
+    measure another model (the executor emulates them)."""
+    from builder.arch.formats import trtllm_formats
+
+    found = trtllm_formats(directory, config)
+    if found is None:
+        return
+    default, formats = found
+    if default is LinearFormat.W8A16 or LinearFormat.W8A16 in formats.values():
+        raise UserError(
+            f"{directory}: has W8A16 linears, which the resident runtime does not run "
+            "(no INT8 weight-only GEMM); use the executor (verify --runtime executor)"
+        )
+
+
 class ResidentRuntime:
     """Runs a TensorRT-LLM DeciLM checkpoint with its weights resident on `device`.
 
@@ -721,6 +739,7 @@ class ResidentRuntime:
         """From a checkpoint directory: each tensor is read once from its rank file."""
         directory = Path(directory)
         config, _ = read_trtllm_config(directory)
+        refuse_weight_only(directory, config)
         with ExitStack() as stack:
             files: dict[int, Any] = {}
             names: dict[int, set[str]] = {}

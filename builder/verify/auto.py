@@ -6,10 +6,12 @@ rank under the target's parallelism. The search is the multiple-choice knapsack'
 
   1. every candidate starts in its cheapest format (per-tensor FP8 when it was measured);
   2. each candidate's options (formats measured, and BF16 at KL 0) form a lower convex hull
-     in (bytes, KL); its edges are the upgrades, worth (KL saved) / (bytes added);
-  3. the upgrades, best first, give a sequence of assignments of rising bytes; an upgrade
-     that would put more than --max-bf16-fraction of the decoder linear weights in BF16 is
-     skipped;
+     in (cost, KL), the cost being the bytes; its edges are the upgrades, worth (KL saved) /
+     (cost added);
+  3. the upgrades, best first, give a sequence of assignments of rising cost; an upgrade
+     that would put more than --max-bf16-fraction of the decoder linear weights in BF16
+     GEMMs is skipped. W8A16 (when offered) is such a GEMM at FP8's bytes: it replaces BF16
+     as a candidate's top option and is priced as BF16 in the search (options_of);
   4. single-candidate KLs do not add up exactly (on SmolLM2 their sum is about twice the KL
      of quantizing everything), so the predicted KL of an assignment is alpha x the sum of
      its candidates' KLs, alpha measured on the all-FP8 recipe; the assignments around the
@@ -29,6 +31,7 @@ from typing import Any
 
 import torch
 
+from builder.arch.formats import LINEAR_REPLACEMENTS
 from builder.arch.plan import ModelPlan
 from builder.deploy.recipe_memory import (
     decoder_linear_params,
@@ -56,6 +59,11 @@ class Option:
     fmt: LinearFormat
     kl: float
     bytes: float
+    price: float | None = None  # what the search pays for it, where that is not its bytes
+
+    @property
+    def cost(self) -> float:
+        return self.bytes if self.price is None else self.price
 
 
 @dataclass(frozen=True)
@@ -66,8 +74,8 @@ class Upgrade:
 
 
 def hull(options: Sequence[Option]) -> list[Option]:
-    """Lower convex hull of (bytes, KL), cheapest first, KL strictly falling."""
-    points = sorted(options, key=lambda o: (o.bytes, o.kl))
+    """Lower convex hull of (cost, KL), cheapest first, KL strictly falling."""
+    points = sorted(options, key=lambda o: (o.cost, o.kl))
     kept: list[Option] = []
     for p in points:
         if kept and p.kl >= kept[-1].kl:
@@ -80,7 +88,7 @@ def hull(options: Sequence[Option]) -> list[Option]:
 
 def _turns_wrong(a: Option, b: Option, c: Option) -> bool:
     # b lies on or above the segment a-c: it never is the best use of bytes
-    return (b.kl - a.kl) * (c.bytes - a.bytes) >= (c.kl - a.kl) * (b.bytes - a.bytes)
+    return (b.kl - a.kl) * (c.cost - a.cost) >= (c.kl - a.kl) * (b.cost - a.cost)
 
 
 @dataclass
@@ -89,6 +97,7 @@ class Step:
     kl_sum: float  # sum of the candidates' single KLs
     bytes: float
     bf16_fraction: float
+    w8a16_fraction: float = 0.0
 
 
 @dataclass
@@ -104,6 +113,7 @@ class AutoChoice:
     rows: list[dict[str, Any]]
     probes: list[dict[str, Any]] = field(default_factory=list)
     met: bool = True
+    w8a16_fraction: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -114,6 +124,7 @@ class AutoChoice:
             "predicted_kl": self.predicted_kl,
             "measured_on_calibration": self.measured.to_json() | {"recipe": None},
             "bf16_fraction": self.bf16_fraction,
+            "w8a16_fraction": self.w8a16_fraction,
             "rank_bytes": self.rank_bytes,
             "budget_met": self.met,
             "table": self.rows,
@@ -124,21 +135,28 @@ class AutoChoice:
 def options_of(
     plan: ModelPlan, sens: Sensitivity, units: dict[str, list[Unit]], tp: int
 ) -> dict[str, list[Option]]:
+    """Each candidate's hull of formats. W8A16 computes in BF16 at FP8's bytes: where it was
+    measured it takes BF16's place as the top option, priced as BF16 (the search spends BF16
+    compute on it, the bytes it reports are its own); a linear-replacement block's linear
+    is never offered W8A16 (TensorRT-LLM's build cannot quantize it, Recipe.check_trtllm)."""
     out = {}
     for key, us in units.items():
+        bf16 = sum(unit_bytes(plan, u, LinearFormat.BF16, tp) for u in us)
+        weight_only = LinearFormat.W8A16.value in sens.kl[key] and not any(
+            u.name in LINEAR_REPLACEMENTS for u in us
+        )
         opts = [
             Option(
                 LinearFormat(f),
                 sens.own(key, f),
                 sum(unit_bytes(plan, u, LinearFormat(f), tp) for u in us),
+                bf16 if f == LinearFormat.W8A16.value else None,
             )
             for f in sens.kl[key]
+            if f != LinearFormat.W8A16.value or weight_only
         ]
-        opts.append(
-            Option(
-                LinearFormat.BF16, 0.0, sum(unit_bytes(plan, u, LinearFormat.BF16, tp) for u in us)
-            )
-        )
+        if not weight_only:
+            opts.append(Option(LinearFormat.BF16, 0.0, bf16))
         out[key] = hull(opts)
     return out
 
@@ -159,7 +177,7 @@ def upgrade_path(
     upgrades = []
     for key, opts in options.items():
         for a, b in zip(opts, opts[1:], strict=False):
-            upgrades.append(Upgrade(key, b, (a.kl - b.kl) / max(b.bytes - a.bytes, 1e-9)))
+            upgrades.append(Upgrade(key, b, (a.kl - b.kl) / max(b.cost - a.cost, 1e-9)))
     upgrades.sort(key=lambda u: -u.gain)
     total = decoder_linear_params(plan)
     params = {
@@ -168,12 +186,16 @@ def upgrade_path(
 
     def step() -> Step:
         recipe = recipe_of(units, {k: o.fmt for k, o in chosen.items()})
-        bf16 = sum(params[k] for k, o in chosen.items() if o.fmt is LinearFormat.BF16) / total
+
+        def share(fmt: LinearFormat) -> float:
+            return sum(params[k] for k, o in chosen.items() if o.fmt is fmt) / total
+
         return Step(
             recipe,
             sum(o.kl for o in chosen.values()),
             sum(o.bytes for o in chosen.values()),
-            bf16,
+            share(LinearFormat.BF16),
+            share(LinearFormat.W8A16),
         )
 
     steps = [step()]
@@ -181,9 +203,12 @@ def upgrade_path(
         current = chosen[up.key]
         if options[up.key].index(current) + 1 != options[up.key].index(up.to):
             continue  # an earlier edge of this candidate was skipped: the hull order broke
-        if up.to.fmt is LinearFormat.BF16:
-            share = params[up.key] / total
-            if steps[-1].bf16_fraction + share > max_bf16_fraction + 1e-12:
+        if not up.to.fmt.fp8 and current.fmt.fp8:
+            # BF16 and W8A16 GEMMs both run in BF16: --max-bf16-fraction bounds their sum
+            last = steps[-1]
+            if last.bf16_fraction + last.w8a16_fraction + params[up.key] / total > (
+                max_bf16_fraction + 1e-12
+            ):
                 continue
         chosen[up.key] = up.to
         steps.append(step())
@@ -224,6 +249,7 @@ def choose(
                 "step": i,
                 "bytes": steps[i].bytes,
                 "bf16_fraction": steps[i].bf16_fraction,
+                "w8a16_fraction": steps[i].w8a16_fraction,
                 "predicted_kl": alpha * steps[i].kl_sum,
                 "kl": s.kl,
                 "top1": s.top1,
@@ -242,6 +268,7 @@ def choose(
         predicted_kl=alpha * step.kl_sum,
         measured=scores[f"step {best}"],
         bf16_fraction=step.bf16_fraction,
+        w8a16_fraction=step.w8a16_fraction,
         rank_bytes=rank_bytes(plan, step.recipe, tp, pp),
         rows=rows,
         probes=probes,
@@ -299,8 +326,10 @@ def format_choice(choice: AutoChoice) -> str:
     m = choice.measured
     lines += [
         "",
-        f"budget: mean KL <= {choice.max_kl:g}, BF16 <= {choice.max_bf16_fraction:.0%} of "
-        f"decoder linear weights; chosen: BF16 {choice.bf16_fraction:.1%}, measured on "
+        f"budget: mean KL <= {choice.max_kl:g}, BF16 GEMMs <= {choice.max_bf16_fraction:.0%} "
+        f"of decoder linear weights; chosen: BF16 {choice.bf16_fraction:.1%}"
+        + (f", W8A16 {choice.w8a16_fraction:.1%}" if choice.w8a16_fraction else "")
+        + ", measured on "
         f"calibration windows KL {m.kl:.4f} (p99 {m.kl_p99:.3f}), top-1 {m.top1:.4f} "
         f"(predicted {choice.predicted_kl:.4f}, alpha {choice.alpha:.2f}); weights per rank "
         f"{max(choice.rank_bytes):,} bytes"
@@ -415,14 +444,18 @@ def recipe_request(
     granularity: str,
     windows: int,
     target: str,
+    candidates: str | None = None,
 ) -> tuple[Recipe | None, AutoOptions | None]:
     """What `builder quantize --recipe ...` asks for: a fixed recipe (a format name or a JSON
-    file of {"default": ..., "overrides": {...}}), or the auto search's options."""
+    file of {"default": ..., "overrides": {...}}), or the auto search's options (`candidates`:
+    the quantized formats it may assign, comma-separated; default fp8 and fp8-pc-pt)."""
     from builder.errors import UserError
 
     if recipe != "auto":
-        if max_kl is not None or max_bf16_fraction is not None:
-            raise UserError("--max-kl and --max-bf16-fraction apply to --recipe auto only")
+        if max_kl is not None or max_bf16_fraction is not None or candidates is not None:
+            raise UserError(
+                "--max-kl, --max-bf16-fraction and --candidates apply to --recipe auto only"
+            )
         if recipe in {f.value for f in LinearFormat}:
             return Recipe.uniform(LinearFormat(recipe)), None
         path = Path(recipe)
@@ -440,9 +473,19 @@ def recipe_request(
     from builder.deploy.profiles import load_profile
 
     profile = load_profile(target)
+    formats = AutoOptions.formats
+    if candidates is not None:
+        names = [c.strip() for c in candidates.split(",") if c.strip()]
+        formats = tuple(LinearFormat.parse(c, "--candidates") for c in names)
+        if not formats or not all(f.quantized for f in formats):
+            raise UserError(
+                f"--candidates {candidates!r}: expected quantized formats "
+                "(fp8, fp8-pc-pt, w8a16), comma-separated; BF16 is always the top option"
+            )
     return None, AutoOptions(
         max_kl=max_kl,
         max_bf16_fraction=fraction,
+        formats=formats,
         granularity=granularity,
         windows=windows,
         tp=profile.parallel.tp,

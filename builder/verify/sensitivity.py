@@ -105,12 +105,14 @@ def stored_linear(
 ) -> torch.nn.Module:
     """The emulation of `module` in `fmt` from its stored codes."""
     from builder.dtypes import FP8_MAX
-    from builder.quantize.formats import RowwiseFp8Linear, TensorFp8Linear
+    from builder.quantize.formats import RowwiseFp8Linear, TensorFp8Linear, WeightOnlyInt8Linear
 
     codes = rounding.codes(module, fmt).to(device)
     scale = rounding.scale(module, fmt).to(device)
     if fmt is LinearFormat.FP8_PC_PT:
         return RowwiseFp8Linear(codes, scale)
+    if fmt is LinearFormat.W8A16:
+        return WeightOnlyInt8Linear(codes, scale)
     x_scale = torch.tensor(x_amax, dtype=torch.float32, device=device) / FP8_MAX
     return TensorFp8Linear(codes, scale, x_scale)
 

@@ -147,7 +147,7 @@ def test_cli_auto_recipe_end_to_end(tmp_path, ultra_ckpt):
     [
         (["--recipe", "auto"], "--recipe auto needs --max-kl"),
         (["--max-kl", "0.1"], "apply to --recipe auto only"),
-        (["--recipe", "int4"], "not fp8, fp8-pc-pt, bf16, auto, or a recipe JSON file"),
+        (["--recipe", "int4"], "not fp8, fp8-pc-pt, w8a16, bf16, auto, or a recipe JSON file"),
     ],
 )
 def test_cli_refuses_bad_recipe_options(tmp_path, mixed_ckpt, extra, message):

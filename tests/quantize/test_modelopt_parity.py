@@ -258,3 +258,56 @@ def test_mixed_precision_hf_export_equals_export_hf_checkpoint(tmp_path, twin):
     ref_config = json.loads((tmp_path / "modelopt" / "config.json").read_text())
     our_config = json.loads((ours / "config.json").read_text())
     assert our_config["quantization_config"] == ref_config["quantization_config"]
+
+
+def test_w8a16_hf_export_equals_export_hf_checkpoint(tmp_path, twin):
+    """Block 1's attention INT8 weight-only (ModelOpt's INT8_WEIGHT_ONLY_CFG weight quantizer,
+    input quantizer off), block 1's MLP BF16, block 0 per-tensor FP8: our writer with the same
+    recipe writes the same bits (int8 codes, fp32 [out] scales), hf_quant_config.json ("W8A16"
+    per layer) and quantization_config."""
+    from modelopt.torch.export import export_hf_checkpoint
+
+    from builder.quantize.formats import LinearFormat, Recipe
+    from builder.quantize.recipe import mtq
+
+    model, ckpt_dir = twin
+    quant = mtq()
+    int8_weight = next(
+        e["cfg"]
+        for e in quant.INT8_WEIGHT_ONLY_CFG["quant_cfg"]
+        if e.get("quantizer_name") == "*weight_quantizer"
+    )
+    config = copy.deepcopy(quant.FP8_DEFAULT_CFG)
+    config["quant_cfg"] = list(config["quant_cfg"]) + [
+        {"quantizer_name": "*layers.1.self_attn*weight_quantizer", "cfg": int8_weight},
+        {"quantizer_name": "*layers.1.self_attn*input_quantizer", "enable": False},
+        {"quantizer_name": "*layers.1.mlp*", "enable": False},
+    ]
+    data = windows()
+    mixed = copy.deepcopy(model)
+    with quiet(), torch.no_grad():
+        quant.quantize(mixed, config, lambda m: [m(b[None], use_cache=False) for b in data])
+        export_hf_checkpoint(mixed, dtype=torch.bfloat16, export_dir=tmp_path / "modelopt")
+    table = calibrate_model(copy.deepcopy(model), data, kv_cache=False, batch_size=1)
+    w8 = LinearFormat.W8A16
+    recipe = Recipe(
+        LinearFormat.FP8,
+        {"1.qkv": w8, "1.o": w8, "1.gate_up": LinearFormat.BF16, "1.down": LinearFormat.BF16},
+    )
+    ours = tmp_path / "ours"
+    ours.mkdir()
+    write_unified_hf(ours, load_plan(ckpt_dir), HFCheckpoint(ckpt_dir), table, recipe=recipe)
+    ref = load_file(tmp_path / "modelopt" / "model.safetensors")
+    got = load_file(ours / "model.safetensors")
+    assert set(ref) == set(got)
+    assert [name for name in ref if not same(ref[name], got[name])] == []
+    assert got["model.layers.1.self_attn.o_proj.weight"].dtype == torch.int8
+    ref_q = json.loads((tmp_path / "modelopt" / "hf_quant_config.json").read_text())
+    our_q = json.loads((ours / "hf_quant_config.json").read_text())
+    assert our_q == ref_q
+    assert our_q["quantization"]["quantized_layers"]["model.layers.1.self_attn.o_proj"] == {
+        "quant_algo": "W8A16"
+    }
+    ref_config = json.loads((tmp_path / "modelopt" / "config.json").read_text())
+    our_config = json.loads((ours / "config.json").read_text())
+    assert our_config["quantization_config"] == ref_config["quantization_config"]

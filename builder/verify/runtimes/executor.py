@@ -18,7 +18,12 @@ from builder.verify.runtimes.base import (
 from builder.verify.sampling import Sampler, Sampling
 
 # quant_algo -> artifact kind; per-channel and mixed checkpoints come from builder.quantize.formats
-QUANT_KINDS = {"FP8": "fp8", "FP8_PER_CHANNEL_PER_TOKEN": "fp8-pc-pt", "MIXED_PRECISION": "mixed"}
+QUANT_KINDS = {
+    "FP8": "fp8",
+    "FP8_PER_CHANNEL_PER_TOKEN": "fp8-pc-pt",
+    "W8A16": "w8a16",
+    "MIXED_PRECISION": "mixed",
+}
 
 
 def trtllm_kind(config: dict) -> str:

@@ -4,9 +4,10 @@ An independent check of that export: not the TensorRT-LLM checkpoint and not the
 code. Each block of the reference model is built and its linears replaced by `Fp8Linear`s
 holding the export's own tensors: the E4M3 weight dequantized once (weight x weight_scale), the
 input rounded through E4M3 with input_scale before the matmul (ModelOpt's fake-quant
-semantics); with a quantized KV cache, keys and values are rounded through E4M3 with
-k_scale / v_scale after RoPE and the cache update, as ModelOpt's KV quantizers do. Embedding,
-norms and lm_head are used as stored. Blocks stream one at a time (builder.verify.stream).
+semantics; W8A16 linears dequantize their INT8 weight and leave the input as it is); with a
+quantized KV cache, keys and values are rounded through E4M3 with k_scale / v_scale after RoPE
+and the cache update, as ModelOpt's KV quantizers do. Embedding, norms and lm_head are used as
+stored. Blocks stream one at a time (builder.verify.stream).
 """
 
 from __future__ import annotations
@@ -77,17 +78,38 @@ class RowwiseFp8Linear(nn.Module):
         return F.linear(e4m3_round_trip(x, s_tok), self.dequantized).to(x.dtype)
 
 
-QUANTIZED = (Fp8Linear, RowwiseFp8Linear)
+class Int8WeightOnlyLinear(nn.Module):
+    """W8A16 (ModelOpt int8_wo, as TensorRT-LLM's weight-only GEMM computes it): y = x @
+    (W_int8 * weight_scale[:, None]).T, activations unquantized."""
+
+    def __init__(self, weight: torch.Tensor, weight_scale: torch.Tensor):
+        super().__init__()
+        self.register_buffer("dequantized", weight.float() * weight_scale.float()[:, None])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.float(), self.dequantized).to(x.dtype)
+
+
+QUANTIZED = (Fp8Linear, RowwiseFp8Linear, Int8WeightOnlyLinear)
 
 
 def export_linear(ckpt: Any, module: str, index: int) -> nn.Module | None:
     """The export's linear `module` by what it stores: E4M3 with a scalar weight scale and an
     input scale (per-tensor FP8), E4M3 with an [out] weight scale and no input scale
-    (per-channel per-token), or a plain weight (left unquantized: None, filled as usual)."""
+    (per-channel per-token), INT8 with an [out] weight scale (W8A16), or a plain weight (left
+    unquantized: None, filled as usual)."""
     weight = _read(ckpt, f"{module}.{WEIGHT}", index)
+    w_name, x_name = hf_scale_names(module)
+    if weight.dtype == torch.int8:
+        w_scale = _read(ckpt, w_name, index)
+        if tuple(w_scale.shape) != (weight.shape[0],):
+            raise UserError(
+                f"{ckpt.root}: {w_name} has shape {list(w_scale.shape)}; an int8 (W8A16) "
+                f"weight needs [{weight.shape[0]}]"
+            )
+        return Int8WeightOnlyLinear(weight, w_scale)
     if weight.dtype != torch.float8_e4m3fn:
         return None
-    w_name, x_name = hf_scale_names(module)
     w_scale = _read(ckpt, w_name, index)
     if w_scale.dim() == 1 and w_scale.shape[0] == weight.shape[0]:
         return RowwiseFp8Linear(weight, w_scale)
@@ -170,8 +192,8 @@ def fp8_kv_attention() -> Iterator[None]:
         modeling.ALL_ATTENTION_FUNCTIONS = original
 
 
-# Per-tensor, per-channel-per-token and ModelOpt's MIXED_PRECISION (builder.arch.formats).
-HF_ALGOS = ("FP8", "FP8_PER_CHANNEL_PER_TOKEN", "MIXED_PRECISION")
+# Per-tensor, per-channel-per-token, W8A16 and ModelOpt's MIXED_PRECISION (builder.arch.formats).
+HF_ALGOS = ("FP8", "FP8_PER_CHANNEL_PER_TOKEN", "W8A16", "MIXED_PRECISION")
 
 
 def check_hf_fp8(path: Path) -> dict[str, Any]:
