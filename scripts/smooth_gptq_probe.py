@@ -229,34 +229,12 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, scale: torch.Tensor) -> to
 
 @torch.no_grad()
 def gptq_int8(weight: torch.Tensor, hessian: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """GPTQ onto the symmetric INT8 grid at per-row `scale` (row amax / 127), dequantized:
-    the same column loop as builder.quantize.gptq.gptq_chunk with integer rounding."""
-    from builder.quantize.gptq import LAZY_BLOCK, _inverse_cholesky, damped
+    """GPTQ onto the symmetric INT8 grid at per-row `scale` (row amax / 127), dequantized: the
+    library's (builder.quantize.gptq, `Grid.INT8`, what `--recipe w8a16 --rounding gptq` runs)."""
+    from builder.quantize.gptq import Grid, dequantized, gptq_chunk
 
-    w = weight.float().clone()
-    h = damped(hessian, DAMP)
-    order = torch.argsort(torch.diagonal(h), descending=True, stable=True)
-    if not ACT_ORDER:
-        order = torch.arange(w.shape[1])
-    w, h = w[:, order], h[order][:, order]
-    u = _inverse_cholesky(h)
-    s = scale.float().reshape(-1)
-    q_all = torch.empty_like(w)
-    n = w.shape[1]
-    for a in range(0, n, LAZY_BLOCK):
-        b = min(a + LAZY_BLOCK, n)
-        w1 = w[:, a:b].clone()
-        err = torch.zeros_like(w1)
-        u1 = u[a:b, a:b]
-        for i in range(b - a):
-            col = w1[:, i]
-            q = torch.round(col / s).clamp(-INT8_MAX, INT8_MAX) * s
-            q_all[:, a + i] = q
-            e = (col - q) / u1[i, i]
-            w1[:, i:] -= e[:, None] * u1[i, i:][None, :]
-            err[:, i] = e
-        w[:, b:] -= err @ u[a:b, b:]
-    return q_all[:, torch.argsort(order)]
+    codes, _loss = gptq_chunk(weight, hessian, scale, DAMP, ACT_ORDER, Grid.INT8)
+    return dequantized(codes, scale)
 
 
 class DequantizedLinear(nn.Module):

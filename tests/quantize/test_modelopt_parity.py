@@ -199,49 +199,32 @@ def test_hf_export_equals_export_hf_checkpoint_on_every_block_kind(tmp_path, mix
         assert our_config[key] == ref_config[key], key
 
 
-def test_mixed_precision_hf_export_equals_export_hf_checkpoint(tmp_path, twin):
-    """Block 0 per-tensor FP8, block 1's MLP per-channel-per-token, block 1's attention BF16:
-    ModelOpt quantizes the twin that way (its FP8_PER_CHANNEL_PER_TOKEN_CFG quantizer settings
-    per module) and exports; our streaming writer with the same recipe writes the same bits,
-    hf_quant_config.json (MIXED_PRECISION, quantized_layers) and quantization_config."""
+def _modelopt_cfg(name: str, quantizer: str) -> dict:
+    """One quantizer's settings from a ModelOpt preset config."""
+    from builder.quantize.recipe import mtq
+
+    entries = getattr(mtq(), name)["quant_cfg"]
+    return next(e["cfg"] for e in entries if e.get("quantizer_name") == quantizer)
+
+
+def _assert_mixed_export_equals_modelopt(tmp_path, twin, per_module: list, recipe) -> dict:
+    """ModelOpt quantizes the twin with FP8_DEFAULT_CFG plus `per_module` entries and exports;
+    our streaming writer with `recipe` must write the same tensors bit for bit, the same
+    hf_quant_config.json and quantization_config. Returns our tensors."""
     from modelopt.torch.export import export_hf_checkpoint
 
-    from builder.quantize.formats import LinearFormat, Recipe
     from builder.quantize.recipe import mtq
 
     model, ckpt_dir = twin
     quant = mtq()
-    per_channel = next(
-        e["cfg"]
-        for e in quant.FP8_PER_CHANNEL_PER_TOKEN_CFG["quant_cfg"]
-        if e.get("quantizer_name") == "*weight_quantizer"
-    )
-    per_token = next(
-        e["cfg"]
-        for e in quant.FP8_PER_CHANNEL_PER_TOKEN_CFG["quant_cfg"]
-        if e.get("quantizer_name") == "*input_quantizer"
-    )
     config = copy.deepcopy(quant.FP8_DEFAULT_CFG)
-    config["quant_cfg"] = list(config["quant_cfg"]) + [
-        {"quantizer_name": "*layers.1.mlp*weight_quantizer", "cfg": per_channel},
-        {"quantizer_name": "*layers.1.mlp*input_quantizer", "cfg": per_token},
-        {"quantizer_name": "*layers.1.self_attn*", "enable": False},
-    ]
+    config["quant_cfg"] = list(config["quant_cfg"]) + per_module
     data = windows()
     mixed = copy.deepcopy(model)
     with quiet(), torch.no_grad():
         quant.quantize(mixed, config, lambda m: [m(b[None], use_cache=False) for b in data])
         export_hf_checkpoint(mixed, dtype=torch.bfloat16, export_dir=tmp_path / "modelopt")
     table = calibrate_model(copy.deepcopy(model), data, kv_cache=False, batch_size=1)
-    recipe = Recipe(
-        LinearFormat.FP8,
-        {
-            "1.qkv": LinearFormat.BF16,
-            "1.o": LinearFormat.BF16,
-            "1.gate_up": LinearFormat.FP8_PC_PT,
-            "1.down": LinearFormat.FP8_PC_PT,
-        },
-    )
     ours = tmp_path / "ours"
     ours.mkdir()
     write_unified_hf(ours, load_plan(ckpt_dir), HFCheckpoint(ckpt_dir), table, recipe=recipe)
@@ -249,15 +232,40 @@ def test_mixed_precision_hf_export_equals_export_hf_checkpoint(tmp_path, twin):
     got = load_file(ours / "model.safetensors")
     assert set(ref) == set(got)
     assert [name for name in ref if not same(ref[name], got[name])] == []
-    assert got["model.layers.1.mlp.down_proj.weight_scale"].shape == (
-        ref["model.layers.1.mlp.down_proj.weight"].shape[0],
-    )
     ref_q = json.loads((tmp_path / "modelopt" / "hf_quant_config.json").read_text())
     our_q = json.loads((ours / "hf_quant_config.json").read_text())
     assert our_q == ref_q
     ref_config = json.loads((tmp_path / "modelopt" / "config.json").read_text())
     our_config = json.loads((ours / "config.json").read_text())
     assert our_config["quantization_config"] == ref_config["quantization_config"]
+    return got
+
+
+def test_mixed_precision_hf_export_equals_export_hf_checkpoint(tmp_path, twin):
+    """Block 0 per-tensor FP8, block 1's MLP per-channel-per-token, block 1's attention BF16:
+    ModelOpt quantizes the twin that way (its FP8_PER_CHANNEL_PER_TOKEN_CFG quantizer settings
+    per module) and exports; our streaming writer with the same recipe writes the same bits,
+    hf_quant_config.json (MIXED_PRECISION, quantized_layers) and quantization_config."""
+    from builder.quantize.formats import LinearFormat, Recipe
+
+    cfg = "FP8_PER_CHANNEL_PER_TOKEN_CFG"
+    per_module = [
+        {
+            "quantizer_name": "*layers.1.mlp*weight_quantizer",
+            "cfg": _modelopt_cfg(cfg, "*weight_quantizer"),
+        },
+        {
+            "quantizer_name": "*layers.1.mlp*input_quantizer",
+            "cfg": _modelopt_cfg(cfg, "*input_quantizer"),
+        },
+        {"quantizer_name": "*layers.1.self_attn*", "enable": False},
+    ]
+    pc, bf16 = LinearFormat.FP8_PC_PT, LinearFormat.BF16
+    recipe = Recipe(LinearFormat.FP8, {"1.qkv": bf16, "1.o": bf16, "1.gate_up": pc, "1.down": pc})
+    got = _assert_mixed_export_equals_modelopt(tmp_path, twin, per_module, recipe)
+    assert got["model.layers.1.mlp.down_proj.weight_scale"].shape == (
+        got["model.layers.1.mlp.down_proj.weight"].shape[0],
+    )
 
 
 def test_w8a16_hf_export_equals_export_hf_checkpoint(tmp_path, twin):
@@ -265,49 +273,20 @@ def test_w8a16_hf_export_equals_export_hf_checkpoint(tmp_path, twin):
     input quantizer off), block 1's MLP BF16, block 0 per-tensor FP8: our writer with the same
     recipe writes the same bits (int8 codes, fp32 [out] scales), hf_quant_config.json ("W8A16"
     per layer) and quantization_config."""
-    from modelopt.torch.export import export_hf_checkpoint
-
     from builder.quantize.formats import LinearFormat, Recipe
-    from builder.quantize.recipe import mtq
 
-    model, ckpt_dir = twin
-    quant = mtq()
-    int8_weight = next(
-        e["cfg"]
-        for e in quant.INT8_WEIGHT_ONLY_CFG["quant_cfg"]
-        if e.get("quantizer_name") == "*weight_quantizer"
-    )
-    config = copy.deepcopy(quant.FP8_DEFAULT_CFG)
-    config["quant_cfg"] = list(config["quant_cfg"]) + [
-        {"quantizer_name": "*layers.1.self_attn*weight_quantizer", "cfg": int8_weight},
+    per_module = [
+        {
+            "quantizer_name": "*layers.1.self_attn*weight_quantizer",
+            "cfg": _modelopt_cfg("INT8_WEIGHT_ONLY_CFG", "*weight_quantizer"),
+        },
         {"quantizer_name": "*layers.1.self_attn*input_quantizer", "enable": False},
         {"quantizer_name": "*layers.1.mlp*", "enable": False},
     ]
-    data = windows()
-    mixed = copy.deepcopy(model)
-    with quiet(), torch.no_grad():
-        quant.quantize(mixed, config, lambda m: [m(b[None], use_cache=False) for b in data])
-        export_hf_checkpoint(mixed, dtype=torch.bfloat16, export_dir=tmp_path / "modelopt")
-    table = calibrate_model(copy.deepcopy(model), data, kv_cache=False, batch_size=1)
-    w8 = LinearFormat.W8A16
-    recipe = Recipe(
-        LinearFormat.FP8,
-        {"1.qkv": w8, "1.o": w8, "1.gate_up": LinearFormat.BF16, "1.down": LinearFormat.BF16},
-    )
-    ours = tmp_path / "ours"
-    ours.mkdir()
-    write_unified_hf(ours, load_plan(ckpt_dir), HFCheckpoint(ckpt_dir), table, recipe=recipe)
-    ref = load_file(tmp_path / "modelopt" / "model.safetensors")
-    got = load_file(ours / "model.safetensors")
-    assert set(ref) == set(got)
-    assert [name for name in ref if not same(ref[name], got[name])] == []
+    w8, bf16 = LinearFormat.W8A16, LinearFormat.BF16
+    recipe = Recipe(LinearFormat.FP8, {"1.qkv": w8, "1.o": w8, "1.gate_up": bf16, "1.down": bf16})
+    got = _assert_mixed_export_equals_modelopt(tmp_path, twin, per_module, recipe)
     assert got["model.layers.1.self_attn.o_proj.weight"].dtype == torch.int8
-    ref_q = json.loads((tmp_path / "modelopt" / "hf_quant_config.json").read_text())
-    our_q = json.loads((ours / "hf_quant_config.json").read_text())
-    assert our_q == ref_q
-    assert our_q["quantization"]["quantized_layers"]["model.layers.1.self_attn.o_proj"] == {
-        "quant_algo": "W8A16"
-    }
-    ref_config = json.loads((tmp_path / "modelopt" / "config.json").read_text())
-    our_config = json.loads((ours / "config.json").read_text())
-    assert our_config["quantization_config"] == ref_config["quantization_config"]
+    layers = json.loads((tmp_path / "ours" / "hf_quant_config.json").read_text())
+    entry = layers["quantization"]["quantized_layers"]["model.layers.1.self_attn.o_proj"]
+    assert entry == {"quant_algo": "W8A16"}
