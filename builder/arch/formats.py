@@ -62,6 +62,8 @@ from typing import Any
 
 from builder.arch.plan import LayerPlan, ModelPlan
 from builder.arch.tensors import (
+    UNIT_NAMES,
+    Role,
     hf_module,
     layer_units,
     trtllm_fp8_excludes,
@@ -73,7 +75,8 @@ MIXED_PRECISION = "MIXED_PRECISION"
 QUANT_CFG = "quant_cfg.json"  # TensorRT-LLM's per-layer file for MIXED_PRECISION
 
 
-LINEAR_REPLACEMENTS = ("linear_attn", "linear_mlp")  # unit names of the one-linear blocks
+# unit names of the one-linear blocks' GEMMs
+LINEAR_REPLACEMENTS = (UNIT_NAMES[Role.ATTN_LINEAR], UNIT_NAMES[Role.FFN_LINEAR])
 
 
 class RecipeError(UserError):
