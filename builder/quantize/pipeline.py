@@ -246,6 +246,8 @@ def quantize(
         request.recipe.validate(plan)
         pp = request.pp if "trtllm" in request.formats else 1
         request.recipe.trtllm_layer_config(plan, request.kv_cache, pp)
+        if "trtllm" in request.formats:
+            request.recipe.check_trtllm(plan)
     check_replaceable(out, request.overwrite)
     with ExitStack() as stack:
         if rank == 0:  # one run per OUT: it owns .OUT.partial and .OUT.calib

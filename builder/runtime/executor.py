@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 
-from builder.arch.formats import LinearFormat
+from builder.arch.formats import LinearFormat, trtllm_formats
 from builder.arch.plan import AttentionKind, FfnKind, LayerPlan
 from builder.arch.tensors import (
     Role,
@@ -713,19 +713,11 @@ class PerChannelFp8Linear:
 
 
 @dataclass(frozen=True)
-class WeightOnlyInt8Linear:
+class WeightOnlyInt8Linear(DenseLinear):
     """TensorRT-LLM's W8A16 linear built from a 16-bit checkpoint weight: the build rounds the
     weight as cutlass_preprocessors.cpp's symmetric_quantize does (per output channel, scale =
     amax / 128 in fp32, codes round(W / scale) clamped to [-128, 127], the scale stored in
     the model dtype) and the weight-only GEMM computes x @ (codes * scale).T."""
-
-    ex: TrtllmCheckpointExecutor
-    rank: int
-    weight: str
-
-    @classmethod
-    def build(cls, ex: TrtllmCheckpointExecutor, rank: int, module: str) -> Self:
-        return cls(ex, rank, f"{module}.weight")
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         w = self.ex.tensor(self.rank, self.weight)
@@ -743,8 +735,6 @@ def trtllm_weight_only_int8(weight: torch.Tensor) -> torch.Tensor:
 def weight_only_modules(directory: Path, config: dict) -> Callable[[str], bool]:
     """Whether a TensorRT-LLM module (stage-local name) is declared W8A16 by the checkpoint's
     config (one format for every decoder linear) or its quant_cfg.json (per module)."""
-    from builder.arch.formats import trtllm_formats
-
     found = trtllm_formats(directory, config)
     if found is None:
         return lambda module: False

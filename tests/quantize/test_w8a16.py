@@ -70,7 +70,10 @@ def test_gptq_on_the_int8_grid_accounts_for_its_error_and_beats_nearest():
     gptq = output_error(w, codes.float() * s[:, None], h)
     nearest = output_error(w, nearest_codes(w, s, Grid.INT8).float() * s[:, None], h)
     assert gptq < nearest
-    # GPTQ's own account is of the damped H: within the damping's share of the error
+    # GPTQ's own account is tr(E H_d E^T) for the damped H_d = H + d I, d = 1e-4 x mean
+    # diag(H); the undamped error differs by d ||E||^2 <= 1e-4 x (mean diag / smallest
+    # eigenvalue of H) of it, under 1% for these activations (channel scales 0.2 ... 3, 512
+    # rows over 48 columns keep H well conditioned), plus fp32 summation at 1e-6
     assert loss == pytest.approx(gptq, rel=1e-2)
 
 
@@ -180,6 +183,10 @@ def test_trtllm_export_refuses_w8a16_on_a_linear_replacement_block(tmp_path, mix
     recipe = Recipe(FP8, {unit.key: W8})
     with pytest.raises(RecipeError, match=f"unit {unit.key}: w8a16 on a linear-replacement"):
         recipe.check_trtllm(plan)
+    refused = tmp_path / "both"  # refused before calibration, nothing written
+    with pytest.raises(RecipeError, match="linear-replacement"):
+        quantize_checkpoint(mixed_ckpt, refused, calib_size=4, calib_seq_len=16, recipe=recipe)
+    assert not refused.exists() and not list(tmp_path.glob(".both*"))
     out = tmp_path / "hf-only"
     quantize_checkpoint(
         mixed_ckpt, out, calib_size=4, calib_seq_len=16, recipe=recipe, formats=["hf"]
@@ -271,4 +278,6 @@ def test_upgrade_path_spends_the_bf16_cap_on_w8a16_at_fp8s_bytes(mixed_ckpt):
     for a, b in zip(steps, steps[1:], strict=False):
         assert b.kl_sum < a.kl_sum
         if b.w8a16_fraction > a.w8a16_fraction and b.bf16_fraction == a.bf16_fraction:
-            assert 0 <= b.bytes - a.bytes < 0.01 * a.bytes  # scales only
+            # FP8 -> W8A16 adds only 4 scale bytes per output row (per-channel scales), under
+            # 4 / 256 of one row's weights on this hidden-256 model, far below 1% of the total
+            assert 0 <= b.bytes - a.bytes < 0.01 * a.bytes
