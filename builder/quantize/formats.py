@@ -29,7 +29,7 @@ from builder.arch.formats import (
 from builder.convert.layout import RecipeLayout, recipe_layout_for
 from builder.dtypes import FP8_MAX
 from builder.quantize.fp8 import FP8
-from builder.quantize.gptq import Grid
+from builder.quantize.gptq import Grid, nearest_codes
 from builder.runtime.executor import fp8_rowwise_linear, token_scales
 
 __all__ = [
@@ -95,16 +95,12 @@ def int8_channel_scales(weight: torch.Tensor) -> torch.Tensor:
 def quantize_int8_channels(weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """round(W / scale[:, None]) clamped to [-128, 127], int8 (ModelOpt's int8_wo export;
     round half to even, as torch.round)."""
-    codes = torch.round(weight.float() / scales.float()[:, None]).clamp(-128, 127)
-    return codes.to(torch.int8)
+    return nearest_codes(weight, scales, Grid.INT8)
 
 
 def weight_codes(fmt: LinearFormat, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """`weight`'s nearest codes in `fmt` at `scale` (0-dim, or one per row)."""
-    if fmt is LinearFormat.W8A16:
-        return quantize_int8_channels(weight, scale)
-    s = scale.float().reshape(-1, 1) if scale.dim() else scale.float()
-    return (weight.float() / s).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+    return nearest_codes(weight, scale, grid_of(fmt))
 
 
 def grid_of(fmt: LinearFormat) -> Grid:
@@ -114,7 +110,7 @@ def grid_of(fmt: LinearFormat) -> Grid:
 
 def code_dtype(fmt: LinearFormat) -> torch.dtype:
     """The dtype of `fmt`'s weight codes in the HF export and the stored rounding."""
-    return torch.int8 if fmt is LinearFormat.W8A16 else FP8
+    return grid_of(fmt).dtype
 
 
 def format_scales(fmt: LinearFormat, weight: torch.Tensor) -> torch.Tensor:
