@@ -10,7 +10,9 @@ heads, head dim 128, the blocks' own FFN widths) at the per-rank shapes of TP8 a
   check       FP8 on tensor cores (_scaled_mm) against the emulation (the executor's CPU
               math, run on the device in fp32) on the same weights and tokens, with the BF16
               model's distance as the FP8 quantization-error scale
-  prefill     tokens/s of one forward over batch x seq prompt tokens, BF16 and FP8
+  prefill     tokens/s of one forward over batch x seq prompt tokens, BF16 and FP8, and
+              W8A16 (INT8 weights per channel as TensorRT-LLM's build rounds them, BF16
+              activations: FP8's bytes, BF16 GEMMs; builder quantize --recipe w8a16)
   decode      one decode step (CUDA graph replay, attention over the cache, norms, residuals
               included) at batch 1, 8 and 64; bytes read per step (resident linear weights +
               the KV-cache span attended) over the measured copy bandwidth is the floor
@@ -42,6 +44,7 @@ from pathlib import Path
 import torch
 
 from builder.arch import parse_config, preset_config, rank_tensors
+from builder.arch.formats import LinearFormat, Recipe
 from builder.arch.tensors import scale_names
 from builder.convert.trtllm_config import trtllm_config
 from builder.quantize.export_trtllm import trtllm_quantization
@@ -106,10 +109,15 @@ def fp8_rank(plan, tp: int, bf16: dict[str, torch.Tensor]) -> dict[str, torch.Te
     return out
 
 
+PRECISIONS = ("bf16", "fp8", "w8a16")
+
+
 def configs(plan, tp: int) -> dict[str, dict]:
+    w8a16 = Recipe.uniform(LinearFormat.W8A16).trtllm_quantization(plan, kv_cache=False)
     return {
         "bf16": trtllm_config(plan, tp),
         "fp8": trtllm_config(plan, tp, quantization=trtllm_quantization(False)),
+        "w8a16": trtllm_config(plan, tp, quantization=w8a16),  # the build rounds BF16 weights
     }
 
 
@@ -493,7 +501,8 @@ def run_tp(plan, tp, device, args, copy_bw) -> dict:
             f"tp{tp}: check "
             f"{json.dumps({k: v for k, v in result['check'].items() if 'greedy' not in k})}"
         )
-    for precision, tensors in (("bf16", bf16), ("fp8", fp8)):
+    for precision in args.precisions:
+        tensors = fp8 if precision == "fp8" else bf16
         t0 = time.perf_counter()
         rt = build(cfgs[precision], tensors, device, args)
         sync(device)
@@ -647,6 +656,35 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def w8a16_table(results: dict) -> str:
+    """W8A16 beside BF16 (same GEMM dtype) and FP8 (same weight bytes)."""
+    lines = [
+        "| tp | what | BF16 | W8A16 | FP8 | W8A16 over BF16 | FP8 over W8A16 |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for run in (r for r in results["tp"] if "w8a16" in r):
+        b, w, f = (run.get(p) for p in ("bf16", "w8a16", "fp8"))
+        if b is None or f is None:
+            continue
+        for rb, rw, rf in zip(b["prefill"], w["prefill"], f["prefill"], strict=True):
+            rate = [r["tokens_per_s"] for r in (rb, rw, rf)]
+            lines.append(
+                f"| {run['tp']} | prefill {rb['batch']}x{rb['seq']} tok/s | {rate[0]:,.0f} | "
+                f"{rate[1]:,.0f} | {rate[2]:,.0f} | {rate[1] / rate[0]:.2f}x | "
+                f"{rate[2] / rate[1]:.2f}x |"
+            )
+        for rb, rw, rf in zip(b["decode"], w["decode"], f["decode"], strict=True):
+            ms = [r["step_ms"] for r in (rb, rw, rf)]
+            cells = [
+                f"{r['step_ms']:.3f} ({r['fraction_of_copy_bandwidth']:.0%})" for r in (rb, rw, rf)
+            ]
+            lines.append(
+                f"| {run['tp']} | decode batch {rb['batch']} ms/step (of copy BW) | "
+                f"{' | '.join(cells)} | {ms[0] / ms[1]:.2f}x | {ms[1] / ms[2]:.2f}x |"
+            )
+    return "\n".join(lines)
+
+
 # ---- run records ---------------------------------------------------------------------------------
 def _metric(value: float, unit: str, definition: str, better: str):
     from builder.report.records import Metric
@@ -668,7 +706,7 @@ def run_records(results: dict) -> list:
     model = results["slice"].replace("ultra-253b layers ", "ultra-253b L")
     records = []
     for run in results["tp"]:
-        for precision in ("bf16", "fp8"):
+        for precision in (p for p in PRECISIONS if p in run):
             measured = run[precision]
             fingerprint = json.dumps(
                 {
@@ -797,6 +835,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=32, help="decode steps per timing")
     parser.add_argument("--max-seq", type=int, default=2304)
     parser.add_argument("--profile-tp", type=int, nargs="*", default=[8])
+    parser.add_argument(
+        "--precisions",
+        type=lambda s: s.split(","),
+        default=list(PRECISIONS),
+        help="comma-separated, of bf16,fp8,w8a16 (bf16 and fp8 are the main table's columns)",
+    )
 
     parser.add_argument("--no-check", dest="check", action="store_false")
     parser.add_argument(
@@ -850,7 +894,7 @@ def main() -> None:
         (args.out / "bench_gpu.json").write_text(json.dumps(results, indent=1) + "\n")
 
     results["skinny_gemm_choices"] = CHOOSER.summary()
-    results["table"] = table(results)
+    results["table"] = table(results) + "\n\n" + w8a16_table(results)
     (args.out / "bench_gpu.json").write_text(json.dumps(results, indent=1) + "\n")
     write_run_records(results, args.out / "records")
     print(results["table"])

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 
-from builder.arch.formats import LinearFormat, trtllm_formats
+from builder.arch.formats import MIXED_PRECISION, QUANT_CFG, LinearFormat, trtllm_formats
 from builder.arch.plan import AttentionKind, FfnKind, LayerPlan
 from builder.arch.tensors import (
     Role,
@@ -724,17 +724,31 @@ class WeightOnlyInt8Linear(DenseLinear):
         return F.linear(x.float(), trtllm_weight_only_int8(w)).to(self.ex.dtype)
 
 
+def trtllm_weight_only_codes(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """TensorRT-LLM's build of a W8A16 weight from the stored 16-bit `weight` [out, in]: int8
+    codes [out, in] and one scale per output channel [out] in the weight's dtype."""
+    scale = weight.float().abs().amax(dim=1, keepdim=True) / 128
+    codes = torch.where(scale > 0, torch.round(weight.float() / scale), 0.0).clamp(-128, 127)
+    return codes.to(torch.int8), scale.to(weight.dtype).reshape(-1)
+
+
 def trtllm_weight_only_int8(weight: torch.Tensor) -> torch.Tensor:
     """The weight TensorRT-LLM's W8A16 GEMM multiplies by, fp32 [out, in], from the stored
     16-bit `weight` [out, in]."""
-    scale = weight.float().abs().amax(dim=1, keepdim=True) / 128
-    codes = torch.where(scale > 0, torch.round(weight.float() / scale), 0.0).clamp(-128, 127)
-    return codes * scale.to(weight.dtype).float()
+    codes, scale = trtllm_weight_only_codes(weight)
+    return codes.float() * scale.float()[:, None]
 
 
-def weight_only_modules(directory: Path, config: dict) -> Callable[[str], bool]:
+def weight_only_modules(directory: Path | None, config: Mapping[str, Any]) -> Callable[[str], bool]:
     """Whether a TensorRT-LLM module (stage-local name) is declared W8A16 by the checkpoint's
-    config (one format for every decoder linear) or its quant_cfg.json (per module)."""
+    config (one format for every decoder linear) or its quant_cfg.json (per module; without a
+    `directory`, a mixed-precision config is refused: its formats are in that file)."""
+    quant = config.get("quantization") or {}
+    if directory is None and quant.get("quant_algo") == MIXED_PRECISION:
+        raise UserError(
+            f"a {MIXED_PRECISION} config names its layers' formats in {QUANT_CFG}: "
+            "load it from its checkpoint directory"
+        )
     found = trtllm_formats(directory, config)
     if found is None:
         return lambda module: False

@@ -1,11 +1,14 @@
-"""Skinny GEMMs (1-16 activation rows: decode steps) through Triton, where they beat cuBLAS.
+"""Skinny GEMMs (1-16 activation rows, 1-64 for W8A16: decode steps) through Triton, where they
+beat cuBLAS.
 
 At a few activation rows a linear is a pass over its weight, and how fast that pass streams
 decides the decode step. cuBLAS's FP8 kernels at M=1 read weights at about 3.5 TB/s on an H200
 (83% of the device copy bandwidth, scripts/bench_gpu.py). `skinny_gemm` is a Triton kernel on
 the tensor cores (e4m3 or bf16 `tl.dot`, fp32 accumulation) over the row-major [N, K] weight:
-each program owns BLOCK_N output features, walks K in BLOCK_K slices with the rows padded to 16,
-and applies the per-tensor scale (w_scale x a_scale, or 1) before writing the output dtype.
+each program owns BLOCK_N output features, walks K in BLOCK_K slices with the rows padded to
+16 (or 32, 64), and applies the per-tensor scale (w_scale x a_scale, or 1) or, for INT8
+weight-only (W8A16) codes converted to the activation's dtype in registers, each output
+feature's scale before writing the output dtype.
 
 Which one runs is measured, not assumed: `Chooser` checks the Triton kernel's result against
 cuBLAS's (1e-2 relative, else it is never used) and times both (its block sizes autotuned)
@@ -38,6 +41,13 @@ every FP8 one-row shape; in a graph its best configuration came within 25% of cu
 q/k/v at TP8 (18.6 us against 15.1) and was slower everywhere else: one program's pipelined
 stream read about 14 GB/s, and few programs per SM cannot make up for it.
 
+W8A16 (int8 codes, one scale per output feature; up to 64 rows, padded to 16, 32 or 64) was
+measured with a second conversion beside `.to(bf16)`: the code's bits added to those of
+2^23 + 128 as an fp32, less 2^23 + 128, its top 16 bits the bf16, all integer and fp32
+arithmetic. It was slower alone on 16 of 22 one-row Ultra shapes and left the decode step
+unchanged (1.216 against 1.233 ms at TP8 batch 1): the conversion does not bound the kernel
+(scripts/results/h200_bench_gpu_w8a16_bits_probe_2026-12-04.json).
+
 `pdl=True`: launched with programmatic dependent launch (builder/runtime/fused.py); each
 program reads its first weight tile before it waits for the kernel before.
 
@@ -55,6 +65,9 @@ import torch
 from builder.runtime.fused import pdl_launch
 
 MAX_ROWS = 16
+# W8A16 weights have no FP8 or cuBLAS skinny path of their own (cuBLAS needs the codes cast to
+# 16 bits, a copy of the weight per call), so their kernel also covers batched decode.
+WEIGHT_ONLY_MAX_ROWS = 64
 
 
 @functools.cache
@@ -68,24 +81,37 @@ def available() -> bool:
     return True
 
 
+# (BLOCK_N, BLOCK_K, warps, stages) tried by the autotuner: for rows padded to 16, and smaller
+# K slices for 32 or 64 rows, whose activation tile is 2-4x larger in registers and shared memory
+SKINNY_CONFIGS = [
+    (16, 512, 4, 4),
+    (32, 256, 4, 4),
+    (32, 512, 4, 3),
+    (64, 256, 4, 4),
+    (64, 128, 4, 5),
+    (128, 128, 4, 4),
+    (16, 1024, 4, 3),
+    (32, 1024, 8, 3),
+]
+WIDE_CONFIGS = [
+    (32, 256, 4, 4),
+    (64, 128, 4, 4),
+    (64, 256, 8, 3),
+    (128, 128, 8, 3),
+    (128, 64, 4, 4),
+    (256, 64, 8, 3),
+]
+
+
 @functools.cache
-def _kernel():
+def _kernel(wide: bool = False):
     import triton
     import triton.language as tl
     import triton.testing
 
     configs = [
         triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-        for bn, bk, w, s in [
-            (16, 512, 4, 4),
-            (32, 256, 4, 4),
-            (32, 512, 4, 3),
-            (64, 256, 4, 4),
-            (64, 128, 4, 5),
-            (128, 128, 4, 4),
-            (16, 1024, 4, 3),
-            (32, 1024, 8, 3),
-        ]
+        for bn, bk, w, s in (WIDE_CONFIGS if wide else SKINNY_CONFIGS)
     ]
 
     def bench(fn, quantiles):  # short trials; do_bench flushes the L2 before each one
@@ -104,8 +130,10 @@ def _kernel():
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
         GDC: tl.constexpr,
+        CHANNEL: tl.constexpr,
+        BLOCK_M: tl.constexpr,
     ):
-        rows = tl.arange(0, 16)
+        rows = tl.arange(0, BLOCK_M)
         cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok, col_ok = rows < M, cols < N
         x_base = x_ptr + rows[:, None] * K
@@ -113,19 +141,26 @@ def _kernel():
         # the first weight tile is read before waiting on the kernel before (under PDL): no
         # kernel writes weights, and this program's stream starts during that kernel's tail
         ks = tl.arange(0, BLOCK_K)
-        w = tl.load(w_base + ks[None, :], mask=col_ok[:, None] & (ks < K)[None, :], other=0.0)
+        w_tile = tl.load(w_base + ks[None, :], mask=col_ok[:, None] & (ks < K)[None, :], other=0.0)
         if GDC:
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
         x = tl.load(x_base + ks[None, :], mask=row_ok[:, None] & (ks < K)[None, :], other=0.0)
-        acc = tl.dot(x, tl.trans(w), tl.zeros((16, BLOCK_N), dtype=tl.float32))
+        # int8 (W8A16) codes are exact in the activation's 16-bit type: converted in registers.
+        # The loaded tile keeps its own (loop-carried) dtype; only the dot's operand converts.
+        w_op = w_tile.to(x_ptr.dtype.element_ty)
+        acc = tl.dot(x, tl.trans(w_op), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32))
         for k0 in range(BLOCK_K, K, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
             k_ok = ks < K
             x = tl.load(x_base + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            w = tl.load(w_base + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
-            acc = tl.dot(x, tl.trans(w), acc)
-        out = acc * tl.load(scale_ptr)
+            w_tile = tl.load(w_base + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+            w_op = w_tile.to(x_ptr.dtype.element_ty)
+            acc = tl.dot(x, tl.trans(w_op), acc)
+        if CHANNEL:  # one scale per output feature (W8A16)
+            out = acc * tl.load(scale_ptr + cols, mask=col_ok, other=0.0)[None, :]
+        else:
+            out = acc * tl.load(scale_ptr)
         tl.store(
             y_ptr + rows[:, None] * N + cols[None, :],
             out.to(y_ptr.dtype.element_ty),
@@ -142,15 +177,30 @@ def skinny_gemm(
     out_dtype: torch.dtype,
     pdl: bool = False,
 ) -> torch.Tensor:
-    """x [M <= 16, K] (same dtype as the weight) @ weight [N, K]^T x scale (0-dim fp32) -> [M,
-    N]; `pdl`: launched with programmatic dependent launch (builder/runtime/fused.py)."""
+    """x [M, K] @ weight [N, K]^T x scale -> [M, N]. The weight is x's dtype (M <= MAX_ROWS),
+    or int8 codes (W8A16) beside a 16-bit x (M <= WEIGHT_ONLY_MAX_ROWS); `scale` is 0-dim (per
+    tensor) or [N] (per output feature), fp32. `pdl`: launched with programmatic dependent
+    launch (fused.py)."""
     import triton
 
     m, k = x.shape
     n = weight.shape[0]
+    limit = WEIGHT_ONLY_MAX_ROWS if weight.dtype == torch.int8 else MAX_ROWS
+    if m > limit:
+        raise ValueError(f"skinny_gemm: {m} rows, at most {limit} for a {weight.dtype} weight")
+    block_m = max(16, triton.next_power_of_2(m))  # tl.dot's smallest M is 16
     y = torch.empty(m, n, dtype=out_dtype, device=weight.device)
-    _kernel()[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](
-        x, weight, scale, y, m, n, k, **pdl_launch(pdl)
+    _kernel(block_m > 16)[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](
+        x,
+        weight,
+        scale,
+        y,
+        m,
+        n,
+        k,
+        CHANNEL=scale.dim() == 1,
+        BLOCK_M=block_m,
+        **pdl_launch(pdl),
     )
     return y
 
@@ -165,6 +215,19 @@ def candidates(
 ) -> dict[str, Callable[[], torch.Tensor]]:
     """The paths `Chooser` picks between for one skinny product, cuBLAS (the reference) first."""
     return {"cublas": cublas, "triton": lambda: skinny_gemm(x, weight, scale, out_dtype, pdl)}
+
+
+def chosen(
+    key: tuple,
+    cublas: Callable[[], torch.Tensor],
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scale: torch.Tensor,
+    out_dtype: torch.dtype,
+    pdl: bool,
+) -> torch.Tensor:
+    """One skinny product by the path CHOOSER picked for `key` (measured on its first call)."""
+    return CHOOSER.run(key, candidates(cublas, x, weight, scale, out_dtype, pdl))
 
 
 class Chooser:

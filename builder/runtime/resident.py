@@ -77,7 +77,6 @@ import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 
-from builder.arch.formats import LinearFormat
 from builder.arch.plan import AttentionKind, FfnKind, LayerPlan, ModelPlan
 from builder.arch.tensors import (
     Group,
@@ -107,6 +106,8 @@ from builder.runtime.executor import (
     rope_inv_freq,
     rotate,
     token_scales,
+    trtllm_weight_only_codes,
+    weight_only_modules,
 )
 from builder.runtime.fused import DECODE_TILE
 
@@ -250,16 +251,14 @@ class DenseLinear:
             and x.dtype == self.weight.dtype != torch.float32
         ):
             key = (rows.shape[0], *self.weight.shape, self.weight.dtype)
-            out = matvec.CHOOSER.run(
+            out = matvec.chosen(
                 key,
-                matvec.candidates(
-                    lambda: F.linear(rows, self.weight),
-                    rows,
-                    self.weight,
-                    self.one,
-                    x.dtype,
-                    self.pdl,
-                ),
+                lambda: F.linear(rows, self.weight),
+                rows,
+                self.weight,
+                self.one,
+                x.dtype,
+                self.pdl,
             )
             return out.reshape(*x.shape[:-1], self.out_features)
         return F.linear(x, self.weight)
@@ -300,11 +299,8 @@ class Fp8Linear:
         rows = xq.reshape(-1, xq.shape[-1])
         if self.gemv and rows.shape[0] <= matvec.MAX_ROWS:
             key = (rows.shape[0], *self.weight.shape, self.weight.dtype, self.dtype)
-            out = matvec.CHOOSER.run(
-                key,
-                matvec.candidates(
-                    lambda: self.cublas(rows), rows, self.weight, self.scale, self.dtype, self.pdl
-                ),
+            out = matvec.chosen(
+                key, lambda: self.cublas(rows), rows, self.weight, self.scale, self.dtype, self.pdl
             )
         else:
             out = self.cublas(rows)
@@ -380,7 +376,64 @@ class RowwiseFp8Linear:
         return RowwiseFp8Linear(self.weight_t.t(), self.channel_scale, gemm, dtype, row_multiple)
 
 
-Linear = DenseLinear | Fp8Linear | RowwiseFp8Linear
+class WeightOnlyInt8Linear:
+    """TensorRT-LLM's W8A16 linear: int8 codes and one scale per output channel, as its build
+    rounds the checkpoint's 16-bit weight (executor.trtllm_weight_only_codes), activations in
+    the compute dtype, y = (x @ codes^T) x scale. Resident: the codes (FP8's bytes) and the
+    scales. With `emulate` the executor's fp32 product of the dequantized weight, bit for bit;
+    otherwise 16-bit GEMMs: up to 64 rows (decode) the Triton skinny GEMM (codes converted in
+    registers, builder/runtime/gemv.py) where the chooser measured it faster, else the codes
+    cast to the compute dtype for one cuBLAS GEMM (a transient copy of the weight: prefill)."""
+
+    a_scale = None
+    pdl = False
+
+    def __init__(
+        self,
+        codes: torch.Tensor,
+        scale: torch.Tensor,
+        dtype: torch.dtype,
+        emulate: bool,
+        gemv: bool = False,
+    ):
+        self.codes = codes
+        self.scale = scale  # [out] in the checkpoint dtype, as the build stores it
+        self.channel_scale = scale.float()
+        self.out_features = codes.shape[0]
+        self.dtype, self.emulate = dtype, emulate
+        # Triton's fp32 dot is TF32: fp32 runs keep cuBLAS's full precision (as DenseLinear)
+        self.gemv = gemv and not emulate and dtype != torch.float32
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.emulate:  # executor.WeightOnlyInt8Linear's product
+            weight = self.codes.float() * self.channel_scale[:, None]
+            return F.linear(x.float(), weight).to(self.dtype)
+        rows = x.reshape(-1, x.shape[-1])
+        if self.gemv and rows.shape[0] <= matvec.WEIGHT_ONLY_MAX_ROWS:
+            key = (rows.shape[0], *self.codes.shape, self.codes.dtype, self.dtype)
+            out = matvec.chosen(
+                key,
+                lambda: self.cublas(rows),
+                rows,
+                self.codes,
+                self.channel_scale,
+                self.dtype,
+                self.pdl,
+            )
+        else:
+            out = self.cublas(rows)
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+    def cublas(self, rows: torch.Tensor) -> torch.Tensor:
+        out = F.linear(rows.to(self.dtype), self.codes.to(self.dtype)).float()
+        return (out * self.channel_scale).to(self.dtype)
+
+    @property
+    def nbytes(self) -> int:
+        return self.codes.nbytes + self.scale.nbytes
+
+
+Linear = DenseLinear | Fp8Linear | RowwiseFp8Linear | WeightOnlyInt8Linear
 
 
 def pdl_supported(device: torch.device) -> bool:
@@ -623,23 +676,6 @@ class Graph:
 
 
 # ---- the runtime -------------------------------------------------------------------------------
-def refuse_weight_only(directory: Path, config: Mapping[str, Any]) -> None:
-    """W8A16 weights are stored unquantized for TensorRT-LLM's build to round (builder.arch.
-    formats); this runtime has no INT8 weight-only GEMM, and running them as BF16 would
-    measure another model (the executor emulates them)."""
-    from builder.arch.formats import trtllm_formats
-
-    found = trtllm_formats(directory, config)
-    if found is None:
-        return
-    default, formats = found
-    if default is LinearFormat.W8A16 or LinearFormat.W8A16 in formats.values():
-        raise UserError(
-            f"{directory}: has W8A16 linears, which the resident runtime does not run "
-            "(no INT8 weight-only GEMM); use the executor (verify --runtime executor)"
-        )
-
-
 class ResidentRuntime:
     """Runs a TensorRT-LLM DeciLM checkpoint with its weights resident on `device`.
 
@@ -663,11 +699,13 @@ class ResidentRuntime:
         compile: bool | None = None,
         gemv: bool | None = None,
         pdl: bool | None = None,
+        weight_only: Callable[[str], bool] | None = None,
     ):
         """`gemv` (default: on CUDA where Triton imports) enables the Triton kernels: skinny
         GEMMs (builder/runtime/gemv.py) and the fused norm / SiLU chains (fused.py). `pdl`
         (default: with them, on Hopper and later) launches those kernels with programmatic
-        dependent launch."""
+        dependent launch. `weight_only(module)`: whether a 16-bit linear is W8A16 (default:
+        from the config; from_checkpoint reads a mixed checkpoint's quant_cfg.json)."""
         self.config = dict(config)
         self.plan: ModelPlan = plan_from_trtllm_config(config)
         self.tp, self.pp = mapping_of(config)
@@ -689,6 +727,7 @@ class ResidentRuntime:
                 f"rank {rank}: a single rank runs only with pp 1 and 0 <= rank < tp {self.tp}"
             )
         self.source = source
+        self.weight_only = weight_only or weight_only_modules(None, self.config)
         self._row_multiple: int | None = None
         self.weight_bytes = 0
         first_ranks, last_ranks = self.stage_ranks(0), self.stage_ranks(self.pp - 1)
@@ -739,7 +778,6 @@ class ResidentRuntime:
         """From a checkpoint directory: each tensor is read once from its rank file."""
         directory = Path(directory)
         config, _ = read_trtllm_config(directory)
-        refuse_weight_only(directory, config)
         with ExitStack() as stack:
             files: dict[int, Any] = {}
             names: dict[int, set[str]] = {}
@@ -762,6 +800,7 @@ class ResidentRuntime:
                         f"{directory / rank_file_name(rank)}: tensor {name!r} unreadable ({err})"
                     ) from None
 
+            kwargs.setdefault("weight_only", weight_only_modules(directory, config))
             return cls(config, source, **kwargs)
 
     def stage_ranks(self, pp_rank: int) -> list[int]:
@@ -797,7 +836,19 @@ class ResidentRuntime:
         weights = [self.source_weight(rank, m) for m in names]
         if weights[0].dtype != FP8:
             weight = weights[0] if len(weights) == 1 else torch.cat(weights)
-            return DenseLinear(self.resident(weight.to(self.dtype)), self.gemv)
+            weight_only = {self.weight_only(m) for m in names}
+            if len(weight_only) > 1:  # a recipe's fused group shares one format
+                raise UserError(
+                    f"{rank_file_name(rank)}: {', '.join(names)} mix W8A16 and BF16; "
+                    "the runtime fuses them into one GEMM"
+                )
+            if not weight_only.pop():
+                return DenseLinear(self.resident(weight.to(self.dtype)), self.gemv)
+            codes, scale = trtllm_weight_only_codes(weight)  # per row: fusing first is the same
+            self.weight_bytes += scale.nbytes
+            return WeightOnlyInt8Linear(
+                self.resident(codes), scale, self.dtype, self.fp8_gemm == "emulate", self.gemv
+            )
         row_multiple = 1 if self.fp8_gemm == "emulate" else self.row_multiple()
         channel = [self.optional(rank, per_channel_scale_name(f"{m}.weight")) for m in names]
         if any(c is not None for c in channel):

@@ -210,12 +210,95 @@ def test_cli_refuses_bad_candidates(tmp_path, mixed_ckpt, extra, message):
     assert "Traceback" not in result.output and not (tmp_path / "o").exists()
 
 
-def test_resident_runtime_refuses_w8a16_rather_than_run_it_as_bf16(w8_out):
-    from builder.errors import UserError
-    from builder.runtime.resident import ResidentRuntime
+@pytest.fixture(scope="module")
+def bf16_tp2(tmp_path_factory, mixed_ckpt):
+    from builder.convert import convert_checkpoint
 
-    with pytest.raises(UserError, match="W8A16 linears, which the resident runtime does not run"):
-        ResidentRuntime.from_checkpoint(w8_out / "trtllm")
+    out = tmp_path_factory.mktemp("w8a16-bf16") / "tp2"
+    convert_checkpoint(mixed_ckpt, out, 2)
+    return out
+
+
+def a_w8a16_module(trt) -> str:
+    from builder.arch.formats import trtllm_formats
+    from builder.io.trtllm_checkpoint import read_trtllm_config
+
+    _, formats = trtllm_formats(trt, read_trtllm_config(trt)[0])
+    return next(m for m, f in sorted(formats.items()) if f is W8 and m.endswith("dense"))
+
+
+@pytest.mark.parametrize("gemm", ["emulate", "scaled-mm"])
+def test_resident_w8a16_linear_holds_the_builds_codes(w8_out, gemm):
+    """A W8A16 linear is resident as TensorRT-LLM's build rounds it (int8 codes, one scale per
+    output channel). Emulated it is the executor's product bit for bit; on 16-bit GEMMs
+    ((x @ codes^T) x scale) each output is within (K + 1) fp32 roundings of sum |x| |w|
+    (the codes times a bf16 scale are exact in fp32, so only the order of the sums differs)."""
+    from builder.runtime.executor import trtllm_weight_only_codes
+    from builder.runtime.resident import ResidentRuntime, WeightOnlyInt8Linear
+
+    trt = w8_out / "trtllm"
+    module = a_w8a16_module(trt)
+    rt = ResidentRuntime.from_checkpoint(trt, dtype=torch.float32, max_seq=64, fp8_gemm=gemm)
+    layer = int(module.split(".")[2])  # pp 1: the stage-local index is the layer's
+    lin = next(p for p in rt.parts if p.name == f"layer {layer} attention").ranks[0].dense
+    stored = load_file(str(trt / "rank0.safetensors"))[f"{module}.weight"]
+    codes, scale = trtllm_weight_only_codes(stored)
+    assert isinstance(lin, WeightOnlyInt8Linear) and stored.dtype == torch.bfloat16
+    assert torch.equal(lin.codes, codes) and torch.equal(lin.scale, scale)
+    assert lin.nbytes == codes.numel() + scale.nbytes
+    x = torch.randn(5, codes.shape[1], generator=torch.Generator().manual_seed(3))
+    weight = trtllm_weight_only_int8(stored)
+    if gemm == "emulate":
+        assert torch.equal(lin(x), torch.nn.functional.linear(x, weight))
+    else:
+        k = codes.shape[1]
+        bound = (k + 1) * 2.0**-24 * (x.abs() @ weight.abs().T)
+        assert bool(((lin(x) - x.double() @ weight.double().T).abs() <= bound).all())
+
+
+CUDA = torch.cuda.is_available()
+
+
+@pytest.mark.parametrize(
+    "device",
+    ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU"))],
+)
+def test_resident_runtime_runs_a_w8a16_mix_like_the_executor(w8_out, bf16_tp2, device):
+    """The mix (W8A16, FP8 per tensor and per channel, BF16) at tp 2: the runtime binds each
+    linear to its format; its logits stay within what the mix's quantization costs against BF16
+    (the bound of test_resident.py's every-format test: a flipped e4m3 rounding cascades), and
+    emulated on the CPU it decodes the executor's greedy tokens."""
+    from builder.runtime import TrtllmCheckpointExecutor, compare_logits
+    from builder.runtime.resident import (
+        DenseLinear,
+        Fp8Linear,
+        ResidentRuntime,
+        RowwiseFp8Linear,
+        WeightOnlyInt8Linear,
+        linears_of,
+    )
+
+    trt = w8_out / "trtllm"
+    ids = torch.randint(0, 1000, (2, 12), generator=torch.Generator().manual_seed(0))
+    with TrtllmCheckpointExecutor(trt, dtype=torch.float32) as executor:
+        reference = executor(ids)
+        sequence = ids
+        for _ in range(3):
+            step = executor(sequence)[:, -1].argmax(-1, keepdim=True)
+            sequence = torch.cat([sequence, step], dim=1)
+    with TrtllmCheckpointExecutor(bf16_tp2, dtype=torch.float32) as executor:
+        quantization_error = compare_logits(reference, executor(ids)).relative_error
+    gemm = "emulate" if device == "cpu" else "scaled-mm"
+    rt = ResidentRuntime.from_checkpoint(
+        trt, dtype=torch.float32, max_seq=64, fp8_gemm=gemm, device=device
+    )
+    kinds = {type(lin) for p in rt.parts for w in p.ranks for lin in linears_of(w)}
+    assert kinds == {DenseLinear, Fp8Linear, RowwiseFp8Linear, WeightOnlyInt8Linear}
+    logits = rt.prefill(ids.to(device)).cpu()
+    assert compare_logits(logits, reference).relative_error <= quantization_error
+    tokens = rt.generate(ids.to(device), 3).cpu()
+    if device == "cpu":
+        assert torch.equal(tokens, sequence[:, ids.shape[1] :])
 
 
 def test_plan_counts_w8a16_at_fp8s_bytes(plan):

@@ -51,6 +51,29 @@ def test_skinny_gemm_computes_the_product_with_and_without_pdl(shape, dtype):
     assert torch.equal(gemv.skinny_gemm(x, w, scale, torch.bfloat16, pdl=True), plain)
 
 
+WIDE = [(33, 2304, 16384), (64, 1344, 4672)]  # W8A16's batched decode: 32 and 64 rows
+
+
+@pytest.mark.parametrize("shape", SHAPES + WIDE, ids=lambda s: "x".join(map(str, s)))
+def test_skinny_gemm_with_int8_codes_and_channel_scales(shape):
+    """W8A16: int8 codes are exact in bf16, so the product is a bf16 tensor-core product
+    summed in fp32, each output feature then times its own scale: the bf16 bound."""
+    rows, n, k = shape
+    x, w, _ = operands(rows, n, k, torch.bfloat16)
+    codes = (w.float() * 127 / w.float().abs().amax(1, keepdim=True)).round().to(torch.int8)
+    scale = torch.rand(n, device="cuda") + 0.5
+    exact = (x.double() @ codes.double().T) * scale.double()
+    got = gemv.skinny_gemm(x, codes, scale, torch.bfloat16)
+    assert ((got.double() - exact).norm() / exact.norm()).item() <= bound(torch.bfloat16, k)
+    assert torch.equal(gemv.skinny_gemm(x, codes, scale, torch.bfloat16, pdl=True), got)
+
+
+def test_skinny_gemm_refuses_more_rows_than_its_tile():
+    x, w, scale = operands(17, 64, 64, torch.bfloat16)
+    with pytest.raises(ValueError, match="17 rows, at most 16"):
+        gemv.skinny_gemm(x, w, scale, torch.bfloat16)
+
+
 def test_chooser_never_runs_a_path_whose_result_differs():
     x, w, scale = operands(1, 2304, 16384, torch.float8_e4m3fn)
     good = lambda: gemv.skinny_gemm(x, w, scale, torch.bfloat16)  # noqa: E731
