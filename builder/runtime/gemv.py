@@ -42,11 +42,12 @@ q/k/v at TP8 (18.6 us against 15.1) and was slower everywhere else: one program'
 stream read about 14 GB/s, and few programs per SM cannot make up for it.
 
 W8A16 (int8 codes, one scale per output feature; up to 64 rows, padded to 16, 32 or 64) was
-measured with a second conversion beside `.to(bf16)`: the code's bits added to those of
-2^23 + 128 as an fp32, less 2^23 + 128, its top 16 bits the bf16, all integer and fp32
-arithmetic. It was slower alone on 16 of 22 one-row Ultra shapes and left the decode step
-unchanged (1.216 against 1.233 ms at TP8 batch 1): the conversion does not bound the kernel
-(scripts/results/h200_bench_gpu_w8a16_bits_probe_2026-12-04.json).
+also measured with the codes converted without conversion instructions: a code added to the
+bits of the fp32 2^23 + 128 gives the fp32 2^23 + 128 + code, less 2^23 + 128 the code, whose
+top 16 bits are its bf16. Alone it was slower on 16 of 22 one-row Ultra shapes, and the decode
+step did not change (1.216 against 1.233 ms at TP8 batch 1): the conversion is not what bounds
+the kernel (scripts/results/h200_bench_gpu_w8a16_bits_probe_2026-12-04.json; that run also had
+256 x 128 and 128 x 256 tiles for 64 rows: 2.490 against 2.516 ms, within the spread).
 
 `pdl=True`: launched with programmatic dependent launch (builder/runtime/fused.py); each
 program reads its first weight tile before it waits for the kernel before.
@@ -65,8 +66,8 @@ import torch
 from builder.runtime.fused import pdl_launch
 
 MAX_ROWS = 16
-# W8A16 weights have no FP8 or cuBLAS skinny path of their own (cuBLAS needs the codes cast to
-# 16 bits, a copy of the weight per call), so their kernel also covers batched decode.
+# W8A16 has no fast cuBLAS path at any row count (cuBLAS needs the codes cast to 16 bits: a
+# copy of the weight per call), so its kernel also covers batched decode.
 WEIGHT_ONLY_MAX_ROWS = 64
 
 

@@ -301,6 +301,32 @@ def test_resident_runtime_runs_a_w8a16_mix_like_the_executor(w8_out, bf16_tp2, d
         assert torch.equal(tokens, sequence[:, ids.shape[1] :])
 
 
+def test_resident_runtime_refuses_a_fused_group_of_two_formats(bf16_tp2):
+    """fc and gate are one GEMM in the runtime, so they must share a format (recipes give a
+    fused group one); a checkpoint declaring otherwise is refused, naming the rank file."""
+    from builder.errors import UserError
+    from builder.runtime.resident import ResidentRuntime
+
+    with pytest.raises(
+        UserError, match=r"rank0\.safetensors: .*ffn\.fc, .*ffn\.gate mix W8A16 and BF16"
+    ):
+        ResidentRuntime.from_checkpoint(
+            bf16_tp2, max_seq=16, weight_only=lambda module: module.endswith(".fc")
+        )
+
+
+def test_weight_only_modules_needs_the_directory_of_a_mixed_checkpoint():
+    from builder.arch.formats import MIXED_PRECISION, QUANT_CFG
+    from builder.errors import UserError
+    from builder.runtime.executor import weight_only_modules
+
+    config = {"quantization": {"quant_algo": MIXED_PRECISION}}
+    with pytest.raises(UserError, match=QUANT_CFG):
+        weight_only_modules(None, config)
+    uniform = weight_only_modules(None, {"quantization": {"quant_algo": "W8A16"}})
+    assert uniform("transformer.layers.0.ffn.fc") and not uniform("lm_head")
+
+
 def test_plan_counts_w8a16_at_fp8s_bytes(plan):
     from builder.deploy.recipe_memory import rank_bytes
 
