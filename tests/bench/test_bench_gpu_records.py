@@ -1,21 +1,26 @@
 """scripts/bench_gpu.py's run records: the committed H200 baseline is what the script writes
 from its saved result, and `builder report compare` reads it."""
 
+import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from builder.report.records import read_record
 
 ROOT = Path(__file__).resolve().parents[2]
 SAVED = ROOT / "scripts/results/h200_bench_gpu.json"
+# the first run with the W8A16 column (bf16, fp8, w8a16)
+SAVED_W8A16 = ROOT / "scripts/results/h200_bench_gpu_w8a16_2026-12-04.json"
 BASELINE = ROOT / "benchmarks/h200-ultra-slice/records"
 
 
-def _records_from_saved(out: Path) -> list[Path]:
+def _records_from_saved(out: Path, saved: Path = SAVED) -> list[Path]:
     done = subprocess.run(
-        [sys.executable, "scripts/bench_gpu.py", "--records-from", str(SAVED), "--out", str(out)],
+        [sys.executable, "scripts/bench_gpu.py", "--records-from", str(saved), "--out", str(out)],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -25,12 +30,18 @@ def _records_from_saved(out: Path) -> list[Path]:
     return [Path(line) for line in done.stdout.split()]
 
 
-def test_one_record_per_decode_point_with_the_measured_step(tmp_path):
-    saved = json.loads(SAVED.read_text())
-    paths = _records_from_saved(tmp_path)
+@pytest.mark.parametrize("result", [SAVED, SAVED_W8A16], ids=lambda p: p.stem)
+def test_one_record_per_decode_point_with_the_measured_step(tmp_path, result):
+    saved = json.loads(result.read_text())
+    paths = _records_from_saved(tmp_path, result)
     points = [
-        (run["tp"], p, d) for run in saved["tp"] for p in ("bf16", "fp8") for d in run[p]["decode"]
+        (run["tp"], p, d)
+        for run in saved["tp"]
+        for p in ("bf16", "fp8", "w8a16")
+        if p in run
+        for d in run[p]["decode"]
     ]
+    assert len(points) == (18 if result == SAVED_W8A16 else 12)
     assert len(paths) == len(points)
     by_key = {}
     for path in paths:
@@ -73,3 +84,16 @@ def test_committed_baseline_matches_the_saved_result_and_compares_clean(tmp_path
         env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
     )
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_the_saved_tables_are_what_the_script_prints_from_its_results():
+    """The two tables of a run (BF16 / FP8, then W8A16 beside both) from its saved numbers."""
+    spec = importlib.util.spec_from_file_location("bench_gpu", ROOT / "scripts/bench_gpu.py")
+    bench_gpu = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_gpu)
+    saved = json.loads(SAVED_W8A16.read_text())
+    assert bench_gpu.table(saved) + "\n\n" + bench_gpu.w8a16_table(saved) == saved["table"]
+    assert (
+        "| 8 | decode batch 1 ms/step (of copy BW) | 1.812 (94%) | 1.233 (69%) | 1.066 (80%) |"
+        in (bench_gpu.w8a16_table(saved))
+    )
