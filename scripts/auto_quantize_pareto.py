@@ -121,7 +121,11 @@ def sensitivity(src: Path, work: Path, table, windows, args):
 
 
 # ---- ModelOpt auto_quantize -------------------------------------------------------------------
-AQ_FORMATS = {"fp8": "FP8_DEFAULT_CFG", "fp8-pc-pt": "FP8_PER_CHANNEL_PER_TOKEN_CFG"}
+AQ_FORMATS = {
+    "fp8": "FP8_DEFAULT_CFG",
+    "fp8-pc-pt": "FP8_PER_CHANNEL_PER_TOKEN_CFG",
+    "w8a16": "INT8_WEIGHT_ONLY_CFG",  # 8 effective bits to auto_quantize, as FP8
+}
 
 
 def autoquant_recipe(src: Path, work: Path, windows, bits: float, args):
@@ -174,6 +178,8 @@ def recipe_from_model(model):
             wq = getattr(modules[name], "weight_quantizer", None)
             if wq is None or not wq.is_enabled:
                 kinds.add(LinearFormat.BF16)
+            elif wq.num_bits == 8:  # integer weights: INT8_WEIGHT_ONLY_CFG
+                kinds.add(LinearFormat.W8A16)
             elif getattr(wq, "axis", None) == 0:
                 kinds.add(LinearFormat.FP8_PC_PT)
             else:
@@ -184,6 +190,7 @@ def recipe_from_model(model):
                     kinds,
                     key=lambda k: [
                         LinearFormat.BF16,
+                        LinearFormat.W8A16,
                         LinearFormat.FP8_PC_PT,
                         LinearFormat.FP8,
                     ].index(k),
