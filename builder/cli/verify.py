@@ -14,11 +14,12 @@ HELP = """Check ARTIFACT against the golden written by `builder reference` and w
 
 \b
 Runtimes (--runtime), each answering "score these token ids; continue this prompt greedily":
-  executor  TensorRT-LLM checkpoint (BF16 or FP8, any tp/pp) through builder's PyTorch executor
+  executor  TensorRT-LLM checkpoint (BF16, FP8, W8A16 or a per-layer mix; any tp/pp) through
+            builder's PyTorch executor
   resident  the same checkpoint through builder's resident runtime: weights loaded onto
             --device once, CUDA graphs and Triton kernels on a GPU (no --localize)
-  hf        unified HF FP8 export (quantize OUT/hf) through builder's reference model with its
-            FP8 weights and scales: an independent check of that export
+  hf        unified HF export (quantize OUT/hf: FP8, W8A16 or a mix) through builder's reference
+            model with its stored codes and scales: an independent check of that export
   openai    a live OpenAI-compatible server at --url (trtllm-serve, vLLM, SGLang); what it
             supports (prompt log-probs, token ids) is probed first and decides the metrics
   triton    a Triton generate endpoint at --url (/v2/models/--model/generate, return_log_probs):

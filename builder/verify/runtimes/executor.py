@@ -1,5 +1,6 @@
-"""`executor`: a TensorRT-LLM checkpoint (BF16 or FP8, any tp/pp) through builder.runtime's
-PyTorch executor, on the CPU or a GPU. Full logits, so every metric and localization."""
+"""`executor`: a TensorRT-LLM checkpoint (BF16, FP8, W8A16 or a per-layer mix; any tp/pp)
+through builder.runtime's PyTorch executor, on the CPU or a GPU. Full logits, so every metric
+and localization."""
 
 from __future__ import annotations
 
