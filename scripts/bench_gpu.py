@@ -112,6 +112,14 @@ def fp8_rank(plan, tp: int, bf16: dict[str, torch.Tensor]) -> dict[str, torch.Te
 PRECISIONS = ("bf16", "fp8", "w8a16")
 
 
+def precision_list(text: str) -> list[str]:
+    names = text.split(",")
+    unknown = [n for n in names if n not in PRECISIONS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"{unknown} not among {', '.join(PRECISIONS)}")
+    return names
+
+
 def configs(plan, tp: int) -> dict[str, dict]:
     w8a16 = Recipe.uniform(LinearFormat.W8A16).trtllm_quantization(plan, kv_cache=False)
     return {
@@ -611,7 +619,7 @@ def table(results: dict) -> str:
         "| tp | what | BF16 | FP8 | FP8 speedup |",
         "|---|---|---|---|---|",
     ]
-    for tp_result in results["tp"]:
+    for tp_result in (r for r in results["tp"] if "bf16" in r and "fp8" in r):
         tp = tp_result["tp"]
         b, f = tp_result["bf16"], tp_result["fp8"]
         for rb, rf in zip(b["prefill"], f["prefill"], strict=True):
@@ -837,7 +845,7 @@ def main() -> None:
     parser.add_argument("--profile-tp", type=int, nargs="*", default=[8])
     parser.add_argument(
         "--precisions",
-        type=lambda s: s.split(","),
+        type=precision_list,
         default=list(PRECISIONS),
         help="comma-separated, of bf16,fp8,w8a16 (bf16 and fp8 are the main table's columns)",
     )
