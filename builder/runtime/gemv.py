@@ -49,6 +49,12 @@ step did not change (1.216 against 1.233 ms at TP8 batch 1): the conversion is n
 the kernel (scripts/results/h200_bench_gpu_w8a16_bits_probe_2026-12-04.json; that run also had
 256 x 128 and 128 x 256 tiles for 64 rows: 2.490 against 2.516 ms, within the spread).
 
+Also measured and dropped (scripts/results/h200_probe_l2_prefetch_2026-12-04.json, commit
+9a398bd's scripts/probe_l2_prefetch.py): each program asking the next 2-16 KiB of its weight
+rows into L2 (cp.async.bulk.prefetch.L2) before its PDL wait, so HBM would stream during the
+short kernel before. Slower at every size, alone and in the step (FP8 TP8 batch 1: 1.060 ms
+without, 1.080-1.098 ms with; alone 150528 x 16384 FP8 562 us without, 567-898 us with).
+
 `pdl=True`: launched with programmatic dependent launch (builder/runtime/fused.py); each
 program reads its first weight tile before it waits for the kernel before.
 
@@ -69,9 +75,6 @@ MAX_ROWS = 16
 # W8A16 has no fast cuBLAS path at any row count (cuBLAS needs the codes cast to 16 bits: a
 # copy of the weight per call), so its kernel also covers batched decode.
 WEIGHT_ONLY_MAX_ROWS = 64
-# bytes of each weight row the skinny kernel asks into L2 before its PDL wait (0: none); read at
-# each launch, so a captured graph keeps the value it was captured with
-L2_PREFETCH = 0
 
 
 @functools.cache
@@ -113,50 +116,15 @@ def _kernel(wide: bool = False):
     import triton.language as tl
     import triton.testing
 
-    configs = [  # CHUNKS: each row's L2 prefetch cut so that every thread issues one piece
-        triton.Config(
-            {"BLOCK_N": bn, "BLOCK_K": bk, "CHUNKS": max(1, 32 * w // bn)},
-            num_warps=w,
-            num_stages=s,
-        )
+    configs = [
+        triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
         for bn, bk, w, s in (WIDE_CONFIGS if wide else SKINNY_CONFIGS)
     ]
 
     def bench(fn, quantiles):  # short trials; do_bench flushes the L2 before each one
         return triton.testing.do_bench(fn, warmup=5, rep=25, quantiles=quantiles)
 
-    @triton.jit
-    def l2_prefetch_rows(
-        w_ptr,
-        cols,
-        col_ok,
-        K,
-        BLOCK_K: tl.constexpr,
-        PREFETCH: tl.constexpr,
-        CHUNKS: tl.constexpr,
-    ):
-        # cp.async.bulk.prefetch.L2 (sm_90): a hint with no result to wait for, so the stream
-        # from HBM runs ahead of the loads; pieces of 16-byte multiples, rows 16-byte aligned
-        # (skinny_gemm checks), nothing past a row's end or for the rows past N
-        elem: tl.constexpr = w_ptr.dtype.element_ty.primitive_bitwidth // 8
-        piece: tl.constexpr = PREFETCH // CHUNKS
-        row_bytes = K * elem
-        offs = BLOCK_K * elem + tl.arange(0, CHUNKS) * piece
-        size = tl.minimum(tl.maximum(row_bytes - offs, 0), piece) // 16 * 16
-        size = tl.where(col_ok[:, None], size[None, :], 0)
-        base = w_ptr.to(tl.pointer_type(tl.uint8))
-        addr = base + cols.to(tl.int64)[:, None] * row_bytes + offs[None, :]
-        tl.inline_asm_elementwise(
-            "{ .reg .pred p; setp.gt.s32 p, $2, 0; "
-            "@p cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }",
-            "=r,l,r",
-            [addr, size],
-            dtype=tl.int32,
-            is_pure=False,
-            pack=1,
-        )
-
-    @triton.autotune(configs=configs, key=["M", "N", "K", "PREFETCH"], do_bench=bench)
+    @triton.autotune(configs=configs, key=["M", "N", "K"], do_bench=bench)
     @triton.jit
     def skinny(
         x_ptr,
@@ -171,8 +139,6 @@ def _kernel(wide: bool = False):
         GDC: tl.constexpr,
         CHANNEL: tl.constexpr,
         BLOCK_M: tl.constexpr,
-        PREFETCH: tl.constexpr,
-        CHUNKS: tl.constexpr,
     ):
         rows = tl.arange(0, BLOCK_M)
         cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -183,8 +149,6 @@ def _kernel(wide: bool = False):
         # kernel writes weights, and this program's stream starts during that kernel's tail
         ks = tl.arange(0, BLOCK_K)
         w_tile = tl.load(w_base + ks[None, :], mask=col_ok[:, None] & (ks < K)[None, :], other=0.0)
-        if PREFETCH > 0:  # the next PREFETCH bytes of each row into L2, also before the wait
-            l2_prefetch_rows(w_ptr, cols, col_ok, K, BLOCK_K, PREFETCH, CHUNKS)
         if GDC:
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
@@ -219,13 +183,11 @@ def skinny_gemm(
     scale: torch.Tensor,
     out_dtype: torch.dtype,
     pdl: bool = False,
-    prefetch: int | None = None,
 ) -> torch.Tensor:
     """x [M, K] @ weight [N, K]^T x scale -> [M, N]. The weight is x's dtype (M <= MAX_ROWS),
     or int8 codes (W8A16) beside a 16-bit x (M <= WEIGHT_ONLY_MAX_ROWS); `scale` is 0-dim (per
     tensor) or [N] (per output feature), fp32. `pdl`: launched with programmatic dependent
-    launch (fused.py). `prefetch`: bytes of each weight row after the first tile that each
-    program asks into L2 before it waits (None: `L2_PREFETCH`; a power of two >= 2,048, or 0)."""
+    launch (fused.py)."""
     import triton
 
     m, k = x.shape
@@ -234,9 +196,6 @@ def skinny_gemm(
     if m > limit:
         raise ValueError(f"skinny_gemm: {m} rows, at most {limit} for a {weight.dtype} weight")
     block_m = max(16, triton.next_power_of_2(m))  # tl.dot's smallest M is 16
-    prefetch = L2_PREFETCH if prefetch is None else prefetch
-    if (k * weight.element_size()) % 16 or weight.data_ptr() % 16:
-        prefetch = 0  # the bulk prefetch takes 16-byte aligned pieces
     y = torch.empty(m, n, dtype=out_dtype, device=weight.device)
     _kernel(block_m > 16)[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](
         x,
@@ -248,7 +207,6 @@ def skinny_gemm(
         k,
         CHANNEL=scale.dim() == 1,
         BLOCK_M=block_m,
-        PREFETCH=prefetch,
         **pdl_launch(pdl),
     )
     return y

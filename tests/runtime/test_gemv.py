@@ -68,23 +68,6 @@ def test_skinny_gemm_with_int8_codes_and_channel_scales(shape):
     assert torch.equal(gemv.skinny_gemm(x, codes, scale, torch.bfloat16, pdl=True), got)
 
 
-@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.bfloat16, torch.int8])
-@pytest.mark.parametrize("shape", SHAPES + WIDE, ids=lambda s: "x".join(map(str, s)))
-def test_skinny_gemm_l2_prefetch_changes_no_bit(shape, dtype):
-    """The L2 prefetch is a hint (cp.async.bulk.prefetch.L2): the same tiles are loaded and
-    summed in the same order, at every size, past a row's end and on unaligned rows (off)."""
-    rows, n, k = shape
-    if rows > gemv.MAX_ROWS and dtype != torch.int8:
-        pytest.skip("more than 16 rows: W8A16 only")
-    x, w, scale = operands(rows, n, k, torch.bfloat16 if dtype == torch.int8 else dtype)
-    if dtype == torch.int8:
-        w, scale = (w.float() * 127 / w.float().abs().amax()).round().to(dtype), scale.expand(n)
-    plain = gemv.skinny_gemm(x, w, scale.contiguous(), torch.bfloat16, pdl=True, prefetch=0)
-    for size in (2048, 16384, 65536):
-        got = gemv.skinny_gemm(x, w, scale.contiguous(), torch.bfloat16, pdl=True, prefetch=size)
-        assert torch.equal(got, plain), size
-
-
 def test_skinny_gemm_refuses_more_rows_than_its_tile():
     x, w, scale = operands(17, 64, 64, torch.bfloat16)
     with pytest.raises(ValueError, match="17 rows, at most 16"):
