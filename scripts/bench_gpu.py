@@ -902,6 +902,7 @@ def main() -> None:
         (args.out / "bench_gpu.json").write_text(json.dumps(results, indent=1) + "\n")
 
     results["skinny_gemm_choices"] = CHOOSER.summary()
+    results["skinny_gemm_configs"] = gemv.tuned_configs()
     results["table"] = table(results) + "\n\n" + w8a16_table(results)
     (args.out / "bench_gpu.json").write_text(json.dumps(results, indent=1) + "\n")
     write_run_records(results, args.out / "records")

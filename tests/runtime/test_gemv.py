@@ -51,6 +51,16 @@ def test_skinny_gemm_computes_the_product_with_and_without_pdl(shape, dtype):
     assert torch.equal(gemv.skinny_gemm(x, w, scale, torch.bfloat16, pdl=True), plain)
 
 
+def test_fp8_accumulation_is_promoted_to_fp32_over_long_k():
+    """In fp32 output (no bf16 rounding to hide behind): Hopper's FP8 MMAs accumulate in less
+    than fp32, so over Ultra's longest K (the fused FFN's down projection at TP8) the sum must
+    be promoted, as cuBLAS does; held to 1/64 of one e4m3 step (unpromoted: 5e-3 measured)."""
+    x, w, scale = operands(1, 512, 37632, torch.float8_e4m3fn)
+    exact = (x.double() @ w.double().T) * scale.double()
+    got = gemv.skinny_gemm(x, w, scale, torch.float32)
+    assert ((got.double() - exact).norm() / exact.norm()).item() <= E4M3_STEP / 64
+
+
 WIDE = [(33, 2304, 16384), (64, 1344, 4672)]  # W8A16's batched decode: 32 and 64 rows
 
 
@@ -66,6 +76,47 @@ def test_skinny_gemm_with_int8_codes_and_channel_scales(shape):
     got = gemv.skinny_gemm(x, codes, scale, torch.bfloat16)
     assert ((got.double() - exact).norm() / exact.norm()).item() <= bound(torch.bfloat16, k)
     assert torch.equal(gemv.skinny_gemm(x, codes, scale, torch.bfloat16, pdl=True), got)
+
+
+def every_config(wide: bool):
+    return gemv.WIDE_CONFIGS if wide else gemv.SKINNY_CONFIGS
+
+
+@pytest.mark.parametrize("wide", [False, True], ids=["16 rows", "32-64 rows"])
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.bfloat16, torch.int8])
+def test_every_autotuner_config_computes_the_product(dtype, wide):
+    """Each configuration the autotuner may pick, swapped (W x^T on wgmma) or not, launched
+    directly: ragged N and K (masked tiles), the longest K of Ultra at TP8, fp32 output,
+    against exact arithmetic (FP8: promoted accumulation, as in the test above)."""
+    import triton
+    from triton.runtime.errors import OutOfResources
+
+    if wide and dtype != torch.int8:
+        pytest.skip("more than 16 rows: W8A16 only")
+    rows, n, k = (40, 200, 37632) if wide else (3, 200, 37632)
+    x, w, scale = operands(rows, n, k, torch.bfloat16 if dtype == torch.int8 else dtype)
+    if dtype == torch.int8:
+        w = (w.float() * 127 / w.float().abs().amax()).round().to(dtype)
+        scale = torch.rand(n, device="cuda") + 0.5
+    exact = (x.double() @ w.double().T) * scale.double()
+    limit = E4M3_STEP / 64 if dtype == torch.float8_e4m3fn else k * FP32_UNIT
+    kernel = gemv._kernel(wide).fn
+    ran = 0
+    for block_n, block_k, warps, stages, swap in every_config(wide):
+        y = torch.empty(rows, n, dtype=torch.float32, device="cuda")
+        try:
+            kernel[(triton.cdiv(n, block_n),)](
+                x, w, scale, y, rows, n, k,
+                BLOCK_N=block_n, BLOCK_K=block_k, GDC=False, CHANNEL=dtype == torch.int8,
+                BLOCK_M=max(16, triton.next_power_of_2(rows)), SWAP=swap,
+                num_warps=warps, num_stages=stages,
+            )  # fmt: skip
+        except OutOfResources:  # the autotuner skips these too (shared memory, for bf16)
+            continue
+        error = ((y.double() - exact).norm() / exact.norm()).item()
+        assert error <= limit, (block_n, block_k, warps, stages, swap, error)
+        ran += 1
+    assert ran >= len(every_config(wide)) // 2
 
 
 def test_skinny_gemm_refuses_more_rows_than_its_tile():
