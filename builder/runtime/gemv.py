@@ -55,6 +55,15 @@ rows into L2 (cp.async.bulk.prefetch.L2) before its PDL wait, so HBM would strea
 short kernel before. Slower at every size, alone and in the step (FP8 TP8 batch 1: 1.060 ms
 without, 1.080-1.098 ms with; alone 150528 x 16384 FP8 562 us without, 567-898 us with).
 
+And (h200_bench_gpu_swap_ab_2026-12-04.json, commit a46c640): the product computed as
+W x^T, the weight block as the MMA's M side (64 or more), so that Hopper's wgmma runs it with
+e4m3 operands as they are, instead of x W^T on mma.sync with the e4m3 weights converted to f16.
+The autotuner picked it for most FP8 shapes alone, but the decode step did not change (FP8 TP8
+batch 1 1.060 ms), q/k/v stayed slower than cuBLAS (28.9 against 20.6 us alone), and Triton's
+default on sm_90 keeps an FP8 wgmma sum in Hopper's narrower-than-fp32 accumulator for all of K:
+5.1e-3 relative error at K = 37632, against 1.3e-4 for cuBLAS and for this kernel
+(tests/runtime/test_gemv.py now holds every configuration to that at fp32 output).
+
 `pdl=True`: launched with programmatic dependent launch (builder/runtime/fused.py); each
 program reads its first weight tile before it waits for the kernel before.
 
@@ -88,38 +97,25 @@ def available() -> bool:
     return True
 
 
-# (BLOCK_N, BLOCK_K, warps, stages, swap) tried by the autotuner: for rows padded to 16, and
-# smaller K slices for 32 or 64 rows, whose activation tile is 2-4x larger in registers and
-# shared memory. `swap`: the product computed as W x^T (the weight block as the MMA's M side,
-# at least 64, so Hopper's wgmma runs it, e4m3 operands as they are) instead of x W^T (16 rows
-# as M: mma.sync, e4m3 converted to f16 first).
+# (BLOCK_N, BLOCK_K, warps, stages) tried by the autotuner: for rows padded to 16, and smaller
+# K slices for 32 or 64 rows, whose activation tile is 2-4x larger in registers and shared memory
 SKINNY_CONFIGS = [
-    (16, 512, 4, 4, False),
-    (32, 256, 4, 4, False),
-    (32, 512, 4, 3, False),
-    (64, 256, 4, 4, False),
-    (64, 128, 4, 5, False),
-    (128, 128, 4, 4, False),
-    (16, 1024, 4, 3, False),
-    (32, 1024, 8, 3, False),
-    (64, 256, 4, 4, True),
-    (64, 512, 4, 3, True),
-    (64, 128, 4, 6, True),
-    (128, 128, 4, 4, True),
-    (128, 256, 4, 3, True),
-    (256, 128, 8, 3, True),
+    (16, 512, 4, 4),
+    (32, 256, 4, 4),
+    (32, 512, 4, 3),
+    (64, 256, 4, 4),
+    (64, 128, 4, 5),
+    (128, 128, 4, 4),
+    (16, 1024, 4, 3),
+    (32, 1024, 8, 3),
 ]
 WIDE_CONFIGS = [
-    (32, 256, 4, 4, False),
-    (64, 128, 4, 4, False),
-    (64, 256, 8, 3, False),
-    (128, 128, 8, 3, False),
-    (128, 64, 4, 4, False),
-    (256, 64, 8, 3, False),
-    (64, 256, 4, 3, True),
-    (128, 128, 4, 4, True),
-    (128, 256, 8, 3, True),
-    (256, 64, 8, 4, True),
+    (32, 256, 4, 4),
+    (64, 128, 4, 4),
+    (64, 256, 8, 3),
+    (128, 128, 8, 3),
+    (128, 64, 4, 4),
+    (256, 64, 8, 3),
 ]
 
 
@@ -130,23 +126,12 @@ def _kernel(wide: bool = False):
     import triton.testing
 
     configs = [
-        triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "SWAP": swap}, num_warps=w, num_stages=s)
-        for bn, bk, w, s, swap in (WIDE_CONFIGS if wide else SKINNY_CONFIGS)
+        triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+        for bn, bk, w, s in (WIDE_CONFIGS if wide else SKINNY_CONFIGS)
     ]
 
     def bench(fn, quantiles):  # short trials; do_bench flushes the L2 before each one
         return triton.testing.do_bench(fn, warmup=5, rep=25, quantiles=quantiles)
-
-    @triton.jit
-    def wgmma(a, b, acc):
-        # Hopper's FP8 wgmma accumulates in less than fp32 (Triton's default on sm_90 keeps
-        # it there for all of K: 5e-3 relative at K = 37632, against cuBLAS's 1.3e-4), so
-        # FP8 products are promoted to the fp32 accumulator every 128 of K, as cuBLAS does
-        if a.dtype.is_fp8():
-            acc = tl.dot(a, b, acc, max_num_imprecise_acc=128)
-        else:
-            acc = tl.dot(a, b, acc)
-        return acc
 
     @triton.autotune(configs=configs, key=["M", "N", "K"], do_bench=bench)
     @triton.jit
@@ -163,7 +148,6 @@ def _kernel(wide: bool = False):
         GDC: tl.constexpr,
         CHANNEL: tl.constexpr,
         BLOCK_M: tl.constexpr,
-        SWAP: tl.constexpr,
     ):
         rows = tl.arange(0, BLOCK_M)
         cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -181,22 +165,14 @@ def _kernel(wide: bool = False):
         # int8 (W8A16) codes are exact in the activation's 16-bit type: converted in registers.
         # The loaded tile keeps its own (loop-carried) dtype; only the dot's operand converts.
         w_op = w_tile.to(x_ptr.dtype.element_ty)
-        if SWAP:  # y^T = W x^T, [BLOCK_N, BLOCK_M]
-            acc = wgmma(w_op, tl.trans(x), tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32))
-        else:
-            acc = tl.dot(x, tl.trans(w_op), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32))
+        acc = tl.dot(x, tl.trans(w_op), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32))
         for k0 in range(BLOCK_K, K, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
             k_ok = ks < K
             x = tl.load(x_base + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
             w_tile = tl.load(w_base + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
             w_op = w_tile.to(x_ptr.dtype.element_ty)
-            if SWAP:
-                acc = wgmma(w_op, tl.trans(x), acc)
-            else:
-                acc = tl.dot(x, tl.trans(w_op), acc)
-        if SWAP:
-            acc = tl.trans(acc)
+            acc = tl.dot(x, tl.trans(w_op), acc)
         if CHANNEL:  # one scale per output feature (W8A16)
             out = acc * tl.load(scale_ptr + cols, mask=col_ok, other=0.0)[None, :]
         else:
@@ -211,22 +187,21 @@ def _kernel(wide: bool = False):
 
 
 def tuned_configs() -> list[dict]:
-    """The autotuner's pick per (rows padded, key) so far: block sizes, warps, stages, swap."""
+    """The autotuner's pick per key so far (rows, N, K and the operands' dtypes): block sizes,
+    warps and stages, for the bench's record."""
     if not available():
         return []
-    picks = []
-    for wide in (False, True):
-        for key, config in _kernel(wide).cache.items():
-            picks.append(
-                {
-                    "block_m": "32/64" if wide else 16,
-                    "key": [str(part) for part in key],
-                    **config.kwargs,
-                    "warps": config.num_warps,
-                    "stages": config.num_stages,
-                }
-            )
-    return picks
+    return [
+        {
+            "block_m": "32/64" if wide else 16,
+            "key": [str(part) for part in key],
+            **config.kwargs,
+            "warps": config.num_warps,
+            "stages": config.num_stages,
+        }
+        for wide in (False, True)
+        for key, config in _kernel(wide).cache.items()
+    ]
 
 
 def skinny_gemm(
