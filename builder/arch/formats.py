@@ -211,10 +211,15 @@ class Recipe:
         return len(self.formats_used(plan)) > 1
 
     def validate(self, plan: ModelPlan, where: str = "recipe") -> None:
-        known = {u.key for u in model_units(plan)}
-        unknown = sorted(set(self.overrides) - known)
+        units = [u.key for u in model_units(plan)]
+        unknown = sorted(set(self.overrides) - set(units))
         if unknown:
-            raise RecipeError(f"{where}: unit {unknown[0]!r} is not a linear of this model")
+            kinds = ", ".join(dict.fromkeys(key.split(".", 1)[1] for key in units))
+            raise RecipeError(
+                f"{where}: unit {unknown[0]!r} is not a linear of this model (units are "
+                f"LAYER.KIND with KIND one of {kinds}: here {units[0]} ... {units[-1]}, "
+                f"{len(units)} in all)"
+            )
 
     def describe(self) -> str:
         if not self.overrides:

@@ -20,11 +20,16 @@ Pipeline, each stage checking its input's manifest before it spends hours:
   info      per-layer plan of a checkpoint or preset (kinds, KV heads, widths, sizes)
   convert   HF checkpoint -> TensorRT-LLM checkpoint (BF16, any TP/PP), streamed
   check     verify a produced checkpoint against its manifest and the plan
-  quantize  FP8 calibration with ModelOpt -> FP8 TensorRT-LLM + unified HF checkpoints
+  quantize  ModelOpt calibration, block by block -> TensorRT-LLM + unified HF checkpoints:
+            FP8, or per-layer recipes (FP8, per-channel FP8, W8A16, BF16; --recipe auto)
   plan      memory / KV-cache / disk plan for a target (8xH100 BF16, 4xH100 FP8, ...)
   build     trtllm-build (engine releases <= 1.2.x) or PyTorch-backend serve options
+  triton    Triton Inference Server model repositories of a build, and their check
+Checking the artifacts:
   reference the BF16 golden: top-k log-probs, greedy continuations, per-block states
   verify    an artifact against the golden on any runtime, with the fault located
+  bench     throughput and latency of a checkpoint or server -> run records (JSON)
+  report    Markdown / HTML / plots of run records; `report compare` gates regressions
 Test models: `synth` writes seeded checkpoints with the real block patterns scaled down,
 `import-smollm2` writes the real SmolLM2-135M as a nemotron-nas checkpoint.
 `demo` runs the whole pipeline on small built-in models.

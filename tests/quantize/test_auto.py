@@ -148,6 +148,8 @@ def test_cli_auto_recipe_end_to_end(tmp_path, ultra_ckpt):
         (["--recipe", "auto"], "--recipe auto needs --max-kl"),
         (["--max-kl", "0.1"], "apply to --recipe auto only"),
         (["--recipe", "int4"], "not fp8, fp8-pc-pt, w8a16, bf16, auto, or a recipe JSON file"),
+        (["--recipe", "auto", "--max-kl", "-1"], "a positive mean KL budget"),
+        (["--recipe", "auto", "--max-kl", "0.1", "--max-bf16-fraction", "1.5"], "expected 0 ... 1"),
     ],
 )
 def test_cli_refuses_bad_recipe_options(tmp_path, mixed_ckpt, extra, message):
@@ -156,6 +158,33 @@ def test_cli_refuses_bad_recipe_options(tmp_path, mixed_ckpt, extra, message):
     result = CliRunner().invoke(main, ["quantize", str(mixed_ckpt), str(tmp_path / "o"), *extra])
     assert result.exit_code == 2 and message in result.output
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("not json", "unreadable recipe"),
+        ('{"layers": {"0": "fp8"}}', "expected {'default': FORMAT"),
+        ('{"default": "fp9"}', "default: unknown format 'fp9'"),
+        ('{"default": "fp8", "overrides": {"0.mlp": "bf16"}}', "unit '0.mlp' is not a linear"),
+    ],
+)
+def test_cli_refuses_a_bad_recipe_file_before_calibrating(tmp_path, mixed_ckpt, text, message):
+    """One error line naming what is wrong (for an unknown unit, also what the units are
+    called), exit 2, no output; the recipe file is left as it was."""
+    from builder.cli.app import main
+
+    recipe = tmp_path / "recipe.json"
+    recipe.write_text(text)
+    out = tmp_path / "o"
+    result = CliRunner().invoke(
+        main, ["quantize", str(mixed_ckpt), str(out), "--recipe", str(recipe)]
+    )
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert result.exit_code == 2 and len(errors) == 1 and message in errors[0], result.output
+    if "not a linear" in message:
+        assert "units are LAYER.KIND" in errors[0] and "0.qkv" in errors[0]
+    assert recipe.read_text() == text and not out.exists()
 
 
 def test_plan_recipe_memory_matches_the_planner_for_uniform_fp8(tmp_path):
