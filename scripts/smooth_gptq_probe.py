@@ -21,10 +21,17 @@ them before anything is wired in: one block-streamed pass, as calibration runs, 
   gptq           GPTQ (Frantar et al. 2022) rounding of each linear's weight at the format's
                  fixed scales (per-channel row amax / 448, or the per-tensor amax / 448),
                  H = X^T X from the calibration activations entering the linear (1% damping);
-  smooth=ALPHA+gptq  both.
+  smooth=ALPHA+gptq  both;
+  bf16of=RECIPE  the recipe's BF16 units kept in BF16, every other linear in the stream's
+                 format (recipe=RECIPE instead gives each linear the recipe's own format);
+  exactw         the weights left exact (BF16) and only the activations quantized as the
+                 format does (per-tensor static or per-token): the error no choice of weight
+                 codes can remove, the floor under GPTQ for the same BF16 units.
 
 Formats: fp8 (per-tensor W and static A), fp8-pc-pt (per-channel W, per-token A), wonly
 (per-channel FP8 weights, activations left in BF16: the share of the error that is weights),
+int8wo (per-channel INT8 weights, BF16 activations: W8A16), int8sq (per-channel INT8 weights,
+per-token INT8 activations: TensorRT-LLM's W8A8 SmoothQuant GEMM, with smooth=ALPHA),
 bf16 (the transform alone: the fold's own bf16 rounding).
 
 At each block the calibration states run through the BF16 reference block, whose hooks give
@@ -64,7 +71,7 @@ READS = {
     "self_attn.v_proj": "self_attn.q_proj",
     "mlp.up_proj": "mlp.gate_proj",
 }
-FORMATS = ("fp8", "fp8-pc-pt", "wonly", "int8wo", "bf16")
+FORMATS = ("fp8", "fp8-pc-pt", "wonly", "int8wo", "int8sq", "bf16")
 INT8_MAX = 127
 DAMP = 0.01  # GPTQ's damping, a fraction of the mean diagonal of H (--damp)
 ACT_ORDER = False  # GPTQ columns in decreasing diag(H) (--act-order)
@@ -83,6 +90,8 @@ class StreamSpec:
     gptq: bool = False
     recipe: str | None = None  # a builder recipe file: its BF16 units stay BF16
     upgrade: str | None = None  # the format the recipe's BF16 units take instead (upgrade=FMT)
+    exact_weights: bool = False  # exactw: only the activations quantized
+    bf16_of: str | None = None  # bf16of=RECIPE: its BF16 units stay BF16, the rest take fmt
 
     @property
     def name(self) -> str:
@@ -97,6 +106,10 @@ class StreamSpec:
             parts.append(f"upgrade={self.upgrade}")
         if self.gptq:
             parts.append("gptq")
+        if self.exact_weights:
+            parts.append("exactw")
+        if self.bf16_of is not None:
+            parts.append(f"bf16of={Path(self.bf16_of).name}")
         return f"{self.fmt}:{'+'.join(parts) or 'none'}"
 
     @classmethod
@@ -104,8 +117,8 @@ class StreamSpec:
         fmt, _, transform = text.partition(":")
         if fmt not in FORMATS:
             raise SystemExit(f"error: stream {text!r}: format {fmt!r} (choose {FORMATS})")
-        alpha = placebo = recipe = upgrade = None
-        gptq = False
+        alpha = placebo = recipe = upgrade = bf16_of = None
+        gptq = exact_weights = False
         for part in filter(None, (transform or "none").split("+")):
             key, _, value = part.partition("=")
             if key == "smooth":
@@ -118,9 +131,17 @@ class StreamSpec:
                 recipe = value
             elif key == "upgrade":
                 upgrade = value
+            elif key == "exactw":
+                exact_weights = True
+            elif key == "bf16of":
+                bf16_of = value
             elif key != "none":
                 raise SystemExit(f"error: stream {text!r}: unknown transform {key!r}")
-        return cls(fmt, alpha, placebo, gptq, recipe, upgrade)
+        if exact_weights and gptq:
+            raise SystemExit(f"error: stream {text!r}: exactw leaves no weight codes to round")
+        if bf16_of is not None and recipe is not None:
+            raise SystemExit(f"error: stream {text!r}: recipe= or bf16of=, not both")
+        return cls(fmt, alpha, placebo, gptq, recipe, upgrade, exact_weights, bf16_of)
 
 
 def say(message: str) -> None:
@@ -237,6 +258,20 @@ def gptq_int8(weight: torch.Tensor, hessian: torch.Tensor, scale: torch.Tensor) 
     return dequantized(codes, scale)
 
 
+class Int8TokenLinear(nn.Module):
+    """Dequantized INT8 weights; each input row rounded to INT8 at its own scale (amax / 127)."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.register_buffer("weight32", weight.float())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        scale = x32.abs().amax(dim=-1, keepdim=True).clamp_min(1e-12) / INT8_MAX
+        xq = torch.round(x32 / scale).clamp(-INT8_MAX, INT8_MAX) * scale
+        return nn.functional.linear(xq, self.weight32).to(x.dtype)
+
+
 class DequantizedLinear(nn.Module):
     """Weights already on the E4M3 grid times their scales, activations unquantized."""
 
@@ -260,13 +295,17 @@ UNIT_OF = {
 
 
 def linear_format(spec: StreamSpec, layer: int, name: str) -> str:
-    """The stream's format of one linear: its recipe's, where the stream has a recipe."""
-    if spec.recipe is None:
+    """The stream's format of one linear: its recipe's, where the stream has a recipe (or
+    BF16 where its bf16of recipe says so, else the stream's)."""
+    path = spec.recipe or spec.bf16_of
+    if path is None:
         return spec.fmt
     from builder.quantize.formats import Recipe
 
-    recipe = Recipe.load(Path(spec.recipe))
+    recipe = Recipe.load(Path(path))
     fmt = recipe.overrides.get(f"{layer}.{UNIT_OF[name]}", recipe.default).value
+    if spec.bf16_of is not None:
+        return "bf16" if fmt == "bf16" else spec.fmt
     return spec.upgrade if fmt == "bf16" and spec.upgrade else fmt
 
 
@@ -296,7 +335,7 @@ def quantize_block(
         if fmt_name == "bf16":
             continue
         spec_l = StreamSpec(fmt_name, spec.alpha, spec.placebo, spec.gptq)
-        if fmt_name == "int8wo":  # per-channel INT8 weights, BF16 activations (W8A16)
+        if fmt_name in ("int8wo", "int8sq"):  # per-channel INT8 weights (W8A16 / W8A8)
             weight = out.get_submodule(name).weight.detach()
             s8 = weight.float().abs().amax(dim=1).clamp_min(1e-12) / INT8_MAX
             if spec.gptq:
@@ -307,13 +346,22 @@ def quantize_block(
                 q = torch.round(weight.float() / s8[:, None]).clamp(-INT8_MAX, INT8_MAX)
                 q = q * s8[:, None]
             parent, leaf = name.rsplit(".", 1)
-            setattr(out.get_submodule(parent), leaf, DequantizedLinear(q))
+            new = DequantizedLinear(q) if fmt_name == "int8wo" else Int8TokenLinear(q)
+            setattr(out.get_submodule(parent), leaf, new)
             continue
         reader = READS.get(name, name)
         parent, leaf = name.rsplit(".", 1)
         linear = out.get_submodule(name)
         weight = linear.weight.detach()
         x_amax = float((stats.xmax[reader] / scales[reader]).max())  # shared by the readers
+        if spec.exact_weights and spec_l.fmt in ("fp8", "fp8-pc-pt"):
+            exact = weight.float()
+            if spec_l.fmt == "fp8-pc-pt":  # per-token e4m3 input, unit channel scales
+                new = RowwiseFp8Linear(exact, torch.ones(exact.shape[0]))
+            else:  # the static per-tensor input scale the format calibrates
+                new = TensorFp8Linear(exact, torch.tensor(1.0), torch.tensor(x_amax / FP8_MAX))
+            setattr(out.get_submodule(parent), leaf, new)
+            continue
         if spec_l.fmt != "wonly" and not spec_l.gptq:  # exactly what builder's streams run
             fmt = LinearFormat(spec_l.fmt)
             new = quantized_linear(linear, fmt, float(weight.abs().max()), x_amax)

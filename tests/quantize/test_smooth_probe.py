@@ -93,3 +93,26 @@ def test_gptq_stays_on_the_grid_and_lowers_the_layer_error(probe):
         # ignores the correlations, so with correlated inputs it loses clearly
         assert error(q) < 0.8 * error(nearest)
     probe.ACT_ORDER = False
+
+
+def test_int8_w8a8_rounds_each_token_to_its_own_int8_grid(probe):
+    """int8sq's activation: each row on the INT8 grid of its own amax / 127 (half a step at
+    most from the input), so the product is the dequantized weight times that row."""
+    torch.manual_seed(0)
+    x = torch.randn(5, 64) * torch.tensor([1.0, 10.0, 0.1, 1000.0, 3.0])[:, None]
+    w = torch.randn(8, 64)
+    linear = probe.Int8TokenLinear(w)
+    step = x.abs().amax(dim=1, keepdim=True) / probe.INT8_MAX
+    xq = torch.round(x / step).clamp(-probe.INT8_MAX, probe.INT8_MAX) * step
+    assert ((xq - x).abs() <= step / 2 + 1e-6 * step).all()
+    torch.testing.assert_close(linear(x), xq @ w.T, rtol=1e-6, atol=1e-6)
+
+
+def test_stream_specs_of_the_floor_and_the_w8a8_probe(probe):
+    spec = probe.StreamSpec.parse("int8sq:smooth=0.5+gptq+bf16of=r.json")
+    assert (spec.fmt, spec.alpha, spec.gptq, spec.bf16_of) == ("int8sq", 0.5, True, "r.json")
+    assert spec.name == "int8sq:smooth=0.5+gptq+bf16of=r.json"
+    assert probe.StreamSpec.parse("fp8-pc-pt:exactw").exact_weights
+    for bad in ("fp8:exactw+gptq", "int8sq:recipe=a.json+bf16of=b.json"):
+        with pytest.raises(SystemExit):
+            probe.StreamSpec.parse(bad)
