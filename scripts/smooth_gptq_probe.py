@@ -32,6 +32,8 @@ Formats: fp8 (per-tensor W and static A), fp8-pc-pt (per-channel W, per-token A)
 (per-channel FP8 weights, activations left in BF16: the share of the error that is weights),
 int8wo (per-channel INT8 weights, BF16 activations: W8A16), int8sq (per-channel INT8 weights,
 per-token INT8 activations: TensorRT-LLM's W8A8 SmoothQuant GEMM, with smooth=ALPHA),
+fp8-block (E4M3 weights with one scale per 128 x 128 block and activations with one per 1 x 128
+group of each token: TensorRT-LLM's FP8_BLOCK_SCALES; round to nearest),
 bf16 (the transform alone: the fold's own bf16 rounding).
 
 At each block the calibration states run through the BF16 reference block, whose hooks give
@@ -71,7 +73,7 @@ READS = {
     "self_attn.v_proj": "self_attn.q_proj",
     "mlp.up_proj": "mlp.gate_proj",
 }
-FORMATS = ("fp8", "fp8-pc-pt", "wonly", "int8wo", "int8sq", "bf16")
+FORMATS = ("fp8", "fp8-pc-pt", "fp8-block", "wonly", "int8wo", "int8sq", "bf16")
 INT8_MAX = 127
 DAMP = 0.01  # GPTQ's damping, a fraction of the mean diagonal of H (--damp)
 ACT_ORDER = False  # GPTQ columns in decreasing diag(H) (--act-order)
@@ -272,6 +274,86 @@ class Int8TokenLinear(nn.Module):
         return nn.functional.linear(xq, self.weight32).to(x.dtype)
 
 
+BLOCK = 128  # fp8-block's weight blocks (BLOCK x BLOCK) and activation groups (1 x BLOCK)
+
+
+def e4m3_blocks(t: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """`t` [R, C] rounded to E4M3 at one scale (amax / 448) per `rows` x `cols` block."""
+    from builder.dtypes import FP8_MAX
+    from builder.quantize.fp8 import FP8
+
+    r, c = t.shape
+    pad = (-r) % rows, (-c) % cols
+    t32 = nn.functional.pad(t.float(), (0, pad[1], 0, pad[0]))
+    blocks = t32.reshape(t32.shape[0] // rows, rows, t32.shape[1] // cols, cols)
+    scale = (blocks.abs().amax(dim=(1, 3), keepdim=True) / FP8_MAX).clamp_min(1e-12)
+    q = (blocks / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8).float() * scale
+    return q.reshape(t32.shape)[:r, :c]
+
+
+def block_scales(weight: torch.Tensor) -> torch.Tensor:
+    """fp8-block's weight scale of every element [out, in]: its 128 x 128 block's amax / 448."""
+    from builder.dtypes import FP8_MAX
+
+    r, c = weight.shape
+    pad = (-r) % BLOCK, (-c) % BLOCK
+    w = nn.functional.pad(weight.float().abs(), (0, pad[1], 0, pad[0]))
+    amax = w.reshape(w.shape[0] // BLOCK, BLOCK, w.shape[1] // BLOCK, BLOCK).amax(dim=(1, 3))
+    scale = (amax / FP8_MAX).clamp_min(1e-12)
+    return scale.repeat_interleave(BLOCK, 0).repeat_interleave(BLOCK, 1)[:r, :c]
+
+
+def gptq_elementwise_scales(
+    weight: torch.Tensor, hessian: torch.Tensor, scale: torch.Tensor
+) -> torch.Tensor:
+    """GPTQ onto E4M3 at a scale per element (fp8-block's), dequantized: the library's loop
+    (builder.quantize.gptq.gptq_chunk) with column j rounded at its own scales."""
+    from builder.dtypes import FP8_MAX
+    from builder.quantize.fp8 import FP8
+    from builder.quantize.gptq import LAZY_BLOCK, _inverse_cholesky, damped
+
+    w = weight.float().clone()
+    n = w.shape[1]
+    h = damped(hessian, DAMP)
+    order = (
+        torch.argsort(torch.diagonal(h), descending=True, stable=True)
+        if ACT_ORDER
+        else torch.arange(n)
+    )
+    w, h, sc = w[:, order], h[order][:, order], scale[:, order]
+    u = _inverse_cholesky(h)
+    q_all = torch.empty_like(w)
+    for a in range(0, n, LAZY_BLOCK):
+        b = min(a + LAZY_BLOCK, n)
+        w1 = w[:, a:b].clone()
+        err = torch.zeros_like(w1)
+        u1 = u[a:b, a:b]
+        for i in range(b - a):
+            col, s_col = w1[:, i], sc[:, a + i]
+            q = (col / s_col).clamp(-FP8_MAX, FP8_MAX).to(FP8).float() * s_col
+            q_all[:, a + i] = q
+            e = (col - q) / u1[i, i]
+            w1[:, i:] -= e[:, None] * u1[i, i:][None, :]
+            err[:, i] = e
+        w[:, b:] -= err @ u[a:b, b:]
+    return q_all[:, torch.argsort(order)]
+
+
+class BlockFp8Linear(nn.Module):
+    """E4M3 weights at one scale per 128 x 128 block; each token's input at one per 128."""
+
+    def __init__(self, weight: torch.Tensor, dequantized: torch.Tensor | None = None):
+        super().__init__()
+        if dequantized is None:
+            dequantized = e4m3_blocks(weight, BLOCK, BLOCK)
+        self.register_buffer("weight32", dequantized.float())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, x.shape[-1])
+        xq = e4m3_blocks(rows, 1, BLOCK).reshape(x.shape)
+        return nn.functional.linear(xq, self.weight32).to(x.dtype)
+
+
 class DequantizedLinear(nn.Module):
     """Weights already on the E4M3 grid times their scales, activations unquantized."""
 
@@ -348,6 +430,19 @@ def quantize_block(
             parent, leaf = name.rsplit(".", 1)
             new = DequantizedLinear(q) if fmt_name == "int8wo" else Int8TokenLinear(q)
             setattr(out.get_submodule(parent), leaf, new)
+            continue
+        if fmt_name == "fp8-block":
+            if spec.exact_weights:
+                raise SystemExit("error: fp8-block: no exactw stream")
+            parent, leaf = name.rsplit(".", 1)
+            weight = out.get_submodule(name).weight.detach()
+            dequantized = None
+            if spec.gptq:
+                reader = READS.get(name, name)
+                sc = scales[reader]
+                hessian = stats.hessian[reader] / (sc[:, None] * sc[None, :])
+                dequantized = gptq_elementwise_scales(weight, hessian, block_scales(weight))
+            setattr(out.get_submodule(parent), leaf, BlockFp8Linear(weight, dequantized))
             continue
         reader = READS.get(name, name)
         parent, leaf = name.rsplit(".", 1)

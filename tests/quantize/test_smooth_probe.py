@@ -116,3 +116,20 @@ def test_stream_specs_of_the_floor_and_the_w8a8_probe(probe):
     for bad in ("fp8:exactw+gptq", "int8sq:recipe=a.json+bf16of=b.json"):
         with pytest.raises(SystemExit):
             probe.StreamSpec.parse(bad)
+
+
+def test_fp8_block_scales_are_per_block_and_gptq_at_them_is_nearest_under_identity_h(probe):
+    """fp8-block: a huge value coarsens only its own 128 x 128 block; GPTQ with H = I (no
+    correlation to exploit) gives the nearest E4M3 codes at the same per-element scales."""
+    torch.manual_seed(0)
+    w = torch.randn(256, 384)
+    spiky = w.clone()
+    spiky[0, 0] = 1e4
+    a, b = probe.e4m3_blocks(w, 128, 128), probe.e4m3_blocks(spiky, 128, 128)
+    assert torch.equal(a[128:], b[128:]) and torch.equal(a[:, 128:], b[:, 128:])
+    assert not torch.equal(a[:128, :128], b[:128, :128])
+    assert torch.equal(probe.block_scales(spiky)[5, 5], probe.block_scales(spiky)[127, 127])
+    nearest = probe.e4m3_blocks(w, 128, 128)
+    torch.testing.assert_close(
+        probe.gptq_elementwise_scales(w, torch.eye(384), probe.block_scales(w)), nearest
+    )
