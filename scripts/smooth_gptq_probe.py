@@ -306,37 +306,12 @@ def block_scales(weight: torch.Tensor) -> torch.Tensor:
 def gptq_elementwise_scales(
     weight: torch.Tensor, hessian: torch.Tensor, scale: torch.Tensor
 ) -> torch.Tensor:
-    """GPTQ onto E4M3 at a scale per element (fp8-block's), dequantized: the library's loop
-    (builder.quantize.gptq.gptq_chunk) with column j rounded at its own scales."""
-    from builder.dtypes import FP8_MAX
-    from builder.quantize.fp8 import FP8
-    from builder.quantize.gptq import LAZY_BLOCK, _inverse_cholesky, damped
+    """GPTQ onto E4M3 at a scale per element (fp8-block's), dequantized: the library's
+    (builder.quantize.gptq.gptq_chunk, which takes [out, in] scales)."""
+    from builder.quantize.gptq import Grid, gptq_chunk
 
-    w = weight.float().clone()
-    n = w.shape[1]
-    h = damped(hessian, DAMP)
-    order = (
-        torch.argsort(torch.diagonal(h), descending=True, stable=True)
-        if ACT_ORDER
-        else torch.arange(n)
-    )
-    w, h, sc = w[:, order], h[order][:, order], scale[:, order]
-    u = _inverse_cholesky(h)
-    q_all = torch.empty_like(w)
-    for a in range(0, n, LAZY_BLOCK):
-        b = min(a + LAZY_BLOCK, n)
-        w1 = w[:, a:b].clone()
-        err = torch.zeros_like(w1)
-        u1 = u[a:b, a:b]
-        for i in range(b - a):
-            col, s_col = w1[:, i], sc[:, a + i]
-            q = (col / s_col).clamp(-FP8_MAX, FP8_MAX).to(FP8).float() * s_col
-            q_all[:, a + i] = q
-            e = (col - q) / u1[i, i]
-            w1[:, i:] -= e[:, None] * u1[i, i:][None, :]
-            err[:, i] = e
-        w[:, b:] -= err @ u[a:b, b:]
-    return q_all[:, torch.argsort(order)]
+    codes, _loss = gptq_chunk(weight, hessian, scale, DAMP, ACT_ORDER, Grid.E4M3)
+    return codes.float() * scale
 
 
 class BlockFp8Linear(nn.Module):

@@ -154,7 +154,8 @@ def gptq_chunk(
     act_order: bool = True,
     grid: Grid = Grid.E4M3,
 ) -> tuple[torch.Tensor, float]:
-    """`grid` codes of `weight` [out, n] against one H block [n, n] at fixed `scale`, and
+    """`grid` codes of `weight` [out, n] against one H block [n, n] at fixed `scale` (0-dim,
+    [out], or [out, n]: one per element, as block scales give), and
     GPTQ's own account of the error it leaves: sum over columns of e^2 / U_jj^2 (U the upper
     Cholesky factor of the damped H^-1), which equals tr((W - Q) H_d (W - Q)^T) for the
     damped H_d exactly (in exact arithmetic): the tests hold it to that."""
@@ -168,7 +169,8 @@ def gptq_chunk(
     )
     w, h = w[:, order], h[order][:, order]
     u = _inverse_cholesky(h)
-    s = scale.float().reshape(-1, 1) if scale.dim() else scale.float()
+    per_element = scale.dim() == 2
+    s = scale.float()[:, order] if per_element else scale.float().reshape(-1)
     codes = torch.empty(w.shape, dtype=grid.dtype, device=w.device)
     loss = torch.zeros((), dtype=torch.float64, device=w.device)
     for a in range(0, n, LAZY_BLOCK):
@@ -177,10 +179,10 @@ def gptq_chunk(
         err = torch.zeros_like(w1)
         u1 = u[a:b, a:b]
         for i in range(b - a):
-            col = w1[:, i]
-            q = grid.codes(col / s.reshape(-1))
+            col, s_col = w1[:, i], (s[:, a + i] if per_element else s)
+            q = grid.codes(col / s_col)
             codes[:, a + i] = q
-            e = (col - q.float() * s.reshape(-1)) / u1[i, i]
+            e = (col - q.float() * s_col) / u1[i, i]
             loss += (e.double() ** 2).sum()
             w1[:, i:] -= e[:, None] * u1[i, i:][None, :]
             err[:, i] = e
