@@ -308,10 +308,10 @@ def gptq_elementwise_scales(
 ) -> torch.Tensor:
     """GPTQ onto E4M3 at a scale per element (fp8-block's), dequantized: the library's
     (builder.quantize.gptq.gptq_chunk, which takes [out, in] scales)."""
-    from builder.quantize.gptq import Grid, gptq_chunk
+    from builder.quantize.gptq import Grid, dequantized, gptq_chunk
 
     codes, _loss = gptq_chunk(weight, hessian, scale, DAMP, ACT_ORDER, Grid.E4M3)
-    return codes.float() * scale
+    return dequantized(codes, scale)
 
 
 class BlockFp8Linear(nn.Module):

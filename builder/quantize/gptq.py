@@ -111,14 +111,18 @@ class HessianAccumulator:
 def nearest_codes(
     weight: torch.Tensor, scale: torch.Tensor, grid: Grid = Grid.E4M3
 ) -> torch.Tensor:
-    """The codes of W / scale with the division in fp32 (`scale`: 0-dim, or one per row)."""
-    s = scale.float().reshape(-1, 1) if scale.dim() else scale.float()
-    return grid.codes(weight.float() / s)
+    """The codes of W / scale with the division in fp32 (`scale`: 0-dim, one per row, or one
+    per element)."""
+    return grid.codes(weight.float() / _against_weight(scale))
 
 
 def dequantized(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    s = scale.float().reshape(-1, 1) if scale.dim() else scale.float()
-    return codes.float() * s
+    return codes.float() * _against_weight(scale)
+
+
+def _against_weight(scale: torch.Tensor) -> torch.Tensor:
+    """`scale` (0-dim, [out] or [out, in]) shaped to broadcast against an [out, in] weight."""
+    return scale.float().reshape(-1, 1) if scale.dim() == 1 else scale.float()
 
 
 def damped(hessian: torch.Tensor, damp: float) -> torch.Tensor:

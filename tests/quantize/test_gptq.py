@@ -50,9 +50,19 @@ def row_scales(w: torch.Tensor) -> torch.Tensor:
 
 
 # ---- the math -------------------------------------------------------------------------------
+def block_scales(w: torch.Tensor, rows: int = 8, cols: int = 64) -> torch.Tensor:
+    """One scale per element: each rows x cols block's amax / 448 (block-scaled FP8)."""
+    blocks = w.abs().reshape(w.shape[0] // rows, rows, w.shape[1] // cols, cols)
+    amax = blocks.amax(dim=(1, 3)) / FP8_MAX
+    return amax.repeat_interleave(rows, 0).repeat_interleave(cols, 1)
+
+
+SCALES = {"tensor": lambda w: w.abs().max() / FP8_MAX, "row": row_scales, "block": block_scales}
+
+
 @pytest.mark.parametrize("act_order", [False, True])
-@pytest.mark.parametrize("per_channel", [False, True])
-def test_gptq_accounts_for_its_error_exactly(act_order, per_channel):
+@pytest.mark.parametrize("scaling", list(SCALES))
+def test_gptq_accounts_for_its_error_exactly(act_order, scaling):
     """GPTQ's bookkeeping sum_j e_j^2 / U_jj^2 is, by the OBS derivation, exactly the
     layer-output error tr((W - Q) H (W - Q)^T) under the damped H it factorised; a wrong
     update (a missing row of U, the wrong permutation, updates leaking across the lazy
@@ -60,7 +70,7 @@ def test_gptq_accounts_for_its_error_exactly(act_order, per_channel):
     x = correlated_inputs(512, 192, 12, 0)
     h = x.T @ x
     w = weight(24, 192, 1)
-    scale = row_scales(w) if per_channel else w.abs().max() / FP8_MAX
+    scale = SCALES[scaling](w)
     codes, loss = gptq_chunk(w, h, scale, 0.01, act_order)
     assert output_error(w, dequantized(codes, scale), damped(h, 0.01)) == pytest.approx(
         loss, rel=1e-3
@@ -72,9 +82,9 @@ def test_gptq_without_correlations_is_nearest_rounding():
     the updates are zero, GPTQ must return the nearest codes bit for bit."""
     w = weight(16, 64, 2)
     h = torch.diag(torch.rand(64, generator=torch.Generator().manual_seed(3)) + 0.5)
-    scale = row_scales(w)
-    codes, _ = gptq_chunk(w, h, scale, 0.01, True)
-    assert torch.equal(codes.view(torch.uint8), nearest_codes(w, scale).view(torch.uint8))
+    for scale in (row_scales(w), block_scales(w, 8, 16)):
+        codes, _ = gptq_chunk(w, h, scale, 0.01, True)
+        assert torch.equal(codes.view(torch.uint8), nearest_codes(w, scale).view(torch.uint8))
 
 
 @pytest.mark.parametrize("per_channel", [False, True])
