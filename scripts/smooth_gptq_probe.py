@@ -22,7 +22,7 @@ them before anything is wired in: one block-streamed pass, as calibration runs, 
                  fixed scales (per-channel row amax / 448, or the per-tensor amax / 448),
                  H = X^T X from the calibration activations entering the linear (1% damping);
   smooth=ALPHA+gptq  both;
-  bf16of=RECIPE  the recipe's BF16 units kept in BF16, every other linear in the stream's
+  bf16of=RECIPE  the recipe's BF16 (and W8A16) units in BF16, every other linear in the stream's
                  format (recipe=RECIPE instead gives each linear the recipe's own format);
   exactw         the weights left exact (BF16) and only the activations quantized as the
                  format does (per-tensor static or per-token): the error no choice of weight
@@ -361,8 +361,8 @@ def linear_format(spec: StreamSpec, layer: int, name: str) -> str:
 
     recipe = Recipe.load(Path(path))
     fmt = recipe.overrides.get(f"{layer}.{UNIT_OF[name]}", recipe.default).value
-    if spec.bf16_of is not None:
-        return "bf16" if fmt == "bf16" else spec.fmt
+    if spec.bf16_of is not None:  # the recipe's BF16-compute units (BF16 or W8A16)
+        return "bf16" if fmt in ("bf16", "w8a16") else spec.fmt
     return spec.upgrade if fmt == "bf16" and spec.upgrade else fmt
 
 

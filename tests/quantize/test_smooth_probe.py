@@ -108,7 +108,7 @@ def test_int8_w8a8_rounds_each_token_to_its_own_int8_grid(probe):
     torch.testing.assert_close(linear(x), xq @ w.T, rtol=1e-6, atol=1e-6)
 
 
-def test_stream_specs_of_the_floor_and_the_w8a8_probe(probe):
+def test_stream_specs_of_the_floor_and_the_w8a8_probe(probe, tmp_path):
     spec = probe.StreamSpec.parse("int8sq:smooth=0.5+gptq+bf16of=r.json")
     assert (spec.fmt, spec.alpha, spec.gptq, spec.bf16_of) == ("int8sq", 0.5, True, "r.json")
     assert spec.name == "int8sq:smooth=0.5+gptq+bf16of=r.json"
@@ -116,6 +116,12 @@ def test_stream_specs_of_the_floor_and_the_w8a8_probe(probe):
     for bad in ("fp8:exactw+gptq", "int8sq:recipe=a.json+bf16of=b.json"):
         with pytest.raises(SystemExit):
             probe.StreamSpec.parse(bad)
+    recipe = tmp_path / "r.json"  # bf16of keeps the BF16-compute units (BF16, W8A16) only
+    recipe.write_text('{"default": "fp8", "overrides": {"0.qkv": "bf16", "0.o": "w8a16"}}')
+    spec = probe.StreamSpec.parse(f"fp8-block:bf16of={recipe}")
+    formats = [probe.linear_format(spec, 0, n) for n in ("self_attn.q_proj", "self_attn.o_proj")]
+    assert formats == ["bf16", "bf16"]
+    assert probe.linear_format(spec, 0, "mlp.down_proj") == "fp8-block"
 
 
 def test_fp8_block_scales_are_per_block_and_gptq_at_them_is_nearest_under_identity_h(probe):
