@@ -18,7 +18,7 @@ from builder.cli.app import main
     help="Where the demo writes its checkpoints and artifacts (replaced on each run).",
 )
 def demo(workdir: Path) -> None:
-    """Run the whole pipeline on small built-in models (~46 CPU-seconds, one torch thread).
+    """Run the whole pipeline on small built-in models (~31 CPU-seconds, one torch thread).
 
     Synthesizes a small checkpoint with Ultra's 162-block pattern, imports the real
     SmolLM2-135M as a nemotron-nas checkpoint, prints their plans, runs the reference
