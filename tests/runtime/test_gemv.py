@@ -53,9 +53,11 @@ def test_skinny_gemm_computes_the_product_with_and_without_pdl(shape, dtype):
 
 def test_fp8_products_accumulate_in_fp32_over_long_k():
     """In fp32 output (no bf16 rounding to hide behind), over Ultra's longest K (the fused
-    FFN's down projection at TP8): held to 1/64 of one e4m3 step. Hopper's FP8 wgmma sums in
-    a narrower accumulator unless promoted (5e-3 measured here for such a path); this kernel's
-    mma.sync on f16-converted operands accumulates in fp32."""
+    FFN's down projection at TP8): held to 1/64 of one e4m3 step, what the product needs (FP8's
+    own rounding is 64x larger). This kernel's mma.sync on f16-converted operands (e4m3 is
+    exact in f16) accumulates in fp32: random-signed terms err by about sqrt(K) 2^-24 = 1e-5,
+    about 100x inside. Hopper's FP8 wgmma sums in a narrower accumulator unless promoted: 5e-3
+    was measured here for such a path, 5x outside."""
     x, w, scale = operands(1, 512, 37632, torch.float8_e4m3fn)
     exact = (x.double() @ w.double().T) * scale.double()
     got = gemv.skinny_gemm(x, w, scale, torch.float32)
@@ -87,7 +89,9 @@ def every_config(wide: bool):
 @pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.bfloat16, torch.int8])
 def test_every_autotuner_config_computes_the_product(dtype, wide):
     """Each configuration the autotuner may pick, launched directly: ragged N and K (masked
-    tiles), the longest K of Ultra at TP8, fp32 output, against exact arithmetic."""
+    tiles), the longest K of Ultra at TP8, fp32 output, against exact arithmetic. bf16 (and
+    int8 codes, exact in bf16) products are exact in fp32, so at most K fp32 roundings of the
+    sum: K 2^-24 relative, the worst case. FP8: 1/64 of an e4m3 step, as the test above."""
     import triton
     from triton.runtime.errors import OutOfResources
 
